@@ -1,0 +1,445 @@
+//! `kind: ProxyConfig`: everything one `sigil-proxy` needs to start.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_saphyr::Spanned;
+
+use crate::spiffe::{IdPattern, SpiffeId};
+use crate::yaml::{self, ConfigError};
+
+pub const API_VERSION: &str = "sigil.dev/v1";
+
+/// `metadata` of every resource. Policies (later) require owner and purpose; a proxy's
+/// config may omit them.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default)]
+    pub owner: Option<String>,
+    #[serde(default)]
+    pub purpose: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Envelope<S> {
+    api_version: Spanned<String>,
+    kind: Spanned<String>,
+    metadata: Metadata,
+    spec: S,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProxyConfig {
+    pub metadata: Metadata,
+    pub spec: ProxySpec,
+    /// Directory of the config file; relative paths in it are resolved against this.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ProxySpec {
+    pub identity: IdentitySpec,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default)]
+    pub inbound: InboundSpec,
+    #[serde(default)]
+    pub outbound: OutboundSpec,
+    #[serde(default)]
+    pub admin: AdminSpec,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub metrics: MetricsSpec,
+}
+
+/// Where the SVID and trust bundles live on disk. Files are re-read when they change.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct IdentitySpec {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// One PEM file per trust domain, named `<trust domain>.pem`.
+    pub bundle_dir: PathBuf,
+    /// If set, the SVID must carry exactly this ID; a file with another is refused.
+    #[serde(default)]
+    pub spiffe_id: Option<SpiffeId>,
+}
+
+/// `transparent`: the 15001/15006 listeners take iptables-redirected traffic and read the
+/// original destination. `explicit`: only the `explicit` listeners run (no iptables, no root).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Transparent,
+    Explicit,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct InboundSpec {
+    #[serde(default = "default_inbound_listen")]
+    pub listen: SocketAddr,
+    /// Authorization per workload port. Once any port is listed, unlisted ports are denied.
+    #[serde(default)]
+    pub ports: Vec<Spanned<PortRule>>,
+    #[serde(default)]
+    pub explicit: Vec<Spanned<ExplicitInbound>>,
+}
+
+impl Default for InboundSpec {
+    fn default() -> Self {
+        Self {
+            listen: default_inbound_listen(),
+            ports: Vec::new(),
+            explicit: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PortRule {
+    pub port: u16,
+    /// Exact SPIFFE IDs or prefix patterns (`spiffe://td/ns/prod/*`). Empty: nobody.
+    pub allow: Vec<IdPattern>,
+}
+
+/// A listener that stands for one workload port without iptables: connections to `listen`
+/// are treated as if they were redirected from `port`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ExplicitInbound {
+    pub listen: SocketAddr,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownDestination {
+    /// Plain TCP to destinations outside the mesh registry (the workload's own choice).
+    #[default]
+    Passthrough,
+    Deny,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutboundSpec {
+    #[serde(default = "default_outbound_listen")]
+    pub listen: SocketAddr,
+    #[serde(default)]
+    pub unknown_destination: UnknownDestination,
+    #[serde(default)]
+    pub registry: Vec<Spanned<RegistryEntry>>,
+    #[serde(default)]
+    pub explicit: Vec<Spanned<ExplicitOutbound>>,
+}
+
+impl Default for OutboundSpec {
+    fn default() -> Self {
+        Self {
+            listen: default_outbound_listen(),
+            unknown_destination: UnknownDestination::default(),
+            registry: Vec::new(),
+            explicit: Vec::new(),
+        }
+    }
+}
+
+/// A mesh destination: `address` is `ip:port` or a bare `ip` (every port).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RegistryEntry {
+    pub address: Destination,
+    pub spiffe_id: SpiffeId,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Destination {
+    Socket(SocketAddr),
+    Host(IpAddr),
+}
+
+impl<'de> Deserialize<'de> for Destination {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if let Ok(sa) = s.parse::<SocketAddr>() {
+            return Ok(Self::Socket(sa));
+        }
+        s.parse::<IpAddr>().map(Self::Host).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "invalid address {s:?}: expected ip:port or ip ([v6]:port for IPv6)"
+            ))
+        })
+    }
+}
+
+impl Serialize for Destination {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Socket(a) => s.collect_str(a),
+            Self::Host(a) => s.collect_str(a),
+        }
+    }
+}
+
+/// Connections to `listen` go over mTLS to `upstream`, which must present `expectedId`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ExplicitOutbound {
+    pub listen: SocketAddr,
+    pub upstream: SocketAddr,
+    pub expected_id: SpiffeId,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AdminSpec {
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminSpec {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Timeouts {
+    /// Longest a peer may take to complete the TLS handshake.
+    #[serde(default = "default_handshake", with = "duration")]
+    pub handshake: Duration,
+    #[serde(default = "default_connect", with = "duration")]
+    pub connect: Duration,
+    /// On SIGTERM, how long live connections may take to finish before they are cut.
+    #[serde(default = "default_drain", with = "duration")]
+    pub drain: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            handshake: default_handshake(),
+            connect: default_connect(),
+            drain: default_drain(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MetricsSpec {
+    /// Distinct peer_id label values kept; further peers are counted as `overflow`.
+    #[serde(default = "default_peer_id_cap")]
+    pub peer_id_cap: usize,
+}
+
+impl Default for MetricsSpec {
+    fn default() -> Self {
+        Self {
+            peer_id_cap: default_peer_id_cap(),
+        }
+    }
+}
+
+fn default_inbound_listen() -> SocketAddr {
+    "0.0.0.0:15006".parse().expect("literal")
+}
+fn default_outbound_listen() -> SocketAddr {
+    // Never on a routable address: anyone reaching it could speak with this workload's identity.
+    "127.0.0.1:15001".parse().expect("literal")
+}
+fn default_admin_listen() -> SocketAddr {
+    "0.0.0.0:15000".parse().expect("literal")
+}
+fn default_handshake() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_connect() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_drain() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_peer_id_cap() -> usize {
+    200
+}
+
+/// Durations as `250ms`, `5s`, `2m`, `1h`.
+pub mod duration {
+    use std::time::Duration;
+
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 5s, 2m, 1h"))?;
+        let d = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n * 60),
+            "h" => Duration::from_secs(n * 3600),
+            _ => return Err(format!("invalid duration {s:?}: unit must be ms, s, m or h")),
+        };
+        Ok(d)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = <String as serde::Deserialize>::deserialize(d)?;
+        parse(&s).map_err(serde::de::Error::custom)
+    }
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{}ms", d.as_millis()))
+    }
+}
+
+impl ProxyConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = yaml::read_file(path)?;
+        Self::parse(path, &text)
+    }
+
+    /// `path` names the source in errors and anchors relative file paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let env: Envelope<ProxySpec> = yaml::parse(path, text)?;
+        check_envelope(path, &env, "ProxyConfig")?;
+        let cfg = ProxyConfig {
+            metadata: env.metadata,
+            spec: env.spec,
+            base_dir: path
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from(".")),
+        };
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Resolves a path from the config relative to the config file's directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let spec = &self.spec;
+        let mut ports = HashMap::new();
+        for rule in &spec.inbound.ports {
+            if rule.value.port == 0 {
+                return Err(at(path, rule, "port 0 is not a port"));
+            }
+            if let Some(first) = ports.insert(rule.value.port, rule.referenced.line()) {
+                return Err(at(
+                    path,
+                    rule,
+                    format!(
+                        "port {} is already listed at line {first}; merge the allow lists",
+                        rule.value.port
+                    ),
+                ));
+            }
+        }
+        let mut listens: HashMap<SocketAddr, &str> = HashMap::new();
+        let mut claim = |addr: SocketAddr, what: &'static str| listens.insert(addr, what);
+        claim(spec.admin.listen, "admin.listen");
+        if spec.mode == Mode::Transparent {
+            if let Some(other) = claim(spec.inbound.listen, "inbound.listen") {
+                return Err(ConfigError::new(
+                    path,
+                    None,
+                    format!("inbound.listen {} is also {other}", spec.inbound.listen),
+                ));
+            }
+            if let Some(other) = claim(spec.outbound.listen, "outbound.listen") {
+                return Err(ConfigError::new(
+                    path,
+                    None,
+                    format!("outbound.listen {} is also {other}", spec.outbound.listen),
+                ));
+            }
+        }
+        for l in &spec.inbound.explicit {
+            if let Some(other) = claim(l.value.listen, "an inbound.explicit listener") {
+                return Err(at(path, l, format!("listen {} is also {other}", l.value.listen)));
+            }
+        }
+        for l in &spec.outbound.explicit {
+            if let Some(other) = claim(l.value.listen, "an outbound.explicit listener") {
+                return Err(at(path, l, format!("listen {} is also {other}", l.value.listen)));
+            }
+        }
+        let mut dests = HashMap::new();
+        for e in &spec.outbound.registry {
+            if let Some(first) = dests.insert(e.value.address, e.referenced.line()) {
+                return Err(at(
+                    path,
+                    e,
+                    format!("this address is already registered at line {first}"),
+                ));
+            }
+        }
+        if spec.mode == Mode::Explicit
+            && spec.inbound.explicit.is_empty()
+            && spec.outbound.explicit.is_empty()
+        {
+            return Err(ConfigError::new(
+                path,
+                None,
+                "mode is explicit but no inbound.explicit or outbound.explicit listener is set",
+            ));
+        }
+        if spec.metrics.peer_id_cap == 0 {
+            return Err(ConfigError::new(
+                path,
+                None,
+                "metrics.peerIdCap must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn at<T>(path: &Path, s: &Spanned<T>, msg: impl Into<String>) -> ConfigError {
+    ConfigError::new(path, Some(s.referenced), msg)
+}
+
+fn check_envelope<S>(path: &Path, env: &Envelope<S>, kind: &str) -> Result<(), ConfigError> {
+    if env.api_version.value != API_VERSION {
+        return Err(at(
+            path,
+            &env.api_version,
+            format!(
+                "apiVersion is {:?}; expected {API_VERSION:?}",
+                env.api_version.value
+            ),
+        ));
+    }
+    if env.kind.value != kind {
+        return Err(at(
+            path,
+            &env.kind,
+            format!("kind is {:?}; expected {kind:?}", env.kind.value),
+        ));
+    }
+    Ok(())
+}
