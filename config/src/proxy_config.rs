@@ -295,7 +295,11 @@ pub mod duration {
             "s" => Duration::from_secs(n),
             "m" => Duration::from_secs(n * 60),
             "h" => Duration::from_secs(n * 3600),
-            _ => return Err(format!("invalid duration {s:?}: unit must be ms, s, m or h")),
+            _ => {
+                return Err(format!(
+                    "invalid duration {s:?}: unit must be ms, s, m or h"
+                ))
+            }
         };
         Ok(d)
     }
@@ -380,12 +384,20 @@ impl ProxyConfig {
         }
         for l in &spec.inbound.explicit {
             if let Some(other) = claim(l.value.listen, "an inbound.explicit listener") {
-                return Err(at(path, l, format!("listen {} is also {other}", l.value.listen)));
+                return Err(at(
+                    path,
+                    l,
+                    format!("listen {} is also {other}", l.value.listen),
+                ));
             }
         }
         for l in &spec.outbound.explicit {
             if let Some(other) = claim(l.value.listen, "an outbound.explicit listener") {
-                return Err(at(path, l, format!("listen {} is also {other}", l.value.listen)));
+                return Err(at(
+                    path,
+                    l,
+                    format!("listen {} is also {other}", l.value.listen),
+                ));
             }
         }
         let mut dests = HashMap::new();

@@ -16,21 +16,35 @@ pub const MAX_TRUST_DOMAIN_LEN: usize = 255;
 pub enum SpiffeIdError {
     Empty,
     WrongScheme,
-    TooLong { len: usize },
+    TooLong {
+        len: usize,
+    },
     EmptyTrustDomain,
-    TrustDomainTooLong { len: usize },
+    TrustDomainTooLong {
+        len: usize,
+    },
     /// A character outside `[a-z0-9.-_]` in the trust domain; `:`/`@`/`%`/uppercase get their own.
-    TrustDomainChar { byte: u8, at: usize },
-    TrustDomainUppercase { at: usize },
+    TrustDomainChar {
+        byte: u8,
+        at: usize,
+    },
+    TrustDomainUppercase {
+        at: usize,
+    },
     Port,
     UserInfo,
-    PercentEncoded { at: usize },
+    PercentEncoded {
+        at: usize,
+    },
     Query,
     Fragment,
     EmptySegment,
     DotSegment,
     TrailingSlash,
-    PathChar { byte: u8, at: usize },
+    PathChar {
+        byte: u8,
+        at: usize,
+    },
     /// A pattern naming a bare trust domain, which no workload SVID can carry.
     TrustDomainOnly,
 }
@@ -54,7 +68,10 @@ impl fmt::Display for SpiffeIdError {
                 show_byte(*byte)
             ),
             Self::TrustDomainUppercase { at } => {
-                write!(f, "trust domain has an uppercase letter at byte {at}; it must be lowercase")
+                write!(
+                    f,
+                    "trust domain has an uppercase letter at byte {at}; it must be lowercase"
+                )
             }
             Self::Port => write!(f, "trust domain must not contain a port"),
             Self::UserInfo => write!(f, "trust domain must not contain userinfo (user@)"),
@@ -276,7 +293,9 @@ fn check_path(path: &[u8], offset: usize) -> Result<(), SpiffeIdError> {
 pub enum IdPattern {
     Exact(SpiffeId),
     /// `prefix` is the ID text up to and including the `/` before `*`.
-    Prefix { prefix: Box<str> },
+    Prefix {
+        prefix: Box<str>,
+    },
 }
 
 impl IdPattern {

@@ -18,7 +18,11 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    pub fn new(file: &Path, at: Option<serde_saphyr::Location>, message: impl Into<String>) -> Self {
+    pub fn new(
+        file: &Path,
+        at: Option<serde_saphyr::Location>,
+        message: impl Into<String>,
+    ) -> Self {
         // serde-saphyr uses line 0 for "unknown".
         let at = at.filter(|l| l.line() > 0);
         Self {
@@ -52,7 +56,10 @@ pub fn read_file(path: &Path) -> Result<String, ConfigError> {
         return Err(ConfigError::new(
             path,
             None,
-            format!("file is {} bytes; the limit is {MAX_FILE_BYTES}", bytes.len()),
+            format!(
+                "file is {} bytes; the limit is {MAX_FILE_BYTES}",
+                bytes.len()
+            ),
         ));
     }
     String::from_utf8(bytes).map_err(|e| ConfigError::new(path, None, format!("not UTF-8: {e}")))

@@ -43,7 +43,10 @@ fn good_config_with_defaults() {
     assert_eq!(c.spec.inbound.listen.to_string(), "0.0.0.0:15006");
     assert_eq!(c.spec.outbound.listen.to_string(), "127.0.0.1:15001");
     assert_eq!(c.spec.admin.listen.to_string(), "0.0.0.0:15000");
-    assert_eq!(c.spec.outbound.unknown_destination, UnknownDestination::Deny);
+    assert_eq!(
+        c.spec.outbound.unknown_destination,
+        UnknownDestination::Deny
+    );
     assert_eq!(c.spec.timeouts.handshake, Duration::from_millis(750));
     assert_eq!(c.spec.timeouts.drain, Duration::from_secs(10));
     assert_eq!(c.spec.inbound.ports[0].value.allow.len(), 2);
@@ -59,15 +62,50 @@ fn good_config_with_defaults() {
 #[test]
 fn errors_name_file_line_and_reason() {
     let cases: &[(&str, &str, u64, &str)] = &[
-        ("spiffeId: spiffe://example.org/ns/demo/sa/b", "spiffeId: spiffe://Example.org/b", 11, "uppercase"),
+        (
+            "spiffeId: spiffe://example.org/ns/demo/sa/b",
+            "spiffeId: spiffe://Example.org/b",
+            11,
+            "uppercase",
+        ),
         ("sa/a, ", "sa//a, ", 15, "empty segment"),
-        ("    handshake: 750ms", "    handshake: 750 parsecs", 24, "invalid duration"),
-        ("    unknownDestination: deny", "    unknownDestination: maybe", 17, "maybe"),
+        (
+            "    handshake: 750ms",
+            "    handshake: 750 parsecs",
+            24,
+            "invalid duration",
+        ),
+        (
+            "    unknownDestination: deny",
+            "    unknownDestination: maybe",
+            17,
+            "maybe",
+        ),
         ("  timeouts:", "  timeout:", 23, "timeout"),
-        ("      - address: 10.0.0.3\n", "      - address: 10.0.0.2:8080\n", 21, "already registered at line 19"),
-        ("      - address: 10.0.0.3\n", "      - address: 10.0.0.300\n", 21, "invalid address"),
-        ("kind: ProxyConfig", "kind: Policy", 2, "expected \"ProxyConfig\""),
-        ("apiVersion: sigil.dev/v1", "apiVersion: sigil.dev/v2", 1, "sigil.dev/v2"),
+        (
+            "      - address: 10.0.0.3\n",
+            "      - address: 10.0.0.2:8080\n",
+            21,
+            "already registered at line 19",
+        ),
+        (
+            "      - address: 10.0.0.3\n",
+            "      - address: 10.0.0.300\n",
+            21,
+            "invalid address",
+        ),
+        (
+            "kind: ProxyConfig",
+            "kind: Policy",
+            2,
+            "expected \"ProxyConfig\"",
+        ),
+        (
+            "apiVersion: sigil.dev/v1",
+            "apiVersion: sigil.dev/v2",
+            1,
+            "sigil.dev/v2",
+        ),
     ];
     for (from, to, line, needle) in cases {
         let text = GOOD.replacen(from, to, 1);
@@ -88,10 +126,16 @@ fn duplicate_port_and_duplicate_key() {
         "      - port: 8080\n        allow: []\n  outbound:\n",
     );
     let err = parse(&dup).unwrap_err();
-    assert!(err.contains(":16:") && err.contains("port 8080 is already listed at line 14"), "{err}");
+    assert!(
+        err.contains(":16:") && err.contains("port 8080 is already listed at line 14"),
+        "{err}"
+    );
     let dup_key = GOOD.replace("  owner: team-payments\n", "  owner: a\n  owner: b\n");
     let err = parse(&dup_key).unwrap_err();
-    assert!(err.contains(":6:") && err.to_lowercase().contains("duplicate"), "{err}");
+    assert!(
+        err.contains(":6:") && err.to_lowercase().contains("duplicate"),
+        "{err}"
+    );
 }
 
 #[test]

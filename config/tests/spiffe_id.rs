@@ -23,7 +23,11 @@ fn every_byte_as_trust_domain_character() {
         assert_eq!(got.is_ok(), td_byte_ok(b), "byte 0x{b:02x}: {got:?}");
         let td = TrustDomain::parse(&String::from_utf8_lossy(&id[9..12]));
         if b.is_ascii() {
-            assert_eq!(td.is_ok(), td_byte_ok(b), "trust domain byte 0x{b:02x}: {td:?}");
+            assert_eq!(
+                td.is_ok(),
+                td_byte_ok(b),
+                "trust domain byte 0x{b:02x}: {td:?}"
+            );
         }
         if let Err(e) = got {
             let want = match b {
@@ -78,7 +82,10 @@ fn spec_cases() {
         ("spiffe:/example.org/x", Err(WrongScheme)),
         ("spiffe://", Err(EmptyTrustDomain)),
         ("spiffe:///x", Err(EmptyTrustDomain)),
-        ("spiffe://Example.org/x", Err(TrustDomainUppercase { at: 9 })),
+        (
+            "spiffe://Example.org/x",
+            Err(TrustDomainUppercase { at: 9 }),
+        ),
         ("spiffe://example.org:8080/x", Err(Port)),
         ("spiffe://user@example.org/x", Err(UserInfo)),
         ("spiffe://exa%6dple.org/x", Err(PercentEncoded { at: 12 })),
@@ -118,17 +125,25 @@ fn length_limits() {
     assert_eq!(exact.len(), 2048);
     assert!(SpiffeId::parse(&exact).is_ok());
     let over = format!("{exact}p");
-    assert_eq!(SpiffeId::parse(&over), Err(SpiffeIdError::TooLong { len: 2049 }));
+    assert_eq!(
+        SpiffeId::parse(&over),
+        Err(SpiffeIdError::TooLong { len: 2049 })
+    );
 }
 
 #[test]
 fn parts() {
     let id = SpiffeId::parse("spiffe://example.org/ns/prod/sa/web").unwrap();
     assert_eq!(id.trust_domain_name(), "example.org");
-    assert_eq!(id.trust_domain(), TrustDomain::parse("example.org").unwrap());
+    assert_eq!(
+        id.trust_domain(),
+        TrustDomain::parse("example.org").unwrap()
+    );
     assert_eq!(id.path(), "/ns/prod/sa/web");
     assert!(!id.is_trust_domain_id());
-    assert!(SpiffeId::parse("spiffe://example.org").unwrap().is_trust_domain_id());
+    assert!(SpiffeId::parse("spiffe://example.org")
+        .unwrap()
+        .is_trust_domain_id());
     assert_eq!(
         TrustDomain::parse("spiffe://example.org").unwrap().as_str(),
         "example.org"

@@ -1,14 +1,14 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! Every hot-path decision of Sigil, synchronous and I/O-free: SVID verification (as rustls
+//! verifiers), L4 authorization of a peer identity. Callers pass plain values and get a
+//! verdict that names the reason or rule.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub mod authz;
+pub mod bundle;
+pub mod identity;
+pub mod svid;
+pub mod tls;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub use authz::{L4Authorizer, L4Rule, L4Verdict};
+pub use bundle::{BundleError, TrustBundles};
+pub use identity::{IdentityError, LocalIdentity};
+pub use svid::{verify_svid, SvidError, Usage};

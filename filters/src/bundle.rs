@@ -1,0 +1,126 @@
+//! Trust bundles: the CA certificates trusted for each trust domain (federation = several).
+
+use std::collections::HashMap;
+use std::fmt;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, TrustAnchor};
+use sigil_config::TrustDomain;
+
+/// The anchors of one trust domain. An empty bundle distrusts the domain.
+pub struct Bundle {
+    pub(crate) anchors: Vec<TrustAnchor<'static>>,
+    certs: Vec<CertificateDer<'static>>,
+}
+
+impl Bundle {
+    pub fn certs(&self) -> &[CertificateDer<'static>] {
+        &self.certs
+    }
+}
+
+/// Every loaded trust domain's bundle, looked up by the peer's own trust domain name.
+#[derive(Default)]
+pub struct TrustBundles {
+    domains: HashMap<Box<str>, Bundle>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BundleError {
+    /// The PEM text could not be read.
+    Pem { domain: String, detail: String },
+    /// A certificate in the bundle is not usable as a trust anchor.
+    Anchor {
+        domain: String,
+        index: usize,
+        detail: String,
+    },
+    /// The file had bytes but no certificate: most likely a partial write.
+    NoCertificates { domain: String },
+}
+
+impl fmt::Display for BundleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Pem { domain, detail } => write!(f, "bundle for {domain}: bad PEM: {detail}"),
+            Self::Anchor {
+                domain,
+                index,
+                detail,
+            } => write!(
+                f,
+                "bundle for {domain}: certificate #{index} is not a usable CA: {detail}"
+            ),
+            Self::NoCertificates { domain } => write!(
+                f,
+                "bundle for {domain}: has content but no CERTIFICATE block (partial write?)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for BundleError {}
+
+impl TrustBundles {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) the bundle of `domain` from PEM text. A file that is empty or only
+    /// whitespace is an explicit, empty bundle: the domain is known but trusted for nothing.
+    pub fn insert_pem(&mut self, domain: &TrustDomain, pem: &[u8]) -> Result<(), BundleError> {
+        let name = domain.as_str();
+        let mut certs = Vec::new();
+        for item in CertificateDer::pem_slice_iter(pem) {
+            certs.push(item.map_err(|e| BundleError::Pem {
+                domain: name.to_string(),
+                detail: e.to_string(),
+            })?);
+        }
+        if certs.is_empty() && !pem.iter().all(u8::is_ascii_whitespace) {
+            return Err(BundleError::NoCertificates {
+                domain: name.to_string(),
+            });
+        }
+        self.insert_der(domain, certs)
+    }
+
+    pub fn insert_der(
+        &mut self,
+        domain: &TrustDomain,
+        certs: Vec<CertificateDer<'static>>,
+    ) -> Result<(), BundleError> {
+        let mut anchors = Vec::with_capacity(certs.len());
+        for (index, cert) in certs.iter().enumerate() {
+            let anchor =
+                webpki::anchor_from_trusted_cert(cert).map_err(|e| BundleError::Anchor {
+                    domain: domain.to_string(),
+                    index,
+                    detail: format!("{e:?}"),
+                })?;
+            anchors.push(anchor.to_owned());
+        }
+        self.domains
+            .insert(domain.as_str().into(), Bundle { anchors, certs });
+        Ok(())
+    }
+
+    pub fn get(&self, trust_domain: &str) -> Option<&Bundle> {
+        self.domains.get(trust_domain)
+    }
+
+    /// Loaded domain names, sorted (for config dumps and logs).
+    pub fn domains(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.domains.keys().map(|k| &**k).collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn len(&self) -> usize {
+        self.domains.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.domains.is_empty()
+    }
+}

@@ -1,0 +1,217 @@
+//! X.509-SVID verification (SPIFFE X509-SVID.md): the leaf's shape first (exactly one
+//! `spiffe://` URI SAN with a workload path, not a CA, digitalSignature set, no
+//! keyCertSign/cRLSign, EKU allowing the use if present), then webpki chain validation
+//! against the bundle of the leaf's *own* trust domain only.
+
+use std::fmt;
+
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use sigil_config::{SpiffeId, SpiffeIdError};
+use x509_parser::extensions::GeneralName;
+
+use crate::bundle::TrustBundles;
+
+/// Which side of TLS the certificate authenticates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    /// A client SVID (verified by our inbound listener).
+    Client,
+    /// A server SVID (verified by our outbound connections).
+    Server,
+}
+
+impl Usage {
+    fn eku_name(self) -> &'static str {
+        match self {
+            Usage::Client => "clientAuth",
+            Usage::Server => "serverAuth",
+        }
+    }
+}
+
+/// Why a peer's certificate is not an acceptable SVID. `reason()` is the metric label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SvidError {
+    NoCertificate,
+    Malformed(String),
+    UriSanCount(usize),
+    InvalidId(SpiffeIdError),
+    /// The URI SAN is the trust domain's own ID, which an SVID must not carry.
+    TrustDomainId(String),
+    LeafIsCa,
+    NoKeyUsage,
+    NoDigitalSignature,
+    /// keyCertSign or cRLSign set on a leaf.
+    CaKeyUsage,
+    /// An EKU extension is present and does not allow this use.
+    ExtKeyUsage(Usage),
+    UntrustedDomain(String),
+    EmptyBundle(String),
+    Expired,
+    NotYetValid,
+    /// The chain does not lead to a CA in the bundle of the ID's own trust domain.
+    UntrustedIssuer(String),
+    Chain(String),
+    WrongIdentity {
+        expected: String,
+        got: String,
+    },
+}
+
+impl SvidError {
+    /// Stable, low-cardinality name for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NoCertificate => "no_client_cert",
+            Self::UntrustedDomain(_) | Self::EmptyBundle(_) => "untrusted_domain",
+            Self::UntrustedIssuer(_) => "untrusted_issuer",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::WrongIdentity { .. } => "wrong_identity",
+            Self::Malformed(_)
+            | Self::UriSanCount(_)
+            | Self::InvalidId(_)
+            | Self::TrustDomainId(_)
+            | Self::LeafIsCa
+            | Self::NoKeyUsage
+            | Self::NoDigitalSignature
+            | Self::CaKeyUsage
+            | Self::ExtKeyUsage(_)
+            | Self::Chain(_) => "invalid_svid",
+        }
+    }
+}
+
+impl fmt::Display for SvidError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoCertificate => write!(f, "peer presented no certificate"),
+            Self::Malformed(e) => write!(f, "certificate is not valid X.509: {e}"),
+            Self::UriSanCount(n) => {
+                write!(f, "SVID must have exactly one URI SAN, this one has {n}")
+            }
+            Self::InvalidId(e) => write!(f, "URI SAN is not a valid SPIFFE ID: {e}"),
+            Self::TrustDomainId(id) => write!(
+                f,
+                "URI SAN {id} is a trust domain's ID; an SVID needs a workload path"
+            ),
+            Self::LeafIsCa => write!(f, "leaf certificate is a CA (basicConstraints CA=true)"),
+            Self::NoKeyUsage => write!(f, "leaf has no keyUsage extension"),
+            Self::NoDigitalSignature => write!(f, "leaf keyUsage lacks digitalSignature"),
+            Self::CaKeyUsage => write!(f, "leaf keyUsage has keyCertSign or cRLSign"),
+            Self::ExtKeyUsage(u) => {
+                write!(f, "leaf extendedKeyUsage does not include {}", u.eku_name())
+            }
+            Self::UntrustedDomain(td) => write!(f, "no trust bundle for trust domain {td}"),
+            Self::EmptyBundle(td) => write!(f, "trust bundle for {td} is empty: domain distrusted"),
+            Self::Expired => write!(f, "certificate chain has expired"),
+            Self::NotYetValid => write!(f, "certificate chain is not valid yet"),
+            Self::UntrustedIssuer(td) => write!(
+                f,
+                "chain does not lead to a CA of trust domain {td}'s bundle"
+            ),
+            Self::Chain(e) => write!(f, "chain validation failed: {e}"),
+            Self::WrongIdentity { expected, got } => {
+                write!(f, "peer is {got}, expected {expected}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for SvidError {}
+
+/// Checks the leaf's shape and returns its SPIFFE ID. No chain validation.
+pub fn leaf_spiffe_id(end_entity: &[u8], usage: Option<Usage>) -> Result<SpiffeId, SvidError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(end_entity)
+        .map_err(|e| SvidError::Malformed(e.to_string()))?;
+    let bad_ext = |e: x509_parser::error::X509Error| SvidError::Malformed(e.to_string());
+
+    let mut uris = 0usize;
+    let mut uri: &str = "";
+    if let Some(san) = cert.subject_alternative_name().map_err(bad_ext)? {
+        for name in &san.value.general_names {
+            if let GeneralName::URI(u) = name {
+                uris += 1;
+                uri = u;
+            }
+        }
+    }
+    if uris != 1 {
+        return Err(SvidError::UriSanCount(uris));
+    }
+    let id = SpiffeId::parse(uri).map_err(SvidError::InvalidId)?;
+    if id.is_trust_domain_id() {
+        return Err(SvidError::TrustDomainId(uri.to_string()));
+    }
+
+    if let Some(bc) = cert.basic_constraints().map_err(bad_ext)? {
+        if bc.value.ca {
+            return Err(SvidError::LeafIsCa);
+        }
+    }
+    match cert.key_usage().map_err(bad_ext)? {
+        None => return Err(SvidError::NoKeyUsage),
+        Some(ku) => {
+            if ku.value.key_cert_sign() || ku.value.crl_sign() {
+                return Err(SvidError::CaKeyUsage);
+            }
+            if !ku.value.digital_signature() {
+                return Err(SvidError::NoDigitalSignature);
+            }
+        }
+    }
+    if let (Some(usage), Some(eku)) = (usage, cert.extended_key_usage().map_err(bad_ext)?) {
+        let e = eku.value;
+        let ok = e.any
+            || match usage {
+                Usage::Client => e.client_auth,
+                Usage::Server => e.server_auth,
+            };
+        if !ok {
+            return Err(SvidError::ExtKeyUsage(usage));
+        }
+    }
+    Ok(id)
+}
+
+/// Full verification of a peer's SVID chain at `now`.
+pub fn verify_svid(
+    bundles: &TrustBundles,
+    algs: &WebPkiSupportedAlgorithms,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+    usage: Usage,
+) -> Result<SpiffeId, SvidError> {
+    let id = leaf_spiffe_id(end_entity, Some(usage))?;
+    let td = id.trust_domain_name();
+    let bundle = bundles
+        .get(td)
+        .ok_or_else(|| SvidError::UntrustedDomain(td.to_string()))?;
+    if bundle.anchors.is_empty() {
+        return Err(SvidError::EmptyBundle(td.to_string()));
+    }
+    let ee = webpki::EndEntityCert::try_from(end_entity)
+        .map_err(|e| SvidError::Malformed(format!("{e:?}")))?;
+    let eku = match usage {
+        Usage::Client => webpki::KeyUsage::client_auth(),
+        Usage::Server => webpki::KeyUsage::server_auth(),
+    };
+    ee.verify_for_usage(
+        algs.all,
+        &bundle.anchors,
+        intermediates,
+        now,
+        eku,
+        None,
+        None,
+    )
+    .map_err(|e| match e {
+        webpki::Error::CertExpired { .. } => SvidError::Expired,
+        webpki::Error::CertNotValidYet { .. } => SvidError::NotYetValid,
+        webpki::Error::UnknownIssuer => SvidError::UntrustedIssuer(td.to_string()),
+        other => SvidError::Chain(format!("{other:?}")),
+    })?;
+    Ok(id)
+}

@@ -1,0 +1,241 @@
+//! rustls configurations for sidecar-to-sidecar mTLS: TLS 1.3 only, no resumption or tickets
+//! on either side (a resumed session skips the verifier, so a rotated-out or revoked peer
+//! would get back in), client certificates mandatory, and SPIFFE verification of the peer.
+
+use std::io;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::Resumption;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::NoServerSessionStorage;
+use rustls::sign::SingleCertAndKey;
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
+    ServerConfig, SignatureScheme,
+};
+use sigil_config::SpiffeId;
+
+use crate::bundle::TrustBundles;
+use crate::identity::LocalIdentity;
+use crate::svid::{verify_svid, SvidError, Usage};
+
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn reject(e: SvidError) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+}
+
+/// Verifies client SVIDs on the inbound side.
+#[derive(Debug)]
+pub struct SpiffeClientVerifier {
+    bundles: Arc<TrustBundles>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl std::fmt::Debug for TrustBundles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.domains()).finish()
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let algs = &self.provider.signature_verification_algorithms;
+        verify_svid(
+            &self.bundles,
+            algs,
+            end_entity,
+            intermediates,
+            now,
+            Usage::Client,
+        )
+        .map(|_| ClientCertVerified::assertion())
+        .map_err(reject)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General(
+            "TLS 1.2 is never negotiated between sidecars".into(),
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Verifies a server SVID on the outbound side and pins it to the expected ID. SNI and the
+/// server name are irrelevant: identity is the SPIFFE ID.
+#[derive(Debug)]
+pub struct SpiffeServerVerifier {
+    bundles: Arc<TrustBundles>,
+    provider: Arc<CryptoProvider>,
+    expected: SpiffeId,
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let algs = &self.provider.signature_verification_algorithms;
+        let id = verify_svid(
+            &self.bundles,
+            algs,
+            end_entity,
+            intermediates,
+            now,
+            Usage::Server,
+        )
+        .map_err(reject)?;
+        if id != self.expected {
+            return Err(reject(SvidError::WrongIdentity {
+                expected: self.expected.to_string(),
+                got: id.to_string(),
+            }));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General(
+            "TLS 1.2 is never negotiated between sidecars".into(),
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The inbound (server) side: presents our SVID, demands and verifies the client's.
+pub fn server_config(
+    identity: &LocalIdentity,
+    bundles: Arc<TrustBundles>,
+    provider: Arc<CryptoProvider>,
+) -> Arc<ServerConfig> {
+    let verifier = Arc::new(SpiffeClientVerifier {
+        bundles,
+        provider: provider.clone(),
+    });
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("ring supports TLS 1.3")
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(SingleCertAndKey::from(identity.certified_key())));
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    config.max_early_data_size = 0;
+    Arc::new(config)
+}
+
+/// The outbound (client) side towards one expected peer identity.
+pub fn client_config(
+    identity: &LocalIdentity,
+    bundles: Arc<TrustBundles>,
+    provider: Arc<CryptoProvider>,
+    expected: SpiffeId,
+) -> Arc<ClientConfig> {
+    let verifier = Arc::new(SpiffeServerVerifier {
+        bundles,
+        provider: provider.clone(),
+        expected,
+    });
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("ring supports TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(identity.certified_key())));
+    config.resumption = Resumption::disabled();
+    config.enable_early_data = false;
+    Arc::new(config)
+}
+
+/// Classifies a failed handshake for metrics (`reason`) and logs (`detail`).
+pub fn handshake_failure(err: &io::Error) -> (&'static str, String) {
+    let Some(tls) = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    else {
+        return match err.kind() {
+            io::ErrorKind::UnexpectedEof => ("peer_closed", err.to_string()),
+            io::ErrorKind::TimedOut => ("handshake_timeout", err.to_string()),
+            _ => ("io_error", err.to_string()),
+        };
+    };
+    match tls {
+        rustls::Error::NoCertificatesPresented => {
+            ("no_client_cert", SvidError::NoCertificate.to_string())
+        }
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => {
+            match inner.downcast_ref::<SvidError>() {
+                Some(e) => (e.reason(), e.to_string()),
+                None => ("invalid_svid", inner.to_string()),
+            }
+        }
+        rustls::Error::InvalidCertificate(_) => ("invalid_svid", tls.to_string()),
+        rustls::Error::AlertReceived(_) => ("peer_rejected", tls.to_string()),
+        _ => ("tls_error", tls.to_string()),
+    }
+}

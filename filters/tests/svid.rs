@@ -1,0 +1,270 @@
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, UnixTime};
+use sigil_config::{IdPattern, SpiffeId, TrustDomain};
+use sigil_filters::svid::leaf_spiffe_id;
+use sigil_filters::tls::provider;
+use sigil_filters::{
+    verify_svid, IdentityError, L4Authorizer, L4Rule, LocalIdentity, SvidError, TrustBundles, Usage,
+};
+use sigil_testkit::rcgen::{ExtendedKeyUsagePurpose as Eku, KeyUsagePurpose as Ku};
+use sigil_testkit::{Ca, Svid, SvidSpec};
+
+const A: &str = "spiffe://example.org/ns/demo/sa/a";
+
+fn bundles(cas: &[&Ca]) -> TrustBundles {
+    let mut b = TrustBundles::new();
+    for ca in cas {
+        let td = TrustDomain::parse(ca.trust_domain()).unwrap();
+        b.insert_pem(&td, ca.bundle_pem().as_bytes()).unwrap();
+    }
+    b
+}
+
+fn verify(b: &TrustBundles, svid: &Svid, usage: Usage) -> Result<SpiffeId, SvidError> {
+    let p = provider();
+    verify_svid(
+        b,
+        &p.signature_verification_algorithms,
+        &svid.chain[0],
+        &svid.chain[1..],
+        UnixTime::now(),
+        usage,
+    )
+}
+
+#[test]
+fn good_svids_verify_for_both_uses_and_through_intermediates() {
+    let ca = Ca::new("example.org");
+    let b = bundles(&[&ca]);
+    for usage in [Usage::Client, Usage::Server] {
+        assert_eq!(verify(&b, &ca.svid(A), usage).unwrap().as_str(), A);
+    }
+    let inter = ca.intermediate();
+    assert_eq!(
+        verify(&b, &inter.svid(A), Usage::Client).unwrap().as_str(),
+        A
+    );
+    // An EKU that names only the needed use is fine; no EKU at all is fine.
+    let only_client = SvidSpec::new(A).ext_key_usages(vec![Eku::ClientAuth]);
+    assert!(verify(&b, &ca.issue(&only_client), Usage::Client).is_ok());
+    let no_eku = SvidSpec::new(A).ext_key_usages(vec![]);
+    assert!(verify(&b, &ca.issue(&no_eku), Usage::Server).is_ok());
+}
+
+#[test]
+fn every_bad_svid_is_refused_with_its_reason() {
+    let ca = Ca::new("example.org");
+    let other = Ca::new("other.org");
+    let stranger = Ca::new("stranger.org");
+    let b = bundles(&[&ca, &other]);
+    let id_b = "spiffe://other.org/ns/x/sa/b";
+    let cases: Vec<(&str, Svid, Usage, &str)> = vec![
+        (
+            "untrusted trust domain",
+            stranger.svid("spiffe://stranger.org/w"),
+            Usage::Client,
+            "untrusted_domain",
+        ),
+        (
+            "CA of example.org issuing an other.org ID",
+            ca.svid(id_b),
+            Usage::Client,
+            "untrusted_issuer",
+        ),
+        (
+            "expired",
+            ca.issue(&SvidSpec::new(A).expired()),
+            Usage::Client,
+            "expired",
+        ),
+        (
+            "not yet valid",
+            ca.issue(&SvidSpec::new(A).validity(3600, Duration::from_secs(3600))),
+            Usage::Client,
+            "not_yet_valid",
+        ),
+        (
+            "two URI SANs",
+            ca.issue(&SvidSpec::new(A).uris(&[A, "spiffe://example.org/b"])),
+            Usage::Client,
+            "invalid_svid",
+        ),
+        (
+            "no URI SAN",
+            ca.issue(&SvidSpec::new(A).uris(&[])),
+            Usage::Client,
+            "invalid_svid",
+        ),
+        (
+            "non-SPIFFE URI",
+            ca.issue(&SvidSpec::new(A).uris(&["https://example.org/a"])),
+            Usage::Client,
+            "invalid_svid",
+        ),
+        (
+            "trust domain ID as SVID",
+            ca.issue(&SvidSpec::new("spiffe://example.org")),
+            Usage::Client,
+            "invalid_svid",
+        ),
+        (
+            "CA certificate as leaf",
+            ca.issue(&SvidSpec::new(A).ca()),
+            Usage::Client,
+            "invalid_svid",
+        ),
+        (
+            "no digitalSignature",
+            ca.issue(&SvidSpec::new(A).key_usages(vec![Ku::KeyEncipherment])),
+            Usage::Client,
+            "invalid_svid",
+        ),
+        (
+            "keyCertSign on leaf",
+            ca.issue(&SvidSpec::new(A).key_usages(vec![Ku::DigitalSignature, Ku::KeyCertSign])),
+            Usage::Client,
+            "invalid_svid",
+        ),
+        (
+            "no keyUsage",
+            ca.issue(&SvidSpec::new(A).key_usages(vec![])),
+            Usage::Client,
+            "invalid_svid",
+        ),
+        (
+            "EKU serverAuth only, used as client",
+            ca.issue(&SvidSpec::new(A).ext_key_usages(vec![Eku::ServerAuth])),
+            Usage::Client,
+            "invalid_svid",
+        ),
+        (
+            "EKU clientAuth only, used as server",
+            ca.issue(&SvidSpec::new(A).ext_key_usages(vec![Eku::ClientAuth])),
+            Usage::Server,
+            "invalid_svid",
+        ),
+    ];
+    for (name, svid, usage, reason) in cases {
+        let err = verify(&b, &svid, usage).expect_err(name);
+        assert_eq!(err.reason(), reason, "{name}: {err}");
+        assert!(!err.to_string().is_empty());
+    }
+    let garbage = CertificateDer::from(b"\x30\x03garbage".to_vec());
+    let p = provider();
+    let err = verify_svid(
+        &b,
+        &p.signature_verification_algorithms,
+        &garbage,
+        &[],
+        UnixTime::now(),
+        Usage::Client,
+    )
+    .unwrap_err();
+    assert!(matches!(err, SvidError::Malformed(_)), "{err:?}");
+    assert_eq!(
+        leaf_spiffe_id(&ca.issue(&SvidSpec::new(A).uris(&[A, A])).chain[0], None),
+        Err(SvidError::UriSanCount(2))
+    );
+}
+
+#[test]
+fn bundles_federate_and_empty_bundle_distrusts() {
+    let ca = Ca::new("example.org");
+    let other = Ca::new("other.org");
+    let mut b = bundles(&[&ca, &other]);
+    assert!(verify(&b, &other.svid("spiffe://other.org/w"), Usage::Client).is_ok());
+    assert_eq!(b.domains(), vec!["example.org", "other.org"]);
+    b.insert_pem(&TrustDomain::parse("other.org").unwrap(), b"\n")
+        .unwrap();
+    let err = verify(&b, &other.svid("spiffe://other.org/w"), Usage::Client).unwrap_err();
+    assert_eq!(err, SvidError::EmptyBundle("other.org".into()));
+    assert_eq!(err.reason(), "untrusted_domain");
+    // A half-written bundle file is refused, not read as "empty".
+    let pem = ca.bundle_pem();
+    let td = TrustDomain::parse("example.org").unwrap();
+    assert!(b.insert_pem(&td, &pem.as_bytes()[..pem.len() / 2]).is_err());
+    assert!(b.insert_pem(&td, b"not a pem at all").is_err());
+    // The failed updates left the good example.org bundle in place.
+    assert!(verify(&b, &ca.svid(A), Usage::Client).is_ok());
+}
+
+#[test]
+fn local_identity_refuses_mismatched_expired_partial_and_wrong_id() {
+    let ca = Ca::new("example.org");
+    let p = provider();
+    let now = UnixTime::now();
+    let good = ca.svid(A);
+    let other = ca.svid(A);
+    let cert = good.chain_pem();
+    let key = good.key_pem();
+    let id = LocalIdentity::from_pem(cert.as_bytes(), key.as_bytes(), now, None, &p).unwrap();
+    assert_eq!(id.id().as_str(), A);
+    assert!(!format!("{id:?}").contains("PRIVATE"));
+    let mismatched =
+        LocalIdentity::from_pem(cert.as_bytes(), other.key_pem().as_bytes(), now, None, &p);
+    assert_eq!(mismatched.unwrap_err(), IdentityError::KeyMismatch);
+    let expired = ca.issue(&SvidSpec::new(A).expired());
+    let e = LocalIdentity::from_pem(
+        expired.chain_pem().as_bytes(),
+        expired.key_pem().as_bytes(),
+        now,
+        None,
+        &p,
+    );
+    assert!(matches!(e, Err(IdentityError::Expired { .. })), "{e:?}");
+    let partial = &cert.as_bytes()[..cert.len() - 40];
+    assert!(LocalIdentity::from_pem(partial, key.as_bytes(), now, None, &p).is_err());
+    assert!(
+        LocalIdentity::from_pem(cert.as_bytes(), &key.as_bytes()[..30], now, None, &p).is_err()
+    );
+    let want = SpiffeId::parse("spiffe://example.org/other").unwrap();
+    let e = LocalIdentity::from_pem(cert.as_bytes(), key.as_bytes(), now, Some(&want), &p);
+    assert!(matches!(e, Err(IdentityError::WrongId { .. })), "{e:?}");
+}
+
+#[test]
+fn l4_authorization() {
+    let id = |s| SpiffeId::parse(s).unwrap();
+    let pat = |s| IdPattern::parse(s).unwrap();
+    let open = L4Authorizer::new([]);
+    let v = open.decide(&id(A), 8080);
+    assert!(v.allowed);
+    assert_eq!(v.rule, L4Rule::NoPolicy);
+
+    let authz = L4Authorizer::new([
+        (8080, vec![pat("spiffe://example.org/ns/prod/*"), pat(A)]),
+        (9090, vec![]),
+    ]);
+    let v = authz.decide(&id(A), 8080);
+    assert!(v.allowed);
+    assert!(matches!(
+        v.rule,
+        L4Rule::Allow {
+            port: 8080,
+            index: 1,
+            ..
+        }
+    ));
+    assert!(
+        authz
+            .decide(&id("spiffe://example.org/ns/prod/sa/x"), 8080)
+            .allowed
+    );
+    let v = authz.decide(&id("spiffe://example.org/ns/dev/sa/x"), 8080);
+    assert_eq!(
+        v,
+        sigil_filters::L4Verdict {
+            allowed: false,
+            rule: L4Rule::NotInAllowList { port: 8080 }
+        }
+    );
+    assert_eq!(
+        authz.decide(&id(A), 9090).rule,
+        L4Rule::NotInAllowList { port: 9090 }
+    );
+    let v = authz.decide(&id(A), 7070);
+    assert!(!v.allowed);
+    assert_eq!(v.rule, L4Rule::PortNotListed { port: 7070 });
+    assert!(v.rule.to_string().contains("default deny"));
+}
