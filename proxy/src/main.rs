@@ -1,3 +1,372 @@
-fn main() {
-    println!("Hello, world!");
+//! sigil-proxy: the Sigil sidecar. See `--help`.
+
+mod admin;
+mod conns;
+mod identity;
+mod inbound;
+mod metrics;
+mod outbound;
+mod proxy;
+mod relay;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::UnixTime;
+use sigil_config::proxy_config::Mode;
+use sigil_config::ProxyConfig;
+use sigil_filters::svid::{verify_svid, Usage};
+use sigil_filters::tls;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::conns::Direction;
+use crate::identity::{Change, Current, IdentityFiles, Seen, POLL_INTERVAL};
+use crate::metrics::{LocalLabels, Metrics};
+use crate::proxy::Proxy;
+
+const USAGE: &str = "\
+sigil-proxy — Sigil sidecar: SPIFFE mTLS between workloads, per-port identity authorization
+
+USAGE:
+    sigil-proxy --config FILE [--check]
+
+OPTIONS:
+    --config FILE   ProxyConfig YAML (apiVersion: sigil.dev/v1, kind: ProxyConfig)
+    --check         validate the config and the identity files, then exit
+    -h, --help      this text
+    -V, --version   version
+
+ENVIRONMENT:
+    SIGIL_LOG       log level: error, warn, info (default), debug, trace
+
+EXIT CODES:
+    0 clean shutdown (SIGTERM/SIGINT, after draining); 1 runtime failure (bad identity
+    files at start, address in use); 2 invalid config or arguments";
+
+fn main() -> ExitCode {
+    let mut config = None;
+    let mut check = false;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--config" | "-c" => config = args.next().map(PathBuf::from),
+            "--check" => check = true,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            "-V" | "--version" => {
+                println!("sigil-proxy {}", env!("CARGO_PKG_VERSION"));
+                return ExitCode::SUCCESS;
+            }
+            other => {
+                eprintln!("sigil-proxy: unknown argument {other:?}\n\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let Some(path) = config else {
+        eprintln!("sigil-proxy: --config FILE is required\n\n{USAGE}");
+        return ExitCode::from(2);
+    };
+    init_logging();
+    let cfg = match ProxyConfig::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sigil-proxy: invalid config: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(run(cfg, check)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("sigil-proxy: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging() {
+    let level = match std::env::var("SIGIL_LOG").as_deref() {
+        Ok("error") => tracing::Level::ERROR,
+        Ok("warn") => tracing::Level::WARN,
+        Ok("debug") => tracing::Level::DEBUG,
+        Ok("trace") => tracing::Level::TRACE,
+        _ => tracing::Level::INFO,
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+}
+
+async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
+    let provider = tls::provider();
+    let files = IdentityFiles::from_config(&cfg);
+    let mut seen = Seen::default();
+    let state = files
+        .load(&mut seen, &provider)
+        .map_err(|e| format!("cannot load identity: {e}"))?;
+    if check {
+        println!(
+            "config and identity OK: {} (SVID {} valid until {} Unix time; trust domains {:?})",
+            cfg.metadata.name,
+            state.identity.id(),
+            state.identity.not_after(),
+            state.bundles.domains()
+        );
+        return Ok(());
+    }
+    let metrics = Metrics::new(cfg.spec.metrics.peer_id_cap);
+    set_expiry(&metrics, &state.local_label, state.identity.not_after());
+    metrics.reload("svid", true);
+    metrics.reload("bundle", true);
+    info!(
+        id = %state.identity.id(),
+        not_after = state.identity.not_after(),
+        trust_domains = ?state.bundles.domains(),
+        "identity loaded"
+    );
+    let p = Arc::new(Proxy::new(cfg, Current::new(state), metrics));
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let spec = &p.cfg.spec;
+    let admin = bind(spec.admin.listen, "admin").await?;
+    spawn_accept(admin, shutdown_rx.clone(), p.clone(), |p, tcp, peer, _| {
+        admin::serve_conn(p, tcp, peer)
+    });
+    if spec.mode == Mode::Transparent {
+        let l = bind(spec.inbound.listen, "inbound").await?;
+        spawn_accept(
+            l,
+            shutdown_rx.clone(),
+            p.clone(),
+            |p, tcp, peer, local| match original_dst(&tcp) {
+                Some(dst) if dst != local => {
+                    tokio::spawn(inbound::handle(p, tcp, peer, dst.port()));
+                }
+                _ => {
+                    let tls = p.tls.get();
+                    info!(%peer, "inbound refused: not redirected (no original destination)");
+                    p.refused(
+                        Direction::Inbound,
+                        &tls.local_label,
+                        metrics::UNAUTHENTICATED_PEER.into(),
+                        "not_redirected",
+                    );
+                }
+            },
+        );
+        let l = bind(spec.outbound.listen, "outbound").await?;
+        spawn_accept(
+            l,
+            shutdown_rx.clone(),
+            p.clone(),
+            |p, tcp, peer, local| match original_dst(&tcp) {
+                Some(dst) if dst != local => {
+                    tokio::spawn(outbound::handle(p, tcp, dst, None));
+                }
+                _ => {
+                    let tls = p.tls.get();
+                    info!(%peer, "outbound refused: not redirected (no original destination)");
+                    p.refused(
+                        Direction::Outbound,
+                        &tls.local_label,
+                        "unknown".into(),
+                        "not_redirected",
+                    );
+                }
+            },
+        );
+    }
+    for l in &spec.inbound.explicit {
+        let port = l.value.port;
+        let listener = bind(l.value.listen, "inbound.explicit").await?;
+        spawn_accept(
+            listener,
+            shutdown_rx.clone(),
+            p.clone(),
+            move |p, tcp, peer, _| {
+                tokio::spawn(inbound::handle(p, tcp, peer, port));
+            },
+        );
+    }
+    for l in &spec.outbound.explicit {
+        let (upstream, expected) = (l.value.upstream, l.value.expected_id.clone());
+        let listener = bind(l.value.listen, "outbound.explicit").await?;
+        spawn_accept(
+            listener,
+            shutdown_rx.clone(),
+            p.clone(),
+            move |p, tcp, _, _| {
+                tokio::spawn(outbound::handle(p, tcp, upstream, Some(expected.clone())));
+            },
+        );
+    }
+    spawn_watcher(p.clone(), files, seen, provider);
+    info!(name = %p.cfg.metadata.name, mode = ?p.cfg.spec.mode, "sigil-proxy ready");
+
+    wait_for_signal().await;
+    let deadline = p.cfg.spec.timeouts.drain;
+    info!(
+        live = p.conns.len(),
+        "shutting down: no new connections; draining up to {deadline:?}"
+    );
+    p.draining.store(true, Ordering::Relaxed);
+    let _ = shutdown_tx.send(true);
+    if tokio::time::timeout(deadline, p.conns.wait_empty())
+        .await
+        .is_err()
+    {
+        let n = p.conns.close_where("shutdown", |_| true);
+        warn!(
+            closed = n,
+            "drain deadline passed; closing remaining connections"
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(2), p.conns.wait_empty()).await;
+    }
+    info!("sigil-proxy stopped");
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, String> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr} ({what}): {e}"))
+}
+
+/// Accepts until shutdown; `on_conn(proxy, stream, peer addr, listener addr)`.
+fn spawn_accept<F>(
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+    p: Arc<Proxy>,
+    on_conn: F,
+) where
+    F: Fn(Arc<Proxy>, TcpStream, SocketAddr, SocketAddr) + Send + 'static,
+{
+    let local = listener
+        .local_addr()
+        .expect("bound listener has an address");
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((tcp, peer)) => {
+                        let _ = tcp.set_nodelay(true);
+                        on_conn(p.clone(), tcp, peer, local);
+                    }
+                    // EMFILE and friends: back off instead of spinning.
+                    Err(e) => {
+                        warn!(%local, "accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                _ = shutdown.changed() => return,
+            }
+        }
+    });
+}
+
+/// The destination before iptables REDIRECT rewrote it.
+fn original_dst(tcp: &TcpStream) -> Option<SocketAddr> {
+    let sock = socket2::SockRef::from(tcp);
+    let addr = if tcp.local_addr().ok()?.is_ipv4() {
+        sock.original_dst_v4()
+    } else {
+        sock.original_dst_v6()
+    };
+    addr.ok()?.as_socket()
+}
+
+fn set_expiry(m: &Metrics, local: &Arc<str>, not_after: u64) {
+    m.svid_expiry
+        .get_or_create(&LocalLabels {
+            local_id: local.clone(),
+        })
+        .set(not_after as i64);
+}
+
+/// Polls the identity files on a plain thread (tiny blocking reads) and applies changes.
+fn spawn_watcher(
+    p: Arc<Proxy>,
+    files: IdentityFiles,
+    mut seen: Seen,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) {
+    std::thread::Builder::new()
+        .name("identity-watch".into())
+        .spawn(move || loop {
+            std::thread::sleep(POLL_INTERVAL);
+            for change in files.poll(&mut seen, &provider) {
+                apply(&p, change, &provider);
+            }
+        })
+        .expect("spawn identity watcher");
+}
+
+fn apply(p: &Proxy, change: Change, provider: &rustls::crypto::CryptoProvider) {
+    match change {
+        Change::Svid(Ok(identity)) => {
+            info!(id = %identity.id(), not_after = identity.not_after(), "SVID rotated; new handshakes use it");
+            let local: Arc<str> = identity.id().as_str().into();
+            set_expiry(&p.metrics, &local, identity.not_after());
+            p.tls.set_identity(identity);
+            p.metrics.reload("svid", true);
+        }
+        Change::Svid(Err(e)) => {
+            error!("SVID update refused, keeping the current one: {e}");
+            p.metrics.reload("svid", false);
+        }
+        Change::Bundles(bundles, problems) => {
+            for problem in &problems {
+                error!("trust bundle update refused: {problem}");
+                p.metrics.reload("bundle", false);
+            }
+            let Some(bundles) = bundles else { return };
+            info!(trust_domains = ?bundles.domains(), "trust bundles updated");
+            p.tls.set_bundles(bundles.clone());
+            p.metrics.reload("bundle", true);
+            // Verifiers run only at handshake: re-check every live peer against the new set.
+            let now = UnixTime::now();
+            let algs = &provider.signature_verification_algorithms;
+            let n = p.conns.close_where("bundle_change", |c| {
+                let usage = match c.direction {
+                    Direction::Inbound => Usage::Client,
+                    Direction::Outbound => Usage::Server,
+                };
+                let Some((leaf, rest)) = c.chain.split_first() else {
+                    return true;
+                };
+                verify_svid(&bundles, algs, leaf, rest, now, usage).is_err()
+            });
+            if n > 0 {
+                warn!(
+                    closed = n,
+                    "closed live connections whose peer no longer verifies"
+                );
+            }
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
 }

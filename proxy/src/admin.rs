@@ -1,0 +1,91 @@
+//! Admin listener: /live, /ready, /metrics, /config_dump.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::CONTENT_TYPE;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::proxy::Proxy;
+
+pub fn serve_conn(p: Arc<Proxy>, tcp: TcpStream, client: SocketAddr) {
+    tokio::spawn(async move {
+        let service = hyper::service::service_fn(move |req| {
+            let p = p.clone();
+            async move { Ok::<_, Infallible>(route(&p, client, &req)) }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(tcp), service)
+            .await;
+    });
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Full::new(body.into()))
+        .expect("static response parts")
+}
+
+fn route(p: &Proxy, client: SocketAddr, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+    }
+    match req.uri().path() {
+        "/live" => text(StatusCode::OK, "live\n"),
+        "/ready" => match p.ready() {
+            Ok(()) => text(StatusCode::OK, "ready\n"),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        },
+        "/metrics" => Response::builder()
+            .header(
+                CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+            .body(Full::new(p.metrics.encode().into()))
+            .expect("static response parts"),
+        // The admin port is reachable from outside for scraping; the config is not.
+        "/config_dump" if client.ip().is_loopback() => Response::builder()
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(config_dump(p).into()))
+            .expect("static response parts"),
+        "/config_dump" => text(
+            StatusCode::FORBIDDEN,
+            "config_dump is served to loopback only\n",
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /live /ready /metrics /config_dump\n",
+        ),
+    }
+}
+
+/// The running configuration and identity state. Certificates are public; the private key
+/// is never part of it (only its file path, from the config).
+fn config_dump(p: &Proxy) -> String {
+    let tls = p.tls.get();
+    let dump = serde_json::json!({
+        "config": { "metadata": &p.cfg.metadata, "spec": &p.cfg.spec },
+        "identity": {
+            "spiffe_id": tls.identity.id().as_str(),
+            "not_after_unix": tls.identity.not_after(),
+            "chain_length": tls.identity.chain().len(),
+        },
+        "trust_domains": tls.bundles.domains(),
+        "live_connections": p.conns.snapshot().into_iter()
+            .map(|(direction, peer)| serde_json::json!({"direction": direction, "peer_id": peer}))
+            .collect::<Vec<_>>(),
+        "ready": p.ready().is_ok(),
+    });
+    serde_json::to_string_pretty(&dump).expect("JSON of plain values") + "\n"
+}

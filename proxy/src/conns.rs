@@ -1,0 +1,125 @@
+//! The registry of live, established connections and the identity behind each, so that a
+//! bundle change (and later a revocation or policy change) can find and close them: a
+//! verifier runs only at handshake time.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rustls::pki_types::CertificateDer;
+use sigil_config::SpiffeId;
+use tokio::sync::watch;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Inbound => "inbound",
+            Self::Outbound => "outbound",
+        }
+    }
+}
+
+/// What the registry knows of one connection.
+pub struct ConnInfo {
+    pub direction: Direction,
+    pub peer: SpiffeId,
+    /// The peer's certificate chain as presented (leaf first), for re-verification.
+    pub chain: Vec<CertificateDer<'static>>,
+    close: watch::Sender<Option<&'static str>>,
+}
+
+#[derive(Default)]
+pub struct Conns {
+    next: AtomicU64,
+    live: Mutex<HashMap<u64, ConnInfo>>,
+    /// Wakes `wait_empty` whenever a connection ends.
+    changed: tokio::sync::Notify,
+}
+
+/// Held by the connection task; removes the entry when dropped.
+pub struct ConnGuard {
+    id: u64,
+    conns: Arc<Conns>,
+    /// Becomes `Some(reason)` when something asks the connection to close.
+    pub close_rx: watch::Receiver<Option<&'static str>>,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.conns.live.lock().expect("conns lock").remove(&self.id);
+        self.conns.changed.notify_waiters();
+    }
+}
+
+impl Conns {
+    pub fn register(
+        self: &Arc<Self>,
+        direction: Direction,
+        peer: SpiffeId,
+        chain: Vec<CertificateDer<'static>>,
+    ) -> ConnGuard {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (close, close_rx) = watch::channel(None);
+        self.live.lock().expect("conns lock").insert(
+            id,
+            ConnInfo {
+                direction,
+                peer,
+                chain,
+                close,
+            },
+        );
+        ConnGuard {
+            id,
+            conns: self.clone(),
+            close_rx,
+        }
+    }
+
+    /// (direction, peer ID) of every live connection, for the config dump.
+    pub fn snapshot(&self) -> Vec<(&'static str, String)> {
+        let live = self.live.lock().expect("conns lock");
+        live.values()
+            .map(|c| (c.direction.label(), c.peer.to_string()))
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.live.lock().expect("conns lock").len()
+    }
+
+    /// Asks every connection for which `doomed` is true to close with `reason`; returns how
+    /// many were asked. The connection tasks do the closing and the counting.
+    pub fn close_where(
+        &self,
+        reason: &'static str,
+        mut doomed: impl FnMut(&ConnInfo) -> bool,
+    ) -> usize {
+        let live = self.live.lock().expect("conns lock");
+        let mut n = 0;
+        for info in live.values() {
+            if info.close.borrow().is_none() && doomed(info) {
+                let _ = info.close.send(Some(reason));
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Resolves once no connection is left.
+    pub async fn wait_empty(&self) {
+        loop {
+            let notified = self.changed.notified();
+            if self.len() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}

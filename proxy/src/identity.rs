@@ -1,0 +1,300 @@
+//! Our SVID and the trust bundles, read from files and re-read when they change.
+//!
+//! Files are polled rather than watched with inotify: polling sees every way of writing them
+//! (in place, rename over, Kubernetes' `..data` symlink swap, a half-finished copy) with one
+//! code path, and at 4 reads a second of a few KB it costs nothing. A change takes effect for
+//! new handshakes at the next poll whose content is valid; an invalid state is logged and
+//! counted once per distinct content and never replaces the last good one.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::UnixTime;
+use rustls::{ClientConfig, ServerConfig};
+use sigil_config::{ProxyConfig, SpiffeId, TrustDomain};
+use sigil_filters::{tls, LocalIdentity, TrustBundles};
+
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// One consistent set of TLS material. Replaced whole on any change; connections keep the
+/// `Arc` they started with.
+pub struct TlsState {
+    pub identity: LocalIdentity,
+    /// Our SPIFFE ID as a metrics label value, built once per SVID.
+    pub local_label: Arc<str>,
+    pub bundles: Arc<TrustBundles>,
+    pub server: Arc<ServerConfig>,
+    /// Client configs per expected peer ID, built on first use.
+    clients: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl TlsState {
+    fn new(
+        identity: LocalIdentity,
+        bundles: Arc<TrustBundles>,
+        provider: Arc<CryptoProvider>,
+    ) -> Self {
+        let server = tls::server_config(&identity, bundles.clone(), provider.clone());
+        Self {
+            local_label: identity.id().as_str().into(),
+            identity,
+            bundles,
+            server,
+            clients: Mutex::new(HashMap::new()),
+            provider,
+        }
+    }
+
+    pub fn client_config(&self, expected: &SpiffeId) -> Arc<ClientConfig> {
+        let mut clients = self.clients.lock().expect("client config lock");
+        if let Some(c) = clients.get(expected) {
+            return c.clone();
+        }
+        let c = tls::client_config(
+            &self.identity,
+            self.bundles.clone(),
+            self.provider.clone(),
+            expected.clone(),
+        );
+        clients.insert(expected.clone(), c.clone());
+        c
+    }
+
+    /// Ready to serve: SVID unexpired and a non-empty bundle for our own trust domain.
+    pub fn is_ready(&self, now: UnixTime) -> bool {
+        now.as_secs() < self.identity.not_after()
+            && self
+                .bundles
+                .get(self.identity.id().trust_domain_name())
+                .is_some_and(|b| !b.certs().is_empty())
+    }
+}
+
+/// The files one proxy reads its identity from.
+pub struct IdentityFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    bundle_dir: PathBuf,
+    expected: Option<SpiffeId>,
+}
+
+/// Raw bytes last seen, to notice changes and to report each bad state only once.
+#[derive(Default)]
+pub struct Seen {
+    svid: Option<(Vec<u8>, Vec<u8>)>,
+    bundles: HashMap<PathBuf, Vec<u8>>,
+    /// Last good bundle per domain, kept when its file turns bad.
+    good_bundles: HashMap<TrustDomain, Vec<u8>>,
+}
+
+#[derive(Debug)]
+pub enum Change {
+    Svid(Result<LocalIdentity, String>),
+    /// A new bundle set if the trusted content changed, and the problems met building it
+    /// (bad files are left out, or replaced by their last good content).
+    Bundles(Option<Arc<TrustBundles>>, Vec<String>),
+}
+
+impl IdentityFiles {
+    pub fn from_config(cfg: &ProxyConfig) -> Self {
+        let id = &cfg.spec.identity;
+        Self {
+            cert: cfg.resolve(&id.cert_file),
+            key: cfg.resolve(&id.key_file),
+            bundle_dir: cfg.resolve(&id.bundle_dir),
+            expected: id.spiffe_id.clone(),
+        }
+    }
+
+    /// Initial load: every file must be valid, or the proxy does not start.
+    pub fn load(
+        &self,
+        seen: &mut Seen,
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<TlsState, String> {
+        let identity = match self.poll_svid(seen, provider) {
+            Some(Ok(id)) => id,
+            Some(Err(e)) => return Err(e),
+            None => return Err("no SVID read".into()),
+        };
+        let (bundles, problems) = self.poll_bundles(seen).unwrap_or_default();
+        if let Some(p) = problems.first() {
+            return Err(p.clone());
+        }
+        let bundles = bundles.unwrap_or_default();
+        if bundles.is_empty() {
+            return Err(format!(
+                "{}: no trust bundle (<trust domain>.pem) found",
+                self.bundle_dir.display()
+            ));
+        }
+        Ok(TlsState::new(identity, bundles, provider.clone()))
+    }
+
+    /// Re-reads the files; returns what changed since the last call.
+    pub fn poll(&self, seen: &mut Seen, provider: &Arc<CryptoProvider>) -> Vec<Change> {
+        let mut changes = Vec::new();
+        if let Some(r) = self.poll_svid(seen, provider) {
+            changes.push(Change::Svid(r));
+        }
+        if let Some((b, problems)) = self.poll_bundles(seen) {
+            changes.push(Change::Bundles(b, problems));
+        }
+        changes
+    }
+
+    fn poll_svid(
+        &self,
+        seen: &mut Seen,
+        provider: &Arc<CryptoProvider>,
+    ) -> Option<Result<LocalIdentity, String>> {
+        let cert = read(&self.cert);
+        let key = read(&self.key);
+        let (cert, key) = match (cert, key) {
+            (Ok(c), Ok(k)) => (c, k),
+            (Err(e), _) | (_, Err(e)) => {
+                // A missing file mid-rotation: report once, keep serving.
+                let marker = (e.clone().into_bytes(), Vec::new());
+                if seen.svid.as_ref() == Some(&marker) {
+                    return None;
+                }
+                seen.svid = Some(marker);
+                return Some(Err(e));
+            }
+        };
+        if seen
+            .svid
+            .as_ref()
+            .is_some_and(|(c, k)| *c == cert && *k == key)
+        {
+            return None;
+        }
+        let result = LocalIdentity::from_pem(
+            &cert,
+            &key,
+            UnixTime::now(),
+            self.expected.as_ref(),
+            provider,
+        )
+        .map_err(|e| format!("{} / {}: {e}", self.cert.display(), self.key.display()));
+        seen.svid = Some((cert, key));
+        Some(result)
+    }
+
+    /// Rebuilds the bundle set if any file in the directory changed, appeared or went away.
+    fn poll_bundles(&self, seen: &mut Seen) -> Option<(Option<Arc<TrustBundles>>, Vec<String>)> {
+        let mut now: HashMap<PathBuf, Vec<u8>> = HashMap::new();
+        let mut problems = Vec::new();
+        match std::fs::read_dir(&self.bundle_dir) {
+            Ok(entries) => {
+                for entry in entries.flatten() {
+                    let path = entry.path();
+                    let name = entry.file_name();
+                    let name = name.to_string_lossy();
+                    // Skip editor temp files and Kubernetes' ..data plumbing.
+                    if name.starts_with('.') || !name.ends_with(".pem") {
+                        continue;
+                    }
+                    match std::fs::read(&path) {
+                        Ok(b) => {
+                            now.insert(path, b);
+                        }
+                        Err(e) => problems.push(format!("{}: {e}", path.display())),
+                    }
+                }
+            }
+            Err(e) => problems.push(format!("{}: {e}", self.bundle_dir.display())),
+        }
+        if now == seen.bundles && !seen.bundles.is_empty() {
+            return None;
+        }
+        let mut bundles = TrustBundles::new();
+        let mut good = HashMap::new();
+        for (path, bytes) in &now {
+            let stem = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let td = match TrustDomain::parse(&stem) {
+                Ok(td) => td,
+                Err(e) => {
+                    problems.push(format!(
+                        "{}: file name is not a trust domain: {e}",
+                        path.display()
+                    ));
+                    continue;
+                }
+            };
+            match bundles.insert_pem(&td, bytes) {
+                Ok(()) => {
+                    good.insert(td, bytes.clone());
+                }
+                Err(e) => {
+                    problems.push(format!("{}: {e}", path.display()));
+                    // Keep trusting what this domain's file said when it was last valid.
+                    if let Some(prev) = seen.good_bundles.get(&td) {
+                        if bundles.insert_pem(&td, prev).is_ok() {
+                            good.insert(td, prev.clone());
+                        }
+                    }
+                }
+            }
+        }
+        // A vanished file is more likely a rotation in progress than a decision: keep its
+        // last good content. Distrusting a domain is done with an empty file.
+        for (td, prev) in &seen.good_bundles {
+            if !good.contains_key(td) && bundles.get(td.as_str()).is_none() {
+                problems.push(format!(
+                    "{}: bundle file for {td} is gone; still trusting its last good content \
+                     (write an empty file to distrust the domain)",
+                    self.bundle_dir.display()
+                ));
+                if bundles.insert_pem(td, prev).is_ok() {
+                    good.insert(td.clone(), prev.clone());
+                }
+            }
+        }
+        let changed = good != seen.good_bundles;
+        seen.bundles = now;
+        seen.good_bundles = good;
+        if !changed && problems.is_empty() {
+            return None;
+        }
+        Some((changed.then(|| Arc::new(bundles)), problems))
+    }
+}
+
+fn read(p: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))
+}
+
+/// The current TLS state, swapped whole on rotation.
+pub struct Current(RwLock<Arc<TlsState>>);
+
+impl Current {
+    pub fn new(s: TlsState) -> Self {
+        Self(RwLock::new(Arc::new(s)))
+    }
+
+    pub fn get(&self) -> Arc<TlsState> {
+        self.0.read().expect("tls state lock").clone()
+    }
+
+    /// Applies a new SVID, keeping the bundles.
+    pub fn set_identity(&self, identity: LocalIdentity) {
+        let mut cur = self.0.write().expect("tls state lock");
+        let provider = cur.provider.clone();
+        *cur = Arc::new(TlsState::new(identity, cur.bundles.clone(), provider));
+    }
+
+    /// Applies new bundles, keeping the SVID.
+    pub fn set_bundles(&self, bundles: Arc<TrustBundles>) {
+        let mut cur = self.0.write().expect("tls state lock");
+        let provider = cur.provider.clone();
+        *cur = Arc::new(TlsState::new(cur.identity.clone(), bundles, provider));
+    }
+}

@@ -1,0 +1,95 @@
+//! Inbound: a peer sidecar connects; we terminate mTLS, authorize its SPIFFE ID for the
+//! workload port it dialled, and forward plaintext to 127.0.0.1:<port>.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use sigil_filters::svid::leaf_spiffe_id;
+use sigil_filters::tls::handshake_failure;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use crate::conns::Direction;
+use crate::metrics::ConnLabels;
+use crate::proxy::Proxy;
+use crate::relay::relay;
+
+const DIR: Direction = Direction::Inbound;
+
+pub async fn handle(p: Arc<Proxy>, tcp: TcpStream, client: SocketAddr, port: u16) {
+    let tls = p.tls.get();
+    let local = tls.local_label.clone();
+    let acceptor = TlsAcceptor::from(tls.server.clone());
+    let timeout = p.cfg.spec.timeouts.handshake;
+    let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+        Err(_) => {
+            info!(%client, port, reason = "handshake_timeout", "inbound refused: no handshake within {timeout:?}");
+            p.handshake_failed(DIR, &local, "handshake_timeout");
+            return;
+        }
+        Ok(Err(e)) => {
+            let (reason, detail) = handshake_failure(&e);
+            info!(%client, port, reason, "inbound refused: {detail}");
+            p.handshake_failed(DIR, &local, reason);
+            return;
+        }
+        Ok(Ok(s)) => s,
+    };
+    // The verifier accepted the chain; take the identity from the same leaf, once.
+    let chain: Vec<_> = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default();
+    let Some(peer) = chain
+        .first()
+        .and_then(|leaf| leaf_spiffe_id(leaf, None).ok())
+    else {
+        warn!(%client, "inbound: verified handshake without a readable peer SVID");
+        p.handshake_failed(DIR, &local, "invalid_svid");
+        return;
+    };
+    let peer_label = p.metrics.peer_label(peer.as_str());
+    let verdict = p.authz.decide(&peer, port);
+    if !verdict.allowed {
+        info!(%client, peer = %peer, port, rule = %verdict.rule, reason = "not_allowed", "inbound refused");
+        p.refused(DIR, &local, peer_label, "not_allowed");
+        // close_notify, so the peer sidecar sees a clean end rather than a truncation.
+        let mut stream = stream;
+        let _ = tokio::time::timeout(timeout, stream.shutdown()).await;
+        return;
+    }
+    let upstream = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let connect = tokio::time::timeout(p.cfg.spec.timeouts.connect, TcpStream::connect(upstream));
+    let workload = match connect.await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            info!(peer = %peer, %upstream, "inbound refused: workload unreachable: {e}");
+            p.refused(DIR, &local, peer_label, "upstream_unavailable");
+            return;
+        }
+        Err(_) => {
+            info!(peer = %peer, %upstream, "inbound refused: workload connect timed out");
+            p.refused(DIR, &local, peer_label, "upstream_unavailable");
+            return;
+        }
+    };
+    let _ = workload.set_nodelay(true);
+    debug!(%client, peer = %peer, port, rule = %verdict.rule, "inbound allowed");
+    let labels = ConnLabels {
+        direction: DIR.label(),
+        local_id: local,
+        peer_id: peer_label,
+    };
+    let counters = p.opened(&labels);
+    let mut guard = p.conns.register(DIR, peer, chain);
+    drop(tls);
+    let reason = relay(stream, workload, &counters, &mut guard.close_rx).await;
+    p.closed(&labels, reason);
+    if reason != "done" {
+        info!(%client, peer = %labels.peer_id, port, reason, "inbound connection closed");
+    }
+}

@@ -1,0 +1,177 @@
+//! Prometheus/OpenMetrics metrics, labelled by SPIFFE IDs. Label sets are built once per
+//! connection and the resulting handles cached in the connection task.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// The peer_id value used once the cap on distinct peers is reached.
+pub const OVERFLOW_PEER: &str = "overflow";
+/// peer_id for connections refused before the peer proved an identity.
+pub const UNAUTHENTICATED_PEER: &str = "unauthenticated";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabels {
+    pub direction: &'static str,
+    pub local_id: Arc<str>,
+    pub peer_id: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub direction: &'static str,
+    pub local_id: Arc<str>,
+    pub peer_id: Arc<str>,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub direction: &'static str,
+    pub local_id: Arc<str>,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LocalLabels {
+    pub local_id: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub resource: &'static str,
+    pub result: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub opened: Family<ConnLabels, Counter>,
+    pub active: Family<ConnLabels, Gauge>,
+    pub closed: Family<ReasonLabels, Counter>,
+    pub refused: Family<ReasonLabels, Counter>,
+    pub bytes_received: Family<ConnLabels, Counter>,
+    pub bytes_sent: Family<ConnLabels, Counter>,
+    pub handshake_failures: Family<HandshakeLabels, Counter>,
+    pub svid_expiry: Family<LocalLabels, Gauge>,
+    pub reloads: Family<ReloadLabels, Counter>,
+    peers: PeerLabels,
+}
+
+impl Metrics {
+    pub fn new(peer_id_cap: usize) -> Self {
+        let mut registry = Registry::default();
+        let m = Self {
+            opened: Family::default(),
+            active: Family::default(),
+            closed: Family::default(),
+            refused: Family::default(),
+            bytes_received: Family::default(),
+            bytes_sent: Family::default(),
+            handshake_failures: Family::default(),
+            svid_expiry: Family::default(),
+            reloads: Family::default(),
+            peers: PeerLabels::new(peer_id_cap),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "sigil_connections_opened",
+            "Connections admitted and forwarded",
+            m.opened.clone(),
+        );
+        registry.register(
+            "sigil_connections_active",
+            "Connections open now",
+            m.active.clone(),
+        );
+        registry.register(
+            "sigil_connections_closed",
+            "Connections ended, by close reason",
+            m.closed.clone(),
+        );
+        registry.register(
+            "sigil_connections_refused",
+            "Connections refused (failed handshake, not allowed, unknown destination, upstream down)",
+            m.refused.clone(),
+        );
+        registry.register(
+            "sigil_bytes_received",
+            "Bytes received from the peer side",
+            m.bytes_received.clone(),
+        );
+        registry.register(
+            "sigil_bytes_sent",
+            "Bytes sent to the peer side",
+            m.bytes_sent.clone(),
+        );
+        registry.register(
+            "sigil_handshake_failures",
+            "mTLS handshakes that failed, by reason",
+            m.handshake_failures.clone(),
+        );
+        registry.register(
+            "sigil_svid_expiry_timestamp_seconds",
+            "notAfter of the SVID in use, Unix seconds",
+            m.svid_expiry.clone(),
+        );
+        registry.register(
+            "sigil_reloads",
+            "Reloads of SVID and trust bundle files, by result",
+            m.reloads.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// The label value for a peer: its ID, or `overflow` past the cap.
+    pub fn peer_label(&self, id: &str) -> Arc<str> {
+        self.peers.label(id)
+    }
+
+    pub fn reload(&self, resource: &'static str, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.reloads
+            .get_or_create(&ReloadLabels { resource, result })
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Bounds the number of distinct peer_id label values (each is a set of series).
+struct PeerLabels {
+    cap: usize,
+    seen: Mutex<HashSet<Arc<str>>>,
+    overflow: Arc<str>,
+}
+
+impl PeerLabels {
+    fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            seen: Mutex::new(HashSet::new()),
+            overflow: OVERFLOW_PEER.into(),
+        }
+    }
+
+    fn label(&self, id: &str) -> Arc<str> {
+        let mut seen = self.seen.lock().expect("peer label lock");
+        if let Some(l) = seen.get(id) {
+            return l.clone();
+        }
+        if seen.len() >= self.cap {
+            return self.overflow.clone();
+        }
+        let l: Arc<str> = id.into();
+        seen.insert(l.clone());
+        l
+    }
+}

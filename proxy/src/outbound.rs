@@ -1,0 +1,127 @@
+//! Outbound: the workload dials a destination; a mesh destination (in the registry) gets
+//! mTLS with our SVID and must present exactly the expected SPIFFE ID; any other is passed
+//! through or denied per config.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rustls::pki_types::ServerName;
+use sigil_config::proxy_config::UnknownDestination;
+use sigil_config::SpiffeId;
+use sigil_filters::tls::handshake_failure;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tracing::{debug, info};
+
+use crate::conns::Direction;
+use crate::metrics::ConnLabels;
+use crate::proxy::Proxy;
+use crate::relay::relay;
+
+const DIR: Direction = Direction::Outbound;
+const PASSTHROUGH_PEER: &str = "passthrough";
+const UNKNOWN_PEER: &str = "unknown";
+
+/// `expected`: the peer ID for explicit listeners; None means look `dest` up in the registry.
+pub async fn handle(
+    p: Arc<Proxy>,
+    workload: TcpStream,
+    dest: SocketAddr,
+    expected: Option<SpiffeId>,
+) {
+    let tls = p.tls.get();
+    let local = tls.local_label.clone();
+    let expected = match expected.or_else(|| p.expected_id(dest).cloned()) {
+        Some(id) => id,
+        None => {
+            drop(tls);
+            return unknown_destination(p, workload, dest, local).await;
+        }
+    };
+    let peer_label = p.metrics.peer_label(expected.as_str());
+    let timeouts = &p.cfg.spec.timeouts;
+    let tcp = match tokio::time::timeout(timeouts.connect, TcpStream::connect(dest)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            info!(%dest, peer = %expected, "outbound refused: connect failed: {e}");
+            p.refused(DIR, &local, peer_label, "upstream_unavailable");
+            return;
+        }
+        Err(_) => {
+            info!(%dest, peer = %expected, "outbound refused: connect timed out");
+            p.refused(DIR, &local, peer_label, "upstream_unavailable");
+            return;
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let connector = TlsConnector::from(tls.client_config(&expected));
+    let name = ServerName::IpAddress(dest.ip().into());
+    let stream = match tokio::time::timeout(timeouts.handshake, connector.connect(name, tcp)).await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let (reason, detail) = handshake_failure(&e);
+            info!(%dest, expected = %expected, reason, "outbound refused: {detail}");
+            p.handshake_failed(DIR, &local, reason);
+            return;
+        }
+        Err(_) => {
+            info!(%dest, expected = %expected, "outbound refused: handshake timed out");
+            p.handshake_failed(DIR, &local, "handshake_timeout");
+            return;
+        }
+    };
+    let chain: Vec<_> = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default();
+    debug!(%dest, peer = %expected, "outbound mTLS established");
+    let labels = ConnLabels {
+        direction: DIR.label(),
+        local_id: local,
+        peer_id: peer_label,
+    };
+    let counters = p.opened(&labels);
+    let mut guard = p.conns.register(DIR, expected, chain);
+    drop(tls);
+    let reason = relay(stream, workload, &counters, &mut guard.close_rx).await;
+    p.closed(&labels, reason);
+    if reason != "done" {
+        info!(%dest, peer = %labels.peer_id, reason, "outbound connection closed");
+    }
+}
+
+async fn unknown_destination(
+    p: Arc<Proxy>,
+    workload: TcpStream,
+    dest: SocketAddr,
+    local: Arc<str>,
+) {
+    if p.cfg.spec.outbound.unknown_destination == UnknownDestination::Deny {
+        info!(%dest, reason = "unknown_destination", "outbound refused: not in the mesh registry");
+        p.refused(DIR, &local, UNKNOWN_PEER.into(), "unknown_destination");
+        return;
+    }
+    let upstream =
+        match tokio::time::timeout(p.cfg.spec.timeouts.connect, TcpStream::connect(dest)).await {
+            Ok(Ok(s)) => s,
+            _ => {
+                info!(%dest, "outbound passthrough: connect failed");
+                p.refused(DIR, &local, PASSTHROUGH_PEER.into(), "upstream_unavailable");
+                return;
+            }
+        };
+    let _ = upstream.set_nodelay(true);
+    let labels = ConnLabels {
+        direction: DIR.label(),
+        local_id: local,
+        peer_id: PASSTHROUGH_PEER.into(),
+    };
+    let counters = p.opened(&labels);
+    // Passthrough has no peer identity; it is not registered for identity-based closing.
+    let (_tx, mut rx) = tokio::sync::watch::channel(None);
+    let reason = relay(upstream, workload, &counters, &mut rx).await;
+    p.closed(&labels, reason);
+}

@@ -1,0 +1,127 @@
+//! The state every connection task shares, and the bookkeeping they all do.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use rustls::pki_types::UnixTime;
+use sigil_config::proxy_config::Destination;
+use sigil_config::{ProxyConfig, SpiffeId};
+use sigil_filters::L4Authorizer;
+
+use crate::conns::{Conns, Direction};
+use crate::identity::Current;
+use crate::metrics::{ConnLabels, HandshakeLabels, Metrics, ReasonLabels, UNAUTHENTICATED_PEER};
+use crate::relay::Counters;
+
+pub struct Proxy {
+    pub cfg: ProxyConfig,
+    pub tls: Current,
+    pub authz: L4Authorizer,
+    registry: HashMap<SocketAddr, SpiffeId>,
+    registry_hosts: HashMap<IpAddr, SpiffeId>,
+    pub metrics: Metrics,
+    pub conns: Arc<Conns>,
+    pub draining: AtomicBool,
+}
+
+impl Proxy {
+    pub fn new(cfg: ProxyConfig, tls: Current, metrics: Metrics) -> Self {
+        let authz = L4Authorizer::new(
+            cfg.spec
+                .inbound
+                .ports
+                .iter()
+                .map(|r| (r.value.port, r.value.allow.clone())),
+        );
+        let mut registry = HashMap::new();
+        let mut registry_hosts = HashMap::new();
+        for e in &cfg.spec.outbound.registry {
+            match e.value.address {
+                Destination::Socket(a) => registry.insert(a, e.value.spiffe_id.clone()),
+                Destination::Host(ip) => registry_hosts.insert(ip, e.value.spiffe_id.clone()),
+            };
+        }
+        Self {
+            cfg,
+            tls,
+            authz,
+            registry,
+            registry_hosts,
+            metrics,
+            conns: Arc::new(Conns::default()),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// The SPIFFE ID expected at a mesh destination; exact address first, then host.
+    pub fn expected_id(&self, dest: SocketAddr) -> Option<&SpiffeId> {
+        self.registry
+            .get(&dest)
+            .or_else(|| self.registry_hosts.get(&dest.ip()))
+    }
+
+    pub fn ready(&self) -> Result<(), &'static str> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err("draining");
+        }
+        if !self.tls.get().is_ready(UnixTime::now()) {
+            return Err("no valid SVID or trust bundle");
+        }
+        Ok(())
+    }
+
+    pub fn handshake_failed(&self, direction: Direction, local: &Arc<str>, reason: &'static str) {
+        self.metrics
+            .handshake_failures
+            .get_or_create(&HandshakeLabels {
+                direction: direction.label(),
+                local_id: local.clone(),
+                reason,
+            })
+            .inc();
+        self.refused(direction, local, UNAUTHENTICATED_PEER.into(), reason);
+    }
+
+    pub fn refused(
+        &self,
+        direction: Direction,
+        local: &Arc<str>,
+        peer_id: Arc<str>,
+        reason: &'static str,
+    ) {
+        self.metrics
+            .refused
+            .get_or_create(&ReasonLabels {
+                direction: direction.label(),
+                local_id: local.clone(),
+                peer_id,
+                reason,
+            })
+            .inc();
+    }
+
+    /// Counts the connection as opened and returns its cached counter handles.
+    pub fn opened(&self, labels: &ConnLabels) -> Counters {
+        self.metrics.opened.get_or_create(labels).inc();
+        self.metrics.active.get_or_create(labels).inc();
+        Counters {
+            from_peer: self.metrics.bytes_received.get_or_create(labels).clone(),
+            to_peer: self.metrics.bytes_sent.get_or_create(labels).clone(),
+        }
+    }
+
+    pub fn closed(&self, labels: &ConnLabels, reason: &'static str) {
+        self.metrics.active.get_or_create(labels).dec();
+        self.metrics
+            .closed
+            .get_or_create(&ReasonLabels {
+                direction: labels.direction,
+                local_id: labels.local_id.clone(),
+                peer_id: labels.peer_id.clone(),
+                reason,
+            })
+            .inc();
+    }
+}

@@ -1,0 +1,99 @@
+//! L4 byte relay between the peer side (mTLS) and the local side, with live byte counters
+//! and a close signal from the connection registry.
+
+use std::io;
+
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+
+/// One TLS record's worth of plaintext per read keeps TLS framing and syscalls balanced.
+const BUF: usize = 16 * 1024;
+
+pub struct Counters {
+    pub from_peer: Counter,
+    pub to_peer: Counter,
+}
+
+/// Copies both ways until both sides finish, an error, or a close request. Returns the
+/// close reason label.
+pub async fn relay<P, L>(
+    peer: P,
+    local: L,
+    counters: &Counters,
+    close_rx: &mut watch::Receiver<Option<&'static str>>,
+) -> &'static str
+where
+    P: AsyncRead + AsyncWrite + Unpin,
+    L: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut peer_r, mut peer_w) = tokio::io::split(peer);
+    let (mut local_r, mut local_w) = tokio::io::split(local);
+    let both = async {
+        let up = pump(&mut peer_r, &mut local_w, &counters.from_peer);
+        let down = pump(&mut local_r, &mut peer_w, &counters.to_peer);
+        tokio::pin!(up, down);
+        // A clean EOF one way is a half-close: keep the other way running. An error either
+        // way ends the connection, so both sockets close and neither end waits in vain.
+        let (first, rest) = tokio::select! {
+            r = &mut up => (r, Either::Down),
+            r = &mut down => (r, Either::Up),
+        };
+        if first.is_err() {
+            return classify(first);
+        }
+        classify(match rest {
+            Either::Up => up.await,
+            Either::Down => down.await,
+        })
+    };
+    tokio::select! {
+        reason = both => reason,
+        reason = closed(close_rx) => reason,
+    }
+}
+
+enum Either {
+    Up,
+    Down,
+}
+
+async fn pump<R, W>(r: &mut R, w: &mut W, counter: &Counter) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BUF];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            // Half-close: pass the EOF on, keep the other direction running.
+            return w.shutdown().await;
+        }
+        w.write_all(&buf[..n]).await?;
+        w.flush().await?;
+        counter.inc_by(n as u64);
+    }
+}
+
+fn classify(r: io::Result<()>) -> &'static str {
+    match r {
+        Ok(()) => "done",
+        // A peer that closes TCP without TLS close_notify, or a reset mid-stream.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => "done",
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => "reset",
+        Err(_) => "io_error",
+    }
+}
+
+/// Resolves with the reason once the registry asks this connection to close.
+pub async fn closed(rx: &mut watch::Receiver<Option<&'static str>>) -> &'static str {
+    loop {
+        if let Some(reason) = *rx.borrow_and_update() {
+            return reason;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! A toy workload for tests, benchmarks and the quickstart.
+//!
+//! `sigil-toy-workload --listen ADDR --name NAME [--echo]`: answers every HTTP/1.1 request
+//! with `hello from NAME` (keep-alive), or with `--echo` copies every byte back (L4 tests).
+//! Shows what a workload sees: the peer address the sidecar connected from.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+
+fn main() {
+    let mut listen = None;
+    let mut name = String::from("workload");
+    let mut echo = false;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--listen" => listen = args.next(),
+            "--name" => name = args.next().unwrap_or(name),
+            "--echo" => echo = true,
+            "--help" | "-h" => {
+                println!("usage: sigil-toy-workload --listen ADDR --name NAME [--echo]");
+                return;
+            }
+            other => {
+                eprintln!("unknown argument {other:?}; see --help");
+                std::process::exit(2);
+            }
+        }
+    }
+    let Some(listen) = listen else {
+        eprintln!("--listen ADDR is required");
+        std::process::exit(2);
+    };
+    let listener = TcpListener::bind(&listen).unwrap_or_else(|e| {
+        eprintln!("bind {listen}: {e}");
+        std::process::exit(1);
+    });
+    println!(
+        "{name} listening on {}",
+        listener.local_addr().expect("addr")
+    );
+    for conn in listener.incoming().flatten() {
+        let name = name.clone();
+        std::thread::spawn(move || {
+            let _ = if echo {
+                echo_conn(conn)
+            } else {
+                http_conn(conn, &name)
+            };
+        });
+    }
+}
+
+fn echo_conn(mut conn: TcpStream) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = conn.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        conn.write_all(&buf[..n])?;
+    }
+}
+
+fn http_conn(conn: TcpStream, name: &str) -> std::io::Result<()> {
+    let peer = conn.peer_addr()?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut out = conn;
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line)? == 0 {
+            return Ok(());
+        }
+        let mut content_length = 0usize;
+        let mut close = false;
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h)? == 0 {
+                return Ok(());
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            let lower = h.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                content_length = v.trim().parse().unwrap_or(0);
+            }
+            if lower.starts_with("connection:") && lower.contains("close") {
+                close = true;
+            }
+        }
+        let mut body = vec![0u8; content_length];
+        reader.read_exact(&mut body)?;
+        let text = format!(
+            "hello from {name} ({} from {peer})\n",
+            request_line
+                .split_whitespace()
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        write!(
+            out,
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{text}",
+            text.len()
+        )?;
+        if close {
+            return Ok(());
+        }
+    }
+}

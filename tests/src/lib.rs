@@ -1,0 +1,416 @@
+//! Helpers for the end-to-end tests: locate the built binaries, run them as children that are
+//! always ended by PID, and lay out identities and configs generated at test time.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sigil_testkit::Ca;
+
+/// Directory holding the workspace's built binaries (`target/<profile>`), found from the
+/// running test executable (`target/<profile>/deps/<test>`), so CARGO_TARGET_DIR is honoured.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let deps = exe.parent().expect("deps dir");
+    deps.parent().expect("profile dir").to_path_buf()
+}
+
+/// Path of a workspace binary; panics with the command to run if it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// True when `tool` is on PATH. In CI a missing tool fails the test loudly; elsewhere the
+/// caller skips, and this prints why.
+pub fn require_tool(tool: &str, test: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            !in_ci(),
+            "{test}: `{tool}` is required in CI; scripts/setup.sh installs it"
+        );
+        eprintln!("SKIP {test}: `{tool}` not installed (run scripts/setup.sh)");
+    }
+    found
+}
+
+/// True when running as root (network namespaces, iptables). Same CI rule as `require_tool`.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        assert!(!in_ci(), "{test}: must run as root in CI");
+        eprintln!("SKIP {test}: needs root for network namespaces and iptables");
+    }
+    root
+}
+
+/// A free loopback port (bound then released; good enough for tests on one machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind ephemeral port")
+        .port()
+}
+
+pub fn wait_for_port(addr: SocketAddr, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "nothing listening on {addr} after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "sigil-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        Self(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process ended by its PID when dropped (SIGTERM, then SIGKILL after 5 s). Its
+/// stderr is collected so tests can assert on log lines.
+pub struct Proc {
+    child: std::process::Child,
+    pub name: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command) -> Self {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let log = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let log = log.clone();
+            let tag = name.to_string();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if std::env::var_os("SIGIL_TEST_VERBOSE").is_some() {
+                        eprintln!("[{tag}] {line}");
+                    }
+                    let mut l = log.lock().expect("log lock");
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+        Self {
+            child,
+            name: name.to_string(),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the process printed so far.
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "{}: no {needle:?} in log after {timeout:?}:\n{}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's PID.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for exit; returns the exit code.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                return st.code();
+            }
+            if Instant::now() >= deadline {
+                self.signal(libc::SIGKILL);
+                let _ = self.child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("wait")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.terminate(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Files of one workload identity: `<name>.crt`, `<name>.key` and a bundle directory with
+/// one `<trust domain>.pem` per CA.
+pub struct IdentityFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub bundle_dir: PathBuf,
+}
+
+pub fn write_identity(dir: &Path, name: &str, ca: &Ca, id: &str, trusted: &[&Ca]) -> IdentityFiles {
+    let svid = ca.svid(id);
+    let (cert, key) = svid.write(dir, name);
+    let bundle_dir = dir.join(format!("{name}-bundles"));
+    std::fs::create_dir_all(&bundle_dir).expect("bundle dir");
+    for t in trusted {
+        std::fs::write(
+            bundle_dir.join(format!("{}.pem", t.trust_domain())),
+            t.bundle_pem(),
+        )
+        .expect("write bundle");
+    }
+    IdentityFiles {
+        cert,
+        key,
+        bundle_dir,
+    }
+}
+
+/// Runs a command to completion with a timeout; returns (success, stdout and stderr).
+pub fn run(cmd: &mut Command, timeout: Duration) -> (bool, String) {
+    let mut p = Proc::spawn("cmd", cmd);
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = p.try_wait() {
+            // Give the reader threads a moment to drain the pipes.
+            std::thread::sleep(Duration::from_millis(20));
+            return (st.success(), p.log());
+        }
+        assert!(Instant::now() < deadline, "command timed out: {cmd:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Fetches a Prometheus text page and returns the value of the first sample whose line
+/// starts with `series` (name plus label set as printed), or None.
+pub fn metric(page: &str, series_prefix: &str, must_contain: &[&str]) -> Option<f64> {
+    page.lines()
+        .filter(|l| l.starts_with(series_prefix) && must_contain.iter().all(|m| l.contains(m)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .reduce(|a, b| a + b)
+}
+
+/// An explicit-mode sidecar on loopback, for tests and the quickstart.
+pub struct Sidecar {
+    pub name: String,
+    pub id: String,
+    pub admin: u16,
+    /// (listen port, workload port): inbound listeners standing for a workload port.
+    pub inbound: Vec<(u16, u16)>,
+    /// Per workload port, the allowed peer ID patterns. Empty: no policy (mTLS only).
+    pub allow: Vec<(u16, Vec<String>)>,
+    /// (listen port, upstream port, expected peer ID).
+    pub outbound: Vec<(u16, u16, String)>,
+    pub handshake_timeout: &'static str,
+    pub drain: &'static str,
+}
+
+impl Sidecar {
+    pub fn new(name: &str, id: &str) -> Self {
+        Self {
+            name: name.into(),
+            id: id.into(),
+            admin: free_port(),
+            inbound: Vec::new(),
+            allow: Vec::new(),
+            outbound: Vec::new(),
+            handshake_timeout: "2s",
+            drain: "5s",
+        }
+    }
+
+    pub fn config_yaml(&self, files: &IdentityFiles) -> String {
+        let mut y = format!(
+            "apiVersion: sigil.dev/v1\nkind: ProxyConfig\nmetadata:\n  name: {}\n  owner: sigil-tests\n\
+             spec:\n  mode: explicit\n  identity:\n    certFile: {}\n    keyFile: {}\n    bundleDir: {}\n\
+             \x20 admin:\n    listen: 127.0.0.1:{}\n  timeouts:\n    handshake: {}\n    drain: {}\n",
+            self.name,
+            files.cert.display(),
+            files.key.display(),
+            files.bundle_dir.display(),
+            self.admin,
+            self.handshake_timeout,
+            self.drain,
+        );
+        let ports: Vec<String> = self
+            .allow
+            .iter()
+            .map(|(port, ids)| format!("{{port: {port}, allow: [{}]}}", ids.join(", ")))
+            .collect();
+        let inbound: Vec<String> = self
+            .inbound
+            .iter()
+            .map(|(listen, port)| format!("{{listen: \"127.0.0.1:{listen}\", port: {port}}}"))
+            .collect();
+        let outbound: Vec<String> = self
+            .outbound
+            .iter()
+            .map(|(listen, upstream, id)| {
+                format!(
+                    "{{listen: \"127.0.0.1:{listen}\", upstream: \"127.0.0.1:{upstream}\", \
+                     expectedId: \"{id}\"}}"
+                )
+            })
+            .collect();
+        y += &format!(
+            "  inbound:\n    ports: [{}]\n    explicit: [{}]\n  outbound:\n    explicit: [{}]\n",
+            ports.join(", "),
+            inbound.join(", "),
+            outbound.join(", ")
+        );
+        y
+    }
+
+    /// Writes the config next to the identity files and starts `sigil-proxy`; waits for /ready.
+    pub fn start(&self, dir: &Path, files: &IdentityFiles) -> Proc {
+        let cfg = dir.join(format!("{}.yaml", self.name));
+        std::fs::write(&cfg, self.config_yaml(files)).expect("write config");
+        let p = Proc::spawn(
+            &self.name,
+            Command::new(bin("sigil-proxy"))
+                .arg("--config")
+                .arg(&cfg)
+                .env("SIGIL_LOG", "info"),
+        );
+        let admin: SocketAddr = ([127, 0, 0, 1], self.admin).into();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if http_get(admin, "/ready").is_some_and(|(s, _)| s == 200) {
+                return p;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not ready after 15 s:\n{}",
+                self.name,
+                p.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(([127, 0, 0, 1], self.admin).into(), "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    }
+}
+
+/// Minimal HTTP/1.1 GET (Connection: close) for admin endpoints; (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::Write;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let status = resp.split_whitespace().nth(1)?.parse().ok()?;
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+/// Starts the toy workload on a free loopback port.
+pub fn start_workload(name: &str, echo: bool) -> (Proc, u16) {
+    let port = free_port();
+    let mut cmd = Command::new(bin("sigil-toy-workload"));
+    cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--name", name]);
+    if echo {
+        cmd.arg("--echo");
+    }
+    let p = Proc::spawn(name, &mut cmd);
+    wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(10));
+    (p, port)
+}
+
+/// `curl` through a local port; returns (success, output).
+pub fn curl(port: u16, path: &str) -> (bool, String) {
+    run(
+        Command::new("curl").args([
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("http://127.0.0.1:{port}{path}"),
+        ]),
+        Duration::from_secs(10),
+    )
+}

@@ -1,0 +1,315 @@
+//! A sidecar pair on loopback, driven with curl and openssl s_client: allowed and refused
+//! identities, and every kind of bad input a peer can send, each visible in metrics and log.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use sigil_e2e::*;
+use sigil_testkit::rcgen::KeyUsagePurpose as Ku;
+use sigil_testkit::{Ca, Svid, SvidSpec};
+
+const A: &str = "spiffe://example.org/ns/demo/sa/a";
+const B: &str = "spiffe://example.org/ns/demo/sa/b";
+const C: &str = "spiffe://example.org/ns/demo/sa/c";
+
+/// Runs `openssl s_client` against `port` presenting `svid` (or no certificate).
+fn s_client(dir: &Path, port: u16, svid: Option<(&Svid, &str)>, extra: &[&str]) -> String {
+    let mut cmd = Command::new("openssl");
+    cmd.args([
+        "s_client",
+        "-connect",
+        &format!("127.0.0.1:{port}"),
+        "-brief",
+    ]);
+    if let Some((svid, name)) = svid {
+        let (crt, key) = svid.write(dir, name);
+        cmd.arg("-cert").arg(crt).arg("-key").arg(key);
+    }
+    cmd.args(extra);
+    run(&mut cmd, Duration::from_secs(20)).1
+}
+
+#[test]
+fn sidecar_pair_allows_refuses_and_names_every_bad_input() {
+    if !require_tool("curl", "loopback") || !require_tool("openssl", "loopback") {
+        return;
+    }
+    let dir = TempDir::new("loopback");
+    let d = dir.path();
+    let ca = Ca::new("example.org");
+    let other = Ca::new("other.org");
+    let stranger = Ca::new("stranger.org");
+
+    let (_wb, wb_port) = start_workload("b", false);
+    let fa = write_identity(d, "a", &ca, A, &[&ca]);
+    let fb = write_identity(d, "b", &ca, B, &[&ca, &other]);
+    let fc = write_identity(d, "c", &ca, C, &[&ca]);
+
+    let b_in = free_port();
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.inbound = vec![(b_in, wb_port)];
+    b.allow = vec![(wb_port, vec![A.into()])];
+    b.handshake_timeout = "1s";
+    let pb = b.start(d, &fb);
+
+    let (a_out, a_wrong) = (free_port(), free_port());
+    let c_in = free_port();
+    let mut a = Sidecar::new("sidecar-a", A);
+    // a_wrong leads to C's sidecar while expecting B: a server with the wrong identity.
+    a.outbound = vec![(a_out, b_in, B.into()), (a_wrong, c_in, B.into())];
+    let pa = a.start(d, &fa);
+
+    let c_out = free_port();
+    let mut c = Sidecar::new("sidecar-c", C);
+    c.inbound = vec![(c_in, wb_port)];
+    c.outbound = vec![(c_out, b_in, B.into())];
+    let pc = c.start(d, &fc);
+
+    // Allowed: A's workload calls B through both sidecars.
+    let (ok, out) = curl(a_out, "/hello");
+    assert!(
+        ok,
+        "curl through the pair failed: {out}\nA:\n{}\nB:\n{}",
+        pa.log(),
+        pb.log()
+    );
+    assert!(out.contains("hello from b (GET /hello"), "{out}");
+    let mb = b.metrics();
+    let ma = a.metrics();
+    let opened_in = metric(
+        &mb,
+        "sigil_connections_opened_total{",
+        &[
+            "direction=\"inbound\"",
+            &format!("peer_id=\"{A}\""),
+            &format!("local_id=\"{B}\""),
+        ],
+    );
+    assert_eq!(opened_in, Some(1.0), "{mb}");
+    let opened_out = metric(
+        &ma,
+        "sigil_connections_opened_total{",
+        &["direction=\"outbound\"", &format!("peer_id=\"{B}\"")],
+    );
+    assert_eq!(opened_out, Some(1.0), "{ma}");
+    let rx = metric(
+        &mb,
+        "sigil_bytes_received_total{",
+        &[&format!("peer_id=\"{A}\"")],
+    )
+    .unwrap_or(0.0);
+    let tx = metric(
+        &mb,
+        "sigil_bytes_sent_total{",
+        &[&format!("peer_id=\"{A}\"")],
+    )
+    .unwrap_or(0.0);
+    assert!(
+        rx > 50.0 && tx > 50.0,
+        "bytes not counted: rx={rx} tx={tx}\n{mb}"
+    );
+    assert!(mb.contains("sigil_svid_expiry_timestamp_seconds{"), "{mb}");
+
+    // C has a valid SVID but is not allowed on B's port. The refusal reaches C's workload
+    // at once as a closed connection (curl's own 5 s limit is not what ends it).
+    let started = std::time::Instant::now();
+    let (ok, out) = curl(c_out, "/");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "refusal hung: {:?}",
+        started.elapsed()
+    );
+    assert!(!ok || !out.contains("hello from b"), "C reached B: {out}");
+    pb.wait_log("not_allowed", Duration::from_secs(5));
+    let refused = metric(
+        &b.metrics(),
+        "sigil_connections_refused_total{",
+        &[&format!("peer_id=\"{C}\""), "reason=\"not_allowed\""],
+    );
+    assert_eq!(refused, Some(1.0));
+    assert!(
+        pb.log().contains(&format!("peer=\"{C}\"")) || pb.log().contains(C),
+        "{}",
+        pb.log()
+    );
+
+    // Wrong identity: A expects B but C's sidecar answers.
+    let (ok, out) = curl(a_wrong, "/");
+    assert!(!ok || !out.contains("hello"), "{out}");
+    pa.wait_log("wrong_identity", Duration::from_secs(5));
+    let wrong = metric(
+        &a.metrics(),
+        "sigil_handshake_failures_total{",
+        &["direction=\"outbound\"", "reason=\"wrong_identity\""],
+    );
+    assert_eq!(wrong, Some(1.0), "{}", a.metrics());
+
+    // Bad client certificates straight at B's inbound listener, with openssl s_client.
+    let cases: Vec<(&str, Option<Svid>, &str)> = vec![
+        ("no client cert", None, "no_client_cert"),
+        (
+            "untrusted trust domain",
+            Some(stranger.svid("spiffe://stranger.org/w")),
+            "untrusted_domain",
+        ),
+        (
+            "trusted CA issuing another domain's ID",
+            Some(ca.svid("spiffe://other.org/w")),
+            "untrusted_issuer",
+        ),
+        (
+            "expired",
+            Some(ca.issue(&SvidSpec::new(A).expired())),
+            "expired",
+        ),
+        (
+            "two URI SANs",
+            Some(ca.issue(&SvidSpec::new(A).uris(&[A, C]))),
+            "invalid_svid",
+        ),
+        (
+            "CA certificate as leaf",
+            Some(ca.issue(&SvidSpec::new(A).ca())),
+            "invalid_svid",
+        ),
+        (
+            "missing digitalSignature",
+            Some(ca.issue(&SvidSpec::new(A).key_usages(vec![Ku::KeyEncipherment]))),
+            "invalid_svid",
+        ),
+    ];
+    for (i, (name, svid, reason)) in cases.iter().enumerate() {
+        let before = metric(
+            &b.metrics(),
+            "sigil_handshake_failures_total{",
+            &["direction=\"inbound\"", &format!("reason=\"{reason}\"")],
+        )
+        .unwrap_or(0.0);
+        let file = format!("bad{i}");
+        let out = s_client(d, b_in, svid.as_ref().map(|s| (s, file.as_str())), &[]);
+        let after = metric(
+            &b.metrics(),
+            "sigil_handshake_failures_total{",
+            &["direction=\"inbound\"", &format!("reason=\"{reason}\"")],
+        )
+        .unwrap_or(0.0);
+        assert_eq!(
+            after,
+            before + 1.0,
+            "{name}: want one more {reason} failure\ns_client: {out}\nB log:\n{}",
+            pb.log()
+        );
+        assert!(
+            pb.log().contains(&format!("reason=\"{reason}\"")),
+            "{name}: reason missing from log"
+        );
+    }
+
+    // TLS 1.2 is refused outright.
+    let before = metric(
+        &b.metrics(),
+        "sigil_handshake_failures_total{",
+        &["reason=\"tls_error\""],
+    )
+    .unwrap_or(0.0);
+    let out = s_client(d, b_in, Some((&ca.svid(A), "tls12")), &["-tls1_2"]);
+    assert!(!out.contains("Protocol version: TLSv1.2"), "{out}");
+    let after = metric(
+        &b.metrics(),
+        "sigil_handshake_failures_total{",
+        &["reason=\"tls_error\""],
+    )
+    .unwrap_or(0.0);
+    assert_eq!(after, before + 1.0, "{out}");
+
+    // No resumption: B issues no session ticket, so s_client has no session to save (it
+    // writes -sess_out only when it got one).
+    let sess = d.join("sess.pem");
+    let good = ca.svid(A);
+    let first = s_client(
+        d,
+        b_in,
+        Some((&good, "resume")),
+        &["-sess_out", sess.to_str().unwrap()],
+    );
+    assert!(first.contains("TLSv1.3"), "{first}");
+    assert!(
+        !sess.exists(),
+        "B issued a session ticket; resumption would skip the verifier"
+    );
+
+    // Garbage bytes, a truncated ClientHello, and a client that says nothing.
+    let fails = |reason: &str| {
+        metric(
+            &b.metrics(),
+            "sigil_handshake_failures_total{",
+            &["direction=\"inbound\"", &format!("reason=\"{reason}\"")],
+        )
+        .unwrap_or(0.0)
+    };
+    let tls_err = fails("tls_error");
+    let mut s = TcpStream::connect(("127.0.0.1", b_in)).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n\x00\xff garbage")
+        .unwrap();
+    drop(s);
+    let timeouts = fails("handshake_timeout") + fails("peer_closed");
+    // A ClientHello record header promising 512 bytes, then only a few of them.
+    let mut s = TcpStream::connect(("127.0.0.1", b_in)).unwrap();
+    s.write_all(&[
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ])
+    .unwrap();
+    let silent = TcpStream::connect(("127.0.0.1", b_in)).unwrap();
+    // Both are cut by the 1 s handshake timeout, not left open.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while fails("handshake_timeout") + fails("peer_closed") < timeouts + 2.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "idle handshakes not cut:\n{}",
+            b.metrics()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        fails("tls_error") > tls_err,
+        "garbage not counted:\n{}",
+        b.metrics()
+    );
+    assert!(fails("handshake_timeout") >= 2.0, "{}", b.metrics());
+    drop((s, silent));
+
+    // Everything refused above left the allowed path working.
+    let (ok, out) = curl(a_out, "/again");
+    assert!(ok && out.contains("hello from b"), "{out}");
+    drop((pa, pb, pc));
+}
+
+#[test]
+fn invalid_config_exits_2_naming_file_and_line() {
+    let dir = TempDir::new("badcfg");
+    let cfg = dir.path().join("bad.yaml");
+    std::fs::write(
+        &cfg,
+        "apiVersion: sigil.dev/v1\nkind: ProxyConfig\nmetadata: {name: x}\nspec:\n  identity: {certFile: a, keyFile: b, bundleDir: c}\n  inbound:\n    ports:\n      - {port: 80, allow: [spiffe://example.org/a//b]}\n",
+    )
+    .unwrap();
+    let out = Command::new(bin("sigil-proxy"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{}:8:", cfg.display())), "{err}");
+    assert!(err.contains("empty segment"), "{err}");
+    let out = Command::new(bin("sigil-proxy")).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(bin("sigil-proxy"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("--config"));
+}
