@@ -79,8 +79,8 @@ where
 fn classify(r: io::Result<()>) -> &'static str {
     match r {
         Ok(()) => "done",
-        // A peer that closes TCP without TLS close_notify, or a reset mid-stream.
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => "done",
+        // TCP closed without TLS close_notify: a truncation, worth telling apart.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => "peer_closed",
         Err(e) if e.kind() == io::ErrorKind::ConnectionReset => "reset",
         Err(_) => "io_error",
     }
