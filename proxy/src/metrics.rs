@@ -175,3 +175,34 @@ impl PeerLabels {
         l
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_ids_past_the_cap_share_one_overflow_value() {
+        let m = Metrics::new(2);
+        let label = |id: &str| {
+            let l = m.peer_label(id);
+            m.opened
+                .get_or_create(&ConnLabels {
+                    direction: "inbound",
+                    local_id: "spiffe://td/me".into(),
+                    peer_id: l.clone(),
+                })
+                .inc();
+            l
+        };
+        assert_eq!(&*label("spiffe://td/a"), "spiffe://td/a");
+        assert_eq!(&*label("spiffe://td/b"), "spiffe://td/b");
+        assert_eq!(&*label("spiffe://td/c"), OVERFLOW_PEER);
+        assert_eq!(&*label("spiffe://td/d"), OVERFLOW_PEER);
+        // Peers seen before the cap keep their own series.
+        assert_eq!(&*label("spiffe://td/a"), "spiffe://td/a");
+        let page = m.encode();
+        assert!(page.contains("peer_id=\"spiffe://td/a\"} 2"), "{page}");
+        assert!(page.contains("peer_id=\"overflow\"} 2"), "{page}");
+        assert!(!page.contains("spiffe://td/c"), "{page}");
+    }
+}

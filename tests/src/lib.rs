@@ -12,11 +12,16 @@ use std::time::{Duration, Instant};
 use sigil_testkit::Ca;
 
 /// Directory holding the workspace's built binaries (`target/<profile>`), found from the
-/// running test executable (`target/<profile>/deps/<test>`), so CARGO_TARGET_DIR is honoured.
+/// running executable (a test in `target/<profile>/deps/`, or a binary beside the others),
+/// so CARGO_TARGET_DIR is honoured.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let deps = exe.parent().expect("deps dir");
-    deps.parent().expect("profile dir").to_path_buf()
+    let dir = exe.parent().expect("exe dir");
+    if dir.ends_with("deps") {
+        dir.parent().expect("profile dir").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// Path of a workspace binary; panics with the command to run if it was not built.

@@ -281,6 +281,15 @@ fn sidecar_pair_allows_refuses_and_names_every_bad_input() {
     assert!(fails("handshake_timeout") >= 2.0, "{}", b.metrics());
     drop((s, silent));
 
+    // The config dump shows identity and trust state, never key material.
+    let (status, dump) = http_get(([127, 0, 0, 1], b.admin).into(), "/config_dump").unwrap();
+    assert_eq!(status, 200);
+    assert!(dump.contains(B) && dump.contains("\"other.org\""), "{dump}");
+    let key_pem = std::fs::read_to_string(&fb.key).unwrap();
+    let key_body = key_pem.lines().nth(1).unwrap();
+    assert!(!dump.contains("PRIVATE KEY") && !dump.contains(key_body), "key material in dump");
+    assert!(!pb.log().contains(key_body), "key material in log");
+
     // Everything refused above left the allowed path working.
     let (ok, out) = curl(a_out, "/again");
     assert!(ok && out.contains("hello from b"), "{out}");

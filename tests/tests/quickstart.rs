@@ -1,0 +1,24 @@
+//! The README's first command runs this binary; it must keep working as narrated.
+
+use std::process::Command;
+use std::time::Duration;
+
+use sigil_e2e::{bin, require_tool, run};
+
+#[test]
+fn quickstart_shows_an_allowed_and_a_refused_call_and_exits_zero() {
+    if !require_tool("curl", "quickstart") {
+        return;
+    }
+    let (ok, out) = run(&mut Command::new(bin("sigil-quickstart")), Duration::from_secs(120));
+    assert!(ok, "quickstart failed:\n{out}");
+    for needle in [
+        "hello from api",
+        "inbound allowed",
+        "reason=\"not_allowed\"",
+        "sigil_connections_refused_total{direction=\"inbound\"",
+        "Done.",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+}
