@@ -27,6 +27,7 @@ const ID_A: &str = "spiffe://example.org/ns/demo/sa/a";
 const ID_B: &str = "spiffe://example.org/ns/demo/sa/b";
 const ID_C: &str = "spiffe://example.org/ns/demo/sa/c";
 const WORKLOAD_PORT: u16 = 8080;
+const OUTSIDE_IP: &str = "10.77.0.1";
 const ADMIN: &str = "http://127.0.0.1:15000";
 const STEP: Duration = Duration::from_secs(20);
 
@@ -253,7 +254,7 @@ fn write_config(dir: &Path, me: &Host, hosts: &[Host], ca: &Ca) -> PathBuf {
              spiffeId: \"{id}\"\n\
          {inbound}  \
            outbound:\n    \
-             unknownDestination: passthrough\n    \
+             unknownDestination: {unknown}\n    \
              registry:\n\
          {registry}",
         name = me.name,
@@ -261,6 +262,12 @@ fn write_config(dir: &Path, me: &Host, hosts: &[Host], ca: &Ca) -> PathBuf {
         key = files.key.display(),
         bundles = files.bundle_dir.display(),
         id = me.id,
+        // C refuses destinations outside the mesh; A and B pass them through.
+        unknown = if me.name == "c" {
+            "deny"
+        } else {
+            "passthrough"
+        },
     );
     let path = dir.join(format!("{}.yaml", me.name));
     std::fs::write(&path, &yaml).expect("write config");
@@ -338,6 +345,17 @@ fn transparent_mode_mtls_between_namespaces() {
     let hub = netns.add("hub");
     sh(&["ip", "-n", &hub, "link", "add", "br0", "type", "bridge"]);
     sh(&["ip", "-n", &hub, "link", "set", "br0", "up"]);
+    // The hub itself is a host outside the mesh (no sidecar, not in any registry).
+    sh(&[
+        "ip",
+        "-n",
+        &hub,
+        "addr",
+        "add",
+        &format!("{OUTSIDE_IP}/{SUBNET_PREFIX}"),
+        "dev",
+        "br0",
+    ]);
     let mut hosts = Vec::new();
     for (i, (name, id)) in [("a", ID_A), ("b", ID_B), ("c", ID_C)]
         .into_iter()
@@ -493,6 +511,49 @@ fn transparent_mode_mtls_between_namespaces() {
         "{TEST}: (c) plaintext C -> B refused (curl: {})",
         out.trim()
     );
+
+    // (d) A destination outside the mesh registry: A's sidecar passes it through in
+    // plaintext; C's is configured to deny it.
+    let outside_listen = format!("{OUTSIDE_IP}:{WORKLOAD_PORT}");
+    let outside = Proc::spawn(
+        "workload-outside",
+        &mut in_ns(
+            &hub,
+            &[
+                workload_bin.to_str().expect("utf-8 path"),
+                "--listen",
+                &outside_listen,
+                "--name",
+                "outside",
+            ],
+        ),
+    );
+    outside.wait_log("listening on", STEP);
+    let outside_url = format!("http://{outside_listen}/");
+    let (ok, out) = run(&mut in_ns(&a.ns, &curl_args(&outside_url)), STEP);
+    assert!(
+        ok && out.contains("hello from outside"),
+        "A -> outside (passthrough) failed: {out}"
+    );
+    a.wait_metric_above(
+        "sigil_connections_opened_total",
+        &["direction=\"outbound\"", "peer_id=\"passthrough\""],
+        0.0,
+    );
+    let out = assert_refused(
+        "C -> outside (deny)",
+        &mut in_ns(&c.ns, &curl_args(&outside_url)),
+    );
+    c.wait_metric_above(
+        "sigil_connections_refused_total",
+        &["direction=\"outbound\"", "reason=\"unknown_destination\""],
+        0.0,
+    );
+    eprintln!(
+        "{TEST}: (d) passthrough from A ok; C denied the unknown destination ({})",
+        out.trim()
+    );
+    drop(outside);
 
     // Undo: the init script's uninstall leaves no Sigil rule behind.
     for h in &mesh.hosts {
