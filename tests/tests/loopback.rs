@@ -287,7 +287,10 @@ fn sidecar_pair_allows_refuses_and_names_every_bad_input() {
     assert!(dump.contains(B) && dump.contains("\"other.org\""), "{dump}");
     let key_pem = std::fs::read_to_string(&fb.key).unwrap();
     let key_body = key_pem.lines().nth(1).unwrap();
-    assert!(!dump.contains("PRIVATE KEY") && !dump.contains(key_body), "key material in dump");
+    assert!(
+        !dump.contains("PRIVATE KEY") && !dump.contains(key_body),
+        "key material in dump"
+    );
     assert!(!pb.log().contains(key_body), "key material in log");
 
     // Everything refused above left the allowed path working.

@@ -10,7 +10,10 @@ fn quickstart_shows_an_allowed_and_a_refused_call_and_exits_zero() {
     if !require_tool("curl", "quickstart") {
         return;
     }
-    let (ok, out) = run(&mut Command::new(bin("sigil-quickstart")), Duration::from_secs(120));
+    let (ok, out) = run(
+        &mut Command::new(bin("sigil-quickstart")),
+        Duration::from_secs(120),
+    );
     assert!(ok, "quickstart failed:\n{out}");
     for needle in [
         "hello from api",

@@ -14,7 +14,10 @@ const WEB: &str = "spiffe://example.org/ns/demo/sa/web";
 const API: &str = "spiffe://example.org/ns/demo/sa/api";
 
 fn main() -> ExitCode {
-    let mut examples = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/quickstart"));
+    let mut examples = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/quickstart"
+    ));
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -51,7 +54,10 @@ fn quickstart(examples: &std::path::Path) -> Result<(), String> {
             .map_err(|e| format!("{}: {e}", examples.join(f).display()))?;
     }
 
-    step(1, "A throwaway CA for trust domain example.org mints an X.509-SVID per workload");
+    step(
+        1,
+        "A throwaway CA for trust domain example.org mints an X.509-SVID per workload",
+    );
     let certs = d.join("certs");
     std::fs::create_dir_all(&certs).map_err(|e| e.to_string())?;
     let ca = Ca::new("example.org");
@@ -60,14 +66,20 @@ fn quickstart(examples: &std::path::Path) -> Result<(), String> {
     // Both configs read bundles from certs/bundles.
     std::fs::rename(&web.bundle_dir, certs.join("bundles")).map_err(|e| e.to_string())?;
     std::fs::remove_dir_all(&api.bundle_dir).map_err(|e| e.to_string())?;
-    println!("      web = {WEB}\n      api = {API}\n      (in {})", certs.display());
+    println!(
+        "      web = {WEB}\n      api = {API}\n      (in {})",
+        certs.display()
+    );
 
     step(2, "Workloads: plain HTTP servers that know nothing of TLS");
     let _web_wl = workload("web", 18081)?;
     let _api_wl = workload("api", 18082)?;
     println!("      web on 127.0.0.1:18081, api on 127.0.0.1:18082");
 
-    step(3, "Sidecars: sigil-proxy in explicit mode (the configs in examples/quickstart/)");
+    step(
+        3,
+        "Sidecars: sigil-proxy in explicit mode (the configs in examples/quickstart/)",
+    );
     let web_sc = sidecar(d, "web-sidecar", 15101)?;
     let api_sc = sidecar(d, "api-sidecar", 15100)?;
     println!("      web-sidecar: outbound 127.0.0.1:18280 -> api over mTLS, admin :15101");
@@ -82,9 +94,15 @@ fn quickstart(examples: &std::path::Path) -> Result<(), String> {
         return Err(format!("the allowed call failed:\n{}", api_sc.log()));
     }
     let admitted = wait_line(&api_sc, "inbound allowed")?;
-    println!("      api-sidecar: {}", tail_from(&admitted, "inbound allowed"));
+    println!(
+        "      api-sidecar: {}",
+        tail_from(&admitted, "inbound allowed")
+    );
 
-    step(5, "Refused call: api -> web (valid SVID, but web's policy does not name api)");
+    step(
+        5,
+        "Refused call: api -> web (valid SVID, but web's policy does not name api)",
+    );
     println!("      $ curl -sS http://127.0.0.1:18281/");
     let (ok, out) = curl("http://127.0.0.1:18281/");
     println!("      {}", out.trim());
@@ -92,7 +110,10 @@ fn quickstart(examples: &std::path::Path) -> Result<(), String> {
         return Err("the call that policy forbids went through".into());
     }
     let refused = wait_line(&web_sc, "reason=\"not_allowed\"")?;
-    println!("      web-sidecar: {}", tail_from(&refused, "inbound refused"));
+    println!(
+        "      web-sidecar: {}",
+        tail_from(&refused, "inbound refused")
+    );
 
     println!("\n== Metrics (Prometheus/OpenMetrics at each sidecar's admin /metrics) ==");
     for (name, port) in [("api-sidecar", 15100), ("web-sidecar", 15101)] {
@@ -109,9 +130,15 @@ fn quickstart(examples: &std::path::Path) -> Result<(), String> {
             println!("  {line}");
         }
     }
-    let api_page = http_get(([127, 0, 0, 1], 15100).into(), "/metrics").map(|r| r.1).unwrap_or_default();
-    let web_page = http_get(([127, 0, 0, 1], 15101).into(), "/metrics").map(|r| r.1).unwrap_or_default();
-    if !api_page.contains(&format!("peer_id=\"{WEB}\"")) || !web_page.contains("reason=\"not_allowed\"") {
+    let api_page = http_get(([127, 0, 0, 1], 15100).into(), "/metrics")
+        .map(|r| r.1)
+        .unwrap_or_default();
+    let web_page = http_get(([127, 0, 0, 1], 15101).into(), "/metrics")
+        .map(|r| r.1)
+        .unwrap_or_default();
+    if !api_page.contains(&format!("peer_id=\"{WEB}\""))
+        || !web_page.contains("reason=\"not_allowed\"")
+    {
         return Err("metrics do not show the allowed and the refused connection".into());
     }
     println!("\nStopping sidecars (SIGTERM: drain, exit 0) and workloads.");
@@ -172,7 +199,11 @@ fn wait_line(p: &Proc, needle: &str) -> Result<String, String> {
             return Ok(l.to_string());
         }
         if Instant::now() > deadline {
-            return Err(format!("{}: no {needle:?} in its log:\n{}", p.name, p.log()));
+            return Err(format!(
+                "{}: no {needle:?} in its log:\n{}",
+                p.name,
+                p.log()
+            ));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
