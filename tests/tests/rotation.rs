@@ -316,3 +316,32 @@ fn sigterm_stops_accepting_drains_then_exits_zero() {
     let n = s.read(&mut buf).unwrap_or(0);
     assert_eq!(n, 0, "connection still open after B exited");
 }
+
+#[test]
+fn ready_turns_503_when_the_svid_expires_and_200_after_rotation() {
+    let dir = TempDir::new("expiry");
+    let d = dir.path();
+    let ca = Ca::new("example.org");
+    let (_w, port) = start_workload("w", false);
+    let files = write_identity(d, "b", &ca, B, &[&ca]);
+    // An SVID that expires a few seconds from now.
+    let short = ca.issue(&sigil_testkit::SvidSpec::new(B).validity(-60, Duration::from_secs(64)));
+    std::fs::write(&files.cert, short.chain_pem()).unwrap();
+    std::fs::write(&files.key, short.key_pem()).unwrap();
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.inbound = vec![(free_port(), port)];
+    let pb = b.start(d, &files);
+    let ready = || http_get(([127, 0, 0, 1], b.admin).into(), "/ready");
+    wait_until(
+        "/ready to fail after expiry",
+        Duration::from_secs(15),
+        || ready().is_some_and(|(s, body)| s == 503 && body.contains("no valid SVID")),
+    );
+    let fresh = ca.svid(B);
+    write_atomic(&files.key, fresh.key_pem().as_bytes());
+    write_atomic(&files.cert, fresh.chain_pem().as_bytes());
+    wait_until("/ready after rotation", Duration::from_secs(5), || {
+        ready().is_some_and(|(s, _)| s == 200)
+    });
+    drop(pb);
+}
