@@ -54,20 +54,23 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 /// The leaf certificate B's inbound listener presents now, via openssl s_client.
 fn served_leaf(dir: &Path, port: u16, client: &Svid) -> String {
     let (crt, key) = client.write(dir, "probe");
-    let (_, out) = run(
-        Command::new("openssl")
-            .args([
-                "s_client",
-                "-connect",
-                &format!("127.0.0.1:{port}"),
-                "-showcerts",
-            ])
-            .arg("-cert")
-            .arg(crt)
-            .arg("-key")
-            .arg(key),
-        Duration::from_secs(20),
-    );
+    // stdout alone: s_client's stderr chatter would interleave with the PEM text. With stdin
+    // closed it exits right after the handshake (bounded by B's handshake timeout).
+    let output = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-showcerts",
+        ])
+        .arg("-cert")
+        .arg(crt)
+        .arg("-key")
+        .arg(key)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run openssl s_client");
+    let out = String::from_utf8_lossy(&output.stdout);
     let start = out
         .find("-----BEGIN CERTIFICATE-----")
         .expect("server cert in output");
@@ -239,20 +242,25 @@ fn rotation_under_traffic_loses_nothing_and_bundle_removal_cuts_the_old_peer() {
     write_atomic(&bundle_a, ca2.bundle_pem().as_bytes());
     let res = long_lived.join().unwrap();
     assert!(res.is_err(), "the CA1 connection survived CA1's removal");
+    // Both sidecars re-verify; whichever polls its bundle first closes the connection and the
+    // other sees it end normally.
+    let cut = |s: &Sidecar| {
+        metric(
+            &s.metrics(),
+            "sigil_connections_closed_total{",
+            &["reason=\"bundle_change\""],
+        )
+        .unwrap_or(0.0)
+    };
     wait_until(
         "bundle_change close counted",
         Duration::from_secs(5),
-        || {
-            metric(
-                &b.metrics(),
-                "sigil_connections_closed_total{",
-                &["reason=\"bundle_change\""],
-            )
-            .unwrap_or(0.0)
-                >= 1.0
-        },
+        || cut(&a) + cut(&b) >= 1.0,
     );
-    pb.wait_log("no longer verifies", Duration::from_secs(2));
+    assert!(
+        pa.log().contains("no longer verifies") || pb.log().contains("no longer verifies"),
+        "no sidecar logged the closure"
+    );
     let ok_before = ok_reqs.load(Ordering::Relaxed);
     wait_until("requests after CA1 removal", Duration::from_secs(5), || {
         ok_reqs.load(Ordering::Relaxed) > ok_before + 3
