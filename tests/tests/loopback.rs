@@ -114,15 +114,13 @@ fn sidecar_pair_allows_refuses_and_names_every_bad_input() {
     assert!(mb.contains("sigil_svid_expiry_timestamp_seconds{"), "{mb}");
 
     // C has a valid SVID but is not allowed on B's port. The refusal reaches C's workload
-    // at once as a closed connection (curl's own 5 s limit is not what ends it).
-    let started = std::time::Instant::now();
+    // as a closed connection, not as curl giving up ("(28) Operation timed out").
     let (ok, out) = curl(c_out, "/");
+    assert!(!ok && !out.contains("hello from b"), "C reached B: {out}");
     assert!(
-        started.elapsed() < Duration::from_secs(4),
-        "refusal hung: {:?}",
-        started.elapsed()
+        !out.contains("(28)"),
+        "the refusal hung until curl gave up: {out}"
     );
-    assert!(!ok || !out.contains("hello from b"), "C reached B: {out}");
     pb.wait_log("not_allowed", Duration::from_secs(5));
     let refused = metric(
         &b.metrics(),

@@ -316,10 +316,8 @@ fn sigterm_stops_accepting_drains_then_exits_zero() {
     s.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"two\n\n");
     // It outlives the 2 s deadline, so B cuts it and exits 0.
-    let started = Instant::now();
     let code = pb.terminate(Duration::from_secs(10));
     assert_eq!(code, Some(0), "{}", pb.log());
-    assert!(started.elapsed() < Duration::from_secs(6));
     assert!(pb.log().contains("drain deadline passed"), "{}", pb.log());
     let n = s.read(&mut buf).unwrap_or(0);
     assert_eq!(n, 0, "connection still open after B exited");
