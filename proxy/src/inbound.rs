@@ -12,9 +12,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::conns::Direction;
-use crate::metrics::ConnLabels;
-use crate::proxy::Proxy;
-use crate::relay::relay;
+use crate::proxy::{peer_chain, Proxy};
 
 const DIR: Direction = Direction::Inbound;
 
@@ -38,12 +36,7 @@ pub async fn handle(p: Arc<Proxy>, tcp: TcpStream, client: SocketAddr, port: u16
         Ok(Ok(s)) => s,
     };
     // The verifier accepted the chain; take the identity from the same leaf, once.
-    let chain: Vec<_> = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
-        .unwrap_or_default();
+    let chain = peer_chain(stream.get_ref().1);
     let Some(peer) = chain
         .first()
         .and_then(|leaf| leaf_spiffe_id(leaf, None).ok())
@@ -79,17 +72,12 @@ pub async fn handle(p: Arc<Proxy>, tcp: TcpStream, client: SocketAddr, port: u16
     };
     let _ = workload.set_nodelay(true);
     debug!(%client, peer = %peer, port, rule = %verdict.rule, "inbound allowed");
-    let labels = ConnLabels {
-        direction: DIR.label(),
-        local_id: local,
-        peer_id: peer_label,
-    };
-    let counters = p.opened(&labels);
-    let mut guard = p.conns.register(DIR, peer, chain);
     drop(tls);
-    let reason = relay(stream, workload, &counters, &mut guard.close_rx).await;
-    p.closed(&labels, reason);
+    let label = peer_label.clone();
+    let reason = p
+        .carry(DIR, local, peer_label, peer, chain, stream, workload)
+        .await;
     if reason != "done" {
-        info!(%client, peer = %labels.peer_id, port, reason, "inbound connection closed");
+        info!(%client, peer = %label, port, reason, "inbound connection closed");
     }
 }

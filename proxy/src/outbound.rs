@@ -15,7 +15,7 @@ use tracing::{debug, info};
 
 use crate::conns::Direction;
 use crate::metrics::ConnLabels;
-use crate::proxy::Proxy;
+use crate::proxy::{peer_chain, Proxy};
 use crate::relay::relay;
 
 const DIR: Direction = Direction::Outbound;
@@ -71,25 +71,15 @@ pub async fn handle(
             return;
         }
     };
-    let chain: Vec<_> = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
-        .unwrap_or_default();
+    let chain = peer_chain(stream.get_ref().1);
     debug!(%dest, peer = %expected, "outbound mTLS established");
-    let labels = ConnLabels {
-        direction: DIR.label(),
-        local_id: local,
-        peer_id: peer_label,
-    };
-    let counters = p.opened(&labels);
-    let mut guard = p.conns.register(DIR, expected, chain);
     drop(tls);
-    let reason = relay(stream, workload, &counters, &mut guard.close_rx).await;
-    p.closed(&labels, reason);
+    let label = peer_label.clone();
+    let reason = p
+        .carry(DIR, local, peer_label, expected, chain, stream, workload)
+        .await;
     if reason != "done" {
-        info!(%dest, peer = %labels.peer_id, reason, "outbound connection closed");
+        info!(%dest, peer = %label, reason, "outbound connection closed");
     }
 }
 

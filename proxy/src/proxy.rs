@@ -5,15 +5,16 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use rustls::pki_types::UnixTime;
+use rustls::pki_types::{CertificateDer, UnixTime};
 use sigil_config::proxy_config::Destination;
 use sigil_config::{ProxyConfig, SpiffeId};
 use sigil_filters::L4Authorizer;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::conns::{Conns, Direction};
 use crate::identity::Current;
 use crate::metrics::{ConnLabels, HandshakeLabels, Metrics, ReasonLabels, UNAUTHENTICATED_PEER};
-use crate::relay::Counters;
+use crate::relay::{relay, Counters};
 
 pub struct Proxy {
     pub cfg: ProxyConfig,
@@ -102,6 +103,35 @@ impl Proxy {
             .inc();
     }
 
+    /// An admitted connection: counts it, registers it (so a bundle change can close it),
+    /// relays until it ends, counts the close. Returns the close reason.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn carry<P, L>(
+        &self,
+        direction: Direction,
+        local: Arc<str>,
+        peer_label: Arc<str>,
+        peer: SpiffeId,
+        chain: Vec<CertificateDer<'static>>,
+        peer_io: P,
+        local_io: L,
+    ) -> &'static str
+    where
+        P: AsyncRead + AsyncWrite + Unpin,
+        L: AsyncRead + AsyncWrite + Unpin,
+    {
+        let labels = ConnLabels {
+            direction: direction.label(),
+            local_id: local,
+            peer_id: peer_label,
+        };
+        let counters = self.opened(&labels);
+        let mut guard = self.conns.register(direction, peer, chain);
+        let reason = relay(peer_io, local_io, &counters, &mut guard.close_rx).await;
+        self.closed(&labels, reason);
+        reason
+    }
+
     /// Counts the connection as opened and returns its cached counter handles.
     pub fn opened(&self, labels: &ConnLabels) -> Counters {
         self.metrics.opened.get_or_create(labels).inc();
@@ -124,4 +154,11 @@ impl Proxy {
             })
             .inc();
     }
+}
+
+/// The peer's certificate chain as presented (leaf first), owned for the registry.
+pub fn peer_chain(conn: &rustls::CommonState) -> Vec<CertificateDer<'static>> {
+    conn.peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default()
 }
