@@ -52,6 +52,7 @@ fn main() {
 }
 
 fn echo_conn(mut conn: TcpStream) -> std::io::Result<()> {
+    conn.set_nodelay(true)?;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = conn.read(&mut buf)?;
@@ -64,6 +65,7 @@ fn echo_conn(mut conn: TcpStream) -> std::io::Result<()> {
 
 fn http_conn(conn: TcpStream, name: &str) -> std::io::Result<()> {
     let peer = conn.peer_addr()?;
+    conn.set_nodelay(true)?;
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut out = conn;
     loop {
@@ -100,11 +102,12 @@ fn http_conn(conn: TcpStream, name: &str) -> std::io::Result<()> {
                 .collect::<Vec<_>>()
                 .join(" ")
         );
-        write!(
-            out,
+        // One write per response: several small writes stall on Nagle + delayed ACK.
+        let response = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{text}",
             text.len()
-        )?;
+        );
+        out.write_all(response.as_bytes())?;
         if close {
             return Ok(());
         }
