@@ -279,6 +279,11 @@ fn sidecar_pair_allows_refuses_and_names_every_bad_input() {
     assert!(fails("handshake_timeout") >= 2.0, "{}", b.metrics());
     drop((s, silent));
 
+    let live = http_get(([127, 0, 0, 1], b.admin).into(), "/live");
+    assert_eq!(live.map(|r| r.0), Some(200));
+    let missing = http_get(([127, 0, 0, 1], b.admin).into(), "/nope");
+    assert_eq!(missing.map(|r| r.0), Some(404));
+
     // The config dump shows identity and trust state, never key material.
     let (status, dump) = http_get(([127, 0, 0, 1], b.admin).into(), "/config_dump").unwrap();
     assert_eq!(status, 200);
