@@ -1,10 +1,12 @@
 //! The shared model of Sigil: SPIFFE identities and the YAML resources, validated with
 //! file:line errors. No networking here.
 
+pub mod policy;
 pub mod proxy_config;
 pub mod spiffe;
 mod yaml;
 
+pub use policy::Policy;
 pub use proxy_config::ProxyConfig;
 pub use spiffe::{IdPattern, SpiffeId, SpiffeIdError, TrustDomain};
 pub use yaml::ConfigError;

@@ -25,13 +25,14 @@ pub struct Metadata {
     pub purpose: Option<String>,
 }
 
+/// The Kubernetes-shaped wrapper of every resource.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct Envelope<S> {
-    api_version: Spanned<String>,
-    kind: Spanned<String>,
-    metadata: Metadata,
-    spec: S,
+pub(crate) struct Envelope<S> {
+    pub(crate) api_version: Spanned<String>,
+    pub(crate) kind: Spanned<String>,
+    pub(crate) metadata: Spanned<Metadata>,
+    pub(crate) spec: S,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -325,7 +326,7 @@ impl ProxyConfig {
         let env: Envelope<ProxySpec> = yaml::parse(path, text)?;
         check_envelope(path, &env, "ProxyConfig")?;
         let cfg = ProxyConfig {
-            metadata: env.metadata,
+            metadata: env.metadata.value,
             spec: env.spec,
             base_dir: path
                 .parent()
@@ -435,7 +436,11 @@ fn at<T>(path: &Path, s: &Spanned<T>, msg: impl Into<String>) -> ConfigError {
     ConfigError::new(path, Some(s.referenced), msg)
 }
 
-fn check_envelope<S>(path: &Path, env: &Envelope<S>, kind: &str) -> Result<(), ConfigError> {
+pub(crate) fn check_envelope<S>(
+    path: &Path,
+    env: &Envelope<S>,
+    kind: &str,
+) -> Result<(), ConfigError> {
     if env.api_version.value != API_VERSION {
         return Err(at(
             path,

@@ -75,6 +75,16 @@ pub fn parse<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigEr
         .map_err(|e| ConfigError::new(file, e.location(), strip_location(&e.to_string())))
 }
 
+/// Parses every `---`-separated document of a file.
+pub fn parse_multiple<T: DeserializeOwned>(file: &Path, text: &str) -> Result<Vec<T>, ConfigError> {
+    let options = serde_saphyr::options! {
+        with_snippet: false,
+        duplicate_keys: serde_saphyr::DuplicateKeyPolicy::Error,
+    };
+    serde_saphyr::from_multiple_with_options(text, options)
+        .map_err(|e| ConfigError::new(file, e.location(), strip_location(&e.to_string())))
+}
+
 /// serde-saphyr appends " at line L column C" to its messages; we print the position as
 /// file:line:col in front instead, so drop the tail.
 fn strip_location(msg: &str) -> String {
