@@ -323,6 +323,48 @@ fn loc<T>(s: &Spanned<T>) -> Option<serde_saphyr::Location> {
 }
 
 impl Policy {
+    /// The `inbound.ports` of a ProxyConfig as an enforce-mode policy of TCP rules, so that
+    /// the proxy has one decision path. None when no port is listed.
+    pub fn from_inbound_ports(cfg: &crate::ProxyConfig, target: &SpiffeId) -> Option<Policy> {
+        let ports = &cfg.spec.inbound.ports;
+        if ports.is_empty() {
+            return None;
+        }
+        fn span<T>(v: T) -> Spanned<T> {
+            let unknown = serde_saphyr::Location::UNKNOWN;
+            Spanned::new(v, unknown, unknown)
+        }
+        Some(Policy {
+            metadata: Metadata {
+                name: format!("proxyconfig:{}", cfg.metadata.name),
+                owner: cfg.metadata.owner.clone(),
+                purpose: Some("inbound.ports of the sidecar's ProxyConfig".into()),
+            },
+            spec: PolicySpec {
+                target: target.clone(),
+                mode: RuleMode::Enforce,
+                expires_at: None,
+                ports: ports
+                    .iter()
+                    .map(|r| {
+                        span(PortPolicy {
+                            port: r.value.port,
+                            protocol: Protocol::Tcp,
+                            routes: Vec::new(),
+                            rules: vec![span(TcpRule {
+                                name: format!("port-{}", r.value.port),
+                                allow: r.value.allow.clone(),
+                                deny: Vec::new(),
+                                mode: None,
+                                expires_at: None,
+                            })],
+                        })
+                    })
+                    .collect(),
+            },
+        })
+    }
+
     /// Loads every `---`-separated Policy document of a file.
     pub fn load_all(path: &Path) -> Result<Vec<Policy>, ConfigError> {
         let text = yaml::read_file(path)?;

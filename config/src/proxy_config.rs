@@ -60,6 +60,10 @@ pub struct ProxySpec {
     pub timeouts: Timeouts,
     #[serde(default)]
     pub metrics: MetricsSpec,
+    /// Directory of `Policy` YAML files (`*.yaml`, several documents each). Re-read when it
+    /// changes; an invalid file never replaces the last good set.
+    #[serde(default)]
+    pub policy_dir: Option<PathBuf>,
 }
 
 /// Where the SVID and trust bundles live on disk. Files are re-read when they change.

@@ -30,6 +30,8 @@ pub enum Rule<'a> {
     /// No enforce-mode policy targets this workload: mTLS alone admits the peer.
     NoPolicy,
     Matched {
+        /// Index of the rule, for `PolicyIndex::label`.
+        id: u32,
         policy: &'a str,
         rule: &'a str,
         effect: Effect,
@@ -46,6 +48,7 @@ impl fmt::Display for Rule<'_> {
                 policy,
                 rule,
                 effect,
+                ..
             } => {
                 let e = if *effect == Effect::Allow {
                     "allow"
@@ -84,6 +87,8 @@ pub struct HttpRequest<'a, H> {
 }
 
 struct CompiledRule {
+    /// `policy/rule`, the metrics label.
+    label: std::sync::Arc<str>,
     policy: Box<str>,
     name: Box<str>,
     mode: RuleMode,
@@ -151,6 +156,7 @@ impl PolicyIndex {
                         for r in &port.rules {
                             let r = &r.value;
                             let id = idx.push(CompiledRule {
+                                label: format!("{}/{}", p.metadata.name, r.name).into(),
                                 policy: p.metadata.name.as_str().into(),
                                 name: r.name.as_str().into(),
                                 mode: r.mode.unwrap_or(p.spec.mode),
@@ -188,6 +194,7 @@ impl PolicyIndex {
                             let r = &r.value;
                             let m = &r.matches;
                             let rule = CompiledRule {
+                                label: format!("{}/{}", p.metadata.name, r.name).into(),
                                 policy: p.metadata.name.as_str().into(),
                                 name: r.name.as_str().into(),
                                 mode: r.mode.unwrap_or(p.spec.mode),
@@ -232,6 +239,15 @@ impl PolicyIndex {
     fn push(&mut self, r: CompiledRule) -> u32 {
         self.rules.push(r);
         (self.rules.len() - 1) as u32
+    }
+
+    /// A stable label for metrics: `policy/rule`, or `no_policy` / `default_deny`.
+    pub fn label(&self, rule: &Rule<'_>) -> std::sync::Arc<str> {
+        match rule {
+            Rule::Matched { id, .. } => self.rules[*id as usize].label.clone(),
+            Rule::NoPolicy => "no_policy".into(),
+            Rule::DefaultDeny { .. } => "default_deny".into(),
+        }
     }
 
     /// Whether `port` is declared HTTP by some policy (requests are then checked one by one).
@@ -310,6 +326,7 @@ impl PolicyIndex {
     fn rule(&self, id: u32, effect: Effect) -> Rule<'_> {
         let r = &self.rules[id as usize];
         Rule::Matched {
+            id,
             policy: &r.policy,
             rule: &r.name,
             effect,

@@ -31,6 +31,8 @@ pub struct ConnInfo {
     pub peer: SpiffeId,
     /// The peer's certificate chain as presented (leaf first), for re-verification.
     pub chain: Vec<CertificateDer<'static>>,
+    /// Workload port (inbound) or destination port (outbound).
+    pub port: u16,
     close: watch::Sender<Option<&'static str>>,
 }
 
@@ -63,6 +65,7 @@ impl Conns {
         direction: Direction,
         peer: SpiffeId,
         chain: Vec<CertificateDer<'static>>,
+        port: u16,
     ) -> ConnGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (close, close_rx) = watch::channel(None);
@@ -72,6 +75,7 @@ impl Conns {
                 direction,
                 peer,
                 chain,
+                port,
                 close,
             },
         );

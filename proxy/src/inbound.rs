@@ -12,7 +12,9 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::conns::Direction;
-use crate::proxy::{peer_chain, Proxy};
+use crate::l7;
+use crate::metrics::RuleLabels;
+use crate::proxy::{now_unix, peer_chain, Admitted, Proxy};
 
 const DIR: Direction = Direction::Inbound;
 
@@ -46,7 +48,35 @@ pub async fn handle(p: Arc<Proxy>, tcp: TcpStream, client: SocketAddr, port: u16
         return;
     };
     let peer_label = p.metrics.peer_label(peer.as_str());
-    let verdict = p.authz.decide(&peer, port);
+    let index = p.policy();
+    if index.is_http(port) {
+        // Admitted as a connection; every request on it is decided on its own.
+        drop((tls, index));
+        let a = Admitted {
+            direction: DIR,
+            local,
+            peer_label: peer_label.clone(),
+            peer,
+            chain,
+            port,
+        };
+        let reason = l7::serve(p, stream, a).await;
+        if reason != "done" {
+            info!(%client, peer = %peer_label, port, reason, "inbound HTTP connection closed");
+        }
+        return;
+    }
+    let verdict = index.decide_tcp(&peer, port, now_unix());
+    if let Some(w) = verdict.would_deny {
+        info!(%client, peer = %peer, port, rule = %w, "dry-run: would deny connection");
+        p.metrics
+            .would_deny
+            .get_or_create(&RuleLabels {
+                local_id: local.clone(),
+                rule: index.label(&w),
+            })
+            .inc();
+    }
     if !verdict.allowed {
         info!(%client, peer = %peer, port, rule = %verdict.rule, reason = "not_allowed", "inbound refused");
         p.refused(DIR, &local, peer_label, "not_allowed");
@@ -55,6 +85,9 @@ pub async fn handle(p: Arc<Proxy>, tcp: TcpStream, client: SocketAddr, port: u16
         let _ = tokio::time::timeout(timeout, stream.shutdown()).await;
         return;
     }
+    debug!(%client, peer = %peer, port, rule = %verdict.rule, "inbound allowed");
+    // Connections re-check against the current index on policy changes; do not pin this one.
+    drop(index);
     let upstream = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let connect = tokio::time::timeout(p.cfg.spec.timeouts.connect, TcpStream::connect(upstream));
     let workload = match connect.await {
@@ -71,12 +104,17 @@ pub async fn handle(p: Arc<Proxy>, tcp: TcpStream, client: SocketAddr, port: u16
         }
     };
     let _ = workload.set_nodelay(true);
-    debug!(%client, peer = %peer, port, rule = %verdict.rule, "inbound allowed");
     drop(tls);
     let label = peer_label.clone();
-    let reason = p
-        .carry(DIR, local, peer_label, peer, chain, stream, workload)
-        .await;
+    let a = Admitted {
+        direction: DIR,
+        local,
+        peer_label,
+        peer,
+        chain,
+        port,
+    };
+    let reason = p.carry(a, stream, workload).await;
     if reason != "done" {
         info!(%client, peer = %label, port, reason, "inbound connection closed");
     }

@@ -4,8 +4,10 @@ mod admin;
 mod conns;
 mod identity;
 mod inbound;
+mod l7;
 mod metrics;
 mod outbound;
+mod policies;
 mod proxy;
 mod relay;
 
@@ -139,7 +141,20 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
         trust_domains = ?state.bundles.domains(),
         "identity loaded"
     );
-    let p = Arc::new(Proxy::new(cfg, Current::new(state), metrics));
+    let mut policy_files = policies::PolicyFiles::from_config(&cfg);
+    if let Some(Err(problems)) = policy_files.poll() {
+        return Err(format!("invalid policies:\n  {}", problems.join("\n  ")));
+    }
+    if cfg.spec.policy_dir.is_some() {
+        metrics.reload("policy", true);
+        info!(policies = policy_files.current.len(), "policies loaded");
+    }
+    let p = Arc::new(Proxy::new(
+        cfg,
+        Current::new(state),
+        metrics,
+        &policy_files.current,
+    ));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let spec = &p.cfg.spec;
@@ -215,7 +230,7 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
             },
         );
     }
-    spawn_watcher(p.clone(), files, seen, provider);
+    spawn_watcher(p.clone(), files, seen, provider, policy_files);
     info!(name = %p.cfg.metadata.name, mode = ?p.cfg.spec.mode, "sigil-proxy ready");
 
     wait_for_signal().await;
@@ -298,27 +313,84 @@ fn set_expiry(m: &Metrics, local: &Arc<str>, not_after: u64) {
         .set(not_after as i64);
 }
 
-/// Polls the identity files on a plain thread (tiny blocking reads) and applies changes.
+/// Polls the identity and policy files on a plain thread (tiny blocking reads) and applies
+/// changes; re-checks live TCP connections against policy every second, for expiry.
 fn spawn_watcher(
     p: Arc<Proxy>,
     files: IdentityFiles,
     mut seen: Seen,
     provider: Arc<rustls::crypto::CryptoProvider>,
+    mut policy_files: policies::PolicyFiles,
 ) {
     std::thread::Builder::new()
         .name("identity-watch".into())
-        .spawn(move || loop {
-            std::thread::sleep(POLL_INTERVAL);
-            for change in files.poll(&mut seen, &provider) {
-                apply(&p, change, &provider);
+        .spawn(move || {
+            for tick in 1u64.. {
+                std::thread::sleep(POLL_INTERVAL);
+                for change in files.poll(&mut seen, &provider) {
+                    apply(&p, change, &provider, &policy_files);
+                }
+                let changed = match policy_files.poll() {
+                    None => false,
+                    Some(Err(problems)) => {
+                        for problem in &problems {
+                            error!(
+                                "policy update refused, keeping the current policies: {problem}"
+                            );
+                        }
+                        p.metrics.reload("policy", false);
+                        false
+                    }
+                    Some(Ok(n)) => {
+                        let local = p.tls.get().identity.id().clone();
+                        p.set_policy(policies::compile(&p.cfg, &policy_files.current, &local));
+                        p.metrics.reload("policy", true);
+                        info!(policies = n, "policies updated");
+                        true
+                    }
+                };
+                if changed || tick % 4 == 0 {
+                    recheck_tcp(&p);
+                }
             }
         })
         .expect("spawn identity watcher");
 }
 
-fn apply(p: &Proxy, change: Change, provider: &rustls::crypto::CryptoProvider) {
+/// Closes live inbound TCP connections that the current policy no longer allows. (HTTP
+/// connections are checked on every request.)
+fn recheck_tcp(p: &Proxy) {
+    let index = p.policy();
+    let now = proxy::now_unix();
+    let n = p.conns.close_where("policy_change", |c| {
+        c.direction == Direction::Inbound
+            && !index.is_http(c.port)
+            && !index.decide_tcp(&c.peer, c.port, now).allowed
+    });
+    if n > 0 {
+        warn!(
+            closed = n,
+            "closed live connections that policy no longer allows"
+        );
+    }
+}
+
+fn apply(
+    p: &Proxy,
+    change: Change,
+    provider: &rustls::crypto::CryptoProvider,
+    policy_files: &policies::PolicyFiles,
+) {
     match change {
         Change::Svid(Ok(identity)) => {
+            if identity.id() != p.tls.get().identity.id() {
+                // Policies are compiled for our own ID.
+                p.set_policy(policies::compile(
+                    &p.cfg,
+                    &policy_files.current,
+                    identity.id(),
+                ));
+            }
             info!(id = %identity.id(), not_after = identity.not_after(), "SVID rotated; new handshakes use it");
             let local: Arc<str> = identity.id().as_str().into();
             set_expiry(&p.metrics, &local, identity.not_after());

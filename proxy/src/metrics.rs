@@ -8,6 +8,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 /// The peer_id value used once the cap on distinct peers is reached.
@@ -43,6 +44,23 @@ pub struct LocalLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub direction: &'static str,
+    pub local_id: Arc<str>,
+    pub peer_id: Arc<str>,
+    /// `policy/rule` that decided, or `no_policy` / `default_deny` / `invalid_request`.
+    pub route: Arc<str>,
+    pub decision: &'static str,
+    pub status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabels {
+    pub local_id: Arc<str>,
+    pub rule: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     pub resource: &'static str,
     pub result: &'static str,
@@ -59,7 +77,15 @@ pub struct Metrics {
     pub handshake_failures: Family<HandshakeLabels, Counter>,
     pub svid_expiry: Family<LocalLabels, Gauge>,
     pub reloads: Family<ReloadLabels, Counter>,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<LocalLabels, Histogram, fn() -> Histogram>,
+    pub would_deny: Family<RuleLabels, Counter>,
     peers: PeerLabels,
+}
+
+fn duration_histogram() -> Histogram {
+    // 50 µs .. ~1.6 s
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
 }
 
 impl Metrics {
@@ -75,6 +101,9 @@ impl Metrics {
             handshake_failures: Family::default(),
             svid_expiry: Family::default(),
             reloads: Family::default(),
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(duration_histogram),
+            would_deny: Family::default(),
             peers: PeerLabels::new(peer_id_cap),
             registry: Registry::default(),
         };
@@ -120,8 +149,23 @@ impl Metrics {
         );
         registry.register(
             "sigil_reloads",
-            "Reloads of SVID and trust bundle files, by result",
+            "Reloads of SVID, trust bundle and policy files, by result",
             m.reloads.clone(),
+        );
+        registry.register(
+            "sigil_requests",
+            "HTTP requests by peer, deciding route, decision and status class",
+            m.requests.clone(),
+        );
+        registry.register(
+            "sigil_request_duration_seconds",
+            "Time from request received to response headers sent",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "sigil_policy_would_deny",
+            "Requests or connections a dry-run rule would deny (allowed now)",
+            m.would_deny.clone(),
         );
         Self { registry, ..m }
     }

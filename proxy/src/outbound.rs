@@ -15,7 +15,7 @@ use tracing::{debug, info};
 
 use crate::conns::Direction;
 use crate::metrics::ConnLabels;
-use crate::proxy::{peer_chain, Proxy};
+use crate::proxy::{peer_chain, Admitted, Proxy};
 use crate::relay::relay;
 
 const DIR: Direction = Direction::Outbound;
@@ -75,9 +75,15 @@ pub async fn handle(
     debug!(%dest, peer = %expected, "outbound mTLS established");
     drop(tls);
     let label = peer_label.clone();
-    let reason = p
-        .carry(DIR, local, peer_label, expected, chain, stream, workload)
-        .await;
+    let a = Admitted {
+        direction: DIR,
+        local,
+        peer_label,
+        peer: expected,
+        chain,
+        port: dest.port(),
+    };
+    let reason = p.carry(a, stream, workload).await;
     if reason != "done" {
         info!(%dest, peer = %label, reason, "outbound connection closed");
     }

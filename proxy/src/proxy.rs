@@ -3,15 +3,15 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use rustls::pki_types::{CertificateDer, UnixTime};
 use sigil_config::proxy_config::Destination;
-use sigil_config::{ProxyConfig, SpiffeId};
-use sigil_filters::L4Authorizer;
+use sigil_config::{Policy, ProxyConfig, SpiffeId};
+use sigil_filters::PolicyIndex;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::conns::{Conns, Direction};
+use crate::conns::{ConnGuard, Conns, Direction};
 use crate::identity::Current;
 use crate::metrics::{ConnLabels, HandshakeLabels, Metrics, ReasonLabels, UNAUTHENTICATED_PEER};
 use crate::relay::{relay, Counters};
@@ -19,23 +19,20 @@ use crate::relay::{relay, Counters};
 pub struct Proxy {
     pub cfg: ProxyConfig,
     pub tls: Current,
-    pub authz: L4Authorizer,
+    policy: RwLock<Arc<PolicyIndex>>,
     registry: HashMap<SocketAddr, SpiffeId>,
     registry_hosts: HashMap<IpAddr, SpiffeId>,
     pub metrics: Metrics,
     pub conns: Arc<Conns>,
     pub draining: AtomicBool,
+    /// Pooled clients towards the local workload (L7 ports).
+    pub upstreams: crate::l7::Upstreams,
 }
 
 impl Proxy {
-    pub fn new(cfg: ProxyConfig, tls: Current, metrics: Metrics) -> Self {
-        let authz = L4Authorizer::new(
-            cfg.spec
-                .inbound
-                .ports
-                .iter()
-                .map(|r| (r.value.port, r.value.allow.clone())),
-        );
+    pub fn new(cfg: ProxyConfig, tls: Current, metrics: Metrics, policies: &[Policy]) -> Self {
+        let local = tls.get().identity.id().clone();
+        let policy = RwLock::new(Arc::new(crate::policies::compile(&cfg, policies, &local)));
         let mut registry = HashMap::new();
         let mut registry_hosts = HashMap::new();
         for e in &cfg.spec.outbound.registry {
@@ -47,13 +44,22 @@ impl Proxy {
         Self {
             cfg,
             tls,
-            authz,
+            policy,
             registry,
             registry_hosts,
             metrics,
             conns: Arc::new(Conns::default()),
             draining: AtomicBool::new(false),
+            upstreams: crate::l7::Upstreams::new(),
         }
+    }
+
+    pub fn policy(&self) -> Arc<PolicyIndex> {
+        self.policy.read().expect("policy lock").clone()
+    }
+
+    pub fn set_policy(&self, index: PolicyIndex) {
+        *self.policy.write().expect("policy lock") = Arc::new(index);
     }
 
     /// The SPIFFE ID expected at a mesh destination; exact address first, then host.
@@ -103,30 +109,26 @@ impl Proxy {
             .inc();
     }
 
-    /// An admitted connection: counts it, registers it (so a bundle change can close it),
-    /// relays until it ends, counts the close. Returns the close reason.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn carry<P, L>(
-        &self,
-        direction: Direction,
-        local: Arc<str>,
-        peer_label: Arc<str>,
-        peer: SpiffeId,
-        chain: Vec<CertificateDer<'static>>,
-        peer_io: P,
-        local_io: L,
-    ) -> &'static str
+    /// Counts an admitted connection and registers it (so a bundle or policy change can
+    /// close it). The guard unregisters on drop; call `closed` with the reason at the end.
+    pub fn admit(&self, a: Admitted) -> (ConnLabels, Counters, ConnGuard) {
+        let labels = ConnLabels {
+            direction: a.direction.label(),
+            local_id: a.local,
+            peer_id: a.peer_label,
+        };
+        let counters = self.opened(&labels);
+        let guard = self.conns.register(a.direction, a.peer, a.chain, a.port);
+        (labels, counters, guard)
+    }
+
+    /// An admitted L4 connection: admit, relay until it ends, count the close.
+    pub async fn carry<P, L>(&self, a: Admitted, peer_io: P, local_io: L) -> &'static str
     where
         P: AsyncRead + AsyncWrite + Unpin,
         L: AsyncRead + AsyncWrite + Unpin,
     {
-        let labels = ConnLabels {
-            direction: direction.label(),
-            local_id: local,
-            peer_id: peer_label,
-        };
-        let counters = self.opened(&labels);
-        let mut guard = self.conns.register(direction, peer, chain);
+        let (labels, counters, mut guard) = self.admit(a);
         let reason = relay(peer_io, local_io, &counters, &mut guard.close_rx).await;
         self.closed(&labels, reason);
         reason
@@ -154,6 +156,22 @@ impl Proxy {
             })
             .inc();
     }
+}
+
+/// A connection that passed the handshake (and, for TCP ports, authorization).
+pub struct Admitted {
+    pub direction: Direction,
+    pub local: Arc<str>,
+    pub peer_label: Arc<str>,
+    pub peer: SpiffeId,
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The workload port (inbound) or destination port (outbound).
+    pub port: u16,
+}
+
+/// Unix seconds by the sidecar's own clock (policy expiry).
+pub fn now_unix() -> i64 {
+    UnixTime::now().as_secs() as i64
 }
 
 /// The peer's certificate chain as presented (leaf first), owned for the registry.

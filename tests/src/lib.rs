@@ -285,6 +285,8 @@ pub struct Sidecar {
     pub outbound: Vec<(u16, u16, String)>,
     pub handshake_timeout: &'static str,
     pub drain: &'static str,
+    /// Directory of Policy files (`spec.policyDir`).
+    pub policy_dir: Option<PathBuf>,
 }
 
 impl Sidecar {
@@ -298,6 +300,7 @@ impl Sidecar {
             outbound: Vec::new(),
             handshake_timeout: "2s",
             drain: "5s",
+            policy_dir: None,
         }
     }
 
@@ -334,6 +337,9 @@ impl Sidecar {
                 )
             })
             .collect();
+        if let Some(dir) = &self.policy_dir {
+            y += &format!("  policyDir: {}\n", dir.display());
+        }
         y += &format!(
             "  inbound:\n    ports: [{}]\n    explicit: [{}]\n  outbound:\n    explicit: [{}]\n",
             ports.join(", "),
@@ -418,4 +424,32 @@ pub fn curl(port: u16, path: &str) -> (bool, String) {
         ]),
         Duration::from_secs(10),
     )
+}
+
+/// Unix seconds as RFC 3339 UTC (`2026-12-31T00:00:00Z`), for policy expiry in tests.
+pub fn rfc3339(unix: i64) -> String {
+    // Howard Hinnant's civil_from_days.
+    let (days, secs) = (unix.div_euclid(86_400), unix.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs() as i64
 }

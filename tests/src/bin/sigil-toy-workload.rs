@@ -75,6 +75,8 @@ fn http_conn(conn: TcpStream, name: &str) -> std::io::Result<()> {
         }
         let mut content_length = 0usize;
         let mut close = false;
+        let mut peer_ids = Vec::new();
+        let mut te = false;
         loop {
             let mut h = String::new();
             if reader.read_line(&mut h)? == 0 {
@@ -91,16 +93,27 @@ fn http_conn(conn: TcpStream, name: &str) -> std::io::Result<()> {
             if lower.starts_with("connection:") && lower.contains("close") {
                 close = true;
             }
+            if lower.starts_with("transfer-encoding:") {
+                te = true;
+            }
+            if lower.starts_with("x-sigil-peer-id:") {
+                peer_ids.push(h["x-sigil-peer-id:".len()..].trim().to_string());
+            }
         }
         let mut body = vec![0u8; content_length];
         reader.read_exact(&mut body)?;
+        // Shows what the sidecar told the workload about the caller (tests check it).
+        let target = request_line.split_whitespace().take(2).collect::<Vec<_>>();
         let text = format!(
-            "hello from {name} ({} from {peer})\n",
-            request_line
-                .split_whitespace()
-                .take(2)
-                .collect::<Vec<_>>()
-                .join(" ")
+            "hello from {name} ({} from {peer}) peer-id={} framing={}\n",
+            target.join(" "),
+            peer_ids.join(","),
+            match (content_length > 0, te) {
+                (true, true) => "both",
+                (true, false) => "length",
+                (false, true) => "chunked",
+                (false, false) => "none",
+            }
         );
         // One write per response: several small writes stall on Nagle + delayed ACK.
         let response = format!(

@@ -1,0 +1,292 @@
+//! Inbound HTTP on ports that a policy declares `http`: one hyper server (HTTP/1.1 and HTTP/2)
+//! per admitted mTLS connection. Every request is normalized, decided against the current
+//! policy index (so policy changes apply to the next request), and either answered with 403
+//! (gRPC: PERMISSION_DENIED) naming the rule, or forwarded to the workload with the verified
+//! peer ID in `x-sigil-peer-id`. Bodies stream both ways; upgrades (WebSocket) are authorized
+//! on the upgrade request and then relayed as bytes.
+//!
+//! Message framing is hyper's: a request with both Content-Length and Transfer-Encoding is
+//! read as chunked and its Content-Length dropped (RFC 9112 §6.3), so the workload receives
+//! one unambiguous framing; conflicting Content-Length values and header overflows are
+//! refused by hyper before they reach us.
+
+use std::convert::Infallible;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE, HOST, UPGRADE};
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sigil_config::SpiffeId;
+use sigil_filters::normalize::{effective_host, normalize_path};
+use sigil_filters::HttpRequest;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{debug, info, warn};
+
+use crate::metrics::{LocalLabels, RequestLabels, RuleLabels};
+use crate::proxy::{now_unix, Admitted, Proxy};
+use crate::relay::closed;
+
+pub const PEER_HEADER: &str = "x-sigil-peer-id";
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Clients towards the local workload: pooled, one per HTTP version.
+pub struct Upstreams {
+    h1: Client<HttpConnector, Incoming>,
+    h2: Client<HttpConnector, Incoming>,
+}
+
+impl Upstreams {
+    pub fn new() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        Self {
+            h1: Client::builder(TokioExecutor::new()).build(connector.clone()),
+            h2: Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build(connector),
+        }
+    }
+}
+
+struct Conn {
+    p: Arc<Proxy>,
+    peer: SpiffeId,
+    peer_label: Arc<str>,
+    peer_header: HeaderValue,
+    local: Arc<str>,
+    port: u16,
+}
+
+/// Serves one admitted connection until it ends or the registry closes it.
+pub async fn serve<S>(p: Arc<Proxy>, stream: S, a: Admitted) -> &'static str
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Ok(peer_header) = HeaderValue::from_str(a.peer.as_str()) else {
+        // SPIFFE IDs are ASCII without controls, so this cannot happen; refuse if it does.
+        return "invalid_peer_id";
+    };
+    let conn = Arc::new(Conn {
+        p: p.clone(),
+        peer: a.peer.clone(),
+        peer_label: a.peer_label.clone(),
+        peer_header,
+        local: a.local.clone(),
+        port: a.port,
+    });
+    let (labels, _counters, mut guard) = p.admit(a);
+    let service = hyper::service::service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(handle(&conn, req).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().max_buf_size(64 * 1024);
+    builder.http2().max_header_list_size(64 * 1024);
+    let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    let reason = tokio::select! {
+        r = served => if r.is_ok() { "done" } else { "io_error" },
+        reason = closed(&mut guard.close_rx) => reason,
+    };
+    p.closed(&labels, reason);
+    reason
+}
+
+fn status_class(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+fn is_grpc(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+fn local_response(status: StatusCode, grpc: bool, reason: &str) -> Response<Body> {
+    let mut b = Response::builder();
+    if grpc {
+        // gRPC carries errors in trailers-only responses with HTTP 200.
+        let code = if status == StatusCode::FORBIDDEN {
+            "7"
+        } else {
+            "3"
+        };
+        b = b
+            .status(StatusCode::OK)
+            .header(CONTENT_TYPE, "application/grpc")
+            .header("grpc-status", code)
+            .header("grpc-message", reason.replace(['\r', '\n'], " "));
+        return b
+            .body(Full::new(Bytes::new()).map_err(|e| match e {}).boxed())
+            .expect("static response parts");
+    }
+    b.status(status)
+        .header(CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(
+            Full::new(Bytes::from(format!("sigil: {reason}\n")))
+                .map_err(|e| match e {})
+                .boxed(),
+        )
+        .expect("static response parts")
+}
+
+async fn handle(c: &Conn, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let grpc = is_grpc(&req);
+    let (route, decision, resp) = match authorize(c, &req) {
+        Err(why) => {
+            info!(peer = %c.peer, port = c.port, method = %req.method(), "request refused: {why}");
+            let r = local_response(StatusCode::BAD_REQUEST, grpc, &why);
+            (Arc::from("invalid_request"), "invalid", r)
+        }
+        Ok((route, false, why)) => {
+            info!(peer = %c.peer, port = c.port, method = %req.method(), path = %req.uri().path(), rule = %why, "request denied");
+            let r = local_response(StatusCode::FORBIDDEN, grpc, &format!("denied by {why}"));
+            (route, "deny", r)
+        }
+        Ok((route, true, path)) => {
+            debug!(peer = %c.peer, port = c.port, method = %req.method(), %path, "request allowed");
+            let r = match forward(c, req, &path).await {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(peer = %c.peer, port = c.port, "workload request failed: {e}");
+                    local_response(StatusCode::BAD_GATEWAY, grpc, "workload unavailable")
+                }
+            };
+            (route, "allow", r)
+        }
+    };
+    let m = &c.p.metrics;
+    m.requests
+        .get_or_create(&RequestLabels {
+            direction: "inbound",
+            local_id: c.local.clone(),
+            peer_id: c.peer_label.clone(),
+            route,
+            decision,
+            status_class: status_class(resp.status()),
+        })
+        .inc();
+    m.request_duration
+        .get_or_create(&LocalLabels {
+            local_id: c.local.clone(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// Ok((route label, allowed, detail)): detail is the normalized path+query when allowed, the
+/// deciding rule when denied. Err: the request is malformed (400).
+fn authorize(c: &Conn, req: &Request<Incoming>) -> Result<(Arc<str>, bool, String), String> {
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let host_header = hosts.next();
+    if hosts.next().is_some() {
+        return Err("more than one Host header".into());
+    }
+    let host_header = match host_header {
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| "Host header is not ASCII".to_string())?,
+        ),
+        None => None,
+    };
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or("");
+    let (path, query) = normalize_path(pq).map_err(|e| e.to_string())?;
+    let host = effective_host(req.uri().authority().map(|a| a.as_str()), host_header, 80)
+        .map_err(|e| e.to_string())?;
+    let index = c.p.policy();
+    let headers = req.headers();
+    let d = index.decide_http(&HttpRequest {
+        peer: &c.peer,
+        port: c.port,
+        method: req.method().as_str(),
+        host: &host,
+        path: &path,
+        header: |name: &str| headers.get(name).and_then(|v| v.to_str().ok()),
+        now: now_unix(),
+    });
+    if let Some(w) = d.would_deny {
+        info!(peer = %c.peer, port = c.port, path = %path, rule = %w, "dry-run: would deny");
+        c.p.metrics
+            .would_deny
+            .get_or_create(&RuleLabels {
+                local_id: c.local.clone(),
+                rule: index.label(&w),
+            })
+            .inc();
+    }
+    let route = index.label(&d.rule);
+    if !d.allowed {
+        return Ok((route, false, d.rule.to_string()));
+    }
+    let target = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.into_owned(),
+    };
+    Ok((route, true, target))
+}
+
+/// Sends the request to 127.0.0.1:<port> with the normalized target and our peer header.
+async fn forward(
+    c: &Conn,
+    mut req: Request<Incoming>,
+    target: &str,
+) -> Result<Response<Body>, String> {
+    let upstream = SocketAddr::from((Ipv4Addr::LOCALHOST, c.port));
+    let uri: Uri = format!("http://{upstream}{target}")
+        .parse()
+        .map_err(|e| format!("rebuilding the target: {e}"))?;
+    let upgrade = req.version() == Version::HTTP_11 && req.headers().contains_key(UPGRADE);
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let grpc = is_grpc(&req);
+    let (mut parts, body) = req.into_parts();
+    parts.uri = uri;
+    // gRPC needs HTTP/2 end to end; anything else goes to the workload as HTTP/1.1, which
+    // every workload speaks (an HTTP/2 client must not break an HTTP/1-only server).
+    parts.version = if grpc {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    // Only we may say who the caller is.
+    let peer_header = HeaderName::from_static(PEER_HEADER);
+    while parts.headers.remove(&peer_header).is_some() {}
+    parts.headers.insert(peer_header, c.peer_header.clone());
+    let out = Request::from_parts(parts, body);
+    let upstreams = &c.p.upstreams;
+    let client = if out.version() == Version::HTTP_2 {
+        &upstreams.h2
+    } else {
+        &upstreams.h1
+    };
+    let mut resp = client.request(out).await.map_err(|e| e.to_string())?;
+    if let (Some(down), StatusCode::SWITCHING_PROTOCOLS) = (downstream_upgrade, resp.status()) {
+        let up = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            if let (Ok(down), Ok(up)) = (down.await, up.await) {
+                let mut down = TokioIo::new(down);
+                let mut up = TokioIo::new(up);
+                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+            }
+        });
+    }
+    Ok(resp.map(|b| b.boxed()))
+}

@@ -1,0 +1,78 @@
+//! Policies from `spec.policyDir`, polled like the identity files. A set with any invalid
+//! file is refused whole (each problem logged with file:line) and the last good set stays.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use sigil_config::{Policy, ProxyConfig, SpiffeId};
+use sigil_filters::PolicyIndex;
+
+pub struct PolicyFiles {
+    dir: Option<PathBuf>,
+    seen: BTreeMap<PathBuf, Vec<u8>>,
+    /// The last good set, kept to recompile when our own SPIFFE ID changes.
+    pub current: Vec<Policy>,
+}
+
+impl PolicyFiles {
+    pub fn from_config(cfg: &ProxyConfig) -> Self {
+        Self {
+            dir: cfg.spec.policy_dir.as_ref().map(|d| cfg.resolve(d)),
+            seen: BTreeMap::new(),
+            current: Vec::new(),
+        }
+    }
+
+    /// Re-reads the directory. None: nothing changed. Some(Err): the new set is refused, with
+    /// every problem found. Some(Ok): `current` now holds the new set.
+    pub fn poll(&mut self) -> Option<Result<usize, Vec<String>>> {
+        let dir = self.dir.as_ref()?;
+        let mut now = BTreeMap::new();
+        let mut problems = Vec::new();
+        match std::fs::read_dir(dir) {
+            Ok(entries) => {
+                for e in entries.flatten() {
+                    let path = e.path();
+                    let name = e.file_name();
+                    let name = name.to_string_lossy();
+                    if name.starts_with('.') || !(name.ends_with(".yaml") || name.ends_with(".yml"))
+                    {
+                        continue;
+                    }
+                    match std::fs::read(&path) {
+                        Ok(b) => {
+                            now.insert(path, b);
+                        }
+                        Err(e) => problems.push(format!("{}: {e}", path.display())),
+                    }
+                }
+            }
+            Err(e) => problems.push(format!("{}: {e}", dir.display())),
+        }
+        if now == self.seen && problems.is_empty() {
+            return None;
+        }
+        self.seen = now;
+        let mut policies = Vec::new();
+        for (path, bytes) in &self.seen {
+            let parsed = std::str::from_utf8(bytes)
+                .map_err(|e| format!("{}: not UTF-8: {e}", path.display()))
+                .and_then(|text| Policy::parse_all(path, text).map_err(|e| e.to_string()));
+            match parsed {
+                Ok(ps) => policies.extend(ps),
+                Err(e) => problems.push(e),
+            }
+        }
+        if !problems.is_empty() {
+            return Some(Err(problems));
+        }
+        self.current = policies;
+        Some(Ok(self.current.len()))
+    }
+}
+
+/// The index for `local`: the file policies plus `inbound.ports` of the config.
+pub fn compile(cfg: &ProxyConfig, files: &[Policy], local: &SpiffeId) -> PolicyIndex {
+    let from_config = Policy::from_inbound_ports(cfg, local);
+    PolicyIndex::compile(files.iter().chain(from_config.iter()), local)
+}
