@@ -99,6 +99,10 @@ pub struct InboundSpec {
     pub ports: Vec<Spanned<PortRule>>,
     #[serde(default)]
     pub explicit: Vec<Spanned<ExplicitInbound>>,
+    /// Ports never sniffed for HTTP (server-first protocols such as MySQL or SMTP would
+    /// otherwise wait out the detection timeout). Ports a policy declares skip detection too.
+    #[serde(default)]
+    pub opaque_ports: Vec<u16>,
 }
 
 impl Default for InboundSpec {
@@ -107,6 +111,7 @@ impl Default for InboundSpec {
             listen: default_inbound_listen(),
             ports: Vec::new(),
             explicit: Vec::new(),
+            opaque_ports: Vec::new(),
         }
     }
 }
@@ -233,6 +238,9 @@ pub struct Timeouts {
     /// On SIGTERM, how long live connections may take to finish before they are cut.
     #[serde(default = "default_drain", with = "duration")]
     pub drain: Duration,
+    /// How long to wait for a client's first bytes to tell HTTP from opaque TCP.
+    #[serde(default = "default_detect", with = "duration")]
+    pub detect: Duration,
 }
 
 impl Default for Timeouts {
@@ -241,6 +249,7 @@ impl Default for Timeouts {
             handshake: default_handshake(),
             connect: default_connect(),
             drain: default_drain(),
+            detect: default_detect(),
         }
     }
 }
@@ -279,6 +288,9 @@ fn default_connect() -> Duration {
 }
 fn default_drain() -> Duration {
     Duration::from_secs(10)
+}
+fn default_detect() -> Duration {
+    Duration::from_secs(1)
 }
 fn default_peer_id_cap() -> usize {
     200

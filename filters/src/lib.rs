@@ -4,6 +4,7 @@
 
 pub mod authz;
 pub mod bundle;
+pub mod detect;
 pub mod identity;
 pub mod normalize;
 pub mod policy;

@@ -250,6 +250,11 @@ impl PolicyIndex {
         }
     }
 
+    /// Whether some policy declares `port` as `tcp` (no protocol detection there).
+    pub fn is_tcp(&self, port: u16) -> bool {
+        matches!(self.ports.get(&port), Some(PortIndex::Tcp(_)))
+    }
+
     /// Whether `port` is declared HTTP by some policy (requests are then checked one by one).
     pub fn is_http(&self, port: u16) -> bool {
         matches!(self.ports.get(&port), Some(PortIndex::Http(_)))

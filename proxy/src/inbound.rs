@@ -12,9 +12,12 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::conns::Direction;
+use sigil_filters::detect::Detected;
+
 use crate::l7;
 use crate::metrics::RuleLabels;
 use crate::proxy::{now_unix, peer_chain, Admitted, Proxy};
+use crate::relay::{sniff, Rewind};
 
 const DIR: Direction = Direction::Inbound;
 
@@ -49,9 +52,43 @@ pub async fn handle(p: Arc<Proxy>, tcp: TcpStream, client: SocketAddr, port: u16
     };
     let peer_label = p.metrics.peer_label(peer.as_str());
     let index = p.policy();
-    if index.is_http(port) {
-        // Admitted as a connection; every request on it is decided on its own.
-        drop((tls, index));
+    let declared_http = index.is_http(port);
+    if !declared_http {
+        let verdict = index.decide_tcp(&peer, port, now_unix());
+        if let Some(w) = verdict.would_deny {
+            info!(%client, peer = %peer, port, rule = %w, "dry-run: would deny connection");
+            p.metrics
+                .would_deny
+                .get_or_create(&RuleLabels {
+                    local_id: local.clone(),
+                    rule: index.label(&w),
+                })
+                .inc();
+        }
+        if !verdict.allowed {
+            info!(%client, peer = %peer, port, rule = %verdict.rule, reason = "not_allowed", "inbound refused");
+            p.refused(DIR, &local, peer_label, "not_allowed");
+            // close_notify, so the peer sidecar sees a clean end rather than a truncation.
+            let mut stream = stream;
+            let _ = tokio::time::timeout(timeout, stream.shutdown()).await;
+            return;
+        }
+        debug!(%client, peer = %peer, port, rule = %verdict.rule, "inbound allowed");
+    }
+    // Ports no policy declares are sniffed: HTTP gets per-request handling (metrics, peer
+    // header, and route checks once a policy arrives), anything else is relayed as bytes.
+    let sniff_it =
+        !declared_http && !index.is_tcp(port) && !p.cfg.spec.inbound.opaque_ports.contains(&port);
+    // Connections re-check against the current index on policy changes; do not pin this one.
+    drop((tls, index));
+    let mut stream = stream;
+    let (detected, prefix) = if sniff_it {
+        sniff(&mut stream, p.cfg.spec.timeouts.detect).await
+    } else {
+        (Detected::Opaque, Vec::new())
+    };
+    let stream = Rewind::new(prefix, stream);
+    if declared_http || detected != Detected::Opaque {
         let a = Admitted {
             direction: DIR,
             local,
@@ -66,28 +103,6 @@ pub async fn handle(p: Arc<Proxy>, tcp: TcpStream, client: SocketAddr, port: u16
         }
         return;
     }
-    let verdict = index.decide_tcp(&peer, port, now_unix());
-    if let Some(w) = verdict.would_deny {
-        info!(%client, peer = %peer, port, rule = %w, "dry-run: would deny connection");
-        p.metrics
-            .would_deny
-            .get_or_create(&RuleLabels {
-                local_id: local.clone(),
-                rule: index.label(&w),
-            })
-            .inc();
-    }
-    if !verdict.allowed {
-        info!(%client, peer = %peer, port, rule = %verdict.rule, reason = "not_allowed", "inbound refused");
-        p.refused(DIR, &local, peer_label, "not_allowed");
-        // close_notify, so the peer sidecar sees a clean end rather than a truncation.
-        let mut stream = stream;
-        let _ = tokio::time::timeout(timeout, stream.shutdown()).await;
-        return;
-    }
-    debug!(%client, peer = %peer, port, rule = %verdict.rule, "inbound allowed");
-    // Connections re-check against the current index on policy changes; do not pin this one.
-    drop(index);
     let upstream = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let connect = tokio::time::timeout(p.cfg.spec.timeouts.connect, TcpStream::connect(upstream));
     let workload = match connect.await {
@@ -104,7 +119,6 @@ pub async fn handle(p: Arc<Proxy>, tcp: TcpStream, client: SocketAddr, port: u16
         }
     };
     let _ = workload.set_nodelay(true);
-    drop(tls);
     let label = peer_label.clone();
     let a = Admitted {
         direction: DIR,

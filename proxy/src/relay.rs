@@ -4,7 +4,10 @@
 use std::io;
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 
 /// One TLS record's worth of plaintext per read keeps TLS framing and syscalls balanced.
@@ -94,6 +97,82 @@ pub async fn closed(rx: &mut watch::Receiver<Option<&'static str>>) -> &'static 
         }
         if rx.changed().await.is_err() {
             std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// A stream whose first bytes were already read (protocol detection): they are replayed
+/// before the rest.
+pub struct Rewind<S> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S> Rewind<S> {
+    pub fn new(prefix: Vec<u8>, inner: S) -> Self {
+        Self {
+            prefix,
+            pos: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.pos < self.prefix.len() {
+            let n = (self.prefix.len() - self.pos).min(buf.remaining());
+            let start = self.pos;
+            buf.put_slice(&self.prefix[start..start + n]);
+            self.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Reads the client's first bytes until they tell HTTP/1, HTTP/2 or opaque TCP apart, the
+/// stream ends, or `timeout` passes (server-first protocols send nothing: opaque).
+pub async fn sniff<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    timeout: std::time::Duration,
+) -> (sigil_filters::detect::Detected, Vec<u8>) {
+    use sigil_filters::detect::{classify, Detected};
+    let mut prefix = Vec::with_capacity(64);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let mut chunk = [0u8; 64];
+        let read = tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await;
+        match read {
+            Ok(Ok(n)) if n > 0 => prefix.extend_from_slice(&chunk[..n]),
+            _ => return (Detected::Opaque, prefix),
+        }
+        match classify(&prefix) {
+            Detected::NeedMore => continue,
+            d => return (d, prefix),
         }
     }
 }

@@ -384,3 +384,54 @@ fn routes_by_identity_with_dry_run_expiry_normalization_and_live_policy_changes(
     );
     drop(pb);
 }
+
+#[test]
+fn undeclared_ports_are_sniffed_http_gets_l7_and_opaque_bytes_are_relayed() {
+    if !require_tool("curl", "l7-detect") {
+        return;
+    }
+    let dir = TempDir::new("l7-detect");
+    let d = dir.path();
+    let ca = Ca::new("example.org");
+    let (_web, web_port) = start_workload("b", false);
+    let (_echo, echo_port) = start_workload("b-echo", true);
+    let fa = write_identity(d, "a", &ca, A, &[&ca]);
+    let fb = write_identity(d, "b", &ca, B, &[&ca]);
+    // No policy targets B: mTLS alone admits A, and nothing declares a protocol.
+    let (b_web, b_echo) = (free_port(), free_port());
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.inbound = vec![(b_web, web_port), (b_echo, echo_port)];
+    let _pb = b.start(d, &fb);
+    let (a_web, a_echo) = (free_port(), free_port());
+    let mut a = Sidecar::new("sidecar-a", A);
+    a.outbound = vec![(a_web, b_web, B.into()), (a_echo, b_echo, B.into())];
+    let _pa = a.start(d, &fa);
+
+    // HTTP/1.1 and h2c are detected: the workload gets the verified caller's ID.
+    let (ok, out) = curl_args(&[&format!("http://127.0.0.1:{a_web}/x")]);
+    assert!(ok && out.contains(&format!("peer-id={A} ")), "{out}");
+    let (ok, out) = curl_args(&[
+        "--http2-prior-knowledge",
+        &format!("http://127.0.0.1:{a_web}/y"),
+    ]);
+    assert!(ok && out.contains(&format!("peer-id={A} ")), "{out}");
+    let mb = b.metrics();
+    let n = metric(
+        &mb,
+        "sigil_requests_total{",
+        &["route=\"no_policy\"", "decision=\"allow\""],
+    );
+    assert_eq!(n, Some(2.0), "{mb}");
+
+    // Opaque bytes (here: binary, not a request line) are relayed untouched, both ways.
+    let mut s = TcpStream::connect(("127.0.0.1", a_echo)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let payload: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+    s.write_all(&payload).unwrap();
+    let mut back = vec![0u8; payload.len()];
+    s.read_exact(&mut back).unwrap();
+    assert!(back == payload, "opaque stream corrupted");
+    let mb = b.metrics();
+    let n = metric(&mb, "sigil_requests_total{", &["route=\"no_policy\""]);
+    assert_eq!(n, Some(2.0), "the opaque stream was treated as HTTP: {mb}");
+}
