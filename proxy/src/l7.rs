@@ -23,7 +23,7 @@ use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE, HOST, UPGRADE};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use sigil_config::SpiffeId;
 use sigil_filters::normalize::{effective_host, normalize_path};
 use sigil_filters::HttpRequest;
@@ -32,9 +32,10 @@ use tracing::{debug, info, warn};
 
 use crate::metrics::{LocalLabels, RequestLabels, RuleLabels};
 use crate::proxy::{now_unix, Admitted, Proxy};
-use crate::relay::closed;
+use crate::relay::{closed, Counted};
 
 pub const PEER_HEADER: &str = "x-sigil-peer-id";
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Clients towards the local workload: pooled, one per HTTP version.
@@ -82,18 +83,34 @@ where
         local: a.local.clone(),
         port: a.port,
     });
-    let (labels, _counters, mut guard) = p.admit(a);
+    let (labels, counters, mut guard) = p.admit(a);
+    let stream = Counted::new(stream, counters);
     let service = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle(&conn, req).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().max_buf_size(64 * 1024);
+    builder
+        .http1()
+        .max_buf_size(64 * 1024)
+        // A peer that trickles headers (slowloris) is cut.
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
     builder.http2().max_header_list_size(64 * 1024);
     let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-    let reason = tokio::select! {
-        r = served => if r.is_ok() { "done" } else { "io_error" },
-        reason = closed(&mut guard.close_rx) => reason,
+    tokio::pin!(served);
+    let mut draining = false;
+    let reason = loop {
+        tokio::select! {
+            r = served.as_mut() => break if r.is_ok() { "done" } else { "io_error" },
+            reason = closed(&mut guard.close_rx) => break reason,
+            // On SIGTERM, finish in-flight requests and close (Connection: close / GOAWAY)
+            // rather than wait to be cut at the drain deadline.
+            _ = p.drained(), if !draining => {
+                draining = true;
+                served.as_mut().graceful_shutdown();
+            }
+        }
     };
     p.closed(&labels, reason);
     reason

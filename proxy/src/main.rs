@@ -14,7 +14,6 @@ mod relay;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -239,7 +238,7 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
         live = p.conns.len(),
         "shutting down: no new connections; draining up to {deadline:?}"
     );
-    p.draining.store(true, Ordering::Relaxed);
+    p.start_drain();
     let _ = shutdown_tx.send(true);
     if tokio::time::timeout(deadline, p.conns.wait_empty())
         .await

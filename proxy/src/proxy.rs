@@ -25,6 +25,8 @@ pub struct Proxy {
     pub metrics: Metrics,
     pub conns: Arc<Conns>,
     pub draining: AtomicBool,
+    /// Wakes connections that can end gracefully (HTTP) when draining starts.
+    pub drain_started: tokio::sync::Notify,
     /// Pooled clients towards the local workload (L7 ports).
     pub upstreams: crate::l7::Upstreams,
 }
@@ -50,7 +52,25 @@ impl Proxy {
             metrics,
             conns: Arc::new(Conns::default()),
             draining: AtomicBool::new(false),
+            drain_started: tokio::sync::Notify::new(),
             upstreams: crate::l7::Upstreams::new(),
+        }
+    }
+
+    /// Starts draining: readiness fails, HTTP connections finish their requests and close.
+    pub fn start_drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.drain_started.notify_waiters();
+    }
+
+    /// Resolves once draining has started.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.drain_started.notified();
+            if self.draining.load(Ordering::Relaxed) {
+                return;
+            }
+            notified.await;
         }
     }
 

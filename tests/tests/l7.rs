@@ -401,7 +401,7 @@ fn undeclared_ports_are_sniffed_http_gets_l7_and_opaque_bytes_are_relayed() {
     let (b_web, b_echo) = (free_port(), free_port());
     let mut b = Sidecar::new("sidecar-b", B);
     b.inbound = vec![(b_web, web_port), (b_echo, echo_port)];
-    let _pb = b.start(d, &fb);
+    let mut pb = b.start(d, &fb);
     let (a_web, a_echo) = (free_port(), free_port());
     let mut a = Sidecar::new("sidecar-a", A);
     a.outbound = vec![(a_web, b_web, B.into()), (a_echo, b_echo, B.into())];
@@ -434,4 +434,36 @@ fn undeclared_ports_are_sniffed_http_gets_l7_and_opaque_bytes_are_relayed() {
     let mb = b.metrics();
     let n = metric(&mb, "sigil_requests_total{", &["route=\"no_policy\""]);
     assert_eq!(n, Some(2.0), "the opaque stream was treated as HTTP: {mb}");
+    drop(s);
+
+    // Connections served at L7 count their bytes too.
+    let rx = metric(
+        &mb,
+        "sigil_bytes_received_total{",
+        &[&format!("peer_id=\"{A}\"")],
+    )
+    .unwrap_or(0.0);
+    assert!(rx > 100_000.0 + 100.0, "L7 bytes not counted: {rx}\n{mb}");
+
+    // SIGTERM with an idle keep-alive HTTP connection open: B closes it gracefully and
+    // exits without waiting for the drain deadline.
+    let mut ka = TcpStream::connect(("127.0.0.1", a_web)).unwrap();
+    ka.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    ka.write_all(b"GET /keep HTTP/1.1\r\nHost: b\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = ka.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("hello from b"));
+    let code = pb.terminate(Duration::from_secs(15));
+    assert_eq!(code, Some(0), "{}", pb.log());
+    assert!(
+        !pb.log().contains("drain deadline passed"),
+        "HTTP connection was cut, not drained:\n{}",
+        pb.log()
+    );
+    assert_eq!(
+        ka.read(&mut buf).unwrap_or(0),
+        0,
+        "keep-alive connection left open"
+    );
 }
