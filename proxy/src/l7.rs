@@ -24,12 +24,14 @@ use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::CertificateDer;
 use sigil_config::SpiffeId;
 use sigil_filters::normalize::{effective_host, normalize_path};
 use sigil_filters::HttpRequest;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
 
+use crate::conns::Direction;
 use crate::metrics::{LocalLabels, RequestLabels, RuleLabels};
 use crate::proxy::{now_unix, Admitted, Proxy};
 use crate::relay::{closed, Counted};
@@ -60,6 +62,8 @@ impl Upstreams {
 struct Conn {
     p: Arc<Proxy>,
     peer: SpiffeId,
+    /// For registering upgraded tunnels, which outlive the HTTP connection's registration.
+    chain: Vec<CertificateDer<'static>>,
     peer_label: Arc<str>,
     peer_header: HeaderValue,
     local: Arc<str>,
@@ -78,6 +82,7 @@ where
     let conn = Arc::new(Conn {
         p: p.clone(),
         peer: a.peer.clone(),
+        chain: a.chain.clone(),
         peer_label: a.peer_label.clone(),
         peer_header,
         local: a.local.clone(),
@@ -297,11 +302,19 @@ async fn forward(
     let mut resp = client.request(out).await.map_err(|e| e.to_string())?;
     if let (Some(down), StatusCode::SWITCHING_PROTOCOLS) = (downstream_upgrade, resp.status()) {
         let up = hyper::upgrade::on(&mut resp);
+        // The tunnel outlives the HTTP connection's registration: register it on its own so
+        // that a bundle change (or revocation) still finds and closes it.
+        let mut guard =
+            c.p.conns
+                .register(Direction::Inbound, c.peer.clone(), c.chain.clone(), c.port);
         tokio::spawn(async move {
             if let (Ok(down), Ok(up)) = (down.await, up.await) {
                 let mut down = TokioIo::new(down);
                 let mut up = TokioIo::new(up);
-                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                    _ = closed(&mut guard.close_rx) => {}
+                }
             }
         });
     }

@@ -76,6 +76,8 @@ struct Mesh {
     a: Vec<u16>,
     /// C's outbound listener per workload port.
     c: Vec<u16>,
+    /// B's trust bundle directory, to change what B trusts mid-test.
+    b_bundles: std::path::PathBuf,
     _dir: TempDir,
 }
 
@@ -119,6 +121,7 @@ impl Mesh {
             _pc: pc,
             a,
             c,
+            b_bundles: fb.bundle_dir.clone(),
             _dir: dir,
         }
     }
@@ -731,6 +734,31 @@ fn websocket_upgrade_authorized_per_route_and_identity_then_bytes_flow() {
         ["/ws/echo", "/ws/admin/x"],
         "what reached the workload"
     );
+
+    // A live tunnel outlives its HTTP request: when B stops trusting A's CA, B must still
+    // find the tunnel and cut it.
+    rt.block_on(async {
+        let (mut ws, _) = within(
+            "upgrade for the bundle change",
+            tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{a_port}/ws/echo")),
+        )
+        .await
+        .unwrap();
+        assert_eq!(next_data(&mut ws).await, Message::text(format!("peer={A}")));
+        std::fs::write(
+            mesh.b_bundles.join("example.org.pem"),
+            Ca::new("example.org").bundle_pem(),
+        )
+        .unwrap();
+        loop {
+            match within("the tunnel to be cut after the bundle change", ws.next()).await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
+                Some(Ok(_)) => continue,
+            }
+        }
+    });
+    mesh.pb
+        .wait_log("no longer verifies", std::time::Duration::from_secs(5));
     assert!(
         mesh.requests(&[
             "route=\"ws/admin\"",
