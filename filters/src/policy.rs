@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use sigil_config::policy::{PathMatch, Protocol, RuleMode};
+use sigil_config::policy::{PathMatch, Protocol, RuleMode, Timestamp};
 use sigil_config::{IdPattern, Policy, SpiffeId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,26 +147,32 @@ impl PolicyIndex {
             let pexp = p.spec.expires_at.map(|t| t.0);
             for port in &p.spec.ports {
                 let port = &port.value;
-                let min_exp = |r: Option<i64>| match (pexp, r) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
+                // What a rule shares whether it guards a connection or a route.
+                let base = |name: &str,
+                            mode: Option<RuleMode>,
+                            expires: Option<Timestamp>,
+                            allow: &[IdPattern],
+                            deny: &[IdPattern]| CompiledRule {
+                    label: format!("{}/{name}", p.metadata.name).into(),
+                    policy: p.metadata.name.as_str().into(),
+                    name: name.into(),
+                    mode: mode.unwrap_or(p.spec.mode),
+                    expires_at: match (pexp, expires.map(|t| t.0)) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    },
+                    allow: allow.to_vec(),
+                    deny: deny.to_vec(),
+                    methods: Vec::new(),
+                    hosts: Vec::new(),
+                    headers: Vec::new(),
                 };
                 match port.protocol {
                     Protocol::Tcp => {
                         for r in &port.rules {
                             let r = &r.value;
-                            let id = idx.push(CompiledRule {
-                                label: format!("{}/{}", p.metadata.name, r.name).into(),
-                                policy: p.metadata.name.as_str().into(),
-                                name: r.name.as_str().into(),
-                                mode: r.mode.unwrap_or(p.spec.mode),
-                                expires_at: min_exp(r.expires_at.map(|t| t.0)),
-                                allow: r.allow.clone(),
-                                deny: r.deny.clone(),
-                                methods: Vec::new(),
-                                hosts: Vec::new(),
-                                headers: Vec::new(),
-                            });
+                            let id =
+                                idx.push(base(&r.name, r.mode, r.expires_at, &r.allow, &r.deny));
                             match idx
                                 .ports
                                 .entry(port.port)
@@ -194,13 +200,6 @@ impl PolicyIndex {
                             let r = &r.value;
                             let m = &r.matches;
                             let rule = CompiledRule {
-                                label: format!("{}/{}", p.metadata.name, r.name).into(),
-                                policy: p.metadata.name.as_str().into(),
-                                name: r.name.as_str().into(),
-                                mode: r.mode.unwrap_or(p.spec.mode),
-                                expires_at: min_exp(r.expires_at.map(|t| t.0)),
-                                allow: r.allow.clone(),
-                                deny: r.deny.clone(),
                                 methods: m
                                     .methods
                                     .iter()
@@ -221,6 +220,7 @@ impl PolicyIndex {
                                         )
                                     })
                                     .collect(),
+                                ..base(&r.name, r.mode, r.expires_at, &r.allow, &r.deny)
                             };
                             let id = idx.rules.len() as u32;
                             idx.rules.push(rule);
