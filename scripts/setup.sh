@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Sigil's quickstart and test suite use, when missing.
-# Usage: scripts/setup.sh [--perf]   (--perf adds nginx with the stream module, and wrk)
+# Usage: scripts/setup.sh [--perf]   (--perf adds nginx with the stream module, wrk and h2load)
 set -euo pipefail
 
 need=()
@@ -15,6 +15,7 @@ if [ "${1:-}" = "--perf" ]; then
     have nginx || need+=(nginx)
     [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
     have wrk || need+=(wrk)
+    have h2load || need+=(nghttp2-client)
 fi
 
 if [ ${#need[@]} -eq 0 ]; then
