@@ -461,6 +461,22 @@ fn write_policies(dir: &Path, total: usize, port: u16) -> Result<(usize, usize, 
 
 /// Writes, validates (with sigil-config, as sigil-proxy will) and starts one sidecar, then
 /// waits for its admin `/ready`. Returns it and the time from spawn to ready.
+/// Starts a sidecar pair, server side first so the client's upstream is up. Returns
+/// (server, client, the server's start-to-ready time).
+fn start_sigil_pair(
+    o: &Opts,
+    dir: &Path,
+    prefix: &str,
+    (admin_server, admin_client): (u16, u16),
+    (client_body, server_body): (String, String),
+) -> Result<(Proc, Proc, Duration), String> {
+    let server_name = format!("{prefix}-server");
+    let (server, ready) = start_sigil(o, dir, &server_name, "server", admin_server, &server_body)?;
+    let client_name = format!("{prefix}-client");
+    let (client, _) = start_sigil(o, dir, &client_name, "client", admin_client, &client_body)?;
+    Ok((server, client, ready))
+}
+
 fn start_sigil(
     o: &Opts,
     dir: &Path,
@@ -1171,26 +1187,16 @@ fn run(o: &Opts) -> Result<(), String> {
 
     if !o.skip_sigil {
         log("starting the sigil-proxy L4 pair");
-        let (client_body, server_body) = sigil_l4_bodies(&ports);
-        let (server, ready) = start_sigil(
+        let (server, client, ready) = start_sigil_pair(
             o,
             &dir,
-            "sigil-server",
-            "server",
-            ports.sigil_admin_server,
-            &server_body,
+            "sigil",
+            (ports.sigil_admin_server, ports.sigil_admin_client),
+            sigil_l4_bodies(&ports),
         )?;
         setup
             .ready
             .push(("sigil server-side (L4, no policies)", ready));
-        let (client, _) = start_sigil(
-            o,
-            &dir,
-            "sigil-client",
-            "client",
-            ports.sigil_admin_client,
-            &client_body,
-        )?;
         groups.push(Group::new("sigil client-side", client.pid(), false));
         groups.push(Group::new("sigil server-side", server.pid(), false));
         procs.push(server);
@@ -1207,26 +1213,16 @@ fn run(o: &Opts) -> Result<(), String> {
         log(format!(
             "starting the sigil-proxy L7 pair: {docs} policies in {files} files, {own} targeting {SERVER_ID}"
         ));
-        let (client_body, server_body) = sigil_l7_bodies(&ports);
-        let (server, ready) = start_sigil(
+        let (server, client, ready) = start_sigil_pair(
             o,
             &dir,
-            "sigil-l7-server",
-            "server",
-            ports.sigil_l7_admin_server,
-            &server_body,
+            "sigil-l7",
+            (ports.sigil_l7_admin_server, ports.sigil_l7_admin_client),
+            sigil_l7_bodies(&ports),
         )?;
         setup
             .ready
             .push(("sigil-l7 server-side (policyDir loaded)", ready));
-        let (client, _) = start_sigil(
-            o,
-            &dir,
-            "sigil-l7-client",
-            "client",
-            ports.sigil_l7_admin_client,
-            &client_body,
-        )?;
         groups.push(Group::new("sigil-l7 client-side", client.pid(), false));
         groups.push(Group::new("sigil-l7 server-side", server.pid(), false));
         procs.push(server);
