@@ -153,6 +153,11 @@ pub struct OutboundSpec {
     pub registry: Vec<Spanned<RegistryEntry>>,
     #[serde(default)]
     pub explicit: Vec<Spanned<ExplicitOutbound>>,
+    /// Destination ports never sniffed for HTTP: their bytes go over a connection of their
+    /// own. Server-first protocols (MySQL, SMTP) belong here, or they wait out the
+    /// detection timeout before the first byte is relayed.
+    #[serde(default)]
+    pub opaque_ports: Vec<u16>,
 }
 
 impl Default for OutboundSpec {
@@ -162,6 +167,7 @@ impl Default for OutboundSpec {
             unknown_destination: UnknownDestination::default(),
             registry: Vec::new(),
             explicit: Vec::new(),
+            opaque_ports: Vec::new(),
         }
     }
 }

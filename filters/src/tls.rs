@@ -22,6 +22,35 @@ use crate::bundle::TrustBundles;
 use crate::identity::LocalIdentity;
 use crate::svid::{verify_svid, SvidError, Usage};
 
+/// What a sidecar-to-sidecar connection carries, told to the inbound side by ALPN so that it
+/// neither sniffs again nor guesses. Non-sidecar clients (openssl s_client, curl) offer no
+/// ALPN or `http/1.1` and are sniffed as before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Carries {
+    /// Opaque bytes; the outbound side already found them not to be HTTP.
+    Tcp,
+    /// Pooled HTTP/2 carrying requests from many workload connections.
+    Http2,
+    /// One HTTP/1.1 connection (upgrades such as WebSocket, which HTTP/2 cannot carry).
+    Http1,
+}
+
+impl Carries {
+    pub fn alpn(self) -> &'static [u8] {
+        match self {
+            Self::Tcp => b"sigil/tcp",
+            Self::Http2 => b"sigil/h2",
+            Self::Http1 => b"http/1.1",
+        }
+    }
+
+    pub fn from_alpn(alpn: Option<&[u8]>) -> Option<Self> {
+        [Self::Tcp, Self::Http2, Self::Http1]
+            .into_iter()
+            .find(|c| Some(c.alpn()) == alpn)
+    }
+}
+
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -177,18 +206,25 @@ pub fn server_config(
         .expect("ring supports TLS 1.3")
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(SingleCertAndKey::from(identity.certified_key())));
+    // A client offering only other protocols (say `h2` alone) is refused with
+    // no_application_protocol; one offering none is sniffed.
+    config.alpn_protocols = [Carries::Http2, Carries::Tcp, Carries::Http1]
+        .iter()
+        .map(|c| c.alpn().to_vec())
+        .collect();
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     config.max_early_data_size = 0;
     Arc::new(config)
 }
 
-/// The outbound (client) side towards one expected peer identity.
+/// The outbound (client) side towards one expected peer identity, for one kind of traffic.
 pub fn client_config(
     identity: &LocalIdentity,
     bundles: Arc<TrustBundles>,
     provider: Arc<CryptoProvider>,
     expected: SpiffeId,
+    carries: Carries,
 ) -> Arc<ClientConfig> {
     let verifier = Arc::new(SpiffeServerVerifier {
         bundles,
@@ -201,6 +237,7 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(identity.certified_key())));
+    config.alpn_protocols = vec![carries.alpn().to_vec()];
     config.resumption = Resumption::disabled();
     config.enable_early_data = false;
     Arc::new(config)

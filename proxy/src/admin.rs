@@ -83,7 +83,9 @@ fn config_dump(p: &Proxy) -> String {
         },
         "trust_domains": tls.bundles.domains(),
         "live_connections": p.conns.snapshot().into_iter()
-            .map(|(direction, peer)| serde_json::json!({"direction": direction, "peer_id": peer}))
+            .map(|(direction, kind, peer)| serde_json::json!({
+                "direction": direction, "kind": kind, "peer_id": peer,
+            }))
             .collect::<Vec<_>>(),
         "ready": p.ready().is_ok(),
     });

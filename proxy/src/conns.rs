@@ -25,9 +25,41 @@ impl Direction {
     }
 }
 
+/// What a registered connection carries, which decides how changes apply to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Relayed bytes: the port's TCP policy is re-checked whenever policy changes.
+    Tcp,
+    /// HTTP served from a peer sidecar: every request is checked, so only identity changes
+    /// (bundle, revocation) cut it.
+    Http,
+    /// An upgraded HTTP/1.1 connection (WebSocket), authorized on its upgrade request; only
+    /// identity changes cut it.
+    Tunnel,
+    /// A pooled HTTP/2 connection from us to a peer sidecar. It lives as long as the
+    /// workload connections using it, so the drain does not wait for it.
+    Pooled,
+    /// Our own workload's HTTP connection, its requests sent over pooled connections. It has
+    /// no peer certificate; `peer` is the destination's expected ID.
+    Workload,
+}
+
+impl Kind {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Http => "http",
+            Self::Tunnel => "tunnel",
+            Self::Pooled => "pooled",
+            Self::Workload => "workload",
+        }
+    }
+}
+
 /// What the registry knows of one connection.
 pub struct ConnInfo {
     pub direction: Direction,
+    pub kind: Kind,
     pub peer: SpiffeId,
     /// The peer's certificate chain as presented (leaf first), for re-verification.
     pub chain: Vec<CertificateDer<'static>>,
@@ -63,6 +95,7 @@ impl Conns {
     pub fn register(
         self: &Arc<Self>,
         direction: Direction,
+        kind: Kind,
         peer: SpiffeId,
         chain: Vec<CertificateDer<'static>>,
         port: u16,
@@ -73,6 +106,7 @@ impl Conns {
             id,
             ConnInfo {
                 direction,
+                kind,
                 peer,
                 chain,
                 port,
@@ -86,16 +120,18 @@ impl Conns {
         }
     }
 
-    /// (direction, peer ID) of every live connection, for the config dump.
-    pub fn snapshot(&self) -> Vec<(&'static str, String)> {
+    /// (direction, kind, peer ID) of every live connection, for the config dump.
+    pub fn snapshot(&self) -> Vec<(&'static str, &'static str, String)> {
         let live = self.live.lock().expect("conns lock");
         live.values()
-            .map(|c| (c.direction.label(), c.peer.to_string()))
+            .map(|c| (c.direction.label(), c.kind.label(), c.peer.to_string()))
             .collect()
     }
 
+    /// Connections the drain waits for: all but pooled ones, which end with their users.
     pub fn len(&self) -> usize {
-        self.live.lock().expect("conns lock").len()
+        let live = self.live.lock().expect("conns lock");
+        live.values().filter(|c| c.kind != Kind::Pooled).count()
     }
 
     /// Asks every connection for which `doomed` is true to close with `reason`; returns how
@@ -116,7 +152,7 @@ impl Conns {
         n
     }
 
-    /// Resolves once no connection is left.
+    /// Resolves once no connection but pooled ones is left.
     pub async fn wait_empty(&self) {
         loop {
             let notified = self.changed.notified();

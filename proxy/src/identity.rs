@@ -15,7 +15,8 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::UnixTime;
 use rustls::{ClientConfig, ServerConfig};
 use sigil_config::{ProxyConfig, SpiffeId, TrustDomain};
-use sigil_filters::{tls, LocalIdentity, TrustBundles};
+use sigil_filters::tls::{self, Carries};
+use sigil_filters::{LocalIdentity, TrustBundles};
 
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -27,8 +28,8 @@ pub struct TlsState {
     pub local_label: Arc<str>,
     pub bundles: Arc<TrustBundles>,
     pub server: Arc<ServerConfig>,
-    /// Client configs per expected peer ID, built on first use.
-    clients: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
+    /// Client configs per expected peer ID and kind of traffic, built on first use.
+    clients: Mutex<HashMap<SpiffeId, [Option<Arc<ClientConfig>>; 3]>>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -49,9 +50,10 @@ impl TlsState {
         }
     }
 
-    pub fn client_config(&self, expected: &SpiffeId) -> Arc<ClientConfig> {
+    pub fn client_config(&self, expected: &SpiffeId, carries: Carries) -> Arc<ClientConfig> {
+        let slot = carries as usize;
         let mut clients = self.clients.lock().expect("client config lock");
-        if let Some(c) = clients.get(expected) {
+        if let Some(c) = clients.get(expected).and_then(|kinds| kinds[slot].as_ref()) {
             return c.clone();
         }
         let c = tls::client_config(
@@ -59,8 +61,9 @@ impl TlsState {
             self.bundles.clone(),
             self.provider.clone(),
             expected.clone(),
+            carries,
         );
-        clients.insert(expected.clone(), c.clone());
+        clients.entry(expected.clone()).or_default()[slot] = Some(c.clone());
         c
     }
 

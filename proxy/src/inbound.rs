@@ -1,17 +1,19 @@
 //! Inbound: a peer sidecar connects; we terminate mTLS, authorize its SPIFFE ID for the
-//! workload port it dialled, and forward plaintext to 127.0.0.1:<port>.
+//! workload port it dialled, and forward plaintext to 127.0.0.1:<port>: as bytes, or request
+//! by request when the connection carries HTTP (the port is declared `http`, the peer's
+//! ALPN says so, or a client without ALPN is sniffed speaking it).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use sigil_filters::svid::leaf_spiffe_id;
-use sigil_filters::tls::handshake_failure;
+use sigil_filters::tls::{handshake_failure, Carries};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use crate::conns::Direction;
+use crate::conns::{Direction, Kind};
 use sigil_filters::detect::Detected;
 
 use crate::l7;
@@ -51,9 +53,13 @@ pub async fn handle(p: Arc<Proxy>, tcp: TcpStream, client: SocketAddr, port: u16
         return;
     };
     let peer_label = p.metrics.peer_label(peer.as_str());
+    let carries = Carries::from_alpn(stream.get_ref().1.alpn_protocol());
     let index = p.policy();
     let declared_http = index.is_http(port);
-    if !declared_http {
+    // Requests from a pool are checked one by one, whatever the port: a peer denied here
+    // gets 403s rather than a connection its pool cannot tell from a network failure.
+    let per_request = declared_http || carries == Some(Carries::Http2);
+    if !per_request {
         let verdict = index.decide_tcp(&peer, port, now_unix());
         if let Some(w) = verdict.would_deny {
             info!(%client, peer = %peer, port, rule = %w, "dry-run: would deny connection");
@@ -75,22 +81,29 @@ pub async fn handle(p: Arc<Proxy>, tcp: TcpStream, client: SocketAddr, port: u16
         }
         debug!(%client, peer = %peer, port, rule = %verdict.rule, "inbound allowed");
     }
-    // Ports no policy declares are sniffed: HTTP gets per-request handling (metrics, peer
-    // header, and route checks once a policy arrives), anything else is relayed as bytes.
-    let sniff_it =
-        !declared_http && !index.is_tcp(port) && !p.cfg.spec.inbound.opaque_ports.contains(&port);
+    // HTTP gets per-request handling (metrics, the peer header, route checks once a policy
+    // declares the port); anything else is relayed as bytes. A port declared `tcp` or listed
+    // opaque is only ever bytes, unless a peer's pool sends requests to it.
+    let may_be_http = !index.is_tcp(port) && !p.cfg.spec.inbound.opaque_ports.contains(&port);
     // Connections re-check against the current index on policy changes; do not pin this one.
     drop((tls, index));
     let mut stream = stream;
-    let (detected, prefix) = if sniff_it {
-        sniff(&mut stream, p.cfg.spec.timeouts.detect).await
-    } else {
-        (Detected::Opaque, Vec::new())
+    let (http, prefix) = match carries {
+        _ if per_request => (true, Vec::new()),
+        Some(Carries::Http1) => (may_be_http, Vec::new()),
+        Some(Carries::Tcp) | Some(Carries::Http2) => (false, Vec::new()),
+        // Not a sidecar (openssl s_client, curl with a client certificate): look.
+        None if may_be_http => {
+            let (detected, prefix) = sniff(&mut stream, p.cfg.spec.timeouts.detect).await;
+            (detected != Detected::Opaque, prefix)
+        }
+        None => (false, Vec::new()),
     };
     let stream = Rewind::new(prefix, stream);
-    if declared_http || detected != Detected::Opaque {
+    if http {
         let a = Admitted {
             direction: DIR,
+            kind: Kind::Http,
             local,
             peer_label: peer_label.clone(),
             peer,
@@ -122,6 +135,7 @@ pub async fn handle(p: Arc<Proxy>, tcp: TcpStream, client: SocketAddr, port: u16
     let label = peer_label.clone();
     let a = Admitted {
         direction: DIR,
+        kind: Kind::Tcp,
         local,
         peer_label,
         peer,

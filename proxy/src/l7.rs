@@ -1,9 +1,10 @@
-//! Inbound HTTP on ports that a policy declares `http`: one hyper server (HTTP/1.1 and HTTP/2)
-//! per admitted mTLS connection. Every request is normalized, decided against the current
-//! policy index (so policy changes apply to the next request), and either answered with 403
-//! (gRPC: PERMISSION_DENIED) naming the rule, or forwarded to the workload with the verified
-//! peer ID in `x-sigil-peer-id`. Bodies stream both ways; upgrades (WebSocket) are authorized
-//! on the upgrade request and then relayed as bytes.
+//! Inbound HTTP: one hyper server (HTTP/1.1 and HTTP/2) per admitted mTLS connection that
+//! carries HTTP. Every request is normalized, decided against the current policy index (so
+//! policy changes apply to the next request; ports not declared `http` apply their TCP rule
+//! to each request), and either answered with 403 (gRPC: PERMISSION_DENIED) naming the rule,
+//! or forwarded to the workload with the verified peer ID in `x-sigil-peer-id`. Bodies
+//! stream both ways; upgrades (WebSocket) are authorized on the upgrade request and then
+//! relayed as bytes.
 //!
 //! Message framing is hyper's: a request with both Content-Length and Transfer-Encoding is
 //! read as chunked and its Content-Length dropped (RFC 9112 §6.3), so the workload receives
@@ -18,8 +19,11 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Body as _;
 use hyper::body::Incoming;
-use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE, HOST, UPGRADE};
+use hyper::header::{
+    HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, HOST, TRANSFER_ENCODING, UPGRADE,
+};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -31,14 +35,14 @@ use sigil_filters::HttpRequest;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
 
-use crate::conns::Direction;
-use crate::metrics::{LocalLabels, RequestLabels, RuleLabels};
+use crate::conns::{Direction, Kind};
+use crate::metrics::{DurationLabels, RequestLabels, RuleLabels};
 use crate::proxy::{now_unix, Admitted, Proxy};
 use crate::relay::{closed, Counted};
 
 pub const PEER_HEADER: &str = "x-sigil-peer-id";
 const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-type Body = BoxBody<Bytes, hyper::Error>;
+pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Clients towards the local workload: pooled, one per HTTP version.
 pub struct Upstreams {
@@ -90,25 +94,44 @@ where
     });
     let (labels, counters, mut guard) = p.admit(a);
     let stream = Counted::new(stream, counters);
-    let service = hyper::service::service_fn(move |req| {
+    let service = move |req| {
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle(&conn, req).await) }
-    });
+    };
+    let reason = serve_until_closed(&p, stream, service, &mut guard.close_rx).await;
+    p.closed(&labels, reason);
+    reason
+}
+
+/// Serves HTTP/1.1 and HTTP/2 on `stream` until the client is done, the registry closes the
+/// connection, or draining ends it gracefully. Returns the close reason label.
+pub async fn serve_until_closed<S, F, Fut>(
+    p: &Proxy,
+    stream: S,
+    service: F,
+    close_rx: &mut tokio::sync::watch::Receiver<Option<&'static str>>,
+) -> &'static str
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .max_buf_size(64 * 1024)
-        // A peer that trickles headers (slowloris) is cut.
+        // A client that trickles headers (slowloris) is cut.
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
     builder.http2().max_header_list_size(64 * 1024);
+    let service = hyper::service::service_fn(service);
     let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(served);
     let mut draining = false;
-    let reason = loop {
+    loop {
         tokio::select! {
-            r = served.as_mut() => break if r.is_ok() { "done" } else { "io_error" },
-            reason = closed(&mut guard.close_rx) => break reason,
+            r = served.as_mut() => return if r.is_ok() { "done" } else { "io_error" },
+            reason = closed(close_rx) => return reason,
             // On SIGTERM, finish in-flight requests and close (Connection: close / GOAWAY)
             // rather than wait to be cut at the drain deadline.
             _ = p.drained(), if !draining => {
@@ -116,12 +139,10 @@ where
                 served.as_mut().graceful_shutdown();
             }
         }
-    };
-    p.closed(&labels, reason);
-    reason
+    }
 }
 
-fn status_class(s: StatusCode) -> &'static str {
+pub fn status_class(s: StatusCode) -> &'static str {
     match s.as_u16() {
         100..=199 => "1xx",
         200..=299 => "2xx",
@@ -131,21 +152,23 @@ fn status_class(s: StatusCode) -> &'static str {
     }
 }
 
-fn is_grpc(req: &Request<Incoming>) -> bool {
+pub fn is_grpc(req: &Request<Incoming>) -> bool {
     req.headers()
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("application/grpc"))
 }
 
-fn local_response(status: StatusCode, grpc: bool, reason: &str) -> Response<Body> {
+/// A response made by the sidecar itself; for gRPC clients, a trailers-only response
+/// with the matching status code.
+pub fn local_response(status: StatusCode, grpc: bool, reason: &str) -> Response<Body> {
     let mut b = Response::builder();
     if grpc {
         // gRPC carries errors in trailers-only responses with HTTP 200.
-        let code = if status == StatusCode::FORBIDDEN {
-            "7"
-        } else {
-            "3"
+        let code = match status {
+            StatusCode::FORBIDDEN => "7",   // PERMISSION_DENIED
+            StatusCode::BAD_REQUEST => "3", // INVALID_ARGUMENT
+            _ => "14",                      // UNAVAILABLE
         };
         b = b
             .status(StatusCode::OK)
@@ -204,7 +227,8 @@ async fn handle(c: &Conn, req: Request<Incoming>) -> Response<Body> {
         })
         .inc();
     m.request_duration
-        .get_or_create(&LocalLabels {
+        .get_or_create(&DurationLabels {
+            direction: "inbound",
             local_id: c.local.clone(),
         })
         .observe(started.elapsed().as_secs_f64());
@@ -236,15 +260,21 @@ fn authorize(c: &Conn, req: &Request<Incoming>) -> Result<(Arc<str>, bool, Strin
         .map_err(|e| e.to_string())?;
     let index = c.p.policy();
     let headers = req.headers();
-    let d = index.decide_http(&HttpRequest {
-        peer: &c.peer,
-        port: c.port,
-        method: req.method().as_str(),
-        host: &host,
-        path: &path,
-        header: |name: &str| headers.get(name).and_then(|v| v.to_str().ok()),
-        now: now_unix(),
-    });
+    // HTTP reaches ports no policy declares `http` too (sniffed, or pooled from a peer
+    // sidecar): there the port's connection-level rule applies to each request.
+    let d = if index.is_http(c.port) {
+        index.decide_http(&HttpRequest {
+            peer: &c.peer,
+            port: c.port,
+            method: req.method().as_str(),
+            host: &host,
+            path: &path,
+            header: |name: &str| headers.get(name).and_then(|v| v.to_str().ok()),
+            now: now_unix(),
+        })
+    } else {
+        index.decide_tcp(&c.peer, c.port, now_unix())
+    };
     if let Some(w) = d.would_deny {
         info!(peer = %c.peer, port = c.port, path = %path, rule = %w, "dry-run: would deny");
         c.p.metrics
@@ -280,6 +310,26 @@ async fn forward(
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let grpc = is_grpc(&req);
     let (mut parts, body) = req.into_parts();
+    // HTTP/2 carries the host in :authority; an HTTP/1.1 workload needs it as Host.
+    if !grpc && !parts.headers.contains_key(HOST) {
+        if let Some(authority) = parts.uri.authority() {
+            if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+                parts.headers.insert(HOST, v);
+            }
+        }
+    }
+    // hyper sends a GET (HEAD, CONNECT) body of unknown length as no body at all; one that
+    // came over HTTP/2 (no framing headers there) must still reach the workload whole.
+    if !grpc
+        && !body.is_end_stream()
+        && body.size_hint().exact().is_none()
+        && !parts.headers.contains_key(TRANSFER_ENCODING)
+        && !parts.headers.contains_key(CONTENT_LENGTH)
+    {
+        parts
+            .headers
+            .insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+    }
     parts.uri = uri;
     // gRPC needs HTTP/2 end to end; anything else goes to the workload as HTTP/1.1, which
     // every workload speaks (an HTTP/2 client must not break an HTTP/1-only server).
@@ -304,19 +354,34 @@ async fn forward(
         let up = hyper::upgrade::on(&mut resp);
         // The tunnel outlives the HTTP connection's registration: register it on its own so
         // that a bundle change (or revocation) still finds and closes it.
-        let mut guard =
-            c.p.conns
-                .register(Direction::Inbound, c.peer.clone(), c.chain.clone(), c.port);
-        tokio::spawn(async move {
-            if let (Ok(down), Ok(up)) = (down.await, up.await) {
-                let mut down = TokioIo::new(down);
-                let mut up = TokioIo::new(up);
-                tokio::select! {
-                    _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
-                    _ = closed(&mut guard.close_rx) => {}
-                }
-            }
-        });
+        let mut guard = c.p.conns.register(
+            Direction::Inbound,
+            Kind::Tunnel,
+            c.peer.clone(),
+            c.chain.clone(),
+            c.port,
+        );
+        tokio::spawn(async move { tunnel(down, up, &mut guard.close_rx).await });
     }
     Ok(resp.map(|b| b.boxed()))
+}
+
+/// Relays the two halves of an upgraded HTTP/1.1 connection (WebSocket) until either ends
+/// or the registry closes it. Returns the close reason label.
+pub async fn tunnel(
+    down: hyper::upgrade::OnUpgrade,
+    up: hyper::upgrade::OnUpgrade,
+    close_rx: &mut tokio::sync::watch::Receiver<Option<&'static str>>,
+) -> &'static str {
+    let (Ok(down), Ok(up)) = (down.await, up.await) else {
+        return "io_error";
+    };
+    let mut down = TokioIo::new(down);
+    let mut up = TokioIo::new(up);
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut down, &mut up) => {
+            if r.is_ok() { "done" } else { "io_error" }
+        }
+        reason = closed(close_rx) => reason,
+    }
 }

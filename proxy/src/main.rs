@@ -7,7 +7,9 @@ mod inbound;
 mod l7;
 mod metrics;
 mod outbound;
+mod outbound_http;
 mod policies;
+mod pool;
 mod proxy;
 mod relay;
 
@@ -26,7 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::conns::Direction;
+use crate::conns::{Direction, Kind};
 use crate::identity::{Change, Current, IdentityFiles, Seen, POLL_INTERVAL};
 use crate::metrics::{LocalLabels, Metrics};
 use crate::proxy::Proxy;
@@ -356,15 +358,16 @@ fn spawn_watcher(
         .expect("spawn identity watcher");
 }
 
-/// Closes live inbound TCP connections that the current policy no longer allows. (HTTP
-/// connections are checked on every request.)
+/// Closes live inbound TCP connections that the current policy no longer allows, including
+/// those on ports now declared HTTP, whose requests must each be checked. (HTTP connections
+/// are checked on every request.)
 fn recheck_tcp(p: &Proxy) {
     let index = p.policy();
     let now = proxy::now_unix();
     let n = p.conns.close_where("policy_change", |c| {
         c.direction == Direction::Inbound
-            && !index.is_http(c.port)
-            && !index.decide_tcp(&c.peer, c.port, now).allowed
+            && c.kind == Kind::Tcp
+            && (index.is_http(c.port) || !index.decide_tcp(&c.peer, c.port, now).allowed)
     });
     if n > 0 {
         warn!(
@@ -413,6 +416,10 @@ fn apply(
             let now = UnixTime::now();
             let algs = &provider.signature_verification_algorithms;
             let n = p.conns.close_where("bundle_change", |c| {
+                if c.kind == Kind::Workload {
+                    // No peer certificate: its pooled connections are re-checked instead.
+                    return false;
+                }
                 let usage = match c.direction {
                     Direction::Inbound => Usage::Client,
                     Direction::Outbound => Usage::Server,

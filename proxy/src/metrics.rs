@@ -44,12 +44,21 @@ pub struct LocalLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DurationLabels {
+    pub direction: &'static str,
+    pub local_id: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub direction: &'static str,
     pub local_id: Arc<str>,
     pub peer_id: Arc<str>,
-    /// `policy/rule` that decided, or `no_policy` / `default_deny` / `invalid_request`.
+    /// Inbound: `policy/rule` that decided, or `no_policy` / `default_deny` /
+    /// `invalid_request`. Outbound: `remote` (the destination's sidecar decides).
     pub route: Arc<str>,
+    /// Inbound: allow, deny, invalid. Outbound: forward (answered by the destination,
+    /// its 403s included), invalid, error (no answer: peer unreachable or failed).
     pub decision: &'static str,
     pub status_class: &'static str,
 }
@@ -78,7 +87,7 @@ pub struct Metrics {
     pub svid_expiry: Family<LocalLabels, Gauge>,
     pub reloads: Family<ReloadLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
-    pub request_duration: Family<LocalLabels, Histogram, fn() -> Histogram>,
+    pub request_duration: Family<DurationLabels, Histogram, fn() -> Histogram>,
     pub would_deny: Family<RuleLabels, Counter>,
     peers: PeerLabels,
 }
@@ -154,12 +163,12 @@ impl Metrics {
         );
         registry.register(
             "sigil_requests",
-            "HTTP requests by peer, deciding route, decision and status class",
+            "HTTP requests by direction, peer, deciding route, decision and status class",
             m.requests.clone(),
         );
         registry.register(
             "sigil_request_duration_seconds",
-            "Time from request received to response headers sent",
+            "Time from request received to response headers sent, by direction",
             m.request_duration.clone(),
         );
         registry.register(

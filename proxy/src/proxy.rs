@@ -11,7 +11,7 @@ use sigil_config::{Policy, ProxyConfig, SpiffeId};
 use sigil_filters::PolicyIndex;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::conns::{ConnGuard, Conns, Direction};
+use crate::conns::{ConnGuard, Conns, Direction, Kind};
 use crate::identity::Current;
 use crate::metrics::{ConnLabels, HandshakeLabels, Metrics, ReasonLabels, UNAUTHENTICATED_PEER};
 use crate::relay::{relay, Counters};
@@ -29,6 +29,8 @@ pub struct Proxy {
     pub drain_started: tokio::sync::Notify,
     /// Pooled clients towards the local workload (L7 ports).
     pub upstreams: crate::l7::Upstreams,
+    /// Pooled HTTP/2 connections towards peer sidecars (outbound L7).
+    pub pool: crate::pool::Pool,
 }
 
 impl Proxy {
@@ -54,6 +56,7 @@ impl Proxy {
             draining: AtomicBool::new(false),
             drain_started: tokio::sync::Notify::new(),
             upstreams: crate::l7::Upstreams::new(),
+            pool: crate::pool::Pool::default(),
         }
     }
 
@@ -138,7 +141,9 @@ impl Proxy {
             peer_id: a.peer_label,
         };
         let counters = self.opened(&labels);
-        let guard = self.conns.register(a.direction, a.peer, a.chain, a.port);
+        let guard = self
+            .conns
+            .register(a.direction, a.kind, a.peer, a.chain, a.port);
         (labels, counters, guard)
     }
 
@@ -181,6 +186,7 @@ impl Proxy {
 /// A connection that passed the handshake (and, for TCP ports, authorization).
 pub struct Admitted {
     pub direction: Direction,
+    pub kind: Kind,
     pub local: Arc<str>,
     pub peer_label: Arc<str>,
     pub peer: SpiffeId,

@@ -59,14 +59,30 @@ fn raw(port: u16, request: &[u8]) -> String {
             break;
         }
         out.extend_from_slice(&buf[..n]);
-        // One response is enough: stop at the end of a complete small body.
-        let text = String::from_utf8_lossy(&out);
-        if text.contains("\r\n\r\n") && (text.ends_with('\n') || text.contains("content-length: 0"))
-        {
+        // One response is enough (the connection may stay open): stop once it is complete.
+        if response_complete(&String::from_utf8_lossy(&out)) {
             break;
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether `text` holds a whole HTTP/1.1 response: headers, then the body its framing
+/// announces.
+fn response_complete(text: &str) -> bool {
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return false;
+    };
+    let head = head.to_ascii_lowercase();
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    match length {
+        Some(n) => body.len() >= n,
+        None if head.contains("transfer-encoding: chunked") => body.ends_with("0\r\n\r\n"),
+        None => true,
+    }
 }
 
 fn status(resp: &str) -> u16 {
@@ -173,10 +189,12 @@ fn routes_by_identity_with_dry_run_expiry_normalization_and_live_policy_changes(
         out.contains("hello from b (GET /v1/orders/8") && out.contains("[200]"),
         "{out}"
     );
+    // A new workload connection, yet no new connection between the sidecars: A pools it,
+    // and the denial left it usable.
     assert_eq!(
         opened(&b),
-        before + 1.0,
-        "the denial did not keep the connection usable"
+        before,
+        "the pooled connection was not reused after a denial"
     );
 
     // HTTP/2 prior knowledge, forwarded to an HTTP/1.1 workload.
@@ -293,7 +311,7 @@ fn routes_by_identity_with_dry_run_expiry_normalization_and_live_policy_changes(
             "/v1/orders/1",
             "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
         )
-        .replace("\r\n\r\n", "\r\n\r\n0\r\n\r\n")
+        .replace("\r\n\r\n", "\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
         .as_bytes(),
     );
     assert!(
@@ -445,8 +463,9 @@ fn undeclared_ports_are_sniffed_http_gets_l7_and_opaque_bytes_are_relayed() {
     .unwrap_or(0.0);
     assert!(rx > 100_000.0 + 100.0, "L7 bytes not counted: {rx}\n{mb}");
 
-    // SIGTERM with an idle keep-alive HTTP connection open: B closes it gracefully and
-    // exits without waiting for the drain deadline.
+    // SIGTERM with an idle pooled connection from A open: B closes it gracefully (GOAWAY)
+    // and exits without waiting for the drain deadline; A sees a clean end, and its
+    // workload's keep-alive connection stays usable, answering 502 while B is gone.
     let mut ka = TcpStream::connect(("127.0.0.1", a_web)).unwrap();
     ka.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     ka.write_all(b"GET /keep HTTP/1.1\r\nHost: b\r\n\r\n")
@@ -454,6 +473,14 @@ fn undeclared_ports_are_sniffed_http_gets_l7_and_opaque_bytes_are_relayed() {
     let mut buf = [0u8; 1024];
     let n = ka.read(&mut buf).unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).contains("hello from b"));
+    let done = || {
+        count(
+            &a,
+            "sigil_connections_closed_total{",
+            &["direction=\"outbound\"", "reason=\"done\""],
+        )
+    };
+    let done_before = done();
     let code = pb.terminate(Duration::from_secs(15));
     assert_eq!(code, Some(0), "{}", pb.log());
     assert!(
@@ -461,9 +488,117 @@ fn undeclared_ports_are_sniffed_http_gets_l7_and_opaque_bytes_are_relayed() {
         "HTTP connection was cut, not drained:\n{}",
         pb.log()
     );
-    assert_eq!(
-        ka.read(&mut buf).unwrap_or(0),
-        0,
-        "keep-alive connection left open"
+    wait_until(
+        "A's pooled connection to end cleanly",
+        Duration::from_secs(5),
+        || done() > done_before,
     );
+    ka.write_all(b"GET /keep HTTP/1.1\r\nHost: b\r\n\r\n")
+        .unwrap();
+    let n = ka.read(&mut buf).unwrap();
+    let resp = String::from_utf8_lossy(&buf[..n]);
+    assert_eq!(status(&resp), 502, "{resp}");
+}
+
+#[test]
+fn outbound_http_shares_one_pooled_connection_that_a_bundle_change_cuts() {
+    if !require_tool("curl", "l7-pool") {
+        return;
+    }
+    let dir = TempDir::new("l7-pool");
+    let d = dir.path();
+    let ca = Ca::new("example.org");
+    let impostor = Ca::new("example.org");
+    let (_web, web_port) = start_workload("b", false);
+    let fa = write_identity(d, "a", &ca, A, &[&ca]);
+    let fb = write_identity(d, "b", &ca, B, &[&ca]);
+    let b_web = free_port();
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.inbound = vec![(b_web, web_port)];
+    let _pb = b.start(d, &fb);
+    let a_web = free_port();
+    let mut a = Sidecar::new("sidecar-a", A);
+    a.outbound = vec![(a_web, b_web, B.into())];
+    let pa = a.start(d, &fa);
+    let url = format!("http://127.0.0.1:{a_web}/p");
+    let opened = |s: &Sidecar, direction: &str, peer: &str| {
+        count(
+            s,
+            "sigil_connections_opened_total{",
+            &[
+                &format!("direction=\"{direction}\""),
+                &format!("peer_id=\"{peer}\""),
+            ],
+        )
+    };
+
+    // Twenty workload connections, HTTP/1.1 and h2c, sequential and concurrent: one
+    // connection between the sidecars carries all of them.
+    for i in 0..10 {
+        let (ok, out) = curl_args(&[&format!("{url}/{i}")]);
+        assert!(ok && out.contains(&format!("GET /p/{i} ")), "{out}");
+    }
+    let (ok, out) = curl_args(&["--http2-prior-knowledge", &url]);
+    assert!(ok && out.contains("hello from b"), "{out}");
+    let parallel: Vec<_> = (0..9)
+        .map(|i| {
+            let u = format!("{url}/par{i}");
+            std::thread::spawn(move || curl_args(&[&u]))
+        })
+        .collect();
+    for t in parallel {
+        let (ok, out) = t.join().unwrap();
+        assert!(ok && out.contains("hello from b"), "{out}");
+    }
+    let allowed = count(
+        &b,
+        "sigil_requests_total{",
+        &["direction=\"inbound\"", "decision=\"allow\""],
+    );
+    assert_eq!(allowed, 20.0, "{}", b.metrics());
+    assert_eq!(opened(&b, "inbound", A), 1.0, "{}", b.metrics());
+    assert_eq!(opened(&a, "outbound", B), 1.0, "{}", a.metrics());
+    let forwarded = count(
+        &a,
+        "sigil_requests_total{",
+        &[
+            "direction=\"outbound\"",
+            "decision=\"forward\"",
+            "status_class=\"2xx\"",
+        ],
+    );
+    assert_eq!(forwarded, 20.0, "{}", a.metrics());
+    let (_, dump) = http_get(([127, 0, 0, 1], a.admin).into(), "/config_dump").unwrap();
+    assert!(dump.contains("\"kind\": \"pooled\""), "{dump}");
+
+    // A stops trusting the CA that issued B's SVID: the pooled connection is cut at once,
+    // and the next request dials afresh and is refused at the handshake (502).
+    let bundle_a = fa.bundle_dir.join("example.org.pem");
+    write_policy(&fa.bundle_dir, "example.org.pem", &impostor.bundle_pem());
+    wait_until("the pooled connection cut", Duration::from_secs(5), || {
+        count(
+            &a,
+            "sigil_connections_closed_total{",
+            &["direction=\"outbound\"", "reason=\"bundle_change\""],
+        ) == 1.0
+    });
+    let (ok, out) = curl_args(&["-w", "[%{http_code}]", &url]);
+    assert!(
+        ok && out.contains("[502]") && !out.contains("hello from b"),
+        "{out}\n{}",
+        pa.log()
+    );
+    let untrusted = count(
+        &a,
+        "sigil_handshake_failures_total{",
+        &["direction=\"outbound\""],
+    );
+    assert!(untrusted >= 1.0, "{}", a.metrics());
+
+    // Trust restored: a new pooled connection, and requests flow again.
+    std::fs::write(&bundle_a, ca.bundle_pem()).unwrap();
+    wait_until("requests flow again", Duration::from_secs(5), || {
+        curl_args(&[&url]).1.contains("hello from b")
+    });
+    assert_eq!(opened(&a, "outbound", B), 2.0, "{}", a.metrics());
 }

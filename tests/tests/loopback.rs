@@ -113,14 +113,34 @@ fn sidecar_pair_allows_refuses_and_names_every_bad_input() {
     );
     assert!(mb.contains("sigil_svid_expiry_timestamp_seconds{"), "{mb}");
 
-    // C has a valid SVID but is not allowed on B's port. The refusal reaches C's workload
-    // as a closed connection, not as curl giving up ("(28) Operation timed out").
+    // C has a valid SVID but is not allowed on B's port. Its HTTP requests, pooled by C's
+    // sidecar, get 403 naming the rule...
     let (ok, out) = curl(c_out, "/");
-    assert!(!ok && !out.contains("hello from b"), "C reached B: {out}");
     assert!(
-        !out.contains("(28)"),
-        "the refusal hung until curl gave up: {out}"
+        ok && out.contains("sigil: denied by port") && !out.contains("hello from b"),
+        "C reached B: {out}"
     );
+    let denied = metric(
+        &b.metrics(),
+        "sigil_requests_total{",
+        &[&format!("peer_id=\"{C}\""), "decision=\"deny\""],
+    );
+    assert_eq!(denied, Some(1.0), "{}", b.metrics());
+    // ...and a connection that is not HTTP is refused outright. The refusal reaches C's
+    // workload as a closed connection, not as a hang.
+    let mut s = TcpStream::connect(("127.0.0.1", c_out)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"\x00\x01 not http\r\n").unwrap();
+    let mut buf = [0u8; 64];
+    let closed = match std::io::Read::read(&mut s, &mut buf) {
+        Ok(n) => n == 0,
+        // A reset closes too; a read timeout is the hang this guards against.
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    };
+    assert!(closed, "refused connection left open");
     pb.wait_log("not_allowed", Duration::from_secs(5));
     let refused = metric(
         &b.metrics(),

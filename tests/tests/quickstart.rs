@@ -17,9 +17,11 @@ fn quickstart_shows_an_allowed_and_a_refused_call_and_exits_zero() {
     assert!(ok, "quickstart failed:\n{out}");
     for needle in [
         "hello from api",
-        "inbound allowed",
-        "reason=\"not_allowed\"",
-        "sigil_connections_refused_total{direction=\"inbound\"",
+        "request allowed",
+        "request denied",
+        "sigil: denied by port 18081",
+        "decision=\"deny\"",
+        "sigil_requests_total{direction=\"inbound\"",
         "Done.",
     ] {
         assert!(out.contains(needle), "missing {needle:?} in:\n{out}");

@@ -93,10 +93,10 @@ fn quickstart(examples: &std::path::Path) -> Result<(), String> {
     if !ok || !out.contains("hello from api") {
         return Err(format!("the allowed call failed:\n{}", api_sc.log()));
     }
-    let admitted = wait_line(&api_sc, "inbound allowed")?;
+    let admitted = wait_line(&api_sc, "request allowed")?;
     println!(
         "      api-sidecar: {}",
-        tail_from(&admitted, "inbound allowed")
+        tail_from(&admitted, "request allowed")
     );
 
     step(
@@ -106,13 +106,15 @@ fn quickstart(examples: &std::path::Path) -> Result<(), String> {
     println!("      $ curl -sS http://127.0.0.1:18281/");
     let (ok, out) = curl("http://127.0.0.1:18281/");
     println!("      {}", out.trim());
-    if ok && out.contains("hello from web") {
-        return Err("the call that policy forbids went through".into());
+    if !ok || out.contains("hello from web") || !out.contains("sigil: denied by") {
+        return Err(format!(
+            "the call that policy forbids was not refused with 403: {out}"
+        ));
     }
-    let refused = wait_line(&web_sc, "reason=\"not_allowed\"")?;
+    let refused = wait_line(&web_sc, "request denied")?;
     println!(
         "      web-sidecar: {}",
-        tail_from(&refused, "inbound refused")
+        tail_from(&refused, "request denied")
     );
 
     println!("\n== Metrics (Prometheus/OpenMetrics at each sidecar's admin /metrics) ==");
@@ -123,6 +125,7 @@ fn quickstart(examples: &std::path::Path) -> Result<(), String> {
             .unwrap_or_default();
         for line in page.lines().filter(|l| {
             l.starts_with("sigil_connections_opened_total")
+                || l.starts_with("sigil_requests_total")
                 || l.starts_with("sigil_connections_refused_total")
                 || l.starts_with("sigil_handshake_failures_total")
                 || l.starts_with("sigil_svid_expiry_timestamp_seconds")
@@ -136,10 +139,9 @@ fn quickstart(examples: &std::path::Path) -> Result<(), String> {
     let web_page = http_get(([127, 0, 0, 1], 15101).into(), "/metrics")
         .map(|r| r.1)
         .unwrap_or_default();
-    if !api_page.contains(&format!("peer_id=\"{WEB}\""))
-        || !web_page.contains("reason=\"not_allowed\"")
+    if !api_page.contains(&format!("peer_id=\"{WEB}\"")) || !web_page.contains("decision=\"deny\"")
     {
-        return Err("metrics do not show the allowed and the refused connection".into());
+        return Err("metrics do not show the allowed and the refused request".into());
     }
     println!("\nStopping sidecars (SIGTERM: drain, exit 0) and workloads.");
     for mut p in [web_sc, api_sc] {
