@@ -85,6 +85,17 @@ fn response_complete(text: &str) -> bool {
     }
 }
 
+/// Whether the peer closed `s` (EOF or reset) before its read timeout.
+fn closed(s: &mut TcpStream) -> bool {
+    match s.read(&mut [0u8; 64]) {
+        Ok(n) => n == 0,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
 fn status(resp: &str) -> u16 {
     resp.split_whitespace()
         .nth(1)
@@ -355,8 +366,7 @@ fn routes_by_identity_with_dry_run_expiry_normalization_and_live_policy_changes(
         "api.yaml",
         &policy(web_port, echo_port, promo_expiry, C),
     );
-    let n = s.read(&mut buf).unwrap_or(0);
-    assert_eq!(n, 0, "connection survived the policy change");
+    assert!(closed(&mut s), "connection survived the policy change");
     wait_until(
         "policy_change close counted",
         Duration::from_secs(5),
@@ -416,9 +426,12 @@ fn undeclared_ports_are_sniffed_http_gets_l7_and_opaque_bytes_are_relayed() {
     let fa = write_identity(d, "a", &ca, A, &[&ca]);
     let fb = write_identity(d, "b", &ca, B, &[&ca]);
     // No policy targets B: mTLS alone admits A, and nothing declares a protocol.
+    let policies = d.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
     let (b_web, b_echo) = (free_port(), free_port());
     let mut b = Sidecar::new("sidecar-b", B);
     b.inbound = vec![(b_web, web_port), (b_echo, echo_port)];
+    b.policy_dir = Some(policies.clone());
     let mut pb = b.start(d, &fb);
     let (a_web, a_echo) = (free_port(), free_port());
     let mut a = Sidecar::new("sidecar-a", A);
@@ -462,6 +475,42 @@ fn undeclared_ports_are_sniffed_http_gets_l7_and_opaque_bytes_are_relayed() {
     )
     .unwrap_or(0.0);
     assert!(rx > 100_000.0 + 100.0, "L7 bytes not counted: {rx}\n{mb}");
+
+    // A policy now declares the echo port `http`: a byte stream opened before would bypass
+    // every route check, so it is closed (policy_change).
+    let mut s = TcpStream::connect(("127.0.0.1", a_echo)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"\x00ping").unwrap();
+    let mut buf = [0u8; 5];
+    s.read_exact(&mut buf).unwrap();
+    let http_ports = format!(
+        "apiVersion: sigil.dev/v1
+kind: Policy
+metadata: {{name: now-http, owner: team-b, purpose: declare both ports http}}
+spec:
+  target: {B}
+  ports:
+    - port: {web_port}
+      routes: [{{name: all, match: {{path: {{prefix: /}}}}, allow: [{A}]}}]
+    - port: {echo_port}
+      routes: [{{name: all, match: {{path: {{prefix: /}}}}, allow: [{A}]}}]
+"
+    );
+    write_policy(&policies, "http.yaml", &http_ports);
+    assert!(closed(&mut s), "byte stream survived its port turning http");
+    wait_until(
+        "policy_change close counted",
+        Duration::from_secs(5),
+        || {
+            count(
+                &b,
+                "sigil_connections_closed_total{",
+                &["reason=\"policy_change\""],
+            ) == 1.0
+        },
+    );
+    let (ok, out) = curl_args(&[&format!("http://127.0.0.1:{a_web}/still")]);
+    assert!(ok && out.contains("hello from b (GET /still"), "{out}");
 
     // SIGTERM with an idle pooled connection from A open: B closes it gracefully (GOAWAY)
     // and exits without waiting for the drain deadline; A sees a clean end, and its

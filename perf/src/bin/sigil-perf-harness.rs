@@ -6,8 +6,8 @@
 //! ```
 //!
 //! Two sigil pairs run: an L4 pair (both sides relay bytes) and an L7 pair whose server side
-//! enforces HTTP routes from a generated policyDir (>= 1,000 policies); its client side is the
-//! same L4 outbound relay. Measures L4 bulk throughput through an echo backend, HTTP/1.1
+//! enforces HTTP routes from a generated policyDir (>= 1,000 policies) and whose client side
+//! sends requests over its pooled HTTP/2 connection. Measures L4 bulk throughput through an echo backend, HTTP/1.1
 //! keep-alive req/s with p50 and p99 (wrk), new mTLS connections per second (wrk with
 //! `Connection: close`), HTTP/2 (h2c) req/s (h2load), p50/p99 at a fixed request rate for
 //! HTTP/1.1 and HTTP/2 (h2load --rps, percentiles from its per-request log), and for each proxy
@@ -380,19 +380,21 @@ spec:
     )
 }
 
-/// The L4 pair: both sides relay bytes; the server side admits the client per port
-/// (`inbound.ports`, which declares both ports tcp: no HTTP handling, no sniffing).
+/// The L4 pair: both sides relay bytes. The client side lists both destinations in
+/// `outbound.opaquePorts` (no sniffing, one mTLS connection per workload connection); the
+/// server side admits the client per port (`inbound.ports`, which declares both ports tcp).
 fn sigil_l4_bodies(ports: &Ports) -> (String, String) {
     let client = format!(
         "  outbound:
+    opaquePorts: [{se}, {sh}]
     explicit:
-      - {{listen: \"127.0.0.1:{}\", upstream: \"127.0.0.1:{}\", expectedId: \"{SERVER_ID}\"}}
-      - {{listen: \"127.0.0.1:{}\", upstream: \"127.0.0.1:{}\", expectedId: \"{SERVER_ID}\"}}
+      - {{listen: \"127.0.0.1:{}\", upstream: \"127.0.0.1:{se}\", expectedId: \"{SERVER_ID}\"}}
+      - {{listen: \"127.0.0.1:{}\", upstream: \"127.0.0.1:{sh}\", expectedId: \"{SERVER_ID}\"}}
 ",
         ports.sigil_client_echo,
-        ports.sigil_server_echo,
         ports.sigil_client_http,
-        ports.sigil_server_http
+        se = ports.sigil_server_echo,
+        sh = ports.sigil_server_http,
     );
     let server = format!(
         "  inbound:
@@ -411,9 +413,10 @@ fn sigil_l4_bodies(ports: &Ports) -> (String, String) {
     (client, server)
 }
 
-/// The L7 pair: the client side is the same L4 outbound relay; the server side stands for the
-/// HTTP backend port, which the policies declare `protocol: http`. That port is deliberately
-/// not in `inbound.ports` (that would declare it tcp).
+/// The L7 pair: the client side detects HTTP and sends each request over its pooled HTTP/2
+/// connection to the server side; the server side stands for the HTTP backend port, which the
+/// policies declare `protocol: http`. That port is deliberately not in `inbound.ports` (that
+/// would declare it tcp).
 fn sigil_l7_bodies(ports: &Ports) -> (String, String) {
     let client = format!(
         "  outbound:
@@ -1422,9 +1425,8 @@ fn run(o: &Opts) -> Result<(), String> {
     ));
     for _ in 0..o.runs {
         for p in &paths {
-            // The L7 pairs are left out: nginx's client side keeps pooled upstream
-            // connections (no handshake per request), and sigil's L7 pair would repeat the
-            // L4 pair's handshake figure.
+            // The L7 pairs are left out: both client sides keep pooled upstream connections,
+            // so `Connection: close` causes no handshake between the proxies.
             if matches!(p.via, Via::NginxL7 | Via::SigilL7) {
                 continue;
             }
@@ -1731,8 +1733,8 @@ fn report(
              {files} files, {own} of them targeting its own ID `{SERVER_ID}`; the backend port is \
              declared `protocol: http` there (not in `inbound.ports`). Each request is normalized, \
              decided (route `{BENCH_ROUTE}` allows the client) and forwarded as HTTP/1.1 with \
-             `x-sigil-peer-id`. **Its client side is the L4 outbound relay** (mTLS, bytes \
-             only); HTTP/2 from the load tool is served by the server side."
+             `x-sigil-peer-id`. Its client side serves the load tool's HTTP/1.1 or h2c and \
+             sends every request over one pooled HTTP/2 mTLS connection to the server side."
         );
     }
     for (name, d) in &setup.ready {
