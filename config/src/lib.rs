@@ -3,10 +3,12 @@
 
 pub mod policy;
 pub mod proxy_config;
+pub mod revocation;
 pub mod spiffe;
 mod yaml;
 
 pub use policy::Policy;
 pub use proxy_config::ProxyConfig;
+pub use revocation::Revocation;
 pub use spiffe::{IdPattern, SpiffeId, SpiffeIdError, TrustDomain};
 pub use yaml::ConfigError;

@@ -64,6 +64,10 @@ pub struct ProxySpec {
     /// changes; an invalid file never replaces the last good set.
     #[serde(default)]
     pub policy_dir: Option<PathBuf>,
+    /// Directory of `Revocation` YAML files, re-read like `policyDir`. (The control plane
+    /// pushes revocations too; this is the static source.)
+    #[serde(default)]
+    pub revocation_dir: Option<PathBuf>,
 }
 
 /// Where the SVID and trust bundles live on disk. Files are re-read when they change.

@@ -18,6 +18,7 @@ use crate::svid::{leaf_spiffe_id, SvidError};
 pub struct LocalIdentity {
     id: SpiffeId,
     certified: Arc<CertifiedKey>,
+    not_before: u64,
     not_after: u64,
 }
 
@@ -123,12 +124,18 @@ impl LocalIdentity {
         Ok(Self {
             id,
             certified: Arc::new(certified),
+            not_before,
             not_after,
         })
     }
 
     pub fn id(&self) -> &SpiffeId {
         &self.id
+    }
+
+    /// Issuance (notBefore) of the leaf, in Unix seconds.
+    pub fn not_before(&self) -> u64 {
+        self.not_before
     }
 
     /// Expiry of the leaf, in Unix seconds.

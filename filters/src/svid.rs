@@ -57,6 +57,12 @@ pub enum SvidError {
         expected: String,
         got: String,
     },
+    /// A Revocation covers this SVID.
+    Revoked {
+        id: String,
+        revocation: String,
+        reason: String,
+    },
 }
 
 impl SvidError {
@@ -69,6 +75,7 @@ impl SvidError {
             Self::Expired => "expired",
             Self::NotYetValid => "not_yet_valid",
             Self::WrongIdentity { .. } => "wrong_identity",
+            Self::Revoked { .. } => "revoked",
             Self::Malformed(_)
             | Self::UriSanCount(_)
             | Self::InvalidId(_)
@@ -115,6 +122,11 @@ impl fmt::Display for SvidError {
             Self::WrongIdentity { expected, got } => {
                 write!(f, "peer is {got}, expected {expected}")
             }
+            Self::Revoked {
+                id,
+                revocation,
+                reason,
+            } => write!(f, "{id} is revoked by {revocation}: {reason}"),
         }
     }
 }

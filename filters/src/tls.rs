@@ -20,6 +20,7 @@ use sigil_config::SpiffeId;
 
 use crate::bundle::TrustBundles;
 use crate::identity::LocalIdentity;
+use crate::revocation::Revocations;
 use crate::svid::{verify_svid, SvidError, Usage};
 
 /// What a sidecar-to-sidecar connection carries, told to the inbound side by ALPN so that it
@@ -69,6 +70,7 @@ fn reject(e: SvidError) -> rustls::Error {
 #[derive(Debug)]
 pub struct SpiffeClientVerifier {
     bundles: Arc<TrustBundles>,
+    revocations: Arc<Revocations>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -90,7 +92,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let algs = &self.provider.signature_verification_algorithms;
-        verify_svid(
+        let id = verify_svid(
             &self.bundles,
             algs,
             end_entity,
@@ -98,8 +100,9 @@ impl ClientCertVerifier for SpiffeClientVerifier {
             now,
             Usage::Client,
         )
-        .map(|_| ClientCertVerified::assertion())
-        .map_err(reject)
+        .map_err(reject)?;
+        self.revocations.check(&id, end_entity).map_err(reject)?;
+        Ok(ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -133,6 +136,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 #[derive(Debug)]
 pub struct SpiffeServerVerifier {
     bundles: Arc<TrustBundles>,
+    revocations: Arc<Revocations>,
     provider: Arc<CryptoProvider>,
     expected: SpiffeId,
 }
@@ -162,6 +166,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
                 got: id.to_string(),
             }));
         }
+        self.revocations.check(&id, end_entity).map_err(reject)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -195,10 +200,12 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 pub fn server_config(
     identity: &LocalIdentity,
     bundles: Arc<TrustBundles>,
+    revocations: Arc<Revocations>,
     provider: Arc<CryptoProvider>,
 ) -> Arc<ServerConfig> {
     let verifier = Arc::new(SpiffeClientVerifier {
         bundles,
+        revocations,
         provider: provider.clone(),
     });
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -222,12 +229,14 @@ pub fn server_config(
 pub fn client_config(
     identity: &LocalIdentity,
     bundles: Arc<TrustBundles>,
+    revocations: Arc<Revocations>,
     provider: Arc<CryptoProvider>,
     expected: SpiffeId,
     carries: Carries,
 ) -> Arc<ClientConfig> {
     let verifier = Arc::new(SpiffeServerVerifier {
         bundles,
+        revocations,
         provider: provider.clone(),
         expected,
     });

@@ -1,11 +1,14 @@
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::{CertificateDer, UnixTime};
-use sigil_config::{IdPattern, SpiffeId, TrustDomain};
+use std::path::Path;
+
+use sigil_config::{Policy, ProxyConfig, SpiffeId, TrustDomain};
+use sigil_filters::policy::Rule;
 use sigil_filters::svid::leaf_spiffe_id;
 use sigil_filters::tls::provider;
 use sigil_filters::{
-    verify_svid, IdentityError, L4Authorizer, L4Rule, LocalIdentity, SvidError, TrustBundles, Usage,
+    verify_svid, IdentityError, LocalIdentity, PolicyIndex, SvidError, TrustBundles, Usage,
 };
 use sigil_testkit::rcgen::{ExtendedKeyUsagePurpose as Eku, KeyUsagePurpose as Ku};
 use sigil_testkit::{Ca, Svid, SvidSpec};
@@ -223,48 +226,101 @@ fn local_identity_refuses_mismatched_expired_partial_and_wrong_id() {
     assert!(matches!(e, Err(IdentityError::WrongId { .. })), "{e:?}");
 }
 
-#[test]
-fn l4_authorization() {
-    let id = |s| SpiffeId::parse(s).unwrap();
-    let pat = |s| IdPattern::parse(s).unwrap();
-    let open = L4Authorizer::new([]);
-    let v = open.decide(&id(A), 8080);
-    assert!(v.allowed);
-    assert_eq!(v.rule, L4Rule::NoPolicy);
+/// The sidecar's own `inbound.ports`, compiled as the proxy does (a TCP policy targeting the
+/// local ID), decided per connection.
+fn inbound_ports(ports: &str) -> PolicyIndex {
+    let yaml = format!(
+        "apiVersion: sigil.dev/v1\nkind: ProxyConfig\nmetadata: {{name: b, owner: t}}\nspec:\n  \
+         identity: {{certFile: a, keyFile: b, bundleDir: c}}\n  inbound:\n    ports: {ports}\n"
+    );
+    let cfg = ProxyConfig::parse(Path::new("b.yaml"), &yaml).unwrap();
+    let local = SpiffeId::parse("spiffe://example.org/ns/demo/sa/b").unwrap();
+    let policies: Vec<Policy> = Policy::from_inbound_ports(&cfg, &local)
+        .into_iter()
+        .collect();
+    PolicyIndex::compile(&policies, &local)
+}
 
-    let authz = L4Authorizer::new([
-        (8080, vec![pat("spiffe://example.org/ns/prod/*"), pat(A)]),
-        (9090, vec![]),
-    ]);
-    let v = authz.decide(&id(A), 8080);
+#[test]
+fn l4_authorization_by_inbound_ports() {
+    let id = |s| SpiffeId::parse(s).unwrap();
+    let open = inbound_ports("[]");
+    let v = open.decide_tcp(&id(A), 8080, 0);
     assert!(v.allowed);
-    assert!(matches!(
-        v.rule,
-        L4Rule::Allow {
-            port: 8080,
-            index: 1,
-            ..
-        }
+    assert_eq!(v.rule, Rule::NoPolicy);
+
+    let authz = inbound_ports(&format!(
+        "[{{port: 8080, allow: [\"spiffe://example.org/ns/prod/*\", {A}]}}, {{port: 9090, allow: []}}]"
     ));
+    let v = authz.decide_tcp(&id(A), 8080, 0);
+    assert!(v.allowed);
+    assert!(
+        matches!(
+            v.rule,
+            Rule::Matched {
+                rule: "port-8080",
+                ..
+            }
+        ),
+        "{:?}",
+        v.rule
+    );
     assert!(
         authz
-            .decide(&id("spiffe://example.org/ns/prod/sa/x"), 8080)
+            .decide_tcp(&id("spiffe://example.org/ns/prod/sa/x"), 8080, 0)
             .allowed
     );
-    let v = authz.decide(&id("spiffe://example.org/ns/dev/sa/x"), 8080);
-    assert_eq!(
-        v,
-        sigil_filters::L4Verdict {
-            allowed: false,
-            rule: L4Rule::NotInAllowList { port: 8080 }
-        }
+    // A prefix pattern matches whole segments only.
+    assert!(
+        !authz
+            .decide_tcp(&id("spiffe://example.org/ns/production/sa/x"), 8080, 0)
+            .allowed
     );
+    let v = authz.decide_tcp(&id("spiffe://example.org/ns/dev/sa/x"), 8080, 0);
     assert_eq!(
-        authz.decide(&id(A), 9090).rule,
-        L4Rule::NotInAllowList { port: 9090 }
+        (v.allowed, v.rule),
+        (false, Rule::DefaultDeny { port: 8080 })
     );
-    let v = authz.decide(&id(A), 7070);
+    // Listed with nobody allowed, and not listed at all: both denied.
+    assert!(!authz.decide_tcp(&id(A), 9090, 0).allowed);
+    let v = authz.decide_tcp(&id(A), 7070, 0);
     assert!(!v.allowed);
-    assert_eq!(v.rule, L4Rule::PortNotListed { port: 7070 });
-    assert!(v.rule.to_string().contains("default deny"));
+    assert!(v.rule.to_string().contains("default deny"), "{}", v.rule);
+}
+
+#[test]
+fn revocations_cover_by_id_and_by_issuance() {
+    use sigil_config::policy::Timestamp;
+    use sigil_config::Revocation;
+    use sigil_filters::Revocations;
+    let ca = Ca::new("example.org");
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let cutoff = now - 600;
+    let yaml = format!(
+        "apiVersion: sigil.dev/v1\nkind: Revocation\nmetadata: {{name: r, owner: sec}}\n\
+         spec:\n  spiffeId: {A}\n  reason: rebuilt\n  issuedBefore: {}\n",
+        Timestamp(cutoff)
+    );
+    let list = Revocation::parse_all(Path::new("r.yaml"), &yaml).unwrap();
+    let revs = Revocations::new(&list);
+    let old = ca.issue(&SvidSpec::new(A).validity(-3600, Duration::from_secs(7200)));
+    let fresh = ca.issue(&SvidSpec::new(A).validity(-60, Duration::from_secs(3600)));
+    let other = ca.svid("spiffe://example.org/ns/demo/sa/other");
+    let a = SpiffeId::parse(A).unwrap();
+    let e = revs.check(&a, &old.chain[0]).unwrap_err();
+    assert_eq!(e.reason(), "revoked");
+    assert!(e.to_string().contains("revoked by r: rebuilt"), "{e}");
+    assert!(revs.check(&a, &fresh.chain[0]).is_ok());
+    let o = SpiffeId::parse("spiffe://example.org/ns/demo/sa/other").unwrap();
+    assert!(revs.check(&o, &other.chain[0]).is_ok());
+    // Without issuedBefore every SVID of the ID is revoked.
+    let all = Revocation::parse_all(
+        Path::new("r.yaml"),
+        &yaml.replace(&format!("  issuedBefore: {}\n", Timestamp(cutoff)), ""),
+    )
+    .unwrap();
+    assert!(Revocations::new(&all).check(&a, &fresh.chain[0]).is_err());
 }

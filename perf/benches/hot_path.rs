@@ -5,8 +5,9 @@
 //!   bundle of the leaf's own trust domain), for a leaf signed directly by the root and for a
 //!   leaf issued by an intermediate; and `leaf_spiffe_id` alone (X.509 parse + SAN/KU/EKU
 //!   checks, no signature verification).
-//! - `l4_authz/*`: `L4Authorizer::decide`, the once-per-connection port policy check, over a
-//!   table of 100 ports x 10 patterns (half exact IDs, half `/*` prefixes), allowed and denied.
+//! - `l4_authz/*`: `PolicyIndex::decide_tcp`, the once-per-connection port policy check, over
+//!   a sidecar's `inbound.ports` of 100 ports x 10 patterns (half exact IDs, half `/*`
+//!   prefixes), compiled as the proxy compiles it; allowed and denied.
 //!
 //! - `policy/*`: `PolicyIndex::decide_http` / `decide_tcp`, the per-request route-scope
 //!   decision, with 10,000 policies all targeting the local workload (the worst case: a
@@ -22,10 +23,10 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use rustls_pki_types::UnixTime;
-use sigil_config::{IdPattern, Policy, SpiffeId, TrustDomain};
+use sigil_config::{Policy, ProxyConfig, SpiffeId, TrustDomain};
 use sigil_filters::svid::leaf_spiffe_id;
 use sigil_filters::tls::provider;
-use sigil_filters::{verify_svid, HttpRequest, L4Authorizer, PolicyIndex, TrustBundles, Usage};
+use sigil_filters::{verify_svid, HttpRequest, PolicyIndex, TrustBundles, Usage};
 use sigil_testkit::Ca;
 
 const PEER: &str = "spiffe://example.org/ns/perf/sa/client";
@@ -94,22 +95,32 @@ fn svid(c: &mut Criterion) {
     g.finish();
 }
 
-/// 100 ports (8000..8100), each with 10 allow entries: even entries exact IDs, odd entries
-/// namespace prefixes.
-fn table() -> L4Authorizer {
-    L4Authorizer::new((8000u16..8100).map(|port| {
-        let allow = (0..10)
-            .map(|i| {
-                let s = if i % 2 == 0 {
-                    format!("spiffe://example.org/ns/app{i}/sa/client-{port}")
-                } else {
-                    format!("spiffe://example.org/ns/team{i}/*")
-                };
-                IdPattern::parse(&s).expect("pattern")
-            })
-            .collect();
-        (port, allow)
-    }))
+/// The sidecar's `inbound.ports` with 100 ports (8000..8100), each with 10 allow entries
+/// (even entries exact IDs, odd entries namespace prefixes), compiled as the proxy does.
+fn table() -> PolicyIndex {
+    let ports: Vec<String> = (8000u16..8100)
+        .map(|port| {
+            let allow: Vec<String> = (0..10)
+                .map(|i| {
+                    if i % 2 == 0 {
+                        format!("\"spiffe://example.org/ns/app{i}/sa/client-{port}\"")
+                    } else {
+                        format!("\"spiffe://example.org/ns/team{i}/*\"")
+                    }
+                })
+                .collect();
+            format!("{{port: {port}, allow: [{}]}}", allow.join(", "))
+        })
+        .collect();
+    let yaml = format!(
+        "apiVersion: sigil.dev/v1\nkind: ProxyConfig\nmetadata: {{name: bench, owner: perf}}\n\
+         spec:\n  identity: {{certFile: a, keyFile: b, bundleDir: c}}\n  inbound:\n    ports: [{}]\n",
+        ports.join(", ")
+    );
+    let cfg = ProxyConfig::parse(Path::new("bench.yaml"), &yaml).expect("config");
+    let local = SpiffeId::parse(PEER_SERVER).expect("id");
+    let policy = Policy::from_inbound_ports(&cfg, &local).expect("ports listed");
+    PolicyIndex::compile([&policy], &local)
 }
 
 fn l4_authz(c: &mut Criterion) {
@@ -144,9 +155,9 @@ fn l4_authz(c: &mut Criterion) {
     ];
     let mut g = c.benchmark_group("l4_authz");
     for (name, peer, port, allowed) in &cases {
-        assert_eq!(authz.decide(peer, *port).allowed, *allowed, "{name}");
+        assert_eq!(authz.decide_tcp(peer, *port, 0).allowed, *allowed, "{name}");
         g.bench_function(*name, |bench| {
-            bench.iter(|| black_box(&authz).decide(black_box(peer), black_box(*port)))
+            bench.iter(|| black_box(&authz).decide_tcp(black_box(peer), black_box(*port), 0))
         });
     }
     g.finish();

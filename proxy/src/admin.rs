@@ -82,6 +82,8 @@ fn config_dump(p: &Proxy) -> String {
             "chain_length": tls.identity.chain().len(),
         },
         "trust_domains": tls.bundles.domains(),
+        "revocations_in_force": tls.revocations.len(),
+        "self_revoked": tls.self_revoked().map(|r| r.metadata.name.as_str()),
         "live_connections": p.conns.snapshot().into_iter()
             .map(|(direction, kind, peer)| serde_json::json!({
                 "direction": direction, "kind": kind, "peer_id": peer,

@@ -14,9 +14,9 @@ use std::time::Duration;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::UnixTime;
 use rustls::{ClientConfig, ServerConfig};
-use sigil_config::{ProxyConfig, SpiffeId, TrustDomain};
+use sigil_config::{ProxyConfig, Revocation, SpiffeId, TrustDomain};
 use sigil_filters::tls::{self, Carries};
-use sigil_filters::{LocalIdentity, TrustBundles};
+use sigil_filters::{LocalIdentity, Revocations, TrustBundles};
 
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -27,6 +27,7 @@ pub struct TlsState {
     /// Our SPIFFE ID as a metrics label value, built once per SVID.
     pub local_label: Arc<str>,
     pub bundles: Arc<TrustBundles>,
+    pub revocations: Arc<Revocations>,
     pub server: Arc<ServerConfig>,
     /// Client configs per expected peer ID and kind of traffic, built on first use.
     clients: Mutex<HashMap<SpiffeId, [Option<Arc<ClientConfig>>; 3]>>,
@@ -37,13 +38,20 @@ impl TlsState {
     fn new(
         identity: LocalIdentity,
         bundles: Arc<TrustBundles>,
+        revocations: Arc<Revocations>,
         provider: Arc<CryptoProvider>,
     ) -> Self {
-        let server = tls::server_config(&identity, bundles.clone(), provider.clone());
+        let server = tls::server_config(
+            &identity,
+            bundles.clone(),
+            revocations.clone(),
+            provider.clone(),
+        );
         Self {
             local_label: identity.id().as_str().into(),
             identity,
             bundles,
+            revocations,
             server,
             clients: Mutex::new(HashMap::new()),
             provider,
@@ -59,6 +67,7 @@ impl TlsState {
         let c = tls::client_config(
             &self.identity,
             self.bundles.clone(),
+            self.revocations.clone(),
             self.provider.clone(),
             expected.clone(),
             carries,
@@ -67,9 +76,17 @@ impl TlsState {
         c
     }
 
-    /// Ready to serve: SVID unexpired and a non-empty bundle for our own trust domain.
+    /// The revocation that covers our own SVID: while there is one, we present it to nobody.
+    pub fn self_revoked(&self) -> Option<&Revocation> {
+        let not_before = i64::try_from(self.identity.not_before()).unwrap_or(i64::MAX);
+        self.revocations.covering(self.identity.id(), not_before)
+    }
+
+    /// Ready to serve: SVID unexpired and not revoked, and a non-empty bundle for our own
+    /// trust domain.
     pub fn is_ready(&self, now: UnixTime) -> bool {
-        now.as_secs() < self.identity.not_after()
+        self.self_revoked().is_none()
+            && now.as_secs() < self.identity.not_after()
             && self
                 .bundles
                 .get(self.identity.id().trust_domain_name())
@@ -135,7 +152,12 @@ impl IdentityFiles {
                 self.bundle_dir.display()
             ));
         }
-        Ok(TlsState::new(identity, bundles, provider.clone()))
+        Ok(TlsState::new(
+            identity,
+            bundles,
+            Arc::default(),
+            provider.clone(),
+        ))
     }
 
     /// Re-reads the files; returns what changed since the last call.
@@ -291,13 +313,35 @@ impl Current {
     pub fn set_identity(&self, identity: LocalIdentity) {
         let mut cur = self.0.write().expect("tls state lock");
         let provider = cur.provider.clone();
-        *cur = Arc::new(TlsState::new(identity, cur.bundles.clone(), provider));
+        *cur = Arc::new(TlsState::new(
+            identity,
+            cur.bundles.clone(),
+            cur.revocations.clone(),
+            provider,
+        ));
     }
 
     /// Applies new bundles, keeping the SVID.
     pub fn set_bundles(&self, bundles: Arc<TrustBundles>) {
         let mut cur = self.0.write().expect("tls state lock");
         let provider = cur.provider.clone();
-        *cur = Arc::new(TlsState::new(cur.identity.clone(), bundles, provider));
+        *cur = Arc::new(TlsState::new(
+            cur.identity.clone(),
+            bundles,
+            cur.revocations.clone(),
+            provider,
+        ));
+    }
+
+    /// Applies a new set of revocations, keeping SVID and bundles.
+    pub fn set_revocations(&self, revocations: Arc<Revocations>) {
+        let mut cur = self.0.write().expect("tls state lock");
+        let provider = cur.provider.clone();
+        *cur = Arc::new(TlsState::new(
+            cur.identity.clone(),
+            cur.bundles.clone(),
+            revocations,
+            provider,
+        ));
     }
 }

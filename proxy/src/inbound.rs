@@ -17,7 +17,7 @@ use crate::conns::{Direction, Kind};
 use sigil_filters::detect::Detected;
 
 use crate::l7;
-use crate::metrics::RuleLabels;
+use crate::metrics::{RuleLabels, UNAUTHENTICATED_PEER};
 use crate::proxy::{now_unix, peer_chain, Admitted, Proxy};
 use crate::relay::{sniff, Rewind};
 
@@ -26,6 +26,11 @@ const DIR: Direction = Direction::Inbound;
 pub async fn handle(p: Arc<Proxy>, tcp: TcpStream, client: SocketAddr, port: u16) {
     let tls = p.tls.get();
     let local = tls.local_label.clone();
+    if let Some(r) = tls.self_revoked() {
+        info!(%client, port, revocation = %r.metadata.name, reason = "self_revoked", "inbound refused: our own SVID is revoked");
+        p.refused(DIR, &local, UNAUTHENTICATED_PEER.into(), "self_revoked");
+        return;
+    }
     let acceptor = TlsAcceptor::from(tls.server.clone());
     let timeout = p.cfg.spec.timeouts.handshake;
     let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {

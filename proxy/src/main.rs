@@ -8,10 +8,10 @@ mod l7;
 mod metrics;
 mod outbound;
 mod outbound_http;
-mod policies;
 mod pool;
 mod proxy;
 mod relay;
+mod resources;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,9 +21,10 @@ use std::time::Duration;
 
 use rustls::pki_types::UnixTime;
 use sigil_config::proxy_config::Mode;
-use sigil_config::ProxyConfig;
+use sigil_config::{Policy, ProxyConfig, Revocation};
 use sigil_filters::svid::{verify_svid, Usage};
 use sigil_filters::tls;
+use sigil_filters::Revocations;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
@@ -142,20 +143,28 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
         trust_domains = ?state.bundles.domains(),
         "identity loaded"
     );
-    let mut policy_files = policies::PolicyFiles::from_config(&cfg);
+    let mut policy_files = resources::policy_files(&cfg);
     if let Some(Err(problems)) = policy_files.poll() {
         return Err(format!("invalid policies:\n  {}", problems.join("\n  ")));
     }
-    if cfg.spec.policy_dir.is_some() {
+    if policy_files.is_configured() {
         metrics.reload("policy", true);
         info!(policies = policy_files.current.len(), "policies loaded");
     }
-    let p = Arc::new(Proxy::new(
-        cfg,
-        Current::new(state),
-        metrics,
-        &policy_files.current,
-    ));
+    let mut revocation_files = resources::revocation_files(&cfg);
+    if let Some(Err(problems)) = revocation_files.poll() {
+        return Err(format!("invalid revocations:\n  {}", problems.join("\n  ")));
+    }
+    let current = Current::new(state);
+    if revocation_files.is_configured() {
+        metrics.reload("revocation", true);
+        current.set_revocations(Arc::new(Revocations::new(&revocation_files.current)));
+        log_revocations(&revocation_files.current);
+        if let Some(r) = current.get().self_revoked() {
+            error!(revocation = %r.metadata.name, reason = %r.spec.reason, "our own SVID is revoked: presenting it to nobody until a fresh one arrives");
+        }
+    }
+    let p = Arc::new(Proxy::new(cfg, current, metrics, &policy_files.current));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let spec = &p.cfg.spec;
@@ -231,7 +240,14 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
             },
         );
     }
-    spawn_watcher(p.clone(), files, seen, provider, policy_files);
+    spawn_watcher(
+        p.clone(),
+        files,
+        seen,
+        provider,
+        policy_files,
+        revocation_files,
+    );
     info!(name = %p.cfg.metadata.name, mode = ?p.cfg.spec.mode, "sigil-proxy ready");
 
     wait_for_signal().await;
@@ -321,7 +337,8 @@ fn spawn_watcher(
     files: IdentityFiles,
     mut seen: Seen,
     provider: Arc<rustls::crypto::CryptoProvider>,
-    mut policy_files: policies::PolicyFiles,
+    mut policy_files: resources::ResourceDir<Policy>,
+    mut revocation_files: resources::ResourceDir<Revocation>,
 ) {
     std::thread::Builder::new()
         .name("identity-watch".into())
@@ -344,7 +361,11 @@ fn spawn_watcher(
                     }
                     Some(Ok(n)) => {
                         let local = p.tls.get().identity.id().clone();
-                        p.set_policy(policies::compile(&p.cfg, &policy_files.current, &local));
+                        p.set_policy(resources::compile_policies(
+                            &p.cfg,
+                            &policy_files.current,
+                            &local,
+                        ));
                         p.metrics.reload("policy", true);
                         info!(policies = n, "policies updated");
                         true
@@ -352,6 +373,19 @@ fn spawn_watcher(
                 };
                 if changed || tick % 4 == 0 {
                     recheck_tcp(&p);
+                }
+                match revocation_files.poll() {
+                    None => {}
+                    Some(Err(problems)) => {
+                        for problem in &problems {
+                            error!("revocation update refused, keeping the current set: {problem}");
+                        }
+                        p.metrics.reload("revocation", false);
+                    }
+                    Some(Ok(_)) => {
+                        p.metrics.reload("revocation", true);
+                        apply_revocations(&p, &revocation_files.current);
+                    }
                 }
             }
         })
@@ -381,13 +415,13 @@ fn apply(
     p: &Proxy,
     change: Change,
     provider: &rustls::crypto::CryptoProvider,
-    policy_files: &policies::PolicyFiles,
+    policy_files: &resources::ResourceDir<Policy>,
 ) {
     match change {
         Change::Svid(Ok(identity)) => {
             if identity.id() != p.tls.get().identity.id() {
                 // Policies are compiled for our own ID.
-                p.set_policy(policies::compile(
+                p.set_policy(resources::compile_policies(
                     &p.cfg,
                     &policy_files.current,
                     identity.id(),
@@ -436,6 +470,43 @@ fn apply(
                 );
             }
         }
+    }
+}
+
+fn log_revocations(list: &[Revocation]) {
+    for r in list {
+        let before = r.spec.issued_before.map(|t| t.0);
+        warn!(id = %r.spec.spiffe_id, revocation = %r.metadata.name, issued_before_unix = ?before, reason = %r.spec.reason, "revocation in force");
+    }
+}
+
+/// Puts a new set of revocations in force: new handshakes check it at once, and every live
+/// connection whose peer it covers is closed (`revoked`). If it covers our own SVID, every
+/// connection is closed and none is made or accepted until a fresh SVID arrives.
+fn apply_revocations(p: &Proxy, list: &[Revocation]) {
+    let revocations = Arc::new(Revocations::new(list));
+    p.tls.set_revocations(revocations.clone());
+    let tls = p.tls.get();
+    if let Some(r) = tls.self_revoked() {
+        error!(revocation = %r.metadata.name, reason = %r.spec.reason, "our own SVID is revoked: closing every connection and presenting it to nobody until a fresh one arrives");
+        let n = p.conns.close_where("revoked", |_| true);
+        warn!(
+            closed = n,
+            "closed live connections: our own SVID is revoked"
+        );
+        return;
+    }
+    info!(revocations = revocations.len(), "revocations updated");
+    log_revocations(list);
+    let n = p.conns.close_where("revoked", |c| {
+        // Workload connections carry no peer certificate; their pooled connections do.
+        c.kind != Kind::Workload
+            && c.chain
+                .first()
+                .is_some_and(|leaf| revocations.check(&c.peer, leaf).is_err())
+    });
+    if n > 0 {
+        warn!(closed = n, "closed live connections of revoked identities");
     }
 }
 

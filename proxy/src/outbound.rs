@@ -78,6 +78,12 @@ pub async fn dial(
 ) -> Option<(TlsStream<TcpStream>, Vec<CertificateDer<'static>>)> {
     let tls = p.tls.get();
     let local = &tls.local_label;
+    if let Some(r) = tls.self_revoked() {
+        info!(%dest, peer = %expected, revocation = %r.metadata.name, reason = "self_revoked", "outbound refused: our own SVID is revoked");
+        let peer_label = p.metrics.peer_label(expected.as_str());
+        p.refused(DIR, local, peer_label, "self_revoked");
+        return None;
+    }
     let timeouts = &p.cfg.spec.timeouts;
     let tcp = match tokio::time::timeout(timeouts.connect, TcpStream::connect(dest)).await {
         Ok(Ok(s)) => s,

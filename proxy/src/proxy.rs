@@ -36,7 +36,9 @@ pub struct Proxy {
 impl Proxy {
     pub fn new(cfg: ProxyConfig, tls: Current, metrics: Metrics, policies: &[Policy]) -> Self {
         let local = tls.get().identity.id().clone();
-        let policy = RwLock::new(Arc::new(crate::policies::compile(&cfg, policies, &local)));
+        let policy = RwLock::new(Arc::new(crate::resources::compile_policies(
+            &cfg, policies, &local,
+        )));
         let mut registry = HashMap::new();
         let mut registry_hosts = HashMap::new();
         for e in &cfg.spec.outbound.registry {

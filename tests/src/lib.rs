@@ -287,6 +287,8 @@ pub struct Sidecar {
     pub drain: &'static str,
     /// Directory of Policy files (`spec.policyDir`).
     pub policy_dir: Option<PathBuf>,
+    /// Directory of Revocation files (`spec.revocationDir`).
+    pub revocation_dir: Option<PathBuf>,
 }
 
 impl Sidecar {
@@ -301,6 +303,7 @@ impl Sidecar {
             handshake_timeout: "2s",
             drain: "5s",
             policy_dir: None,
+            revocation_dir: None,
         }
     }
 
@@ -339,6 +342,9 @@ impl Sidecar {
             .collect();
         if let Some(dir) = &self.policy_dir {
             y += &format!("  policyDir: {}\n", dir.display());
+        }
+        if let Some(dir) = &self.revocation_dir {
+            y += &format!("  revocationDir: {}\n", dir.display());
         }
         y += &format!(
             "  inbound:\n    ports: [{}]\n    explicit: [{}]\n  outbound:\n    explicit: [{}]\n",
@@ -428,23 +434,7 @@ pub fn curl(port: u16, path: &str) -> (bool, String) {
 
 /// Unix seconds as RFC 3339 UTC (`2026-12-31T00:00:00Z`), for policy expiry in tests.
 pub fn rfc3339(unix: i64) -> String {
-    // Howard Hinnant's civil_from_days.
-    let (days, secs) = (unix.div_euclid(86_400), unix.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
+    sigil_config::policy::Timestamp(unix).to_string()
 }
 
 pub fn now_unix() -> i64 {
@@ -452,4 +442,38 @@ pub fn now_unix() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .expect("after 1970")
         .as_secs() as i64
+}
+
+/// Polls `f` every 50 ms until it holds; panics naming `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Replaces `path` whole (write a temporary file, rename over), as a config manager would.
+pub fn write_atomic(path: &Path, bytes: &[u8]) {
+    let name = path.file_name().expect("file name").to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    std::fs::write(&tmp, bytes).expect("write temporary file");
+    std::fs::rename(&tmp, path).expect("rename over");
+}
+
+/// A metric's value on a sidecar's /metrics (summed over matching series; 0 if none).
+pub fn count(s: &Sidecar, series: &str, labels: &[&str]) -> f64 {
+    metric(&s.metrics(), series, labels).unwrap_or(0.0)
+}
+
+/// Whether the peer closed `s` (EOF or reset) before its read timeout.
+pub fn closed(s: &mut TcpStream) -> bool {
+    use std::io::Read;
+    match s.read(&mut [0u8; 64]) {
+        Ok(n) => n == 0,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
 }

@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sigil_e2e::*;
 use sigil_testkit::Ca;
@@ -85,17 +85,6 @@ fn response_complete(text: &str) -> bool {
     }
 }
 
-/// Whether the peer closed `s` (EOF or reset) before its read timeout.
-fn closed(s: &mut TcpStream) -> bool {
-    match s.read(&mut [0u8; 64]) {
-        Ok(n) => n == 0,
-        Err(e) => !matches!(
-            e.kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-        ),
-    }
-}
-
 fn status(resp: &str) -> u16 {
     resp.split_whitespace()
         .nth(1)
@@ -109,22 +98,8 @@ fn curl_args(args: &[&str]) -> (bool, String) {
     run(&mut cmd, Duration::from_secs(15))
 }
 
-fn count(s: &Sidecar, series: &str, labels: &[&str]) -> f64 {
-    metric(&s.metrics(), series, labels).unwrap_or(0.0)
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn write_policy(dir: &Path, name: &str, text: &str) {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(tmp, dir.join(name)).unwrap();
+    write_atomic(&dir.join(name), text.as_bytes());
 }
 
 #[test]

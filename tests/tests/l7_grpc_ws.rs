@@ -141,9 +141,7 @@ impl Mesh {
 }
 
 fn write_policy(dir: &Path, name: &str, text: &str) {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(tmp, dir.join(name)).unwrap();
+    write_atomic(&dir.join(name), text.as_bytes());
 }
 
 // ---------------------------------------------------------------------------------------

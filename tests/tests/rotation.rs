@@ -15,13 +15,6 @@ use sigil_testkit::{Ca, Svid};
 const A: &str = "spiffe://example.org/ns/demo/sa/a";
 const B: &str = "spiffe://example.org/ns/demo/sa/b";
 
-/// Writes by rename (what most tools do): readers see the old or the new file, never a mix.
-fn write_atomic(path: &Path, bytes: &[u8]) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 /// Writes in place, in two halves with a pause: a reader can see a truncated file.
 fn write_in_place(path: &Path, bytes: &[u8]) {
     let mut f = std::fs::File::create(path).unwrap();
@@ -41,14 +34,6 @@ fn reloads(s: &Sidecar, resource: &str, result: &str) -> f64 {
         ],
     )
     .unwrap_or(0.0)
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// The leaf certificate B's inbound listener presents now, via openssl s_client.

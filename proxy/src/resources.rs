@@ -1,26 +1,49 @@
-//! Policies from `spec.policyDir`, polled like the identity files. A set with any invalid
-//! file is refused whole (each problem logged with file:line) and the last good set stays.
+//! Resources from directories of YAML files (`spec.policyDir`, `spec.revocationDir`), polled
+//! like the identity files. A set with any invalid file is refused whole (each problem logged
+//! with file:line) and the last good set stays.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use sigil_config::{Policy, ProxyConfig, SpiffeId};
+use sigil_config::{ConfigError, Policy, ProxyConfig, Revocation, SpiffeId};
 use sigil_filters::PolicyIndex;
 
-pub struct PolicyFiles {
+type Parse<T> = fn(&Path, &str) -> Result<Vec<T>, ConfigError>;
+
+pub struct ResourceDir<T> {
     dir: Option<PathBuf>,
+    parse: Parse<T>,
     seen: BTreeMap<PathBuf, Vec<u8>>,
-    /// The last good set, kept to recompile when our own SPIFFE ID changes.
-    pub current: Vec<Policy>,
+    /// The last good set (policies: kept to recompile when our own SPIFFE ID changes).
+    pub current: Vec<T>,
 }
 
-impl PolicyFiles {
-    pub fn from_config(cfg: &ProxyConfig) -> Self {
+pub fn policy_files(cfg: &ProxyConfig) -> ResourceDir<Policy> {
+    ResourceDir::new(
+        cfg.spec.policy_dir.as_ref().map(|d| cfg.resolve(d)),
+        Policy::parse_all,
+    )
+}
+
+pub fn revocation_files(cfg: &ProxyConfig) -> ResourceDir<Revocation> {
+    ResourceDir::new(
+        cfg.spec.revocation_dir.as_ref().map(|d| cfg.resolve(d)),
+        Revocation::parse_all,
+    )
+}
+
+impl<T> ResourceDir<T> {
+    fn new(dir: Option<PathBuf>, parse: Parse<T>) -> Self {
         Self {
-            dir: cfg.spec.policy_dir.as_ref().map(|d| cfg.resolve(d)),
+            dir,
+            parse,
             seen: BTreeMap::new(),
             current: Vec::new(),
         }
+    }
+
+    pub fn is_configured(&self) -> bool {
+        self.dir.is_some()
     }
 
     /// Re-reads the directory. None: nothing changed. Some(Err): the new set is refused, with
@@ -53,26 +76,26 @@ impl PolicyFiles {
             return None;
         }
         self.seen = now;
-        let mut policies = Vec::new();
+        let mut resources = Vec::new();
         for (path, bytes) in &self.seen {
             let parsed = std::str::from_utf8(bytes)
                 .map_err(|e| format!("{}: not UTF-8: {e}", path.display()))
-                .and_then(|text| Policy::parse_all(path, text).map_err(|e| e.to_string()));
+                .and_then(|text| (self.parse)(path, text).map_err(|e| e.to_string()));
             match parsed {
-                Ok(ps) => policies.extend(ps),
+                Ok(rs) => resources.extend(rs),
                 Err(e) => problems.push(e),
             }
         }
         if !problems.is_empty() {
             return Some(Err(problems));
         }
-        self.current = policies;
+        self.current = resources;
         Some(Ok(self.current.len()))
     }
 }
 
 /// The index for `local`: the file policies plus `inbound.ports` of the config.
-pub fn compile(cfg: &ProxyConfig, files: &[Policy], local: &SpiffeId) -> PolicyIndex {
+pub fn compile_policies(cfg: &ProxyConfig, files: &[Policy], local: &SpiffeId) -> PolicyIndex {
     let from_config = Policy::from_inbound_ports(cfg, local);
     PolicyIndex::compile(files.iter().chain(from_config.iter()), local)
 }
