@@ -3,12 +3,16 @@
 
 pub mod policy;
 pub mod proxy_config;
+pub mod resource;
 pub mod revocation;
 pub mod spiffe;
+pub mod workload;
 mod yaml;
 
 pub use policy::Policy;
 pub use proxy_config::ProxyConfig;
+pub use resource::Resource;
 pub use revocation::Revocation;
 pub use spiffe::{IdPattern, SpiffeId, SpiffeIdError, TrustDomain};
+pub use workload::Workload;
 pub use yaml::ConfigError;

@@ -1,0 +1,113 @@
+//! `kind: Workload`: one workload identity of the mesh, who owns it and why it exists, and
+//! the addresses it serves on. The control plane builds each sidecar's registry (address →
+//! expected SPIFFE ID) from these.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_saphyr::Spanned;
+
+use crate::proxy_config::{check_envelope, Destination, Envelope, Metadata};
+use crate::spiffe::SpiffeId;
+use crate::yaml::{self, ConfigError};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Workload {
+    pub metadata: Metadata,
+    pub spec: WorkloadSpec,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadSpec {
+    pub spiffe_id: SpiffeId,
+    /// `prod`, `staging`, … (free text, for inventory and reports).
+    pub environment: String,
+    /// `ip:port`, or a bare `ip` for every port.
+    #[serde(default)]
+    pub addresses: Vec<Destination>,
+}
+
+impl Workload {
+    pub fn parse_all(path: &Path, text: &str) -> Result<Vec<Workload>, ConfigError> {
+        let docs: Vec<Spanned<Envelope<WorkloadSpec>>> = yaml::parse_multiple(path, text)?;
+        let mut out = Vec::with_capacity(docs.len());
+        for doc in docs {
+            let env = doc.value;
+            check_envelope(path, &env, "Workload")?;
+            let meta_at = Some(env.metadata.referenced);
+            let w = Workload {
+                metadata: env.metadata.value,
+                spec: env.spec,
+            };
+            for (field, v) in [
+                ("owner", &w.metadata.owner),
+                ("purpose", &w.metadata.purpose),
+            ] {
+                if !matches!(v.as_deref(), Some(s) if !s.trim().is_empty()) {
+                    return Err(ConfigError::new(
+                        path,
+                        meta_at,
+                        format!(
+                            "workload {:?}: metadata.{field} is required: every identity has an owner and a purpose",
+                            w.metadata.name
+                        ),
+                    ));
+                }
+            }
+            if w.spec.spiffe_id.is_trust_domain_id() {
+                return Err(ConfigError::new(
+                    path,
+                    Some(doc.referenced),
+                    "spec.spiffeId must be a workload's SPIFFE ID, not a trust domain",
+                ));
+            }
+            out.push(w);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Vec<Workload>, ConfigError> {
+        Workload::parse_all(Path::new("w.yaml"), text)
+    }
+
+    const GOOD: &str = "apiVersion: sigil.dev/v1\nkind: Workload\n\
+        metadata: {name: payments, owner: team-payments, purpose: card payments API}\n\
+        spec:\n  spiffeId: spiffe://example.org/ns/prod/sa/payments\n  environment: prod\n\
+        \x20 addresses: [\"10.1.2.3:8080\", \"10.1.2.4\"]\n";
+
+    #[test]
+    fn a_workload_with_addresses() {
+        let w = &parse(GOOD).unwrap()[0];
+        assert_eq!(
+            w.spec.spiffe_id.as_str(),
+            "spiffe://example.org/ns/prod/sa/payments"
+        );
+        assert_eq!(w.spec.addresses.len(), 2);
+        assert!(matches!(w.spec.addresses[1], Destination::Host(_)));
+    }
+
+    #[test]
+    fn bad_workloads_name_file_line_and_reason() {
+        let cases = [
+            (
+                GOOD.replace("owner: team-payments, ", ""),
+                "metadata.owner is required",
+            ),
+            (GOOD.replace("/ns/prod/sa/payments", ""), "trust domain"),
+            (GOOD.replace("10.1.2.4", "10.1.2"), "invalid address"),
+            (GOOD.replace("  environment: prod\n", ""), "environment"),
+            (GOOD.replace("environment:", "env:"), "env"),
+        ];
+        for (text, want) in cases {
+            let e = parse(&text).unwrap_err();
+            assert!(e.line.is_some(), "no line for {want}: {e}");
+            assert!(e.to_string().contains(want), "want {want:?}: {e}");
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! The `sigil` binary as an operator runs it: validating resource files and asking what a
+//! sidecar would decide.
+
+use std::path::Path;
+use std::process::Command;
+
+const WEB: &str = "spiffe://example.org/ns/prod/sa/web";
+const PAY: &str = "spiffe://example.org/ns/prod/sa/payments";
+
+fn sigil(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sigil"))
+        .args(args)
+        .output()
+        .expect("run sigil");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn resources() -> String {
+    format!(
+        "apiVersion: sigil.dev/v1
+kind: Workload
+metadata: {{name: payments, owner: team-payments, purpose: card payments API}}
+spec: {{spiffeId: {PAY}, environment: prod, addresses: [\"10.1.2.3:8080\"]}}
+---
+apiVersion: sigil.dev/v1
+kind: Policy
+metadata: {{name: payments-api, owner: team-payments, purpose: who may call payments}}
+spec:
+  target: {PAY}
+  ports:
+    - port: 8080
+      routes:
+        - {{name: pay, match: {{methods: [POST], path: {{prefix: /pay}}}}, allow: [{WEB}]}}
+        - {{name: audit, match: {{path: {{prefix: /pay}}}}, deny: [{WEB}], mode: dry-run}}
+        - {{name: promo, match: {{path: {{exact: /promo}}}}, allow: [{WEB}], expiresAt: 2026-01-01T00:00:00Z}}
+    - port: 5432
+      protocol: tcp
+      rules: [{{name: db, allow: [\"spiffe://example.org/ns/batch/*\"]}}]
+"
+    )
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+fn tempdir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("sigil-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn validate_reports_every_resource_or_every_problem_with_file_and_line() {
+    let d = tempdir("validate");
+    let good = write(&d, "payments.yaml", &resources());
+    let (code, out, err) = sigil(&["validate", "-f", &good]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("Workload/payments: valid") && out.contains("Policy/payments-api: valid"),
+        "{out}"
+    );
+    // Two broken files in a directory: both reported, nothing accepted.
+    let bad = d.join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    write(
+        &bad,
+        "a.yaml",
+        &resources().replace("environment: prod", "env: prod"),
+    );
+    write(
+        &bad,
+        "b.yaml",
+        &resources().replace("sa/web]}", "sa//web]}"),
+    );
+    write(&bad, ".hidden.yaml", "not: yaml: at: all");
+    let (code, out, err) = sigil(&["validate", "-f", bad.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(err.contains("a.yaml:4:") && err.contains("env"), "{err}");
+    assert!(
+        err.contains("b.yaml:14:") && err.contains("empty segment"),
+        "{err}"
+    );
+    assert!(err.contains("2 problem(s)"), "{err}");
+    let (code, _, err) = sigil(&["validate"]);
+    assert_eq!(code, Some(2), "{err}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn policy_test_gives_the_sidecars_verdict_and_rule() {
+    let d = tempdir("policy-test");
+    let f = write(&d, "payments.yaml", &resources());
+    let ask = |extra: &[&str]| {
+        let mut args = vec!["policy", "test", "-f", &f, "--to", PAY];
+        args.extend_from_slice(extra);
+        sigil(&args)
+    };
+    // Allowed route, with the dry-run rule that would deny it.
+    let (code, out, err) = ask(&[
+        "--from", WEB, "--port", "8080", "--method", "POST", "--path", "/pay/7",
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("ALLOW: policy payments-api rule pay (allow)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("dry-run: would be denied by policy payments-api rule audit"),
+        "{out}"
+    );
+    // Wrong method: default deny, exit 1.
+    let (code, out, _) = ask(&["--from", WEB, "--port", "8080", "--path", "/pay/7"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("DENY: port 8080: no rule allows this peer (default deny)"),
+        "{out}"
+    );
+    // Normalized as a sidecar normalizes: a dot-segment escape is judged on /admin.
+    let (code, out, _) = ask(&[
+        "--from",
+        WEB,
+        "--port",
+        "8080",
+        "--method",
+        "POST",
+        "--path",
+        "/pay/%2e%2e/admin",
+    ]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("normalized: /admin"), "{out}");
+    // A target the sidecar refuses outright.
+    let (code, _, err) = ask(&["--from", WEB, "--port", "8080", "--path", "/pay%2Fx"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("400"), "{err}");
+    // Expiry judged at --at.
+    for (at, want) in [("2025-12-31T23:59:59Z", 0), ("2026-01-01T00:00:01Z", 1)] {
+        let promo = [
+            "--from", WEB, "--port", "8080", "--path", "/promo", "--at", at,
+        ];
+        let (code, out, _) = ask(&promo);
+        assert_eq!(code, Some(want), "at {at}: {out}");
+    }
+    // A tcp port is decided per connection, by prefix pattern.
+    let (code, out, _) = ask(&[
+        "--from",
+        "spiffe://example.org/ns/batch/sa/etl",
+        "--port",
+        "5432",
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("per connection") && out.contains("rule db (allow)"),
+        "{out}"
+    );
+    let (code, _, _) = ask(&["--from", WEB, "--port", "5432"]);
+    assert_eq!(code, Some(1));
+    // A workload no policy targets: mTLS alone admits.
+    let (code, out, _) = sigil(&[
+        "policy", "test", "-f", &f, "--to", WEB, "--from", PAY, "--port", "80",
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("no policy targets this workload"), "{out}");
+    // Bad arguments name themselves.
+    let (code, _, err) = ask(&["--from", "http://x", "--port", "8080"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--from"), "{err}");
+    let _ = std::fs::remove_dir_all(&d);
+}
