@@ -41,6 +41,15 @@ impl Resource {
 
     /// Parses every document of `text`, whatever its kind.
     pub fn parse_all(path: &Path, text: &str) -> Result<Vec<Resource>, ConfigError> {
+        Ok(Self::parse_docs(path, text)?
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect())
+    }
+
+    /// Like `parse_all`, with each resource's own document text (what the control plane
+    /// stores and serves back).
+    pub fn parse_docs(path: &Path, text: &str) -> Result<Vec<(Resource, String)>, ConfigError> {
         let mut out = Vec::new();
         for (first_line, doc) in documents(text) {
             if doc.lines().all(|l| {
@@ -82,7 +91,8 @@ impl Resource {
                     },
                 }),
             };
-            out.extend(parsed.map_err(shift)?);
+            let parsed: Vec<Resource> = parsed.map_err(shift)?;
+            out.extend(parsed.into_iter().map(|r| (r, doc.trim().to_string())));
         }
         Ok(out)
     }

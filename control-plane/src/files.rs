@@ -29,6 +29,15 @@ pub fn load(paths: &[PathBuf]) -> Result<Vec<Resource>, Vec<String>> {
     }
 }
 
+/// The files `paths` name, directories expanded (unreadable entries left out; `load`
+/// reports them).
+pub fn expand_all(paths: &[PathBuf]) -> Vec<PathBuf> {
+    paths
+        .iter()
+        .flat_map(|p| expand(p).unwrap_or_default())
+        .collect()
+}
+
 fn expand(p: &Path) -> Result<Vec<PathBuf>, String> {
     if !p.is_dir() {
         return if p.exists() {

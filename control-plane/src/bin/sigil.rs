@@ -1,12 +1,14 @@
 //! sigil: the operator CLI. See `--help`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use hyper::{Method, StatusCode};
 use sigil_config::policy::Timestamp;
 use sigil_config::{Resource, SpiffeId};
-use sigil_control::files;
+use sigil_control::client::Client;
 use sigil_control::policy_test::{decide, Question};
+use sigil_control::{files, identity};
 
 const USAGE: &str = "\
 sigil — operator CLI of the Sigil mesh
@@ -15,12 +17,24 @@ USAGE:
     sigil validate -f PATH...
     sigil policy test -f PATH... --from ID --to ID --port N
                       [--method M] [--path P] [--host H] [--header NAME:VALUE]... [--at TIME]
+    sigil apply -f PATH... [--dry-run]      CONNECTION
+    sigil get [KIND [NAME]]                 CONNECTION
+    sigil delete KIND NAME                  CONNECTION
 
 COMMANDS:
     validate      check Workload, Policy and Revocation files as the control plane and the
                   sidecars will; every problem is reported as file:line
     policy test   the verdict a sidecar of --to would give a caller --from, and the rule that
                   decides it, computed by the sidecars' own decision code
+    apply         validate, then store the resources in the control plane (--dry-run: show
+                  what would be created, updated or left unchanged, write nothing)
+    get, delete   read or remove stored resources
+
+CONNECTION (the operator API: mutual TLS with your SVID; flags or environment):
+    --server ADDR       SIGIL_SERVER      control plane operator API   [127.0.0.1:15014]
+    --control-id ID     SIGIL_CONTROL_ID  the control plane's SPIFFE ID (pinned)
+    --cert, --key FILE  SIGIL_CERT, SIGIL_KEY   your SVID and key
+    --bundle-dir DIR    SIGIL_BUNDLE_DIR  trust bundles, one <trust domain>.pem each
 
 OPTIONS:
     -f PATH       a resource file, or a directory of *.yaml files (repeatable)
@@ -36,7 +50,8 @@ OPTIONS:
     -V, --version version
 
 EXIT CODES:
-    0 valid / allowed; 1 denied; 2 invalid input or arguments";
+    0 valid / allowed / done; 1 denied, or refused or not found by the control plane;
+    2 invalid input or arguments";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -50,6 +65,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some("validate") => validate(&args[1..]),
+        Some("apply") => apply(&args[1..]),
+        Some("get") => get(&args[1..]),
+        Some("delete") => delete(&args[1..]),
         Some("policy") if args.get(1).map(String::as_str) == Some("test") => {
             policy_test(&args[2..])
         }
@@ -74,6 +92,13 @@ struct Opts {
     host: Option<String>,
     headers: Vec<String>,
     at: Option<String>,
+    dry_run: bool,
+    server: Option<String>,
+    control_id: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+    bundle_dir: Option<String>,
+    positional: Vec<String>,
 }
 
 fn parse_opts(args: &[String]) -> Result<Opts, String> {
@@ -91,13 +116,136 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             "--host" => o.host = Some(value()?),
             "--header" => o.headers.push(value()?),
             "--at" => o.at = Some(value()?),
+            "--dry-run" => o.dry_run = true,
+            "--server" => o.server = Some(value()?),
+            "--control-id" => o.control_id = Some(value()?),
+            "--cert" => o.cert = Some(value()?),
+            "--key" => o.key = Some(value()?),
+            "--bundle-dir" => o.bundle_dir = Some(value()?),
+            other if !other.starts_with('-') => o.positional.push(other.to_string()),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
+    Ok(o)
+}
+
+fn parse_with_files(args: &[String]) -> Result<Opts, String> {
+    let o = parse_opts(args)?;
     if o.files.is_empty() {
         return Err("-f PATH is required".into());
     }
     Ok(o)
+}
+
+/// The operator API client from flags, else the environment.
+fn client(o: &Opts) -> Result<Client, String> {
+    let pick = |flag: &Option<String>, env: &str, name: &str| {
+        flag.clone()
+            .or_else(|| std::env::var(env).ok())
+            .ok_or(format!("{name} (or {env}) is required"))
+    };
+    let server =
+        pick(&o.server, "SIGIL_SERVER", "--server").unwrap_or_else(|_| "127.0.0.1:15014".into());
+    let server = server
+        .parse()
+        .map_err(|_| format!("--server {server:?}: expected ip:port"))?;
+    let control_id = pick(&o.control_id, "SIGIL_CONTROL_ID", "--control-id")?;
+    let control_id =
+        SpiffeId::parse(&control_id).map_err(|e| format!("--control-id {control_id:?}: {e}"))?;
+    let cert = pick(&o.cert, "SIGIL_CERT", "--cert")?;
+    let key = pick(&o.key, "SIGIL_KEY", "--key")?;
+    let bundles = pick(&o.bundle_dir, "SIGIL_BUNDLE_DIR", "--bundle-dir")?;
+    let identity = identity::load(Path::new(&cert), Path::new(&key), Path::new(&bundles))?;
+    Ok(Client {
+        server,
+        control_id,
+        identity,
+    })
+}
+
+/// Prints the control plane's answer; the exit code follows its status.
+fn report(result: Result<(StatusCode, String), String>) -> ExitCode {
+    match result {
+        Ok((status, body)) if status.is_success() => {
+            print!("{body}");
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            eprint!("sigil: the control plane answered {status}: {body}");
+            ExitCode::from(if status == StatusCode::BAD_REQUEST {
+                2
+            } else {
+                1
+            })
+        }
+        Err(e) => {
+            eprintln!("sigil: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn apply(args: &[String]) -> ExitCode {
+    let o = match parse_with_files(args) {
+        Ok(o) => o,
+        Err(e) => return usage_error(&e),
+    };
+    // Validate everything locally first: nothing is sent unless every file is valid.
+    if let Err(code) = load(&o.files) {
+        return code;
+    }
+    let c = match client(&o) {
+        Ok(c) => c,
+        Err(e) => return usage_error(&e),
+    };
+    let path = if o.dry_run {
+        "/v1/apply?dryRun=true"
+    } else {
+        "/v1/apply"
+    };
+    for file in files::expand_all(&o.files) {
+        let text = match std::fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("sigil: {}: {e}", file.display());
+                return ExitCode::from(2);
+            }
+        };
+        let name = file.display().to_string();
+        let code = report(c.send(Method::POST, path, &[("x-sigil-file", &name)], text));
+        if code != ExitCode::SUCCESS {
+            return code;
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn get(args: &[String]) -> ExitCode {
+    let o = match parse_opts(args) {
+        Ok(o) if o.positional.len() <= 2 => o,
+        Ok(_) => return usage_error("get takes at most KIND and NAME"),
+        Err(e) => return usage_error(&e),
+    };
+    let c = match client(&o) {
+        Ok(c) => c,
+        Err(e) => return usage_error(&e),
+    };
+    let path = format!("/v1/resources/{}", o.positional.join("/"));
+    report(c.send(Method::GET, &path, &[], String::new()))
+}
+
+fn delete(args: &[String]) -> ExitCode {
+    let o = match parse_opts(args) {
+        Ok(o) if o.positional.len() == 2 => o,
+        Ok(_) => return usage_error("delete takes KIND and NAME"),
+        Err(e) => return usage_error(&e),
+    };
+    let c = match client(&o) {
+        Ok(c) => c,
+        Err(e) => return usage_error(&e),
+    };
+    let path = format!("/v1/resources/{}/{}", o.positional[0], o.positional[1]);
+    report(c.send(Method::DELETE, &path, &[], String::new()))
 }
 
 fn load(files: &[PathBuf]) -> Result<Vec<Resource>, ExitCode> {
@@ -111,7 +259,7 @@ fn load(files: &[PathBuf]) -> Result<Vec<Resource>, ExitCode> {
 }
 
 fn validate(args: &[String]) -> ExitCode {
-    let o = match parse_opts(args) {
+    let o = match parse_with_files(args) {
         Ok(o) => o,
         Err(e) => return usage_error(&e),
     };
@@ -127,7 +275,7 @@ fn validate(args: &[String]) -> ExitCode {
 }
 
 fn policy_test(args: &[String]) -> ExitCode {
-    let o = match parse_opts(args) {
+    let o = match parse_with_files(args) {
         Ok(o) => o,
         Err(e) => return usage_error(&e),
     };

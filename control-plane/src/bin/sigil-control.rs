@@ -1,0 +1,141 @@
+//! sigil-control: the Sigil control plane. See `--help`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use sigil_config::IdPattern;
+use sigil_control::operator::{self, Api};
+use sigil_control::{identity, store::Store};
+use tokio_rustls::TlsAcceptor;
+
+const USAGE: &str = "\
+sigil-control — the Sigil control plane
+
+USAGE:
+    sigil-control --data-dir DIR --cert FILE --key FILE --bundle-dir DIR --operator PATTERN...
+                  [--operator-listen ADDR]
+
+OPTIONS:
+    --data-dir DIR         the embedded store (DIR/sigil.db, created if missing)
+    --cert, --key FILE     the control plane's own SVID (leaf first) and key
+    --bundle-dir DIR       trust bundles, one <trust domain>.pem each
+    --operator PATTERN     SPIFFE IDs allowed to use the operator API: an exact ID or a
+                           prefix pattern such as spiffe://example.org/ops/* (repeatable)
+    --operator-listen ADDR operator API (HTTPS, mutual TLS)            [0.0.0.0:15014]
+    -h, --help             this text
+    -V, --version          version
+
+EXIT CODES:
+    0 clean shutdown (SIGTERM/SIGINT); 1 runtime failure; 2 invalid arguments";
+
+fn main() -> ExitCode {
+    let mut data_dir = None;
+    let (mut cert, mut key, mut bundle_dir) = (None, None, None);
+    let mut operators = Vec::new();
+    let mut listen: SocketAddr = ([0, 0, 0, 0], 15014).into();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || args.next().ok_or(format!("{a} needs a value"));
+        let r: Result<(), String> = (|| {
+            match a.as_str() {
+                "--data-dir" => data_dir = Some(PathBuf::from(value()?)),
+                "--cert" => cert = Some(PathBuf::from(value()?)),
+                "--key" => key = Some(PathBuf::from(value()?)),
+                "--bundle-dir" => bundle_dir = Some(PathBuf::from(value()?)),
+                "--operator" => {
+                    let v = value()?;
+                    operators
+                        .push(IdPattern::parse(&v).map_err(|e| format!("--operator {v:?}: {e}"))?)
+                }
+                "--operator-listen" => {
+                    let v = value()?;
+                    listen = v
+                        .parse()
+                        .map_err(|_| format!("--operator-listen {v:?}: expected ip:port"))?
+                }
+                "-h" | "--help" => {
+                    println!("{USAGE}");
+                    std::process::exit(0);
+                }
+                "-V" | "--version" => {
+                    println!("sigil-control {}", env!("CARGO_PKG_VERSION"));
+                    std::process::exit(0);
+                }
+                other => return Err(format!("unknown argument {other:?}")),
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            eprintln!("sigil-control: {e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    }
+    let (Some(data_dir), Some(cert), Some(key), Some(bundle_dir)) =
+        (data_dir, cert, key, bundle_dir)
+    else {
+        eprintln!(
+            "sigil-control: --data-dir, --cert, --key and --bundle-dir are required\n\n{USAGE}"
+        );
+        return ExitCode::from(2);
+    };
+    if operators.is_empty() {
+        eprintln!("sigil-control: at least one --operator PATTERN is required (nobody could use the operator API)\n\n{USAGE}");
+        return ExitCode::from(2);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(run(data_dir, cert, key, bundle_dir, operators, listen)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sigil-control: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(
+    data_dir: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    bundle_dir: PathBuf,
+    operators: Vec<IdPattern>,
+    listen: SocketAddr,
+) -> Result<(), String> {
+    let id = identity::load(&cert, &key, &bundle_dir)?;
+    let store = Store::open(&data_dir).map_err(|e| e.to_string())?;
+    let version = store.version().map_err(|e| e.to_string())?;
+    let server = sigil_filters::tls::server_config(
+        &id.local,
+        id.bundles.clone(),
+        Arc::default(),
+        id.provider.clone(),
+    );
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen} (operator API): {e}"))?;
+    eprintln!(
+        "sigil-control: {} ready; operator API on {listen}; store {} at version {version}",
+        id.local.id(),
+        data_dir.display()
+    );
+    let api = Arc::new(Api { store, operators });
+    tokio::select! {
+        _ = operator::serve(listener, TlsAcceptor::from(server), api) => {}
+        _ = shutdown() => eprintln!("sigil-control: stopping"),
+    }
+    Ok(())
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

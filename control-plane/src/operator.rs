@@ -1,0 +1,197 @@
+//! The operator API of `sigil-control` (HTTPS, mutual TLS with SPIFFE verification): only
+//! identities matching `--operator` patterns may use it. Resources travel as the YAML
+//! documents operators write.
+//!
+//! - `POST /v1/apply` (`?dryRun=true`): a YAML stream, validated like `sigil validate`
+//!   (errors name the file from the `x-sigil-file` header and the line); answers one line per
+//!   resource: `created|updated|unchanged Kind/name`, then the set's version.
+//! - `GET /v1/resources[/KIND[/NAME]]`: the stored documents, `---`-separated.
+//! - `DELETE /v1/resources/KIND/NAME`.
+
+use std::convert::Infallible;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use sigil_config::{IdPattern, Resource, SpiffeId};
+use sigil_filters::svid::leaf_spiffe_id;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::store::Store;
+
+/// A resource file is small; the same limit as the config loader's.
+const MAX_BODY: usize = 4 << 20;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Api {
+    pub store: Store,
+    pub operators: Vec<IdPattern>,
+}
+
+/// Accepts operator connections until the listener fails.
+pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, api: Arc<Api>) {
+    loop {
+        let (tcp, client) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("sigil-control: operator accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (acceptor, api) = (acceptor.clone(), api.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    eprintln!("sigil-control: operator handshake from {client} refused: {e}");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let peer = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|leaf| leaf_spiffe_id(leaf, None).ok());
+            let Some(peer) = peer else { return };
+            let service = hyper::service::service_fn(move |req| {
+                let (api, peer) = (api.clone(), peer.clone());
+                async move { Ok::<_, Infallible>(handle(&api, &peer, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), service)
+                .await;
+        });
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from(body.into())))
+        .expect("static response parts")
+}
+
+async fn handle(api: &Api, peer: &SpiffeId, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if !api.operators.iter().any(|p| p.matches(peer)) {
+        eprintln!("sigil-control: operator API refused {peer}: not an operator");
+        return text(
+            StatusCode::FORBIDDEN,
+            format!("{peer} is not an operator of this control plane (see --operator)\n"),
+        );
+    }
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let result = match (req.method().clone(), segments.as_slice()) {
+        (Method::POST, ["v1", "apply"]) => apply(api, peer, req).await,
+        (Method::GET, ["v1", "resources", rest @ ..]) if rest.len() <= 2 => get(api, rest),
+        (Method::DELETE, ["v1", "resources", kind, name]) => delete(api, peer, kind, name),
+        _ => Err(Refusal(
+            StatusCode::NOT_FOUND,
+            format!("no such endpoint: {path}\n"),
+        )),
+    };
+    result.unwrap_or_else(|Refusal(status, why)| text(status, why))
+}
+
+/// A request the API refuses: the status and the reason sent back.
+struct Refusal(StatusCode, String);
+
+type Reply = Result<Response<Full<Bytes>>, Refusal>;
+
+fn internal(e: impl std::fmt::Display) -> Refusal {
+    eprintln!("sigil-control: {e}");
+    Refusal(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"))
+}
+
+async fn apply(api: &Api, peer: &SpiffeId, req: Request<Incoming>) -> Reply {
+    let dry_run = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "dryRun=true"));
+    let file = req
+        .headers()
+        .get("x-sigil-file")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("request")
+        .to_string();
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| Refusal(StatusCode::PAYLOAD_TOO_LARGE, format!("{file}: {e}\n")))?
+        .to_bytes();
+    let yaml = std::str::from_utf8(&body)
+        .map_err(|e| Refusal(StatusCode::BAD_REQUEST, format!("{file}: not UTF-8: {e}\n")))?;
+    let docs = Resource::parse_docs(Path::new(&file), yaml)
+        .map_err(|e| Refusal(StatusCode::BAD_REQUEST, format!("{e}\n")))?;
+    let rows: Vec<(&str, &str, &str)> = docs
+        .iter()
+        .map(|(r, doc)| (r.kind(), r.name(), doc.as_str()))
+        .collect();
+    let (changes, version) = api.store.apply(&rows, dry_run).map_err(internal)?;
+    let mut out = String::new();
+    for ((kind, name, _), change) in rows.iter().zip(&changes) {
+        out += &format!("{} {kind}/{name}\n", change.label());
+        if !dry_run && change.label() != "unchanged" {
+            eprintln!(
+                "sigil-control: {peer} {} {kind}/{name} (version {version})",
+                change.label()
+            );
+        }
+    }
+    out += &if dry_run {
+        format!("dry run: nothing written (version {version})\n")
+    } else {
+        format!("version {version}\n")
+    };
+    Ok(text(StatusCode::OK, out))
+}
+
+fn get(api: &Api, rest: &[&str]) -> Reply {
+    let kind = rest.first().copied().filter(|k| !k.is_empty());
+    let all = api.store.list(kind).map_err(internal)?;
+    let found: Vec<_> = match rest.get(1) {
+        Some(name) => all.into_iter().filter(|s| s.name == *name).collect(),
+        None => all,
+    };
+    if found.is_empty() && rest.len() == 2 {
+        return Err(Refusal(
+            StatusCode::NOT_FOUND,
+            format!("{}/{}: not found\n", rest[0], rest[1]),
+        ));
+    }
+    let docs: Vec<String> = found
+        .iter()
+        .map(|s| {
+            format!(
+                "# {}/{} (version {})\n{}\n",
+                s.kind, s.name, s.version, s.yaml
+            )
+        })
+        .collect();
+    Ok(text(StatusCode::OK, docs.join("---\n")))
+}
+
+fn delete(api: &Api, peer: &SpiffeId, kind: &str, name: &str) -> Reply {
+    if !api.store.delete(kind, name).map_err(internal)? {
+        return Err(Refusal(
+            StatusCode::NOT_FOUND,
+            format!("{kind}/{name}: not found\n"),
+        ));
+    }
+    let version = api.store.version().map_err(internal)?;
+    eprintln!("sigil-control: {peer} deleted {kind}/{name} (version {version})");
+    Ok(text(
+        StatusCode::OK,
+        format!("deleted {kind}/{name}\nversion {version}\n"),
+    ))
+}
