@@ -52,16 +52,18 @@ fn raw(port: u16, request: &[u8]) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(request).unwrap();
+    read_response(&mut s)
+}
+
+/// Reads one whole response from a keep-alive connection (headers and body may arrive in
+/// separate segments).
+fn read_response(s: &mut TcpStream) -> String {
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
-    while let Ok(n) = s.read(&mut buf) {
-        if n == 0 {
-            break;
-        }
-        out.extend_from_slice(&buf[..n]);
-        // One response is enough (the connection may stay open): stop once it is complete.
-        if response_complete(&String::from_utf8_lossy(&out)) {
-            break;
+    while !response_complete(&String::from_utf8_lossy(&out)) {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
         }
     }
     String::from_utf8_lossy(&out).into_owned()
@@ -494,9 +496,8 @@ spec:
     ka.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     ka.write_all(b"GET /keep HTTP/1.1\r\nHost: b\r\n\r\n")
         .unwrap();
-    let mut buf = [0u8; 1024];
-    let n = ka.read(&mut buf).unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).contains("hello from b"));
+    let resp = read_response(&mut ka);
+    assert!(resp.contains("hello from b"), "{resp}");
     let done = || {
         count(
             &a,
@@ -519,8 +520,7 @@ spec:
     );
     ka.write_all(b"GET /keep HTTP/1.1\r\nHost: b\r\n\r\n")
         .unwrap();
-    let n = ka.read(&mut buf).unwrap();
-    let resp = String::from_utf8_lossy(&buf[..n]);
+    let resp = read_response(&mut ka);
     assert_eq!(status(&resp), 502, "{resp}");
 }
 
