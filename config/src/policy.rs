@@ -423,13 +423,11 @@ impl Policy {
             Err(ConfigError::new(path, at.or(Some(doc_at)), msg))
         };
         let m = &self.metadata;
-        for (field, v) in [("owner", &m.owner), ("purpose", &m.purpose)] {
-            if !matches!(v.as_deref(), Some(s) if !s.trim().is_empty()) {
-                return err(
-                    Some(meta_at),
-                    format!("policy {:?}: metadata.{field} is required: every grant has an owner and a purpose", m.name),
-                );
-            }
+        if let Some(field) = m.missing_owner_or_purpose() {
+            return err(
+                Some(meta_at),
+                format!("policy {:?}: metadata.{field} is required: every grant has an owner and a purpose", m.name),
+            );
         }
         if self.spec.target.is_trust_domain_id() {
             return err(

@@ -25,6 +25,17 @@ pub struct Metadata {
     pub purpose: Option<String>,
 }
 
+impl Metadata {
+    /// `owner` or `purpose` when that field is missing or blank: resources that grant access
+    /// or stand for an identity must say who answers for them and why they exist.
+    pub fn missing_owner_or_purpose(&self) -> Option<&'static str> {
+        [("owner", &self.owner), ("purpose", &self.purpose)]
+            .into_iter()
+            .find(|(_, v)| !matches!(v.as_deref(), Some(s) if !s.trim().is_empty()))
+            .map(|(field, _)| field)
+    }
+}
+
 /// The Kubernetes-shaped wrapper of every resource.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

@@ -40,20 +40,15 @@ impl Workload {
                 metadata: env.metadata.value,
                 spec: env.spec,
             };
-            for (field, v) in [
-                ("owner", &w.metadata.owner),
-                ("purpose", &w.metadata.purpose),
-            ] {
-                if !matches!(v.as_deref(), Some(s) if !s.trim().is_empty()) {
-                    return Err(ConfigError::new(
-                        path,
-                        meta_at,
-                        format!(
-                            "workload {:?}: metadata.{field} is required: every identity has an owner and a purpose",
-                            w.metadata.name
-                        ),
-                    ));
-                }
+            if let Some(field) = w.metadata.missing_owner_or_purpose() {
+                return Err(ConfigError::new(
+                    path,
+                    meta_at,
+                    format!(
+                        "workload {:?}: metadata.{field} is required: every identity has an owner and a purpose",
+                        w.metadata.name
+                    ),
+                ));
             }
             if w.spec.spiffe_id.is_trust_domain_id() {
                 return Err(ConfigError::new(

@@ -205,7 +205,7 @@ async fn handle(c: &Conn, req: Request<Incoming>) -> Response<Body> {
         }
         Ok((route, true, path)) => {
             debug!(peer = %c.peer, port = c.port, method = %req.method(), %path, "request allowed");
-            let r = match forward(c, req, &path).await {
+            let r = match forward(c, req, &path, grpc).await {
                 Ok(r) => r,
                 Err(e) => {
                     warn!(peer = %c.peer, port = c.port, "workload request failed: {e}");
@@ -301,6 +301,7 @@ async fn forward(
     c: &Conn,
     mut req: Request<Incoming>,
     target: &str,
+    grpc: bool,
 ) -> Result<Response<Body>, String> {
     let upstream = SocketAddr::from((Ipv4Addr::LOCALHOST, c.port));
     let uri: Uri = format!("http://{upstream}{target}")
@@ -308,7 +309,6 @@ async fn forward(
         .map_err(|e| format!("rebuilding the target: {e}"))?;
     let upgrade = req.version() == Version::HTTP_11 && req.headers().contains_key(UPGRADE);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let grpc = is_grpc(&req);
     let (mut parts, body) = req.into_parts();
     // HTTP/2 carries the host in :authority; an HTTP/1.1 workload needs it as Host.
     if !grpc && !parts.headers.contains_key(HOST) {
