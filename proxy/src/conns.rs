@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use rustls::pki_types::CertificateDer;
 use sigil_config::SpiffeId;
@@ -54,6 +55,19 @@ impl Kind {
             Self::Workload => "workload",
         }
     }
+}
+
+/// How long an HTTP connection closed gracefully may finish the requests it has in flight
+/// (it takes no new ones) before it is cut.
+pub const GRACE: Duration = Duration::from_secs(1);
+
+/// Whether HTTP connections closed for `reason` may finish their in-flight requests first
+/// (GOAWAY, `Connection: close`). A bundle change is routine CA rotation: cutting mid-request
+/// would fail calls that were authorized when they started, while the peer can no longer start
+/// new ones. A revocation, a policy change or the drain deadline cuts at once; so does any
+/// reason on a connection carrying raw bytes, which have no request boundary to wait for.
+pub fn is_graceful(reason: &str) -> bool {
+    reason == "bundle_change"
 }
 
 /// What the registry knows of one connection.
@@ -135,7 +149,8 @@ impl Conns {
     }
 
     /// Asks every connection for which `doomed` is true to close with `reason`; returns how
-    /// many were asked. The connection tasks do the closing and the counting.
+    /// many were asked. The connection tasks do the closing and the counting. A connection
+    /// already closing gracefully is asked again by a reason that cuts at once.
     pub fn close_where(
         &self,
         reason: &'static str,
@@ -144,7 +159,11 @@ impl Conns {
         let live = self.live.lock().expect("conns lock");
         let mut n = 0;
         for info in live.values() {
-            if info.close.borrow().is_none() && doomed(info) {
+            let open = match *info.close.borrow() {
+                None => true,
+                Some(current) => is_graceful(current) && !is_graceful(reason),
+            };
+            if open && doomed(info) {
                 let _ = info.close.send(Some(reason));
                 n += 1;
             }

@@ -35,10 +35,10 @@ use sigil_filters::HttpRequest;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
 
-use crate::conns::{Direction, Kind};
+use crate::conns::{is_graceful, Direction, Kind, GRACE};
 use crate::metrics::{DurationLabels, RequestLabels, RuleLabels};
 use crate::proxy::{now_unix, Admitted, Proxy};
-use crate::relay::{closed, Counted};
+use crate::relay::{close_request, closed, Counted};
 
 pub const PEER_HEADER: &str = "x-sigil-peer-id";
 const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -128,10 +128,28 @@ where
     let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(served);
     let mut draining = false;
+    // Set once a graceful close (see `conns::is_graceful`) began: in-flight requests have
+    // until `grace` to finish.
+    let mut closing: Option<&'static str> = None;
+    let grace = tokio::time::sleep(GRACE);
+    tokio::pin!(grace);
     loop {
         tokio::select! {
-            r = served.as_mut() => return if r.is_ok() { "done" } else { "io_error" },
-            reason = closed(close_rx) => return reason,
+            r = served.as_mut() => {
+                return closing.unwrap_or(if r.is_ok() { "done" } else { "io_error" });
+            }
+            reason = close_request(close_rx, closing.is_none()) => {
+                if closing.is_some() || !is_graceful(reason) {
+                    return reason;
+                }
+                closing = Some(reason);
+                grace.as_mut().reset(tokio::time::Instant::now() + GRACE);
+                if !draining {
+                    draining = true;
+                    served.as_mut().graceful_shutdown();
+                }
+            }
+            _ = grace.as_mut(), if closing.is_some() => return closing.unwrap_or("done"),
             // On SIGTERM, finish in-flight requests and close (Connection: close / GOAWAY)
             // rather than wait to be cut at the drain deadline.
             _ = p.drained(), if !draining => {

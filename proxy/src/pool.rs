@@ -6,21 +6,24 @@
 //! verifies) afresh.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use sigil_config::SpiffeId;
 use sigil_filters::tls::Carries;
+use tokio::sync::watch;
 use tracing::{debug, info};
 
-use crate::conns::{Direction, Kind};
+use crate::conns::{is_graceful, Direction, Kind, GRACE};
 use crate::outbound::dial;
 use crate::proxy::{Admitted, Proxy};
-use crate::relay::{closed, Counted};
+use crate::relay::{closed, cut, Counted};
 
 /// A dead peer (no PING answer) is noticed within interval + timeout.
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);
@@ -29,12 +32,46 @@ const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Default)]
 pub struct Pool {
     slots: Mutex<HashMap<SocketAddr, Vec<Arc<Slot>>>>,
+    /// Numbers pooled connections, so that one retiring removes itself and no successor.
+    next: AtomicU64,
 }
 
 struct Slot {
     expected: SpiffeId,
-    /// Async, so that concurrent first requests wait for one dial instead of racing.
-    sender: tokio::sync::Mutex<Option<SendRequest<Incoming>>>,
+    /// The connection's number and sender. Async, so that concurrent first requests wait
+    /// for one dial instead of racing.
+    sender: tokio::sync::Mutex<Option<(u64, SendRequest<Incoming>)>>,
+}
+
+impl Slot {
+    /// Takes connection `id` out of use: the next request dials afresh.
+    async fn retire(&self, id: u64) {
+        let mut sender = self.sender.lock().await;
+        if sender.as_ref().is_some_and(|(current, _)| *current == id) {
+            *sender = None;
+        }
+    }
+}
+
+/// Spawns hyper's futures for one pooled connection, each ending early once `kill` turns true.
+#[derive(Clone)]
+struct Killable(watch::Receiver<bool>);
+
+impl<F> hyper::rt::Executor<F> for Killable
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        let mut kill = self.0.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = fut => {}
+                // A dropped sender is no kill: the connection then ends on its own.
+                Ok(_) = kill.wait_for(|k| *k) => {}
+            }
+        });
+    }
 }
 
 impl Pool {
@@ -62,11 +99,12 @@ impl Pool {
     ) -> Option<SendRequest<Incoming>> {
         let slot = self.slot(dest, expected);
         let mut sender = slot.sender.lock().await;
-        if let Some(s) = sender.as_ref().filter(|s| !s.is_closed()) {
+        if let Some((_, s)) = sender.as_ref().filter(|(_, s)| !s.is_closed()) {
             return Some(s.clone());
         }
-        let s = connect(p, dest, expected).await?;
-        *sender = Some(s.clone());
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let s = connect(p, dest, expected, slot.clone(), id).await?;
+        *sender = Some((id, s.clone()));
         Some(s)
     }
 }
@@ -75,6 +113,8 @@ async fn connect(
     p: &Arc<Proxy>,
     dest: SocketAddr,
     expected: &SpiffeId,
+    slot: Arc<Slot>,
+    id: u64,
 ) -> Option<SendRequest<Incoming>> {
     let (stream, chain) = dial(p, dest, expected, Carries::Http2).await?;
     let a = Admitted {
@@ -88,7 +128,8 @@ async fn connect(
     };
     let (labels, counters, mut guard) = p.admit(a);
     let io = TokioIo::new(Counted::new(stream, counters));
-    let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    let (kill, kill_rx) = watch::channel(false);
+    let mut builder = hyper::client::conn::http2::Builder::new(Killable(kill_rx));
     builder
         .timer(TokioTimer::new())
         .keep_alive_interval(KEEP_ALIVE_INTERVAL)
@@ -106,13 +147,32 @@ async fn connect(
     debug!(%dest, peer = %expected, "pooled connection open");
     let p = p.clone();
     tokio::spawn(async move {
-        // Dropping `conn` drops the socket: every request on it fails and the senders
-        // report closed, so the pool dials again on next use.
-        let reason = tokio::select! {
-            r = conn => if r.is_ok() { "done" } else { "io_error" },
+        tokio::pin!(conn);
+        let mut reason = tokio::select! {
+            // The peer sent GOAWAY or the socket failed. Streams still in flight finish in
+            // hyper's connection task.
+            r = conn.as_mut() => if r.is_ok() { "done" } else { "io_error" },
             reason = closed(&mut guard.close_rx) => reason,
         };
+        if is_graceful(reason) {
+            slot.retire(id).await;
+            let grace = tokio::time::sleep(GRACE);
+            tokio::pin!(grace);
+            let mut dispatching = true;
+            loop {
+                tokio::select! {
+                    // Requests already handed this connection's sender still go out.
+                    _ = conn.as_mut(), if dispatching => dispatching = false,
+                    _ = grace.as_mut() => break,
+                    r = cut(&mut guard.close_rx) => {
+                        reason = r;
+                        break;
+                    }
+                }
+            }
+        }
         if reason != "done" {
+            let _ = kill.send(true);
             info!(%dest, peer = %labels.peer_id, reason, "pooled connection closed");
         }
         p.closed(&labels, reason);

@@ -10,6 +10,8 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 
+use crate::conns::is_graceful;
+
 /// One TLS record's worth of plaintext per read keeps TLS framing and syscalls balanced.
 const BUF: usize = 16 * 1024;
 
@@ -91,9 +93,26 @@ fn classify(r: io::Result<()>) -> &'static str {
 
 /// Resolves with the reason once the registry asks this connection to close.
 pub async fn closed(rx: &mut watch::Receiver<Option<&'static str>>) -> &'static str {
+    close_request(rx, true).await
+}
+
+/// Resolves with the reason once the registry asks this connection to close at once (not
+/// gracefully, see `conns::is_graceful`).
+pub async fn cut(rx: &mut watch::Receiver<Option<&'static str>>) -> &'static str {
+    close_request(rx, false).await
+}
+
+/// Resolves with the first close reason the registry asks for; a graceful one only if
+/// `graceful_too`.
+pub async fn close_request(
+    rx: &mut watch::Receiver<Option<&'static str>>,
+    graceful_too: bool,
+) -> &'static str {
     loop {
         if let Some(reason) = *rx.borrow_and_update() {
-            return reason;
+            if graceful_too || !is_graceful(reason) {
+                return reason;
+            }
         }
         if rx.changed().await.is_err() {
             std::future::pending::<()>().await;

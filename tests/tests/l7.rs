@@ -539,7 +539,7 @@ fn outbound_http_shares_one_pooled_connection_that_a_bundle_change_cuts() {
     let b_web = free_port();
     let mut b = Sidecar::new("sidecar-b", B);
     b.inbound = vec![(b_web, web_port)];
-    let _pb = b.start(d, &fb);
+    let pb = b.start(d, &fb);
     let a_web = free_port();
     let mut a = Sidecar::new("sidecar-a", A);
     a.outbound = vec![(a_web, b_web, B.into())];
@@ -595,10 +595,30 @@ fn outbound_http_shares_one_pooled_connection_that_a_bundle_change_cuts() {
     let (_, dump) = http_get(([127, 0, 0, 1], a.admin).into(), "/config_dump").unwrap();
     assert!(dump.contains("\"kind\": \"pooled\""), "{dump}");
 
-    // A stops trusting the CA that issued B's SVID: the pooled connection is cut at once,
-    // and the next request dials afresh and is refused at the handshake (502).
+    // A stops trusting the CA that issued B's SVID while a request is in flight. The pooled
+    // connection takes no new requests: the next one dials afresh and is refused at the
+    // handshake (502). The request in flight, authorized when it started, still completes;
+    // then the connection is cut.
+    let slow = in_flight(&format!("http://127.0.0.1:{a_web}/slow/900"));
     let bundle_a = fa.bundle_dir.join("example.org.pem");
+    let reloaded = reloads(&a);
     write_policy(&fa.bundle_dir, "example.org.pem", &impostor.bundle_pem());
+    wait_until("A's bundle reload", Duration::from_secs(5), || {
+        reloads(&a) > reloaded
+    });
+    let changed_at = std::time::Instant::now();
+    let (ok, out) = curl_args(&["-w", "[%{http_code}]", &url]);
+    assert!(
+        ok && out.contains("[502]") && !out.contains("hello from b"),
+        "{out}\n{}",
+        pa.log()
+    );
+    let ((ok, out), answered_at) = slow.join().unwrap();
+    assert!(
+        answered_at > changed_at,
+        "the slow request was not in flight at the bundle change"
+    );
+    assert!(ok && out.contains("GET /slow/900"), "{out}\n{}", pa.log());
     wait_until("the pooled connection cut", Duration::from_secs(5), || {
         count(
             &a,
@@ -606,12 +626,6 @@ fn outbound_http_shares_one_pooled_connection_that_a_bundle_change_cuts() {
             &["direction=\"outbound\"", "reason=\"bundle_change\""],
         ) == 1.0
     });
-    let (ok, out) = curl_args(&["-w", "[%{http_code}]", &url]);
-    assert!(
-        ok && out.contains("[502]") && !out.contains("hello from b"),
-        "{out}\n{}",
-        pa.log()
-    );
     let untrusted = count(
         &a,
         "sigil_handshake_failures_total{",
@@ -625,4 +639,54 @@ fn outbound_http_shares_one_pooled_connection_that_a_bundle_change_cuts() {
         curl_args(&[&url]).1.contains("hello from b")
     });
     assert_eq!(opened(&a, "outbound", B), 2.0, "{}", a.metrics());
+
+    // The same from B's side: B stops trusting A's CA mid-request. B answers the request in
+    // flight, sends GOAWAY, and refuses A's next handshake.
+    let slow = in_flight(&format!("http://127.0.0.1:{a_web}/slow/900"));
+    let bundle_b = fb.bundle_dir.join("example.org.pem");
+    let reloaded = reloads(&b);
+    std::fs::write(&bundle_b, impostor.bundle_pem()).unwrap();
+    wait_until("B's bundle reload", Duration::from_secs(5), || {
+        reloads(&b) > reloaded
+    });
+    let changed_at = std::time::Instant::now();
+    let ((ok, out), answered_at) = slow.join().unwrap();
+    assert!(
+        answered_at > changed_at,
+        "the slow request was not in flight at the bundle change"
+    );
+    assert!(ok && out.contains("GET /slow/900"), "{out}\n{}", pb.log());
+    let (ok, out) = curl_args(&["-w", "[%{http_code}]", &url]);
+    assert!(ok && out.contains("[502]"), "{out}\n{}", pa.log());
+    wait_until(
+        "B's inbound connection closed",
+        Duration::from_secs(5),
+        || {
+            count(
+                &b,
+                "sigil_connections_closed_total{",
+                &["direction=\"inbound\"", "reason=\"bundle_change\""],
+            ) == 1.0
+        },
+    );
+}
+
+/// Starts `curl URL` on a thread; joins to its result and the instant it returned.
+fn in_flight(url: &str) -> std::thread::JoinHandle<((bool, String), std::time::Instant)> {
+    let url = url.to_string();
+    let t = std::thread::spawn(move || {
+        let out = curl_args(&[&url]);
+        (out, std::time::Instant::now())
+    });
+    // Long enough for the request to reach the workload, well short of its 900 ms.
+    std::thread::sleep(Duration::from_millis(200));
+    t
+}
+
+fn reloads(s: &Sidecar) -> f64 {
+    count(
+        s,
+        "sigil_reloads_total{",
+        &["resource=\"bundle\"", "result=\"success\""],
+    )
 }

@@ -178,7 +178,10 @@ fn revoking_one_identity_cuts_it_everywhere_and_disturbs_nothing_else() {
         get_once(a_web, "/rebuilt") == Some(200)
     });
 
-    // Revoking the destination: A refuses to dial B, and cuts its pooled connection to it.
+    // Revoking the destination: A refuses to dial B, and cuts its pooled connection to it,
+    // a request in flight included.
+    let slow = std::thread::spawn(move || get_once(a_web, "/slow/4000"));
+    std::thread::sleep(Duration::from_millis(300));
     write_atomic(
         &rev_a.join("b.yaml"),
         revocation("revoke-b", B, None).as_bytes(),
@@ -195,6 +198,12 @@ fn revoking_one_identity_cuts_it_everywhere_and_disturbs_nothing_else() {
         },
     );
     assert_eq!(get_once(a_web, "/to-revoked"), Some(502));
+    assert_ne!(
+        slow.join().unwrap(),
+        Some(200),
+        "a request in flight on the cut pooled connection completed:\n{}",
+        pa.log()
+    );
     let refused = count(
         &a,
         "sigil_handshake_failures_total{",

@@ -2,6 +2,7 @@
 //!
 //! `sigil-toy-workload --listen ADDR --name NAME [--echo]`: answers every HTTP/1.1 request
 //! with `hello from NAME` (keep-alive), or with `--echo` copies every byte back (L4 tests).
+//! A request for `/slow/MS` is answered after MS milliseconds, so tests can keep one in flight.
 //! Shows what a workload sees: the peer address the sidecar connected from.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -104,6 +105,13 @@ fn http_conn(conn: TcpStream, name: &str) -> std::io::Result<()> {
         reader.read_exact(&mut body)?;
         // Shows what the sidecar told the workload about the caller (tests check it).
         let target = request_line.split_whitespace().take(2).collect::<Vec<_>>();
+        if let Some(ms) = target
+            .get(1)
+            .and_then(|t| t.strip_prefix("/slow/"))
+            .and_then(|ms| ms.parse().ok())
+        {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
         let text = format!(
             "hello from {name} ({} from {peer}) peer-id={} framing={}\n",
             target.join(" "),
