@@ -79,6 +79,23 @@ pub struct ProxySpec {
     /// pushes revocations too; this is the static source.)
     #[serde(default)]
     pub revocation_dir: Option<PathBuf>,
+    /// Where pushed policies, registry entries and revocations come from. They add to the
+    /// static sources above, which keep working.
+    #[serde(default)]
+    pub control_plane: Option<ControlPlaneSpec>,
+}
+
+/// The control plane's sidecar API (gRPC over mutual TLS).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ControlPlaneSpec {
+    /// `ip:port` of `sigil-control`'s sidecar API (15012).
+    pub address: SocketAddr,
+    /// The control plane's SPIFFE ID: its certificate must carry exactly this ID.
+    pub spiffe_id: SpiffeId,
+    /// Where the last accepted snapshot is kept, so that the sidecar serves it after a
+    /// restart while the control plane is unreachable.
+    pub state_dir: PathBuf,
 }
 
 /// Where the SVID and trust bundles live on disk. Files are re-read when they change.
@@ -224,13 +241,16 @@ impl Serialize for Destination {
     }
 }
 
-/// Connections to `listen` go over mTLS to `upstream`, which must present `expectedId`.
+/// Connections to `listen` go over mTLS to `upstream`, which must present `expectedId`;
+/// without one, the ID the registry (static or pushed) holds for `upstream`, looked up per
+/// connection, so a pushed registry change applies to the next connection.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ExplicitOutbound {
     pub listen: SocketAddr,
     pub upstream: SocketAddr,
-    pub expected_id: SpiffeId,
+    #[serde(default)]
+    pub expected_id: Option<SpiffeId>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -52,3 +52,35 @@ pub fn load(cert: &Path, key: &Path, bundle_dir: &Path) -> Result<Identity, Stri
         provider,
     })
 }
+
+/// A TLS handshake on an accepted connection, and the client's SPIFFE ID (verified by the
+/// acceptor's configuration). None, logged: the handshake failed or timed out.
+pub async fn accept(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    client: std::net::SocketAddr,
+    what: &str,
+) -> Option<(
+    tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    sigil_config::SpiffeId,
+)> {
+    let timeout = std::time::Duration::from_secs(10);
+    let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            eprintln!("sigil-control: {what} handshake from {client} refused: {e}");
+            return None;
+        }
+        Err(_) => {
+            eprintln!("sigil-control: {what} handshake from {client} timed out");
+            return None;
+        }
+    };
+    let peer = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|leaf| sigil_filters::svid::leaf_spiffe_id(leaf, None).ok())?;
+    Some((tls, peer))
+}

@@ -7,6 +7,7 @@
 //!   resource: `created|updated|unchanged Kind/name`, then the set's version.
 //! - `GET /v1/resources[/KIND[/NAME]]`: the stored documents, `---`-separated.
 //! - `DELETE /v1/resources/KIND/NAME`.
+//! - `GET /v1/status`: the store version and every connected sidecar, one line each.
 
 use std::convert::Infallible;
 use std::path::Path;
@@ -19,19 +20,28 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use sigil_config::{IdPattern, Resource, SpiffeId};
-use sigil_filters::svid::leaf_spiffe_id;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use crate::sidecars::Hub;
 use crate::store::Store;
 
 /// A resource file is small; the same limit as the config loader's.
 const MAX_BODY: usize = 4 << 20;
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Api {
     pub store: Store,
     pub operators: Vec<IdPattern>,
+    /// Told of every change, to push snapshots.
+    pub hub: Arc<Hub>,
+}
+
+impl Api {
+    fn publish(&self) {
+        if let Err(e) = self.hub.publish(&self.store) {
+            eprintln!("sigil-control: cannot publish the change to sidecars: {e}");
+        }
+    }
 }
 
 /// Accepts operator connections until the listener fails.
@@ -47,21 +57,11 @@ pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, api: Arc<Api>) 
         };
         let (acceptor, api) = (acceptor.clone(), api.clone());
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    eprintln!("sigil-control: operator handshake from {client} refused: {e}");
-                    return;
-                }
-                Err(_) => return,
+            let Some((tls, peer)) =
+                crate::identity::accept(&acceptor, tcp, client, "operator").await
+            else {
+                return;
             };
-            let peer = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(|leaf| leaf_spiffe_id(leaf, None).ok());
-            let Some(peer) = peer else { return };
             let service = hyper::service::service_fn(move |req| {
                 let (api, peer) = (api.clone(), peer.clone());
                 async move { Ok::<_, Infallible>(handle(&api, &peer, req).await) }
@@ -95,6 +95,7 @@ async fn handle(api: &Api, peer: &SpiffeId, req: Request<Incoming>) -> Response<
         (Method::POST, ["v1", "apply"]) => apply(api, peer, req).await,
         (Method::GET, ["v1", "resources", rest @ ..]) if rest.len() <= 2 => get(api, rest),
         (Method::DELETE, ["v1", "resources", kind, name]) => delete(api, peer, kind, name),
+        (Method::GET, ["v1", "status"]) => Ok(status(api)),
         _ => Err(Refusal(
             StatusCode::NOT_FOUND,
             format!("no such endpoint: {path}\n"),
@@ -148,6 +149,9 @@ async fn apply(api: &Api, peer: &SpiffeId, req: Request<Incoming>) -> Reply {
             );
         }
     }
+    if !dry_run && changes.iter().any(|c| c.label() != "unchanged") {
+        api.publish();
+    }
     out += &if dry_run {
         format!("dry run: nothing written (version {version})\n")
     } else {
@@ -189,9 +193,29 @@ fn delete(api: &Api, peer: &SpiffeId, kind: &str, name: &str) -> Reply {
         ));
     }
     let version = api.store.version().map_err(internal)?;
+    api.publish();
     eprintln!("sigil-control: {peer} deleted {kind}/{name} (version {version})");
     Ok(text(
         StatusCode::OK,
         format!("deleted {kind}/{name}\nversion {version}\n"),
     ))
+}
+
+/// `version N` then one line per connected sidecar: name, SPIFFE ID, address, the version it
+/// was sent, and whether it acknowledged it.
+fn status(api: &Api) -> Response<Full<Bytes>> {
+    let version = api.hub.version();
+    let mut out = format!("version {version}\n");
+    let sidecars = api.hub.status();
+    out += &format!("sidecars {}\n", sidecars.len());
+    for s in sidecars {
+        let state = match &s.rejected {
+            Some((v, why)) => format!("REJECTED {v}: {why}"),
+            None if s.acked == s.sent && s.sent != 0 => "acknowledged".to_string(),
+            None => format!("pending (acknowledged {})", s.acked),
+        };
+        let node = if s.node.is_empty() { "-" } else { &s.node };
+        out += &format!("{node} {} {} sent={} {state}\n", s.id, s.addr, s.sent);
+    }
+    text(StatusCode::OK, out)
 }

@@ -74,7 +74,23 @@ fn route(p: &Proxy, client: SocketAddr, req: &Request<Incoming>) -> Response<Ful
 /// is never part of it (only its file path, from the config).
 fn config_dump(p: &Proxy) -> String {
     let tls = p.tls.get();
+    let pushed = p
+        .sources
+        .lock()
+        .expect("sources lock")
+        .pushed
+        .as_ref()
+        .map(|s| {
+            serde_json::json!({
+                "version": s.version,
+                "policies": s.policies.iter().map(|p| p.metadata.name.as_str()).collect::<Vec<_>>(),
+                "revocations": s.revocations.iter().map(|r| r.metadata.name.as_str()).collect::<Vec<_>>(),
+                "registry_entries": s.registry.len(),
+            })
+        });
     let dump = serde_json::json!({
+        "control_plane_snapshot": pushed,
+        "registry_entries": p.registry_len(),
         "config": { "metadata": &p.cfg.metadata, "spec": &p.cfg.spec },
         "identity": {
             "spiffe_id": tls.identity.id().as_str(),

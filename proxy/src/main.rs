@@ -2,6 +2,7 @@
 
 mod admin;
 mod conns;
+mod control;
 mod identity;
 mod inbound;
 mod l7;
@@ -155,16 +156,24 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
     if let Some(Err(problems)) = revocation_files.poll() {
         return Err(format!("invalid revocations:\n  {}", problems.join("\n  ")));
     }
-    let current = Current::new(state);
+    // The last snapshot accepted from the control plane, served until a newer one arrives.
+    let pushed = match &cfg.spec.control_plane {
+        Some(cp) => control::load_persisted(&cfg, &cfg.resolve(&cp.state_dir)),
+        None => None,
+    };
+    let sources = proxy::Sources {
+        file_policies: policy_files.current.clone(),
+        file_revocations: revocation_files.current.clone(),
+        pushed,
+    };
+    let p = Arc::new(Proxy::new(cfg, Current::new(state), metrics, sources));
     if revocation_files.is_configured() {
-        metrics.reload("revocation", true);
-        current.set_revocations(Arc::new(Revocations::new(&revocation_files.current)));
-        log_revocations(&revocation_files.current);
-        if let Some(r) = current.get().self_revoked() {
-            error!(revocation = %r.metadata.name, reason = %r.spec.reason, "our own SVID is revoked: presenting it to nobody until a fresh one arrives");
-        }
+        p.metrics.reload("revocation", true);
     }
-    let p = Arc::new(Proxy::new(cfg, current, metrics, &policy_files.current));
+    let revocations = p.revocations();
+    if !revocations.is_empty() {
+        apply_revocations(&p, &revocations);
+    }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let spec = &p.cfg.spec;
@@ -236,9 +245,12 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
             shutdown_rx.clone(),
             p.clone(),
             move |p, tcp, _, _| {
-                tokio::spawn(outbound::handle(p, tcp, upstream, Some(expected.clone())));
+                tokio::spawn(outbound::handle(p, tcp, upstream, expected.clone()));
             },
         );
+    }
+    if let Some(cp) = p.cfg.spec.control_plane.clone() {
+        tokio::spawn(control::run(p.clone(), cp));
     }
     spawn_watcher(
         p.clone(),
@@ -346,7 +358,7 @@ fn spawn_watcher(
             for tick in 1u64.. {
                 std::thread::sleep(POLL_INTERVAL);
                 for change in files.poll(&mut seen, &provider) {
-                    apply(&p, change, &provider, &policy_files);
+                    apply(&p, change, &provider);
                 }
                 let changed = match policy_files.poll() {
                     None => false,
@@ -360,12 +372,9 @@ fn spawn_watcher(
                         false
                     }
                     Some(Ok(n)) => {
-                        let local = p.tls.get().identity.id().clone();
-                        p.set_policy(resources::compile_policies(
-                            &p.cfg,
-                            &policy_files.current,
-                            &local,
-                        ));
+                        p.sources.lock().expect("sources lock").file_policies =
+                            policy_files.current.clone();
+                        p.refresh_policy();
                         p.metrics.reload("policy", true);
                         info!(policies = n, "policies updated");
                         true
@@ -384,7 +393,9 @@ fn spawn_watcher(
                     }
                     Some(Ok(_)) => {
                         p.metrics.reload("revocation", true);
-                        apply_revocations(&p, &revocation_files.current);
+                        p.sources.lock().expect("sources lock").file_revocations =
+                            revocation_files.current.clone();
+                        apply_revocations(&p, &p.revocations());
                     }
                 }
             }
@@ -395,7 +406,7 @@ fn spawn_watcher(
 /// Closes live inbound TCP connections that the current policy no longer allows, including
 /// those on ports now declared HTTP, whose requests must each be checked. (HTTP connections
 /// are checked on every request.)
-fn recheck_tcp(p: &Proxy) {
+pub(crate) fn recheck_tcp(p: &Proxy) {
     let index = p.policy();
     let now = proxy::now_unix();
     let n = p.conns.close_where("policy_change", |c| {
@@ -411,26 +422,18 @@ fn recheck_tcp(p: &Proxy) {
     }
 }
 
-fn apply(
-    p: &Proxy,
-    change: Change,
-    provider: &rustls::crypto::CryptoProvider,
-    policy_files: &resources::ResourceDir<Policy>,
-) {
+fn apply(p: &Proxy, change: Change, provider: &rustls::crypto::CryptoProvider) {
     match change {
         Change::Svid(Ok(identity)) => {
-            if identity.id() != p.tls.get().identity.id() {
-                // Policies are compiled for our own ID.
-                p.set_policy(resources::compile_policies(
-                    &p.cfg,
-                    &policy_files.current,
-                    identity.id(),
-                ));
-            }
+            let id_changed = identity.id() != p.tls.get().identity.id();
             info!(id = %identity.id(), not_after = identity.not_after(), "SVID rotated; new handshakes use it");
             let local: Arc<str> = identity.id().as_str().into();
             set_expiry(&p.metrics, &local, identity.not_after());
             p.tls.set_identity(identity);
+            if id_changed {
+                // Policies are compiled for our own ID.
+                p.refresh_policy();
+            }
             p.metrics.reload("svid", true);
         }
         Change::Svid(Err(e)) => {
@@ -483,7 +486,7 @@ fn log_revocations(list: &[Revocation]) {
 /// Puts a new set of revocations in force: new handshakes check it at once, and every live
 /// connection whose peer it covers is closed (`revoked`). If it covers our own SVID, every
 /// connection is closed and none is made or accepted until a fresh SVID arrives.
-fn apply_revocations(p: &Proxy, list: &[Revocation]) {
+pub(crate) fn apply_revocations(p: &Proxy, list: &[Revocation]) {
     let revocations = Arc::new(Revocations::new(list));
     p.tls.set_revocations(revocations.clone());
     let tls = p.tls.get();

@@ -34,7 +34,7 @@ pub async fn handle(
     dest: SocketAddr,
     expected: Option<SpiffeId>,
 ) {
-    let expected = match expected.or_else(|| p.expected_id(dest).cloned()) {
+    let expected = match expected.or_else(|| p.expected_id(dest)) {
         Some(id) => id,
         None => return unknown_destination(p, workload, dest).await,
     };

@@ -3,11 +3,11 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use rustls::pki_types::{CertificateDer, UnixTime};
 use sigil_config::proxy_config::Destination;
-use sigil_config::{Policy, ProxyConfig, SpiffeId};
+use sigil_config::{Policy, ProxyConfig, Revocation, SpiffeId};
 use sigil_filters::PolicyIndex;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -20,8 +20,10 @@ pub struct Proxy {
     pub cfg: ProxyConfig,
     pub tls: Current,
     policy: RwLock<Arc<PolicyIndex>>,
-    registry: HashMap<SocketAddr, SpiffeId>,
-    registry_hosts: HashMap<IpAddr, SpiffeId>,
+    registry: RwLock<Arc<Registry>>,
+    /// Policies and revocations from files and from the control plane; the policy index,
+    /// registry and revocation set are rebuilt from these whenever one changes.
+    pub sources: Mutex<Sources>,
     pub metrics: Metrics,
     pub conns: Arc<Conns>,
     pub draining: AtomicBool,
@@ -33,33 +35,105 @@ pub struct Proxy {
     pub pool: crate::pool::Pool,
 }
 
+/// Where outbound connections go: destination → expected SPIFFE ID.
+#[derive(Default)]
+pub struct Registry {
+    sockets: HashMap<SocketAddr, SpiffeId>,
+    hosts: HashMap<IpAddr, SpiffeId>,
+}
+
+impl Registry {
+    fn insert(&mut self, dest: Destination, id: &SpiffeId) {
+        match dest {
+            Destination::Socket(a) => self.sockets.entry(a).or_insert_with(|| id.clone()),
+            Destination::Host(ip) => self.hosts.entry(ip).or_insert_with(|| id.clone()),
+        };
+    }
+
+    pub fn len(&self) -> usize {
+        self.sockets.len() + self.hosts.len()
+    }
+}
+
+#[derive(Default)]
+pub struct Sources {
+    pub file_policies: Vec<Policy>,
+    pub file_revocations: Vec<Revocation>,
+    /// The snapshot from the control plane in force (received, or persisted).
+    pub pushed: Option<Arc<crate::control::Pushed>>,
+}
+
 impl Proxy {
-    pub fn new(cfg: ProxyConfig, tls: Current, metrics: Metrics, policies: &[Policy]) -> Self {
+    pub fn new(cfg: ProxyConfig, tls: Current, metrics: Metrics, sources: Sources) -> Self {
         let local = tls.get().identity.id().clone();
-        let policy = RwLock::new(Arc::new(crate::resources::compile_policies(
-            &cfg, policies, &local,
-        )));
-        let mut registry = HashMap::new();
-        let mut registry_hosts = HashMap::new();
-        for e in &cfg.spec.outbound.registry {
-            match e.value.address {
-                Destination::Socket(a) => registry.insert(a, e.value.spiffe_id.clone()),
-                Destination::Host(ip) => registry_hosts.insert(ip, e.value.spiffe_id.clone()),
-            };
-        }
-        Self {
+        let p = Self {
             cfg,
             tls,
-            policy,
-            registry,
-            registry_hosts,
+            policy: RwLock::new(Arc::new(PolicyIndex::compile([], &local))),
+            registry: RwLock::default(),
+            sources: Mutex::new(sources),
             metrics,
             conns: Arc::new(Conns::default()),
             draining: AtomicBool::new(false),
             drain_started: tokio::sync::Notify::new(),
             upstreams: crate::l7::Upstreams::new(),
             pool: crate::pool::Pool::default(),
+        };
+        p.refresh_policy();
+        p.refresh_registry();
+        p
+    }
+
+    /// Recompiles the policy index for our own ID from every source.
+    pub fn refresh_policy(&self) {
+        let local = self.tls.get().identity.id().clone();
+        let index = {
+            let sources = self.sources.lock().expect("sources lock");
+            let pushed = sources.pushed.iter().flat_map(|p| p.policies.iter());
+            crate::resources::compile_policies(
+                &self.cfg,
+                sources.file_policies.iter().chain(pushed),
+                &local,
+            )
+        };
+        self.set_policy(index);
+    }
+
+    /// Rebuilds the registry: the config's own entries first (a local override wins), then
+    /// the pushed ones.
+    pub fn refresh_registry(&self) {
+        let mut r = Registry::default();
+        for e in &self.cfg.spec.outbound.registry {
+            r.insert(e.value.address, &e.value.spiffe_id);
         }
+        if let Some(pushed) = &self.sources.lock().expect("sources lock").pushed {
+            for (dest, id) in &pushed.registry {
+                r.insert(*dest, id);
+            }
+        }
+        *self.registry.write().expect("registry lock") = Arc::new(r);
+    }
+
+    /// The version of the control-plane snapshot in force; 0 without one.
+    pub fn pushed_version(&self) -> u64 {
+        let sources = self.sources.lock().expect("sources lock");
+        sources.pushed.as_ref().map_or(0, |s| s.version)
+    }
+
+    pub fn registry_len(&self) -> usize {
+        self.registry.read().expect("registry lock").len()
+    }
+
+    /// Every revocation in force, from files and from the control plane.
+    pub fn revocations(&self) -> Vec<Revocation> {
+        let sources = self.sources.lock().expect("sources lock");
+        let pushed = sources.pushed.iter().flat_map(|p| p.revocations.iter());
+        sources
+            .file_revocations
+            .iter()
+            .chain(pushed)
+            .cloned()
+            .collect()
     }
 
     /// Starts draining: readiness fails, HTTP connections finish their requests and close.
@@ -88,10 +162,12 @@ impl Proxy {
     }
 
     /// The SPIFFE ID expected at a mesh destination; exact address first, then host.
-    pub fn expected_id(&self, dest: SocketAddr) -> Option<&SpiffeId> {
-        self.registry
+    pub fn expected_id(&self, dest: SocketAddr) -> Option<SpiffeId> {
+        let r = self.registry.read().expect("registry lock");
+        r.sockets
             .get(&dest)
-            .or_else(|| self.registry_hosts.get(&dest.ip()))
+            .or_else(|| r.hosts.get(&dest.ip()))
+            .cloned()
     }
 
     pub fn ready(&self) -> Result<(), &'static str> {

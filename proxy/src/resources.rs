@@ -94,8 +94,14 @@ impl<T> ResourceDir<T> {
     }
 }
 
-/// The index for `local`: the file policies plus `inbound.ports` of the config.
-pub fn compile_policies(cfg: &ProxyConfig, files: &[Policy], local: &SpiffeId) -> PolicyIndex {
+/// The index for `local`: the given policies plus `inbound.ports` of the config.
+pub fn compile_policies<'p>(
+    cfg: &ProxyConfig,
+    policies: impl Iterator<Item = &'p Policy>,
+    local: &SpiffeId,
+) -> PolicyIndex {
     let from_config = Policy::from_inbound_ports(cfg, local);
-    PolicyIndex::compile(files.iter().chain(from_config.iter()), local)
+    let mut all: Vec<&Policy> = policies.collect();
+    all.extend(&from_config);
+    PolicyIndex::compile(all, local)
 }

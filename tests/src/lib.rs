@@ -289,6 +289,8 @@ pub struct Sidecar {
     pub policy_dir: Option<PathBuf>,
     /// Directory of Revocation files (`spec.revocationDir`).
     pub revocation_dir: Option<PathBuf>,
+    /// `spec.controlPlane`: (sidecar API port, control plane ID, state dir).
+    pub control_plane: Option<(u16, String, PathBuf)>,
 }
 
 impl Sidecar {
@@ -304,6 +306,7 @@ impl Sidecar {
             drain: "5s",
             policy_dir: None,
             revocation_dir: None,
+            control_plane: None,
         }
     }
 
@@ -334,10 +337,13 @@ impl Sidecar {
             .outbound
             .iter()
             .map(|(listen, upstream, id)| {
-                format!(
-                    "{{listen: \"127.0.0.1:{listen}\", upstream: \"127.0.0.1:{upstream}\", \
-                     expectedId: \"{id}\"}}"
-                )
+                // An empty ID: leave it to the registry.
+                let expected = if id.is_empty() {
+                    String::new()
+                } else {
+                    format!(", expectedId: \"{id}\"")
+                };
+                format!("{{listen: \"127.0.0.1:{listen}\", upstream: \"127.0.0.1:{upstream}\"{expected}}}")
             })
             .collect();
         if let Some(dir) = &self.policy_dir {
@@ -345,6 +351,12 @@ impl Sidecar {
         }
         if let Some(dir) = &self.revocation_dir {
             y += &format!("  revocationDir: {}\n", dir.display());
+        }
+        if let Some((port, id, state)) = &self.control_plane {
+            y += &format!(
+                "  controlPlane: {{address: \"127.0.0.1:{port}\", spiffeId: \"{id}\", stateDir: {}}}\n",
+                state.display()
+            );
         }
         y += &format!(
             "  inbound:\n    ports: [{}]\n    explicit: [{}]\n  outbound:\n    explicit: [{}]\n",
@@ -476,4 +488,141 @@ pub fn closed(s: &mut TcpStream) -> bool {
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
         ),
     }
+}
+
+/// A `sigil-control` process on loopback with its own data directory, and the `sigil` CLI
+/// pointed at it.
+pub struct ControlPlane {
+    pub proc: Proc,
+    pub id: String,
+    pub operator_port: u16,
+    pub sidecar_port: u16,
+    pub data_dir: PathBuf,
+    pub files: IdentityFiles,
+}
+
+impl ControlPlane {
+    /// Starts it with `files` as its SVID; operators are `spiffe://<td>/ops/*`.
+    pub fn start(
+        id: &str,
+        files: IdentityFiles,
+        data_dir: PathBuf,
+        operator_port: u16,
+        sidecar_port: u16,
+    ) -> Self {
+        let td = id
+            .strip_prefix("spiffe://")
+            .and_then(|r| r.split('/').next())
+            .expect("a SPIFFE ID");
+        let proc = Proc::spawn(
+            "sigil-control",
+            Command::new(bin("sigil-control"))
+                .arg("--data-dir")
+                .arg(&data_dir)
+                .arg("--cert")
+                .arg(&files.cert)
+                .arg("--key")
+                .arg(&files.key)
+                .arg("--bundle-dir")
+                .arg(&files.bundle_dir)
+                .args(["--operator", &format!("spiffe://{td}/ops/*")])
+                .args(["--operator-listen", &format!("127.0.0.1:{operator_port}")])
+                .args(["--sidecar-listen", &format!("127.0.0.1:{sidecar_port}")]),
+        );
+        for port in [operator_port, sidecar_port] {
+            wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(10));
+        }
+        Self {
+            proc,
+            id: id.to_string(),
+            operator_port,
+            sidecar_port,
+            data_dir,
+            files,
+        }
+    }
+
+    /// Stops it (SIGTERM; it must exit 0) and starts it again on the same ports and data.
+    pub fn restart(self) -> Self {
+        let Self {
+            mut proc,
+            id,
+            operator_port,
+            sidecar_port,
+            data_dir,
+            files,
+        } = self;
+        let code = proc.terminate(Duration::from_secs(10));
+        assert_eq!(code, Some(0), "sigil-control exit:\n{}", proc.log());
+        Self::start(&id, files, data_dir, operator_port, sidecar_port)
+    }
+
+    /// Runs `sigil ARGS` as the operator `who`: (exit code, stdout, stderr).
+    pub fn sigil(&self, who: &IdentityFiles, args: &[&str]) -> (Option<i32>, String, String) {
+        let out = Command::new(bin("sigil"))
+            .args(args)
+            .env("SIGIL_SERVER", format!("127.0.0.1:{}", self.operator_port))
+            .env("SIGIL_CONTROL_ID", &self.id)
+            .env("SIGIL_CERT", &who.cert)
+            .env("SIGIL_KEY", &who.key)
+            .env("SIGIL_BUNDLE_DIR", &who.bundle_dir)
+            .output()
+            .expect("run sigil");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `sigil apply -f` of `yaml` written to `file`; panics with the output unless it exits 0.
+    pub fn apply(&self, who: &IdentityFiles, file: &Path, yaml: &str) -> String {
+        std::fs::write(file, yaml).expect("write resource file");
+        let (code, out, err) = self.sigil(who, &["apply", "-f", file.to_str().expect("utf-8")]);
+        assert_eq!(
+            code,
+            Some(0),
+            "sigil apply failed: {out}{err}\n{}",
+            self.proc.log()
+        );
+        out
+    }
+}
+
+/// One keep-alive HTTP/1.1 GET on `s`; the status, or None if the connection failed.
+pub fn get(s: &mut TcpStream, path: &str) -> Option<u16> {
+    use std::io::Write;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: b\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = s.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if body.len() >= len {
+                return head.split_whitespace().nth(1)?.parse().ok();
+            }
+        }
+    }
+}
+
+/// A fresh connection to a loopback port, one request: the status, or None.
+pub fn get_once(port: u16, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    get(&mut s, path)
 }

@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use sigil_config::IdPattern;
 use sigil_control::operator::{self, Api};
+use sigil_control::sidecars::{self, Hub};
+use sigil_control::snapshot::Catalog;
 use sigil_control::{identity, store::Store};
 use tokio_rustls::TlsAcceptor;
 
@@ -15,7 +17,7 @@ sigil-control — the Sigil control plane
 
 USAGE:
     sigil-control --data-dir DIR --cert FILE --key FILE --bundle-dir DIR --operator PATTERN...
-                  [--operator-listen ADDR]
+                  [--operator-listen ADDR] [--sidecar-listen ADDR]
 
 OPTIONS:
     --data-dir DIR         the embedded store (DIR/sigil.db, created if missing)
@@ -24,6 +26,7 @@ OPTIONS:
     --operator PATTERN     SPIFFE IDs allowed to use the operator API: an exact ID or a
                            prefix pattern such as spiffe://example.org/ops/* (repeatable)
     --operator-listen ADDR operator API (HTTPS, mutual TLS)            [0.0.0.0:15014]
+    --sidecar-listen ADDR  sidecar API (gRPC, mutual TLS)              [0.0.0.0:15012]
     -h, --help             this text
     -V, --version          version
 
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
     let (mut cert, mut key, mut bundle_dir) = (None, None, None);
     let mut operators = Vec::new();
     let mut listen: SocketAddr = ([0, 0, 0, 0], 15014).into();
+    let mut sidecar_listen: SocketAddr = ([0, 0, 0, 0], 15012).into();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().ok_or(format!("{a} needs a value"));
@@ -54,6 +58,12 @@ fn main() -> ExitCode {
                     listen = v
                         .parse()
                         .map_err(|_| format!("--operator-listen {v:?}: expected ip:port"))?
+                }
+                "--sidecar-listen" => {
+                    let v = value()?;
+                    sidecar_listen = v
+                        .parse()
+                        .map_err(|_| format!("--sidecar-listen {v:?}: expected ip:port"))?
                 }
                 "-h" | "--help" => {
                     println!("{USAGE}");
@@ -88,6 +98,10 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    let listen = Listen {
+        operator: listen,
+        sidecar: sidecar_listen,
+    };
     match rt.block_on(run(data_dir, cert, key, bundle_dir, operators, listen)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -97,13 +111,18 @@ fn main() -> ExitCode {
     }
 }
 
+struct Listen {
+    operator: SocketAddr,
+    sidecar: SocketAddr,
+}
+
 async fn run(
     data_dir: PathBuf,
     cert: PathBuf,
     key: PathBuf,
     bundle_dir: PathBuf,
     operators: Vec<IdPattern>,
-    listen: SocketAddr,
+    listen: Listen,
 ) -> Result<(), String> {
     let id = identity::load(&cert, &key, &bundle_dir)?;
     let store = Store::open(&data_dir).map_err(|e| e.to_string())?;
@@ -114,17 +133,33 @@ async fn run(
         Arc::default(),
         id.provider.clone(),
     );
-    let listener = tokio::net::TcpListener::bind(listen)
+    let operator_listener = tokio::net::TcpListener::bind(listen.operator)
         .await
-        .map_err(|e| format!("cannot listen on {listen} (operator API): {e}"))?;
+        .map_err(|e| format!("cannot listen on {} (operator API): {e}", listen.operator))?;
+    let sidecar_listener = tokio::net::TcpListener::bind(listen.sidecar)
+        .await
+        .map_err(|e| format!("cannot listen on {} (sidecar API): {e}", listen.sidecar))?;
+    let catalog = Catalog::load(&store).map_err(|e| e.to_string())?;
+    for problem in &catalog.unreadable {
+        eprintln!("sigil-control: stored resource not sent to any sidecar: {problem}");
+    }
+    let hub = Arc::new(Hub::new(catalog));
     eprintln!(
-        "sigil-control: {} ready; operator API on {listen}; store {} at version {version}",
+        "sigil-control: {} ready; operator API on {}; sidecar API on {}; store {} at version {version}",
         id.local.id(),
+        listen.operator,
+        listen.sidecar,
         data_dir.display()
     );
-    let api = Arc::new(Api { store, operators });
+    let api = Arc::new(Api {
+        store,
+        operators,
+        hub: hub.clone(),
+    });
+    let acceptor = TlsAcceptor::from(server);
     tokio::select! {
-        _ = operator::serve(listener, TlsAcceptor::from(server), api) => {}
+        _ = operator::serve(operator_listener, acceptor.clone(), api) => {}
+        _ = sidecars::serve(sidecar_listener, acceptor, hub) => {}
         _ = shutdown() => eprintln!("sigil-control: stopping"),
     }
     Ok(())

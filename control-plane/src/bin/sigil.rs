@@ -20,6 +20,9 @@ USAGE:
     sigil apply -f PATH... [--dry-run]      CONNECTION
     sigil get [KIND [NAME]]                 CONNECTION
     sigil delete KIND NAME                  CONNECTION
+    sigil status                            CONNECTION
+    sigil revoke ID --reason TEXT [--issued-before TIME] [--name NAME]   CONNECTION
+    sigil unrevoke ID [--name NAME]         CONNECTION
 
 COMMANDS:
     validate      check Workload, Policy and Revocation files as the control plane and the
@@ -29,6 +32,13 @@ COMMANDS:
     apply         validate, then store the resources in the control plane (--dry-run: show
                   what would be created, updated or left unchanged, write nothing)
     get, delete   read or remove stored resources
+    status        the store version and every connected sidecar: its name, identity,
+                  address, the version it was sent and whether it acknowledged it
+    revoke        take an identity off the mesh now: every sidecar refuses it and cuts its
+                  live connections (a Revocation resource named after the ID, or --name);
+                  --issued-before TIME (RFC 3339, or `now`) revokes only SVIDs issued
+                  before TIME, so a rebuilt workload with a fresh SVID is accepted again
+    unrevoke      delete that Revocation
 
 CONNECTION (the operator API: mutual TLS with your SVID; flags or environment):
     --server ADDR       SIGIL_SERVER      control plane operator API   [127.0.0.1:15014]
@@ -46,6 +56,7 @@ OPTIONS:
     --host H      Host / :authority; routes that list hosts need it [none]
     --header N:V  a request header (repeatable)
     --at TIME     judge expiry at this RFC 3339 UTC instant [now]
+    --reason TEXT why an identity is revoked (logged by every sidecar)
     -h, --help    this text
     -V, --version version
 
@@ -68,6 +79,9 @@ fn main() -> ExitCode {
         Some("apply") => apply(&args[1..]),
         Some("get") => get(&args[1..]),
         Some("delete") => delete(&args[1..]),
+        Some("status") => status(&args[1..]),
+        Some("revoke") => revoke(&args[1..]),
+        Some("unrevoke") => unrevoke(&args[1..]),
         Some("policy") if args.get(1).map(String::as_str) == Some("test") => {
             policy_test(&args[2..])
         }
@@ -93,6 +107,9 @@ struct Opts {
     headers: Vec<String>,
     at: Option<String>,
     dry_run: bool,
+    reason: Option<String>,
+    issued_before: Option<String>,
+    name: Option<String>,
     server: Option<String>,
     control_id: Option<String>,
     cert: Option<String>,
@@ -117,6 +134,9 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             "--header" => o.headers.push(value()?),
             "--at" => o.at = Some(value()?),
             "--dry-run" => o.dry_run = true,
+            "--reason" => o.reason = Some(value()?),
+            "--issued-before" => o.issued_before = Some(value()?),
+            "--name" => o.name = Some(value()?),
             "--server" => o.server = Some(value()?),
             "--control-id" => o.control_id = Some(value()?),
             "--cert" => o.cert = Some(value()?),
@@ -245,6 +265,118 @@ fn delete(args: &[String]) -> ExitCode {
         Err(e) => return usage_error(&e),
     };
     let path = format!("/v1/resources/{}/{}", o.positional[0], o.positional[1]);
+    report(c.send(Method::DELETE, &path, &[], String::new()))
+}
+
+fn status(args: &[String]) -> ExitCode {
+    let o = match parse_opts(args) {
+        Ok(o) if o.positional.is_empty() => o,
+        Ok(_) => return usage_error("status takes no arguments"),
+        Err(e) => return usage_error(&e),
+    };
+    let c = match client(&o) {
+        Ok(c) => c,
+        Err(e) => return usage_error(&e),
+    };
+    report(c.send(Method::GET, "/v1/status", &[], String::new()))
+}
+
+/// The Revocation resource name for `id` unless `--name` says otherwise: the ID without its
+/// scheme, every character a resource name cannot hold turned into `-`.
+fn revocation_name(o: &Opts, id: &SpiffeId) -> String {
+    o.name.clone().unwrap_or_else(|| {
+        let bare = id.as_str().trim_start_matches("spiffe://");
+        let name: String = bare
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        format!("revoke-{name}")
+    })
+}
+
+fn one_id(o: &Opts, what: &str) -> Result<SpiffeId, String> {
+    match o.positional.as_slice() {
+        [id] => SpiffeId::parse(id).map_err(|e| format!("{id:?}: {e}")),
+        _ => Err(format!("{what} takes one SPIFFE ID")),
+    }
+}
+
+fn revoke(args: &[String]) -> ExitCode {
+    let o = match parse_opts(args) {
+        Ok(o) => o,
+        Err(e) => return usage_error(&e),
+    };
+    let id = match one_id(&o, "revoke") {
+        Ok(id) => id,
+        Err(e) => return usage_error(&e),
+    };
+    let Some(reason) = o.reason.clone().filter(|r| !r.trim().is_empty()) else {
+        return usage_error("--reason TEXT is required: every sidecar logs why");
+    };
+    let issued_before = match o.issued_before.as_deref() {
+        None => None,
+        Some("now") => Some(Timestamp(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0),
+        )),
+        Some(t) => match Timestamp::parse(t) {
+            Ok(t) => Some(t),
+            Err(e) => return usage_error(&format!("--issued-before: {e}")),
+        },
+    };
+    let c = match client(&o) {
+        Ok(c) => c,
+        Err(e) => return usage_error(&e),
+    };
+    let name = revocation_name(&o, &id);
+    // Quoted as JSON strings, which YAML reads as they are.
+    let q = |s: &str| format!("{s:?}");
+    let mut yaml = format!(
+        "apiVersion: sigil.dev/v1\nkind: Revocation\nmetadata:\n  name: {}\n  owner: {}\n  purpose: {}\nspec:\n  spiffeId: {}\n  reason: {}\n",
+        q(&name),
+        q(c.identity.local.id().as_str()),
+        q(&format!("revoke {id}")),
+        q(id.as_str()),
+        q(&reason)
+    );
+    if let Some(t) = issued_before {
+        yaml += &format!("  issuedBefore: \"{t}\"\n");
+    }
+    // The same validation as `apply`, on the document about to be sent.
+    if let Err(e) = Resource::parse_all(Path::new("revocation"), &yaml) {
+        eprintln!("sigil: {e}");
+        return ExitCode::from(2);
+    }
+    report(c.send(
+        Method::POST,
+        "/v1/apply",
+        &[("x-sigil-file", "sigil revoke")],
+        yaml,
+    ))
+}
+
+fn unrevoke(args: &[String]) -> ExitCode {
+    let o = match parse_opts(args) {
+        Ok(o) => o,
+        Err(e) => return usage_error(&e),
+    };
+    let id = match one_id(&o, "unrevoke") {
+        Ok(id) => id,
+        Err(e) => return usage_error(&e),
+    };
+    let c = match client(&o) {
+        Ok(c) => c,
+        Err(e) => return usage_error(&e),
+    };
+    let path = format!("/v1/resources/Revocation/{}", revocation_name(&o, &id));
     report(c.send(Method::DELETE, &path, &[], String::new()))
 }
 

@@ -1,0 +1,233 @@
+//! The sidecar API of `sigil-control` (15012): gRPC `sigil.v1.Mesh/Subscribe` over HTTP/2
+//! and mutual TLS. The verified SPIFFE ID of the client decides what it gets: the snapshot
+//! for that identity and nothing else. Each stream gets a snapshot at once and again
+//! whenever a store change alters what its identity gets; acknowledgements are recorded
+//! per stream for `sigil status`.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sigil_api::{Ack, Snapshot};
+use sigil_config::SpiffeId;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+
+use crate::snapshot::Catalog;
+use crate::store::Store;
+
+/// The published catalog and the sidecars connected to this replica.
+pub struct Hub {
+    catalog: watch::Sender<Arc<Catalog>>,
+    sidecars: Mutex<HashMap<u64, SidecarStatus>>,
+    next: AtomicU64,
+}
+
+/// One connected stream, as `sigil status` shows it.
+#[derive(Debug, Clone)]
+pub struct SidecarStatus {
+    pub id: SpiffeId,
+    /// The sidecar's name, from its first message.
+    pub node: String,
+    pub addr: SocketAddr,
+    pub connected_at: SystemTime,
+    /// The last version sent, and when.
+    pub sent: u64,
+    sent_at: Option<Instant>,
+    /// The last version the sidecar accepted (0: none yet).
+    pub acked: u64,
+    /// The last version it rejected, with its reason, unless it accepted a later one.
+    pub rejected: Option<(u64, String)>,
+}
+
+impl Hub {
+    pub fn new(catalog: Catalog) -> Self {
+        Self {
+            catalog: watch::Sender::new(Arc::new(catalog)),
+            sidecars: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    /// Re-reads the store and sends every stream whose snapshot changed its new one.
+    pub fn publish(&self, store: &Store) -> Result<u64, String> {
+        let catalog = Catalog::load(store).map_err(|e| e.to_string())?;
+        for problem in &catalog.unreadable {
+            eprintln!("sigil-control: stored resource not sent to any sidecar: {problem}");
+        }
+        let version = catalog.version;
+        self.catalog.send_replace(Arc::new(catalog));
+        Ok(version)
+    }
+
+    pub fn version(&self) -> u64 {
+        self.catalog.borrow().version
+    }
+
+    /// Every connected stream, oldest first.
+    pub fn status(&self) -> Vec<SidecarStatus> {
+        let sidecars = self.sidecars.lock().expect("sidecars lock");
+        let mut all: Vec<_> = sidecars.iter().map(|(k, s)| (*k, s.clone())).collect();
+        all.sort_by_key(|(k, _)| *k);
+        all.into_iter().map(|(_, s)| s).collect()
+    }
+
+    fn update(&self, key: u64, f: impl FnOnce(&mut SidecarStatus)) {
+        if let Some(s) = self.sidecars.lock().expect("sidecars lock").get_mut(&key) {
+            f(s);
+        }
+    }
+}
+
+/// Accepts sidecar connections until the listener fails.
+pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, hub: Arc<Hub>) {
+    loop {
+        let (tcp, addr) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("sigil-control: sidecar accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, hub) = (acceptor.clone(), hub.clone());
+        tokio::spawn(async move {
+            let Some((tls, peer)) = crate::identity::accept(&acceptor, tcp, addr, "sidecar").await
+            else {
+                return;
+            };
+            let service = hyper::service::service_fn(move |req| {
+                let (hub, peer) = (hub.clone(), peer.clone());
+                async move { Ok::<_, Infallible>(route(hub, peer, addr, req).await) }
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), service)
+                .await;
+        });
+    }
+}
+
+async fn route(
+    hub: Arc<Hub>,
+    peer: SpiffeId,
+    addr: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<tonic::body::Body> {
+    if req.uri().path() != sigil_api::SUBSCRIBE_PATH {
+        return Status::unimplemented(format!("no method {}", req.uri().path())).into_http();
+    }
+    let mut grpc = tonic::server::Grpc::new(sigil_api::server_codec());
+    grpc.streaming(Subscribe { hub, peer, addr }, req).await
+}
+
+struct Subscribe {
+    hub: Arc<Hub>,
+    peer: SpiffeId,
+    addr: SocketAddr,
+}
+
+type Snapshots = ReceiverStream<Result<Snapshot, Status>>;
+
+impl tonic::server::StreamingService<Ack> for Subscribe {
+    type Response = Snapshot;
+    type ResponseStream = Snapshots;
+    type Future = std::future::Ready<Result<tonic::Response<Snapshots>, Status>>;
+
+    fn call(&mut self, req: tonic::Request<Streaming<Ack>>) -> Self::Future {
+        let (tx, rx) = mpsc::channel(2);
+        let (hub, peer, addr) = (self.hub.clone(), self.peer.clone(), self.addr);
+        tokio::spawn(session(hub, peer, addr, req.into_inner(), tx));
+        std::future::ready(Ok(tonic::Response::new(ReceiverStream::new(rx))))
+    }
+}
+
+/// One sidecar's stream: a snapshot now and on every change that concerns it; its
+/// acknowledgements recorded until it goes away.
+async fn session(
+    hub: Arc<Hub>,
+    peer: SpiffeId,
+    addr: SocketAddr,
+    mut acks: Streaming<Ack>,
+    tx: mpsc::Sender<Result<Snapshot, Status>>,
+) {
+    let key = hub.next.fetch_add(1, Ordering::Relaxed);
+    hub.sidecars.lock().expect("sidecars lock").insert(
+        key,
+        SidecarStatus {
+            id: peer.clone(),
+            node: String::new(),
+            addr,
+            connected_at: SystemTime::now(),
+            sent: 0,
+            sent_at: None,
+            acked: 0,
+            rejected: None,
+        },
+    );
+    eprintln!("sigil-control: sidecar {peer} connected from {addr}");
+    let mut catalog = hub.catalog.subscribe();
+    // What was last sent, with its version zeroed: a store change that does not alter this
+    // identity's snapshot sends nothing.
+    let mut last: Option<Snapshot> = None;
+    let why = loop {
+        let snapshot = catalog.borrow_and_update().snapshot_for(&peer);
+        let content = Snapshot {
+            version: 0,
+            ..snapshot.clone()
+        };
+        if last.as_ref() != Some(&content) {
+            let version = snapshot.version;
+            if tx.send(Ok(snapshot)).await.is_err() {
+                break "stream closed";
+            }
+            hub.update(key, |s| {
+                s.sent = version;
+                s.sent_at = Some(Instant::now());
+            });
+            last = Some(content);
+        }
+        tokio::select! {
+            r = catalog.changed() => if r.is_err() { break "shutting down" },
+            m = acks.message() => match m {
+                Ok(Some(ack)) => record(&hub, key, &peer, ack),
+                Ok(None) => break "sidecar ended the stream",
+                Err(e) => break if e.code() == tonic::Code::Cancelled { "cancelled" } else { "stream error" },
+            },
+        }
+    };
+    hub.sidecars.lock().expect("sidecars lock").remove(&key);
+    eprintln!("sigil-control: sidecar {peer} at {addr} disconnected: {why}");
+}
+
+fn record(hub: &Hub, key: u64, peer: &SpiffeId, ack: Ack) {
+    hub.update(key, |s| {
+        if !ack.node.is_empty() {
+            s.node = ack.node.clone();
+        }
+        if ack.version == 0 {
+            return;
+        }
+        if ack.accepted {
+            if ack.version >= s.acked {
+                s.acked = ack.version;
+                s.rejected = None;
+            }
+        } else {
+            eprintln!(
+                "sigil-control: sidecar {peer} ({}) rejected version {}: {}",
+                s.node, ack.version, ack.error
+            );
+            s.rejected = Some((ack.version, ack.error.clone()));
+        }
+    });
+}

@@ -1,0 +1,365 @@
+//! The control-plane client: one gRPC stream (`sigil.v1.Mesh/Subscribe`) to `sigil-control`
+//! over mutual TLS, whose certificate must carry `controlPlane.spiffeId`.
+//!
+//! Each snapshot is parsed and checked as this sidecar would run it; one that fails is
+//! rejected (NACK, with the reason) and never replaces the snapshot in force. An accepted one
+//! is written to `controlPlane.stateDir` before it is acknowledged, and read back at start, so
+//! a restarted sidecar serves its last good state while the control plane is unreachable.
+//! Lost streams are re-opened with exponential backoff and full jitter.
+
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::client::conn::http2::SendRequest;
+use hyper::http;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use sigil_api::{Ack, Message, Snapshot};
+use sigil_config::policy::Protocol;
+use sigil_config::proxy_config::{ControlPlaneSpec, Destination};
+use sigil_config::{ConfigError, Policy, ProxyConfig, Revocation, SpiffeId};
+use sigil_filters::tls::Carries;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsConnector;
+use tracing::{error, info, warn};
+
+use crate::proxy::Proxy;
+
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(15);
+const SNAPSHOT_FILE: &str = "snapshot.pb";
+
+/// A snapshot accepted from the control plane, parsed.
+pub struct Pushed {
+    pub version: u64,
+    pub policies: Vec<Policy>,
+    pub revocations: Vec<Revocation>,
+    pub registry: Vec<(Destination, SpiffeId)>,
+    raw: Snapshot,
+}
+
+impl Pushed {
+    /// Parses `s` and checks it against this sidecar's own config: what the control plane
+    /// cannot know (it never sees sidecar configs) is checked here.
+    pub fn parse(cfg: &ProxyConfig, s: &Snapshot) -> Result<Self, String> {
+        let mut policies = Vec::new();
+        for d in &s.policies {
+            let origin = PathBuf::from(format!("control-plane:Policy/{}", d.name));
+            let parsed = Policy::parse_all(&origin, &d.yaml).map_err(|e| e.to_string())?;
+            for p in &parsed {
+                check_ports(cfg, &origin, p)?;
+            }
+            policies.extend(parsed);
+        }
+        let mut revocations = Vec::new();
+        for d in &s.revocations {
+            let origin = PathBuf::from(format!("control-plane:Revocation/{}", d.name));
+            revocations.extend(Revocation::parse_all(&origin, &d.yaml).map_err(|e| e.to_string())?);
+        }
+        let mut registry = Vec::new();
+        for e in &s.registry {
+            let at = || format!("control-plane:Workload/{}", e.workload);
+            let dest = parse_destination(&e.address).ok_or_else(|| {
+                format!(
+                    "{}: invalid address {:?}: expected ip:port or ip",
+                    at(),
+                    e.address
+                )
+            })?;
+            let id = SpiffeId::parse(&e.spiffe_id)
+                .map_err(|err| format!("{}: spiffeId {:?}: {err}", at(), e.spiffe_id))?;
+            registry.push((dest, id));
+        }
+        if !s.bundles.is_empty() {
+            // Not sent by this version of sigil-control; refuse rather than ignore trust.
+            return Err("trust bundles in snapshots are not supported by this sidecar".into());
+        }
+        Ok(Self {
+            version: s.version,
+            policies,
+            revocations,
+            registry,
+            raw: s.clone(),
+        })
+    }
+}
+
+/// A port this sidecar's config pins to TCP (`inbound.ports`) cannot take HTTP routes from a
+/// pushed policy: the sidecar would silently start checking per request what its owner
+/// declared a connection-level port.
+fn check_ports(cfg: &ProxyConfig, origin: &Path, p: &Policy) -> Result<(), String> {
+    for port in &p.spec.ports {
+        let declared_tcp = cfg
+            .spec
+            .inbound
+            .ports
+            .iter()
+            .any(|r| r.value.port == port.value.port);
+        if declared_tcp && port.value.protocol == Protocol::Http {
+            return Err(ConfigError::new(
+                origin,
+                Some(port.referenced),
+                format!(
+                    "policy {:?} declares port {} http, but this sidecar's ProxyConfig declares it tcp (inbound.ports)",
+                    p.metadata.name, port.value.port
+                ),
+            )
+            .to_string());
+        }
+    }
+    Ok(())
+}
+
+fn parse_destination(s: &str) -> Option<Destination> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Some(Destination::Socket(a));
+    }
+    s.parse::<IpAddr>().ok().map(Destination::Host)
+}
+
+/// The persisted snapshot, if there is a valid one.
+pub fn load_persisted(cfg: &ProxyConfig, state_dir: &Path) -> Option<Arc<Pushed>> {
+    let path = state_dir.join(SNAPSHOT_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            error!("{}: cannot read the last snapshot: {e}", path.display());
+            return None;
+        }
+    };
+    let parsed = Snapshot::decode(&bytes[..])
+        .map_err(|e| e.to_string())
+        .and_then(|s| Pushed::parse(cfg, &s));
+    match parsed {
+        Ok(p) => {
+            info!(
+                version = p.version,
+                policies = p.policies.len(),
+                revocations = p.revocations.len(),
+                registry = p.registry.len(),
+                "serving the last snapshot from {} until the control plane answers",
+                path.display()
+            );
+            Some(Arc::new(p))
+        }
+        Err(e) => {
+            error!("{}: last snapshot unusable, ignored: {e}", path.display());
+            None
+        }
+    }
+}
+
+/// Written to a temporary file and renamed over: a crash never leaves half a snapshot.
+fn persist(state_dir: &Path, s: &Snapshot) -> std::io::Result<()> {
+    std::fs::create_dir_all(state_dir)?;
+    let tmp = state_dir.join(format!(".{SNAPSHOT_FILE}.tmp"));
+    std::fs::write(&tmp, s.encode_to_vec())?;
+    std::fs::rename(&tmp, state_dir.join(SNAPSHOT_FILE))
+}
+
+/// Checks, persists and puts in force one snapshot. Err: rejected, the reason for the NACK.
+fn accept(p: &Proxy, s: &Snapshot, state_dir: &Path) -> Result<(), String> {
+    let same = p
+        .sources
+        .lock()
+        .expect("sources lock")
+        .pushed
+        .as_ref()
+        .is_some_and(|cur| cur.raw == *s);
+    if same {
+        return Ok(());
+    }
+    let pushed = Pushed::parse(&p.cfg, s)?;
+    if let Err(e) = persist(state_dir, s) {
+        // Still applied: serving it now matters more than surviving a restart with it.
+        error!(
+            "{}: cannot persist snapshot {}: {e}",
+            state_dir.display(),
+            s.version
+        );
+    }
+    info!(
+        version = pushed.version,
+        policies = pushed.policies.len(),
+        revocations = pushed.revocations.len(),
+        registry = pushed.registry.len(),
+        "snapshot from the control plane in force"
+    );
+    p.sources.lock().expect("sources lock").pushed = Some(Arc::new(pushed));
+    p.refresh_policy();
+    p.refresh_registry();
+    crate::apply_revocations(p, &p.revocations());
+    crate::recheck_tcp(p);
+    Ok(())
+}
+
+/// Holds a stream to the control plane for as long as the sidecar runs.
+pub async fn run(p: Arc<Proxy>, cp: ControlPlaneSpec) {
+    let state_dir = p.cfg.resolve(&cp.state_dir);
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let mut received = false;
+        let why = match session(&p, &cp, &state_dir, &mut received).await {
+            Ok(()) => "the control plane ended the stream".to_string(),
+            Err(e) => e,
+        };
+        if received {
+            backoff = MIN_BACKOFF;
+        }
+        let version = p.pushed_version();
+        let wait = jitter(backoff);
+        warn!(
+            control_plane = %cp.address,
+            serving_version = version,
+            retry_in_ms = wait.as_millis() as u64,
+            "control plane stream lost: {why}"
+        );
+        p.metrics.reload("snapshot_stream", false);
+        tokio::time::sleep(wait).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Full jitter: uniform in [0, max], so that sidecars cut off together do not return
+/// together. The randomness is the std hasher's per-instance random keys.
+fn jitter(max: Duration) -> Duration {
+    let r = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    max.mul_f64((r % 10_000) as f64 / 10_000.0)
+        .max(Duration::from_millis(10))
+}
+
+async fn session(
+    p: &Arc<Proxy>,
+    cp: &ControlPlaneSpec,
+    state_dir: &Path,
+    received: &mut bool,
+) -> Result<(), String> {
+    let tls = p.tls.get();
+    if let Some(r) = tls.self_revoked() {
+        return Err(format!(
+            "our own SVID is revoked ({}); waiting for a fresh one",
+            r.metadata.name
+        ));
+    }
+    let timeouts = &p.cfg.spec.timeouts;
+    let tcp = tokio::time::timeout(timeouts.connect, TcpStream::connect(cp.address))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| format!("connect: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let connector = TlsConnector::from(tls.client_config(&cp.spiffe_id, Carries::Http2));
+    let name = ServerName::IpAddress(cp.address.ip().into());
+    let stream = tokio::time::timeout(timeouts.handshake, connector.connect(name, tcp))
+        .await
+        .map_err(|_| "TLS handshake timed out".to_string())?
+        .map_err(|e| format!("TLS handshake: {e}"))?;
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        // A control plane that vanishes without a FIN is noticed within 15 s.
+        .keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+    let conn = tokio::spawn(conn);
+    let result = subscribe(p, cp, sender, state_dir, received).await;
+    conn.abort();
+    result
+}
+
+async fn subscribe(
+    p: &Arc<Proxy>,
+    cp: &ControlPlaneSpec,
+    sender: SendRequest<tonic::body::Body>,
+    state_dir: &Path,
+    received: &mut bool,
+) -> Result<(), String> {
+    // HTTP/2 requests carry :scheme and :authority.
+    let origin: http::Uri = format!("https://{}", cp.address)
+        .parse()
+        .map_err(|e| format!("{}: {e}", cp.address))?;
+    let mut grpc = tonic::client::Grpc::with_origin(H2(sender), origin);
+    grpc.ready().await.map_err(|e| format!("gRPC: {e}"))?;
+    let node = p.cfg.metadata.name.clone();
+    let running = p.pushed_version();
+    let (tx, rx) = mpsc::channel(4);
+    let hello = Ack {
+        node: node.clone(),
+        version: running,
+        accepted: true,
+        error: String::new(),
+    };
+    tx.send(hello).await.map_err(|_| "stream closed")?;
+    let path = http::uri::PathAndQuery::from_static(sigil_api::SUBSCRIBE_PATH);
+    let response = grpc
+        .streaming(
+            tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx)),
+            path,
+            sigil_api::client_codec(),
+        )
+        .await
+        .map_err(|s| format!("subscribe: {}: {}", s.code(), s.message()))?;
+    let mut snapshots = response.into_inner();
+    info!(version = running, "control plane stream open");
+    while let Some(s) = snapshots
+        .message()
+        .await
+        .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+    {
+        *received = true;
+        let version = s.version;
+        let ack = match accept(p, &s, state_dir) {
+            Ok(()) => {
+                p.metrics.reload("snapshot", true);
+                Ack {
+                    node: node.clone(),
+                    version,
+                    accepted: true,
+                    error: String::new(),
+                }
+            }
+            Err(e) => {
+                error!(version, "snapshot rejected, keeping the one in force: {e}");
+                p.metrics.reload("snapshot", false);
+                Ack {
+                    node: node.clone(),
+                    version,
+                    accepted: false,
+                    error: e,
+                }
+            }
+        };
+        tx.send(ack).await.map_err(|_| "stream closed")?;
+    }
+    Ok(())
+}
+
+/// hyper's HTTP/2 sender as the tower service tonic's client drives.
+#[derive(Clone)]
+struct H2(SendRequest<tonic::body::Body>);
+
+impl tower_service::Service<http::Request<tonic::body::Body>> for H2 {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(self.0.send_request(req))
+    }
+}
