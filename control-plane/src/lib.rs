@@ -4,10 +4,13 @@
 //! `sidecars` serves each sidecar the snapshot of its own identity (`snapshot`).
 
 pub mod client;
+pub mod demo;
 pub mod files;
 pub mod identity;
+pub mod metrics;
 pub mod operator;
 pub mod policy_test;
+pub mod revoke;
 pub mod sidecars;
 pub mod snapshot;
 pub mod store;

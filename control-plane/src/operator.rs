@@ -8,6 +8,8 @@
 //! - `GET /v1/resources[/KIND[/NAME]]`: the stored documents, `---`-separated.
 //! - `DELETE /v1/resources/KIND/NAME`.
 //! - `GET /v1/status`: the store version and every connected sidecar, one line each.
+//! - `GET /metrics`: OpenMetrics, for any client with a verified SVID (a Prometheus with its
+//!   own SVID need not be an operator).
 
 use std::convert::Infallible;
 use std::path::Path;
@@ -82,6 +84,15 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
 }
 
 async fn handle(api: &Api, peer: &SpiffeId, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() == Method::GET && req.uri().path() == "/metrics" {
+        return Response::builder()
+            .header(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+            .body(Full::new(Bytes::from(api.hub.metrics.encode())))
+            .expect("static response parts");
+    }
     if !api.operators.iter().any(|p| p.matches(peer)) {
         eprintln!("sigil-control: operator API refused {peer}: not an operator");
         return text(

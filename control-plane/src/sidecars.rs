@@ -22,12 +22,14 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
+use crate::metrics::{Metrics, SidecarLabels};
 use crate::snapshot::Catalog;
 use crate::store::Store;
 
 /// The published catalog and the sidecars connected to this replica.
 pub struct Hub {
     catalog: watch::Sender<Arc<Catalog>>,
+    pub metrics: Metrics,
     sidecars: Mutex<HashMap<u64, SidecarStatus>>,
     next: AtomicU64,
 }
@@ -40,9 +42,11 @@ pub struct SidecarStatus {
     pub node: String,
     pub addr: SocketAddr,
     pub connected_at: SystemTime,
-    /// The last version sent, and when.
+    /// The last version sent.
     pub sent: u64,
-    sent_at: Option<Instant>,
+    /// The version awaiting acknowledgement, and since when (the store change that made it,
+    /// or the sending of a stream's first snapshot).
+    pending: Option<(u64, Instant)>,
     /// The last version the sidecar accepted (0: none yet).
     pub acked: u64,
     /// The last version it rejected, with its reason, unless it accepted a later one.
@@ -51,7 +55,11 @@ pub struct SidecarStatus {
 
 impl Hub {
     pub fn new(catalog: Catalog) -> Self {
+        let metrics = Metrics::default();
+        metrics.version.set(catalog.version as i64);
+        metrics.revocations.set(catalog.revocation_count() as i64);
         Self {
+            metrics,
             catalog: watch::Sender::new(Arc::new(catalog)),
             sidecars: Mutex::new(HashMap::new()),
             next: AtomicU64::new(0),
@@ -65,6 +73,10 @@ impl Hub {
             eprintln!("sigil-control: stored resource not sent to any sidecar: {problem}");
         }
         let version = catalog.version;
+        self.metrics.version.set(version as i64);
+        self.metrics
+            .revocations
+            .set(catalog.revocation_count() as i64);
         self.catalog.send_replace(Arc::new(catalog));
         Ok(version)
     }
@@ -169,18 +181,20 @@ async fn session(
             addr,
             connected_at: SystemTime::now(),
             sent: 0,
-            sent_at: None,
+            pending: None,
             acked: 0,
             rejected: None,
         },
     );
     eprintln!("sigil-control: sidecar {peer} connected from {addr}");
+    hub.metrics.connected.inc();
     let mut catalog = hub.catalog.subscribe();
     // What was last sent, with its version zeroed: a store change that does not alter this
     // identity's snapshot sends nothing.
     let mut last: Option<Snapshot> = None;
     let why = loop {
-        let snapshot = catalog.borrow_and_update().snapshot_for(&peer);
+        let current = catalog.borrow_and_update().clone();
+        let snapshot = current.snapshot_for(&peer);
         let content = Snapshot {
             version: 0,
             ..snapshot.clone()
@@ -190,9 +204,15 @@ async fn session(
             if tx.send(Ok(snapshot)).await.is_err() {
                 break "stream closed";
             }
+            // A change pushed to a connected sidecar is timed from the store change.
+            let since = match (&last, current.loaded_at) {
+                (Some(_), Some(t)) => t,
+                _ => Instant::now(),
+            };
+            hub.metrics.sent.inc();
             hub.update(key, |s| {
                 s.sent = version;
-                s.sent_at = Some(Instant::now());
+                s.pending = Some((version, since));
             });
             last = Some(content);
         }
@@ -206,6 +226,7 @@ async fn session(
         }
     };
     hub.sidecars.lock().expect("sidecars lock").remove(&key);
+    hub.metrics.connected.dec();
     eprintln!("sigil-control: sidecar {peer} at {addr} disconnected: {why}");
 }
 
@@ -222,7 +243,23 @@ fn record(hub: &Hub, key: u64, peer: &SpiffeId, ack: Ack) {
                 s.acked = ack.version;
                 s.rejected = None;
             }
+            if let Some((v, since)) = s.pending {
+                if v == ack.version {
+                    hub.metrics.acknowledged.inc();
+                    hub.metrics
+                        .push_latency
+                        .observe(since.elapsed().as_secs_f64());
+                    s.pending = None;
+                }
+            }
         } else {
+            hub.metrics
+                .rejected
+                .get_or_create(&SidecarLabels {
+                    spiffe_id: peer.to_string(),
+                })
+                .inc();
+            s.pending = None;
             eprintln!(
                 "sigil-control: sidecar {peer} ({}) rejected version {}: {}",
                 s.node, ack.version, ack.error

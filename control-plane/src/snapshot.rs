@@ -24,6 +24,8 @@ pub struct Catalog {
     /// Stored documents that no longer parse (written by another version of sigil-control):
     /// sent to nobody, reported in the log.
     pub unreadable: Vec<String>,
+    /// When it was read from the store, for push latency.
+    pub loaded_at: Option<std::time::Instant>,
 }
 
 impl Catalog {
@@ -33,6 +35,7 @@ impl Catalog {
         let version = store.version()?.max(0) as u64;
         let mut c = Catalog {
             version,
+            loaded_at: Some(std::time::Instant::now()),
             ..Catalog::default()
         };
         for s in store.list(None)? {
@@ -57,6 +60,10 @@ impl Catalog {
             }
         }
         Ok(c)
+    }
+
+    pub fn revocation_count(&self) -> usize {
+        self.revocations.len()
     }
 
     pub fn snapshot_for(&self, id: &SpiffeId) -> Snapshot {

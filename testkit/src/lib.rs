@@ -14,6 +14,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 pub use rcgen;
 
+pub mod http;
+
 /// A CA for one trust domain (root or intermediate).
 pub struct Ca {
     trust_domain: String,

@@ -591,33 +591,7 @@ impl ControlPlane {
 
 /// One keep-alive HTTP/1.1 GET on `s`; the status, or None if the connection failed.
 pub fn get(s: &mut TcpStream, path: &str) -> Option<u16> {
-    use std::io::Write;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: b\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = s.read(&mut chunk).ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        let text = String::from_utf8_lossy(&buf);
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().to_string())
-                })
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            if body.len() >= len {
-                return head.split_whitespace().nth(1)?.parse().ok();
-            }
-        }
-    }
+    sigil_testkit::http::get(s, path).map(|(status, _)| status)
 }
 
 /// A fresh connection to a loopback port, one request: the status, or None.

@@ -209,6 +209,28 @@ spec:
         }
     };
     assert!(ping(&mut echo), "echo through A and B failed");
+    let (code, metrics, err) = cp.sigil(&alice, &["metrics"]);
+    assert_eq!(code, Some(0), "{err}");
+    let m = |series: &str, labels: &[&str]| metric(&metrics, series, labels).unwrap_or(-1.0);
+    assert_eq!(
+        m("sigil_control_sidecars_connected ", &[]),
+        2.0,
+        "{metrics}"
+    );
+    assert_eq!(m("sigil_control_snapshot_version ", &[]), 3.0, "{metrics}");
+    assert_eq!(
+        m(
+            "sigil_control_snapshots_rejected_total{",
+            &[&format!("spiffe_id=\"{B}\"")]
+        ),
+        1.0,
+        "{metrics}"
+    );
+    // Both first snapshots and the /admin change were acknowledged and timed.
+    assert!(
+        m("sigil_control_push_latency_seconds_count", &[]) >= 3.0,
+        "{metrics}"
+    );
     let (code, out, err) = cp.sigil(&alice, &["delete", "Policy", "b-echo-http"]);
     assert_eq!(code, Some(0), "{out}{err}");
     wait_status(&cp, &alice, "sidecar-b", "sent=4 acknowledged");
@@ -239,6 +261,12 @@ spec:
         "A's live connection survived its revocation"
     );
     pb.wait_log("incident 7", Duration::from_secs(5));
+    let (_, metrics, _) = cp.sigil(&alice, &["metrics"]);
+    assert_eq!(
+        metric(&metrics, "sigil_control_revocations ", &[]),
+        Some(1.0),
+        "{metrics}"
+    );
     assert_ne!(get_once(a_web, "/orders/2"), Some(200));
     let (code, out, err) = cp.sigil(&alice, &["revoke", A]);
     assert_eq!(code, Some(2), "a revocation needs a reason: {out}{err}");

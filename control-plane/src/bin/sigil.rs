@@ -8,12 +8,13 @@ use sigil_config::policy::Timestamp;
 use sigil_config::{Resource, SpiffeId};
 use sigil_control::client::Client;
 use sigil_control::policy_test::{decide, Question};
-use sigil_control::{files, identity};
+use sigil_control::{files, identity, revoke};
 
 const USAGE: &str = "\
 sigil — operator CLI of the Sigil mesh
 
 USAGE:
+    sigil demo
     sigil validate -f PATH...
     sigil policy test -f PATH... --from ID --to ID --port N
                       [--method M] [--path P] [--host H] [--header NAME:VALUE]... [--at TIME]
@@ -21,10 +22,15 @@ USAGE:
     sigil get [KIND [NAME]]                 CONNECTION
     sigil delete KIND NAME                  CONNECTION
     sigil status                            CONNECTION
+    sigil metrics                           CONNECTION
     sigil revoke ID --reason TEXT [--issued-before TIME] [--name NAME]   CONNECTION
     sigil unrevoke ID [--name NAME]         CONNECTION
 
 COMMANDS:
+    demo          a whole mesh on loopback, narrated: control plane, three workloads and
+                  their sidecars; an allowed and a denied call, a live policy change, a
+                  revocation, metrics. Needs sigil-control, sigil-proxy and
+                  sigil-toy-workload next to sigil; cleans up after itself
     validate      check Workload, Policy and Revocation files as the control plane and the
                   sidecars will; every problem is reported as file:line
     policy test   the verdict a sidecar of --to would give a caller --from, and the rule that
@@ -34,6 +40,7 @@ COMMANDS:
     get, delete   read or remove stored resources
     status        the store version and every connected sidecar: its name, identity,
                   address, the version it was sent and whether it acknowledged it
+    metrics       the control plane's own metrics (OpenMetrics text)
     revoke        take an identity off the mesh now: every sidecar refuses it and cuts its
                   live connections (a Revocation resource named after the ID, or --name);
                   --issued-before TIME (RFC 3339, or `now`) revokes only SVIDs issued
@@ -75,11 +82,18 @@ fn main() -> ExitCode {
             println!("sigil {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
+        Some("demo") if args.len() == 1 => {
+            match sigil_control::demo::run(&sigil_control::demo::default_bin_dir()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::FAILURE,
+            }
+        }
         Some("validate") => validate(&args[1..]),
         Some("apply") => apply(&args[1..]),
         Some("get") => get(&args[1..]),
         Some("delete") => delete(&args[1..]),
-        Some("status") => status(&args[1..]),
+        Some("status") => simple_get(&args[1..], "status", "/v1/status"),
+        Some("metrics") => simple_get(&args[1..], "metrics", "/metrics"),
         Some("revoke") => revoke(&args[1..]),
         Some("unrevoke") => unrevoke(&args[1..]),
         Some("policy") if args.get(1).map(String::as_str) == Some("test") => {
@@ -268,36 +282,23 @@ fn delete(args: &[String]) -> ExitCode {
     report(c.send(Method::DELETE, &path, &[], String::new()))
 }
 
-fn status(args: &[String]) -> ExitCode {
+/// A command that is one GET without arguments.
+fn simple_get(args: &[String], command: &str, path: &str) -> ExitCode {
     let o = match parse_opts(args) {
         Ok(o) if o.positional.is_empty() => o,
-        Ok(_) => return usage_error("status takes no arguments"),
+        Ok(_) => return usage_error(&format!("{command} takes no arguments")),
         Err(e) => return usage_error(&e),
     };
     let c = match client(&o) {
         Ok(c) => c,
         Err(e) => return usage_error(&e),
     };
-    report(c.send(Method::GET, "/v1/status", &[], String::new()))
+    report(c.send(Method::GET, path, &[], String::new()))
 }
 
-/// The Revocation resource name for `id` unless `--name` says otherwise: the ID without its
-/// scheme, every character a resource name cannot hold turned into `-`.
+/// The Revocation resource name: `--name`, else the one `sigil revoke` derives from the ID.
 fn revocation_name(o: &Opts, id: &SpiffeId) -> String {
-    o.name.clone().unwrap_or_else(|| {
-        let bare = id.as_str().trim_start_matches("spiffe://");
-        let name: String = bare
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '.' {
-                    c
-                } else {
-                    '-'
-                }
-            })
-            .collect();
-        format!("revoke-{name}")
-    })
+    o.name.clone().unwrap_or_else(|| revoke::name_for(id))
 }
 
 fn one_id(o: &Opts, what: &str) -> Result<SpiffeId, String> {
@@ -337,24 +338,14 @@ fn revoke(args: &[String]) -> ExitCode {
         Err(e) => return usage_error(&e),
     };
     let name = revocation_name(&o, &id);
-    // Quoted as JSON strings, which YAML reads as they are.
-    let q = |s: &str| format!("{s:?}");
-    let mut yaml = format!(
-        "apiVersion: sigil.dev/v1\nkind: Revocation\nmetadata:\n  name: {}\n  owner: {}\n  purpose: {}\nspec:\n  spiffeId: {}\n  reason: {}\n",
-        q(&name),
-        q(c.identity.local.id().as_str()),
-        q(&format!("revoke {id}")),
-        q(id.as_str()),
-        q(&reason)
-    );
-    if let Some(t) = issued_before {
-        yaml += &format!("  issuedBefore: \"{t}\"\n");
-    }
-    // The same validation as `apply`, on the document about to be sent.
-    if let Err(e) = Resource::parse_all(Path::new("revocation"), &yaml) {
-        eprintln!("sigil: {e}");
-        return ExitCode::from(2);
-    }
+    let owner = c.identity.local.id().to_string();
+    let yaml = match revoke::document(&name, &id, &reason, issued_before, &owner) {
+        Ok(y) => y,
+        Err(e) => {
+            eprintln!("sigil: {e}");
+            return ExitCode::from(2);
+        }
+    };
     report(c.send(
         Method::POST,
         "/v1/apply",

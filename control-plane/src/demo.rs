@@ -1,0 +1,500 @@
+//! `sigil demo`: a whole mesh on loopback, narrated. A control plane, three workloads (web and
+//! reports call api) with their sidecars, a throwaway CA; then an allowed call, a denied call
+//! and the rule that denied it, a policy pushed live, a revocation cutting a live connection
+//! while other calls go on, and where the metrics are. Everything it starts is stopped by PID
+//! and its directory removed; it exits non-zero if the mesh did not behave as narrated.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::Method;
+use sigil_config::SpiffeId;
+use sigil_testkit::http::get;
+use sigil_testkit::Ca;
+
+use crate::client::Client;
+use crate::{identity, revoke};
+
+const TD: &str = "example.org";
+const CONTROL: &str = "spiffe://example.org/sigil/control";
+const OPERATOR: &str = "spiffe://example.org/ops/demo";
+const API: &str = "spiffe://example.org/ns/demo/sa/api";
+const WEB: &str = "spiffe://example.org/ns/demo/sa/web";
+const REPORTS: &str = "spiffe://example.org/ns/demo/sa/reports";
+
+/// A process of the demo, stopped (by PID) when dropped; its output goes to a log file.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(dir: &Path, name: &str, cmd: &mut Command) -> Result<Self, String> {
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("cannot start {name}: {e}"))?;
+        Ok(Self { child, log })
+    }
+
+    fn log_tail(&self) -> String {
+        log_tail(&self.log)
+    }
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The demo's directory, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        if Instant::now() > deadline {
+            return Err(format!("timed out waiting for {what}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn get_once(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    get(&mut s, path)
+}
+
+fn admin_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, text.split_once("\r\n\r\n")?.1.to_string()))
+}
+
+struct Sidecar {
+    admin: u16,
+    /// Held so that the sidecar runs until the demo ends.
+    _proc: Proc,
+}
+
+fn step(n: u32, text: &str) {
+    println!("\n[{n}/7] {text}");
+}
+
+/// Runs the demo with the binaries of `bin_dir` (sigil-control, sigil-proxy,
+/// sigil-toy-workload).
+pub fn run(bin_dir: &Path) -> Result<(), String> {
+    let bins = ["sigil-control", "sigil-proxy", "sigil-toy-workload"];
+    for b in bins {
+        if !bin_dir.join(b).exists() {
+            return Err(format!(
+                "{} not found next to sigil: build the workspace first (cargo build --workspace --bins, or ./scripts/demo.sh)",
+                bin_dir.join(b).display()
+            ));
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("sigil-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let scratch = Scratch(dir.clone());
+    let result = narrate(bin_dir, &scratch.0);
+    if let Err(e) = &result {
+        eprintln!("\nsigil demo FAILED: {e}");
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(&scratch.0)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        logs.sort();
+        for log in logs {
+            eprintln!("--- last lines of {}:\n{}", log.display(), log_tail(&log));
+        }
+    }
+    result
+}
+
+fn narrate(bin_dir: &Path, d: &Path) -> Result<(), String> {
+    println!("== sigil demo: a control plane, three workloads and their sidecars, on loopback ==");
+    println!("   (working directory {})", d.display());
+
+    step(
+        1,
+        "A throwaway CA for trust domain example.org mints an X.509-SVID per identity",
+    );
+    let ca = Ca::new(TD);
+    let bundles = d.join("bundles");
+    std::fs::create_dir_all(&bundles).map_err(|e| e.to_string())?;
+    std::fs::write(bundles.join(format!("{TD}.pem")), ca.bundle_pem())
+        .map_err(|e| e.to_string())?;
+    let svid = |name: &str, id: &str| ca.svid(id).write(d, name);
+    for (name, id) in [
+        ("control", CONTROL),
+        ("operator", OPERATOR),
+        ("api", API),
+        ("web", WEB),
+        ("reports", REPORTS),
+    ] {
+        svid(name, id);
+        println!("      {name:<8} {id}");
+    }
+
+    step(
+        2,
+        "The control plane, and the resources an operator applies to it",
+    );
+    let (operator_port, sidecar_port) = (free_port()?, free_port()?);
+    let control = Proc::spawn(
+        d,
+        "sigil-control",
+        Command::new(bin_dir.join("sigil-control"))
+            .arg("--data-dir")
+            .arg(d.join("control-data"))
+            .arg("--cert")
+            .arg(d.join("control.crt"))
+            .arg("--key")
+            .arg(d.join("control.key"))
+            .arg("--bundle-dir")
+            .arg(&bundles)
+            .args(["--operator", "spiffe://example.org/ops/*"])
+            .args(["--operator-listen", &format!("127.0.0.1:{operator_port}")])
+            .args(["--sidecar-listen", &format!("127.0.0.1:{sidecar_port}")]),
+    )?;
+    let with_control =
+        |r: Result<(), String>| r.map_err(|e| format!("{e}\n{}", control.log_tail()));
+    with_control(wait_for(
+        "the control plane",
+        Duration::from_secs(10),
+        || {
+            TcpStream::connect(("127.0.0.1", operator_port)).is_ok()
+                && TcpStream::connect(("127.0.0.1", sidecar_port)).is_ok()
+        },
+    ))?;
+    println!("      sigil-control: operator API 127.0.0.1:{operator_port}, sidecar API 127.0.0.1:{sidecar_port}");
+    let operator = Client {
+        server: ([127, 0, 0, 1], operator_port).into(),
+        control_id: SpiffeId::parse(CONTROL).map_err(|e| e.to_string())?,
+        identity: identity::load(&d.join("operator.crt"), &d.join("operator.key"), &bundles)?,
+    };
+    let apply = |name: &str, yaml: String| -> Result<String, String> {
+        match operator.send(Method::POST, "/v1/apply", &[("x-sigil-file", name)], yaml)? {
+            (s, body) if s.is_success() => Ok(body),
+            (s, body) => Err(format!("apply {name}: {s}: {body}")),
+        }
+    };
+
+    // Workload ports (plain HTTP) and the sidecar ports in front of them.
+    let (api_port, api_in) = (free_port()?, free_port()?);
+    let (web_out, reports_out) = (free_port()?, free_port()?);
+    // `admin_web`: whether /admin is open to web; until then an explicit deny names the rule.
+    let resources = |admin_web: bool| {
+        let admin = if admin_web {
+            format!("allow: [\"spiffe://example.org/ops/*\", {WEB}]")
+        } else {
+            format!("allow: [\"spiffe://example.org/ops/*\"], deny: [{WEB}]")
+        };
+        format!(
+            "apiVersion: sigil.dev/v1
+kind: Workload
+metadata: {{name: api, owner: team-api, purpose: orders API}}
+spec: {{spiffeId: {API}, environment: demo, addresses: [\"127.0.0.1:{api_in}\"]}}
+---
+apiVersion: sigil.dev/v1
+kind: Workload
+metadata: {{name: web, owner: team-web, purpose: storefront}}
+spec: {{spiffeId: {WEB}, environment: demo}}
+---
+apiVersion: sigil.dev/v1
+kind: Workload
+metadata: {{name: reports, owner: team-bi, purpose: nightly reports}}
+spec: {{spiffeId: {REPORTS}, environment: demo}}
+---
+apiVersion: sigil.dev/v1
+kind: Policy
+metadata: {{name: api-access, owner: team-api, purpose: who may call the orders API}}
+spec:
+  target: {API}
+  ports:
+    - port: {api_port}
+      routes:
+        - {{name: orders, match: {{methods: [GET], path: {{prefix: /orders}}}}, allow: [{WEB}, {REPORTS}]}}
+        - {{name: admin, match: {{path: {{prefix: /admin}}}}, {admin}}}
+"
+        )
+    };
+    let out = apply("demo.yaml", resources(false))?;
+    for line in out.lines() {
+        println!("      sigil apply: {line}");
+    }
+    println!(
+        "      api-access: GET /orders/* for web and reports; /admin for ops only, web denied"
+    );
+
+    step(
+        3,
+        "Workloads (plain HTTP, no TLS) and their sidecars, which subscribe to the control plane",
+    );
+    let workload = |name: &str, port: u16| {
+        Proc::spawn(
+            d,
+            name,
+            Command::new(bin_dir.join("sigil-toy-workload")).args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--name",
+                name,
+            ]),
+        )
+    };
+    let _api_wl = workload("api", api_port)?;
+    let sidecar = |name: &str, listeners: String| -> Result<Sidecar, String> {
+        let admin = free_port()?;
+        let cfg = d.join(format!("{name}-sidecar.yaml"));
+        let yaml = format!(
+            "apiVersion: sigil.dev/v1
+kind: ProxyConfig
+metadata: {{name: {name}-sidecar, owner: demo}}
+spec:
+  mode: explicit
+  identity: {{certFile: {name}.crt, keyFile: {name}.key, bundleDir: bundles}}
+  admin: {{listen: \"127.0.0.1:{admin}\"}}
+  controlPlane: {{address: \"127.0.0.1:{sidecar_port}\", spiffeId: \"{CONTROL}\", stateDir: state-{name}}}
+{listeners}"
+        );
+        std::fs::write(&cfg, yaml).map_err(|e| e.to_string())?;
+        let proc = Proc::spawn(
+            d,
+            &format!("{name}-sidecar"),
+            Command::new(bin_dir.join("sigil-proxy"))
+                .arg("--config")
+                .arg(&cfg)
+                .env("SIGIL_LOG", "info"),
+        )?;
+        wait_for(
+            &format!("{name}'s sidecar"),
+            Duration::from_secs(15),
+            || admin_get(admin, "/ready").is_some_and(|(s, _)| s == 200),
+        )
+        .map_err(|e| format!("{e}\n{}", proc.log_tail()))?;
+        Ok(Sidecar { admin, _proc: proc })
+    };
+    let api = sidecar(
+        "api",
+        format!(
+            "  inbound:\n    explicit: [{{listen: \"127.0.0.1:{api_in}\", port: {api_port}}}]\n"
+        ),
+    )?;
+    // No expectedId: the registry the control plane pushes says who answers at api_in.
+    let outbound = |port: u16| {
+        format!("  outbound:\n    explicit: [{{listen: \"127.0.0.1:{port}\", upstream: \"127.0.0.1:{api_in}\"}}]\n")
+    };
+    let web = sidecar("web", outbound(web_out))?;
+    let reports = sidecar("reports", outbound(reports_out))?;
+    let snapshot_in_force = |s: &Sidecar| {
+        admin_get(s.admin, "/config_dump")
+            .is_some_and(|(_, dump)| dump.contains("\"control_plane_snapshot\": {"))
+    };
+    wait_for("every sidecar's snapshot", Duration::from_secs(10), || {
+        [&api, &web, &reports].iter().all(|s| snapshot_in_force(s))
+    })?;
+    println!("      api     127.0.0.1:{api_port}, its sidecar on 127.0.0.1:{api_in}");
+    println!("      web     calls api through its sidecar at 127.0.0.1:{web_out}");
+    println!("      reports calls api through its sidecar at 127.0.0.1:{reports_out}");
+    let (_, status) = operator.send(Method::GET, "/v1/status", &[], String::new())?;
+    for line in status.lines() {
+        println!("      sigil status: {line}");
+    }
+
+    step(
+        4,
+        "web calls api: an allowed route, and a denied one with the rule that denied it",
+    );
+    let call = |port: u16, path: &str| get_once(port, path).ok_or(format!("GET {path}: no answer"));
+    let (s, body) = call(web_out, "/orders/42")?;
+    println!("      web → api GET /orders/42  → {s} {body}");
+    if s != 200 {
+        return Err(format!("expected 200 for /orders/42, got {s}: {body}"));
+    }
+    let (s, body) = call(web_out, "/admin/users")?;
+    println!("      web → api GET /admin/users → {s} {body}");
+    if s != 403 || !body.contains("policy api-access rule admin") {
+        return Err(format!(
+            "expected 403 naming policy api-access rule admin, got {s}: {body}"
+        ));
+    }
+
+    step(
+        5,
+        "A policy pushed live: the operator opens /admin to web; no restart",
+    );
+    let started = Instant::now();
+    apply("demo.yaml", resources(true))?;
+    wait_for("/admin to open", Duration::from_secs(10), || {
+        get_once(web_out, "/admin/users").is_some_and(|(s, _)| s == 200)
+    })?;
+    println!(
+        "      web → api GET /admin/users → 200, {} ms after sigil apply",
+        started.elapsed().as_millis()
+    );
+
+    step(
+        6,
+        "Revocation: web's key is stolen; revoke it while reports keeps calling api",
+    );
+    let mut live = TcpStream::connect(("127.0.0.1", web_out)).map_err(|e| e.to_string())?;
+    live.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    match get(&mut live, "/orders/live") {
+        Some((200, _)) => {
+            println!("      web holds a live keep-alive connection to api (GET /orders/live → 200)")
+        }
+        other => return Err(format!("live connection: {other:?}")),
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let steady = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u32, 0u32);
+            let mut s = TcpStream::connect(("127.0.0.1", reports_out)).ok();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let r = s.as_mut().and_then(|s| {
+                    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+                    get(s, "/orders/report")
+                });
+                match r {
+                    Some((200, _)) => ok += 1,
+                    _ => failed += 1,
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (ok, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let web_id = SpiffeId::parse(WEB).map_err(|e| e.to_string())?;
+    let yaml = revoke::document(
+        &revoke::name_for(&web_id),
+        &web_id,
+        "demo: web's key was stolen",
+        None,
+        OPERATOR,
+    )?;
+    let revoked_at = Instant::now();
+    apply("sigil revoke", yaml)?;
+    println!("      sigil revoke {WEB} --reason \"demo: web's key was stolen\"");
+    // The live connection is cut: web's own sidecar closes it (EOF or reset).
+    let cut = match live.read(&mut [0u8; 256]) {
+        Ok(n) => n == 0,
+        // The 5 s read timeout: still open.
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    };
+    let cut_ms = revoked_at.elapsed().as_millis();
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = steady.join().map_err(|_| "the reports caller panicked")?;
+    if !cut {
+        return Err("web's live connection survived the revocation".into());
+    }
+    println!("      web's live connection was cut, {cut_ms} ms after sigil revoke");
+    let (s, body) = call(web_out, "/orders/43")?;
+    println!("      web → api GET /orders/43  → {s} {body}");
+    if s == 200 {
+        return Err("web was still admitted after its revocation".into());
+    }
+    println!("      reports → api meanwhile: {ok} calls, {failed} failed");
+    if failed > 0 || ok == 0 {
+        return Err(format!(
+            "reports' calls were disturbed: {failed} failed, {ok} ok"
+        ));
+    }
+
+    step(7, "Metrics: every sidecar and the control plane");
+    // Whichever side acts first cuts the connection: web's sidecar (its own SVID revoked) or
+    // api's (a revoked peer).
+    let mut revoked_closes = 0;
+    for (name, s) in [("api", &api), ("web", &web)] {
+        let (_, metrics) =
+            admin_get(s.admin, "/metrics").ok_or(format!("{name} sidecar /metrics"))?;
+        for line in metrics.lines().filter(|l| {
+            (name == "api"
+                && l.starts_with("sigil_requests_total{")
+                && l.contains("direction=\"inbound\""))
+                || (l.starts_with("sigil_connections_closed_total{")
+                    && l.contains("reason=\"revoked\""))
+        }) {
+            revoked_closes += usize::from(line.contains("reason=\"revoked\""));
+            println!("      {line}");
+        }
+    }
+    if revoked_closes == 0 {
+        return Err("no sidecar counted a connection closed for the revocation".into());
+    }
+    let (_, metrics) = operator.send(Method::GET, "/metrics", &[], String::new())?;
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("sigil_control_sidecars_connected")
+            || l.starts_with("sigil_control_push_latency_seconds_count")
+            || l.starts_with("sigil_control_push_latency_seconds_sum")
+            || l.starts_with("sigil_control_revocations")
+    }) {
+        println!("      {line}");
+    }
+    println!(
+        "      read them yourself: curl http://127.0.0.1:{}/metrics (api's sidecar; also /config_dump),\n      \
+         sigil metrics and sigil status (the control plane, mutual TLS)",
+        api.admin
+    );
+    println!(
+        "\n== done: stopping every process the demo started and removing {} ==",
+        d.display()
+    );
+    Ok(())
+}
+
+pub fn default_bin_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."))
+}

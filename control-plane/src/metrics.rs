@@ -1,0 +1,86 @@
+//! Metrics of `sigil-control` (OpenMetrics, `GET /metrics` on the operator port): connected
+//! sidecars, the store version, snapshots sent, acknowledged and rejected, push latency, and
+//! revocations in force.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SidecarLabels {
+    pub spiffe_id: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub connected: Gauge,
+    pub version: Gauge,
+    pub revocations: Gauge,
+    pub sent: Counter,
+    pub acknowledged: Counter,
+    pub rejected: Family<SidecarLabels, Counter>,
+    /// From the store change (or, for a stream's first snapshot, from sending it) to the
+    /// sidecar's acknowledgement.
+    pub push_latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("sigil_control");
+        let m = Self {
+            connected: Gauge::default(),
+            version: Gauge::default(),
+            revocations: Gauge::default(),
+            sent: Counter::default(),
+            acknowledged: Counter::default(),
+            rejected: Family::default(),
+            // 0.5 ms .. ~8 s
+            push_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "sidecars_connected",
+            "Sidecar streams open on this replica",
+            m.connected.clone(),
+        );
+        registry.register(
+            "snapshot_version",
+            "Store version of the snapshots being served",
+            m.version.clone(),
+        );
+        registry.register("revocations", "Revocations in force", m.revocations.clone());
+        registry.register(
+            "snapshots_sent",
+            "Snapshots sent to sidecars",
+            m.sent.clone(),
+        );
+        registry.register(
+            "snapshots_acknowledged",
+            "Snapshots sidecars accepted",
+            m.acknowledged.clone(),
+        );
+        registry.register(
+            "snapshots_rejected",
+            "Snapshots sidecars rejected (NACK), by sidecar identity",
+            m.rejected.clone(),
+        );
+        registry.register(
+            "push_latency_seconds",
+            "From a store change to a sidecar's acknowledgement of it",
+            m.push_latency.clone(),
+        );
+        Self { registry, ..m }
+    }
+}
+
+impl Metrics {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
