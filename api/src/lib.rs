@@ -19,6 +19,8 @@
 
 use tonic_prost::ProstCodec;
 
+pub mod client;
+
 /// The gRPC path of `sigil.v1.Mesh/Subscribe`.
 pub const SUBSCRIBE_PATH: &str = "/sigil.v1.Mesh/Subscribe";
 

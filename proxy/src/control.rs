@@ -7,13 +7,10 @@
 //! a restarted sidecar serves its last good state while the control plane is unreachable.
 //! Lost streams are re-opened with exponential backoff and full jitter.
 
-use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::client::conn::http2::SendRequest;
@@ -26,7 +23,6 @@ use sigil_config::proxy_config::{ControlPlaneSpec, Destination};
 use sigil_config::{ConfigError, Policy, ProxyConfig, Revocation, SpiffeId};
 use sigil_filters::tls::Carries;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 use tracing::{error, info, warn};
 
@@ -289,28 +285,17 @@ async fn subscribe(
     let origin: http::Uri = format!("https://{}", cp.address)
         .parse()
         .map_err(|e| format!("{}: {e}", cp.address))?;
-    let mut grpc = tonic::client::Grpc::with_origin(H2(sender), origin);
-    grpc.ready().await.map_err(|e| format!("gRPC: {e}"))?;
     let node = p.cfg.metadata.name.clone();
     let running = p.pushed_version();
-    let (tx, rx) = mpsc::channel(4);
     let hello = Ack {
         node: node.clone(),
         version: running,
         accepted: true,
         error: String::new(),
     };
-    tx.send(hello).await.map_err(|_| "stream closed")?;
-    let path = http::uri::PathAndQuery::from_static(sigil_api::SUBSCRIBE_PATH);
-    let response = grpc
-        .streaming(
-            tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx)),
-            path,
-            sigil_api::client_codec(),
-        )
+    let (tx, mut snapshots) = sigil_api::client::subscribe(sender, origin, hello)
         .await
         .map_err(|s| format!("subscribe: {}: {}", s.code(), s.message()))?;
-    let mut snapshots = response.into_inner();
     info!(version = running, "control plane stream open");
     while let Some(s) = snapshots
         .message()
@@ -343,23 +328,4 @@ async fn subscribe(
         tx.send(ack).await.map_err(|_| "stream closed")?;
     }
     Ok(())
-}
-
-/// hyper's HTTP/2 sender as the tower service tonic's client drives.
-#[derive(Clone)]
-struct H2(SendRequest<tonic::body::Body>);
-
-impl tower_service::Service<http::Request<tonic::body::Body>> for H2 {
-    type Response = http::Response<hyper::body::Incoming>;
-    type Error = hyper::Error;
-    type Future =
-        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        Box::pin(self.0.send_request(req))
-    }
 }

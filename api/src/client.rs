@@ -1,0 +1,57 @@
+//! The sidecar's end of `Subscribe` over an HTTP/2 connection the caller has set up (mutual
+//! TLS and all): what a generated tonic client would be, on hyper's sender.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use hyper::client::conn::http2::SendRequest;
+use hyper::http;
+use tokio::sync::mpsc;
+use tonic::Streaming;
+
+use crate::{Ack, Snapshot, SUBSCRIBE_PATH};
+
+/// Opens the stream on `sender` (whose connection reaches `origin`, e.g. `https://10.0.0.5:15012`)
+/// and sends `hello` first. Returns where to send acknowledgements and the snapshots.
+pub async fn subscribe(
+    sender: SendRequest<tonic::body::Body>,
+    origin: http::Uri,
+    hello: Ack,
+) -> Result<(mpsc::Sender<Ack>, Streaming<Snapshot>), tonic::Status> {
+    let mut grpc = tonic::client::Grpc::with_origin(H2(sender), origin);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(hello)
+        .await
+        .map_err(|_| tonic::Status::cancelled("stream closed"))?;
+    let response = grpc
+        .streaming(
+            tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx)),
+            http::uri::PathAndQuery::from_static(SUBSCRIBE_PATH),
+            crate::client_codec(),
+        )
+        .await?;
+    Ok((tx, response.into_inner()))
+}
+
+/// hyper's HTTP/2 sender as the tower service tonic's client drives.
+#[derive(Clone)]
+struct H2(SendRequest<tonic::body::Body>);
+
+impl tower_service::Service<http::Request<tonic::body::Body>> for H2 {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(self.0.send_request(req))
+    }
+}

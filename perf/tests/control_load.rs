@@ -1,0 +1,31 @@
+//! The revocation-latency tool at a small scale, so that it cannot rot between the runs that
+//! produce perf/README.md's figures. No timing is asserted: it must connect every simulated
+//! sidecar, cut every live connection and reach every stream, or exit non-zero.
+
+use std::process::Command;
+use std::time::Duration;
+
+use sigil_e2e::run;
+
+#[test]
+fn control_load_cuts_live_connections_and_reaches_every_stream() {
+    let (ok, out) = run(
+        Command::new(env!("CARGO_BIN_EXE_sigil-control-load")).args([
+            "--streams",
+            "40",
+            "--rounds",
+            "2",
+            "--live",
+            "3",
+        ]),
+        Duration::from_secs(120),
+    );
+    assert!(ok, "sigil-control-load failed:\n{out}");
+    assert!(
+        out.contains("40 streams connected")
+            && out.contains("| last live connection cut")
+            && out.contains("| snapshot with the revocation at each simulated sidecar |")
+            && out.contains("| 80 |"),
+        "{out}"
+    );
+}
