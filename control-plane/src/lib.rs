@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod demo;
+pub mod etcd;
 pub mod files;
 pub mod identity;
 pub mod metrics;
@@ -13,4 +14,5 @@ pub mod policy_test;
 pub mod revoke;
 pub mod sidecars;
 pub mod snapshot;
+pub mod sqlite;
 pub mod store;

@@ -39,8 +39,8 @@ pub struct Api {
 }
 
 impl Api {
-    fn publish(&self) {
-        if let Err(e) = self.hub.publish(&self.store) {
+    async fn publish(&self) {
+        if let Err(e) = self.hub.publish(&self.store).await {
             eprintln!("sigil-control: cannot publish the change to sidecars: {e}");
         }
     }
@@ -104,8 +104,8 @@ async fn handle(api: &Api, peer: &SpiffeId, req: Request<Incoming>) -> Response<
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let result = match (req.method().clone(), segments.as_slice()) {
         (Method::POST, ["v1", "apply"]) => apply(api, peer, req).await,
-        (Method::GET, ["v1", "resources", rest @ ..]) if rest.len() <= 2 => get(api, rest),
-        (Method::DELETE, ["v1", "resources", kind, name]) => delete(api, peer, kind, name),
+        (Method::GET, ["v1", "resources", rest @ ..]) if rest.len() <= 2 => get(api, rest).await,
+        (Method::DELETE, ["v1", "resources", kind, name]) => delete(api, peer, kind, name).await,
         (Method::GET, ["v1", "status"]) => Ok(status(api)),
         _ => Err(Refusal(
             StatusCode::NOT_FOUND,
@@ -149,7 +149,7 @@ async fn apply(api: &Api, peer: &SpiffeId, req: Request<Incoming>) -> Reply {
         .iter()
         .map(|(r, doc)| (r.kind(), r.name(), doc.as_str()))
         .collect();
-    let (changes, version) = api.store.apply(&rows, dry_run).map_err(internal)?;
+    let (changes, version) = api.store.apply(&rows, dry_run).await.map_err(internal)?;
     let mut out = String::new();
     for ((kind, name, _), change) in rows.iter().zip(&changes) {
         out += &format!("{} {kind}/{name}\n", change.label());
@@ -161,7 +161,7 @@ async fn apply(api: &Api, peer: &SpiffeId, req: Request<Incoming>) -> Reply {
         }
     }
     if !dry_run && changes.iter().any(|c| c.label() != "unchanged") {
-        api.publish();
+        api.publish().await;
     }
     out += &if dry_run {
         format!("dry run: nothing written (version {version})\n")
@@ -171,9 +171,9 @@ async fn apply(api: &Api, peer: &SpiffeId, req: Request<Incoming>) -> Reply {
     Ok(text(StatusCode::OK, out))
 }
 
-fn get(api: &Api, rest: &[&str]) -> Reply {
+async fn get(api: &Api, rest: &[&str]) -> Reply {
     let kind = rest.first().copied().filter(|k| !k.is_empty());
-    let all = api.store.list(kind).map_err(internal)?;
+    let all = api.store.list(kind).await.map_err(internal)?;
     let found: Vec<_> = match rest.get(1) {
         Some(name) => all.into_iter().filter(|s| s.name == *name).collect(),
         None => all,
@@ -196,15 +196,15 @@ fn get(api: &Api, rest: &[&str]) -> Reply {
     Ok(text(StatusCode::OK, docs.join("---\n")))
 }
 
-fn delete(api: &Api, peer: &SpiffeId, kind: &str, name: &str) -> Reply {
-    if !api.store.delete(kind, name).map_err(internal)? {
+async fn delete(api: &Api, peer: &SpiffeId, kind: &str, name: &str) -> Reply {
+    if !api.store.delete(kind, name).await.map_err(internal)? {
         return Err(Refusal(
             StatusCode::NOT_FOUND,
             format!("{kind}/{name}: not found\n"),
         ));
     }
-    let version = api.store.version().map_err(internal)?;
-    api.publish();
+    let version = api.store.version().await.map_err(internal)?;
+    api.publish().await;
     eprintln!("sigil-control: {peer} deleted {kind}/{name} (version {version})");
     Ok(text(
         StatusCode::OK,

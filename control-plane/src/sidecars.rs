@@ -67,17 +67,26 @@ impl Hub {
     }
 
     /// Re-reads the store and sends every stream whose snapshot changed its new one.
-    pub fn publish(&self, store: &Store) -> Result<u64, String> {
-        let catalog = Catalog::load(store).map_err(|e| e.to_string())?;
+    pub async fn publish(&self, store: &Store) -> Result<u64, String> {
+        let catalog = Catalog::load(store).await.map_err(|e| e.to_string())?;
         for problem in &catalog.unreadable {
             eprintln!("sigil-control: stored resource not sent to any sidecar: {problem}");
         }
         let version = catalog.version;
-        self.metrics.version.set(version as i64);
-        self.metrics
-            .revocations
-            .set(catalog.revocation_count() as i64);
-        self.catalog.send_replace(Arc::new(catalog));
+        let revocations = catalog.revocation_count();
+        // Publishes may race (an operator change and the etcd watch): never go back.
+        let newer = self.catalog.send_if_modified(|current| {
+            if version >= current.version {
+                *current = Arc::new(catalog);
+                true
+            } else {
+                false
+            }
+        });
+        if newer {
+            self.metrics.version.set(version as i64);
+            self.metrics.revocations.set(revocations as i64);
+        }
         Ok(version)
     }
 

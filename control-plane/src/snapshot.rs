@@ -29,16 +29,16 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    pub fn load(store: &Store) -> Result<Self, StoreError> {
+    pub async fn load(store: &Store) -> Result<Self, StoreError> {
         // Read the version first: a change landing between the two reads only makes the
         // catalog newer than its version says, and the next publish catches up.
-        let version = store.version()?.max(0) as u64;
+        let version = store.version().await?.max(0) as u64;
         let mut c = Catalog {
             version,
             loaded_at: Some(std::time::Instant::now()),
             ..Catalog::default()
         };
-        for s in store.list(None)? {
+        for s in store.list(None).await? {
             let origin = format!("store:{}/{}", s.kind, s.name);
             let parsed = match Resource::parse_docs(Path::new(&origin), &s.yaml) {
                 Ok(docs) => docs,
@@ -162,14 +162,17 @@ spec: {spiffeId: spiffe://example.org/old, reason: key leaked}
     fn catalog() -> (Catalog, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!("sigil-snapshot-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let store = Store::open(&dir).unwrap();
+        let store = Store::Sqlite(crate::sqlite::Sqlite::open(&dir).unwrap());
         let docs = Resource::parse_docs(Path::new("t.yaml"), DOCS).unwrap();
         let rows: Vec<_> = docs
             .iter()
             .map(|(r, d)| (r.kind(), r.name(), d.as_str()))
             .collect();
-        store.apply(&rows, false).unwrap();
-        (Catalog::load(&store).unwrap(), dir)
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(store.apply(&rows, false)).unwrap();
+        (rt.block_on(Catalog::load(&store)).unwrap(), dir)
     }
 
     fn id(s: &str) -> SpiffeId {

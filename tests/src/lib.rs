@@ -490,14 +490,54 @@ pub fn closed(s: &mut TcpStream) -> bool {
     }
 }
 
-/// A `sigil-control` process on loopback with its own data directory, and the `sigil` CLI
-/// pointed at it.
+/// A single-member etcd server (Debian's etcd-server) on loopback, stopped by PID on drop.
+pub struct EtcdServer {
+    pub proc: Proc,
+    pub client_port: u16,
+}
+
+impl EtcdServer {
+    pub fn start(dir: &Path) -> Self {
+        let (client_port, peer_port) = (free_port(), free_port());
+        let client = format!("http://127.0.0.1:{client_port}");
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let proc = Proc::spawn(
+            "etcd",
+            Command::new("etcd")
+                .args(["--name", "sigil-test"])
+                .arg("--data-dir")
+                .arg(dir.join("etcd-data"))
+                .args(["--listen-client-urls", &client])
+                .args(["--advertise-client-urls", &client])
+                .args(["--listen-peer-urls", &peer])
+                .args(["--initial-advertise-peer-urls", &peer])
+                .args(["--initial-cluster", &format!("sigil-test={peer}")])
+                .args(["--log-level", "warn"]),
+        );
+        wait_for_port(
+            ([127, 0, 0, 1], client_port).into(),
+            Duration::from_secs(20),
+        );
+        Self { proc, client_port }
+    }
+}
+
+/// Where `sigil-control` keeps its resources.
+#[derive(Clone)]
+pub enum StoreAt {
+    /// `--data-dir`
+    Dir(PathBuf),
+    /// `--store etcd://127.0.0.1:PORT`
+    Etcd(u16),
+}
+
+/// A `sigil-control` process on loopback with its own store, and the `sigil` CLI pointed at it.
 pub struct ControlPlane {
     pub proc: Proc,
     pub id: String,
     pub operator_port: u16,
     pub sidecar_port: u16,
-    pub data_dir: PathBuf,
+    pub store: StoreAt,
     pub files: IdentityFiles,
 }
 
@@ -510,16 +550,34 @@ impl ControlPlane {
         operator_port: u16,
         sidecar_port: u16,
     ) -> Self {
+        Self::start_with(
+            id,
+            files,
+            StoreAt::Dir(data_dir),
+            operator_port,
+            sidecar_port,
+        )
+    }
+
+    pub fn start_with(
+        id: &str,
+        files: IdentityFiles,
+        store: StoreAt,
+        operator_port: u16,
+        sidecar_port: u16,
+    ) -> Self {
         let td = id
             .strip_prefix("spiffe://")
             .and_then(|r| r.split('/').next())
             .expect("a SPIFFE ID");
+        let mut cmd = Command::new(bin("sigil-control"));
+        match &store {
+            StoreAt::Dir(d) => cmd.arg("--data-dir").arg(d),
+            StoreAt::Etcd(port) => cmd.arg("--store").arg(format!("etcd://127.0.0.1:{port}")),
+        };
         let proc = Proc::spawn(
             "sigil-control",
-            Command::new(bin("sigil-control"))
-                .arg("--data-dir")
-                .arg(&data_dir)
-                .arg("--cert")
+            cmd.arg("--cert")
                 .arg(&files.cert)
                 .arg("--key")
                 .arg(&files.key)
@@ -537,7 +595,7 @@ impl ControlPlane {
             id: id.to_string(),
             operator_port,
             sidecar_port,
-            data_dir,
+            store,
             files,
         }
     }
@@ -549,12 +607,12 @@ impl ControlPlane {
             id,
             operator_port,
             sidecar_port,
-            data_dir,
+            store,
             files,
         } = self;
         let code = proc.terminate(Duration::from_secs(10));
         assert_eq!(code, Some(0), "sigil-control exit:\n{}", proc.log());
-        Self::start(&id, files, data_dir, operator_port, sidecar_port)
+        Self::start_with(&id, files, store, operator_port, sidecar_port)
     }
 
     /// Runs `sigil ARGS` as the operator `who`: (exit code, stdout, stderr).
@@ -599,4 +657,40 @@ pub fn get_once(port: u16, path: &str) -> Option<u16> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
     get(&mut s, path)
+}
+
+/// A Workload `b` (`target`, reachable at 127.0.0.1:`b_port`) and a Policy `b-web` letting
+/// `caller` GET `/orders` on `web_port`, and `/admin` too if `admin`: the control-plane tests'
+/// resources.
+pub fn web_resources(
+    caller: &str,
+    target: &str,
+    b_port: u16,
+    web_port: u16,
+    admin: bool,
+) -> String {
+    let admin = if admin {
+        format!(
+            "\n        - {{name: admin, match: {{path: {{prefix: /admin}}}}, allow: [{caller}]}}"
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "apiVersion: sigil.dev/v1
+kind: Workload
+metadata: {{name: b, owner: team-b, purpose: the b service}}
+spec: {{spiffeId: {target}, environment: test, addresses: [\"127.0.0.1:{b_port}\"]}}
+---
+apiVersion: sigil.dev/v1
+kind: Policy
+metadata: {{name: b-web, owner: team-b, purpose: who may call b}}
+spec:
+  target: {target}
+  ports:
+    - port: {web_port}
+      routes:
+        - {{name: orders, match: {{path: {{prefix: /orders}}}}, allow: [{caller}]}}{admin}
+"
+    )
 }

@@ -18,37 +18,6 @@ const ALICE: &str = "spiffe://example.org/ops/alice";
 const A: &str = "spiffe://example.org/ns/demo/sa/a";
 const B: &str = "spiffe://example.org/ns/demo/sa/b";
 
-/// Workloads a and b, and B's web policy: `/orders` for A, and `/admin` for A if `admin`.
-fn resources(b_web: u16, web_port: u16, admin: bool) -> String {
-    let admin = if admin {
-        format!("\n        - {{name: admin, match: {{path: {{prefix: /admin}}}}, allow: [{A}]}}")
-    } else {
-        String::new()
-    };
-    format!(
-        "apiVersion: sigil.dev/v1
-kind: Workload
-metadata: {{name: b, owner: team-b, purpose: the b service}}
-spec: {{spiffeId: {B}, environment: test, addresses: [\"127.0.0.1:{b_web}\"]}}
----
-apiVersion: sigil.dev/v1
-kind: Workload
-metadata: {{name: a, owner: team-a, purpose: the a client}}
-spec: {{spiffeId: {A}, environment: test}}
----
-apiVersion: sigil.dev/v1
-kind: Policy
-metadata: {{name: b-web, owner: team-b, purpose: who may call b}}
-spec:
-  target: {B}
-  ports:
-    - port: {web_port}
-      routes:
-        - {{name: orders, match: {{path: {{prefix: /orders}}}}, allow: [{A}]}}{admin}
-"
-    )
-}
-
 /// The snapshot version a sidecar runs, from its config dump (None: no snapshot).
 fn snapshot_version(s: &Sidecar) -> Option<u64> {
     let (_, dump) = http_get(([127, 0, 0, 1], s.admin).into(), "/config_dump")?;
@@ -107,7 +76,7 @@ fn control_plane_pushes_policies_registry_and_revocations_to_sidecars() {
     );
     let (b_web, b_echo) = (free_port(), free_port());
     let file = d.join("resources.yaml");
-    let out = cp.apply(&alice, &file, &resources(b_web, web_port, false));
+    let out = cp.apply(&alice, &file, &web_resources(A, B, b_web, web_port, false));
     assert!(out.contains("created Policy/b-web"), "{out}");
 
     // B pins its echo port to TCP for A in its own config; its web port's routes come only
@@ -163,7 +132,7 @@ fn control_plane_pushes_policies_registry_and_revocations_to_sidecars() {
     };
 
     // A live policy change: /admin opens for A without a restart.
-    cp.apply(&alice, &file, &resources(b_web, web_port, true));
+    cp.apply(&alice, &file, &web_resources(A, B, b_web, web_port, true));
     wait_until("/admin allowed", Duration::from_secs(10), || {
         get_once(a_web, "/admin") == Some(200)
     });

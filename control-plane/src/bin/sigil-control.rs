@@ -6,9 +6,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use sigil_config::IdPattern;
+use sigil_control::etcd::Etcd;
 use sigil_control::operator::{self, Api};
 use sigil_control::sidecars::{self, Hub};
 use sigil_control::snapshot::Catalog;
+use sigil_control::sqlite::Sqlite;
 use sigil_control::{identity, store::Store};
 use tokio_rustls::TlsAcceptor;
 
@@ -16,11 +18,15 @@ const USAGE: &str = "\
 sigil-control — the Sigil control plane
 
 USAGE:
-    sigil-control --data-dir DIR --cert FILE --key FILE --bundle-dir DIR --operator PATTERN...
+    sigil-control (--data-dir DIR | --store etcd://HOST:PORT[,HOST:PORT...][/PREFIX])
+                  --cert FILE --key FILE --bundle-dir DIR --operator PATTERN...
                   [--operator-listen ADDR] [--sidecar-listen ADDR]
 
 OPTIONS:
     --data-dir DIR         the embedded store (DIR/sigil.db, created if missing)
+    --store etcd://...     an etcd store shared by several replicas (plaintext gRPC to etcd;
+                           keys under PREFIX, default /sigil/); each replica watches it and
+                           pushes every change to the sidecars connected to it
     --cert, --key FILE     the control plane's own SVID (leaf first) and key
     --bundle-dir DIR       trust bundles, one <trust domain>.pem each
     --operator PATTERN     SPIFFE IDs allowed to use the operator API: an exact ID or a
@@ -35,6 +41,7 @@ EXIT CODES:
 
 fn main() -> ExitCode {
     let mut data_dir = None;
+    let mut etcd = None;
     let (mut cert, mut key, mut bundle_dir) = (None, None, None);
     let mut operators = Vec::new();
     let mut listen: SocketAddr = ([0, 0, 0, 0], 15014).into();
@@ -45,6 +52,13 @@ fn main() -> ExitCode {
         let r: Result<(), String> = (|| {
             match a.as_str() {
                 "--data-dir" => data_dir = Some(PathBuf::from(value()?)),
+                "--store" => {
+                    let v = value()?;
+                    let spec = v
+                        .strip_prefix("etcd://")
+                        .ok_or(format!("--store {v:?}: expected etcd://host:port[/prefix]"))?;
+                    etcd = Some(spec.to_string());
+                }
                 "--cert" => cert = Some(PathBuf::from(value()?)),
                 "--key" => key = Some(PathBuf::from(value()?)),
                 "--bundle-dir" => bundle_dir = Some(PathBuf::from(value()?)),
@@ -82,12 +96,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let (Some(data_dir), Some(cert), Some(key), Some(bundle_dir)) =
-        (data_dir, cert, key, bundle_dir)
-    else {
-        eprintln!(
-            "sigil-control: --data-dir, --cert, --key and --bundle-dir are required\n\n{USAGE}"
-        );
+    let store = match (data_dir, etcd) {
+        (Some(d), None) => StoreSpec::Sqlite(d),
+        (None, Some(e)) => StoreSpec::Etcd(e),
+        _ => {
+            eprintln!(
+                "sigil-control: exactly one of --data-dir and --store is required\n\n{USAGE}"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let (Some(cert), Some(key), Some(bundle_dir)) = (cert, key, bundle_dir) else {
+        eprintln!("sigil-control: --cert, --key and --bundle-dir are required\n\n{USAGE}");
         return ExitCode::from(2);
     };
     if operators.is_empty() {
@@ -102,7 +122,7 @@ fn main() -> ExitCode {
         operator: listen,
         sidecar: sidecar_listen,
     };
-    match rt.block_on(run(data_dir, cert, key, bundle_dir, operators, listen)) {
+    match rt.block_on(run(store, cert, key, bundle_dir, operators, listen)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sigil-control: {e}");
@@ -116,8 +136,13 @@ struct Listen {
     sidecar: SocketAddr,
 }
 
+enum StoreSpec {
+    Sqlite(PathBuf),
+    Etcd(String),
+}
+
 async fn run(
-    data_dir: PathBuf,
+    store: StoreSpec,
     cert: PathBuf,
     key: PathBuf,
     bundle_dir: PathBuf,
@@ -125,8 +150,13 @@ async fn run(
     listen: Listen,
 ) -> Result<(), String> {
     let id = identity::load(&cert, &key, &bundle_dir)?;
-    let store = Store::open(&data_dir).map_err(|e| e.to_string())?;
-    let version = store.version().map_err(|e| e.to_string())?;
+    let store = match store {
+        StoreSpec::Sqlite(dir) => Store::Sqlite(Sqlite::open(&dir).map_err(|e| e.to_string())?),
+        StoreSpec::Etcd(spec) => Store::Etcd(Box::new(
+            Etcd::connect(&spec).await.map_err(|e| e.to_string())?,
+        )),
+    };
+    let version = store.version().await.map_err(|e| e.to_string())?;
     let server = sigil_filters::tls::server_config(
         &id.local,
         id.bundles.clone(),
@@ -139,7 +169,7 @@ async fn run(
     let sidecar_listener = tokio::net::TcpListener::bind(listen.sidecar)
         .await
         .map_err(|e| format!("cannot listen on {} (sidecar API): {e}", listen.sidecar))?;
-    let catalog = Catalog::load(&store).map_err(|e| e.to_string())?;
+    let catalog = Catalog::load(&store).await.map_err(|e| e.to_string())?;
     for problem in &catalog.unreadable {
         eprintln!("sigil-control: stored resource not sent to any sidecar: {problem}");
     }
@@ -149,13 +179,28 @@ async fn run(
         id.local.id(),
         listen.operator,
         listen.sidecar,
-        data_dir.display()
+        store.describe()
     );
     let api = Arc::new(Api {
         store,
         operators,
         hub: hub.clone(),
     });
+    if let Store::Etcd(etcd) = &api.store {
+        // Changes made through any replica reach this one's sidecars.
+        let (etcd, api) = (Etcd::clone(etcd), api.clone());
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let notify = changed.clone();
+        tokio::spawn(async move { etcd.follow(|| notify.notify_one()).await });
+        tokio::spawn(async move {
+            loop {
+                changed.notified().await;
+                if let Err(e) = api.hub.publish(&api.store).await {
+                    eprintln!("sigil-control: cannot publish a change from etcd: {e}");
+                }
+            }
+        });
+    }
     let acceptor = TlsAcceptor::from(server);
     tokio::select! {
         _ = operator::serve(operator_listener, acceptor.clone(), api) => {}

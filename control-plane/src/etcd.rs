@@ -1,0 +1,248 @@
+//! The etcd store (`--store etcd://host:port[,host:port…][/prefix]`): several `sigil-control`
+//! replicas share one set of resources. Keys under the prefix (default `/sigil/`):
+//!
+//! - `resources/<Kind>/<name>`: the document as applied; its mod_revision is its version;
+//! - `version`: rewritten by every change, so that its mod_revision is the set's version (an
+//!   etcd revision, the same number on every replica).
+//!
+//! Writes are transactions guarded by the mod_revisions read just before (optimistic
+//! concurrency): two replicas applying at once never lose a change or misreport one. Each
+//! replica follows the prefix with a watch and republishes snapshots on any change, wherever
+//! it was made. Plaintext gRPC to etcd: for a loopback or otherwise protected etcd.
+
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp, WatchOptions,
+};
+
+use crate::store::{Change, StoreError, Stored};
+
+/// Attempts of an optimistic transaction before giving up (another replica kept winning).
+const ATTEMPTS: usize = 8;
+
+#[derive(Clone)]
+pub struct Etcd {
+    client: Client,
+    endpoints: Vec<String>,
+    prefix: String,
+}
+
+fn err(e: etcd_client::Error) -> StoreError {
+    StoreError(format!("etcd: {e}"))
+}
+
+impl Etcd {
+    /// `spec`: what follows `etcd://`: endpoints separated by commas, then an optional `/prefix`.
+    pub async fn connect(spec: &str) -> Result<Self, StoreError> {
+        let (hosts, prefix) = match spec.split_once('/') {
+            Some((h, p)) if !p.is_empty() => (h, format!("/{}/", p.trim_matches('/'))),
+            Some((h, _)) => (h, "/sigil/".to_string()),
+            None => (spec, "/sigil/".to_string()),
+        };
+        let endpoints: Vec<String> = hosts
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("http://{h}"))
+            .collect();
+        if endpoints.is_empty() {
+            return Err(StoreError(format!(
+                "etcd://{spec}: expected etcd://host:port[,host:port…][/prefix]"
+            )));
+        }
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        let client = Client::connect(&endpoints, Some(options))
+            .await
+            .map_err(|e| StoreError(format!("etcd {}: {e}", endpoints.join(","))))?;
+        let e = Self {
+            client,
+            endpoints,
+            prefix,
+        };
+        // Fail at start, not at the first request, if etcd does not answer.
+        e.version().await?;
+        Ok(e)
+    }
+
+    pub fn describe(&self) -> String {
+        format!("etcd {} prefix {}", self.endpoints.join(","), self.prefix)
+    }
+
+    fn key(&self, kind: &str, name: &str) -> String {
+        format!("{}resources/{kind}/{name}", self.prefix)
+    }
+
+    fn version_key(&self) -> String {
+        format!("{}version", self.prefix)
+    }
+
+    pub async fn version(&self) -> Result<i64, StoreError> {
+        let r = self
+            .client
+            .clone()
+            .get(self.version_key(), None)
+            .await
+            .map_err(err)?;
+        Ok(r.kvs().first().map_or(0, |kv| kv.mod_revision()))
+    }
+
+    pub async fn apply(
+        &self,
+        docs: &[(&str, &str, &str)],
+        dry_run: bool,
+    ) -> Result<(Vec<Change>, i64), StoreError> {
+        let mut client = self.client.clone();
+        for _ in 0..ATTEMPTS {
+            let version = self.version().await?;
+            let mut guards = Vec::with_capacity(docs.len());
+            let mut puts = Vec::new();
+            let mut changes = Vec::with_capacity(docs.len());
+            for (kind, name, yaml) in docs {
+                let key = self.key(kind, name);
+                let r = client.get(key.as_str(), None).await.map_err(err)?;
+                let change = match r.kvs().first() {
+                    None => {
+                        guards.push(Compare::create_revision(key.as_str(), CompareOp::Equal, 0));
+                        Change::Created
+                    }
+                    Some(kv) => {
+                        guards.push(Compare::mod_revision(
+                            key.as_str(),
+                            CompareOp::Equal,
+                            kv.mod_revision(),
+                        ));
+                        if kv.value() == yaml.as_bytes() {
+                            Change::Unchanged
+                        } else {
+                            Change::Updated
+                        }
+                    }
+                };
+                if change != Change::Unchanged {
+                    puts.push(TxnOp::put(key, *yaml, None));
+                }
+                changes.push(change);
+            }
+            if dry_run || puts.is_empty() {
+                return Ok((changes, version));
+            }
+            puts.push(TxnOp::put(self.version_key(), "", None));
+            let r = client
+                .txn(Txn::new().when(guards).and_then(puts))
+                .await
+                .map_err(err)?;
+            if r.succeeded() {
+                let revision = r.header().map_or(version, |h| h.revision());
+                return Ok((changes, revision));
+            }
+            // Another replica changed one of these resources in between: read again.
+        }
+        Err(StoreError(format!(
+            "etcd: gave up after {ATTEMPTS} conflicting concurrent changes"
+        )))
+    }
+
+    pub async fn list(&self, kind: Option<&str>) -> Result<Vec<Stored>, StoreError> {
+        let base = format!("{}resources/", self.prefix);
+        let from = match kind {
+            Some(k) => format!("{base}{k}/"),
+            None => base.clone(),
+        };
+        let r = self
+            .client
+            .clone()
+            .get(from, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(err)?;
+        let mut out = Vec::with_capacity(r.kvs().len());
+        for kv in r.kvs() {
+            let key = kv.key_str().map_err(err)?;
+            let Some((kind, name)) = key.strip_prefix(&base).and_then(|k| k.split_once('/')) else {
+                continue;
+            };
+            out.push(Stored {
+                kind: kind.to_string(),
+                name: name.to_string(),
+                yaml: kv.value_str().map_err(err)?.to_string(),
+                version: kv.mod_revision(),
+            });
+        }
+        out.sort_by(|a, b| (&a.kind, &a.name).cmp(&(&b.kind, &b.name)));
+        Ok(out)
+    }
+
+    pub async fn delete(&self, kind: &str, name: &str) -> Result<bool, StoreError> {
+        let key = self.key(kind, name);
+        let r = self
+            .client
+            .clone()
+            .txn(
+                Txn::new()
+                    .when([Compare::create_revision(
+                        key.as_str(),
+                        CompareOp::Greater,
+                        0,
+                    )])
+                    .and_then([
+                        TxnOp::delete(key.as_str(), None),
+                        TxnOp::put(self.version_key(), "", None),
+                    ]),
+            )
+            .await
+            .map_err(err)?;
+        Ok(r.succeeded())
+    }
+
+    /// Calls `changed` after every batch of changes under the prefix, whichever replica made
+    /// them, and once after each (re)connection of the watch, to catch up. Runs forever,
+    /// re-watching with backoff when etcd goes away.
+    pub async fn follow(&self, changed: impl Fn()) {
+        let mut backoff = Duration::from_millis(100);
+        let mut from = 0i64;
+        loop {
+            let mut client = self.client.clone();
+            let mut options = WatchOptions::new().with_prefix();
+            if from > 0 {
+                options = options.with_start_revision(from);
+            }
+            match client.watch(self.prefix.as_str(), Some(options)).await {
+                Ok(mut stream) => {
+                    changed();
+                    backoff = Duration::from_millis(100);
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(r)) => {
+                                if let Some(h) = r.header() {
+                                    from = h.revision() + 1;
+                                }
+                                if r.canceled() {
+                                    eprintln!(
+                                        "sigil-control: etcd watch cancelled: {}",
+                                        r.cancel_reason()
+                                    );
+                                    // Compacted past `from`: start again from now.
+                                    from = 0;
+                                    break;
+                                }
+                                if !r.events().is_empty() {
+                                    changed();
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                eprintln!("sigil-control: etcd watch lost: {e}");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => eprintln!("sigil-control: etcd watch failed: {e}"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! The embedded store of `sigil-control --data-dir DIR`: one SQLite file (`DIR/sigil.db`),
+//! one row per resource holding the document the operator applied, and a version that grows
+//! with every change (the snapshot version sidecars acknowledge).
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::store::{Change, StoreError, Stored};
+
+pub struct Sqlite {
+    db: Mutex<Connection>,
+    path: std::path::PathBuf,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self(e.to_string())
+    }
+}
+
+impl Sqlite {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError(format!("{}: {e}", dir.display())))?;
+        let path = dir.join("sigil.db");
+        let db = Connection::open(&path)?;
+        // WAL: a crash mid-write never leaves a half-applied set behind.
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        db.execute_batch(
+            "CREATE TABLE IF NOT EXISTS resources (
+                 kind TEXT NOT NULL, name TEXT NOT NULL, yaml TEXT NOT NULL,
+                 version INTEGER NOT NULL, PRIMARY KEY (kind, name));
+             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+             INSERT OR IGNORE INTO meta (key, value) VALUES ('version', 0);",
+        )?;
+        Ok(Self {
+            db: Mutex::new(db),
+            path,
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        format!("sqlite {}", self.path.display())
+    }
+
+    /// The version of the whole set: bumped once per apply or delete that changes anything.
+    pub fn version(&self) -> Result<i64, StoreError> {
+        let db = self.db.lock().expect("store lock");
+        Ok(
+            db.query_row("SELECT value FROM meta WHERE key = 'version'", [], |r| {
+                r.get(0)
+            })?,
+        )
+    }
+
+    /// Applies documents `(kind, name, yaml)` in one transaction; a dry run rolls it back.
+    pub fn apply(
+        &self,
+        docs: &[(&str, &str, &str)],
+        dry_run: bool,
+    ) -> Result<(Vec<Change>, i64), StoreError> {
+        let mut db = self.db.lock().expect("store lock");
+        let tx = db.transaction()?;
+        let version: i64 =
+            tx.query_row("SELECT value FROM meta WHERE key = 'version'", [], |r| {
+                r.get(0)
+            })?;
+        let next = version + 1;
+        let mut changes = Vec::with_capacity(docs.len());
+        for (kind, name, yaml) in docs {
+            let old: Option<String> = tx
+                .query_row(
+                    "SELECT yaml FROM resources WHERE kind = ?1 AND name = ?2",
+                    params![kind, name],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let change = match old {
+                None => Change::Created,
+                Some(o) if o == *yaml => Change::Unchanged,
+                Some(_) => Change::Updated,
+            };
+            if change != Change::Unchanged {
+                tx.execute(
+                    "INSERT INTO resources (kind, name, yaml, version) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (kind, name) DO UPDATE SET yaml = ?3, version = ?4",
+                    params![kind, name, yaml, next],
+                )?;
+            }
+            changes.push(change);
+        }
+        let changed = changes.iter().any(|c| *c != Change::Unchanged);
+        if changed {
+            tx.execute("UPDATE meta SET value = ?1 WHERE key = 'version'", [next])?;
+        }
+        if dry_run {
+            tx.rollback()?;
+            return Ok((changes, version));
+        }
+        tx.commit()?;
+        Ok((changes, if changed { next } else { version }))
+    }
+
+    pub fn list(&self, kind: Option<&str>) -> Result<Vec<Stored>, StoreError> {
+        let db = self.db.lock().expect("store lock");
+        let mut stmt = db.prepare(
+            "SELECT kind, name, yaml, version FROM resources
+             WHERE ?1 IS NULL OR kind = ?1 ORDER BY kind, name",
+        )?;
+        let rows = stmt.query_map([kind], |r| {
+            Ok(Stored {
+                kind: r.get(0)?,
+                name: r.get(1)?,
+                yaml: r.get(2)?,
+                version: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Deletes one resource; false if there was none. The set's version grows.
+    pub fn delete(&self, kind: &str, name: &str) -> Result<bool, StoreError> {
+        let mut db = self.db.lock().expect("store lock");
+        let tx = db.transaction()?;
+        let n = tx.execute(
+            "DELETE FROM resources WHERE kind = ?1 AND name = ?2",
+            params![kind, name],
+        )?;
+        if n > 0 {
+            tx.execute(
+                "UPDATE meta SET value = value + 1 WHERE key = 'version'",
+                [],
+            )?;
+        }
+        tx.commit()?;
+        Ok(n > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apply_reports_changes_versions_and_survives_reopening() {
+        let dir = std::env::temp_dir().join(format!("sigil-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            let s = Sqlite::open(&dir).unwrap();
+            assert_eq!(s.version().unwrap(), 0);
+            let (c, v) = s
+                .apply(&[("Policy", "a", "x: 1"), ("Workload", "w", "y: 1")], false)
+                .unwrap();
+            assert_eq!((c, v), (vec![Change::Created, Change::Created], 1));
+            // Dry run: reported, not written.
+            let (c, v) = s.apply(&[("Policy", "a", "x: 2")], true).unwrap();
+            assert_eq!((c, v), (vec![Change::Updated], 1));
+            assert_eq!(s.list(Some("Policy")).unwrap()[0].yaml, "x: 1");
+            let (c, v) = s.apply(&[("Policy", "a", "x: 1")], false).unwrap();
+            assert_eq!((c, v), (vec![Change::Unchanged], 1));
+            let (c, v) = s.apply(&[("Policy", "a", "x: 2")], false).unwrap();
+            assert_eq!((c, v), (vec![Change::Updated], 2));
+            assert!(s.delete("Workload", "w").unwrap());
+            assert!(!s.delete("Workload", "w").unwrap());
+            assert_eq!(s.version().unwrap(), 3);
+        }
+        let s = Sqlite::open(&dir).unwrap();
+        assert_eq!(s.version().unwrap(), 3);
+        let all = s.list(None).unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(
+            (all[0].kind.as_str(), all[0].yaml.as_str(), all[0].version),
+            ("Policy", "x: 2", 2)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
