@@ -6,6 +6,7 @@ pub mod proxy_config;
 pub mod resource;
 pub mod revocation;
 pub mod spiffe;
+pub mod trust_bundle;
 pub mod workload;
 mod yaml;
 
@@ -14,5 +15,6 @@ pub use proxy_config::ProxyConfig;
 pub use resource::Resource;
 pub use revocation::Revocation;
 pub use spiffe::{IdPattern, SpiffeId, SpiffeIdError, TrustDomain};
+pub use trust_bundle::TrustBundle;
 pub use workload::Workload;
 pub use yaml::ConfigError;

@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use crate::policy::Policy;
 use crate::revocation::Revocation;
+use crate::trust_bundle::TrustBundle;
 use crate::workload::Workload;
 use crate::yaml::{self, ConfigError};
 
@@ -15,6 +16,7 @@ pub enum Resource {
     Workload(Workload),
     Policy(Policy),
     Revocation(Revocation),
+    TrustBundle(TrustBundle),
 }
 
 impl Resource {
@@ -23,6 +25,7 @@ impl Resource {
             Self::Workload(_) => "Workload",
             Self::Policy(_) => "Policy",
             Self::Revocation(_) => "Revocation",
+            Self::TrustBundle(_) => "TrustBundle",
         }
     }
 
@@ -31,6 +34,7 @@ impl Resource {
             Self::Workload(w) => &w.metadata.name,
             Self::Policy(p) => &p.metadata.name,
             Self::Revocation(r) => &r.metadata.name,
+            Self::TrustBundle(b) => &b.metadata.name,
         }
     }
 
@@ -75,6 +79,8 @@ impl Resource {
                 }
                 Some("Revocation") => Revocation::parse_all(path, doc)
                     .map(|v| v.into_iter().map(Resource::Revocation).collect::<Vec<_>>()),
+                Some("TrustBundle") => TrustBundle::parse_all(path, doc)
+                    .map(|v| v.into_iter().map(Resource::TrustBundle).collect::<Vec<_>>()),
                 other => Err(ConfigError {
                     file: path.to_path_buf(),
                     line: Some(
@@ -85,7 +91,7 @@ impl Resource {
                     column: None,
                     message: match other {
                         Some(k) => format!(
-                            "kind {k:?} is not a resource the control plane keeps (Workload, Policy, Revocation)"
+                            "kind {k:?} is not a resource the control plane keeps (Workload, Policy, Revocation, TrustBundle)"
                         ),
                         None => "document has no kind".into(),
                     },

@@ -18,7 +18,10 @@ pub fn load(paths: &[PathBuf]) -> Result<Vec<Resource>, Vec<String>> {
     let mut out = Vec::new();
     for f in &files {
         match Resource::load_all(f) {
-            Ok(mut rs) => out.append(&mut rs),
+            Ok(mut rs) => {
+                problems.extend(check_certificates(f, &rs));
+                out.append(&mut rs);
+            }
             Err(e) => problems.push(e.to_string()),
         }
     }
@@ -27,6 +30,21 @@ pub fn load(paths: &[PathBuf]) -> Result<Vec<Resource>, Vec<String>> {
     } else {
         Err(problems)
     }
+}
+
+/// What the YAML loader cannot check: that every TrustBundle's certificates are usable trust
+/// anchors, as a sidecar will require. One problem per bad bundle, naming file and resource.
+pub fn check_certificates(file: &Path, resources: &[Resource]) -> Vec<String> {
+    resources
+        .iter()
+        .filter_map(|r| match r {
+            Resource::TrustBundle(b) => sigil_filters::TrustBundles::new()
+                .insert_pem(&b.spec.trust_domain, b.spec.pem.as_bytes())
+                .err()
+                .map(|e| format!("{}: TrustBundle/{}: {e}", file.display(), b.metadata.name)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The files `paths` name, directories expanded (unreadable entries left out; `load`

@@ -145,6 +145,11 @@ async fn apply(api: &Api, peer: &SpiffeId, req: Request<Incoming>) -> Reply {
         .map_err(|e| Refusal(StatusCode::BAD_REQUEST, format!("{file}: not UTF-8: {e}\n")))?;
     let docs = Resource::parse_docs(Path::new(&file), yaml)
         .map_err(|e| Refusal(StatusCode::BAD_REQUEST, format!("{e}\n")))?;
+    let resources: Vec<Resource> = docs.iter().map(|(r, _)| r.clone()).collect();
+    let bad = crate::files::check_certificates(Path::new(&file), &resources);
+    if !bad.is_empty() {
+        return Err(Refusal(StatusCode::BAD_REQUEST, bad.join("\n") + "\n"));
+    }
     let rows: Vec<(&str, &str, &str)> = docs
         .iter()
         .map(|(r, doc)| (r.kind(), r.name(), doc.as_str()))

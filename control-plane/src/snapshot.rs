@@ -3,13 +3,14 @@
 //!
 //! - Policies: those whose `spec.target` is the sidecar's ID.
 //! - Revocations: all of them (a sidecar refuses revoked peers in both directions).
+//! - Trust bundles: all TrustBundle resources.
 //! - Registry: the addresses of every Workload the sidecar may call: those no policy targets
 //!   (open to all) and those whose policies name the sidecar's ID in some `allow` (enforced or
 //!   dry-run). A sidecar never learns the addresses of workloads it may not reach.
 
 use std::path::Path;
 
-use sigil_api::{Document, RegistryEntry, Snapshot};
+use sigil_api::{Bundle, Document, RegistryEntry, Snapshot};
 use sigil_config::{Policy, Resource, SpiffeId, Workload};
 
 use crate::store::{Store, StoreError};
@@ -21,6 +22,7 @@ pub struct Catalog {
     policies: Vec<(Policy, Document)>,
     revocations: Vec<Document>,
     workloads: Vec<Workload>,
+    bundles: Vec<Bundle>,
     /// Stored documents that no longer parse (written by another version of sigil-control):
     /// sent to nobody, reported in the log.
     pub unreadable: Vec<String>,
@@ -56,6 +58,10 @@ impl Catalog {
                     Resource::Policy(p) => c.policies.push((p, doc)),
                     Resource::Revocation(_) => c.revocations.push(doc),
                     Resource::Workload(w) => c.workloads.push(w),
+                    Resource::TrustBundle(b) => c.bundles.push(Bundle {
+                        trust_domain: b.spec.trust_domain.to_string(),
+                        pem: b.spec.pem,
+                    }),
                 }
             }
         }
@@ -94,7 +100,7 @@ impl Catalog {
             policies,
             revocations: self.revocations.clone(),
             registry,
-            bundles: Vec::new(),
+            bundles: self.bundles.clone(),
         }
     }
 

@@ -174,3 +174,37 @@ fn policy_test_gives_the_sidecars_verdict_and_rule() {
     assert!(err.contains("--from"), "{err}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn validate_checks_trust_bundle_certificates() {
+    let dir = tempdir("bundles");
+    let ca = sigil_testkit::Ca::new("partner.org");
+    let indent = |pem: &str| -> String { pem.lines().map(|l| format!("    {l}\n")).collect() };
+    let bundle = |name: &str, pem: &str| {
+        format!(
+            "apiVersion: sigil.dev/v1\nkind: TrustBundle\nmetadata: {{name: {name}, owner: sec, purpose: federation}}\nspec:\n  trustDomain: partner.org\n  pem: |\n{}",
+            indent(pem)
+        )
+    };
+    let good = write(&dir, "good.yaml", &bundle("partner", &ca.bundle_pem()));
+    let (code, out, err) = sigil(&["validate", "-f", &good]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    // A CERTIFICATE block that is not a certificate: named by file and resource.
+    let broken = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+    let bad = write(&dir, "bad.yaml", &bundle("broken", broken));
+    let (code, _, err) = sigil(&["validate", "-f", &bad]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("bad.yaml: TrustBundle/broken: bundle for partner.org"),
+        "{err}"
+    );
+    // No certificate at all: refused by the loader, with the line.
+    let none = write(&dir, "none.yaml", &bundle("none", "just text"));
+    let (code, _, err) = sigil(&["validate", "-f", &none]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("none.yaml:") && err.contains("no CERTIFICATE block"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -8,6 +8,7 @@ use rustls::pki_types::{CertificateDer, TrustAnchor};
 use sigil_config::TrustDomain;
 
 /// The anchors of one trust domain. An empty bundle distrusts the domain.
+#[derive(Clone)]
 pub struct Bundle {
     pub(crate) anchors: Vec<TrustAnchor<'static>>,
     certs: Vec<CertificateDer<'static>>,
@@ -20,7 +21,7 @@ impl Bundle {
 }
 
 /// Every loaded trust domain's bundle, looked up by the peer's own trust domain name.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct TrustBundles {
     domains: HashMap<Box<str>, Bundle>,
 }
@@ -105,6 +106,15 @@ impl TrustBundles {
         Ok(())
     }
 
+    /// These bundles with each domain of `over` replaced by (or added from) `over`'s.
+    pub fn overlay(&self, over: &TrustBundles) -> TrustBundles {
+        let mut out = self.clone();
+        for (domain, bundle) in &over.domains {
+            out.domains.insert(domain.clone(), bundle.clone());
+        }
+        out
+    }
+
     pub fn get(&self, trust_domain: &str) -> Option<&Bundle> {
         self.domains.get(trust_domain)
     }
@@ -122,5 +132,34 @@ impl TrustBundles {
 
     pub fn is_empty(&self) -> bool {
         self.domains.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sigil_testkit::Ca;
+
+    #[test]
+    fn overlay_replaces_and_adds_domains_and_keeps_the_rest() {
+        let (a1, a2, b) = (Ca::new("a.org"), Ca::new("a.org"), Ca::new("b.org"));
+        let td = |s: &str| TrustDomain::parse(s).unwrap();
+        let mut base = TrustBundles::new();
+        base.insert_pem(&td("a.org"), a1.bundle_pem().as_bytes())
+            .unwrap();
+        let mut over = TrustBundles::new();
+        over.insert_pem(&td("a.org"), a2.bundle_pem().as_bytes())
+            .unwrap();
+        over.insert_pem(&td("b.org"), b.bundle_pem().as_bytes())
+            .unwrap();
+        let merged = base.overlay(&over);
+        assert_eq!(merged.domains(), ["a.org", "b.org"]);
+        assert_eq!(
+            merged.get("a.org").unwrap().certs(),
+            [a2.cert_der().clone()]
+        );
+        // The base is untouched.
+        assert_eq!(base.get("a.org").unwrap().certs(), [a1.cert_der().clone()]);
+        assert!(base.get("b.org").is_none());
     }
 }

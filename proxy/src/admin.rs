@@ -86,6 +86,7 @@ fn config_dump(p: &Proxy) -> String {
                 "policies": s.policies.iter().map(|p| p.metadata.name.as_str()).collect::<Vec<_>>(),
                 "revocations": s.revocations.iter().map(|r| r.metadata.name.as_str()).collect::<Vec<_>>(),
                 "registry_entries": s.registry.len(),
+                "trust_bundles": s.bundles.as_ref().map(|b| b.domains()).unwrap_or_default(),
             })
         });
     let dump = serde_json::json!({

@@ -17,11 +17,15 @@ use hyper::client::conn::http2::SendRequest;
 use hyper::http;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
+use rustls::pki_types::UnixTime;
 use sigil_api::{Ack, Message, Snapshot};
 use sigil_config::policy::Protocol;
 use sigil_config::proxy_config::{ControlPlaneSpec, Destination};
-use sigil_config::{ConfigError, Policy, ProxyConfig, Revocation, SpiffeId};
+use sigil_config::{ConfigError, Policy, ProxyConfig, Revocation, SpiffeId, TrustDomain};
+use sigil_filters::svid::{verify_svid, Usage};
+use sigil_filters::tls;
 use sigil_filters::tls::Carries;
+use sigil_filters::{LocalIdentity, TrustBundles};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{error, info, warn};
@@ -38,13 +42,15 @@ pub struct Pushed {
     pub policies: Vec<Policy>,
     pub revocations: Vec<Revocation>,
     pub registry: Vec<(Destination, SpiffeId)>,
+    /// TrustBundles, each replacing its domain's bundle file; None when none was pushed.
+    pub bundles: Option<Arc<TrustBundles>>,
     raw: Snapshot,
 }
 
 impl Pushed {
-    /// Parses `s` and checks it against this sidecar's own config: what the control plane
-    /// cannot know (it never sees sidecar configs) is checked here.
-    pub fn parse(cfg: &ProxyConfig, s: &Snapshot) -> Result<Self, String> {
+    /// Parses `s` and checks it against this sidecar's own config and SVID: what the control
+    /// plane cannot know (it never sees sidecar configs) is checked here.
+    pub fn parse(cfg: &ProxyConfig, s: &Snapshot, own: &LocalIdentity) -> Result<Self, String> {
         let mut policies = Vec::new();
         for d in &s.policies {
             let origin = PathBuf::from(format!("control-plane:Policy/{}", d.name));
@@ -73,15 +79,17 @@ impl Pushed {
                 .map_err(|err| format!("{}: spiffeId {:?}: {err}", at(), e.spiffe_id))?;
             registry.push((dest, id));
         }
-        if !s.bundles.is_empty() {
-            // Not sent by this version of sigil-control; refuse rather than ignore trust.
-            return Err("trust bundles in snapshots are not supported by this sidecar".into());
-        }
+        let bundles = if s.bundles.is_empty() {
+            None
+        } else {
+            Some(Arc::new(parse_bundles(s, own)?))
+        };
         Ok(Self {
             version: s.version,
             policies,
             revocations,
             registry,
+            bundles,
             raw: s.clone(),
         })
     }
@@ -113,6 +121,43 @@ fn check_ports(cfg: &ProxyConfig, origin: &Path, p: &Policy) -> Result<(), Strin
     Ok(())
 }
 
+/// The pushed bundles. A bundle for our own trust domain that would no longer verify our own
+/// SVID is refused: applying it would cut this sidecar off from its whole domain (push the new
+/// CA next to the old one first, rotate the SVIDs, then drop the old CA).
+fn parse_bundles(s: &Snapshot, own: &LocalIdentity) -> Result<TrustBundles, String> {
+    let mut bundles = TrustBundles::new();
+    for b in &s.bundles {
+        let at = format!("control-plane:TrustBundle for {}", b.trust_domain);
+        let td = TrustDomain::parse(&b.trust_domain).map_err(|e| format!("{at}: {e}"))?;
+        bundles
+            .insert_pem(&td, b.pem.as_bytes())
+            .map_err(|e| format!("{at}: {e}"))?;
+    }
+    let own_td = own.id().trust_domain_name();
+    if bundles.get(own_td).is_some() {
+        let provider = tls::provider();
+        let (leaf, rest) = own
+            .chain()
+            .split_first()
+            .ok_or("our SVID has no certificate")?;
+        verify_svid(
+            &bundles,
+            &provider.signature_verification_algorithms,
+            leaf,
+            rest,
+            UnixTime::now(),
+            Usage::Client,
+        )
+        .map_err(|e| {
+            format!(
+                "control-plane:TrustBundle for {own_td}: would not verify this sidecar's own SVID ({}): {e}",
+                own.id()
+            )
+        })?;
+    }
+    Ok(bundles)
+}
+
 fn parse_destination(s: &str) -> Option<Destination> {
     if let Ok(a) = s.parse::<SocketAddr>() {
         return Some(Destination::Socket(a));
@@ -121,7 +166,11 @@ fn parse_destination(s: &str) -> Option<Destination> {
 }
 
 /// The persisted snapshot, if there is a valid one.
-pub fn load_persisted(cfg: &ProxyConfig, state_dir: &Path) -> Option<Arc<Pushed>> {
+pub fn load_persisted(
+    cfg: &ProxyConfig,
+    state_dir: &Path,
+    own: &LocalIdentity,
+) -> Option<Arc<Pushed>> {
     let path = state_dir.join(SNAPSHOT_FILE);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
@@ -133,7 +182,7 @@ pub fn load_persisted(cfg: &ProxyConfig, state_dir: &Path) -> Option<Arc<Pushed>
     };
     let parsed = Snapshot::decode(&bytes[..])
         .map_err(|e| e.to_string())
-        .and_then(|s| Pushed::parse(cfg, &s));
+        .and_then(|s| Pushed::parse(cfg, &s, own));
     match parsed {
         Ok(p) => {
             info!(
@@ -173,7 +222,7 @@ fn accept(p: &Proxy, s: &Snapshot, state_dir: &Path) -> Result<(), String> {
     if same {
         return Ok(());
     }
-    let pushed = Pushed::parse(&p.cfg, s)?;
+    let pushed = Pushed::parse(&p.cfg, s, &p.tls.get().identity)?;
     if let Err(e) = persist(state_dir, s) {
         // Still applied: serving it now matters more than surviving a restart with it.
         error!(
@@ -189,7 +238,16 @@ fn accept(p: &Proxy, s: &Snapshot, state_dir: &Path) -> Result<(), String> {
         registry = pushed.registry.len(),
         "snapshot from the control plane in force"
     );
-    p.sources.lock().expect("sources lock").pushed = Some(Arc::new(pushed));
+    let bundles_changed = {
+        let mut sources = p.sources.lock().expect("sources lock");
+        let before = sources.pushed.as_ref().map(|cur| &cur.raw.bundles);
+        let changed = before != Some(&s.bundles) && !(before.is_none() && s.bundles.is_empty());
+        sources.pushed = Some(Arc::new(pushed));
+        changed
+    };
+    if bundles_changed {
+        crate::install_bundles(p);
+    }
     p.refresh_policy();
     p.refresh_registry();
     crate::apply_revocations(p, &p.revocations());

@@ -158,15 +158,20 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
     }
     // The last snapshot accepted from the control plane, served until a newer one arrives.
     let pushed = match &cfg.spec.control_plane {
-        Some(cp) => control::load_persisted(&cfg, &cfg.resolve(&cp.state_dir)),
+        Some(cp) => control::load_persisted(&cfg, &cfg.resolve(&cp.state_dir), &state.identity),
         None => None,
     };
     let sources = proxy::Sources {
+        file_bundles: state.bundles.clone(),
         file_policies: policy_files.current.clone(),
         file_revocations: revocation_files.current.clone(),
         pushed,
     };
+    let pushed_bundles = sources.pushed.as_ref().is_some_and(|p| p.bundles.is_some());
     let p = Arc::new(Proxy::new(cfg, Current::new(state), metrics, sources));
+    if pushed_bundles {
+        install_bundles(&p);
+    }
     if revocation_files.is_configured() {
         p.metrics.reload("revocation", true);
     }
@@ -358,7 +363,7 @@ fn spawn_watcher(
             for tick in 1u64.. {
                 std::thread::sleep(POLL_INTERVAL);
                 for change in files.poll(&mut seen, &provider) {
-                    apply(&p, change, &provider);
+                    apply(&p, change);
                 }
                 let changed = match policy_files.poll() {
                     None => false,
@@ -422,7 +427,7 @@ pub(crate) fn recheck_tcp(p: &Proxy) {
     }
 }
 
-fn apply(p: &Proxy, change: Change, provider: &rustls::crypto::CryptoProvider) {
+fn apply(p: &Proxy, change: Change) {
     match change {
         Change::Svid(Ok(identity)) => {
             let id_changed = identity.id() != p.tls.get().identity.id();
@@ -446,33 +451,43 @@ fn apply(p: &Proxy, change: Change, provider: &rustls::crypto::CryptoProvider) {
                 p.metrics.reload("bundle", false);
             }
             let Some(bundles) = bundles else { return };
-            info!(trust_domains = ?bundles.domains(), "trust bundles updated");
-            p.tls.set_bundles(bundles.clone());
+            info!(trust_domains = ?bundles.domains(), "trust bundle files updated");
+            p.sources.lock().expect("sources lock").file_bundles = bundles;
             p.metrics.reload("bundle", true);
-            // Verifiers run only at handshake: re-check every live peer against the new set.
-            let now = UnixTime::now();
-            let algs = &provider.signature_verification_algorithms;
-            let n = p.conns.close_where("bundle_change", |c| {
-                if c.kind == Kind::Workload {
-                    // No peer certificate: its pooled connections are re-checked instead.
-                    return false;
-                }
-                let usage = match c.direction {
-                    Direction::Inbound => Usage::Client,
-                    Direction::Outbound => Usage::Server,
-                };
-                let Some((leaf, rest)) = c.chain.split_first() else {
-                    return true;
-                };
-                verify_svid(&bundles, algs, leaf, rest, now, usage).is_err()
-            });
-            if n > 0 {
-                warn!(
-                    closed = n,
-                    "closed live connections whose peer no longer verifies"
-                );
-            }
+            install_bundles(p);
         }
+    }
+}
+
+/// Puts the bundles in force (files, overlaid with pushed TrustBundles) for new handshakes,
+/// and closes every live connection whose peer no longer verifies: verifiers run only at
+/// handshake time.
+pub(crate) fn install_bundles(p: &Proxy) {
+    let bundles = p.bundles();
+    info!(trust_domains = ?bundles.domains(), "trust bundles in force");
+    p.tls.set_bundles(bundles.clone());
+    let provider = tls::provider();
+    let now = UnixTime::now();
+    let algs = &provider.signature_verification_algorithms;
+    let n = p.conns.close_where("bundle_change", |c| {
+        if c.kind == Kind::Workload {
+            // No peer certificate: its pooled connections are re-checked instead.
+            return false;
+        }
+        let usage = match c.direction {
+            Direction::Inbound => Usage::Client,
+            Direction::Outbound => Usage::Server,
+        };
+        let Some((leaf, rest)) = c.chain.split_first() else {
+            return true;
+        };
+        verify_svid(&bundles, algs, leaf, rest, now, usage).is_err()
+    });
+    if n > 0 {
+        warn!(
+            closed = n,
+            "closed live connections whose peer no longer verifies"
+        );
     }
 }
 

@@ -55,8 +55,9 @@ impl Registry {
     }
 }
 
-#[derive(Default)]
 pub struct Sources {
+    /// The bundles of the bundle directory (the last good set).
+    pub file_bundles: Arc<sigil_filters::TrustBundles>,
     pub file_policies: Vec<Policy>,
     pub file_revocations: Vec<Revocation>,
     /// The snapshot from the control plane in force (received, or persisted).
@@ -122,6 +123,16 @@ impl Proxy {
 
     pub fn registry_len(&self) -> usize {
         self.registry.read().expect("registry lock").len()
+    }
+
+    /// The trust bundles in force: the bundle directory's, each domain the control plane
+    /// pushed a TrustBundle for replaced by it.
+    pub fn bundles(&self) -> Arc<sigil_filters::TrustBundles> {
+        let sources = self.sources.lock().expect("sources lock");
+        match sources.pushed.as_ref().and_then(|p| p.bundles.as_ref()) {
+            Some(pushed) => Arc::new(sources.file_bundles.overlay(pushed)),
+            None => sources.file_bundles.clone(),
+        }
     }
 
     /// Every revocation in force, from files and from the control plane.

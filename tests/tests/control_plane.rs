@@ -17,6 +17,20 @@ const CONTROL: &str = "spiffe://example.org/sigil/control";
 const ALICE: &str = "spiffe://example.org/ops/alice";
 const A: &str = "spiffe://example.org/ns/demo/sa/a";
 const B: &str = "spiffe://example.org/ns/demo/sa/b";
+const C: &str = "spiffe://partner.org/ns/demo/sa/c";
+
+fn trust_bundle(name: &str, domain: &str, pem: &str) -> String {
+    let pem: String = pem.lines().map(|l| format!("    {l}\n")).collect();
+    format!(
+        "apiVersion: sigil.dev/v1
+kind: TrustBundle
+metadata: {{name: {name}, owner: security, purpose: federation}}
+spec:
+  trustDomain: {domain}
+  pem: |
+{pem}"
+    )
+}
 
 /// The snapshot version a sidecar runs, from its config dump (None: no snapshot).
 fn snapshot_version(s: &Sidecar) -> Option<u64> {
@@ -244,6 +258,47 @@ spec:
     wait_until("A readmitted", Duration::from_secs(10), || {
         get_once(a_web, "/orders/3") == Some(200)
     });
+
+    // Trust pushed as a TrustBundle: B learns a partner domain's CA. C (partner.org) is refused
+    // at the handshake before, and reaches B's policy after (403: the policy does not allow it).
+    let partner = Ca::new("partner.org");
+    let fc = write_identity(d, "c", &partner, C, &[&partner, &ca]);
+    let c_web = free_port();
+    let mut c = Sidecar::new("sidecar-c", C);
+    c.outbound = vec![(c_web, b_web, B.into())];
+    let pc = c.start(d, &fc);
+    assert_eq!(get_once(c_web, "/orders/1"), Some(502), "{}", pc.log());
+    cp.apply(
+        &alice,
+        &d.join("partner.yaml"),
+        &trust_bundle("partner-org", "partner.org", &partner.bundle_pem()),
+    );
+    wait_until("B to trust partner.org", Duration::from_secs(10), || {
+        get_once(c_web, "/orders/1") == Some(403)
+    });
+    // A bundle for our own domain that would not verify the sidecars' own SVIDs is rejected
+    // by each of them, and changes nothing.
+    let out = cp.apply(
+        &alice,
+        &d.join("wrong-ca.yaml"),
+        &trust_bundle("example-org", "example.org", &partner.bundle_pem()),
+    );
+    let bad_version = out.lines().last().unwrap_or_default().to_string();
+    for node in ["sidecar-a", "sidecar-b"] {
+        wait_status(
+            &cp,
+            &alice,
+            node,
+            "would not verify this sidecar's own SVID",
+        );
+    }
+    assert!(status(&cp, &alice).contains(&bad_version.replace("version ", "REJECTED ")));
+    assert_eq!(get_once(a_web, "/orders/5"), Some(200));
+    assert_eq!(get_once(c_web, "/orders/1"), Some(403));
+    let (code, out, err) = cp.sigil(&alice, &["delete", "TrustBundle", "example-org"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    wait_status(&cp, &alice, "sidecar-b", "acknowledged");
+    drop(pc);
 
     // Control plane down, both sidecars restarted: each serves its persisted snapshot (B's
     // web routes and A's registry entry for B exist nowhere else).

@@ -31,8 +31,8 @@ COMMANDS:
                   their sidecars; an allowed and a denied call, a live policy change, a
                   revocation, metrics. Needs sigil-control, sigil-proxy and
                   sigil-toy-workload next to sigil; cleans up after itself
-    validate      check Workload, Policy and Revocation files as the control plane and the
-                  sidecars will; every problem is reported as file:line
+    validate      check Workload, Policy, Revocation and TrustBundle files as the control
+                  plane and the sidecars will; every problem is reported as file:line
     policy test   the verdict a sidecar of --to would give a caller --from, and the rule that
                   decides it, computed by the sidecars' own decision code
     apply         validate, then store the resources in the control plane (--dry-run: show
