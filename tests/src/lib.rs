@@ -660,18 +660,20 @@ pub fn get_once(port: u16, path: &str) -> Option<u16> {
 }
 
 /// A Workload `b` (`target`, reachable at 127.0.0.1:`b_port`) and a Policy `b-web` letting
-/// `caller` GET `/orders` on `web_port`, and `/admin` too if `admin`: the control-plane tests'
-/// resources.
+/// `callers` GET `/orders` on `web_port`, and the first caller `/admin` too if `admin`: the
+/// control-plane tests' resources.
 pub fn web_resources(
-    caller: &str,
+    callers: &[&str],
     target: &str,
     b_port: u16,
     web_port: u16,
     admin: bool,
 ) -> String {
+    let first = callers[0];
+    let callers = callers.join(", ");
     let admin = if admin {
         format!(
-            "\n        - {{name: admin, match: {{path: {{prefix: /admin}}}}, allow: [{caller}]}}"
+            "\n        - {{name: admin, match: {{path: {{prefix: /admin}}}}, allow: [{first}]}}"
         )
     } else {
         String::new()
@@ -690,7 +692,7 @@ spec:
   ports:
     - port: {web_port}
       routes:
-        - {{name: orders, match: {{path: {{prefix: /orders}}}}, allow: [{caller}]}}{admin}
+        - {{name: orders, match: {{path: {{prefix: /orders}}}}, allow: [{callers}]}}{admin}
 "
     )
 }

@@ -18,6 +18,7 @@ const ALICE: &str = "spiffe://example.org/ops/alice";
 const A: &str = "spiffe://example.org/ns/demo/sa/a";
 const B: &str = "spiffe://example.org/ns/demo/sa/b";
 const C: &str = "spiffe://partner.org/ns/demo/sa/c";
+const D: &str = "spiffe://example.org/ns/demo/sa/d";
 
 fn trust_bundle(name: &str, domain: &str, pem: &str) -> String {
     let pem: String = pem.lines().map(|l| format!("    {l}\n")).collect();
@@ -90,7 +91,11 @@ fn control_plane_pushes_policies_registry_and_revocations_to_sidecars() {
     );
     let (b_web, b_echo) = (free_port(), free_port());
     let file = d.join("resources.yaml");
-    let out = cp.apply(&alice, &file, &web_resources(A, B, b_web, web_port, false));
+    let out = cp.apply(
+        &alice,
+        &file,
+        &web_resources(&[A, D], B, b_web, web_port, false),
+    );
     assert!(out.contains("created Policy/b-web"), "{out}");
 
     // B pins its echo port to TCP for A in its own config; its web port's routes come only
@@ -146,7 +151,11 @@ fn control_plane_pushes_policies_registry_and_revocations_to_sidecars() {
     };
 
     // A live policy change: /admin opens for A without a restart.
-    cp.apply(&alice, &file, &web_resources(A, B, b_web, web_port, true));
+    cp.apply(
+        &alice,
+        &file,
+        &web_resources(&[A, D], B, b_web, web_port, true),
+    );
     wait_until("/admin allowed", Duration::from_secs(10), || {
         get_once(a_web, "/admin") == Some(200)
     });
@@ -231,8 +240,37 @@ spec:
         pa.log()
     );
 
-    // Revocation through the CLI: A's live connection is cut, its calls refused; unrevoke
-    // readmits it.
+    // Revocation through the CLI: A's live connection is cut, its calls refused, while D's
+    // steady calls to B, through its own sidecar subscribed to the same control plane, all
+    // succeed; unrevoke readmits A.
+    let fd = write_identity(d, "d", &ca, D, &[&ca]);
+    let d_web = free_port();
+    let mut dd = Sidecar::new("sidecar-d", D);
+    dd.outbound = vec![(d_web, b_web, String::new())];
+    dd.control_plane = Some((cp.sidecar_port, CONTROL.into(), d.join("state-d")));
+    let pd = dd.start(d, &fd);
+    wait_until("D on B's registry entry", Duration::from_secs(10), || {
+        get_once(d_web, "/orders/d") == Some(200)
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let steady = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut s = TcpStream::connect(("127.0.0.1", d_web)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && ok < 20_000 {
+                match get(&mut s, "/orders/steady-d") {
+                    Some(200) => ok += 1,
+                    other => failed.push(other),
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (ok, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
     let (code, out, err) = cp.sigil(&alice, &["revoke", A, "--reason", "incident 7"]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(
@@ -258,6 +296,14 @@ spec:
     wait_until("A readmitted", Duration::from_secs(10), || {
         get_once(a_web, "/orders/3") == Some(200)
     });
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = steady.join().unwrap();
+    assert!(
+        failed.is_empty() && ok > 20,
+        "D's calls failed during A's revocation: {failed:?} ({ok} ok)\n{}",
+        pd.log()
+    );
+    drop(pd);
 
     // Trust pushed as a TrustBundle: B learns a partner domain's CA. C (partner.org) is refused
     // at the handshake before, and reaches B's policy after (403: the policy does not allow it).

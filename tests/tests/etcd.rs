@@ -57,7 +57,11 @@ fn two_replicas_share_an_etcd_store_and_push_each_others_changes() {
     // Applied through replica 1; B, subscribed to replica 2, enforces it, and A (replica 1)
     // learns B's address.
     let file = d.join("resources.yaml");
-    let out = cp1.apply(&alice, &file, &web_resources(A, B, b_web, web_port, false));
+    let out = cp1.apply(
+        &alice,
+        &file,
+        &web_resources(&[A], B, b_web, web_port, false),
+    );
     assert!(out.contains("created Policy/b-web"), "{out}");
     wait_until(
         "the policy on both replicas' sidecars",
@@ -71,7 +75,11 @@ fn two_replicas_share_an_etcd_store_and_push_each_others_changes() {
     assert_eq!(version_of(&cp1, &alice), version_of(&cp2, &alice));
 
     // Changed through replica 2: A's calls see it, through B.
-    cp2.apply(&alice, &file, &web_resources(A, B, b_web, web_port, true));
+    cp2.apply(
+        &alice,
+        &file,
+        &web_resources(&[A], B, b_web, web_port, true),
+    );
     wait_until(
         "/admin opened through replica 2",
         Duration::from_secs(15),
