@@ -160,6 +160,26 @@ fn control_plane_pushes_policies_registry_and_revocations_to_sidecars() {
         get_once(a_web, "/admin") == Some(200)
     });
     assert_eq!(snapshot_version(&b), Some(2));
+    // `sigil policy test` without files asks the control plane, and agrees with the sidecar.
+    let port = web_port.to_string();
+    let ask = |from: &str| {
+        cp.sigil(
+            &alice,
+            &[
+                "policy", "test", "--from", from, "--to", B, "--port", &port, "--path", "/admin/x",
+            ],
+        )
+    };
+    let (code, out, err) = ask(A);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("policies from the control plane")
+            && out.contains("ALLOW: policy b-web rule admin"),
+        "{out}"
+    );
+    let (code, out, err) = ask(D);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.contains("DENY"), "{out}");
 
     // A policy the control plane accepts but B cannot run (routes on the port B's config
     // declares tcp): B rejects the version, says why, and keeps serving version 2.

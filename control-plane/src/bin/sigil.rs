@@ -16,7 +16,7 @@ sigil — operator CLI of the Sigil mesh
 USAGE:
     sigil demo
     sigil validate -f PATH...
-    sigil policy test -f PATH... --from ID --to ID --port N
+    sigil policy test [-f PATH...] --from ID --to ID --port N
                       [--method M] [--path P] [--host H] [--header NAME:VALUE]... [--at TIME]
     sigil apply -f PATH... [--dry-run]      CONNECTION
     sigil get [KIND [NAME]]                 CONNECTION
@@ -34,7 +34,8 @@ COMMANDS:
     validate      check Workload, Policy, Revocation and TrustBundle files as the control
                   plane and the sidecars will; every problem is reported as file:line
     policy test   the verdict a sidecar of --to would give a caller --from, and the rule that
-                  decides it, computed by the sidecars' own decision code
+                  decides it, computed by the sidecars' own decision code; over the files of
+                  -f, or without -f over the control plane's policies (CONNECTION)
     apply         validate, then store the resources in the control plane (--dry-run: show
                   what would be created, updated or left unchanged, write nothing)
     get, delete   read or remove stored resources
@@ -398,7 +399,7 @@ fn validate(args: &[String]) -> ExitCode {
 }
 
 fn policy_test(args: &[String]) -> ExitCode {
-    let o = match parse_with_files(args) {
+    let o = match parse_opts(args) {
         Ok(o) => o,
         Err(e) => return usage_error(&e),
     };
@@ -406,9 +407,35 @@ fn policy_test(args: &[String]) -> ExitCode {
         Ok(q) => q,
         Err(e) => return usage_error(&e),
     };
-    let resources = match load(&o.files) {
-        Ok(r) => r,
-        Err(code) => return code,
+    // Local files if given (offline, e.g. CI of a resource repository), else the live mesh's
+    // policies from the control plane.
+    let resources = if o.files.is_empty() {
+        let c = match client(&o) {
+            Ok(c) => c,
+            Err(e) => return usage_error(&format!("{e} (or give -f PATH to test local files)")),
+        };
+        let body = match c.send(Method::GET, "/v1/resources/Policy", &[], String::new()) {
+            Ok((status, body)) if status.is_success() => body,
+            other => return report(other),
+        };
+        match Resource::parse_all(Path::new("control-plane"), &body) {
+            Ok(r) => {
+                println!(
+                    "policies from the control plane at {} (a sidecar's own policyDir and inbound.ports also apply)",
+                    c.server
+                );
+                r
+            }
+            Err(e) => {
+                eprintln!("sigil: the control plane sent policies this sigil cannot read: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        match load(&o.files) {
+            Ok(r) => r,
+            Err(code) => return code,
+        }
     };
     let policies: Vec<_> = resources
         .into_iter()
