@@ -3,7 +3,9 @@
 //!
 //! - `resources/<Kind>/<name>`: the document as applied; its mod_revision is its version;
 //! - `version`: rewritten by every change, so that its mod_revision is the set's version (an
-//!   etcd revision, the same number on every replica).
+//!   etcd revision, the same number on every replica);
+//! - `status/<replica>`: each replica's connected sidecars, under a lease, so that `sigil
+//!   status` on any replica lists the sidecars of all of them.
 //!
 //! Writes are transactions guarded by the mod_revisions read just before (optimistic
 //! concurrency): two replicas applying at once never lose a change or misreport one. Each
@@ -12,9 +14,7 @@
 
 use std::time::Duration;
 
-use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp, WatchOptions,
-};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
 
 use crate::store::{Change, StoreError, Stored};
 
@@ -196,19 +196,69 @@ impl Etcd {
         Ok(r.succeeded())
     }
 
-    /// Calls `changed` after every batch of changes under the prefix, whichever replica made
-    /// them, and once after each (re)connection of the watch, to catch up. Runs forever,
-    /// re-watching with backoff when etcd goes away.
+    /// Every replica's status text, by replica name.
+    pub async fn statuses(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let base = format!("{}status/", self.prefix);
+        let r = self
+            .client
+            .clone()
+            .get(base.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(err)?;
+        let mut out = Vec::new();
+        for kv in r.kvs() {
+            let key = kv.key_str().map_err(err)?;
+            let name = key.strip_prefix(&base).unwrap_or(key).to_string();
+            out.push((name, kv.value_str().map_err(err)?.to_string()));
+        }
+        Ok(out)
+    }
+
+    /// Keeps `status()` of this replica in etcd, refreshed every 2 s under a 10 s lease: a
+    /// replica that dies drops out of `sigil status` within 10 s. Runs forever.
+    pub async fn publish_status(&self, replica: &str, status: impl Fn() -> String) {
+        let key = format!("{}status/{replica}", self.prefix);
+        let mut lease = None;
+        loop {
+            let mut client = self.client.clone();
+            if lease.is_none() {
+                lease = client.lease_grant(10, None).await.ok().map(|l| l.id());
+            }
+            if let Some(id) = lease {
+                let put = client
+                    .put(
+                        key.as_str(),
+                        status(),
+                        Some(PutOptions::new().with_lease(id)),
+                    )
+                    .await;
+                let kept = match client.lease_keep_alive(id).await {
+                    Ok((mut keeper, mut stream)) => {
+                        keeper.keep_alive().await.is_ok()
+                            && matches!(stream.message().await, Ok(Some(r)) if r.ttl() > 0)
+                    }
+                    Err(_) => false,
+                };
+                if put.is_err() || !kept {
+                    // Expired or etcd away: a fresh lease on the next round.
+                    lease = None;
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+
+    /// Calls `changed` after every change of the resources, whichever replica made it (they
+    /// all rewrite the version key), and once after each (re)connection of the watch, to
+    /// catch up. Runs forever, re-watching with backoff when etcd goes away.
     pub async fn follow(&self, changed: impl Fn()) {
         let mut backoff = Duration::from_millis(100);
         let mut from = 0i64;
         loop {
             let mut client = self.client.clone();
-            let mut options = WatchOptions::new().with_prefix();
-            if from > 0 {
-                options = options.with_start_revision(from);
-            }
-            match client.watch(self.prefix.as_str(), Some(options)).await {
+            let options =
+                (from > 0).then(|| etcd_client::WatchOptions::new().with_start_revision(from));
+            match client.watch(self.version_key(), options).await {
                 Ok(mut stream) => {
                     changed();
                     backoff = Duration::from_millis(100);

@@ -106,7 +106,7 @@ async fn handle(api: &Api, peer: &SpiffeId, req: Request<Incoming>) -> Response<
         (Method::POST, ["v1", "apply"]) => apply(api, peer, req).await,
         (Method::GET, ["v1", "resources", rest @ ..]) if rest.len() <= 2 => get(api, rest).await,
         (Method::DELETE, ["v1", "resources", kind, name]) => delete(api, peer, kind, name).await,
-        (Method::GET, ["v1", "status"]) => Ok(status(api)),
+        (Method::GET, ["v1", "status"]) => Ok(status(api).await),
         _ => Err(Refusal(
             StatusCode::NOT_FOUND,
             format!("no such endpoint: {path}\n"),
@@ -218,20 +218,33 @@ async fn delete(api: &Api, peer: &SpiffeId, kind: &str, name: &str) -> Reply {
 }
 
 /// `version N` then one line per connected sidecar: name, SPIFFE ID, address, the version it
-/// was sent, and whether it acknowledged it.
-fn status(api: &Api) -> Response<Full<Bytes>> {
+/// was sent, and whether it acknowledged it. With an etcd store, the sidecars of every replica
+/// (each line names its replica), as last refreshed (every 2 s).
+async fn status(api: &Api) -> Response<Full<Bytes>> {
     let version = api.hub.version();
-    let mut out = format!("version {version}\n");
-    let sidecars = api.hub.status();
-    out += &format!("sidecars {}\n", sidecars.len());
-    for s in sidecars {
-        let state = match &s.rejected {
-            Some((v, why)) => format!("REJECTED {v}: {why}"),
-            None if s.acked == s.sent && s.sent != 0 => "acknowledged".to_string(),
-            None => format!("pending (acknowledged {})", s.acked),
-        };
-        let node = if s.node.is_empty() { "-" } else { &s.node };
-        out += &format!("{node} {} {} sent={} {state}\n", s.id, s.addr, s.sent);
+    let lines = match &api.store {
+        crate::store::Store::Etcd(e) => match e.statuses().await {
+            Ok(all) => all
+                .into_iter()
+                .flat_map(|(replica, text)| {
+                    text.lines()
+                        .map(|l| format!("{l} replica={replica}"))
+                        .collect::<Vec<_>>()
+                })
+                .collect(),
+            Err(e) => {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("cannot read the replicas' status: {e}\n"),
+                )
+            }
+        },
+        crate::store::Store::Sqlite(_) => api.hub.status_lines(),
+    };
+    let mut out = format!("version {version}\nsidecars {}\n", lines.len());
+    for l in lines {
+        out += &l;
+        out.push('\n');
     }
     text(StatusCode::OK, out)
 }

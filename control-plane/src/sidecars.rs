@@ -102,6 +102,23 @@ impl Hub {
         all.into_iter().map(|(_, s)| s).collect()
     }
 
+    /// One line per connected stream: name, SPIFFE ID, address, the version sent, and
+    /// whether it was acknowledged.
+    pub fn status_lines(&self) -> Vec<String> {
+        self.status()
+            .into_iter()
+            .map(|s| {
+                let state = match &s.rejected {
+                    Some((v, why)) => format!("REJECTED {v}: {why}"),
+                    None if s.acked == s.sent && s.sent != 0 => "acknowledged".to_string(),
+                    None => format!("pending (acknowledged {})", s.acked),
+                };
+                let node = if s.node.is_empty() { "-" } else { &s.node };
+                format!("{node} {} {} sent={} {state}", s.id, s.addr, s.sent)
+            })
+            .collect()
+    }
+
     fn update(&self, key: u64, f: impl FnOnce(&mut SidecarStatus)) {
         if let Some(s) = self.sidecars.lock().expect("sidecars lock").get_mut(&key) {
             f(s);

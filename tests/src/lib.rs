@@ -615,6 +615,22 @@ impl ControlPlane {
         Self::start_with(&id, files, store, operator_port, sidecar_port)
     }
 
+    /// Kills it (SIGKILL: no chance to say goodbye to its streams), then starts it again on
+    /// the same ports and data.
+    pub fn kill_and_restart(self) -> Self {
+        let Self {
+            mut proc,
+            id,
+            operator_port,
+            sidecar_port,
+            store,
+            files,
+        } = self;
+        proc.signal(libc::SIGKILL);
+        let _ = proc.terminate(Duration::from_secs(10));
+        Self::start_with(&id, files, store, operator_port, sidecar_port)
+    }
+
     /// Runs `sigil ARGS` as the operator `who`: (exit code, stdout, stderr).
     pub fn sigil(&self, who: &IdentityFiles, args: &[&str]) -> (Option<i32>, String, String) {
         let out = Command::new(bin("sigil"))

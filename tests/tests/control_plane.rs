@@ -181,6 +181,20 @@ fn control_plane_pushes_policies_registry_and_revocations_to_sidecars() {
     assert_eq!(code, Some(1), "{out}{err}");
     assert!(out.contains("DENY"), "{out}");
 
+    // An invalid policy is refused before anything is stored or pushed.
+    let invalid = d.join("invalid.yaml");
+    std::fs::write(
+        &invalid,
+        format!(
+            "apiVersion: sigil.dev/v1\nkind: Policy\nmetadata: {{name: x, owner: o, purpose: p}}\nspec:\n  target: {B}\n  ports:\n    - port: {web_port}\n      routes: [{{name: r, allow: [not-a-spiffe-id]}}]\n"
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = cp.sigil(&alice, &["apply", "-f", invalid.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(err.contains("invalid.yaml:8"), "{err}");
+    assert_eq!(snapshot_version(&b), Some(2));
+
     // A policy the control plane accepts but B cannot run (routes on the port B's config
     // declares tcp): B rejects the version, says why, and keeps serving version 2.
     let bad = d.join("bad.yaml");
@@ -247,7 +261,12 @@ spec:
     assert_eq!(code, Some(0), "{out}{err}");
     wait_status(&cp, &alice, "sidecar-b", "sent=4 acknowledged");
 
-    // The control plane goes away and comes back: the sidecars serve on, then reconnect.
+    // The control plane is killed and comes back: the sidecars serve on, then reconnect. Then
+    // a clean restart (SIGTERM, exit 0).
+    cp = cp.kill_and_restart();
+    pa.wait_log("control plane stream lost", Duration::from_secs(5));
+    wait_status(&cp, &alice, "sidecar-a", "acknowledged");
+    wait_status(&cp, &alice, "sidecar-b", "sent=4 acknowledged");
     cp = cp.restart();
     pa.wait_log("control plane stream lost", Duration::from_secs(5));
     wait_status(&cp, &alice, "sidecar-a", "acknowledged");
@@ -311,6 +330,25 @@ spec:
     assert_ne!(get_once(a_web, "/orders/2"), Some(200));
     let (code, out, err) = cp.sigil(&alice, &["revoke", A]);
     assert_eq!(code, Some(2), "a revocation needs a reason: {out}{err}");
+    // Revoking only SVIDs issued before an instant an hour ago: A's current SVID (issued
+    // now) is accepted again.
+    let hour_ago = rfc3339(now_unix() - 3600);
+    let (code, out, err) = cp.sigil(
+        &alice,
+        &[
+            "revoke",
+            A,
+            "--reason",
+            "rebuilt",
+            "--issued-before",
+            &hour_ago,
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("updated Revocation/"), "{out}");
+    wait_until("A's fresh SVID readmitted", Duration::from_secs(10), || {
+        get_once(a_web, "/orders/fresh") == Some(200)
+    });
     let (code, out, err) = cp.sigil(&alice, &["unrevoke", A]);
     assert_eq!(code, Some(0), "{out}{err}");
     wait_until("A readmitted", Duration::from_secs(10), || {

@@ -73,6 +73,24 @@ fn two_replicas_share_an_etcd_store_and_push_each_others_changes() {
     assert_eq!(code, Some(0), "{err}");
     assert!(got.contains("name: orders"), "{got}");
     assert_eq!(version_of(&cp1, &alice), version_of(&cp2, &alice));
+    // `sigil status` at either replica lists the sidecars of both, each with its replica.
+    for cp in [&cp1, &cp2] {
+        wait_until(
+            "both sidecars in sigil status",
+            Duration::from_secs(10),
+            || {
+                let (_, out, _) = cp.sigil(&alice, &["status"]);
+                let line = |node: &str, replica: &Proc| {
+                    out.lines().any(|l| {
+                        l.starts_with(&format!("{node} "))
+                            && l.contains("acknowledged")
+                            && l.ends_with(&format!("-{}", replica.pid()))
+                    })
+                };
+                line("sidecar-a", &cp1.proc) && line("sidecar-b", &cp2.proc)
+            },
+        );
+    }
 
     // Changed through replica 2: A's calls see it, through B.
     cp2.apply(

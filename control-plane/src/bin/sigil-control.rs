@@ -188,10 +188,17 @@ async fn run(
     });
     if let Store::Etcd(etcd) = &api.store {
         // Changes made through any replica reach this one's sidecars.
+        let (status_store, hub) = (Etcd::clone(etcd), api.hub.clone());
         let (etcd, api) = (Etcd::clone(etcd), api.clone());
         let changed = Arc::new(tokio::sync::Notify::new());
         let notify = changed.clone();
         tokio::spawn(async move { etcd.follow(|| notify.notify_one()).await });
+        let replica = format!("{}-{}", hostname(), std::process::id());
+        tokio::spawn(async move {
+            status_store
+                .publish_status(&replica, || hub.status_lines().join("\n"))
+                .await
+        });
         tokio::spawn(async move {
             loop {
                 changed.notified().await;
@@ -208,6 +215,12 @@ async fn run(
         _ = shutdown() => eprintln!("sigil-control: stopping"),
     }
     Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
 }
 
 async fn shutdown() {
