@@ -405,8 +405,15 @@ spec:
     drop(pc);
 
     // Control plane down, both sidecars restarted: each serves its persisted snapshot (B's
-    // web routes and A's registry entry for B exist nowhere else).
-    let version = snapshot_version(&a).expect("A has a snapshot");
+    // web routes, A's registry entry for B and D's revocation exist nowhere else).
+    let (code, out, err) = cp.sigil(&alice, &["revoke", D, "--reason", "incident 8"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    pb.wait_log("incident 8", Duration::from_secs(5));
+    wait_status(&cp, &alice, "sidecar-a", "acknowledged");
+    let version = snapshot_version(&b).expect("B has a snapshot");
+    wait_until("A on B's version", Duration::from_secs(10), || {
+        snapshot_version(&a) == Some(version)
+    });
     cp.proc.terminate(Duration::from_secs(10));
     pa.terminate(Duration::from_secs(10));
     pb.terminate(Duration::from_secs(10));
@@ -426,5 +433,17 @@ spec:
         "{}",
         pa.log()
     );
-    drop((pa, pb));
+    // D, on a sidecar of its own with no control plane, is still refused by B.
+    let d_web = free_port();
+    let mut d2 = Sidecar::new("sidecar-d2", D);
+    d2.outbound = vec![(d_web, b_web, B.into())];
+    let pd2 = d2.start(d, &fd);
+    assert_eq!(get_once(d_web, "/orders/d"), Some(502), "{}", pd2.log());
+    let refused = count(
+        &b,
+        "sigil_handshake_failures_total{",
+        &["direction=\"inbound\"", "reason=\"revoked\""],
+    );
+    assert!(refused >= 1.0, "{}", b.metrics());
+    drop((pa, pb, pd2));
 }
