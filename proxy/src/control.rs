@@ -298,13 +298,9 @@ async fn session(
     state_dir: &Path,
     received: &mut bool,
 ) -> Result<(), String> {
+    // Even with our own SVID revoked we present it here: the control plane is the one party
+    // that can lift the revocation (`sigil unrevoke`), and it sends us only our own snapshot.
     let tls = p.tls.get();
-    if let Some(r) = tls.self_revoked() {
-        return Err(format!(
-            "our own SVID is revoked ({}); waiting for a fresh one",
-            r.metadata.name
-        ));
-    }
     let timeouts = &p.cfg.spec.timeouts;
     let tcp = tokio::time::timeout(timeouts.connect, TcpStream::connect(cp.address))
         .await

@@ -328,6 +328,10 @@ spec:
         "{metrics}"
     );
     assert_ne!(get_once(a_web, "/orders/2"), Some(200));
+    // A's sidecar, revoked, reconnects to a restarted control plane: the one party that can
+    // lift its revocation.
+    cp = cp.restart();
+    wait_status(&cp, &alice, "sidecar-a", "acknowledged");
     let (code, out, err) = cp.sigil(&alice, &["revoke", A]);
     assert_eq!(code, Some(2), "a revocation needs a reason: {out}{err}");
     // Revoking only SVIDs issued before an instant an hour ago: A's current SVID (issued
