@@ -1849,8 +1849,8 @@ fn report(
             let _ = writeln!(
                 s,
                 "nginx L7 pair: h2c on its client side, HTTP/1.1 over pooled mTLS to its server \
-                 side. sigil L7 pair: h2c relayed as bytes by the client side, HTTP/2 over mTLS \
-                 to the server side, HTTP/1.1 to the backend.\n"
+                 side. sigil L7 pair: h2c served by the client side, each request over its \
+                 pooled HTTP/2 mTLS connection to the server side, HTTP/1.1 to the backend.\n"
             );
         }
         if *added {
