@@ -37,7 +37,8 @@ pub struct Ack {
     pub version: u64,
     #[prost(bool, tag = "3")]
     pub accepted: bool,
-    /// Why the snapshot was rejected (file:line style), empty when accepted.
+    /// Why the snapshot was rejected (file:line style); when accepted, empty or a note on what
+    /// went wrong around it (e.g. it could not be persisted).
     #[prost(string, tag = "4")]
     pub error: String,
 }

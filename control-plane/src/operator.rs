@@ -39,10 +39,9 @@ pub struct Api {
 }
 
 impl Api {
+    /// Failures are logged and retried by the hub.
     async fn publish(&self) {
-        if let Err(e) = self.hub.publish(&self.store).await {
-            eprintln!("sigil-control: cannot publish the change to sidecars: {e}");
-        }
+        let _ = self.hub.publish(&self.store).await;
     }
 }
 

@@ -6,7 +6,8 @@ use sigil_config::policy::Timestamp;
 use sigil_config::{Resource, SpiffeId};
 
 /// The resource name for `id`: the ID without its scheme, every character a resource name
-/// cannot hold turned into `-`.
+/// cannot hold turned into `-`, then a hash of the whole ID, so that IDs differing only in
+/// those characters (`…/a-b`, `…/a/b`) never share a name.
 pub fn name_for(id: &SpiffeId) -> String {
     let bare = id.as_str().trim_start_matches("spiffe://");
     let name: String = bare
@@ -19,7 +20,11 @@ pub fn name_for(id: &SpiffeId) -> String {
             }
         })
         .collect();
-    format!("revoke-{name}")
+    // FNV-1a: stable across builds and platforms, unlike std's hasher.
+    let hash = id.as_str().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("revoke-{name}-{:08x}", hash as u32)
 }
 
 /// The document revoking `id`, validated as `apply` validates. `owner` is who revokes.
@@ -54,7 +59,17 @@ mod tests {
     #[test]
     fn a_revocation_document_parses_back_to_what_was_asked() {
         let id = SpiffeId::parse("spiffe://example.org/ns/prod/sa/web").unwrap();
-        assert_eq!(name_for(&id), "revoke-example.org-ns-prod-sa-web");
+        assert!(
+            name_for(&id).starts_with("revoke-example.org-ns-prod-sa-web-"),
+            "{}",
+            name_for(&id)
+        );
+        let (x, y) = (
+            SpiffeId::parse("spiffe://td/ns/a-b").unwrap(),
+            SpiffeId::parse("spiffe://td/ns/a/b").unwrap(),
+        );
+        assert_ne!(name_for(&x), name_for(&y));
+        assert_eq!(name_for(&x), name_for(&x.clone()));
         let yaml = document(
             "r",
             &id,

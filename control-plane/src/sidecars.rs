@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use hyper::body::Incoming;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use sigil_api::{Ack, Snapshot};
 use sigil_config::SpiffeId;
 use tokio::net::TcpListener;
@@ -30,6 +30,8 @@ use crate::store::Store;
 pub struct Hub {
     catalog: watch::Sender<Arc<Catalog>>,
     pub metrics: Metrics,
+    /// Woken when a publish failed (the store did not answer): `retry_publishes` tries again.
+    retry: tokio::sync::Notify,
     sidecars: Mutex<HashMap<u64, SidecarStatus>>,
     next: AtomicU64,
 }
@@ -51,6 +53,8 @@ pub struct SidecarStatus {
     pub acked: u64,
     /// The last version it rejected, with its reason, unless it accepted a later one.
     pub rejected: Option<(u64, String)>,
+    /// What the sidecar said with its last acknowledgement (e.g. it could not persist it).
+    pub note: String,
 }
 
 impl Hub {
@@ -60,15 +64,25 @@ impl Hub {
         metrics.revocations.set(catalog.revocation_count() as i64);
         Self {
             metrics,
+            retry: tokio::sync::Notify::new(),
             catalog: watch::Sender::new(Arc::new(catalog)),
             sidecars: Mutex::new(HashMap::new()),
             next: AtomicU64::new(0),
         }
     }
 
-    /// Re-reads the store and sends every stream whose snapshot changed its new one.
+    /// Re-reads the store and sends every stream whose snapshot changed its new one. A failure
+    /// is logged and retried in the background (`retry_publishes`): a change the store took
+    /// must reach the sidecars even if reading it back failed once.
     pub async fn publish(&self, store: &Store) -> Result<u64, String> {
-        let catalog = Catalog::load(store).await.map_err(|e| e.to_string())?;
+        let catalog = match Catalog::load(store).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("sigil-control: cannot publish, will retry: {e}");
+                self.retry.notify_one();
+                return Err(e.to_string());
+            }
+        };
         for problem in &catalog.unreadable {
             eprintln!("sigil-control: stored resource not sent to any sidecar: {problem}");
         }
@@ -88,6 +102,15 @@ impl Hub {
             self.metrics.revocations.set(revocations as i64);
         }
         Ok(version)
+    }
+
+    /// Retries failed publishes, one second apart, for as long as they fail. Runs forever.
+    pub async fn retry_publishes(&self, store: &Store) {
+        loop {
+            self.retry.notified().await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let _ = self.publish(store).await;
+        }
     }
 
     pub fn version(&self) -> u64 {
@@ -110,7 +133,12 @@ impl Hub {
             .map(|s| {
                 let state = match &s.rejected {
                     Some((v, why)) => format!("REJECTED {v}: {why}"),
-                    None if s.acked == s.sent && s.sent != 0 => "acknowledged".to_string(),
+                    None if s.acked == s.sent && s.sent != 0 && s.note.is_empty() => {
+                        "acknowledged".to_string()
+                    }
+                    None if s.acked == s.sent && s.sent != 0 => {
+                        format!("acknowledged ({})", s.note)
+                    }
                     None => format!("pending (acknowledged {})", s.acked),
                 };
                 let node = if s.node.is_empty() { "-" } else { &s.node };
@@ -148,7 +176,12 @@ pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, hub: Arc<Hub>) 
                 let (hub, peer) = (hub.clone(), peer.clone());
                 async move { Ok::<_, Infallible>(route(hub, peer, addr, req).await) }
             });
+            // PINGs notice a sidecar host gone without a FIN (its stream, status line and
+            // gauge would otherwise stay forever).
             let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(5))
                 .serve_connection(TokioIo::new(tls), service)
                 .await;
         });
@@ -210,6 +243,7 @@ async fn session(
             pending: None,
             acked: 0,
             rejected: None,
+            note: String::new(),
         },
     );
     eprintln!("sigil-control: sidecar {peer} connected from {addr}");
@@ -256,7 +290,18 @@ async fn session(
     eprintln!("sigil-control: sidecar {peer} at {addr} disconnected: {why}");
 }
 
-fn record(hub: &Hub, key: u64, peer: &SpiffeId, ack: Ack) {
+/// Text a sidecar sent, made safe for one status line: control characters (a newline would
+/// forge lines of `sigil status`) become spaces, and it is cut at 500 characters.
+fn clean(text: &str) -> String {
+    text.chars()
+        .take(500)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+fn record(hub: &Hub, key: u64, peer: &SpiffeId, mut ack: Ack) {
+    ack.node = clean(&ack.node).replace(' ', "_");
+    ack.error = clean(&ack.error);
     hub.update(key, |s| {
         if !ack.node.is_empty() {
             s.node = ack.node.clone();
@@ -268,6 +313,7 @@ fn record(hub: &Hub, key: u64, peer: &SpiffeId, ack: Ack) {
             if ack.version >= s.acked {
                 s.acked = ack.version;
                 s.rejected = None;
+                s.note = ack.error.clone();
             }
             if let Some((v, since)) = s.pending {
                 if v == ack.version {

@@ -3,8 +3,9 @@
 //!
 //! Each snapshot is parsed and checked as this sidecar would run it; one that fails is
 //! rejected (NACK, with the reason) and never replaces the snapshot in force. An accepted one
-//! is written to `controlPlane.stateDir` before it is acknowledged, and read back at start, so
-//! a restarted sidecar serves its last good state while the control plane is unreachable.
+//! is written to `controlPlane.stateDir` before it is acknowledged (a write that fails is said
+//! in the acknowledgement), and read back at start, so a restarted sidecar serves its last
+//! good state while the control plane is unreachable.
 //! Lost streams are re-opened with exponential backoff and full jitter.
 
 use std::hash::{BuildHasher, Hasher};
@@ -180,9 +181,15 @@ pub fn load_persisted(
             return None;
         }
     };
+    // Every accepted snapshot has a version; an empty file decodes as version 0.
     let parsed = Snapshot::decode(&bytes[..])
         .map_err(|e| e.to_string())
-        .and_then(|s| Pushed::parse(cfg, &s, own));
+        .and_then(|s| {
+            if s.version == 0 {
+                return Err("no snapshot in it (empty or truncated)".into());
+            }
+            Pushed::parse(cfg, &s, own)
+        });
     match parsed {
         Ok(p) => {
             info!(
@@ -202,16 +209,23 @@ pub fn load_persisted(
     }
 }
 
-/// Written to a temporary file and renamed over: a crash never leaves half a snapshot.
+/// Written to a temporary file, synced, and renamed over (the directory synced too): a crash
+/// or power loss leaves the old snapshot or the new one, never half of one.
 fn persist(state_dir: &Path, s: &Snapshot) -> std::io::Result<()> {
+    use std::io::Write as _;
     std::fs::create_dir_all(state_dir)?;
     let tmp = state_dir.join(format!(".{SNAPSHOT_FILE}.tmp"));
-    std::fs::write(&tmp, s.encode_to_vec())?;
-    std::fs::rename(&tmp, state_dir.join(SNAPSHOT_FILE))
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&s.encode_to_vec())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, state_dir.join(SNAPSHOT_FILE))?;
+    std::fs::File::open(state_dir)?.sync_all()
 }
 
-/// Checks, persists and puts in force one snapshot. Err: rejected, the reason for the NACK.
-fn accept(p: &Proxy, s: &Snapshot, state_dir: &Path) -> Result<(), String> {
+/// Checks, persists and puts in force one snapshot. Ok(note): in force, with what went wrong
+/// around it (it could not be persisted), for the acknowledgement. Err: rejected, the reason
+/// for the NACK.
+fn accept(p: &Proxy, s: &Snapshot, state_dir: &Path) -> Result<String, String> {
     let same = p
         .sources
         .lock()
@@ -220,16 +234,19 @@ fn accept(p: &Proxy, s: &Snapshot, state_dir: &Path) -> Result<(), String> {
         .as_ref()
         .is_some_and(|cur| cur.raw == *s);
     if same {
-        return Ok(());
+        return Ok(String::new());
     }
     let pushed = Pushed::parse(&p.cfg, s, &p.tls.get().identity)?;
+    let mut note = String::new();
     if let Err(e) = persist(state_dir, s) {
-        // Still applied: serving it now matters more than surviving a restart with it.
+        // Still applied (serving it now matters more than surviving a restart with it), and
+        // said in the acknowledgement, which `sigil status` shows.
         error!(
             "{}: cannot persist snapshot {}: {e}",
             state_dir.display(),
             s.version
         );
+        note = format!("in force but not persisted: {e}");
     }
     info!(
         version = pushed.version,
@@ -250,9 +267,9 @@ fn accept(p: &Proxy, s: &Snapshot, state_dir: &Path) -> Result<(), String> {
     }
     p.refresh_policy();
     p.refresh_registry();
-    crate::apply_revocations(p, &p.revocations());
+    crate::install_revocations(p);
     crate::recheck_tcp(p);
-    Ok(())
+    Ok(note)
 }
 
 /// Holds a stream to the control plane for as long as the sidecar runs.
@@ -300,14 +317,25 @@ async fn session(
 ) -> Result<(), String> {
     // Even with our own SVID revoked we present it here: the control plane is the one party
     // that can lift the revocation (`sigil unrevoke`), and it sends us only our own snapshot.
+    // Its certificate is checked against the bundle directory alone, with no revocations: a
+    // pushed bundle or revocation must never cut us off from the party that can undo it.
     let tls = p.tls.get();
+    let bootstrap = p.sources.lock().expect("sources lock").file_bundles.clone();
+    let client = tls::client_config(
+        &tls.identity,
+        bootstrap,
+        Default::default(),
+        tls::provider(),
+        cp.spiffe_id.clone(),
+        Carries::Http2,
+    );
     let timeouts = &p.cfg.spec.timeouts;
     let tcp = tokio::time::timeout(timeouts.connect, TcpStream::connect(cp.address))
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| format!("connect: {e}"))?;
     let _ = tcp.set_nodelay(true);
-    let connector = TlsConnector::from(tls.client_config(&cp.spiffe_id, Carries::Http2));
+    let connector = TlsConnector::from(client);
     let name = ServerName::IpAddress(cp.address.ip().into());
     let stream = tokio::time::timeout(timeouts.handshake, connector.connect(name, tcp))
         .await
@@ -359,13 +387,13 @@ async fn subscribe(
         *received = true;
         let version = s.version;
         let ack = match accept(p, &s, state_dir) {
-            Ok(()) => {
+            Ok(note) => {
                 p.metrics.reload("snapshot", true);
                 Ack {
                     node: node.clone(),
                     version,
                     accepted: true,
-                    error: String::new(),
+                    error: note,
                 }
             }
             Err(e) => {

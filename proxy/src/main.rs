@@ -175,9 +175,8 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
     if revocation_files.is_configured() {
         p.metrics.reload("revocation", true);
     }
-    let revocations = p.revocations();
-    if !revocations.is_empty() {
-        apply_revocations(&p, &revocations);
+    if !p.revocations().is_empty() {
+        install_revocations(&p);
     }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -400,7 +399,7 @@ fn spawn_watcher(
                         p.metrics.reload("revocation", true);
                         p.sources.lock().expect("sources lock").file_revocations =
                             revocation_files.current.clone();
-                        apply_revocations(&p, &p.revocations());
+                        install_revocations(&p);
                     }
                 }
             }
@@ -463,6 +462,7 @@ fn apply(p: &Proxy, change: Change) {
 /// and closes every live connection whose peer no longer verifies: verifiers run only at
 /// handshake time.
 pub(crate) fn install_bundles(p: &Proxy) {
+    let _installing = p.installing.lock().expect("install lock");
     let bundles = p.bundles();
     info!(trust_domains = ?bundles.domains(), "trust bundles in force");
     p.tls.set_bundles(bundles.clone());
@@ -501,7 +501,12 @@ fn log_revocations(list: &[Revocation]) {
 /// Puts a new set of revocations in force: new handshakes check it at once, and every live
 /// connection whose peer it covers is closed (`revoked`). If it covers our own SVID, every
 /// connection is closed and none is made or accepted until a fresh SVID arrives.
-pub(crate) fn apply_revocations(p: &Proxy, list: &[Revocation]) {
+pub(crate) fn install_revocations(p: &Proxy) {
+    let _installing = p.installing.lock().expect("install lock");
+    apply_revocations(p, &p.revocations());
+}
+
+fn apply_revocations(p: &Proxy, list: &[Revocation]) {
     let revocations = Arc::new(Revocations::new(list));
     p.tls.set_revocations(revocations.clone());
     let tls = p.tls.get();

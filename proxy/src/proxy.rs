@@ -24,6 +24,9 @@ pub struct Proxy {
     /// Policies and revocations from files and from the control plane; the policy index,
     /// registry and revocation set are rebuilt from these whenever one changes.
     pub sources: Mutex<Sources>,
+    /// Held while a state derived from `sources` is computed and put in force, so that the
+    /// file watcher and the control-plane client, racing, never install a stale one last.
+    pub installing: Mutex<()>,
     pub metrics: Metrics,
     pub conns: Arc<Conns>,
     pub draining: AtomicBool,
@@ -73,6 +76,7 @@ impl Proxy {
             policy: RwLock::new(Arc::new(PolicyIndex::compile([], &local))),
             registry: RwLock::default(),
             sources: Mutex::new(sources),
+            installing: Mutex::new(()),
             metrics,
             conns: Arc::new(Conns::default()),
             draining: AtomicBool::new(false),
@@ -87,6 +91,7 @@ impl Proxy {
 
     /// Recompiles the policy index for our own ID from every source.
     pub fn refresh_policy(&self) {
+        let _installing = self.installing.lock().expect("install lock");
         let local = self.tls.get().identity.id().clone();
         let index = {
             let sources = self.sources.lock().expect("sources lock");
@@ -103,6 +108,7 @@ impl Proxy {
     /// Rebuilds the registry: the config's own entries first (a local override wins), then
     /// the pushed ones.
     pub fn refresh_registry(&self) {
+        let _installing = self.installing.lock().expect("install lock");
         let mut r = Registry::default();
         for e in &self.cfg.spec.outbound.registry {
             r.insert(e.value.address, &e.value.spiffe_id);

@@ -263,14 +263,22 @@ spec:
 
     // The control plane is killed and comes back: the sidecars serve on, then reconnect. Then
     // a clean restart (SIGTERM, exit 0).
+    // A revocation of the control plane's own ID (a mistake) must not cut the sidecars off
+    // from the party that can undo it: they reach it with their bootstrap trust.
+    let (code, out, err) = cp.sigil(&alice, &["revoke", CONTROL, "--reason", "mistake"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    wait_status(&cp, &alice, "sidecar-b", "sent=5 acknowledged");
     cp = cp.kill_and_restart();
     pa.wait_log("control plane stream lost", Duration::from_secs(5));
     wait_status(&cp, &alice, "sidecar-a", "acknowledged");
-    wait_status(&cp, &alice, "sidecar-b", "sent=4 acknowledged");
+    wait_status(&cp, &alice, "sidecar-b", "sent=5 acknowledged");
+    let (code, out, err) = cp.sigil(&alice, &["unrevoke", CONTROL]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    wait_status(&cp, &alice, "sidecar-b", "sent=6 acknowledged");
     cp = cp.restart();
     pa.wait_log("control plane stream lost", Duration::from_secs(5));
     wait_status(&cp, &alice, "sidecar-a", "acknowledged");
-    wait_status(&cp, &alice, "sidecar-b", "sent=4 acknowledged");
+    wait_status(&cp, &alice, "sidecar-b", "sent=6 acknowledged");
     stop.store(true, Ordering::Relaxed);
     let (ok, failed) = load.join().unwrap();
     assert!(
@@ -313,7 +321,7 @@ spec:
     let (code, out, err) = cp.sigil(&alice, &["revoke", A, "--reason", "incident 7"]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(
-        out.contains("created Revocation/revoke-example.org-ns-demo-sa-a"),
+        out.contains("created Revocation/revoke-example.org-ns-demo-sa-a-"),
         "{out}"
     );
     assert!(

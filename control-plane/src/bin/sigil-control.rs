@@ -202,12 +202,12 @@ async fn run(
         tokio::spawn(async move {
             loop {
                 changed.notified().await;
-                if let Err(e) = api.hub.publish(&api.store).await {
-                    eprintln!("sigil-control: cannot publish a change from etcd: {e}");
-                }
+                let _ = api.hub.publish(&api.store).await;
             }
         });
     }
+    let retrying = api.clone();
+    tokio::spawn(async move { retrying.hub.retry_publishes(&retrying.store).await });
     let acceptor = TlsAcceptor::from(server);
     tokio::select! {
         _ = operator::serve(operator_listener, acceptor.clone(), api) => {}

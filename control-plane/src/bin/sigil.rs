@@ -355,6 +355,8 @@ fn revoke(args: &[String]) -> ExitCode {
     ))
 }
 
+/// Deletes every Revocation of the ID (or the one named by `--name`), whatever its name: the
+/// stored documents are read, not guessed from the ID.
 fn unrevoke(args: &[String]) -> ExitCode {
     let o = match parse_opts(args) {
         Ok(o) => o,
@@ -368,8 +370,41 @@ fn unrevoke(args: &[String]) -> ExitCode {
         Ok(c) => c,
         Err(e) => return usage_error(&e),
     };
-    let path = format!("/v1/resources/Revocation/{}", revocation_name(&o, &id));
-    report(c.send(Method::DELETE, &path, &[], String::new()))
+    let body = match c.send(Method::GET, "/v1/resources/Revocation", &[], String::new()) {
+        Ok((status, body)) if status.is_success() => body,
+        other => return report(other),
+    };
+    let stored = match Resource::parse_all(Path::new("control-plane"), &body) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sigil: the control plane sent revocations this sigil cannot read: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let names: Vec<String> = stored
+        .iter()
+        .filter_map(|r| match r {
+            Resource::Revocation(r) if r.spec.spiffe_id == id => Some(r.metadata.name.clone()),
+            _ => None,
+        })
+        .filter(|n| o.name.as_ref().is_none_or(|want| want == n))
+        .collect();
+    if names.is_empty() {
+        eprintln!("sigil: no revocation of {id} is stored");
+        return ExitCode::from(1);
+    }
+    for name in names {
+        let code = report(c.send(
+            Method::DELETE,
+            &format!("/v1/resources/Revocation/{name}"),
+            &[],
+            String::new(),
+        ));
+        if code != ExitCode::SUCCESS {
+            return code;
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn load(files: &[PathBuf]) -> Result<Vec<Resource>, ExitCode> {
