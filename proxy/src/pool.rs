@@ -54,8 +54,13 @@ impl Slot {
 }
 
 /// Spawns hyper's futures for one pooled connection, each ending early once `kill` turns true.
+/// Each holds a clone of `alive` while it runs, so the connection's task knows when hyper's
+/// work on the socket is over.
 #[derive(Clone)]
-struct Killable(watch::Receiver<bool>);
+struct Killable {
+    kill: watch::Receiver<bool>,
+    alive: Arc<()>,
+}
 
 impl<F> hyper::rt::Executor<F> for Killable
 where
@@ -63,8 +68,9 @@ where
     F::Output: Send + 'static,
 {
     fn execute(&self, fut: F) {
-        let mut kill = self.0.clone();
+        let (mut kill, alive) = (self.kill.clone(), self.alive.clone());
         tokio::spawn(async move {
+            let _alive = alive;
             tokio::select! {
                 _ = fut => {}
                 // A dropped sender is no kill: the connection then ends on its own.
@@ -129,7 +135,11 @@ async fn connect(
     let (labels, counters, mut guard) = p.admit(a);
     let io = TokioIo::new(Counted::new(stream, counters));
     let (kill, kill_rx) = watch::channel(false);
-    let mut builder = hyper::client::conn::http2::Builder::new(Killable(kill_rx));
+    let alive = Arc::new(());
+    let mut builder = hyper::client::conn::http2::Builder::new(Killable {
+        kill: kill_rx,
+        alive: alive.clone(),
+    });
     builder
         .timer(TokioTimer::new())
         .keep_alive_interval(KEEP_ALIVE_INTERVAL)
@@ -147,10 +157,12 @@ async fn connect(
     debug!(%dest, peer = %expected, "pooled connection open");
     let p = p.clone();
     tokio::spawn(async move {
-        tokio::pin!(conn);
+        // Boxed rather than pinned in place, so that it can be dropped (with the executor
+        // clone it holds) before waiting on `alive`.
+        let mut conn = Box::pin(conn);
         let mut reason = tokio::select! {
-            // The peer sent GOAWAY or the socket failed. Streams still in flight finish in
-            // hyper's connection task.
+            // The peer sent GOAWAY (h2 then refuses new streams, which ends hyper's dispatch)
+            // or the socket failed. Streams still in flight run on in hyper's spawned tasks.
             r = conn.as_mut() => if r.is_ok() { "done" } else { "io_error" },
             reason = closed(&mut guard.close_rx) => reason,
         };
@@ -164,6 +176,27 @@ async fn connect(
                     // Requests already handed this connection's sender still go out.
                     _ = conn.as_mut(), if dispatching => dispatching = false,
                     _ = grace.as_mut() => break,
+                    r = cut(&mut guard.close_rx) => {
+                        reason = r;
+                        break;
+                    }
+                }
+            }
+        }
+        drop(conn);
+        if reason == "done" {
+            // Stay in the registry until those streams end, so that a revocation meanwhile
+            // still cuts them. Bounded: a stream the peer never finishes is cut after the
+            // keep-alive window.
+            let deadline = tokio::time::Instant::now() + KEEP_ALIVE_INTERVAL + KEEP_ALIVE_TIMEOUT;
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            while Arc::strong_count(&alive) > 1 {
+                if tokio::time::Instant::now() > deadline {
+                    let _ = kill.send(true);
+                    break;
+                }
+                tokio::select! {
+                    _ = tick.tick() => {}
                     r = cut(&mut guard.close_rx) => {
                         reason = r;
                         break;

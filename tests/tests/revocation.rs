@@ -204,3 +204,56 @@ fn revoking_one_identity_cuts_it_everywhere_and_disturbs_nothing_else() {
     assert_eq!(get_once(c_web, "/still"), Some(200), "{}", pb.log());
     drop(pa);
 }
+
+/// A peer draining (SIGTERM) sends GOAWAY on the pooled connection; the request in flight runs
+/// on. A revocation of that peer meanwhile must still cut it, even once hyper has noticed the
+/// GOAWAY (forced here by one more request, which h2 refuses on that connection).
+#[test]
+fn a_revocation_cuts_a_stream_still_running_after_the_peers_goaway() {
+    let dir = TempDir::new("revocation-goaway");
+    let d = dir.path();
+    let ca = Ca::new("example.org");
+    let (_web, web_port) = start_workload("b", false);
+    let fa = write_identity(d, "a", &ca, A, &[&ca]);
+    let fb = write_identity(d, "b", &ca, B, &[&ca]);
+    let rev_a = d.join("revocations-a");
+    std::fs::create_dir_all(&rev_a).unwrap();
+    let b_web = free_port();
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.inbound = vec![(b_web, web_port)];
+    b.drain = "20s";
+    let pb = b.start(d, &fb);
+    let a_web = free_port();
+    let mut a = Sidecar::new("sidecar-a", A);
+    a.outbound = vec![(a_web, b_web, B.into())];
+    a.revocation_dir = Some(rev_a.clone());
+    let pa = a.start(d, &fa);
+    assert_eq!(get_once(a_web, "/warm"), Some(200), "{}", pa.log());
+
+    let slow = std::thread::spawn(move || get_once(a_web, "/slow/6000"));
+    std::thread::sleep(Duration::from_millis(300));
+    pb.signal(libc::SIGTERM);
+    pb.wait_log("shutting down", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(200));
+    // B takes no new connections while draining: this one gets 502, after hyper has seen the
+    // GOAWAY on the pooled connection.
+    assert_ne!(get_once(a_web, "/poke"), Some(200));
+    write_atomic(
+        &rev_a.join("b.yaml"),
+        revocation("revoke-b", B, None).as_bytes(),
+    );
+    assert_ne!(
+        slow.join().unwrap(),
+        Some(200),
+        "the stream ran on after the revocation:\n{}",
+        pa.log()
+    );
+    wait_until("the cut counted", Duration::from_secs(5), || {
+        count(
+            &a,
+            "sigil_connections_closed_total{",
+            &["direction=\"outbound\"", "reason=\"revoked\""],
+        ) == 1.0
+    });
+    drop(pb);
+}
