@@ -218,26 +218,40 @@ pub enum Destination {
     Host(IpAddr),
 }
 
-impl<'de> Deserialize<'de> for Destination {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
+impl std::str::FromStr for Destination {
+    type Err = String;
+
+    /// `ip:port`, or a bare `ip` for every port.
+    fn from_str(s: &str) -> Result<Self, String> {
         if let Ok(sa) = s.parse::<SocketAddr>() {
             return Ok(Self::Socket(sa));
         }
         s.parse::<IpAddr>().map(Self::Host).map_err(|_| {
-            serde::de::Error::custom(format!(
-                "invalid address {s:?}: expected ip:port or ip ([v6]:port for IPv6)"
-            ))
+            format!("invalid address {s:?}: expected ip:port or ip ([v6]:port for IPv6)")
         })
+    }
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Socket(a) => a.fmt(f),
+            Self::Host(a) => a.fmt(f),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Destination {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
 impl Serialize for Destination {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            Self::Socket(a) => s.collect_str(a),
-            Self::Host(a) => s.collect_str(a),
-        }
+        s.collect_str(self)
     }
 }
 

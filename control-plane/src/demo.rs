@@ -4,7 +4,7 @@
 //! while other calls go on, and where the metrics are. Everything it starts is stopped by PID
 //! and its directory removed; it exits non-zero if the mesh did not behave as narrated.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use hyper::Method;
 use sigil_config::SpiffeId;
-use sigil_testkit::http::get;
+use sigil_testkit::http::{get, get_close, get_once};
 use sigil_testkit::Ca;
 
 use crate::client::Client;
@@ -90,23 +90,8 @@ fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Resu
     Ok(())
 }
 
-fn get_once(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    get(&mut s, path)
-}
-
 fn admin_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, text.split_once("\r\n\r\n")?.1.to_string()))
+    get_close(([127, 0, 0, 1], port).into(), path)
 }
 
 struct Sidecar {

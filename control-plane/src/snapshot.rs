@@ -86,10 +86,7 @@ impl Catalog {
             }
             for a in &w.spec.addresses {
                 registry.push(RegistryEntry {
-                    address: match a {
-                        sigil_config::proxy_config::Destination::Socket(s) => s.to_string(),
-                        sigil_config::proxy_config::Destination::Host(h) => h.to_string(),
-                    },
+                    address: a.to_string(),
                     spiffe_id: w.spec.spiffe_id.to_string(),
                     workload: w.metadata.name.clone(),
                 });

@@ -9,7 +9,6 @@
 //! Lost streams are re-opened with exponential backoff and full jitter.
 
 use std::hash::{BuildHasher, Hasher};
-use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,13 +68,10 @@ impl Pushed {
         let mut registry = Vec::new();
         for e in &s.registry {
             let at = || format!("control-plane:Workload/{}", e.workload);
-            let dest = parse_destination(&e.address).ok_or_else(|| {
-                format!(
-                    "{}: invalid address {:?}: expected ip:port or ip",
-                    at(),
-                    e.address
-                )
-            })?;
+            let dest: Destination = e
+                .address
+                .parse()
+                .map_err(|err| format!("{}: {err}", at()))?;
             let id = SpiffeId::parse(&e.spiffe_id)
                 .map_err(|err| format!("{}: spiffeId {:?}: {err}", at(), e.spiffe_id))?;
             registry.push((dest, id));
@@ -157,13 +153,6 @@ fn parse_bundles(s: &Snapshot, own: &LocalIdentity) -> Result<TrustBundles, Stri
         })?;
     }
     Ok(bundles)
-}
-
-fn parse_destination(s: &str) -> Option<Destination> {
-    if let Ok(a) = s.parse::<SocketAddr>() {
-        return Some(Destination::Socket(a));
-    }
-    s.parse::<IpAddr>().ok().map(Destination::Host)
 }
 
 /// The persisted snapshot, if there is a valid one.

@@ -403,19 +403,7 @@ impl Sidecar {
 
 /// Minimal HTTP/1.1 GET (Connection: close) for admin endpoints; (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    use std::io::Write;
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).ok()?;
-    let status = resp.split_whitespace().nth(1)?.parse().ok()?;
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-    Some((status, body))
+    sigil_testkit::http::get_close(addr, path)
 }
 
 /// Starts the toy workload on a free loopback port.
@@ -602,22 +590,23 @@ impl ControlPlane {
 
     /// Stops it (SIGTERM; it must exit 0) and starts it again on the same ports and data.
     pub fn restart(self) -> Self {
-        let Self {
-            mut proc,
-            id,
-            operator_port,
-            sidecar_port,
-            store,
-            files,
-        } = self;
-        let code = proc.terminate(Duration::from_secs(10));
-        assert_eq!(code, Some(0), "sigil-control exit:\n{}", proc.log());
-        Self::start_with(&id, files, store, operator_port, sidecar_port)
+        self.respawn(|proc| {
+            let code = proc.terminate(Duration::from_secs(10));
+            assert_eq!(code, Some(0), "sigil-control exit:\n{}", proc.log());
+        })
     }
 
     /// Kills it (SIGKILL: no chance to say goodbye to its streams), then starts it again on
     /// the same ports and data.
     pub fn kill_and_restart(self) -> Self {
+        self.respawn(|proc| {
+            proc.signal(libc::SIGKILL);
+            let _ = proc.terminate(Duration::from_secs(10));
+        })
+    }
+
+    /// Ends the process with `stop`, then starts it again on the same ports and store.
+    fn respawn(self, stop: impl FnOnce(&mut Proc)) -> Self {
         let Self {
             mut proc,
             id,
@@ -626,8 +615,7 @@ impl ControlPlane {
             store,
             files,
         } = self;
-        proc.signal(libc::SIGKILL);
-        let _ = proc.terminate(Duration::from_secs(10));
+        stop(&mut proc);
         Self::start_with(&id, files, store, operator_port, sidecar_port)
     }
 
@@ -670,9 +658,7 @@ pub fn get(s: &mut TcpStream, path: &str) -> Option<u16> {
 
 /// A fresh connection to a loopback port, one request: the status, or None.
 pub fn get_once(port: u16, path: &str) -> Option<u16> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    get(&mut s, path)
+    sigil_testkit::http::get_once(port, path).map(|(status, _)| status)
 }
 
 /// A Workload `b` (`target`, reachable at 127.0.0.1:`b_port`) and a Policy `b-web` letting
