@@ -24,9 +24,8 @@ use hyper::body::Incoming;
 use hyper::header::{
     HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, HOST, TRANSFER_ENCODING, UPGRADE,
 };
+use hyper::http::uri::Parts as UriParts;
 use hyper::{Request, Response, StatusCode, Uri, Version};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::CertificateDer;
 use sigil_config::SpiffeId;
@@ -36,7 +35,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
 
 use crate::conns::{is_graceful, Direction, Kind, GRACE};
-use crate::metrics::{DurationLabels, RequestLabels, RuleLabels};
+use crate::metrics::{RequestMetrics, RuleLabels};
 use crate::proxy::{now_unix, Admitted, Proxy};
 use crate::relay::{close_request, closed, Counted};
 
@@ -44,34 +43,15 @@ pub const PEER_HEADER: &str = "x-sigil-peer-id";
 const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
-/// Clients towards the local workload: pooled, one per HTTP version.
-pub struct Upstreams {
-    h1: Client<HttpConnector, Incoming>,
-    h2: Client<HttpConnector, Incoming>,
-}
-
-impl Upstreams {
-    pub fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        Self {
-            h1: Client::builder(TokioExecutor::new()).build(connector.clone()),
-            h2: Client::builder(TokioExecutor::new())
-                .http2_only(true)
-                .build(connector),
-        }
-    }
-}
-
 struct Conn {
     p: Arc<Proxy>,
     peer: SpiffeId,
     /// For registering upgraded tunnels, which outlive the HTTP connection's registration.
     chain: Vec<CertificateDer<'static>>,
-    peer_label: Arc<str>,
     peer_header: HeaderValue,
     local: Arc<str>,
     port: u16,
+    metrics: RequestMetrics,
 }
 
 /// Serves one admitted connection until it ends or the registry closes it.
@@ -87,10 +67,10 @@ where
         p: p.clone(),
         peer: a.peer.clone(),
         chain: a.chain.clone(),
-        peer_label: a.peer_label.clone(),
         peer_header,
         local: a.local.clone(),
         port: a.port,
+        metrics: RequestMetrics::new(&p.metrics, "inbound", a.local.clone(), a.peer_label.clone()),
     });
     let (labels, counters, mut guard) = p.admit(a);
     let stream = Counted::new(stream, counters);
@@ -217,13 +197,14 @@ async fn handle(c: &Conn, req: Request<Incoming>) -> Response<Body> {
             (Arc::from("invalid_request"), "invalid", r)
         }
         Ok((route, false, why)) => {
+            let why = why.unwrap_or_default();
             info!(peer = %c.peer, port = c.port, method = %req.method(), path = %req.uri().path(), rule = %why, "request denied");
             let r = local_response(StatusCode::FORBIDDEN, grpc, &format!("denied by {why}"));
             (route, "deny", r)
         }
-        Ok((route, true, path)) => {
-            debug!(peer = %c.peer, port = c.port, method = %req.method(), %path, "request allowed");
-            let r = match forward(c, req, &path, grpc).await {
+        Ok((route, true, target)) => {
+            debug!(peer = %c.peer, port = c.port, method = %req.method(), path = %req.uri().path(), "request allowed");
+            let r = match forward(c, req, target, grpc).await {
                 Ok(r) => r,
                 Err(e) => {
                     warn!(peer = %c.peer, port = c.port, "workload request failed: {e}");
@@ -233,29 +214,23 @@ async fn handle(c: &Conn, req: Request<Incoming>) -> Response<Body> {
             (route, "allow", r)
         }
     };
-    let m = &c.p.metrics;
-    m.requests
-        .get_or_create(&RequestLabels {
-            direction: "inbound",
-            local_id: c.local.clone(),
-            peer_id: c.peer_label.clone(),
-            route,
-            decision,
-            status_class: status_class(resp.status()),
-        })
-        .inc();
-    m.request_duration
-        .get_or_create(&DurationLabels {
-            direction: "inbound",
-            local_id: c.local.clone(),
-        })
-        .observe(started.elapsed().as_secs_f64());
+    c.metrics.record(
+        &c.p.metrics,
+        &route,
+        decision,
+        status_class(resp.status()),
+        started.elapsed().as_secs_f64(),
+    );
     resp
 }
 
-/// Ok((route label, allowed, detail)): detail is the normalized path+query when allowed, the
-/// deciding rule when denied. Err: the request is malformed (400).
-fn authorize(c: &Conn, req: &Request<Incoming>) -> Result<(Arc<str>, bool, String), String> {
+/// Ok((route label, allowed, detail)): when allowed, detail is the normalized path+query if
+/// normalizing changed the target; when denied, the deciding rule. Err: the request is
+/// malformed (400).
+fn authorize(
+    c: &Conn,
+    req: &Request<Incoming>,
+) -> Result<(Arc<str>, bool, Option<String>), String> {
     let mut hosts = req.headers().get_all(HOST).iter();
     let host_header = hosts.next();
     if hosts.next().is_some() {
@@ -305,26 +280,25 @@ fn authorize(c: &Conn, req: &Request<Incoming>) -> Result<(Arc<str>, bool, Strin
     }
     let route = index.label(&d.rule);
     if !d.allowed {
-        return Ok((route, false, d.rule.to_string()));
+        return Ok((route, false, Some(d.rule.to_string())));
     }
-    let target = match query {
-        Some(q) => format!("{path}?{q}"),
-        None => path.into_owned(),
+    // Borrowed: every byte of the path was already in its normal form.
+    let target = match (path, query) {
+        (std::borrow::Cow::Borrowed(_), _) => None,
+        (path, Some(q)) => Some(format!("{path}?{q}")),
+        (path, None) => Some(path.into_owned()),
     };
     Ok((route, true, target))
 }
 
-/// Sends the request to 127.0.0.1:<port> with the normalized target and our peer header.
+/// Sends the request to 127.0.0.1:<port> with the normalized target (`target`, when
+/// normalizing changed it) and our peer header.
 async fn forward(
     c: &Conn,
     mut req: Request<Incoming>,
-    target: &str,
+    target: Option<String>,
     grpc: bool,
 ) -> Result<Response<Body>, String> {
-    let upstream = SocketAddr::from((Ipv4Addr::LOCALHOST, c.port));
-    let uri: Uri = format!("http://{upstream}{target}")
-        .parse()
-        .map_err(|e| format!("rebuilding the target: {e}"))?;
     let upgrade = req.version() == Version::HTTP_11 && req.headers().contains_key(UPGRADE);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -348,26 +322,40 @@ async fn forward(
             .headers
             .insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
     }
-    parts.uri = uri;
-    // gRPC needs HTTP/2 end to end; anything else goes to the workload as HTTP/1.1, which
-    // every workload speaks (an HTTP/2 client must not break an HTTP/1-only server).
-    parts.version = if grpc {
-        Version::HTTP_2
-    } else {
-        Version::HTTP_11
-    };
     // Only we may say who the caller is.
     let peer_header = HeaderName::from_static(PEER_HEADER);
     while parts.headers.remove(&peer_header).is_some() {}
     parts.headers.insert(peer_header, c.peer_header.clone());
-    let out = Request::from_parts(parts, body);
-    let upstreams = &c.p.upstreams;
-    let client = if out.version() == Version::HTTP_2 {
-        &upstreams.h2
+    let workload = &c.p.workload;
+    let mut resp = if grpc {
+        // gRPC needs HTTP/2 end to end.
+        let pq = target
+            .as_deref()
+            .unwrap_or_else(|| parts.uri.path_and_query().map_or("/", |pq| pq.as_str()));
+        parts.uri = format!(
+            "http://{}{pq}",
+            SocketAddr::from((Ipv4Addr::LOCALHOST, c.port))
+        )
+        .parse()
+        .map_err(|e| format!("rebuilding the target: {e}"))?;
+        parts.version = Version::HTTP_2;
+        let out = Request::from_parts(parts, body);
+        workload.send_grpc(out).await?.map(|b| b.boxed())
     } else {
-        &upstreams.h1
+        // Anything else goes to the workload as HTTP/1.1, which every workload speaks (an
+        // HTTP/2 client must not break an HTTP/1-only server), in origin form.
+        if let Some(t) = target {
+            parts.uri = Uri::try_from(t).map_err(|e| format!("rebuilding the target: {e}"))?;
+        } else if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            let mut origin = UriParts::default();
+            origin.path_and_query = parts.uri.path_and_query().cloned();
+            parts.uri =
+                Uri::from_parts(origin).map_err(|e| format!("rebuilding the target: {e}"))?;
+        }
+        parts.version = Version::HTTP_11;
+        let out = Request::from_parts(parts, body);
+        workload.send_h1(c.port, out).await?.map(|b| b.boxed())
     };
-    let mut resp = client.request(out).await.map_err(|e| e.to_string())?;
     if let (Some(down), StatusCode::SWITCHING_PROTOCOLS) = (downstream_upgrade, resp.status()) {
         let up = hyper::upgrade::on(&mut resp);
         // The tunnel outlives the HTTP connection's registration: register it on its own so
@@ -381,7 +369,7 @@ async fn forward(
         );
         tokio::spawn(async move { tunnel(down, up, &mut guard.close_rx).await });
     }
-    Ok(resp.map(|b| b.boxed()))
+    Ok(resp)
 }
 
 /// Relays the two halves of an upgraded HTTP/1.1 connection (WebSocket) until either ends

@@ -1,6 +1,7 @@
 //! sigil-proxy: the Sigil sidecar. See `--help`.
 
 mod admin;
+mod alloc;
 mod conns;
 mod control;
 mod identity;
@@ -13,6 +14,7 @@ mod pool;
 mod proxy;
 mod relay;
 mod resources;
+mod workload;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -23,8 +23,9 @@ use tracing::{debug, info};
 
 use crate::conns::{Direction, Kind};
 use crate::l7::{is_grpc, local_response, serve_until_closed, status_class, tunnel, Body};
-use crate::metrics::{DurationLabels, RequestLabels};
+use crate::metrics::RequestMetrics;
 use crate::outbound::dial;
+use crate::pool::Slot;
 use crate::proxy::{Admitted, Proxy};
 use crate::relay::{closed, Counted};
 
@@ -38,6 +39,8 @@ struct Conn {
     peer_label: Arc<str>,
     /// The `route` label of outbound requests: the destination decides.
     route: Arc<str>,
+    metrics: RequestMetrics,
+    slot: Arc<Slot>,
 }
 
 /// A request the sidecar answers itself: status, metrics decision label, reason.
@@ -48,13 +51,17 @@ pub async fn serve<S>(p: Arc<Proxy>, workload: S, dest: SocketAddr, expected: Sp
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let local = p.tls.get().local_label.clone();
+    let peer_label = p.metrics.peer_label(expected.as_str());
     let conn = Arc::new(Conn {
         p: p.clone(),
         dest,
-        local: p.tls.get().local_label.clone(),
-        peer_label: p.metrics.peer_label(expected.as_str()),
+        metrics: RequestMetrics::new(&p.metrics, DIR.label(), local.clone(), peer_label.clone()),
+        local,
+        peer_label,
         expected: expected.clone(),
         route: "remote".into(),
+        slot: p.pool.slot(dest, &expected),
     });
     // Registered so that the drain waits for it; its traffic is counted on the pooled
     // connections, which carry the identity.
@@ -86,23 +93,13 @@ async fn handle(c: &Conn, req: Request<Incoming>) -> Response<Body> {
             (decision, local_response(status, grpc, &why))
         }
     };
-    let m = &c.p.metrics;
-    m.requests
-        .get_or_create(&RequestLabels {
-            direction: DIR.label(),
-            local_id: c.local.clone(),
-            peer_id: c.peer_label.clone(),
-            route: c.route.clone(),
-            decision,
-            status_class: status_class(resp.status()),
-        })
-        .inc();
-    m.request_duration
-        .get_or_create(&DurationLabels {
-            direction: DIR.label(),
-            local_id: c.local.clone(),
-        })
-        .observe(started.elapsed().as_secs_f64());
+    c.metrics.record(
+        &c.p.metrics,
+        &c.route,
+        decision,
+        status_class(resp.status()),
+        started.elapsed().as_secs_f64(),
+    );
     resp
 }
 
@@ -129,7 +126,7 @@ async fn via_pool(c: &Conn, req: Request<Incoming>) -> Result<Response<Body>, Re
     let mut req = Request::from_parts(parts, body);
     let mut retried = false;
     loop {
-        let Some(mut sender) = c.p.pool.sender(&c.p, c.dest, &c.expected).await else {
+        let Some(mut sender) = c.p.pool.sender(&c.p, &c.slot).await else {
             return Err(unreachable_peer());
         };
         match sender.try_send_request(req).await {

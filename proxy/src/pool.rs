@@ -36,7 +36,8 @@ pub struct Pool {
     next: AtomicU64,
 }
 
-struct Slot {
+pub struct Slot {
+    dest: SocketAddr,
     expected: SpiffeId,
     /// The connection's number and sender. Async, so that concurrent first requests wait
     /// for one dial instead of racing.
@@ -81,13 +82,15 @@ where
 }
 
 impl Pool {
-    fn slot(&self, dest: SocketAddr, expected: &SpiffeId) -> Arc<Slot> {
+    /// The slot of `dest` and `expected`, which a workload connection looks up once.
+    pub fn slot(&self, dest: SocketAddr, expected: &SpiffeId) -> Arc<Slot> {
         let mut slots = self.slots.lock().expect("pool lock");
         let list = slots.entry(dest).or_default();
         if let Some(s) = list.iter().find(|s| s.expected == *expected) {
             return s.clone();
         }
         let s = Arc::new(Slot {
+            dest,
             expected: expected.clone(),
             sender: tokio::sync::Mutex::new(None),
         });
@@ -95,21 +98,15 @@ impl Pool {
         s
     }
 
-    /// A sender on a live pooled connection to `dest`, dialling one if there is none. None:
+    /// A sender on a live pooled connection of `slot`, dialling one if there is none. None:
     /// the dial failed (logged and counted by `dial`).
-    pub async fn sender(
-        &self,
-        p: &Arc<Proxy>,
-        dest: SocketAddr,
-        expected: &SpiffeId,
-    ) -> Option<SendRequest<Incoming>> {
-        let slot = self.slot(dest, expected);
+    pub async fn sender(&self, p: &Arc<Proxy>, slot: &Arc<Slot>) -> Option<SendRequest<Incoming>> {
         let mut sender = slot.sender.lock().await;
         if let Some((_, s)) = sender.as_ref().filter(|(_, s)| !s.is_closed()) {
             return Some(s.clone());
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let s = connect(p, dest, expected, slot.clone(), id).await?;
+        let s = connect(p, slot.dest, &slot.expected, slot.clone(), id).await?;
         *sender = Some((id, s.clone()));
         Some(s)
     }

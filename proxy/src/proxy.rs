@@ -33,7 +33,7 @@ pub struct Proxy {
     /// Wakes connections that can end gracefully (HTTP) when draining starts.
     pub drain_started: tokio::sync::Notify,
     /// Pooled clients towards the local workload (L7 ports).
-    pub upstreams: crate::l7::Upstreams,
+    pub workload: crate::workload::Workload,
     /// Pooled HTTP/2 connections towards peer sidecars (outbound L7).
     pub pool: crate::pool::Pool,
 }
@@ -81,7 +81,7 @@ impl Proxy {
             conns: Arc::new(Conns::default()),
             draining: AtomicBool::new(false),
             drain_started: tokio::sync::Notify::new(),
-            upstreams: crate::l7::Upstreams::new(),
+            workload: crate::workload::Workload::new(),
             pool: crate::pool::Pool::default(),
         };
         p.refresh_policy();

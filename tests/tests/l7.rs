@@ -672,6 +672,74 @@ fn outbound_http_shares_one_pooled_connection_that_a_bundle_change_cuts() {
 }
 
 /// Starts `curl URL` on a thread; joins to its result and the instant it returned.
+/// The workload sees requests arrive from the receiving sidecar's pooled connections: one
+/// connection serves sequential requests, a busy one is not shared, and a connection the
+/// workload closed (here: the workload restarted) is replaced without failing a request.
+#[test]
+fn inbound_requests_reuse_workload_connections_and_survive_a_workload_restart() {
+    if !require_tool("curl", "l7-workload-pool") {
+        return;
+    }
+    let dir = TempDir::new("l7-workload-pool");
+    let d = dir.path();
+    let ca = Ca::new("example.org");
+    let (mut web, web_port) = start_workload("b", false);
+    let fa = write_identity(d, "a", &ca, A, &[&ca]);
+    let fb = write_identity(d, "b", &ca, B, &[&ca]);
+    let b_web = free_port();
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.inbound = vec![(b_web, web_port)];
+    let _pb = b.start(d, &fb);
+    let a_web = free_port();
+    let mut a = Sidecar::new("sidecar-a", A);
+    a.outbound = vec![(a_web, b_web, B.into())];
+    let _pa = a.start(d, &fa);
+    let url = format!("http://127.0.0.1:{a_web}/p");
+    // The toy workload answers "... from <the sidecar's address>) ...".
+    let from = |out: &str| -> String {
+        let start = out.rfind(" from ").expect("workload reply") + 6;
+        out[start..].split(')').next().unwrap().to_string()
+    };
+    let get = |path: &str| {
+        let (ok, out) = curl_args(&[&format!("{url}{path}")]);
+        assert!(ok && out.contains("hello from b"), "{out}");
+        from(&out)
+    };
+
+    let first = get("/1");
+    for i in 2..6 {
+        assert_eq!(
+            get(&format!("/{i}")),
+            first,
+            "sequential requests share a connection"
+        );
+    }
+
+    // While one request holds a connection, another request takes a second one.
+    let slow = in_flight(&format!("http://127.0.0.1:{a_web}/slow/900"));
+    let other = get("/during");
+    let ((ok, out), _) = slow.join().unwrap();
+    assert!(ok && out.contains("GET /slow/900 "), "{out}");
+    assert_ne!(other, from(&out), "a busy connection is not shared");
+
+    // The workload restarts on the same port: its pooled connections are closed. The next
+    // requests reach the new process, none of them failing.
+    web.terminate(Duration::from_secs(5));
+    let mut cmd = Command::new(bin("sigil-toy-workload"));
+    cmd.args(["--listen", &format!("127.0.0.1:{web_port}"), "--name", "b"]);
+    let _web2 = Proc::spawn("b2", &mut cmd);
+    wait_for_port(([127, 0, 0, 1], web_port).into(), Duration::from_secs(10));
+    let after = get("/after-restart");
+    assert_ne!(after, first);
+    assert_eq!(get("/again"), after, "the new connection is pooled in turn");
+    let failed = count(
+        &b,
+        "sigil_requests_total{",
+        &["direction=\"inbound\"", "status_class=\"5xx\""],
+    );
+    assert_eq!(failed, 0.0, "{}", b.metrics());
+}
+
 fn in_flight(url: &str) -> std::thread::JoinHandle<((bool, String), std::time::Instant)> {
     let url = url.to_string();
     let t = std::thread::spawn(move || {

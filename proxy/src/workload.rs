@@ -1,0 +1,186 @@
+//! Connections from the sidecar to its own workload for inbound HTTP. HTTP/1.1 requests use
+//! a pool of keep-alive connections per port, kept here rather than in hyper-util's legacy
+//! client: that client hashes a (scheme, authority) key and spawns a task per request to
+//! wait for the connection to become idle again, work the sidecar measured on every request
+//! (perf/README.md, "Allocator and workload pool"). A connection goes back to the pool when
+//! its response body has been read to the end; one whose body is abandoned is closed.
+//! gRPC (HTTP/2 to the workload) keeps hyper-util's client, which multiplexes one
+//! connection.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+/// An idle connection older than this is not reused (hyper-util's default too).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle connections kept per workload port; more are closed when their response ends.
+const MAX_IDLE_PER_PORT: usize = 256;
+
+type Idle = Arc<Mutex<HashMap<u16, Vec<(Instant, SendRequest<Incoming>)>>>>;
+
+pub struct Workload {
+    idle: Idle,
+    grpc: Client<HttpConnector, Incoming>,
+}
+
+impl Workload {
+    pub fn new() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        Self {
+            idle: Idle::default(),
+            grpc: Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build(connector),
+        }
+    }
+
+    /// Sends a gRPC request (HTTP/2; the URI names 127.0.0.1:port).
+    pub async fn send_grpc(&self, req: Request<Incoming>) -> Result<Response<Incoming>, String> {
+        self.grpc.request(req).await.map_err(|e| e.to_string())
+    }
+
+    /// Sends an HTTP/1.1 request (origin-form URI, Host set) to 127.0.0.1:port on a pooled
+    /// connection, or a new one. A request that a pooled connection did not take (it was
+    /// closed by the workload meanwhile) goes out on the next one; nothing else is retried.
+    pub async fn send_h1(
+        &self,
+        port: u16,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Pooled>, String> {
+        loop {
+            let (mut sender, reused) = match self.take(port) {
+                Some(s) => (s, true),
+                None => (dial(port).await?, false),
+            };
+            // A pooled connection may still be finishing its previous exchange.
+            if let Err(e) = sender.ready().await {
+                if reused {
+                    continue;
+                }
+                return Err(e.to_string());
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    // After 101 the connection carries the upgraded protocol: never reused.
+                    let back = (resp.status() != StatusCode::SWITCHING_PROTOCOLS)
+                        .then(|| (self.idle.clone(), port, sender));
+                    return Ok(resp.map(|body| Pooled { body, back }));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => {
+                        debug!(
+                            port,
+                            "pooled workload connection closed; retrying on another"
+                        );
+                        req = unsent;
+                    }
+                    _ => return Err(e.into_error().to_string()),
+                },
+            }
+        }
+    }
+
+    fn take(&self, port: u16) -> Option<SendRequest<Incoming>> {
+        let mut idle = self.idle.lock().expect("workload pool lock");
+        let list = idle.get_mut(&port)?;
+        // Most recently used first: it is the one least likely to have been closed.
+        while let Some((since, sender)) = list.pop() {
+            if !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT {
+                return Some(sender);
+            }
+        }
+        None
+    }
+}
+
+async fn dial(port: u16) -> Result<SendRequest<Incoming>, String> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    // Requests and responses are written whole; do not let Nagle hold their tails.
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    tokio::spawn(async move {
+        // Upgrades (WebSocket) take the connection over; `l7::forward` relays them.
+        if let Err(e) = conn.with_upgrades().await {
+            debug!(%addr, "workload connection ended: {e}");
+        }
+    });
+    Ok(sender)
+}
+
+/// A workload response body; once read to the end, its connection returns to the pool.
+pub struct Pooled {
+    body: Incoming,
+    back: Option<(Idle, u16, SendRequest<Incoming>)>,
+}
+
+impl Pooled {
+    fn give_back(&mut self) {
+        let Some((idle, port, sender)) = self.back.take() else {
+            return;
+        };
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = idle.lock().expect("workload pool lock");
+        let list = idle.entry(port).or_default();
+        if list.len() < MAX_IDLE_PER_PORT {
+            list.push((Instant::now(), sender));
+        }
+    }
+}
+
+impl Body for Pooled {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.body).poll_frame(cx);
+        match &r {
+            Poll::Ready(None) => self.give_back(),
+            // A connection that failed mid-body is not reused.
+            Poll::Ready(Some(Err(_))) => self.back = None,
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        // hyper stops polling a body that says it has ended, so the end may show only here.
+        // A body dropped before its end leaves unread bytes: that connection is closed.
+        if self.body.is_end_stream() {
+            self.give_back();
+        }
+    }
+}
