@@ -1,12 +1,16 @@
 //! The global allocator: mimalloc, with its arenas committed on demand.
 //!
 //! mimalloc spends about a fifth less CPU per proxied HTTP/2 request than glibc's malloc
-//! (perf/README.md, "Allocator"). Its default on Linux commits each arena eagerly, which
+//! (perf/README.md, "Allocator and workload pool"). Its default on Linux commits each arena eagerly, which
 //! costs some 8 MiB of resident memory per process and would break the sidecar's 12 MiB
 //! idle budget. The option must be set before mimalloc reserves its first arena, which
 //! happens at the first Rust allocation, before `main`; so it is set from an ELF
-//! constructor with a priority, which the loader runs before unprioritised constructors
-//! (mimalloc's own) and before Rust's runtime starts.
+//! constructor with a priority, which runs before Rust's runtime starts (std's own
+//! `.init_array.00099` entry only records argv). Built with gcc, mimalloc's constructor runs
+//! after ours; built with clang it runs first, which is harmless: it reads the options but
+//! reserves no arena. The option is set outright rather than as a default, which holds in
+//! either order (mimalloc's first read marks an option as settled, and a default set after
+//! that is ignored); `MIMALLOC_ARENA_EAGER_COMMIT` therefore has no effect on the sidecar.
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -252,7 +252,8 @@ impl RequestMetrics {
         self.duration.observe(seconds);
         let mut last = self.last.lock().expect("request metrics lock");
         if let Some(l) = last.as_ref() {
-            if Arc::ptr_eq(&l.route, route)
+            // Matched rules' labels are shared Arcs; `no_policy` and the like are built anew.
+            if (Arc::ptr_eq(&l.route, route) || l.route == *route)
                 && l.decision == decision
                 && l.status_class == status_class
             {

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -29,7 +30,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections kept per workload port; more are closed when their response ends.
 const MAX_IDLE_PER_PORT: usize = 256;
 
-type Idle = Arc<Mutex<HashMap<u16, Vec<(Instant, SendRequest<Incoming>)>>>>;
+/// Per port, idle connections in the order they came back (oldest first).
+type Idle = Arc<Mutex<HashMap<u16, Vec<(Instant, SendRequest<Upload>)>>>>;
 
 pub struct Workload {
     idle: Idle,
@@ -59,8 +61,10 @@ impl Workload {
     pub async fn send_h1(
         &self,
         port: u16,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
     ) -> Result<Response<Pooled>, String> {
+        let mut req = req.map(Upload::new);
+        let uploaded = req.body().done.clone();
         loop {
             let (mut sender, reused) = match self.take(port) {
                 Some(s) => (s, true),
@@ -78,7 +82,11 @@ impl Workload {
                     // After 101 the connection carries the upgraded protocol: never reused.
                     let back = (resp.status() != StatusCode::SWITCHING_PROTOCOLS)
                         .then(|| (self.idle.clone(), port, sender));
-                    return Ok(resp.map(|body| Pooled { body, back }));
+                    return Ok(resp.map(|body| Pooled {
+                        body,
+                        back,
+                        uploaded,
+                    }));
                 }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if reused => {
@@ -94,7 +102,7 @@ impl Workload {
         }
     }
 
-    fn take(&self, port: u16) -> Option<SendRequest<Incoming>> {
+    fn take(&self, port: u16) -> Option<SendRequest<Upload>> {
         let mut idle = self.idle.lock().expect("workload pool lock");
         let list = idle.get_mut(&port)?;
         // Most recently used first: it is the one least likely to have been closed.
@@ -107,7 +115,7 @@ impl Workload {
     }
 }
 
-async fn dial(port: u16) -> Result<SendRequest<Incoming>, String> {
+async fn dial(port: u16) -> Result<SendRequest<Upload>, String> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let stream = TcpStream::connect(addr)
         .await
@@ -126,10 +134,60 @@ async fn dial(port: u16) -> Result<SendRequest<Incoming>, String> {
     Ok(sender)
 }
 
+/// A request body on its way to the workload, noting when it has been sent whole. None: it
+/// was empty from the start (most requests), so there is nothing to track.
+pub struct Upload {
+    body: Incoming,
+    done: Option<Arc<AtomicBool>>,
+}
+
+impl Upload {
+    fn new(body: Incoming) -> Self {
+        let done = (!body.is_end_stream()).then(|| Arc::new(AtomicBool::new(false)));
+        Self { body, done }
+    }
+
+    fn note_end(&self) {
+        if let Some(done) = &self.done {
+            done.store(true, Ordering::Release);
+        }
+    }
+}
+
+impl Body for Upload {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(r, Poll::Ready(None)) {
+            self.note_end();
+        }
+        r
+    }
+
+    // hyper asks this after each frame and stops polling once it is true.
+    fn is_end_stream(&self) -> bool {
+        let end = self.body.is_end_stream();
+        if end {
+            self.note_end();
+        }
+        end
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// A workload response body; once read to the end, its connection returns to the pool.
 pub struct Pooled {
     body: Incoming,
-    back: Option<(Idle, u16, SendRequest<Incoming>)>,
+    back: Option<(Idle, u16, SendRequest<Upload>)>,
+    uploaded: Option<Arc<AtomicBool>>,
 }
 
 impl Pooled {
@@ -137,13 +195,24 @@ impl Pooled {
         let Some((idle, port, sender)) = self.back.take() else {
             return;
         };
-        if sender.is_closed() {
+        // A workload may answer before reading the whole request body (an early 413, say);
+        // hyper then goes on sending it, and a request handed this connection meanwhile
+        // would wait behind that upload. Such a connection is not pooled.
+        let uploading = self
+            .uploaded
+            .as_ref()
+            .is_some_and(|done| !done.load(Ordering::Acquire));
+        if sender.is_closed() || uploading {
             return;
         }
+        let now = Instant::now();
         let mut idle = idle.lock().expect("workload pool lock");
         let list = idle.entry(port).or_default();
+        // Requests take the newest, so the oldest would otherwise stay open for good.
+        let expired = list.partition_point(|(since, _)| now - *since >= IDLE_TIMEOUT);
+        list.drain(..expired);
         if list.len() < MAX_IDLE_PER_PORT {
-            list.push((Instant::now(), sender));
+            list.push((now, sender));
         }
     }
 }
