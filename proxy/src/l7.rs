@@ -11,6 +11,7 @@
 //! one unambiguous framing; conflicting Content-Length values and header overflows are
 //! refused by hyper before they reach us.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -196,13 +197,12 @@ async fn handle(c: &Conn, req: Request<Incoming>) -> Response<Body> {
             let r = local_response(StatusCode::BAD_REQUEST, grpc, &why);
             (Arc::from("invalid_request"), "invalid", r)
         }
-        Ok((route, false, why)) => {
-            let why = why.unwrap_or_default();
+        Ok((route, Verdict::Deny(why))) => {
             info!(peer = %c.peer, port = c.port, method = %req.method(), path = %req.uri().path(), rule = %why, "request denied");
             let r = local_response(StatusCode::FORBIDDEN, grpc, &format!("denied by {why}"));
             (route, "deny", r)
         }
-        Ok((route, true, target)) => {
+        Ok((route, Verdict::Allow { target })) => {
             debug!(peer = %c.peer, port = c.port, method = %req.method(), path = %req.uri().path(), "request allowed");
             let r = match forward(c, req, target, grpc).await {
                 Ok(r) => r,
@@ -224,13 +224,15 @@ async fn handle(c: &Conn, req: Request<Incoming>) -> Response<Body> {
     resp
 }
 
-/// Ok((route label, allowed, detail)): when allowed, detail is the normalized path+query if
-/// normalizing changed the target; when denied, the deciding rule. Err: the request is
-/// malformed (400).
-fn authorize(
-    c: &Conn,
-    req: &Request<Incoming>,
-) -> Result<(Arc<str>, bool, Option<String>), String> {
+enum Verdict {
+    /// `target`: the normalized path and query, when normalizing changed the request's.
+    Allow { target: Option<String> },
+    /// The rule that denied.
+    Deny(String),
+}
+
+/// Ok((route label, verdict)). Err: the request is malformed (400).
+fn authorize(c: &Conn, req: &Request<Incoming>) -> Result<(Arc<str>, Verdict), String> {
     let mut hosts = req.headers().get_all(HOST).iter();
     let host_header = hosts.next();
     if hosts.next().is_some() {
@@ -280,15 +282,15 @@ fn authorize(
     }
     let route = index.label(&d.rule);
     if !d.allowed {
-        return Ok((route, false, Some(d.rule.to_string())));
+        return Ok((route, Verdict::Deny(d.rule.to_string())));
     }
     // Borrowed: every byte of the path was already in its normal form.
     let target = match (path, query) {
-        (std::borrow::Cow::Borrowed(_), _) => None,
+        (Cow::Borrowed(_), _) => None,
         (path, Some(q)) => Some(format!("{path}?{q}")),
         (path, None) => Some(path.into_owned()),
     };
-    Ok((route, true, target))
+    Ok((route, Verdict::Allow { target }))
 }
 
 /// Sends the request to 127.0.0.1:<port> with the normalized target (`target`, when
