@@ -83,7 +83,8 @@ async fn handle(c: &Conn, req: Request<Incoming>) -> Response<Body> {
     let grpc = is_grpc(&req);
     let upgrade = req.version() == Version::HTTP_11 && req.headers().contains_key(UPGRADE);
     let (decision, resp) = match if upgrade {
-        via_own_connection(c, req).await
+        // Boxed to keep the common request's future small (see `Pool::sender`).
+        Box::pin(via_own_connection(c, req)).await
     } else {
         via_pool(c, req).await
     } {

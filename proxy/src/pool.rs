@@ -106,7 +106,9 @@ impl Pool {
             return Some(s.clone());
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let s = connect(p, slot.dest, &slot.expected, slot.clone(), id).await?;
+        // Boxed: the dial and handshakes are rare and would otherwise make every request's
+        // future (which holds this one) several KiB larger to create and move.
+        let s = Box::pin(connect(p, slot.dest, &slot.expected, slot.clone(), id)).await?;
         *sender = Some((id, s.clone()));
         Some(s)
     }
