@@ -42,7 +42,9 @@ use crate::relay::{close_request, closed, Counted};
 
 pub const PEER_HEADER: &str = "x-sigil-peer-id";
 const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-pub type Body = BoxBody<Bytes, hyper::Error>;
+/// Response bodies come from hyper (the workload) or from h2 (a peer sidecar, `pool`).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = BoxBody<Bytes, BoxError>;
 
 struct Conn {
     p: Arc<Proxy>,
@@ -342,7 +344,10 @@ async fn forward(
         .map_err(|e| format!("rebuilding the target: {e}"))?;
         parts.version = Version::HTTP_2;
         let out = Request::from_parts(parts, body);
-        workload.send_grpc(out).await?.map(|b| b.boxed())
+        workload
+            .send_grpc(out)
+            .await?
+            .map(|b| b.map_err(Into::into).boxed())
     } else {
         // Anything else goes to the workload as HTTP/1.1, which every workload speaks (an
         // HTTP/2 client must not break an HTTP/1-only server), in origin form.
@@ -356,7 +361,10 @@ async fn forward(
         }
         parts.version = Version::HTTP_11;
         let out = Request::from_parts(parts, body);
-        workload.send_h1(c.port, out).await?.map(|b| b.boxed())
+        workload
+            .send_h1(c.port, out)
+            .await?
+            .map(|b| b.map_err(Into::into).boxed())
     };
     if let (Some(down), StatusCode::SWITCHING_PROTOCOLS) = (downstream_upgrade, resp.status()) {
         let up = hyper::upgrade::on(&mut resp);

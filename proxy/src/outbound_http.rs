@@ -19,13 +19,13 @@ use sigil_config::SpiffeId;
 use sigil_filters::normalize::effective_host;
 use sigil_filters::tls::Carries;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tracing::{debug, info};
+use tracing::info;
 
 use crate::conns::{Direction, Kind};
 use crate::l7::{is_grpc, local_response, serve_until_closed, status_class, tunnel, Body};
 use crate::metrics::RequestMetrics;
 use crate::outbound::dial;
-use crate::pool::Slot;
+use crate::pool::{SendError, Slot};
 use crate::proxy::{Admitted, Proxy};
 use crate::relay::{closed, Counted};
 
@@ -104,8 +104,7 @@ async fn handle(c: &Conn, req: Request<Incoming>) -> Response<Body> {
     resp
 }
 
-/// Sends the request as HTTP/2 over the pooled connection. A request the connection never
-/// took (it closed under us) is sent once more on a fresh one; nothing else is retried.
+/// Sends the request as HTTP/2 over the pooled connection (see `Pool::send`).
 async fn via_pool(c: &Conn, req: Request<Incoming>) -> Result<Response<Body>, Refusal> {
     let (mut parts, body) = req.into_parts();
     let authority = authority(&parts, c.dest)
@@ -124,26 +123,11 @@ async fn via_pool(c: &Conn, req: Request<Incoming>) -> Result<Response<Body>, Re
     parts.version = Version::HTTP_2;
     // HTTP/2 carries the host as :authority (RFC 9113 §8.3.1).
     parts.headers.remove(HOST);
-    let mut req = Request::from_parts(parts, body);
-    let mut retried = false;
-    loop {
-        let Some(mut sender) = c.p.pool.sender(&c.p, &c.slot).await else {
-            return Err(unreachable_peer());
-        };
-        match sender.try_send_request(req).await {
-            Ok(resp) => return Ok(resp.map(|b| b.boxed())),
-            Err(mut e) => match e.take_message() {
-                Some(unsent) if !retried => {
-                    debug!(dest = %c.dest, "pooled connection closed before the request went out; retrying");
-                    retried = true;
-                    req = unsent;
-                }
-                _ => {
-                    let why = format!("peer sidecar: {}", e.error());
-                    return Err(Refusal(StatusCode::BAD_GATEWAY, "error", why));
-                }
-            },
-        }
+    let req = Request::from_parts(parts, body);
+    match c.p.pool.send(&c.p, &c.slot, req).await {
+        Ok(resp) => Ok(resp),
+        Err(SendError::Unreachable) => Err(unreachable_peer()),
+        Err(SendError::Failed(why)) => Err(Refusal(StatusCode::BAD_GATEWAY, "error", why)),
     }
 }
 
@@ -238,5 +222,5 @@ async fn via_own_connection(
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let _ = upgraded_tx.send(hyper::upgrade::on(&mut resp));
     }
-    Ok(resp.map(|b| b.boxed()))
+    Ok(resp.map(|b| b.map_err(Into::into).boxed()))
 }

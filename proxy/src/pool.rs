@@ -4,23 +4,36 @@
 //! connections cannot be registered: each of ours is in the connection registry like any
 //! other, so a bundle change or a revocation cuts it, and the next request dials (and
 //! verifies) afresh.
+//!
+//! Requests go out through the `h2` crate directly rather than hyper's HTTP/2 client. hyper
+//! hands each request over a channel to the connection's task and spawns a task per request
+//! to await its response; here the workload connection's own task opens the stream and
+//! awaits the response, and the connection's task only reads and writes the socket. What
+//! hyper did besides is done here: connection-specific headers are stripped, request
+//! bodies are piped under flow control, received data is released, and PINGs find a dead
+//! peer.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use hyper::body::Incoming;
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{Ping, PingPong, RecvStream, SendStream};
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::header::{HeaderName, CONNECTION, CONTENT_LENGTH, TE, TRANSFER_ENCODING, UPGRADE};
+use hyper::{HeaderMap, Request, Response};
 use sigil_config::SpiffeId;
 use sigil_filters::tls::Carries;
-use tokio::sync::watch;
 use tracing::{debug, info};
 
 use crate::conns::{is_graceful, Direction, Kind, GRACE};
+use crate::l7::{Body, BoxError};
 use crate::outbound::dial;
 use crate::proxy::{Admitted, Proxy};
 use crate::relay::{closed, cut, Counted};
@@ -28,6 +41,10 @@ use crate::relay::{closed, cut, Counted};
 /// A dead peer (no PING answer) is noticed within interval + timeout.
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Receive windows: hyper's HTTP/2 defaults (hyper's adaptive window, which needs the
+/// connection's PINGs, is not used; the PINGs keep it alive instead).
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONN_WINDOW: u32 = 5 * 1024 * 1024;
 
 #[derive(Default)]
 pub struct Pool {
@@ -41,7 +58,7 @@ pub struct Slot {
     expected: SpiffeId,
     /// The connection's number and sender. Async, so that concurrent first requests wait
     /// for one dial instead of racing.
-    sender: tokio::sync::Mutex<Option<(u64, SendRequest<Incoming>)>>,
+    sender: tokio::sync::Mutex<Option<(u64, SendRequest<Bytes>)>>,
 }
 
 impl Slot {
@@ -54,31 +71,12 @@ impl Slot {
     }
 }
 
-/// Spawns hyper's futures for one pooled connection, each ending early once `kill` turns true.
-/// Each holds a clone of `alive` while it runs, so the connection's task knows when hyper's
-/// work on the socket is over.
-#[derive(Clone)]
-struct Killable {
-    kill: watch::Receiver<bool>,
-    alive: Arc<()>,
-}
-
-impl<F> hyper::rt::Executor<F> for Killable
-where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, fut: F) {
-        let (mut kill, alive) = (self.kill.clone(), self.alive.clone());
-        tokio::spawn(async move {
-            let _alive = alive;
-            tokio::select! {
-                _ = fut => {}
-                // A dropped sender is no kill: the connection then ends on its own.
-                Ok(_) = kill.wait_for(|k| *k) => {}
-            }
-        });
-    }
+/// Why a request could not be sent to the peer sidecar.
+pub enum SendError {
+    /// No connection could be made (`dial` logged and counted why).
+    Unreachable,
+    /// The connection or the peer sidecar failed the request.
+    Failed(String),
 }
 
 impl Pool {
@@ -98,11 +96,10 @@ impl Pool {
         s
     }
 
-    /// A sender on a live pooled connection of `slot`, dialling one if there is none. None:
-    /// the dial failed (logged and counted by `dial`).
-    pub async fn sender(&self, p: &Arc<Proxy>, slot: &Arc<Slot>) -> Option<SendRequest<Incoming>> {
+    /// The pooled connection of `slot`, dialled if there is none. None: the dial failed.
+    async fn sender(&self, p: &Arc<Proxy>, slot: &Arc<Slot>) -> Option<(u64, SendRequest<Bytes>)> {
         let mut sender = slot.sender.lock().await;
-        if let Some((_, s)) = sender.as_ref().filter(|(_, s)| !s.is_closed()) {
+        if let Some(s) = sender.as_ref() {
             return Some(s.clone());
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
@@ -110,7 +107,193 @@ impl Pool {
         // future (which holds this one) several KiB larger to create and move.
         let s = Box::pin(connect(p, slot.dest, &slot.expected, slot.clone(), id)).await?;
         *sender = Some((id, s.clone()));
-        Some(s)
+        Some((id, s))
+    }
+
+    /// Sends `req` (absolute URI, no Host header) as HTTP/2 on the pooled connection of
+    /// `slot`. A connection found closed before the request went out (a GOAWAY, a cut) is
+    /// replaced and the request sent once more; nothing else is retried.
+    pub async fn send(
+        &self,
+        p: &Arc<Proxy>,
+        slot: &Arc<Slot>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, SendError> {
+        let (mut parts, body) = req.into_parts();
+        strip_connection_headers(&mut parts.headers);
+        let mut retried = false;
+        let mut sender = loop {
+            let Some((id, sender)) = self.sender(p, slot).await else {
+                return Err(SendError::Unreachable);
+            };
+            match sender.ready().await {
+                Ok(s) => break s,
+                Err(e) if !retried => {
+                    debug!(dest = %slot.dest, "pooled connection closed before the request went out ({e}); retrying");
+                    slot.retire(id).await;
+                    retried = true;
+                }
+                Err(e) => return Err(SendError::Failed(format!("peer sidecar: {e}"))),
+            }
+        };
+        let eos = body.is_end_stream();
+        let (response, stream) = sender
+            .send_request(Request::from_parts(parts, ()), eos)
+            .map_err(|e| SendError::Failed(format!("peer sidecar: {e}")))?;
+        drop(sender);
+        if !eos {
+            // The body streams on while the response may already come back (gRPC).
+            tokio::spawn(Upload { body, stream }.run());
+        }
+        let resp = response
+            .await
+            .map_err(|e| SendError::Failed(format!("peer sidecar: {e}")))?;
+        // No body at all (HEAD, 204, 304): nothing remains, whatever Content-Length says.
+        let remaining = if resp.body().is_end_stream() {
+            Some(0)
+        } else {
+            content_length(resp.headers())
+        };
+        Ok(resp.map(|recv| Received { recv, remaining }.boxed()))
+    }
+}
+
+/// Removes the headers HTTP/2 forbids (RFC 9113 §8.2.2), which the h2 crate would refuse
+/// the whole request for: `Connection` and every header it names, the other hop-by-hop
+/// ones, and `TE` unless it is exactly `trailers` (gRPC sends that).
+fn strip_connection_headers(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("").split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [CONNECTION, TRANSFER_ENCODING, UPGRADE] {
+        headers.remove(name);
+    }
+    for name in ["keep-alive", "proxy-connection"] {
+        headers.remove(name);
+    }
+    if headers.get(TE).is_some_and(|v| v != "trailers") {
+        headers.remove(TE);
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// A request body on its way to the peer sidecar, sent as the stream's flow control
+/// allows. Ends early if the peer resets the stream or the connection goes.
+struct Upload {
+    body: Incoming,
+    stream: SendStream<Bytes>,
+}
+
+impl Upload {
+    async fn run(mut self) {
+        if let Err(e) = std::future::poll_fn(|cx| self.poll_pipe(cx)).await {
+            debug!("request body not sent whole: {e}");
+        }
+    }
+
+    fn poll_pipe(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        loop {
+            // Wait for window before reading more of the body, so that a slow peer holds
+            // the body back instead of the sidecar buffering it.
+            self.stream.reserve_capacity(1);
+            if self.stream.capacity() == 0 {
+                loop {
+                    match ready!(self.stream.poll_capacity(cx)) {
+                        Some(Ok(0)) => {}
+                        Some(Ok(_)) => break,
+                        Some(Err(e)) => return Poll::Ready(Err(e.into())),
+                        None => return Poll::Ready(Err("stream closed".into())),
+                    }
+                }
+            } else if let Poll::Ready(r) = self.stream.poll_reset(cx) {
+                return Poll::Ready(Err(match r {
+                    Ok(reason) => format!("peer reset the stream: {reason}").into(),
+                    Err(e) => e.into(),
+                }));
+            }
+            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        let eos = self.body.is_end_stream();
+                        self.stream.send_data(data, eos)?;
+                        if eos {
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            self.stream.reserve_capacity(0);
+                            self.stream.send_trailers(trailers)?;
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
+                },
+                Some(Err(e)) => {
+                    self.stream.send_reset(h2::Reason::CANCEL);
+                    return Poll::Ready(Err(e.into()));
+                }
+                None => {
+                    self.stream.reserve_capacity(0);
+                    self.stream.send_data(Bytes::new(), true)?;
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
+    }
+}
+
+/// A response body from the peer sidecar. Data read is given back to the flow-control
+/// window at once: the reader (hyper, writing to the workload) sets the pace.
+struct Received {
+    recv: RecvStream,
+    /// What Content-Length promised and has not arrived yet, so that the workload gets a
+    /// response framed by length rather than chunked.
+    remaining: Option<u64>,
+}
+
+impl hyper::body::Body for Received {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match ready!(self.recv.poll_data(cx)) {
+            Some(Ok(data)) => {
+                let _ = self.recv.flow_control().release_capacity(data.len());
+                if let Some(left) = &mut self.remaining {
+                    *left = left.saturating_sub(data.len() as u64);
+                }
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+            None => match ready!(self.recv.poll_trailers(cx)) {
+                Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+                Ok(None) => Poll::Ready(None),
+                Err(e) => Poll::Ready(Some(Err(e.into()))),
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.remaining {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
     }
 }
 
@@ -120,7 +303,7 @@ async fn connect(
     expected: &SpiffeId,
     slot: Arc<Slot>,
     id: u64,
-) -> Option<SendRequest<Incoming>> {
+) -> Option<SendRequest<Bytes>> {
     let (stream, chain) = dial(p, dest, expected, Carries::Http2).await?;
     let a = Admitted {
         direction: Direction::Outbound,
@@ -132,20 +315,15 @@ async fn connect(
         port: dest.port(),
     };
     let (labels, counters, mut guard) = p.admit(a);
-    let io = TokioIo::new(Counted::new(stream, counters));
-    let (kill, kill_rx) = watch::channel(false);
-    let alive = Arc::new(());
-    let mut builder = hyper::client::conn::http2::Builder::new(Killable {
-        kill: kill_rx,
-        alive: alive.clone(),
-    });
-    builder
-        .timer(TokioTimer::new())
-        .keep_alive_interval(KEEP_ALIVE_INTERVAL)
-        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
-        .adaptive_window(true)
-        .max_header_list_size(64 * 1024);
-    let (sender, conn) = match builder.handshake(io).await {
+    let io = Counted::new(stream, counters);
+    let handshake = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .max_header_list_size(64 * 1024)
+        .enable_push(false)
+        .handshake::<_, Bytes>(io)
+        .await;
+    let (sender, mut conn) = match handshake {
         Ok(c) => c,
         Err(e) => {
             info!(%dest, peer = %expected, "pooled connection failed at the HTTP/2 handshake: {e}");
@@ -153,61 +331,83 @@ async fn connect(
             return None;
         }
     };
+    let pings = conn.ping_pong();
     debug!(%dest, peer = %expected, "pooled connection open");
     let p = p.clone();
     tokio::spawn(async move {
-        // Boxed rather than pinned in place, so that it can be dropped (with the executor
-        // clone it holds) before waiting on `alive`.
-        let mut conn = Box::pin(conn);
         let mut reason = tokio::select! {
-            // The peer sent GOAWAY (h2 then refuses new streams, which ends hyper's dispatch)
-            // or the socket failed. Streams still in flight run on in hyper's spawned tasks.
-            r = conn.as_mut() => if r.is_ok() { "done" } else { "io_error" },
+            // The peer sent GOAWAY and its streams are done, or the socket failed. h2 ends
+            // the connection only once its streams are.
+            r = &mut conn => match r {
+                Ok(()) => "done",
+                // A peer that shuts down sends GOAWAY, finishes its streams and closes; the
+                // socket may then end in a reset, which is no failure.
+                Err(e) if went_away(&slot, id).await => {
+                    debug!(%dest, "pooled connection ended after the peer's GOAWAY: {e}");
+                    "done"
+                }
+                Err(e) => {
+                    info!(%dest, peer = %labels.peer_id, "pooled connection failed: {e}");
+                    "io_error"
+                }
+            },
             reason = closed(&mut guard.close_rx) => reason,
+            reason = keep_alive(pings) => reason,
         };
+        slot.retire(id).await;
         if is_graceful(reason) {
-            slot.retire(id).await;
+            // Requests already on this connection may finish; once the slot let go of its
+            // sender and they are done, h2 closes the connection itself.
             let grace = tokio::time::sleep(GRACE);
-            tokio::pin!(grace);
-            let mut dispatching = true;
-            loop {
-                tokio::select! {
-                    // Requests already handed this connection's sender still go out.
-                    _ = conn.as_mut(), if dispatching => dispatching = false,
-                    _ = grace.as_mut() => break,
-                    r = cut(&mut guard.close_rx) => {
-                        reason = r;
-                        break;
-                    }
-                }
+            tokio::select! {
+                _ = &mut conn => {}
+                _ = grace => {}
+                r = cut(&mut guard.close_rx) => reason = r,
             }
         }
+        // Dropping the connection fails whatever streams are left on it.
         drop(conn);
-        if reason == "done" {
-            // Stay in the registry until those streams end, so that a revocation meanwhile
-            // still cuts them. Bounded: a stream the peer never finishes is cut after the
-            // keep-alive window.
-            let deadline = tokio::time::Instant::now() + KEEP_ALIVE_INTERVAL + KEEP_ALIVE_TIMEOUT;
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            while Arc::strong_count(&alive) > 1 {
-                if tokio::time::Instant::now() > deadline {
-                    let _ = kill.send(true);
-                    break;
-                }
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    r = cut(&mut guard.close_rx) => {
-                        reason = r;
-                        break;
-                    }
-                }
-            }
-        }
         if reason != "done" {
-            let _ = kill.send(true);
             info!(%dest, peer = %labels.peer_id, reason, "pooled connection closed");
         }
         p.closed(&labels, reason);
     });
     Some(sender)
+}
+
+/// Whether the peer closed connection `id` of `slot` with a GOAWAY that reported no error
+/// (h2 keeps that as the connection's error, which its sender then returns).
+async fn went_away(slot: &Slot, id: u64) -> bool {
+    let mut sender = slot.sender.lock().await;
+    let Some((_, s)) = sender.as_mut().filter(|(current, _)| *current == id) else {
+        return false;
+    };
+    match std::future::poll_fn(|cx| Poll::Ready(s.poll_ready(cx))).await {
+        Poll::Ready(Err(e)) => {
+            e.is_go_away() && e.is_remote() && e.reason() == Some(h2::Reason::NO_ERROR)
+        }
+        _ => false,
+    }
+}
+
+/// PINGs the peer every interval; resolves with the close reason if an answer does not
+/// come in time (a dead peer is an I/O failure).
+async fn keep_alive(pings: Option<PingPong>) -> &'static str {
+    let Some(mut pings) = pings else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(KEEP_ALIVE_INTERVAL).await;
+        match tokio::time::timeout(KEEP_ALIVE_TIMEOUT, pings.ping(Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                debug!("keep-alive PING failed: {e}");
+                return "io_error";
+            }
+            Err(_) => {
+                info!("peer sidecar did not answer a keep-alive PING in {KEEP_ALIVE_TIMEOUT:?}");
+                return "io_error";
+            }
+        }
+    }
 }

@@ -671,6 +671,105 @@ fn outbound_http_shares_one_pooled_connection_that_a_bundle_change_cuts() {
     );
 }
 
+/// Bodies larger than the pooled connection's flow-control windows (2 MiB per stream, 5 MiB
+/// per connection) cross the pair whole in both directions, from HTTP/1.1 and h2c clients,
+/// one at a time and several at once on the one pooled connection.
+#[test]
+fn large_bodies_cross_the_pooled_connection_whole_in_both_directions() {
+    if !require_tool("curl", "l7-bodies") {
+        return;
+    }
+    let dir = TempDir::new("l7-bodies");
+    let d = dir.path();
+    let ca = Ca::new("example.org");
+    let (_web, web_port) = start_workload("b", false);
+    let fa = write_identity(d, "a", &ca, A, &[&ca]);
+    let fb = write_identity(d, "b", &ca, B, &[&ca]);
+    let b_web = free_port();
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.inbound = vec![(b_web, web_port)];
+    let pb = b.start(d, &fb);
+    let a_web = free_port();
+    let mut a = Sidecar::new("sidecar-a", A);
+    a.outbound = vec![(a_web, b_web, B.into())];
+    let pa = a.start(d, &fa);
+
+    const LEN: usize = 12 * 1024 * 1024 + 7;
+    let upload: Vec<u8> = (0..LEN).map(|i| (i * 7 % 256) as u8).collect();
+    let upload_file = d.join("upload.bin");
+    std::fs::write(&upload_file, &upload).unwrap();
+    let upload_arg = format!("@{}", upload_file.display());
+    // The toy workload names the body it received: length and FNV-1a hash.
+    let fnv = upload.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let received = format!("body={LEN}:{fnv:016x}");
+    let check_download = |path: &Path| {
+        let got = std::fs::read(path).unwrap();
+        assert_eq!(got.len(), LEN, "downloaded length");
+        let bad = got
+            .iter()
+            .enumerate()
+            .position(|(i, &b)| b != (i % 251) as u8);
+        assert_eq!(bad, None, "first wrong byte of the download");
+    };
+    let post = |extra: &[&str], tag: &str| {
+        let url = format!("http://127.0.0.1:{a_web}/up/{tag}");
+        let mut args = extra.to_vec();
+        args.extend(["--data-binary", &upload_arg, &url]);
+        curl_args(&args)
+    };
+    let download = |extra: &[&str], file: &Path| {
+        let url = format!("http://127.0.0.1:{a_web}/bytes/{LEN}");
+        let file = file.display().to_string();
+        let mut args = extra.to_vec();
+        args.extend(["-o", &file, "-w", "[%{http_code}]", &url]);
+        curl_args(&args)
+    };
+
+    for (extra, tag) in [(&[][..], "h1"), (&["--http2-prior-knowledge"][..], "h2")] {
+        let (ok, out) = post(extra, tag);
+        assert!(ok && out.contains(&received), "{tag}: {out}\n{}", pa.log());
+        let file = d.join(format!("down-{tag}.bin"));
+        let (ok, out) = download(extra, &file);
+        assert!(ok && out.contains("[200]"), "{tag}: {out}\n{}", pb.log());
+        check_download(&file);
+    }
+
+    // Three uploads and three downloads at once share the connection's window.
+    std::thread::scope(|s| {
+        let ups: Vec<_> = (0..3)
+            .map(|i| s.spawn(move || post(&[], &format!("par{i}"))))
+            .collect();
+        let downs: Vec<_> = (0..3)
+            .map(|i| {
+                let file = d.join(format!("down-par{i}.bin"));
+                s.spawn(move || (download(&["--http2-prior-knowledge"], &file), file))
+            })
+            .collect();
+        for u in ups {
+            let (ok, out) = u.join().unwrap();
+            assert!(ok && out.contains(&received), "{out}");
+        }
+        for t in downs {
+            let ((ok, out), file) = t.join().unwrap();
+            assert!(ok && out.contains("[200]"), "{out}");
+            check_download(&file);
+        }
+    });
+    let opened = count(
+        &a,
+        "sigil_connections_opened_total{",
+        &["direction=\"outbound\""],
+    );
+    assert_eq!(
+        opened,
+        1.0,
+        "one pooled connection carried it all\n{}",
+        a.metrics()
+    );
+}
+
 /// Starts `curl URL` on a thread; joins to its result and the instant it returned.
 /// The workload sees requests arrive from the receiving sidecar's pooled connections: one
 /// connection serves sequential requests, a busy one is not shared, and a connection the

@@ -3,6 +3,8 @@
 //! `sigil-toy-workload --listen ADDR --name NAME [--echo]`: answers every HTTP/1.1 request
 //! with `hello from NAME` (keep-alive), or with `--echo` copies every byte back (L4 tests).
 //! A request for `/slow/MS` is answered after MS milliseconds, so tests can keep one in flight.
+//! A request for `/bytes/N` is answered with N bytes of the pattern `i % 251`; every reply
+//! otherwise names the request body's length and FNV-1a hash, so tests can check bodies.
 //! Shows what a workload sees: the peer address the sidecar connected from.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -112,8 +114,24 @@ fn http_conn(conn: TcpStream, name: &str) -> std::io::Result<()> {
         {
             std::thread::sleep(std::time::Duration::from_millis(ms));
         }
+        if let Some(n) = target
+            .get(1)
+            .and_then(|t| t.strip_prefix("/bytes/"))
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            let body: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {n}\r\n\r\n"
+            );
+            out.write_all(head.as_bytes())?;
+            out.write_all(&body)?;
+            if close {
+                return Ok(());
+            }
+            continue;
+        }
         let text = format!(
-            "hello from {name} ({} from {peer}) peer-id={} framing={}\n",
+            "hello from {name} ({} from {peer}) peer-id={} framing={} body={}:{:016x}\n",
             target.join(" "),
             peer_ids.join(","),
             match (content_length > 0, te) {
@@ -121,7 +139,9 @@ fn http_conn(conn: TcpStream, name: &str) -> std::io::Result<()> {
                 (true, false) => "length",
                 (false, true) => "chunked",
                 (false, false) => "none",
-            }
+            },
+            body.len(),
+            fnv1a(&body)
         );
         // One write per response: several small writes stall on Nagle + delayed ACK.
         let response = format!(
@@ -133,4 +153,11 @@ fn http_conn(conn: TcpStream, name: &str) -> std::io::Result<()> {
             return Ok(());
         }
     }
+}
+
+/// FNV-1a, 64 bits: enough to tell a body that arrived whole from one that did not.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
