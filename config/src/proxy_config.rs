@@ -296,6 +296,10 @@ pub struct Timeouts {
     /// How long to wait for a client's first bytes to tell HTTP from opaque TCP.
     #[serde(default = "default_detect", with = "duration")]
     pub detect: Duration,
+    /// A pooled connection to a peer sidecar that no request has used for this long is let
+    /// go: it closes once the streams still on it end.
+    #[serde(default = "default_pool_idle", with = "duration")]
+    pub pool_idle: Duration,
 }
 
 impl Default for Timeouts {
@@ -305,6 +309,7 @@ impl Default for Timeouts {
             connect: default_connect(),
             drain: default_drain(),
             detect: default_detect(),
+            pool_idle: default_pool_idle(),
         }
     }
 }
@@ -346,6 +351,9 @@ fn default_drain() -> Duration {
 }
 fn default_detect() -> Duration {
     Duration::from_secs(1)
+}
+fn default_pool_idle() -> Duration {
+    Duration::from_secs(90)
 }
 fn default_peer_id_cap() -> usize {
     200

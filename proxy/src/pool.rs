@@ -59,6 +59,8 @@ pub struct Slot {
     /// The connection's number and sender. Async, so that concurrent first requests wait
     /// for one dial instead of racing.
     sender: tokio::sync::Mutex<Option<(u64, SendRequest<Bytes>)>>,
+    /// Requests sent, which tells the connection's task whether it is still used.
+    sent: AtomicU64,
 }
 
 impl Slot {
@@ -91,9 +93,27 @@ impl Pool {
             dest,
             expected: expected.clone(),
             sender: tokio::sync::Mutex::new(None),
+            sent: AtomicU64::new(0),
         });
         list.push(s.clone());
         s
+    }
+
+    /// Drops `slot` from the pool if nothing but the pool and its retiring connection's task
+    /// holds it (no workload connection would send on it again), so that destinations called
+    /// once do not accumulate.
+    fn forget(&self, slot: &Arc<Slot>) {
+        let mut slots = self.slots.lock().expect("pool lock");
+        // `slot()` clones under this lock, so the count cannot grow meanwhile.
+        if Arc::strong_count(slot) > 2 {
+            return;
+        }
+        if let Some(list) = slots.get_mut(&slot.dest) {
+            list.retain(|s| !Arc::ptr_eq(s, slot));
+            if list.is_empty() {
+                slots.remove(&slot.dest);
+            }
+        }
     }
 
     /// The pooled connection of `slot`, dialled if there is none. None: the dial failed.
@@ -136,6 +156,7 @@ impl Pool {
                 Err(e) => return Err(SendError::Failed(format!("peer sidecar: {e}"))),
             }
         };
+        slot.sent.fetch_add(1, Ordering::Relaxed);
         let eos = body.is_end_stream();
         let (response, stream) = sender
             .send_request(Request::from_parts(parts, ()), eos)
@@ -334,25 +355,41 @@ async fn connect(
     let pings = conn.ping_pong();
     debug!(%dest, peer = %expected, "pooled connection open");
     let p = p.clone();
+    let idle_after = p.cfg.spec.timeouts.pool_idle;
     tokio::spawn(async move {
-        let mut reason = tokio::select! {
-            // The peer sent GOAWAY and its streams are done, or the socket failed. h2 ends
-            // the connection only once its streams are.
-            r = &mut conn => match r {
-                Ok(()) => "done",
-                // A peer that shuts down sends GOAWAY, finishes its streams and closes; the
-                // socket may then end in a reset, which is no failure.
-                Err(e) if went_away(&slot, id).await => {
-                    debug!(%dest, "pooled connection ended after the peer's GOAWAY: {e}");
-                    "done"
+        let keep_alive = keep_alive(pings);
+        let unused = unused(&slot, idle_after);
+        tokio::pin!(keep_alive, unused);
+        let mut let_go = false;
+        let mut reason = loop {
+            tokio::select! {
+                // The peer sent GOAWAY and its streams are done, or the socket failed, or
+                // (let go) the last stream ended. h2 ends a connection only once its streams
+                // are done.
+                r = &mut conn => break match r {
+                    Ok(()) => "done",
+                    // A peer that shuts down sends GOAWAY, finishes its streams and closes;
+                    // the socket may then end in a reset, which is no failure.
+                    Err(e) if went_away(&slot, id).await => {
+                        debug!(%dest, "pooled connection ended after the peer's GOAWAY: {e}");
+                        "done"
+                    }
+                    Err(e) => {
+                        info!(%dest, peer = %labels.peer_id, "pooled connection failed: {e}");
+                        "io_error"
+                    }
+                },
+                reason = closed(&mut guard.close_rx) => break reason,
+                reason = &mut keep_alive => break reason,
+                _ = &mut unused, if !let_go => {
+                    // With the pool's sender dropped, h2 closes the connection once the
+                    // streams still on it end; until then it stays registered.
+                    debug!(%dest, peer = %labels.peer_id, "pooled connection unused for {idle_after:?}; letting go");
+                    slot.retire(id).await;
+                    p.pool.forget(&slot);
+                    let_go = true;
                 }
-                Err(e) => {
-                    info!(%dest, peer = %labels.peer_id, "pooled connection failed: {e}");
-                    "io_error"
-                }
-            },
-            reason = closed(&mut guard.close_rx) => reason,
-            reason = keep_alive(pings) => reason,
+            }
         };
         slot.retire(id).await;
         if is_graceful(reason) {
@@ -387,6 +424,19 @@ async fn went_away(slot: &Slot, id: u64) -> bool {
             e.is_go_away() && e.is_remote() && e.reason() == Some(h2::Reason::NO_ERROR)
         }
         _ => false,
+    }
+}
+
+/// Resolves once a whole `period` passed in which no request was sent through `slot`.
+async fn unused(slot: &Slot, period: Duration) {
+    let mut before = slot.sent.load(Ordering::Relaxed);
+    loop {
+        tokio::time::sleep(period).await;
+        let now = slot.sent.load(Ordering::Relaxed);
+        if now == before {
+            return;
+        }
+        before = now;
     }
 }
 

@@ -285,6 +285,8 @@ pub struct Sidecar {
     pub outbound: Vec<(u16, u16, String)>,
     pub handshake_timeout: &'static str,
     pub drain: &'static str,
+    /// `timeouts.poolIdle`: how long a pooled connection may go unused.
+    pub pool_idle: &'static str,
     /// Directory of Policy files (`spec.policyDir`).
     pub policy_dir: Option<PathBuf>,
     /// Directory of Revocation files (`spec.revocationDir`).
@@ -304,6 +306,7 @@ impl Sidecar {
             outbound: Vec::new(),
             handshake_timeout: "2s",
             drain: "5s",
+            pool_idle: "90s",
             policy_dir: None,
             revocation_dir: None,
             control_plane: None,
@@ -314,7 +317,7 @@ impl Sidecar {
         let mut y = format!(
             "apiVersion: sigil.dev/v1\nkind: ProxyConfig\nmetadata:\n  name: {}\n  owner: sigil-tests\n\
              spec:\n  mode: explicit\n  identity:\n    certFile: {}\n    keyFile: {}\n    bundleDir: {}\n\
-             \x20 admin:\n    listen: 127.0.0.1:{}\n  timeouts:\n    handshake: {}\n    drain: {}\n",
+             \x20 admin:\n    listen: 127.0.0.1:{}\n  timeouts:\n    handshake: {}\n    drain: {}\n    poolIdle: {}\n",
             self.name,
             files.cert.display(),
             files.key.display(),
@@ -322,6 +325,7 @@ impl Sidecar {
             self.admin,
             self.handshake_timeout,
             self.drain,
+            self.pool_idle,
         );
         let ports: Vec<String> = self
             .allow

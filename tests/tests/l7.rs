@@ -770,6 +770,74 @@ fn large_bodies_cross_the_pooled_connection_whole_in_both_directions() {
     );
 }
 
+/// A pooled connection that no request used for `timeouts.poolIdle` is let go: a request
+/// still running on it finishes first, then the connection closes (`reason="done"`), and the
+/// next request dials a new one.
+#[test]
+fn an_unused_pooled_connection_closes_after_its_last_request() {
+    if !require_tool("curl", "l7-pool-idle") {
+        return;
+    }
+    let dir = TempDir::new("l7-pool-idle");
+    let d = dir.path();
+    let ca = Ca::new("example.org");
+    let (_web, web_port) = start_workload("b", false);
+    let fa = write_identity(d, "a", &ca, A, &[&ca]);
+    let fb = write_identity(d, "b", &ca, B, &[&ca]);
+    let b_web = free_port();
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.inbound = vec![(b_web, web_port)];
+    let _pb = b.start(d, &fb);
+    let a_web = free_port();
+    let mut a = Sidecar::new("sidecar-a", A);
+    a.outbound = vec![(a_web, b_web, B.into())];
+    a.pool_idle = "1s";
+    let pa = a.start(d, &fa);
+    let peer = format!("peer_id=\"{B}\"");
+    let outbound =
+        |series: &str, extra: &str| count(&a, series, &["direction=\"outbound\"", &peer, extra]);
+
+    // One request opens the connection; a slow one (3 s) outlasts a whole idle period in
+    // which no request starts: the connection is let go but carries the slow one to its end.
+    let (ok, out) = curl_args(&[&format!("http://127.0.0.1:{a_web}/first")]);
+    assert!(ok && out.contains("hello from b"), "{out}");
+    let started = std::time::Instant::now();
+    let (ok, out) = curl_args(&[&format!("http://127.0.0.1:{a_web}/slow/3000")]);
+    assert!(ok && out.contains("GET /slow/3000"), "{out}\n{}", pa.log());
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    assert_eq!(
+        outbound("sigil_connections_opened_total{", ""),
+        1.0,
+        "{}",
+        a.metrics()
+    );
+    wait_until(
+        "the unused connection closed",
+        Duration::from_secs(5),
+        || outbound("sigil_connections_closed_total{", "reason=\"done\"") == 1.0,
+    );
+    let (ok, out) = curl_args(&[&format!("http://127.0.0.1:{a_web}/next")]);
+    assert!(ok && out.contains("hello from b"), "{out}");
+    assert_eq!(
+        outbound("sigil_connections_opened_total{", ""),
+        2.0,
+        "{}",
+        a.metrics()
+    );
+    // A connection in use is kept: a request every 200 ms or so for 2 s, all on the new one.
+    for i in 0..8 {
+        std::thread::sleep(Duration::from_millis(200));
+        let (ok, out) = curl_args(&[&format!("http://127.0.0.1:{a_web}/busy/{i}")]);
+        assert!(ok && out.contains("hello from b"), "{out}");
+    }
+    assert_eq!(
+        outbound("sigil_connections_opened_total{", ""),
+        2.0,
+        "{}",
+        a.metrics()
+    );
+}
+
 /// Starts `curl URL` on a thread; joins to its result and the instant it returned.
 /// The workload sees requests arrive from the receiving sidecar's pooled connections: one
 /// connection serves sequential requests, a busy one is not shared, and a connection the
