@@ -1,0 +1,89 @@
+#!/bin/bash
+# Runs one L7 sidecar pair (or the nginx L7 pair) by itself, from the work directory of a
+# `sigil-perf-harness --keep` run, under wrk or h2load, and prints CPU per request of each
+# side (from /proc), context switches per request and the machine's busy and idle time per
+# request (from /proc/stat). For A/B comparisons of two sigil-proxy builds: interleave them.
+#
+#   perf/scripts/l7-pair.sh sigil BIN_DIR [wrk|h2] [stat|perf]
+#   perf/scripts/l7-pair.sh nginx [wrk|h2]
+#
+# WORK_DIR picks the work directory (default: the newest /tmp/sigil-perf-*-0). Its
+# certificates are valid for an hour after the harness made them. `stat` counts the sides'
+# syscalls with `perf stat`; `perf` records profiles (OUT_PREFIX.{c,s}.data). Each load runs
+# 8 s against 127.0.0.1 only; every process started here is ended by its PID.
+set -eu
+WHAT=$1; shift
+W=${WORK_DIR:-$(ls -dt /tmp/sigil-perf-*-0 | head -1)}
+OUT=${OUT_PREFIX:-/tmp/l7-pair}
+[ "$WHAT" = sigil ] && BIN=$(realpath "$1")
+cd "$W"
+if [ "$WHAT" = sigil ]; then
+  MODE=${2:-wrk}; EXTRA=${3:-}
+  LISTEN=$(grep -oP 'listen: "\K[0-9.:]+' sigil-l7-client.yaml | tail -1)
+  CA=$(grep -oP 'admin: \{listen: "\K[0-9.:]+' sigil-l7-client.yaml)
+  SA=$(grep -oP 'admin: \{listen: "\K[0-9.:]+' sigil-l7-server.yaml)
+  H1=$LISTEN; H2=$LISTEN
+else
+  MODE=${1:-wrk}; EXTRA=
+  H1=$(grep -oP 'listen \K127[0-9.:]+(?=;)' nginx-l7-client.conf | head -1)
+  H2=$(grep -oP 'listen \K127[0-9.:]+(?= http2)' nginx-l7-client.conf | head -1)
+fi
+nginx -c "$W/backend.conf" >/dev/null 2>&1 & B=$!
+if [ "$WHAT" = sigil ]; then
+  SIGIL_LOG=warn "$BIN/sigil-proxy" --config "$W/sigil-l7-server.yaml" >"$OUT.s.log" 2>&1 & S=$!
+  SIGIL_LOG=warn "$BIN/sigil-proxy" --config "$W/sigil-l7-client.yaml" >"$OUT.c.log" 2>&1 & C=$!
+  for _ in $(seq 100); do
+    curl -sf -o /dev/null "http://$SA/ready" && curl -sf -o /dev/null "http://$CA/ready" && break
+    sleep 0.1
+  done
+else
+  nginx -c "$W/nginx-l7-server.conf" >/dev/null 2>&1 & S=$!
+  nginx -c "$W/nginx-l7-client.conf" >/dev/null 2>&1 & C=$!
+  sleep 0.5
+fi
+trap 'kill $C $S $B 2>/dev/null; wait 2>/dev/null' EXIT
+curl -sf -o /dev/null "http://$H1/api/v1/orders/42" || { echo "the pair does not answer"; exit 1; }
+# A process and its children (nginx workers): CPU ticks, context switches.
+ticks() { local t=0 p; for p in $1 $(pgrep -P "$1"); do t=$((t + $(awk '{print $14+$15}' /proc/$p/stat))); done; echo $t; }
+switches() {
+  local t=0 p s
+  for p in $1 $(pgrep -P "$1"); do
+    for s in /proc/$p/task/*/status; do
+      t=$((t + $(awk '/^(non)?voluntary_ctxt_switches/{n+=$2} END{print n}' "$s")))
+    done
+  done
+  echo $t
+}
+read -r _ u0 n0 y0 i0 w0 q0 s0 _ < /proc/stat
+c0=$(ticks $C); s0t=$(ticks $S); cc0=$(switches $C); sc0=$(switches $S)
+if [ "$EXTRA" = stat ]; then
+  EV=syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom,syscalls:sys_enter_writev,syscalls:sys_enter_write,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_futex
+  perf stat -e $EV -p $C -o "$OUT.c.stat" -- sleep 8 & P1=$!
+  perf stat -e $EV -p $S -o "$OUT.s.stat" -- sleep 8 & P2=$!
+elif [ "$EXTRA" = perf ]; then
+  perf record -F 2000 -g -o "$OUT.c.data" -p $C -- sleep 8 >/dev/null 2>&1 & P1=$!
+  perf record -F 2000 -g -o "$OUT.s.data" -p $S -- sleep 8 >/dev/null 2>&1 & P2=$!
+fi
+if [ "$MODE" = wrk ]; then
+  timeout 40 wrk -t2 -c64 -d8s --latency "http://$H1/api/v1/orders/42" > "$OUT.load"
+  n=$(grep -oP '\d+(?= requests in)' "$OUT.load")
+  rate=$(grep -oP 'Requests/sec:\s+\K[0-9.]+' "$OUT.load")
+else
+  timeout 40 h2load -t1 -c16 -m10 -D8 "http://$H2/api/v1/orders/42" > "$OUT.load"
+  n=$(grep -oP '\d+(?= succeeded)' "$OUT.load")
+  rate=$(grep -oP 'finished in [0-9.]+s, \K[0-9.]+' "$OUT.load")
+fi
+read -r _ u1 n1 y1 i1 w1 q1 s1 _ < /proc/stat
+c1=$(ticks $C); s1t=$(ticks $S); cc1=$(switches $C); sc1=$(switches $S)
+[ -n "$EXTRA" ] && wait $P1 $P2
+# Ticks are 10 ms: ticks * 10^4 / n is µs per request.
+echo "$WHAT $MODE: $n requests, $rate req/s"
+echo "  CPU µs/request: client side $(( (c1 - c0) * 10000 / n )), server side $(( (s1t - s0t) * 10000 / n ))"
+echo "  context switches/request: client side $(echo "scale=2; ($cc1 - $cc0) / $n" | bc), server side $(echo "scale=2; ($sc1 - $sc0) / $n" | bc)"
+echo "  machine µs/request: busy $(( (u1 + n1 + y1 + q1 + s1 - u0 - n0 - y0 - q0 - s0) * 10000 / n )), idle $(( (i1 + w1 - i0 - w0) * 10000 / n ))"
+if [ "$EXTRA" = stat ]; then
+  for side in c s; do
+    echo "  syscalls/request, $side side:"
+    grep syscalls "$OUT.$side.stat" | awk -v n="$n" '{gsub(",", "", $1); sub("syscalls:sys_enter_", "", $2); printf "    %-12s %.2f\n", $2, $1 / n}'
+  done
+fi
