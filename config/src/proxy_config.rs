@@ -71,6 +71,10 @@ pub struct ProxySpec {
     pub timeouts: Timeouts,
     #[serde(default)]
     pub metrics: MetricsSpec,
+    /// Threads that serve connections, each with its own pooled connections (like Envoy's
+    /// `--concurrency`). Default: the CPU cores available to the process.
+    #[serde(default)]
+    pub workers: Option<usize>,
     /// Directory of `Policy` YAML files (`*.yaml`, several documents each). Re-read when it
     /// changes; an invalid file never replaces the last good set.
     #[serde(default)]
@@ -499,6 +503,9 @@ impl ProxyConfig {
                 None,
                 "mode is explicit but no inbound.explicit or outbound.explicit listener is set",
             ));
+        }
+        if spec.workers == Some(0) {
+            return Err(ConfigError::new(path, None, "workers must be at least 1"));
         }
         if spec.metrics.peer_id_cap == 0 {
             return Err(ConfigError::new(

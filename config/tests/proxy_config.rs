@@ -49,6 +49,8 @@ fn good_config_with_defaults() {
     );
     assert_eq!(c.spec.timeouts.handshake, Duration::from_millis(750));
     assert_eq!(c.spec.timeouts.drain, Duration::from_secs(10));
+    assert_eq!(c.spec.timeouts.pool_idle, Duration::from_secs(90));
+    assert_eq!(c.spec.workers, None);
     assert_eq!(c.spec.inbound.ports[0].value.allow.len(), 2);
     assert_eq!(
         c.spec.outbound.registry[1].value.address,
@@ -152,4 +154,16 @@ fn explicit_mode_needs_listeners_and_syntax_errors_have_lines() {
                       spec: {identity: {certFile: a, keyFile: b, bundleDir: c}}\n";
     let err = parse(no_version).unwrap_err();
     assert!(err.contains("apiVersion"), "{err}");
+}
+
+#[test]
+fn workers_and_pool_idle_are_read_and_zero_workers_refused() {
+    let c = parse(&format!("{GOOD}    poolIdle: 2m\n  workers: 3\n")).unwrap();
+    assert_eq!(c.spec.timeouts.pool_idle, Duration::from_secs(120));
+    assert_eq!(c.spec.workers, Some(3));
+    let e = parse(&format!("{GOOD}  workers: 0\n")).unwrap_err();
+    assert!(
+        e.contains("/etc/sigil/proxy.yaml") && e.contains("workers must be at least 1"),
+        "{e}"
+    );
 }

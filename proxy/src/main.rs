@@ -14,6 +14,7 @@ mod pool;
 mod proxy;
 mod relay;
 mod resources;
+mod workers;
 mod workload;
 
 use std::net::SocketAddr;
@@ -170,7 +171,19 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
         pushed,
     };
     let pushed_bundles = sources.pushed.as_ref().is_some_and(|p| p.bundles.is_some());
-    let p = Arc::new(Proxy::new(cfg, Current::new(state), metrics, sources));
+    let threads = cfg
+        .spec
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let serving = workers::Workers::start(threads)
+        .map_err(|e| format!("cannot start worker threads: {e}"))?;
+    let p = Arc::new(Proxy::new(
+        cfg,
+        Current::new(state),
+        metrics,
+        sources,
+        serving,
+    ));
     if pushed_bundles {
         install_bundles(&p);
     }
@@ -195,7 +208,8 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
             p.clone(),
             |p, tcp, peer, local| match original_dst(&tcp) {
                 Some(dst) if dst != local => {
-                    tokio::spawn(inbound::handle(p, tcp, peer, dst.port()));
+                    let workers = p.workers.clone();
+                    workers.serve(tcp, move |tcp| inbound::handle(p, tcp, peer, dst.port()));
                 }
                 _ => {
                     let tls = p.tls.get();
@@ -216,7 +230,8 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
             p.clone(),
             |p, tcp, peer, local| match original_dst(&tcp) {
                 Some(dst) if dst != local => {
-                    tokio::spawn(outbound::handle(p, tcp, dst, None));
+                    let workers = p.workers.clone();
+                    workers.serve(tcp, move |tcp| outbound::handle(p, tcp, dst, None));
                 }
                 _ => {
                     let tls = p.tls.get();
@@ -239,7 +254,8 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
             shutdown_rx.clone(),
             p.clone(),
             move |p, tcp, peer, _| {
-                tokio::spawn(inbound::handle(p, tcp, peer, port));
+                let workers = p.workers.clone();
+                workers.serve(tcp, move |tcp| inbound::handle(p, tcp, peer, port));
             },
         );
     }
@@ -251,7 +267,9 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
             shutdown_rx.clone(),
             p.clone(),
             move |p, tcp, _, _| {
-                tokio::spawn(outbound::handle(p, tcp, upstream, expected.clone()));
+                let workers = p.workers.clone();
+                let expected = expected.clone();
+                workers.serve(tcp, move |tcp| outbound::handle(p, tcp, upstream, expected));
             },
         );
     }

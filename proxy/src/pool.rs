@@ -46,15 +46,21 @@ const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const CONN_WINDOW: u32 = 5 * 1024 * 1024;
 
+/// A destination as seen from one worker thread (`workers`).
+type WorkerDest = (SocketAddr, usize);
+
 #[derive(Default)]
 pub struct Pool {
-    slots: Mutex<HashMap<SocketAddr, Vec<Arc<Slot>>>>,
+    /// Per destination and worker: a worker's requests go out on its own connections,
+    /// whose tasks run on that worker too.
+    slots: Mutex<HashMap<WorkerDest, Vec<Arc<Slot>>>>,
     /// Numbers pooled connections, so that one retiring removes itself and no successor.
     next: AtomicU64,
 }
 
 pub struct Slot {
     dest: SocketAddr,
+    worker: usize,
     expected: SpiffeId,
     /// The connection's number and sender. Async, so that concurrent first requests wait
     /// for one dial instead of racing.
@@ -85,12 +91,14 @@ impl Pool {
     /// The slot of `dest` and `expected`, which a workload connection looks up once.
     pub fn slot(&self, dest: SocketAddr, expected: &SpiffeId) -> Arc<Slot> {
         let mut slots = self.slots.lock().expect("pool lock");
-        let list = slots.entry(dest).or_default();
+        let worker = crate::workers::current();
+        let list = slots.entry((dest, worker)).or_default();
         if let Some(s) = list.iter().find(|s| s.expected == *expected) {
             return s.clone();
         }
         let s = Arc::new(Slot {
             dest,
+            worker,
             expected: expected.clone(),
             sender: tokio::sync::Mutex::new(None),
             sent: AtomicU64::new(0),
@@ -108,10 +116,11 @@ impl Pool {
         if Arc::strong_count(slot) > 2 {
             return;
         }
-        if let Some(list) = slots.get_mut(&slot.dest) {
+        let key = (slot.dest, slot.worker);
+        if let Some(list) = slots.get_mut(&key) {
             list.retain(|s| !Arc::ptr_eq(s, slot));
             if list.is_empty() {
-                slots.remove(&slot.dest);
+                slots.remove(&key);
             }
         }
     }

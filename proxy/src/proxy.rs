@@ -36,6 +36,8 @@ pub struct Proxy {
     pub workload: crate::workload::Workload,
     /// Pooled HTTP/2 connections towards peer sidecars (outbound L7).
     pub pool: crate::pool::Pool,
+    /// The runtimes that serve connections, one per core.
+    pub workers: Arc<crate::workers::Workers>,
 }
 
 /// Where outbound connections go: destination → expected SPIFFE ID.
@@ -68,7 +70,13 @@ pub struct Sources {
 }
 
 impl Proxy {
-    pub fn new(cfg: ProxyConfig, tls: Current, metrics: Metrics, sources: Sources) -> Self {
+    pub fn new(
+        cfg: ProxyConfig,
+        tls: Current,
+        metrics: Metrics,
+        sources: Sources,
+        workers: crate::workers::Workers,
+    ) -> Self {
         let local = tls.get().identity.id().clone();
         let p = Self {
             cfg,
@@ -83,6 +91,7 @@ impl Proxy {
             drain_started: tokio::sync::Notify::new(),
             workload: crate::workload::Workload::new(),
             pool: crate::pool::Pool::default(),
+            workers: Arc::new(workers),
         };
         p.refresh_policy();
         p.refresh_registry();

@@ -30,8 +30,9 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections kept per workload port; more are closed when their response ends.
 const MAX_IDLE_PER_PORT: usize = 256;
 
-/// Per port, idle connections in the order they came back (oldest first).
-type Idle = Arc<Mutex<HashMap<u16, Vec<(Instant, SendRequest<Upload>)>>>>;
+/// Per port and worker (`workers`: a connection's task runs on the worker that dialled it), idle
+/// connections in the order they came back (oldest first).
+type Idle = Arc<Mutex<HashMap<(u16, usize), Vec<(Instant, SendRequest<Upload>)>>>>;
 
 pub struct Workload {
     idle: Idle,
@@ -104,7 +105,7 @@ impl Workload {
 
     fn take(&self, port: u16) -> Option<SendRequest<Upload>> {
         let mut idle = self.idle.lock().expect("workload pool lock");
-        let list = idle.get_mut(&port)?;
+        let list = idle.get_mut(&(port, crate::workers::current()))?;
         // Most recently used first: it is the one least likely to have been closed.
         while let Some((since, sender)) = list.pop() {
             if !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT {
@@ -207,7 +208,7 @@ impl Pooled {
         }
         let now = Instant::now();
         let mut idle = idle.lock().expect("workload pool lock");
-        let list = idle.entry(port).or_default();
+        let list = idle.entry((port, crate::workers::current())).or_default();
         // Requests take the newest, so the oldest would otherwise stay open for good.
         let expired = list.partition_point(|(since, _)| now - *since >= IDLE_TIMEOUT);
         list.drain(..expired);

@@ -287,6 +287,9 @@ pub struct Sidecar {
     pub drain: &'static str,
     /// `timeouts.poolIdle`: how long a pooled connection may go unused.
     pub pool_idle: &'static str,
+    /// `workers`: threads serving connections, each with its own pooled connections. None:
+    /// the proxy's default (the cores available).
+    pub workers: Option<usize>,
     /// Directory of Policy files (`spec.policyDir`).
     pub policy_dir: Option<PathBuf>,
     /// Directory of Revocation files (`spec.revocationDir`).
@@ -307,6 +310,7 @@ impl Sidecar {
             handshake_timeout: "2s",
             drain: "5s",
             pool_idle: "90s",
+            workers: None,
             policy_dir: None,
             revocation_dir: None,
             control_plane: None,
@@ -350,6 +354,9 @@ impl Sidecar {
                 format!("{{listen: \"127.0.0.1:{listen}\", upstream: \"127.0.0.1:{upstream}\"{expected}}}")
             })
             .collect();
+        if let Some(n) = self.workers {
+            y += &format!("  workers: {n}\n");
+        }
         if let Some(dir) = &self.policy_dir {
             y += &format!("  policyDir: {}\n", dir.display());
         }

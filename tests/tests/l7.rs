@@ -100,6 +100,47 @@ fn curl_args(args: &[&str]) -> (bool, String) {
     run(&mut cmd, Duration::from_secs(15))
 }
 
+/// Sidecar A calls B's toy workload through sidecar B: A's explicit outbound listener
+/// `a_web` forwards to B's inbound listener for it. `tune_a` adjusts A before it starts.
+/// Dropping a `Proc` ends its process, so callers bind `web`, `pa` and `pb`.
+struct Pair {
+    web: Proc,
+    web_port: u16,
+    a: Sidecar,
+    pa: Proc,
+    fa: IdentityFiles,
+    a_web: u16,
+    b: Sidecar,
+    pb: Proc,
+    fb: IdentityFiles,
+}
+
+fn start_pair(d: &Path, ca: &Ca, tune_a: impl FnOnce(&mut Sidecar)) -> Pair {
+    let (web, web_port) = start_workload("b", false);
+    let fa = write_identity(d, "a", ca, A, &[ca]);
+    let fb = write_identity(d, "b", ca, B, &[ca]);
+    let b_web = free_port();
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.inbound = vec![(b_web, web_port)];
+    let pb = b.start(d, &fb);
+    let a_web = free_port();
+    let mut a = Sidecar::new("sidecar-a", A);
+    a.outbound = vec![(a_web, b_web, B.into())];
+    tune_a(&mut a);
+    let pa = a.start(d, &fa);
+    Pair {
+        web,
+        web_port,
+        a,
+        pa,
+        fa,
+        a_web,
+        b,
+        pb,
+        fb,
+    }
+}
+
 fn write_policy(dir: &Path, name: &str, text: &str) {
     write_atomic(&dir.join(name), text.as_bytes());
 }
@@ -133,6 +174,8 @@ fn routes_by_identity_with_dry_run_expiry_normalization_and_live_policy_changes(
     let (a_web, a_echo) = (free_port(), free_port());
     let mut a = Sidecar::new("sidecar-a", A);
     a.outbound = vec![(a_web, b_web, B.into()), (a_echo, b_echo, B.into())];
+    // One worker, so that one pooled connection carries every request (counted below).
+    a.workers = Some(1);
     let _pa = a.start(d, &fa);
     let url = |path: &str| format!("http://127.0.0.1:{a_web}{path}");
 
@@ -533,17 +576,18 @@ fn outbound_http_shares_one_pooled_connection_that_a_bundle_change_cuts() {
     let d = dir.path();
     let ca = Ca::new("example.org");
     let impostor = Ca::new("example.org");
-    let (_web, web_port) = start_workload("b", false);
-    let fa = write_identity(d, "a", &ca, A, &[&ca]);
-    let fb = write_identity(d, "b", &ca, B, &[&ca]);
-    let b_web = free_port();
-    let mut b = Sidecar::new("sidecar-b", B);
-    b.inbound = vec![(b_web, web_port)];
-    let pb = b.start(d, &fb);
-    let a_web = free_port();
-    let mut a = Sidecar::new("sidecar-a", A);
-    a.outbound = vec![(a_web, b_web, B.into())];
-    let pa = a.start(d, &fa);
+    // Every process is bound: a field left to `..` would be dropped, and its process ended.
+    let Pair {
+        web: _web,
+        a,
+        pa,
+        fa,
+        a_web,
+        b,
+        pb,
+        fb,
+        ..
+    } = start_pair(d, &ca, |a| a.workers = Some(1));
     let url = format!("http://127.0.0.1:{a_web}/p");
     let opened = |s: &Sidecar, direction: &str, peer: &str| {
         count(
@@ -673,7 +717,7 @@ fn outbound_http_shares_one_pooled_connection_that_a_bundle_change_cuts() {
 
 /// Bodies larger than the pooled connection's flow-control windows (2 MiB per stream, 5 MiB
 /// per connection) cross the pair whole in both directions, from HTTP/1.1 and h2c clients,
-/// one at a time and several at once on the one pooled connection.
+/// one at a time and several at once on each worker's one pooled connection.
 #[test]
 fn large_bodies_cross_the_pooled_connection_whole_in_both_directions() {
     if !require_tool("curl", "l7-bodies") {
@@ -682,17 +726,14 @@ fn large_bodies_cross_the_pooled_connection_whole_in_both_directions() {
     let dir = TempDir::new("l7-bodies");
     let d = dir.path();
     let ca = Ca::new("example.org");
-    let (_web, web_port) = start_workload("b", false);
-    let fa = write_identity(d, "a", &ca, A, &[&ca]);
-    let fb = write_identity(d, "b", &ca, B, &[&ca]);
-    let b_web = free_port();
-    let mut b = Sidecar::new("sidecar-b", B);
-    b.inbound = vec![(b_web, web_port)];
-    let pb = b.start(d, &fb);
-    let a_web = free_port();
-    let mut a = Sidecar::new("sidecar-a", A);
-    a.outbound = vec![(a_web, b_web, B.into())];
-    let pa = a.start(d, &fa);
+    let Pair {
+        web: _web,
+        a,
+        pa,
+        a_web,
+        pb,
+        ..
+    } = start_pair(d, &ca, |a| a.workers = Some(2));
 
     const LEN: usize = 12 * 1024 * 1024 + 7;
     let upload: Vec<u8> = (0..LEN).map(|i| (i * 7 % 256) as u8).collect();
@@ -762,10 +803,11 @@ fn large_bodies_cross_the_pooled_connection_whole_in_both_directions() {
         "sigil_connections_opened_total{",
         &["direction=\"outbound\""],
     );
+    // Workload connections are dealt to A's two workers in turn; each pools its own.
     assert_eq!(
         opened,
-        1.0,
-        "one pooled connection carried it all\n{}",
+        2.0,
+        "one pooled connection per worker carried it all\n{}",
         a.metrics()
     );
 }
@@ -781,18 +823,17 @@ fn an_unused_pooled_connection_closes_after_its_last_request() {
     let dir = TempDir::new("l7-pool-idle");
     let d = dir.path();
     let ca = Ca::new("example.org");
-    let (_web, web_port) = start_workload("b", false);
-    let fa = write_identity(d, "a", &ca, A, &[&ca]);
-    let fb = write_identity(d, "b", &ca, B, &[&ca]);
-    let b_web = free_port();
-    let mut b = Sidecar::new("sidecar-b", B);
-    b.inbound = vec![(b_web, web_port)];
-    let _pb = b.start(d, &fb);
-    let a_web = free_port();
-    let mut a = Sidecar::new("sidecar-a", A);
-    a.outbound = vec![(a_web, b_web, B.into())];
-    a.pool_idle = "1s";
-    let pa = a.start(d, &fa);
+    let Pair {
+        web: _web,
+        a,
+        pa,
+        a_web,
+        pb: _pb,
+        ..
+    } = start_pair(d, &ca, |a| {
+        a.pool_idle = "1s";
+        a.workers = Some(1);
+    });
     let peer = format!("peer_id=\"{B}\"");
     let outbound =
         |series: &str, extra: &str| count(&a, series, &["direction=\"outbound\"", &peer, extra]);
@@ -850,17 +891,15 @@ fn inbound_requests_reuse_workload_connections_and_survive_a_workload_restart() 
     let dir = TempDir::new("l7-workload-pool");
     let d = dir.path();
     let ca = Ca::new("example.org");
-    let (mut web, web_port) = start_workload("b", false);
-    let fa = write_identity(d, "a", &ca, A, &[&ca]);
-    let fb = write_identity(d, "b", &ca, B, &[&ca]);
-    let b_web = free_port();
-    let mut b = Sidecar::new("sidecar-b", B);
-    b.inbound = vec![(b_web, web_port)];
-    let _pb = b.start(d, &fb);
-    let a_web = free_port();
-    let mut a = Sidecar::new("sidecar-a", A);
-    a.outbound = vec![(a_web, b_web, B.into())];
-    let _pa = a.start(d, &fa);
+    let Pair {
+        mut web,
+        web_port,
+        a_web,
+        pa: _pa,
+        b,
+        pb: _pb,
+        ..
+    } = start_pair(d, &ca, |a| a.workers = Some(1));
     let url = format!("http://127.0.0.1:{a_web}/p");
     // The toy workload answers "... from <the sidecar's address>) ...".
     let from = |out: &str| -> String {
