@@ -507,6 +507,13 @@ impl ProxyConfig {
         if spec.workers == Some(0) {
             return Err(ConfigError::new(path, None, "workers must be at least 1"));
         }
+        if spec.timeouts.pool_idle.is_zero() {
+            return Err(ConfigError::new(
+                path,
+                None,
+                "timeouts.poolIdle must be longer than 0 (every burst would dial afresh)",
+            ));
+        }
         if spec.metrics.peer_id_cap == 0 {
             return Err(ConfigError::new(
                 path,

@@ -157,7 +157,7 @@ fn explicit_mode_needs_listeners_and_syntax_errors_have_lines() {
 }
 
 #[test]
-fn workers_and_pool_idle_are_read_and_zero_workers_refused() {
+fn workers_and_pool_idle_are_read_and_zeros_refused() {
     let c = parse(&format!("{GOOD}    poolIdle: 2m\n  workers: 3\n")).unwrap();
     assert_eq!(c.spec.timeouts.pool_idle, Duration::from_secs(120));
     assert_eq!(c.spec.workers, Some(3));
@@ -166,4 +166,6 @@ fn workers_and_pool_idle_are_read_and_zero_workers_refused() {
         e.contains("/etc/sigil/proxy.yaml") && e.contains("workers must be at least 1"),
         "{e}"
     );
+    let e = parse(&format!("{GOOD}    poolIdle: 0s\n")).unwrap_err();
+    assert!(e.contains("timeouts.poolIdle must be longer than 0"), "{e}");
 }

@@ -43,6 +43,13 @@ struct Conn {
     slot: Arc<Slot>,
 }
 
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // The last workload connection using a destination whose connection is gone.
+        self.p.pool.forget(&self.slot);
+    }
+}
+
 /// A request the sidecar answers itself: status, metrics decision label, reason.
 struct Refusal(StatusCode, &'static str, String);
 

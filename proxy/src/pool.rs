@@ -62,20 +62,27 @@ pub struct Slot {
     dest: SocketAddr,
     worker: usize,
     expected: SpiffeId,
-    /// The connection's number and sender. Async, so that concurrent first requests wait
-    /// for one dial instead of racing.
-    sender: tokio::sync::Mutex<Option<(u64, SendRequest<Bytes>)>>,
+    /// The connection's number and sender. Never held across an await, so that retiring a
+    /// connection never waits for a dial.
+    sender: Mutex<Option<(u64, SendRequest<Bytes>)>>,
+    /// Held while dialling, so that concurrent first requests wait for one dial instead of
+    /// racing.
+    dialing: tokio::sync::Mutex<()>,
     /// Requests sent, which tells the connection's task whether it is still used.
     sent: AtomicU64,
 }
 
 impl Slot {
     /// Takes connection `id` out of use: the next request dials afresh.
-    async fn retire(&self, id: u64) {
-        let mut sender = self.sender.lock().await;
+    fn retire(&self, id: u64) {
+        let mut sender = self.sender.lock().expect("slot lock");
         if sender.as_ref().is_some_and(|(current, _)| *current == id) {
             *sender = None;
         }
+    }
+
+    fn current(&self) -> Option<(u64, SendRequest<Bytes>)> {
+        self.sender.lock().expect("slot lock").clone()
     }
 }
 
@@ -100,20 +107,22 @@ impl Pool {
             dest,
             worker,
             expected: expected.clone(),
-            sender: tokio::sync::Mutex::new(None),
+            sender: Mutex::new(None),
+            dialing: tokio::sync::Mutex::new(()),
             sent: AtomicU64::new(0),
         });
         list.push(s.clone());
         s
     }
 
-    /// Drops `slot` from the pool if nothing but the pool and its retiring connection's task
-    /// holds it (no workload connection would send on it again), so that destinations called
-    /// once do not accumulate.
-    fn forget(&self, slot: &Arc<Slot>) {
+    /// Drops `slot` from the pool once it has no connection and nothing holds it but the
+    /// pool and the caller (a retiring connection's task, or a workload connection that
+    /// ends), so that destinations called once do not accumulate.
+    pub fn forget(&self, slot: &Arc<Slot>) {
         let mut slots = self.slots.lock().expect("pool lock");
-        // `slot()` clones under this lock, so the count cannot grow meanwhile.
-        if Arc::strong_count(slot) > 2 {
+        // `slot()` clones under this lock, so the count cannot grow meanwhile; a task that
+        // holds the slot and may dial is counted.
+        if Arc::strong_count(slot) > 2 || slot.current().is_some() {
             return;
         }
         let key = (slot.dest, slot.worker);
@@ -127,15 +136,19 @@ impl Pool {
 
     /// The pooled connection of `slot`, dialled if there is none. None: the dial failed.
     async fn sender(&self, p: &Arc<Proxy>, slot: &Arc<Slot>) -> Option<(u64, SendRequest<Bytes>)> {
-        let mut sender = slot.sender.lock().await;
-        if let Some(s) = sender.as_ref() {
-            return Some(s.clone());
+        if let Some(s) = slot.current() {
+            return Some(s);
+        }
+        let _dialing = slot.dialing.lock().await;
+        // Another request may have dialled while this one waited.
+        if let Some(s) = slot.current() {
+            return Some(s);
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         // Boxed: the dial and handshakes are rare and would otherwise make every request's
         // future (which holds this one) several KiB larger to create and move.
         let s = Box::pin(connect(p, slot.dest, &slot.expected, slot.clone(), id)).await?;
-        *sender = Some((id, s.clone()));
+        *slot.sender.lock().expect("slot lock") = Some((id, s.clone()));
         Some((id, s))
     }
 
@@ -159,7 +172,7 @@ impl Pool {
                 Ok(s) => break s,
                 Err(e) if !retried => {
                     debug!(dest = %slot.dest, "pooled connection closed before the request went out ({e}); retrying");
-                    slot.retire(id).await;
+                    slot.retire(id);
                     retried = true;
                 }
                 Err(e) => return Err(SendError::Failed(format!("peer sidecar: {e}"))),
@@ -207,7 +220,7 @@ fn strip_connection_headers(headers: &mut HeaderMap) {
     for name in ["keep-alive", "proxy-connection"] {
         headers.remove(name);
     }
-    if headers.get(TE).is_some_and(|v| v != "trailers") {
+    if headers.get_all(TE).iter().any(|v| v != "trailers") {
         headers.remove(TE);
     }
 }
@@ -350,6 +363,9 @@ async fn connect(
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
         .max_header_list_size(64 * 1024)
+        // Until the peer's SETTINGS arrive; h2's default is unlimited, and a burst queued
+        // behind the dial would meet the peer's limit as refused streams (hyper used 100).
+        .initial_max_send_streams(100)
         .enable_push(false)
         .handshake::<_, Bytes>(io)
         .await;
@@ -362,6 +378,11 @@ async fn connect(
         }
     };
     let pings = conn.ping_pong();
+    let mut conn = Watched {
+        conn,
+        probe: Some(sender.clone()),
+        went_away: false,
+    };
     debug!(%dest, peer = %expected, "pooled connection open");
     let p = p.clone();
     let idle_after = p.cfg.spec.timeouts.pool_idle;
@@ -379,7 +400,7 @@ async fn connect(
                     Ok(()) => "done",
                     // A peer that shuts down sends GOAWAY, finishes its streams and closes;
                     // the socket may then end in a reset, which is no failure.
-                    Err(e) if went_away(&slot, id).await => {
+                    Err(e) if conn.went_away => {
                         debug!(%dest, "pooled connection ended after the peer's GOAWAY: {e}");
                         "done"
                     }
@@ -394,13 +415,15 @@ async fn connect(
                     // With the pool's sender dropped, h2 closes the connection once the
                     // streams still on it end; until then it stays registered.
                     debug!(%dest, peer = %labels.peer_id, "pooled connection unused for {idle_after:?}; letting go");
-                    slot.retire(id).await;
+                    slot.retire(id);
+                    conn.probe = None;
                     p.pool.forget(&slot);
                     let_go = true;
                 }
             }
         };
-        slot.retire(id).await;
+        slot.retire(id);
+        conn.probe = None;
         if is_graceful(reason) {
             // Requests already on this connection may finish; once the slot let go of its
             // sender and they are done, h2 closes the connection itself.
@@ -417,22 +440,40 @@ async fn connect(
             info!(%dest, peer = %labels.peer_id, reason, "pooled connection closed");
         }
         p.closed(&labels, reason);
+        p.pool.forget(&slot);
     });
     Some(sender)
 }
 
-/// Whether the peer closed connection `id` of `slot` with a GOAWAY that reported no error
-/// (h2 keeps that as the connection's error, which its sender then returns).
-async fn went_away(slot: &Slot, id: u64) -> bool {
-    let mut sender = slot.sender.lock().await;
-    let Some((_, s)) = sender.as_mut().filter(|(current, _)| *current == id) else {
-        return false;
-    };
-    match std::future::poll_fn(|cx| Poll::Ready(s.poll_ready(cx))).await {
-        Poll::Ready(Err(e)) => {
-            e.is_go_away() && e.is_remote() && e.reason() == Some(h2::Reason::NO_ERROR)
+/// A pooled connection, watched for the peer's GOAWAY: a peer that shuts down sends one,
+/// finishes its streams and closes, and the socket may then end in a reset, which is no
+/// failure. h2 keeps the GOAWAY as the connection's error only until an I/O error replaces
+/// it, so it is looked for after every poll, through a sender of our own. That sender is
+/// dropped once the pool lets the connection go: h2 keeps a connection open while any
+/// sender exists.
+struct Watched<T> {
+    conn: h2::client::Connection<T, Bytes>,
+    probe: Option<SendRequest<Bytes>>,
+    went_away: bool,
+}
+
+impl<T> std::future::Future for Watched<T>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    type Output = Result<(), h2::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let r = Pin::new(&mut self.conn).poll(cx);
+        if let Some(probe) = &mut self.probe {
+            // Never pending: the probe opens no streams. An error is the connection's.
+            if let Poll::Ready(Err(e)) = probe.poll_ready(cx) {
+                self.went_away =
+                    e.is_go_away() && e.is_remote() && e.reason() == Some(h2::Reason::NO_ERROR);
+                self.probe = None;
+            }
         }
-        _ => false,
+        r
     }
 }
 
