@@ -879,7 +879,6 @@ fn an_unused_pooled_connection_closes_after_its_last_request() {
     );
 }
 
-/// Starts `curl URL` on a thread; joins to its result and the instant it returned.
 /// The workload sees requests arrive from the receiving sidecar's pooled connections: one
 /// connection serves sequential requests, a busy one is not shared, and a connection the
 /// workload closed (here: the workload restarted) is replaced without failing a request.
@@ -946,6 +945,7 @@ fn inbound_requests_reuse_workload_connections_and_survive_a_workload_restart() 
     assert_eq!(failed, 0.0, "{}", b.metrics());
 }
 
+/// Starts `curl URL` on a thread; joins to its result and the instant it returned.
 fn in_flight(url: &str) -> std::thread::JoinHandle<((bool, String), std::time::Instant)> {
     let url = url.to_string();
     let t = std::thread::spawn(move || {
