@@ -102,8 +102,12 @@ fn curl_args(args: &[&str]) -> (bool, String) {
 
 /// Sidecar A calls B's toy workload through sidecar B: A's explicit outbound listener
 /// `a_web` forwards to B's inbound listener for it. `tune_a` adjusts A before it starts.
-/// Dropping a `Proc` ends its process, so callers bind `web`, `pa` and `pb`.
+/// Dropping a `Proc` ends its process and dropping `dir` removes the files, so callers
+/// bind `dir`, `web`, `pa` and `pb`.
 struct Pair {
+    dir: TempDir,
+    /// The CA of both SVIDs and of both sidecars' bundles.
+    ca: Ca,
     web: Proc,
     web_port: u16,
     a: Sidecar,
@@ -115,10 +119,13 @@ struct Pair {
     fb: IdentityFiles,
 }
 
-fn start_pair(d: &Path, ca: &Ca, tune_a: impl FnOnce(&mut Sidecar)) -> Pair {
+fn start_pair(tag: &str, tune_a: impl FnOnce(&mut Sidecar)) -> Pair {
+    let dir = TempDir::new(tag);
+    let d = dir.path();
+    let ca = Ca::new("example.org");
     let (web, web_port) = start_workload("b", false);
-    let fa = write_identity(d, "a", ca, A, &[ca]);
-    let fb = write_identity(d, "b", ca, B, &[ca]);
+    let fa = write_identity(d, "a", &ca, A, &[&ca]);
+    let fb = write_identity(d, "b", &ca, B, &[&ca]);
     let b_web = free_port();
     let mut b = Sidecar::new("sidecar-b", B);
     b.inbound = vec![(b_web, web_port)];
@@ -129,6 +136,8 @@ fn start_pair(d: &Path, ca: &Ca, tune_a: impl FnOnce(&mut Sidecar)) -> Pair {
     tune_a(&mut a);
     let pa = a.start(d, &fa);
     Pair {
+        dir,
+        ca,
         web,
         web_port,
         a,
@@ -572,12 +581,11 @@ fn outbound_http_shares_one_pooled_connection_that_a_bundle_change_cuts() {
     if !require_tool("curl", "l7-pool") {
         return;
     }
-    let dir = TempDir::new("l7-pool");
-    let d = dir.path();
-    let ca = Ca::new("example.org");
     let impostor = Ca::new("example.org");
     // Every process is bound: a field left to `..` would be dropped, and its process ended.
     let Pair {
+        dir: _dir,
+        ca,
         web: _web,
         a,
         pa,
@@ -587,7 +595,7 @@ fn outbound_http_shares_one_pooled_connection_that_a_bundle_change_cuts() {
         pb,
         fb,
         ..
-    } = start_pair(d, &ca, |a| a.workers = Some(1));
+    } = start_pair("l7-pool", |a| a.workers = Some(1));
     let url = format!("http://127.0.0.1:{a_web}/p");
     let opened = |s: &Sidecar, direction: &str, peer: &str| {
         count(
@@ -723,17 +731,16 @@ fn large_bodies_cross_the_pooled_connection_whole_in_both_directions() {
     if !require_tool("curl", "l7-bodies") {
         return;
     }
-    let dir = TempDir::new("l7-bodies");
-    let d = dir.path();
-    let ca = Ca::new("example.org");
     let Pair {
+        dir,
         web: _web,
         a,
         pa,
         a_web,
         pb,
         ..
-    } = start_pair(d, &ca, |a| a.workers = Some(2));
+    } = start_pair("l7-bodies", |a| a.workers = Some(2));
+    let d = dir.path();
 
     const LEN: usize = 12 * 1024 * 1024 + 7;
     let upload: Vec<u8> = (0..LEN).map(|i| (i * 7 % 256) as u8).collect();
@@ -820,17 +827,15 @@ fn an_unused_pooled_connection_closes_after_its_last_request() {
     if !require_tool("curl", "l7-pool-idle") {
         return;
     }
-    let dir = TempDir::new("l7-pool-idle");
-    let d = dir.path();
-    let ca = Ca::new("example.org");
     let Pair {
+        dir: _dir,
         web: _web,
         a,
         pa,
         a_web,
         pb: _pb,
         ..
-    } = start_pair(d, &ca, |a| {
+    } = start_pair("l7-pool-idle", |a| {
         a.pool_idle = "1s";
         a.workers = Some(1);
     });
@@ -887,10 +892,8 @@ fn inbound_requests_reuse_workload_connections_and_survive_a_workload_restart() 
     if !require_tool("curl", "l7-workload-pool") {
         return;
     }
-    let dir = TempDir::new("l7-workload-pool");
-    let d = dir.path();
-    let ca = Ca::new("example.org");
     let Pair {
+        dir: _dir,
         mut web,
         web_port,
         a_web,
@@ -898,7 +901,7 @@ fn inbound_requests_reuse_workload_connections_and_survive_a_workload_restart() 
         b,
         pb: _pb,
         ..
-    } = start_pair(d, &ca, |a| a.workers = Some(1));
+    } = start_pair("l7-workload-pool", |a| a.workers = Some(1));
     let url = format!("http://127.0.0.1:{a_web}/p");
     // The toy workload answers "... from <the sidecar's address>) ...".
     let from = |out: &str| -> String {
