@@ -10,6 +10,7 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
@@ -26,7 +27,39 @@ pub fn current() -> usize {
 
 pub struct Workers {
     handles: Vec<Handle>,
+    /// Connections each worker is serving now.
+    live: Arc<[AtomicUsize]>,
     next: AtomicUsize,
+}
+
+/// Counts a connection against its worker until the connection's future ends or unwinds.
+struct Live {
+    live: Arc<[AtomicUsize]>,
+    worker: usize,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.live[self.worker].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Keeps a timer due within `TICK` in the worker's timer wheel, forever. tokio wakes its I/O
+/// driver (an eventfd write, then a spurious epoll return) whenever a timer is registered
+/// due sooner than the driver's next planned wake, even on a current-thread runtime that is
+/// busy running tasks (tokio-rs/tokio#5207). hyper registers one per HTTP/1 request, the
+/// header-read timeout (10 s); with only the pools' 20 s PINGs and 90 s idle timers in the
+/// wheel, half of the requests paid that wake (0.54 eventfd writes per request, measured
+/// with strace; perf/README.md). A timer always due within a second makes every 10 s
+/// timer later than the planned wake, at the cost of one wake per second per worker.
+const TICK: std::time::Duration = std::time::Duration::from_secs(1);
+
+async fn tick() {
+    let mut ticks = tokio::time::interval(TICK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+    }
 }
 
 impl Workers {
@@ -43,17 +76,26 @@ impl Workers {
                 .name(format!("sigil-worker-{i}"))
                 .spawn(move || {
                     WORKER.with(|w| w.set(i));
-                    rt.block_on(std::future::pending::<()>());
+                    rt.block_on(tick());
                 })?;
         }
         Ok(Self {
+            live: (0..n).map(|_| AtomicUsize::new(0)).collect(),
             handles,
             next: AtomicUsize::new(0),
         })
     }
 
-    /// Runs `serve` with `tcp` on the next worker. The socket is moved to that worker's I/O
-    /// driver, so that its readiness wakes that thread and no other.
+    /// Runs `serve` with `tcp` on the worker serving the fewest connections, the first such
+    /// from a position that moves on by one each time (so equals are dealt in turn). The
+    /// socket is moved to that worker's I/O driver, so that its readiness wakes that thread
+    /// and no other.
+    ///
+    /// Dealing in turn alone let short connections steer long ones: wrk opens and closes one
+    /// connection before its load, the client sidecar forwards it as opaque TCP, and both
+    /// pooled HTTP/2 connections that followed landed on the same server-side worker, which
+    /// then carried all the requests on one core (perf/README.md, "Dealing connections").
+    /// Envoy's exact connection balancer makes the same choice.
     pub fn serve<F, Fut>(&self, tcp: TcpStream, serve: F)
     where
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
@@ -66,12 +108,113 @@ impl Workers {
                 return;
             }
         };
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
+        let i = self.least_busy();
+        self.live[i].fetch_add(1, Ordering::Relaxed);
+        let live = Live {
+            live: self.live.clone(),
+            worker: i,
+        };
         self.handles[i].spawn(async move {
+            let _live = live;
             match TcpStream::from_std(std) {
                 Ok(tcp) => serve(tcp).await,
                 Err(e) => tracing::warn!("cannot register a connection on worker {i}: {e}"),
             }
+        });
+    }
+
+    /// Connections are dealt from the listeners' tasks, one at a time per listener; two
+    /// listeners racing may both pick the same worker, which the next connections even out.
+    fn least_busy(&self) -> usize {
+        let n = self.handles.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let mut best = start;
+        let mut fewest = usize::MAX;
+        for k in 0..n {
+            let i = (start + k) % n;
+            let live = self.live[i].load(Ordering::Relaxed);
+            if live < fewest {
+                best = i;
+                fewest = live;
+            }
+        }
+        best
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+
+    /// What a served connection reports: the worker it ran on, then that it ended.
+    #[derive(Debug, PartialEq)]
+    enum Event {
+        Started(usize),
+        Ended(usize),
+    }
+
+    /// Accepts one connection from a fresh client and deals it; the served side lives until
+    /// the client closes.
+    async fn deal(
+        workers: &Workers,
+        listener: &TcpListener,
+        events: &mpsc::UnboundedSender<Event>,
+    ) -> TcpStream {
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (served, _) = listener.accept().await.unwrap();
+        let events = events.clone();
+        workers.serve(served, move |mut tcp| async move {
+            let me = current();
+            events.send(Event::Started(me)).unwrap();
+            let mut byte = [0u8; 1];
+            let _ = tcp.read(&mut byte).await;
+            events.send(Event::Ended(me)).unwrap();
+        });
+        client
+    }
+
+    #[test]
+    fn a_connection_goes_to_the_worker_serving_the_fewest() {
+        let workers = Workers::start(2).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let _long = deal(&workers, &listener, &tx).await;
+            let Some(Event::Started(a)) = rx.recv().await else {
+                panic!("first connection not served")
+            };
+            let short = deal(&workers, &listener, &tx).await;
+            let Some(Event::Started(b)) = rx.recv().await else {
+                panic!("second connection not served")
+            };
+            assert_ne!(a, b, "two connections, two idle workers: one each");
+            drop(short);
+            assert_eq!(rx.recv().await, Some(Event::Ended(b)));
+            // The count drops just after the served future returns.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while workers.live[b].load(Ordering::Relaxed) != 0 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "worker {b} count stuck"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            // Dealing in turn would now pick `a` again, which still serves the long one.
+            let _third = deal(&workers, &listener, &tx).await;
+            assert_eq!(
+                rx.recv().await,
+                Some(Event::Started(b)),
+                "the third connection goes to the worker that serves none"
+            );
         });
     }
 }
