@@ -20,10 +20,11 @@ use crate::l7;
 use crate::metrics::{RuleLabels, UNAUTHENTICATED_PEER};
 use crate::proxy::{now_unix, peer_chain, Admitted, Proxy};
 use crate::relay::{sniff, Rewind};
+use crate::workers::Load;
 
 const DIR: Direction = Direction::Inbound;
 
-pub async fn handle(p: Arc<Proxy>, tcp: TcpStream, client: SocketAddr, port: u16) {
+pub async fn handle(p: Arc<Proxy>, tcp: TcpStream, mut load: Load, client: SocketAddr, port: u16) {
     let tls = p.tls.get();
     let local = tls.local_label.clone();
     if let Some(r) = tls.self_revoked() {
@@ -59,6 +60,9 @@ pub async fn handle(p: Arc<Proxy>, tcp: TcpStream, client: SocketAddr, port: u16
     };
     let peer_label = p.metrics.peer_label(peer.as_str());
     let carries = Carries::from_alpn(stream.get_ref().1.alpn_protocol());
+    if carries == Some(Carries::Http2) {
+        load.multiplexed();
+    }
     let index = p.policy();
     let declared_http = index.is_http(port);
     // Requests from a pool are checked one by one, whatever the port: a peer denied here

@@ -209,7 +209,9 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
             |p, tcp, peer, local| match original_dst(&tcp) {
                 Some(dst) if dst != local => {
                     let workers = p.workers.clone();
-                    workers.serve(tcp, move |tcp| inbound::handle(p, tcp, peer, dst.port()));
+                    workers.serve(tcp, move |tcp, load| {
+                        inbound::handle(p, tcp, load, peer, dst.port())
+                    });
                 }
                 _ => {
                     let tls = p.tls.get();
@@ -231,7 +233,9 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
             |p, tcp, peer, local| match original_dst(&tcp) {
                 Some(dst) if dst != local => {
                     let workers = p.workers.clone();
-                    workers.serve(tcp, move |tcp| outbound::handle(p, tcp, dst, None));
+                    workers.serve(tcp, move |tcp, load| {
+                        outbound::handle(p, tcp, load, dst, None)
+                    });
                 }
                 _ => {
                     let tls = p.tls.get();
@@ -255,7 +259,9 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
             p.clone(),
             move |p, tcp, peer, _| {
                 let workers = p.workers.clone();
-                workers.serve(tcp, move |tcp| inbound::handle(p, tcp, peer, port));
+                workers.serve(tcp, move |tcp, load| {
+                    inbound::handle(p, tcp, load, peer, port)
+                });
             },
         );
     }
@@ -269,7 +275,9 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
             move |p, tcp, _, _| {
                 let workers = p.workers.clone();
                 let expected = expected.clone();
-                workers.serve(tcp, move |tcp| outbound::handle(p, tcp, upstream, expected));
+                workers.serve(tcp, move |tcp, load| {
+                    outbound::handle(p, tcp, load, upstream, expected)
+                });
             },
         );
     }

@@ -22,6 +22,7 @@ use crate::metrics::ConnLabels;
 use crate::outbound_http;
 use crate::proxy::{peer_chain, Admitted, Proxy};
 use crate::relay::{relay, sniff, Rewind};
+use crate::workers::Load;
 
 const DIR: Direction = Direction::Outbound;
 const PASSTHROUGH_PEER: &str = "passthrough";
@@ -31,6 +32,7 @@ const UNKNOWN_PEER: &str = "unknown";
 pub async fn handle(
     p: Arc<Proxy>,
     workload: TcpStream,
+    mut load: Load,
     dest: SocketAddr,
     expected: Option<SpiffeId>,
 ) {
@@ -45,6 +47,9 @@ pub async fn handle(
         sniff(&mut workload, p.cfg.spec.timeouts.detect).await
     };
     let workload = Rewind::new(prefix, workload);
+    if detected == Detected::Http2 {
+        load.multiplexed();
+    }
     if detected != Detected::Opaque {
         return outbound_http::serve(p, workload, dest, expected).await;
     }

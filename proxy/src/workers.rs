@@ -27,20 +27,42 @@ pub fn current() -> usize {
 
 pub struct Workers {
     handles: Vec<Handle>,
-    /// Connections each worker is serving now.
+    /// The load of each worker: the connections it serves, multiplexed ones counting more
+    /// (`Load`).
     live: Arc<[AtomicUsize]>,
     next: AtomicUsize,
 }
 
-/// Counts a connection against its worker until the connection's future ends or unwinds.
-struct Live {
+/// What a multiplexed connection counts for when dealing (see `Load::multiplexed`).
+const MULTIPLEXED: usize = 16;
+
+/// A connection's weight on its worker, counted until the connection's handler drops it
+/// (when the handler ends or unwinds).
+pub struct Load {
     live: Arc<[AtomicUsize]>,
     worker: usize,
+    weight: usize,
 }
 
-impl Drop for Live {
+impl Load {
+    /// Marks the connection as multiplexed (HTTP/2: a peer sidecar's pooled connection, or
+    /// a workload's h2c connection). It carries the requests of many connections, so it
+    /// counts as `MULTIPLEXED` of them: a short connection must not tie with it. When wrk's
+    /// probe connection (opened and closed before its load, forwarded by the client sidecar
+    /// as opaque TCP) was still open on the server side as the second pooled HTTP/2
+    /// connection arrived, counting each as one sent both pooled connections to the same
+    /// worker half of the time (perf/README.md, "Dealing connections").
+    pub fn multiplexed(&mut self) {
+        if self.weight < MULTIPLEXED {
+            self.live[self.worker].fetch_add(MULTIPLEXED - self.weight, Ordering::Relaxed);
+            self.weight = MULTIPLEXED;
+        }
+    }
+}
+
+impl Drop for Load {
     fn drop(&mut self) {
-        self.live[self.worker].fetch_sub(1, Ordering::Relaxed);
+        self.live[self.worker].fetch_sub(self.weight, Ordering::Relaxed);
     }
 }
 
@@ -86,19 +108,19 @@ impl Workers {
         })
     }
 
-    /// Runs `serve` with `tcp` on the worker serving the fewest connections, the first such
-    /// from a position that moves on by one each time (so equals are dealt in turn). The
-    /// socket is moved to that worker's I/O driver, so that its readiness wakes that thread
-    /// and no other.
+    /// Runs `serve` with `tcp` on the worker with the least load, the first such from a
+    /// position that moves on by one each time (so equals are dealt in turn). The socket is
+    /// moved to that worker's I/O driver, so that its readiness wakes that thread and no
+    /// other. `serve` holds the connection's `Load` for as long as it runs.
     ///
     /// Dealing in turn alone let short connections steer long ones: wrk opens and closes one
     /// connection before its load, the client sidecar forwards it as opaque TCP, and both
     /// pooled HTTP/2 connections that followed landed on the same server-side worker, which
     /// then carried all the requests on one core (perf/README.md, "Dealing connections").
-    /// Envoy's exact connection balancer makes the same choice.
+    /// Envoy's exact connection balancer also deals by connections served.
     pub fn serve<F, Fut>(&self, tcp: TcpStream, serve: F)
     where
-        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        F: FnOnce(TcpStream, Load) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let std = match tcp.into_std() {
@@ -110,14 +132,14 @@ impl Workers {
         };
         let i = self.least_busy();
         self.live[i].fetch_add(1, Ordering::Relaxed);
-        let live = Live {
+        let load = Load {
             live: self.live.clone(),
             worker: i,
+            weight: 1,
         };
         self.handles[i].spawn(async move {
-            let _live = live;
             match TcpStream::from_std(std) {
-                Ok(tcp) => serve(tcp).await,
+                Ok(tcp) => serve(tcp, load).await,
                 Err(e) => tracing::warn!("cannot register a connection on worker {i}: {e}"),
             }
         });
@@ -162,18 +184,23 @@ mod tests {
         workers: &Workers,
         listener: &TcpListener,
         events: &mpsc::UnboundedSender<Event>,
+        multiplexed: bool,
     ) -> TcpStream {
         let client = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (served, _) = listener.accept().await.unwrap();
         let events = events.clone();
-        workers.serve(served, move |mut tcp| async move {
+        workers.serve(served, move |mut tcp, mut load| async move {
+            if multiplexed {
+                load.multiplexed();
+            }
             let me = current();
             events.send(Event::Started(me)).unwrap();
             let mut byte = [0u8; 1];
             let _ = tcp.read(&mut byte).await;
             events.send(Event::Ended(me)).unwrap();
+            drop(load);
         });
         client
     }
@@ -188,11 +215,11 @@ mod tests {
         rt.block_on(async {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let (tx, mut rx) = mpsc::unbounded_channel();
-            let _long = deal(&workers, &listener, &tx).await;
+            let _long = deal(&workers, &listener, &tx, false).await;
             let Some(Event::Started(a)) = rx.recv().await else {
                 panic!("first connection not served")
             };
-            let short = deal(&workers, &listener, &tx).await;
+            let short = deal(&workers, &listener, &tx, false).await;
             let Some(Event::Started(b)) = rx.recv().await else {
                 panic!("second connection not served")
             };
@@ -209,12 +236,38 @@ mod tests {
                 tokio::time::sleep(std::time::Duration::from_millis(1)).await;
             }
             // Dealing in turn would now pick `a` again, which still serves the long one.
-            let _third = deal(&workers, &listener, &tx).await;
+            let _third = deal(&workers, &listener, &tx, false).await;
             assert_eq!(
                 rx.recv().await,
                 Some(Event::Started(b)),
                 "the third connection goes to the worker that serves none"
             );
+        });
+    }
+
+    #[test]
+    fn a_multiplexed_connection_outweighs_a_plain_one() {
+        let workers = Workers::start(2).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let _pooled = deal(&workers, &listener, &tx, true).await;
+            let Some(Event::Started(a)) = rx.recv().await else {
+                panic!("first connection not served")
+            };
+            let _plain = deal(&workers, &listener, &tx, false).await;
+            let Some(Event::Started(b)) = rx.recv().await else {
+                panic!("second connection not served")
+            };
+            assert_ne!(a, b);
+            // Counted as one connection each, the workers would tie and dealing in turn
+            // would pick `a`, which carries the multiplexed connection.
+            let _next = deal(&workers, &listener, &tx, false).await;
+            assert_eq!(rx.recv().await, Some(Event::Started(b)));
         });
     }
 }
