@@ -1,8 +1,9 @@
 #!/bin/bash
 # Runs one L7 sidecar pair (or the nginx L7 pair) by itself, from the work directory of a
 # `sigil-perf-harness --keep` run, under wrk or h2load, and prints CPU per request of each
-# side (from /proc), context switches per request and the machine's busy and idle time per
-# request (from /proc/stat). For A/B comparisons of two sigil-proxy builds: interleave them.
+# side (from /proc), context switches per request, the machine's busy and idle time per
+# request (from /proc/stat) and how each side's CPU was shared among its threads. For A/B
+# comparisons of two sigil-proxy builds: interleave them.
 #
 #   perf/scripts/l7-pair.sh sigil BIN_DIR [wrk|h2] [stat|perf]
 #   perf/scripts/l7-pair.sh nginx [wrk|h2]
@@ -54,7 +55,16 @@ switches() {
   done
   echo $t
 }
+# Each thread of a process (sigil's workers, or nginx's processes): "name:ticks ...". An
+# uneven split between sigil's workers means connections were dealt unevenly.
+per_thread() {
+  local p t
+  for p in $1 $(pgrep -P "$1"); do
+    for t in /proc/$p/task/*; do echo -n "$(cat "$t/comm")/${t##*/}:$(awk '{print $14+$15}' "$t/stat") "; done
+  done
+}
 read -r _ u0 n0 y0 i0 w0 q0 s0 _ < /proc/stat
+ct0=$(per_thread $C); st0=$(per_thread $S)
 c0=$(ticks $C); s0t=$(ticks $S); cc0=$(switches $C); sc0=$(switches $S)
 if [ "$EXTRA" = stat ]; then
   EV=syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom,syscalls:sys_enter_writev,syscalls:sys_enter_write,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_futex
@@ -74,6 +84,7 @@ else
   rate=$(grep -oP 'finished in [0-9.]+s, \K[0-9.]+' "$OUT.load")
 fi
 read -r _ u1 n1 y1 i1 w1 q1 s1 _ < /proc/stat
+ct1=$(per_thread $C); st1=$(per_thread $S)
 c1=$(ticks $C); s1t=$(ticks $S); cc1=$(switches $C); sc1=$(switches $S)
 [ -n "$EXTRA" ] && wait $P1 $P2
 # Ticks are 10 ms: ticks * 10^4 / n is µs per request.
@@ -81,6 +92,12 @@ echo "$WHAT $MODE: $n requests, $rate req/s"
 echo "  CPU µs/request: client side $(( (c1 - c0) * 10000 / n )), server side $(( (s1t - s0t) * 10000 / n ))"
 echo "  context switches/request: client side $(echo "scale=2; ($cc1 - $cc0) / $n" | bc), server side $(echo "scale=2; ($sc1 - $sc0) / $n" | bc)"
 echo "  machine µs/request: busy $(( (u1 + n1 + y1 + q1 + s1 - u0 - n0 - y0 - q0 - s0) * 10000 / n )), idle $(( (i1 + w1 - i0 - w0) * 10000 / n ))"
+# Threads that used CPU during the load, with their share of the side's ticks.
+busy_threads() {
+  echo "$1" "$2" | tr ' ' '\n' | awk -F: 'NF == 2 { if (!($1 in a)) a[$1] = $2; else d[$1] = $2 - a[$1] }
+    END { for (k in d) t += d[k]; for (k in d) if (d[k] > 0) { name = k; sub("/.*", "", name); printf " %s %d%%", name, 100 * d[k] / t } }'
+}
+echo "  busy threads: client side$(busy_threads "$ct0" "$ct1"); server side$(busy_threads "$st0" "$st1")"
 if [ "$EXTRA" = stat ]; then
   for side in c s; do
     echo "  syscalls/request, $side side:"
