@@ -1,8 +1,8 @@
 //! Workers: `spec.workers` threads (default: one per core), each running a current-thread
-//! tokio runtime. Each accepted workload or peer connection is dealt to a worker in turn, and
-//! everything it causes (its HTTP requests, the pooled connection to a peer sidecar that it
-//! sends them on, the connection to the workload) runs on that worker's thread. A request
-//! then never wakes a task on another thread. On a work-stealing runtime most requests did,
+//! tokio runtime. Each accepted workload or peer connection is dealt to the least loaded
+//! worker (`Workers::serve`), and everything it causes (its HTTP requests, the pooled
+//! connection to a peer sidecar that it sends them on, the connection to the workload) runs
+//! on that worker's thread. A request then never wakes a task on another thread. On a work-stealing runtime most requests did,
 //! at the cost of a futex or eventfd wake and a context switch (perf/README.md, "Workers").
 //! This is how Envoy and nginx run. The main runtime keeps the listeners, the admin endpoint,
 //! the control-plane stream and the file watchers.
@@ -130,7 +130,7 @@ impl Workers {
                 return;
             }
         };
-        let i = self.least_busy();
+        let i = self.least_loaded();
         self.live[i].fetch_add(1, Ordering::Relaxed);
         let load = Load {
             live: self.live.clone(),
@@ -147,7 +147,7 @@ impl Workers {
 
     /// Connections are dealt from the listeners' tasks, one at a time per listener; two
     /// listeners racing may both pick the same worker, which the next connections even out.
-    fn least_busy(&self) -> usize {
+    fn least_loaded(&self) -> usize {
         let n = self.handles.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         let mut best = start;
