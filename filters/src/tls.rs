@@ -252,6 +252,25 @@ pub fn client_config(
     Arc::new(config)
 }
 
+/// What a sidecar's ClientHello offers to carry (its one ALPN protocol), from the first bytes
+/// a connection received, peeked before the handshake reads them. None: not a whole
+/// ClientHello (not yet, or not TLS), or not exactly one protocol of ours. Workers use it to
+/// weigh the connection before dealing it.
+pub fn offered(mut first_bytes: &[u8]) -> Option<Carries> {
+    let mut acceptor = rustls::server::Acceptor::default();
+    while !first_bytes.is_empty() {
+        if acceptor.read_tls(&mut first_bytes).ok()? == 0 {
+            break;
+        }
+    }
+    let accepted = acceptor.accept().ok()??;
+    let mut alpn = accepted.client_hello().alpn()?;
+    let (Some(one), None) = (alpn.next(), alpn.next()) else {
+        return None;
+    };
+    Carries::from_alpn(Some(one))
+}
+
 /// Classifies a failed handshake for metrics (`reason`) and logs (`detail`).
 pub fn handshake_failure(err: &io::Error) -> (&'static str, String) {
     let Some(tls) = err

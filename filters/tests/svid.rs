@@ -324,3 +324,47 @@ fn revocations_cover_by_id_and_by_issuance() {
     .unwrap();
     assert!(Revocations::new(&all).check(&a, &fresh.chain[0]).is_err());
 }
+
+/// The bytes a sidecar's outbound side sends first: its ClientHello, from the real client
+/// configuration.
+fn client_hello(carries: sigil_filters::tls::Carries) -> Vec<u8> {
+    let ca = Ca::new("example.org");
+    let svid = ca.svid(A);
+    let p = provider();
+    let id = LocalIdentity::from_pem(
+        svid.chain_pem().as_bytes(),
+        svid.key_pem().as_bytes(),
+        UnixTime::now(),
+        None,
+        &p,
+    )
+    .unwrap();
+    let config = sigil_filters::tls::client_config(
+        &id,
+        std::sync::Arc::new(bundles(&[&ca])),
+        std::sync::Arc::new(sigil_filters::Revocations::new(&[])),
+        p,
+        SpiffeId::parse(A).unwrap(),
+        carries,
+    );
+    let name = rustls::pki_types::ServerName::try_from("example.org").unwrap();
+    let mut conn = rustls::ClientConnection::new(config, name).unwrap();
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).unwrap();
+    }
+    out
+}
+
+#[test]
+fn a_client_hello_tells_what_the_connection_will_carry() {
+    use sigil_filters::tls::{offered, Carries};
+    for carries in [Carries::Tcp, Carries::Http2, Carries::Http1] {
+        let hello = client_hello(carries);
+        assert_eq!(offered(&hello), Some(carries), "{carries:?}");
+        // A ClientHello cut short (the rest not arrived yet) tells nothing.
+        assert_eq!(offered(&hello[..hello.len() / 2]), None, "{carries:?} cut");
+    }
+    assert_eq!(offered(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"), None);
+    assert_eq!(offered(b""), None);
+}

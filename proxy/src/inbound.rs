@@ -60,9 +60,7 @@ pub async fn handle(p: Arc<Proxy>, tcp: TcpStream, mut load: Load, client: Socke
     };
     let peer_label = p.metrics.peer_label(peer.as_str());
     let carries = Carries::from_alpn(stream.get_ref().1.alpn_protocol());
-    if carries == Some(Carries::Http2) {
-        load.multiplexed();
-    }
+    load.multiplexed(carries == Some(Carries::Http2));
     let index = p.policy();
     let declared_http = index.is_http(port);
     // Requests from a pool are checked one by one, whatever the port: a peer denied here

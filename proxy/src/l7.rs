@@ -41,7 +41,7 @@ use crate::proxy::{now_unix, Admitted, Proxy};
 use crate::relay::{close_request, closed, Counted};
 
 pub const PEER_HEADER: &str = "x-sigil-peer-id";
-const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Response bodies come from hyper (the workload) or from h2 (a peer sidecar, `pool`).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -377,7 +377,11 @@ async fn forward(
             c.chain.clone(),
             c.port,
         );
-        tokio::spawn(async move { tunnel(down, up, &mut guard.close_rx).await });
+        let load = c.p.workers.hold();
+        tokio::spawn(async move {
+            let _load = load;
+            tunnel(down, up, &mut guard.close_rx).await
+        });
     }
     Ok(resp)
 }

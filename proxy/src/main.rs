@@ -208,9 +208,12 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
             p.clone(),
             |p, tcp, peer, local| match original_dst(&tcp) {
                 Some(dst) if dst != local => {
-                    let workers = p.workers.clone();
-                    workers.serve(tcp, move |tcp, load| {
-                        inbound::handle(p, tcp, load, peer, dst.port())
+                    tokio::spawn(async move {
+                        let multiplexed = workers::offers_multiplexed(&tcp).await;
+                        let workers = p.workers.clone();
+                        workers.serve(tcp, multiplexed, move |tcp, load| {
+                            inbound::handle(p, tcp, load, peer, dst.port())
+                        });
                     });
                 }
                 _ => {
@@ -233,7 +236,7 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
             |p, tcp, peer, local| match original_dst(&tcp) {
                 Some(dst) if dst != local => {
                     let workers = p.workers.clone();
-                    workers.serve(tcp, move |tcp, load| {
+                    workers.serve(tcp, false, move |tcp, load| {
                         outbound::handle(p, tcp, load, dst, None)
                     });
                 }
@@ -258,9 +261,12 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
             shutdown_rx.clone(),
             p.clone(),
             move |p, tcp, peer, _| {
-                let workers = p.workers.clone();
-                workers.serve(tcp, move |tcp, load| {
-                    inbound::handle(p, tcp, load, peer, port)
+                tokio::spawn(async move {
+                    let multiplexed = workers::offers_multiplexed(&tcp).await;
+                    let workers = p.workers.clone();
+                    workers.serve(tcp, multiplexed, move |tcp, load| {
+                        inbound::handle(p, tcp, load, peer, port)
+                    });
                 });
             },
         );
@@ -275,7 +281,7 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
             move |p, tcp, _, _| {
                 let workers = p.workers.clone();
                 let expected = expected.clone();
-                workers.serve(tcp, move |tcp, load| {
+                workers.serve(tcp, false, move |tcp, load| {
                     outbound::handle(p, tcp, load, upstream, expected)
                 });
             },

@@ -47,9 +47,7 @@ pub async fn handle(
         sniff(&mut workload, p.cfg.spec.timeouts.detect).await
     };
     let workload = Rewind::new(prefix, workload);
-    if detected == Detected::Http2 {
-        load.multiplexed();
-    }
+    load.multiplexed(detected == Detected::Http2);
     if detected != Detected::Opaque {
         return outbound_http::serve(p, workload, dest, expected).await;
     }

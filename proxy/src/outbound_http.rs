@@ -204,7 +204,10 @@ async fn via_own_connection(
     };
     let (upgraded_tx, upgraded_rx) = tokio::sync::oneshot::channel();
     let p = c.p.clone();
+    // The workload's connection (and its `Load`) may end at the upgrade; the tunnel stays.
+    let load = p.workers.hold();
     tokio::spawn(async move {
+        let _load = load;
         let reason = tokio::select! {
             // Ends when the response is done and the sender dropped, or at the upgrade.
             r = conn.with_upgrades() => r.err().map(|_| "io_error"),
