@@ -89,7 +89,7 @@ impl Proxy {
             conns: Arc::new(Conns::default()),
             draining: AtomicBool::new(false),
             drain_started: tokio::sync::Notify::new(),
-            workload: crate::workload::Workload::new(),
+            workload: crate::workload::Workload::new(workers.len()),
             pool: crate::pool::Pool::default(),
             workers: Arc::new(workers),
         };

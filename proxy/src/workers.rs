@@ -169,6 +169,10 @@ impl Workers {
         });
     }
 
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
     /// A `Load` of one connection on the calling worker, for work a connection hands to a
     /// task of its own that outlives it (a WebSocket tunnel). None off the workers.
     pub fn hold(&self) -> Option<Load> {

@@ -5,7 +5,8 @@
 //! (perf/README.md, "Allocator and workload pool"). A connection goes back to the pool when
 //! its response body has been read to the end; one whose body is abandoned is closed.
 //! gRPC (HTTP/2 to the workload) keeps hyper-util's client, which multiplexes one
-//! connection.
+//! connection: one client per worker, so that a request never waits on a connection task
+//! of another worker's thread.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -36,24 +37,31 @@ type Idle = Arc<Mutex<HashMap<(u16, usize), Vec<(Instant, SendRequest<Upload>)>>
 
 pub struct Workload {
     idle: Idle,
-    grpc: Client<HttpConnector, Incoming>,
+    /// One per worker, then one for the main runtime (`workers::current()` off the workers).
+    grpc: Vec<Client<HttpConnector, Incoming>>,
 }
 
 impl Workload {
-    pub fn new() -> Self {
+    pub fn new(workers: usize) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         Self {
             idle: Idle::default(),
-            grpc: Client::builder(TokioExecutor::new())
-                .http2_only(true)
-                .build(connector),
+            grpc: (0..=workers)
+                .map(|_| {
+                    Client::builder(TokioExecutor::new())
+                        .http2_only(true)
+                        .build(connector.clone())
+                })
+                .collect(),
         }
     }
 
-    /// Sends a gRPC request (HTTP/2; the URI names 127.0.0.1:port).
+    /// Sends a gRPC request (HTTP/2; the URI names 127.0.0.1:port) on the calling worker's
+    /// client.
     pub async fn send_grpc(&self, req: Request<Incoming>) -> Result<Response<Incoming>, String> {
-        self.grpc.request(req).await.map_err(|e| e.to_string())
+        let client = &self.grpc[crate::workers::current().min(self.grpc.len() - 1)];
+        client.request(req).await.map_err(|e| e.to_string())
     }
 
     /// Sends an HTTP/1.1 request (origin-form URI, Host set) to 127.0.0.1:port on a pooled
