@@ -248,31 +248,41 @@ mod tests {
         client
     }
 
+    /// The worker that the next dealt connection started on.
+    async fn started(rx: &mut mpsc::UnboundedReceiver<Event>) -> usize {
+        match rx.recv().await {
+            Some(Event::Started(w)) => w,
+            other => panic!("expected a connection to start, got {other:?}"),
+        }
+    }
+
+    /// Waits (at most 5 s) until `worker`'s load is `want`: counts change just after the
+    /// served futures do.
+    async fn load_becomes(workers: &Workers, worker: usize, want: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while workers.live[worker].load(Ordering::Relaxed) != want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "worker {worker} carries {} instead of {want}",
+                workers.live[worker].load(Ordering::Relaxed)
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
     #[tokio::test]
     async fn a_connection_goes_to_the_worker_serving_the_fewest() {
         let workers = Workers::start(2).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
         let _long = deal(&workers, &listener, &tx, false, None).await;
-        let Some(Event::Started(a)) = rx.recv().await else {
-            panic!("first connection not served")
-        };
+        let a = started(&mut rx).await;
         let short = deal(&workers, &listener, &tx, false, None).await;
-        let Some(Event::Started(b)) = rx.recv().await else {
-            panic!("second connection not served")
-        };
+        let b = started(&mut rx).await;
         assert_ne!(a, b, "two connections, two idle workers: one each");
         drop(short);
         assert_eq!(rx.recv().await, Some(Event::Ended(b)));
-        // The count drops just after the served future returns.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while workers.live[b].load(Ordering::Relaxed) != 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "worker {b} count stuck"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
+        load_becomes(&workers, b, 0).await;
         // Dealing in turn would now pick `a` again, which still serves the long one.
         let _third = deal(&workers, &listener, &tx, false, None).await;
         assert_eq!(
@@ -288,13 +298,9 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
         let _pooled = deal(&workers, &listener, &tx, false, Some(true)).await;
-        let Some(Event::Started(a)) = rx.recv().await else {
-            panic!("first connection not served")
-        };
+        let a = started(&mut rx).await;
         let _plain = deal(&workers, &listener, &tx, false, None).await;
-        let Some(Event::Started(b)) = rx.recv().await else {
-            panic!("second connection not served")
-        };
+        let b = started(&mut rx).await;
         assert_ne!(a, b);
         // Counted as one connection each, the workers would tie and dealing in turn
         // would pick `a`, which carries the multiplexed connection.
@@ -309,32 +315,18 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         // Guessed multiplexed, never told otherwise (a handshake still under way).
         let _guessed = deal(&workers, &listener, &tx, true, None).await;
-        let Some(Event::Started(a)) = rx.recv().await else {
-            panic!("first connection not served")
-        };
+        let a = started(&mut rx).await;
         let _plain = deal(&workers, &listener, &tx, false, None).await;
-        let Some(Event::Started(b)) = rx.recv().await else {
-            panic!("second connection not served")
-        };
+        let b = started(&mut rx).await;
         assert_ne!(a, b);
         let _next = deal(&workers, &listener, &tx, false, None).await;
         assert_eq!(rx.recv().await, Some(Event::Started(b)));
         // Guessed multiplexed, then found plain: one connection, like the others. The
         // loads are now a 16, b 2; c: 1, plain.
         let _found_plain = deal(&workers, &listener, &tx, true, Some(false)).await;
-        let Some(Event::Started(c)) = rx.recv().await else {
-            panic!("fourth connection not served")
-        };
+        let c = started(&mut rx).await;
         assert_eq!(c, b, "b carried 2 against a's 16");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while workers.live[b].load(Ordering::Relaxed) != 3 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "worker {b} carries {} instead of 3 plain connections",
-                workers.live[b].load(Ordering::Relaxed)
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
+        load_becomes(&workers, b, 3).await;
     }
 
     #[test]
