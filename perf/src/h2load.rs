@@ -15,12 +15,16 @@ pub struct H2Args {
     pub connections: u32,
     /// Concurrent streams per connection (`-m`); with `--h1`, pipelined requests.
     pub streams: u32,
-    /// Timing-based run (`-D`). Ignored when `requests` is set.
+    /// Timing-based run (`-D`). With `requests` set, how long the run is expected to take.
     pub duration: Duration,
-    /// Count-based run (`-n`), for sanity checks.
+    /// Count-based run (`-n`): sanity checks, and staggered fixed-rate runs.
     pub requests: Option<u64>,
     /// Requests per second *per connection* (`--rps`); None: as fast as possible.
     pub rps: Option<u32>,
+    /// Open the connections this many whole milliseconds apart (`-r 1 --rate-period`), so
+    /// that their `--rps` timers are spread out instead of firing together. h2load allows
+    /// this only with `requests` (`-r` excludes `-D`).
+    pub stagger_ms: Option<u32>,
     /// HTTP/1.1 (`--h1`) instead of HTTP/2 prior knowledge.
     pub h1: bool,
     pub log_file: PathBuf,
@@ -49,6 +53,11 @@ impl H2Args {
         if let Some(r) = self.rps {
             v.push(format!("--rps={r}"));
         }
+        if let Some(ms) = self.stagger_ms {
+            v.push("-r".into());
+            v.push("1".into());
+            v.push(format!("--rate-period={ms}ms"));
+        }
         if self.h1 {
             v.push("--h1".into());
         }
@@ -69,6 +78,9 @@ impl H2Args {
         }
         if let Some(r) = self.rps {
             s += &format!(" --rps {r}");
+        }
+        if let Some(ms) = self.stagger_ms {
+            s += &format!(" -r1 --rate-period {ms}ms");
         }
         if self.h1 {
             s += " --h1";
@@ -115,11 +127,7 @@ pub fn run(h2load: &str, args: &H2Args, url: &str) -> Result<H2Result, String> {
     let mut cmd = Command::new(h2load);
     cmd.args(args.command_line(url));
     let mut p = sigil_e2e::Proc::spawn("h2load", &mut cmd);
-    let budget = match args.requests {
-        Some(_) => Duration::from_secs(30),
-        None => args.duration + Duration::from_secs(30),
-    };
-    let deadline = Instant::now() + budget;
+    let deadline = Instant::now() + args.duration + Duration::from_secs(30);
     let status = loop {
         if let Some(st) = p.try_wait() {
             break st;
@@ -359,6 +367,7 @@ time for request:       56us      3.07ms       539us       241us    64.96%
             duration: Duration::from_secs(10),
             requests: None,
             rps: Some(100),
+            stagger_ms: None,
             h1: true,
             log_file: PathBuf::from("/tmp/l.tsv"),
         };
@@ -367,5 +376,20 @@ time for request:       56us      3.07ms       539us       241us    64.96%
             "-t 1 -c 10 -m 1 -D 10 --rps=100 --h1 --log-file=/tmp/l.tsv http://127.0.0.1:1/x"
         );
         assert_eq!(a.display(), "h2load -t1 -c10 -m1 -D10 --rps 100 --h1");
+        let a = H2Args {
+            requests: Some(5000),
+            stagger_ms: Some(1),
+            h1: false,
+            ..a
+        };
+        assert_eq!(
+            a.command_line("http://127.0.0.1:1/x").join(" "),
+            "-t 1 -c 10 -m 1 -n 5000 --rps=100 -r 1 --rate-period=1ms --log-file=/tmp/l.tsv \
+             http://127.0.0.1:1/x"
+        );
+        assert_eq!(
+            a.display(),
+            "h2load -t1 -c10 -m1 -n5000 --rps 100 -r1 --rate-period 1ms"
+        );
     }
 }

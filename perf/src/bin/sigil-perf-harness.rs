@@ -70,9 +70,11 @@ OPTIONS:
     --h2-conns N        h2load connections, HTTP/2 throughput test         [16]
     --h2-streams N      h2load concurrent streams per connection (-m)      [10]
     --h2-threads N      h2load threads, HTTP/2 throughput test             [1]
-    --rate N            total req/s of the fixed-rate latency tests        [1000]
+    --rate N            total req/s of the fixed-rate latency tests; must
+                        divide 1000                                        [1000]
     --rate-conns N      h2load connections of the fixed-rate tests; each
-                        sends N/rate-conns req/s (--rps)                   [10]
+                        sends N/rate-conns req/s (--rps), and they open
+                        1000/N ms apart so that requests arrive evenly     [10]
     --policies N        Policy documents in the L7 server sidecar's
                         policyDir (a quarter target the server itself)    [1200]
     --nginx-workers N   worker_processes of each nginx proxy    [available cores]
@@ -198,7 +200,7 @@ fn parse_opts() -> Result<Opts, String> {
         && (1..=1024).contains(&o.h2_conns)
         && (1..=256).contains(&o.h2_streams)
         && (1..=64).contains(&o.h2_threads)
-        && (1..=100_000).contains(&o.rate)
+        && (1..=1000).contains(&o.rate)
         && (1..=1024).contains(&o.rate_conns)
         && (4..=20_000).contains(&o.policies)
         && (1..=64).contains(&o.nginx_workers);
@@ -206,7 +208,7 @@ fn parse_opts() -> Result<Opts, String> {
         return Err(
             "out of range: runs 1-20, duration 1-120 s, bulk-mib 1-16384, bulk-limit 1-600 s, \
              wrk-threads 1-64, wrk connections 1-4096, h2-conns 1-1024, h2-streams 1-256, \
-             h2-threads 1-64, rate 1-100000, rate-conns 1-1024, policies 4-20000, \
+             h2-threads 1-64, rate 1-1000, rate-conns 1-1024, policies 4-20000, \
              nginx-workers 1-64"
                 .into(),
         );
@@ -220,6 +222,13 @@ fn parse_opts() -> Result<Opts, String> {
     if !o.rate.is_multiple_of(o.rate_conns) {
         return Err(
             "--rate must be a multiple of --rate-conns (h2load's --rps is per connection)".into(),
+        );
+    }
+    if !1000u32.is_multiple_of(o.rate) {
+        return Err(
+            "--rate must divide 1000: the fixed-rate connections open 1000/rate ms apart \
+             (h2load's --rate-period takes whole milliseconds)"
+                .into(),
         );
     }
     Ok(o)
@@ -965,8 +974,12 @@ impl Bench<'_> {
             connections: if rate { o.rate_conns } else { o.h2_conns },
             streams: if rate { 1 } else { o.h2_streams },
             duration,
-            requests: None,
+            // A fixed rate means evenly spaced requests: the connections open 1/rate apart,
+            // each sending every rate-conns/rate. Opened together, h2load's timers would fire
+            // together and every request would queue behind a burst of rate-conns others.
+            requests: rate.then(|| u64::from(o.rate) * duration.as_secs().max(1)),
             rps: rate.then(|| o.rate / o.rate_conns),
+            stagger_ms: rate.then(|| 1000 / o.rate),
             h1: test == Test::RateH1,
             log_file: self.dir.join("h2load.log"),
         }
@@ -1081,6 +1094,7 @@ fn h2_sanity(o: &Opts, dir: &Path, port: u16, h1: bool, n: u64) -> Result<(), St
         duration: Duration::from_secs(10),
         requests: Some(n),
         rps: None,
+        stagger_ms: None,
         h1,
         log_file: dir.join("h2load-sanity.log"),
     };
