@@ -26,6 +26,14 @@ extern "C" fn configure() {
     unsafe { libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, 0) };
 }
 
+/// Returns the calling thread's free memory to the system. Parsing a policy directory
+/// allocates several times what the parsed set keeps (1,200 policies: some 9 MiB at the peak
+/// for 3.7 MiB kept), and mimalloc otherwise keeps those pages resident for reuse.
+pub fn release_free_memory() {
+    // SAFETY: mi_collect only walks and frees the calling thread's own heap.
+    unsafe { libmimalloc_sys::mi_collect(true) };
+}
+
 #[used]
 #[link_section = ".init_array.00200"]
 static CONFIGURE: extern "C" fn() = configure;

@@ -148,17 +148,25 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
         "identity loaded"
     );
     let mut policy_files = resources::policy_files(&cfg);
-    if let Some(Err(problems)) = policy_files.poll() {
-        return Err(format!("invalid policies:\n  {}", problems.join("\n  ")));
-    }
+    let file_policies = match policy_files.poll() {
+        Some(Err(problems)) => {
+            return Err(format!("invalid policies:\n  {}", problems.join("\n  ")));
+        }
+        Some(Ok(set)) => resources::FilePolicies::new(set, state.identity.id()),
+        None => resources::FilePolicies::default(),
+    };
     if policy_files.is_configured() {
         metrics.reload("policy", true);
-        info!(policies = policy_files.current.len(), "policies loaded");
+        info!(policies = file_policies.total(), "policies loaded");
     }
     let mut revocation_files = resources::revocation_files(&cfg);
-    if let Some(Err(problems)) = revocation_files.poll() {
-        return Err(format!("invalid revocations:\n  {}", problems.join("\n  ")));
-    }
+    let file_revocations = match revocation_files.poll() {
+        Some(Err(problems)) => {
+            return Err(format!("invalid revocations:\n  {}", problems.join("\n  ")));
+        }
+        Some(Ok(set)) => set.resources,
+        None => Vec::new(),
+    };
     // The last snapshot accepted from the control plane, served until a newer one arrives.
     let pushed = match &cfg.spec.control_plane {
         Some(cp) => control::load_persisted(&cfg, &cfg.resolve(&cp.state_dir), &state.identity),
@@ -166,8 +174,8 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
     };
     let sources = proxy::Sources {
         file_bundles: state.bundles.clone(),
-        file_policies: policy_files.current.clone(),
-        file_revocations: revocation_files.current.clone(),
+        file_policies,
+        file_revocations,
         pushed,
     };
     let pushed_bundles = sources.pushed.as_ref().is_some_and(|p| p.bundles.is_some());
@@ -184,6 +192,8 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
         sources,
         serving,
     ));
+    // Parsing the policy files peaked at several times what is kept.
+    alloc::release_free_memory();
     if pushed_bundles {
         install_bundles(&p);
     }
@@ -409,10 +419,13 @@ fn spawn_watcher(
                         p.metrics.reload("policy", false);
                         false
                     }
-                    Some(Ok(n)) => {
-                        p.sources.lock().expect("sources lock").file_policies =
-                            policy_files.current.clone();
+                    Some(Ok(set)) => {
+                        let local = p.tls.get().identity.id().clone();
+                        let set = resources::FilePolicies::new(set, &local);
+                        let n = set.total();
+                        p.sources.lock().expect("sources lock").file_policies = set;
                         p.refresh_policy();
+                        alloc::release_free_memory();
                         p.metrics.reload("policy", true);
                         info!(policies = n, "policies updated");
                         true
@@ -429,10 +442,9 @@ fn spawn_watcher(
                         }
                         p.metrics.reload("revocation", false);
                     }
-                    Some(Ok(_)) => {
+                    Some(Ok(set)) => {
                         p.metrics.reload("revocation", true);
-                        p.sources.lock().expect("sources lock").file_revocations =
-                            revocation_files.current.clone();
+                        p.sources.lock().expect("sources lock").file_revocations = set.resources;
                         install_revocations(&p);
                     }
                 }

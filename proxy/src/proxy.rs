@@ -7,9 +7,10 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use rustls::pki_types::{CertificateDer, UnixTime};
 use sigil_config::proxy_config::Destination;
-use sigil_config::{Policy, ProxyConfig, Revocation, SpiffeId};
+use sigil_config::{ProxyConfig, Revocation, SpiffeId};
 use sigil_filters::PolicyIndex;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::error;
 
 use crate::conns::{ConnGuard, Conns, Direction, Kind};
 use crate::identity::Current;
@@ -63,7 +64,7 @@ impl Registry {
 pub struct Sources {
     /// The bundles of the bundle directory (the last good set).
     pub file_bundles: Arc<sigil_filters::TrustBundles>,
-    pub file_policies: Vec<Policy>,
+    pub file_policies: crate::resources::FilePolicies,
     pub file_revocations: Vec<Revocation>,
     /// The snapshot from the control plane in force (received, or persisted).
     pub pushed: Option<Arc<crate::control::Pushed>>,
@@ -103,13 +104,21 @@ impl Proxy {
         let _installing = self.installing.lock().expect("install lock");
         let local = self.tls.get().identity.id().clone();
         let index = {
-            let sources = self.sources.lock().expect("sources lock");
-            let pushed = sources.pushed.iter().flat_map(|p| p.policies.iter());
-            crate::resources::compile_policies(
-                &self.cfg,
-                sources.file_policies.iter().chain(pushed),
-                &local,
-            )
+            let mut sources = self.sources.lock().expect("sources lock");
+            let Sources {
+                file_policies,
+                pushed,
+                ..
+            } = &mut *sources;
+            let files = match file_policies.targeting(&local) {
+                Ok(files) => files,
+                Err(e) => {
+                    error!("cannot parse the policy files again for {local}, keeping the current policies: {e}");
+                    return;
+                }
+            };
+            let pushed = pushed.iter().flat_map(|p| p.policies.iter());
+            crate::resources::compile_policies(&self.cfg, files.iter().chain(pushed), &local)
         };
         self.set_policy(index);
     }

@@ -948,6 +948,99 @@ fn inbound_requests_reuse_workload_connections_and_survive_a_workload_restart() 
     assert_eq!(failed, 0.0, "{}", b.metrics());
 }
 
+/// A policy for `target` on `port`: `caller` may GET under `prefix`, nothing else.
+fn one_route(name: &str, target: &str, port: u16, prefix: &str, caller: &str) -> String {
+    format!(
+        "apiVersion: sigil.dev/v1
+kind: Policy
+metadata: {{name: {name}, owner: team-{name}, purpose: ID change test}}
+spec:
+  target: {target}
+  ports:
+    - port: {port}
+      routes:
+        - {{name: only, match: {{methods: [GET], path: {{prefix: {prefix}}}}}, allow: [{caller}]}}
+"
+    )
+}
+
+#[test]
+fn policies_follow_the_sidecars_own_id_when_its_svid_changes_to_another() {
+    if !require_tool("curl", "l7") {
+        return;
+    }
+    const B2: &str = "spiffe://example.org/ns/demo/sa/b2";
+    let dir = TempDir::new("l7-id-change");
+    let d = dir.path();
+    let ca = Ca::new("example.org");
+    let (_web, web_port) = start_workload("b", false);
+    let fa = write_identity(d, "a", &ca, A, &[&ca]);
+    let fb = write_identity(d, "b", &ca, B, &[&ca]);
+    // One directory for both IDs, as a directory shared by several workloads would be. The
+    // sidecar keeps only its own ID's policies parsed, so the change must re-read B2's.
+    let policies = d.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    write_policy(
+        &policies,
+        "b.yaml",
+        &one_route("for-b", B, web_port, "/v1/orders", A),
+    );
+    write_policy(
+        &policies,
+        "b2.yaml",
+        &one_route("for-b2", B2, web_port, "/admin", A),
+    );
+    let b_web = free_port();
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.inbound = vec![(b_web, web_port)];
+    b.policy_dir = Some(policies.clone());
+    let pb = b.start(d, &fb);
+    // A reaches B's listener expecting B on one port and B2 on the other.
+    let (to_b, to_b2) = (free_port(), free_port());
+    let mut a = Sidecar::new("sidecar-a", A);
+    a.outbound = vec![(to_b, b_web, B.into()), (to_b2, b_web, B2.into())];
+    let _pa = a.start(d, &fa);
+    let get =
+        |port: u16, path: &str| curl_args(&["-i", &format!("http://127.0.0.1:{port}{path}")]).1;
+
+    let out = get(to_b, "/v1/orders/1");
+    assert!(
+        out.contains("hello from b (GET /v1/orders/1"),
+        "{out}\n{}",
+        pb.log()
+    );
+    let out = get(to_b, "/admin/x");
+    assert_eq!(status(&out), 403, "{out}");
+    assert!(out.contains("default deny"), "{out}");
+
+    // The SVID's files now hold B2's SVID: the key first, so that the watcher never pairs
+    // B2's certificate with B's key for long (such a pair is refused and read again).
+    let b2 = ca.svid(B2);
+    write_atomic(&fb.key, b2.key_pem().as_bytes());
+    write_atomic(&fb.cert, b2.chain_pem().as_bytes());
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut out = String::new();
+    while std::time::Instant::now() < deadline {
+        out = get(to_b2, "/admin/x");
+        if status(&out) == 200 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        out.contains("hello from b (GET /admin/x"),
+        "B2's route: {out}\n{}",
+        pb.log()
+    );
+    // Compiled from B2's policy alone: B's route is gone, and B2 stays default-deny.
+    let out = get(to_b2, "/v1/orders/1");
+    assert_eq!(status(&out), 403, "B's route must not apply to B2: {out}");
+    assert!(out.contains("default deny"), "{out}");
+    // A still expecting B is refused by its own sidecar's identity check.
+    let out = get(to_b, "/v1/orders/1");
+    assert_ne!(status(&out), 200, "{out}");
+}
+
 /// Starts `curl URL` on a thread; joins to its result and the instant it returned.
 fn in_flight(url: &str) -> std::thread::JoinHandle<((bool, String), std::time::Instant)> {
     let url = url.to_string();
