@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 use crate::conns::{Direction, Kind};
 use sigil_filters::detect::Detected;
 
-use crate::l7;
+use crate::l7::{self, Speaks};
 use crate::metrics::{RuleLabels, UNAUTHENTICATED_PEER};
 use crate::proxy::{now_unix, peer_chain, Admitted, Proxy};
 use crate::relay::{sniff, Rewind};
@@ -96,18 +96,26 @@ pub async fn handle(p: Arc<Proxy>, tcp: TcpStream, mut load: Load, client: Socke
     drop((tls, index));
     let mut stream = stream;
     let (http, prefix) = match carries {
-        _ if per_request => (true, Vec::new()),
-        Some(Carries::Http1) => (may_be_http, Vec::new()),
-        Some(Carries::Tcp) | Some(Carries::Http2) => (false, Vec::new()),
+        Some(Carries::Http2) => (Some(Speaks::Http2), Vec::new()),
+        Some(Carries::Http1) if per_request || may_be_http => (Some(Speaks::Http1), Vec::new()),
+        // A client that is not a sidecar (curl with a client certificate) on a port declared
+        // `http`: hyper-util tells the version.
+        _ if per_request => (Some(Speaks::Either), Vec::new()),
+        Some(Carries::Tcp) | Some(Carries::Http1) => (None, Vec::new()),
         // Not a sidecar (openssl s_client, curl with a client certificate): look.
         None if may_be_http => {
             let (detected, prefix) = sniff(&mut stream, p.cfg.spec.timeouts.detect).await;
-            (detected != Detected::Opaque, prefix)
+            let speaks = match detected {
+                Detected::Http1 => Some(Speaks::Http1),
+                Detected::Http2 => Some(Speaks::Http2),
+                Detected::Opaque | Detected::NeedMore => None,
+            };
+            (speaks, prefix)
         }
-        None => (false, Vec::new()),
+        None => (None, Vec::new()),
     };
     let stream = Rewind::new(prefix, stream);
-    if http {
+    if let Some(speaks) = http {
         let a = Admitted {
             direction: DIR,
             kind: Kind::Http,
@@ -117,7 +125,7 @@ pub async fn handle(p: Arc<Proxy>, tcp: TcpStream, mut load: Load, client: Socke
             chain,
             port,
         };
-        let reason = l7::serve(p, stream, a).await;
+        let reason = l7::serve(p, stream, speaks, a).await;
         if reason != "done" {
             info!(%client, peer = %peer_label, port, reason, "inbound HTTP connection closed");
         }

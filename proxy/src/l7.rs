@@ -57,8 +57,18 @@ struct Conn {
     metrics: RequestMetrics,
 }
 
+/// The HTTP version a connection speaks, when it is known before serving: the peer sidecar's
+/// ALPN or protocol detection said. hyper-util's auto builder, which reads the start of the
+/// connection to tell, is kept for the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Speaks {
+    Http1,
+    Http2,
+    Either,
+}
+
 /// Serves one admitted connection until it ends or the registry closes it.
-pub async fn serve<S>(p: Arc<Proxy>, stream: S, a: Admitted) -> &'static str
+pub async fn serve<S>(p: Arc<Proxy>, stream: S, speaks: Speaks, a: Admitted) -> &'static str
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -84,7 +94,7 @@ where
         let conn = conn.clone();
         Box::pin(async move { Ok::<_, Infallible>(handle(&conn, req).await) })
     };
-    let reason = serve_until_closed(&p, stream, service, &mut guard.close_rx).await;
+    let reason = serve_until_closed(&p, stream, speaks, service, &mut guard.close_rx).await;
     p.closed(&labels, reason);
     reason
 }
@@ -94,6 +104,7 @@ where
 pub async fn serve_until_closed<S, F, Fut>(
     p: &Proxy,
     stream: S,
+    speaks: Speaks,
     service: F,
     close_rx: &mut tokio::sync::watch::Receiver<Option<&'static str>>,
 ) -> &'static str
@@ -102,16 +113,49 @@ where
     F: Fn(Request<Incoming>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .max_buf_size(64 * 1024)
-        // A client that trickles headers (slowloris) is cut.
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder.http2().max_header_list_size(64 * 1024);
+    const MAX_H1_BUF: usize = 64 * 1024;
+    const MAX_H2_HEADERS: u32 = 64 * 1024;
     let service = hyper::service::service_fn(service);
-    let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    let io = TokioIo::new(stream);
+    match speaks {
+        Speaks::Http1 => {
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.max_buf_size(MAX_H1_BUF)
+                // A client that trickles headers (slowloris) is cut.
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            let served = b.serve_connection(io, service).with_upgrades();
+            drive(p, served, |c| c.graceful_shutdown(), close_rx).await
+        }
+        Speaks::Http2 => {
+            let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            b.max_header_list_size(MAX_H2_HEADERS);
+            let served = b.serve_connection(io, service);
+            drive(p, served, |c| c.graceful_shutdown(), close_rx).await
+        }
+        Speaks::Either => {
+            let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            b.http1()
+                .max_buf_size(MAX_H1_BUF)
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            b.http2().max_header_list_size(MAX_H2_HEADERS);
+            let served = b.serve_connection_with_upgrades(io, service);
+            drive(p, served, |c| c.graceful_shutdown(), close_rx).await
+        }
+    }
+}
+
+/// Drives a served connection: see `serve_until_closed`.
+async fn drive<C, E>(
+    p: &Proxy,
+    served: C,
+    graceful_shutdown: impl Fn(std::pin::Pin<&mut C>),
+    close_rx: &mut tokio::sync::watch::Receiver<Option<&'static str>>,
+) -> &'static str
+where
+    C: std::future::Future<Output = Result<(), E>>,
+{
     tokio::pin!(served);
     let mut draining = false;
     // Set once a graceful close (see `conns::is_graceful`) began: in-flight requests have
@@ -132,7 +176,7 @@ where
                 grace.as_mut().reset(tokio::time::Instant::now() + GRACE);
                 if !draining {
                     draining = true;
-                    served.as_mut().graceful_shutdown();
+                    graceful_shutdown(served.as_mut());
                 }
             }
             _ = grace.as_mut(), if closing.is_some() => return closing.unwrap_or("done"),
@@ -140,7 +184,7 @@ where
             // rather than wait to be cut at the drain deadline.
             _ = p.drained(), if !draining => {
                 draining = true;
-                served.as_mut().graceful_shutdown();
+                graceful_shutdown(served.as_mut());
             }
         }
     }

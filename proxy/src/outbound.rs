@@ -18,6 +18,7 @@ use tokio_rustls::TlsConnector;
 use tracing::{debug, info};
 
 use crate::conns::{Direction, Kind};
+use crate::l7::Speaks;
 use crate::metrics::ConnLabels;
 use crate::outbound_http;
 use crate::proxy::{peer_chain, Admitted, Proxy};
@@ -48,8 +49,13 @@ pub async fn handle(
     };
     let workload = Rewind::new(prefix, workload);
     load.multiplexed(detected == Detected::Http2);
-    if detected != Detected::Opaque {
-        return outbound_http::serve(p, workload, dest, expected).await;
+    let speaks = match detected {
+        Detected::Http1 => Some(Speaks::Http1),
+        Detected::Http2 => Some(Speaks::Http2),
+        Detected::Opaque | Detected::NeedMore => None,
+    };
+    if let Some(speaks) = speaks {
+        return outbound_http::serve(p, workload, speaks, dest, expected).await;
     }
     let Some((stream, chain)) = dial(&p, dest, &expected, Carries::Tcp).await else {
         return;

@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::info;
 
 use crate::conns::{Direction, Kind};
-use crate::l7::{is_grpc, local_response, serve_until_closed, status_class, tunnel, Body};
+use crate::l7::{is_grpc, local_response, serve_until_closed, status_class, tunnel, Body, Speaks};
 use crate::metrics::RequestMetrics;
 use crate::outbound::dial;
 use crate::pool::{SendError, Slot};
@@ -54,8 +54,13 @@ impl Drop for Conn {
 struct Refusal(StatusCode, &'static str, String);
 
 /// Serves one workload connection until it ends, the registry closes it, or draining ends it.
-pub async fn serve<S>(p: Arc<Proxy>, workload: S, dest: SocketAddr, expected: SpiffeId)
-where
+pub async fn serve<S>(
+    p: Arc<Proxy>,
+    workload: S,
+    speaks: Speaks,
+    dest: SocketAddr,
+    expected: SpiffeId,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let local = p.tls.get().local_label.clone();
@@ -79,7 +84,7 @@ where
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle(&conn, req).await) }
     };
-    let reason = serve_until_closed(&p, workload, service, &mut guard.close_rx).await;
+    let reason = serve_until_closed(&p, workload, speaks, service, &mut guard.close_rx).await;
     if reason != "done" {
         info!(%dest, reason, "outbound HTTP connection closed");
     }
