@@ -1041,6 +1041,75 @@ fn policies_follow_the_sidecars_own_id_when_its_svid_changes_to_another() {
     assert_ne!(status(&out), 200, "{out}");
 }
 
+#[test]
+fn clients_that_are_not_sidecars_get_l7_with_or_without_alpn() {
+    if !require_tool("curl", "l7") {
+        return;
+    }
+    // What tells the sidecar the HTTP version: ALPN `http/1.1` from curl, protocol detection
+    // on a port no policy declares, or hyper-util's auto builder on a declared `http` port
+    // when the client sends no ALPN at all.
+    let dir = TempDir::new("l7-not-a-sidecar");
+    let d = dir.path();
+    let ca = Ca::new("example.org");
+    let (_web, web_port) = start_workload("b", false);
+    let fa = write_identity(d, "a", &ca, A, &[&ca]);
+    let fb = write_identity(d, "b", &ca, B, &[&ca]);
+    let policies = d.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    write_policy(
+        &policies,
+        "b.yaml",
+        &one_route("for-b", B, web_port, "/v1/orders", A),
+    );
+    let declared = free_port();
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.inbound = vec![(declared, web_port)];
+    b.policy_dir = Some(policies);
+    let pb = b.start(d, &fb);
+    // The same workload behind a sidecar with no policy: its port is undeclared, so sniffed.
+    let sniffed = free_port();
+    let mut b2 = Sidecar::new("sidecar-b2", B);
+    b2.inbound = vec![(sniffed, web_port)];
+    let _pb2 = b2.start(d, &fb);
+    // The sidecars' certificates name no host, so curl cannot check them (-k); it still
+    // presents A's SVID, which the sidecars check.
+    let cert = fa.cert.to_string_lossy().into_owned();
+    let key = fa.key.to_string_lossy().into_owned();
+    let get = |port: u16, path: &str, alpn: bool| {
+        let url = format!("https://127.0.0.1:{port}{path}");
+        let mut args = vec!["-i", "-k", "--cert", &cert, "--key", &key];
+        if !alpn {
+            args.push("--no-alpn");
+        }
+        args.push(&url);
+        curl_args(&args).1
+    };
+    for alpn in [true, false] {
+        let out = get(declared, "/v1/orders/1", alpn);
+        assert!(
+            out.contains("hello from b (GET /v1/orders/1")
+                && out.contains(&format!("peer-id={A} ")),
+            "alpn {alpn}: {out}\n{}",
+            pb.log()
+        );
+        let out = get(declared, "/admin", alpn);
+        assert_eq!(status(&out), 403, "alpn {alpn}: {out}");
+        assert!(out.contains("default deny"), "alpn {alpn}: {out}");
+        let out = get(sniffed, "/anything", alpn);
+        assert!(
+            out.contains("hello from b (GET /anything") && out.contains(&format!("peer-id={A} ")),
+            "alpn {alpn}, sniffed: {out}"
+        );
+    }
+    let served = count(
+        &b,
+        "sigil_requests_total{",
+        &["direction=\"inbound\"", &format!("peer_id=\"{A}\"")],
+    );
+    assert_eq!(served, 4.0, "{}", b.metrics());
+}
+
 /// Starts `curl URL` on a thread; joins to its result and the instant it returned.
 fn in_flight(url: &str) -> std::thread::JoinHandle<((bool, String), std::time::Instant)> {
     let url = url.to_string();
