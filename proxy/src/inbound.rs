@@ -14,8 +14,6 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::conns::{Direction, Kind};
-use sigil_filters::detect::Detected;
-
 use crate::l7::{self, Speaks};
 use crate::metrics::{RuleLabels, UNAUTHENTICATED_PEER};
 use crate::proxy::{now_unix, peer_chain, Admitted, Proxy};
@@ -105,12 +103,7 @@ pub async fn handle(p: Arc<Proxy>, tcp: TcpStream, mut load: Load, client: Socke
         // Not a sidecar (openssl s_client, curl with a client certificate): look.
         None if may_be_http => {
             let (detected, prefix) = sniff(&mut stream, p.cfg.spec.timeouts.detect).await;
-            let speaks = match detected {
-                Detected::Http1 => Some(Speaks::Http1),
-                Detected::Http2 => Some(Speaks::Http2),
-                Detected::Opaque | Detected::NeedMore => None,
-            };
-            (speaks, prefix)
+            (Speaks::detected(detected), prefix)
         }
         None => (None, Vec::new()),
     };

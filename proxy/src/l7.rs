@@ -67,6 +67,18 @@ pub enum Speaks {
     Either,
 }
 
+impl Speaks {
+    /// What protocol detection found; None for opaque bytes.
+    pub fn detected(d: sigil_filters::detect::Detected) -> Option<Self> {
+        use sigil_filters::detect::Detected;
+        match d {
+            Detected::Http1 => Some(Self::Http1),
+            Detected::Http2 => Some(Self::Http2),
+            Detected::Opaque | Detected::NeedMore => None,
+        }
+    }
+}
+
 /// Serves one admitted connection until it ends or the registry closes it.
 pub async fn serve<S>(p: Arc<Proxy>, stream: S, speaks: Speaks, a: Admitted) -> &'static str
 where

@@ -49,12 +49,7 @@ pub async fn handle(
     };
     let workload = Rewind::new(prefix, workload);
     load.multiplexed(detected == Detected::Http2);
-    let speaks = match detected {
-        Detected::Http1 => Some(Speaks::Http1),
-        Detected::Http2 => Some(Speaks::Http2),
-        Detected::Opaque | Detected::NeedMore => None,
-    };
-    if let Some(speaks) = speaks {
+    if let Some(speaks) = Speaks::detected(detected) {
         return outbound_http::serve(p, workload, speaks, dest, expected).await;
     }
     let Some((stream, chain)) = dial(&p, dest, &expected, Carries::Tcp).await else {
