@@ -964,20 +964,26 @@ spec:
     )
 }
 
-#[test]
-fn policies_follow_the_sidecars_own_id_when_its_svid_changes_to_another() {
-    if !require_tool("curl", "l7") {
-        return;
-    }
-    const B2: &str = "spiffe://example.org/ns/demo/sa/b2";
-    let dir = TempDir::new("l7-id-change");
+/// B's toy workload, SVIDs for A and B, and a policy directory in which A may GET under
+/// `/v1/orders` on that workload (`one_route`). Dropping it ends the workload and removes the
+/// files, so callers bind it whole.
+struct OneRoute {
+    dir: TempDir,
+    ca: Ca,
+    _web: Proc,
+    web_port: u16,
+    fa: IdentityFiles,
+    fb: IdentityFiles,
+    policies: std::path::PathBuf,
+}
+
+fn one_route_setup(tag: &str) -> OneRoute {
+    let dir = TempDir::new(tag);
     let d = dir.path();
     let ca = Ca::new("example.org");
-    let (_web, web_port) = start_workload("b", false);
+    let (web, web_port) = start_workload("b", false);
     let fa = write_identity(d, "a", &ca, A, &[&ca]);
     let fb = write_identity(d, "b", &ca, B, &[&ca]);
-    // One directory for both IDs, as a directory shared by several workloads would be. The
-    // sidecar keeps only its own ID's policies parsed, so the change must re-read B2's.
     let policies = d.join("policies");
     std::fs::create_dir_all(&policies).unwrap();
     write_policy(
@@ -985,8 +991,30 @@ fn policies_follow_the_sidecars_own_id_when_its_svid_changes_to_another() {
         "b.yaml",
         &one_route("for-b", B, web_port, "/v1/orders", A),
     );
+    OneRoute {
+        dir,
+        ca,
+        _web: web,
+        web_port,
+        fa,
+        fb,
+        policies,
+    }
+}
+
+#[test]
+fn policies_follow_the_sidecars_own_id_when_its_svid_changes_to_another() {
+    if !require_tool("curl", "l7") {
+        return;
+    }
+    const B2: &str = "spiffe://example.org/ns/demo/sa/b2";
+    let s = one_route_setup("l7-id-change");
+    let (d, ca, web_port, fa, fb, policies) =
+        (s.dir.path(), &s.ca, s.web_port, &s.fa, &s.fb, &s.policies);
+    // One directory for both IDs, as a directory shared by several workloads would be. The
+    // sidecar keeps only its own ID's policies parsed, so the change must re-read B2's.
     write_policy(
-        &policies,
+        policies,
         "b2.yaml",
         &one_route("for-b2", B2, web_port, "/admin", A),
     );
@@ -994,12 +1022,12 @@ fn policies_follow_the_sidecars_own_id_when_its_svid_changes_to_another() {
     let mut b = Sidecar::new("sidecar-b", B);
     b.inbound = vec![(b_web, web_port)];
     b.policy_dir = Some(policies.clone());
-    let pb = b.start(d, &fb);
+    let pb = b.start(d, fb);
     // A reaches B's listener expecting B on one port and B2 on the other.
     let (to_b, to_b2) = (free_port(), free_port());
     let mut a = Sidecar::new("sidecar-a", A);
     a.outbound = vec![(to_b, b_web, B.into()), (to_b2, b_web, B2.into())];
-    let _pa = a.start(d, &fa);
+    let _pa = a.start(d, fa);
     let get =
         |port: u16, path: &str| curl_args(&["-i", &format!("http://127.0.0.1:{port}{path}")]).1;
 
@@ -1049,29 +1077,18 @@ fn clients_that_are_not_sidecars_get_l7_with_or_without_alpn() {
     // What tells the sidecar the HTTP version: ALPN `http/1.1` from curl, protocol detection
     // on a port no policy declares, or hyper-util's auto builder on a declared `http` port
     // when the client sends no ALPN at all.
-    let dir = TempDir::new("l7-not-a-sidecar");
-    let d = dir.path();
-    let ca = Ca::new("example.org");
-    let (_web, web_port) = start_workload("b", false);
-    let fa = write_identity(d, "a", &ca, A, &[&ca]);
-    let fb = write_identity(d, "b", &ca, B, &[&ca]);
-    let policies = d.join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    write_policy(
-        &policies,
-        "b.yaml",
-        &one_route("for-b", B, web_port, "/v1/orders", A),
-    );
+    let s = one_route_setup("l7-not-a-sidecar");
+    let (d, web_port, fa, fb) = (s.dir.path(), s.web_port, &s.fa, &s.fb);
     let declared = free_port();
     let mut b = Sidecar::new("sidecar-b", B);
     b.inbound = vec![(declared, web_port)];
-    b.policy_dir = Some(policies);
-    let pb = b.start(d, &fb);
+    b.policy_dir = Some(s.policies.clone());
+    let pb = b.start(d, fb);
     // The same workload behind a sidecar with no policy: its port is undeclared, so sniffed.
     let sniffed = free_port();
     let mut b2 = Sidecar::new("sidecar-b2", B);
     b2.inbound = vec![(sniffed, web_port)];
-    let _pb2 = b2.start(d, &fb);
+    let _pb2 = b2.start(d, fb);
     // The sidecars' certificates name no host, so curl cannot check them (-k); it still
     // presents A's SVID, which the sidecars check.
     let cert = fa.cert.to_string_lossy().into_owned();
