@@ -5,6 +5,7 @@
 
 pub mod bundle;
 pub mod detect;
+pub mod headers;
 pub mod identity;
 pub mod normalize;
 pub mod policy;

@@ -2,7 +2,8 @@
 //! carries HTTP. Every request is normalized, decided against the current policy index (so
 //! policy changes apply to the next request; ports not declared `http` apply their TCP rule
 //! to each request), and either answered with 403 (gRPC: PERMISSION_DENIED) naming the rule,
-//! or forwarded to the workload with the verified peer ID in `x-sigil-peer-id`. Bodies
+//! or forwarded to the workload with the verified peer ID in `x-sigil-peer-id` (every other
+//! spelling of it, in headers and trailers, removed: `http::strip_identity`). Bodies
 //! stream both ways; upgrades (WebSocket) are authorized on the upgrade request and then
 //! relayed as bytes.
 //!
@@ -30,6 +31,7 @@ use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::CertificateDer;
 use sigil_config::SpiffeId;
+use sigil_filters::headers::PEER_ID_HEADER;
 use sigil_filters::normalize::{effective_host, normalize_path};
 use sigil_filters::HttpRequest;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -40,7 +42,6 @@ use crate::metrics::{RequestMetrics, RuleLabels};
 use crate::proxy::{now_unix, Admitted, Proxy};
 use crate::relay::{close_request, closed, Counted};
 
-pub const PEER_HEADER: &str = "x-sigil-peer-id";
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Response bodies come from hyper (the workload) or from h2 (a peer sidecar, `pool`).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -385,10 +386,12 @@ async fn forward(
             .headers
             .insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
     }
-    // Only we may say who the caller is.
-    let peer_header = HeaderName::from_static(PEER_HEADER);
-    while parts.headers.remove(&peer_header).is_some() {}
-    parts.headers.insert(peer_header, c.peer_header.clone());
+    // Only we may say who the caller is, under any spelling a backend could read as ours.
+    crate::http::strip_identity(&mut parts.headers);
+    parts.headers.insert(
+        HeaderName::from_static(PEER_ID_HEADER),
+        c.peer_header.clone(),
+    );
     let workload = &c.p.workload;
     let mut resp = if grpc {
         // gRPC needs HTTP/2 end to end.

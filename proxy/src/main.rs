@@ -4,6 +4,7 @@ mod admin;
 mod alloc;
 mod conns;
 mod control;
+mod http;
 mod identity;
 mod inbound;
 mod l7;

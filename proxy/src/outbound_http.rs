@@ -186,6 +186,7 @@ async fn via_own_connection(
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Refusal> {
     let down = hyper::upgrade::on(&mut req);
+    crate::http::strip_identity(req.headers_mut());
     let Some((stream, chain)) = dial(&c.p, c.dest, &c.expected, Carries::Http1).await else {
         return Err(unreachable_peer());
     };

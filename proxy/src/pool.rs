@@ -163,6 +163,8 @@ impl Pool {
     ) -> Result<Response<Body>, SendError> {
         let (mut parts, body) = req.into_parts();
         strip_connection_headers(&mut parts.headers);
+        // The destination's sidecar removes them too; neither hop trusts the other to.
+        crate::http::strip_identity(&mut parts.headers);
         let mut retried = false;
         let mut sender = loop {
             let Some((id, sender)) = self.sender(p, slot).await else {
@@ -273,7 +275,8 @@ impl Upload {
                         }
                     }
                     Err(frame) => {
-                        if let Ok(trailers) = frame.into_trailers() {
+                        if let Ok(mut trailers) = frame.into_trailers() {
+                            crate::http::strip_identity(&mut trailers);
                             self.stream.reserve_capacity(0);
                             self.stream.send_trailers(trailers)?;
                             return Poll::Ready(Ok(()));

@@ -26,6 +26,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::http::ScrubTrailers;
+
 /// An idle connection older than this is not reused (hyper-util's default too).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections kept per workload port; more are closed when their response ends.
@@ -38,7 +40,7 @@ type Idle = Arc<Mutex<HashMap<(u16, usize), Vec<(Instant, SendRequest<Upload>)>>
 pub struct Workload {
     idle: Idle,
     /// One per worker, then one for the main runtime (`workers::current()` off the workers).
-    grpc: Vec<Client<HttpConnector, Incoming>>,
+    grpc: Vec<Client<HttpConnector, ScrubTrailers<Incoming>>>,
 }
 
 impl Workload {
@@ -61,7 +63,10 @@ impl Workload {
     /// client.
     pub async fn send_grpc(&self, req: Request<Incoming>) -> Result<Response<Incoming>, String> {
         let client = &self.grpc[crate::workers::current().min(self.grpc.len() - 1)];
-        client.request(req).await.map_err(|e| e.to_string())
+        client
+            .request(req.map(ScrubTrailers))
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// Sends an HTTP/1.1 request (origin-form URI, Host set) to 127.0.0.1:port on a pooled
@@ -146,14 +151,17 @@ async fn dial(port: u16) -> Result<SendRequest<Upload>, String> {
 /// A request body on its way to the workload, noting when it has been sent whole. None: it
 /// was empty from the start (most requests), so there is nothing to track.
 pub struct Upload {
-    body: Incoming,
+    body: ScrubTrailers<Incoming>,
     done: Option<Arc<AtomicBool>>,
 }
 
 impl Upload {
     fn new(body: Incoming) -> Self {
         let done = (!body.is_end_stream()).then(|| Arc::new(AtomicBool::new(false)));
-        Self { body, done }
+        Self {
+            body: ScrubTrailers(body),
+            done,
+        }
     }
 
     fn note_end(&self) {

@@ -4,7 +4,9 @@
 //! with `hello from NAME` (keep-alive), or with `--echo` copies every byte back (L4 tests).
 //! A request for `/slow/MS` is answered after MS milliseconds, so tests can keep one in flight.
 //! A request for `/bytes/N` is answered with N bytes of the pattern `i % 251`; every reply
-//! otherwise names the request body's length and FNV-1a hash, so tests can check bodies.
+//! otherwise names the request body's length and FNV-1a hash, so tests can check bodies, and
+//! the values of every field it could read as `x-sigil-peer-id` (any case, `_` for `-`,
+//! trailers too), so tests can check that only the sidecar's got through.
 //! Shows what a workload sees: the peer address the sidecar connected from.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -99,12 +101,17 @@ fn http_conn(conn: TcpStream, name: &str) -> std::io::Result<()> {
             if lower.starts_with("transfer-encoding:") {
                 te = true;
             }
-            if lower.starts_with("x-sigil-peer-id:") {
-                peer_ids.push(h["x-sigil-peer-id:".len()..].trim().to_string());
+            if let Some(value) = identity_field(h) {
+                peer_ids.push(value);
             }
         }
-        let mut body = vec![0u8; content_length];
-        reader.read_exact(&mut body)?;
+        let body = if te {
+            read_chunked(&mut reader, &mut peer_ids)?
+        } else {
+            let mut body = vec![0u8; content_length];
+            reader.read_exact(&mut body)?;
+            body
+        };
         // Shows what the sidecar told the workload about the caller (tests check it).
         let target = request_line.split_whitespace().take(2).collect::<Vec<_>>();
         if let Some(ms) = target
@@ -151,6 +158,49 @@ fn http_conn(conn: TcpStream, name: &str) -> std::io::Result<()> {
         out.write_all(response.as_bytes())?;
         if close {
             return Ok(());
+        }
+    }
+}
+
+/// The value of a field line a CGI, WSGI, Rack or PHP backend would read as the sidecar's
+/// `x-sigil-peer-id` (any letter case, `_` for `-`), so that tests see every spelling that
+/// got through.
+fn identity_field(line: &str) -> Option<String> {
+    let (name, value) = line.split_once(':')?;
+    let folded = name.to_ascii_lowercase().replace('_', "-");
+    (folded == "x-sigil-peer-id").then(|| value.trim().to_string())
+}
+
+/// A chunked body (RFC 9112 §7.1), whole; identity fields among its trailers are added to
+/// `peer_ids` as `trailer:<value>`.
+fn read_chunked(reader: &mut impl BufRead, peer_ids: &mut Vec<String>) -> std::io::Result<Vec<u8>> {
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let mut body = Vec::new();
+    loop {
+        let mut size = String::new();
+        reader.read_line(&mut size)?;
+        let hex = size.split(';').next().unwrap_or("").trim();
+        let n = usize::from_str_radix(hex, 16).map_err(|_| bad("bad chunk size"))?;
+        if n == 0 {
+            break;
+        }
+        let start = body.len();
+        body.resize(start + n, 0);
+        reader.read_exact(&mut body[start..])?;
+        let mut crlf = [0u8; 2];
+        reader.read_exact(&mut crlf)?;
+    }
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Err(bad("body ended inside the trailers"));
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            return Ok(body);
+        }
+        if let Some(value) = identity_field(line) {
+            peer_ids.push(format!("trailer:{value}"));
         }
     }
 }
