@@ -1,7 +1,7 @@
 //! X.509-SVID verification (SPIFFE X509-SVID.md): the leaf's shape first (exactly one
-//! `spiffe://` URI SAN with a workload path, not a CA, digitalSignature set, no
-//! keyCertSign/cRLSign, EKU allowing the use if present), then webpki chain validation
-//! against the bundle of the leaf's *own* trust domain only.
+//! `spiffe://` URI SAN with a workload path, marked critical if the Subject is empty; not a
+//! CA, digitalSignature set, no keyCertSign/cRLSign, EKU allowing the use if present), then
+//! webpki chain validation against the bundle of the leaf's *own* trust domain only.
 
 use std::fmt;
 
@@ -36,6 +36,9 @@ pub enum SvidError {
     NoCertificate,
     Malformed(String),
     UriSanCount(usize),
+    /// The Subject is empty and the subjectAltName extension, which then alone names the
+    /// certificate's subject, is not marked critical (RFC 5280 §4.1.2.6).
+    SanNotCritical,
     InvalidId(SpiffeIdError),
     /// The URI SAN is the trust domain's own ID, which an SVID must not carry.
     TrustDomainId(String),
@@ -78,6 +81,7 @@ impl SvidError {
             Self::Revoked { .. } => "revoked",
             Self::Malformed(_)
             | Self::UriSanCount(_)
+            | Self::SanNotCritical
             | Self::InvalidId(_)
             | Self::TrustDomainId(_)
             | Self::LeafIsCa
@@ -98,6 +102,11 @@ impl fmt::Display for SvidError {
             Self::UriSanCount(n) => {
                 write!(f, "SVID must have exactly one URI SAN, this one has {n}")
             }
+            Self::SanNotCritical => write!(
+                f,
+                "leaf has an empty Subject, so its subjectAltName extension must be marked \
+                 critical (RFC 5280 section 4.1.2.6), and it is not"
+            ),
             Self::InvalidId(e) => write!(f, "URI SAN is not a valid SPIFFE ID: {e}"),
             Self::TrustDomainId(id) => write!(
                 f,
@@ -141,7 +150,8 @@ pub fn leaf_spiffe_id(end_entity: &[u8], usage: Option<Usage>) -> Result<SpiffeI
 
     let mut uris = 0usize;
     let mut uri: &str = "";
-    if let Some(san) = cert.subject_alternative_name().map_err(bad_ext)? {
+    let san = cert.subject_alternative_name().map_err(bad_ext)?;
+    if let Some(san) = &san {
         for name in &san.value.general_names {
             if let GeneralName::URI(u) = name {
                 uris += 1;
@@ -151,6 +161,11 @@ pub fn leaf_spiffe_id(end_entity: &[u8], usage: Option<Usage>) -> Result<SpiffeI
     }
     if uris != 1 {
         return Err(SvidError::UriSanCount(uris));
+    }
+    // With no Subject, the SAN is the only name the certificate has; a relying party that
+    // does not process it must not accept the certificate at all.
+    if cert.subject().iter().next().is_none() && !san.is_some_and(|s| s.critical) {
+        return Err(SvidError::SanNotCritical);
     }
     let id = SpiffeId::parse(uri).map_err(SvidError::InvalidId)?;
     if id.is_trust_domain_id() {

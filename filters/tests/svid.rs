@@ -142,6 +142,12 @@ fn every_bad_svid_is_refused_with_its_reason() {
             "invalid_svid",
         ),
         (
+            "empty Subject, SAN not critical",
+            ca.issue(&SvidSpec::new(A).empty_subject().san_critical(false)),
+            Usage::Client,
+            "invalid_svid",
+        ),
+        (
             "EKU clientAuth only, used as server",
             ca.issue(&SvidSpec::new(A).ext_key_usages(vec![Eku::ClientAuth])),
             Usage::Server,
@@ -169,6 +175,58 @@ fn every_bad_svid_is_refused_with_its_reason() {
         leaf_spiffe_id(&ca.issue(&SvidSpec::new(A).uris(&[A, A])).chain[0], None),
         Err(SvidError::UriSanCount(2))
     );
+}
+
+#[test]
+fn an_empty_subject_needs_a_critical_san() {
+    let ca = Ca::new("example.org");
+    let b = bundles(&[&ca]);
+    let leaf = |spec: SvidSpec| leaf_spiffe_id(&ca.issue(&spec).chain[0], None);
+    // The shapes RFC 5280 allows: a Subject (SAN critical or not), or none and a critical SAN.
+    assert_eq!(leaf(SvidSpec::new(A)).unwrap().as_str(), A);
+    assert_eq!(
+        leaf(SvidSpec::new(A).san_critical(true)).unwrap().as_str(),
+        A
+    );
+    assert_eq!(
+        leaf(SvidSpec::new(A).san_critical(false)).unwrap().as_str(),
+        A
+    );
+    assert_eq!(leaf(SvidSpec::new(A).empty_subject()).unwrap().as_str(), A);
+    let both = SvidSpec::new(A).empty_subject().san_critical(true);
+    assert_eq!(
+        verify(&b, &ca.issue(&both), Usage::Server)
+            .unwrap()
+            .as_str(),
+        A
+    );
+    // No Subject and a SAN that a relying party may ignore: refused, and it says why.
+    let bad = SvidSpec::new(A).empty_subject().san_critical(false);
+    let err = leaf(bad.clone()).unwrap_err();
+    assert_eq!(err, SvidError::SanNotCritical);
+    let text = err.to_string();
+    assert!(
+        text.contains("empty Subject") && text.contains("critical") && text.contains("5280"),
+        "{text}"
+    );
+    assert_eq!(
+        verify(&b, &ca.issue(&bad), Usage::Client).unwrap_err(),
+        SvidError::SanNotCritical
+    );
+    // As a local SVID too: the proxy refuses to present one.
+    let svid = ca.issue(&bad);
+    let p = provider();
+    let refused = LocalIdentity::from_pem(
+        svid.chain_pem().as_bytes(),
+        svid.key_pem().as_bytes(),
+        UnixTime::now(),
+        None,
+        &p,
+    );
+    let Err(err) = refused else {
+        panic!("a local SVID with no Subject and a non-critical SAN was accepted");
+    };
+    assert_eq!(err, IdentityError::Svid(SvidError::SanNotCritical));
 }
 
 #[test]

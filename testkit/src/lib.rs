@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use ring::rand::SecureRandom;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -77,18 +77,33 @@ impl Ca {
     pub fn issue(&self, spec: &SvidSpec) -> Svid {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "sigil test");
+        if !spec.empty_subject {
+            dn.push(DnType::OrganizationName, "sigil test");
+        }
         params.distinguished_name = dn;
-        params.subject_alt_names = spec
-            .uris
-            .iter()
-            .map(|u| SanType::URI(u.as_str().try_into().expect("URI SAN is IA5")))
-            .chain(
-                spec.dns
+        match spec.san_critical {
+            // rcgen's own extension: critical exactly when the Subject is empty.
+            None => {
+                params.subject_alt_names = spec
+                    .uris
                     .iter()
-                    .map(|d| SanType::DnsName(d.as_str().try_into().expect("dns"))),
-            )
-            .collect();
+                    .map(|u| SanType::URI(u.as_str().try_into().expect("URI SAN is IA5")))
+                    .chain(
+                        spec.dns
+                            .iter()
+                            .map(|d| SanType::DnsName(d.as_str().try_into().expect("dns"))),
+                    )
+                    .collect();
+            }
+            Some(critical) => {
+                let mut ext = CustomExtension::from_oid_content(
+                    &[2, 5, 29, 17],
+                    san_der(&spec.uris, &spec.dns),
+                );
+                ext.set_criticality(critical);
+                params.custom_extensions.push(ext);
+            }
+        }
         params.is_ca = if spec.is_ca {
             IsCa::Ca(BasicConstraints::Unconstrained)
         } else {
@@ -130,6 +145,38 @@ fn ca_params(trust_domain: &str, role: &str) -> CertificateParams {
     params
 }
 
+/// A subjectAltName extension's value: URIs ([6]) and DNS names ([2]), DER.
+fn san_der(uris: &[String], dns: &[String]) -> Vec<u8> {
+    let mut names = Vec::new();
+    for (tag, name) in uris
+        .iter()
+        .map(|u| (0x86, u))
+        .chain(dns.iter().map(|d| (0x82, d)))
+    {
+        names.push(tag);
+        der_len(&mut names, name.len());
+        names.extend_from_slice(name.as_bytes());
+    }
+    let mut out = vec![0x30];
+    der_len(&mut out, names.len());
+    out.extend(names);
+    out
+}
+
+fn der_len(out: &mut Vec<u8>, len: usize) {
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        let bytes: Vec<u8> = len
+            .to_be_bytes()
+            .into_iter()
+            .skip_while(|b| *b == 0)
+            .collect();
+        out.push(0x80 | bytes.len() as u8);
+        out.extend(bytes);
+    }
+}
+
 /// What to put in a leaf. `new` gives a correct SVID; the setters break one rule each.
 #[derive(Clone, Debug)]
 pub struct SvidSpec {
@@ -140,6 +187,11 @@ pub struct SvidSpec {
     pub ext_key_usages: Vec<ExtendedKeyUsagePurpose>,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// No Subject at all: the SAN alone names the certificate.
+    pub empty_subject: bool,
+    /// The SAN extension's criticality, when set by hand; None: rcgen's (critical exactly
+    /// when the Subject is empty, as RFC 5280 asks).
+    pub san_critical: Option<bool>,
 }
 
 impl SvidSpec {
@@ -159,7 +211,21 @@ impl SvidSpec {
             ],
             not_before: now - Duration::from_secs(60),
             not_after: now + Duration::from_secs(3600),
+            empty_subject: false,
+            san_critical: None,
         }
+    }
+
+    /// No Subject: the SAN alone names the certificate.
+    pub fn empty_subject(mut self) -> Self {
+        self.empty_subject = true;
+        self
+    }
+
+    /// Marks the SAN extension critical or not, whatever the Subject.
+    pub fn san_critical(mut self, critical: bool) -> Self {
+        self.san_critical = Some(critical);
+        self
     }
 
     pub fn uris(mut self, uris: &[&str]) -> Self {
