@@ -111,8 +111,14 @@ pub struct IdentitySpec {
     /// One PEM file per trust domain, named `<trust domain>.pem`.
     pub bundle_dir: PathBuf,
     /// If set, the SVID must carry exactly this ID; a file with another is refused.
+    /// Unset, the sidecar's identity is pinned to the ID of the first SVID it loads.
     #[serde(default)]
     pub spiffe_id: Option<SpiffeId>,
+    /// Lets a rotation switch the sidecar to another SPIFFE ID (the policies targeting the
+    /// new ID then apply). Off by default: replacing the SVID files with another identity's
+    /// valid SVID must not move the sidecar's workload out from under its policies.
+    #[serde(default)]
+    pub allow_identity_change: bool,
 }
 
 /// `transparent`: the 15001/15006 listeners take iptables-redirected traffic and read the
@@ -503,6 +509,18 @@ impl ProxyConfig {
                 None,
                 "mode is explicit but no inbound.explicit or outbound.explicit listener is set",
             ));
+        }
+        if spec.identity.allow_identity_change {
+            if let Some(id) = &spec.identity.spiffe_id {
+                return Err(ConfigError::new(
+                    path,
+                    None,
+                    format!(
+                        "identity.allowIdentityChange: true contradicts identity.spiffeId {id}, \
+                         which pins the identity; remove one of them"
+                    ),
+                ));
+            }
         }
         if spec.workers == Some(0) {
             return Err(ConfigError::new(path, None, "workers must be at least 1"));

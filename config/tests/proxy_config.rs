@@ -169,3 +169,25 @@ fn workers_and_pool_idle_are_read_and_zeros_refused() {
     let e = parse(&format!("{GOOD}    poolIdle: 0s\n")).unwrap_err();
     assert!(e.contains("timeouts.poolIdle must be longer than 0"), "{e}");
 }
+
+#[test]
+fn identity_changes_are_off_by_default_and_cannot_be_allowed_with_a_pinned_id() {
+    assert!(!parse(GOOD).unwrap().spec.identity.allow_identity_change);
+    let without_id = GOOD.replace("    spiffeId: spiffe://example.org/ns/demo/sa/b\n", "");
+    let allowed = without_id.replace(
+        "    bundleDir: bundles\n",
+        "    bundleDir: bundles\n    allowIdentityChange: true\n",
+    );
+    assert!(parse(&allowed).unwrap().spec.identity.allow_identity_change);
+    let both = GOOD.replace(
+        "    bundleDir: bundles\n",
+        "    bundleDir: bundles\n    allowIdentityChange: true\n",
+    );
+    let e = parse(&both).unwrap_err();
+    assert!(
+        e.contains("/etc/sigil/proxy.yaml")
+            && e.contains("allowIdentityChange")
+            && e.contains("spiffe://example.org/ns/demo/sa/b"),
+        "{e}"
+    );
+}

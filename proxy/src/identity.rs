@@ -99,7 +99,12 @@ pub struct IdentityFiles {
     cert: PathBuf,
     key: PathBuf,
     bundle_dir: PathBuf,
+    /// `identity.spiffeId`: every SVID must carry it.
     expected: Option<SpiffeId>,
+    /// Without `spiffeId`, the ID of the first SVID loaded, which later SVIDs must carry too
+    /// unless `allowIdentityChange` is set (then None).
+    pinned: Option<SpiffeId>,
+    allow_change: bool,
 }
 
 /// Raw bytes last seen, to notice changes and to report each bad state only once.
@@ -127,12 +132,15 @@ impl IdentityFiles {
             key: cfg.resolve(&id.key_file),
             bundle_dir: cfg.resolve(&id.bundle_dir),
             expected: id.spiffe_id.clone(),
+            pinned: None,
+            allow_change: id.allow_identity_change,
         }
     }
 
-    /// Initial load: every file must be valid, or the proxy does not start.
+    /// Initial load: every file must be valid, or the proxy does not start. Pins the
+    /// sidecar's identity to this SVID's ID (see `pinned`).
     pub fn load(
-        &self,
+        &mut self,
         seen: &mut Seen,
         provider: &Arc<CryptoProvider>,
     ) -> Result<TlsState, String> {
@@ -141,6 +149,9 @@ impl IdentityFiles {
             Some(Err(e)) => return Err(e),
             None => return Err("no SVID read".into()),
         };
+        if self.expected.is_none() && !self.allow_change {
+            self.pinned = Some(identity.id().clone());
+        }
         let (bundles, problems) = self.poll_bundles(seen).unwrap_or_default();
         if let Some(p) = problems.first() {
             return Err(p.clone());
@@ -205,7 +216,18 @@ impl IdentityFiles {
             self.expected.as_ref(),
             provider,
         )
-        .map_err(|e| format!("{} / {}: {e}", self.cert.display(), self.key.display()));
+        .map_err(|e| format!("{} / {}: {e}", self.cert.display(), self.key.display()))
+        .and_then(|identity| match &self.pinned {
+            Some(pinned) if identity.id() != pinned => Err(format!(
+                "{}: the SVID is for {}, but this sidecar's identity is pinned to {pinned} \
+                 (the first SVID it loaded): an SVID for another workload would take this \
+                 workload out from under its policies. Restart the sidecar to change its \
+                 identity, or set identity.allowIdentityChange: true",
+                self.cert.display(),
+                identity.id()
+            )),
+            _ => Ok(identity),
+        });
         seen.svid = Some((cert, key));
         Some(result)
     }

@@ -123,7 +123,7 @@ fn init_logging() {
 
 async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
     let provider = tls::provider();
-    let files = IdentityFiles::from_config(&cfg);
+    let mut files = IdentityFiles::from_config(&cfg);
     let mut seen = Seen::default();
     let state = files
         .load(&mut seen, &provider)

@@ -296,6 +296,8 @@ pub struct Sidecar {
     pub revocation_dir: Option<PathBuf>,
     /// `spec.controlPlane`: (sidecar API port, control plane ID, state dir).
     pub control_plane: Option<(u16, String, PathBuf)>,
+    /// `identity.allowIdentityChange`: a rotation may switch the sidecar to another ID.
+    pub allow_identity_change: bool,
 }
 
 impl Sidecar {
@@ -314,6 +316,7 @@ impl Sidecar {
             policy_dir: None,
             revocation_dir: None,
             control_plane: None,
+            allow_identity_change: false,
         }
     }
 
@@ -354,6 +357,12 @@ impl Sidecar {
                 format!("{{listen: \"127.0.0.1:{listen}\", upstream: \"127.0.0.1:{upstream}\"{expected}}}")
             })
             .collect();
+        if self.allow_identity_change {
+            y = y.replace(
+                "    bundleDir: ",
+                "    allowIdentityChange: true\n    bundleDir: ",
+            );
+        }
         if let Some(n) = self.workers {
             y += &format!("  workers: {n}\n");
         }

@@ -1022,6 +1022,7 @@ fn policies_follow_the_sidecars_own_id_when_its_svid_changes_to_another() {
     let mut b = Sidecar::new("sidecar-b", B);
     b.inbound = vec![(b_web, web_port)];
     b.policy_dir = Some(policies.clone());
+    b.allow_identity_change = true;
     let pb = b.start(d, fb);
     // A reaches B's listener expecting B on one port and B2 on the other.
     let (to_b, to_b2) = (free_port(), free_port());
@@ -1067,6 +1068,82 @@ fn policies_follow_the_sidecars_own_id_when_its_svid_changes_to_another() {
     // A still expecting B is refused by its own sidecar's identity check.
     let out = get(to_b, "/v1/orders/1");
     assert_ne!(status(&out), 200, "{out}");
+}
+
+#[test]
+fn an_svid_for_another_identity_is_refused_unless_identity_changes_are_allowed() {
+    if !require_tool("curl", "l7") {
+        return;
+    }
+    const B2: &str = "spiffe://example.org/ns/demo/sa/b2";
+    let s = one_route_setup("l7-id-pinned");
+    let (d, ca, web_port, fa, fb, policies) =
+        (s.dir.path(), &s.ca, s.web_port, &s.fa, &s.fb, &s.policies);
+    write_policy(
+        policies,
+        "b2.yaml",
+        &one_route("for-b2", B2, web_port, "/admin", A),
+    );
+    let b_web = free_port();
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.inbound = vec![(b_web, web_port)];
+    b.policy_dir = Some(policies.clone());
+    // One worker on each side: one pooled connection carries every request below.
+    b.workers = Some(1);
+    let pb = b.start(d, fb);
+    let (to_b, to_b2) = (free_port(), free_port());
+    let mut a = Sidecar::new("sidecar-a", A);
+    a.outbound = vec![(to_b, b_web, B.into()), (to_b2, b_web, B2.into())];
+    a.workers = Some(1);
+    let pa = a.start(d, fa);
+    let get =
+        |port: u16, path: &str| curl_args(&["-i", &format!("http://127.0.0.1:{port}{path}")]).1;
+    let out = get(to_b, "/v1/orders/1");
+    assert!(out.contains("hello from b (GET /v1/orders/1"), "{out}");
+    assert_eq!(status(&get(to_b, "/admin/x")), 403);
+
+    // B's SVID files now hold a valid SVID for B2 (signed by the same CA).
+    let b2 = ca.svid(B2);
+    write_atomic(&fb.key, b2.key_pem().as_bytes());
+    write_atomic(&fb.cert, b2.chain_pem().as_bytes());
+    pb.wait_log("pinned to", Duration::from_secs(10));
+    let failures = || {
+        count(
+            &b,
+            "sigil_reloads_total{",
+            &["resource=\"svid\"", "result=\"failure\""],
+        )
+    };
+    wait_until("the refusal counted", Duration::from_secs(5), || {
+        failures() >= 1.0
+    });
+    // A few more polls: the refusal must hold, not just delay the change.
+    std::thread::sleep(Duration::from_millis(800));
+    // Still B, with B's policy, on the pooled connection and on new ones.
+    let out = get(to_b, "/v1/orders/2");
+    assert!(
+        out.contains("hello from b (GET /v1/orders/2"),
+        "{out}\n{}",
+        pb.log()
+    );
+    let out = get(to_b, "/admin/x");
+    assert_eq!(status(&out), 403, "B2's route must not apply: {out}");
+    assert!(out.contains("default deny"), "{out}");
+    // A caller expecting B2 finds B, and its own sidecar refuses that.
+    let out = get(to_b2, "/admin/x");
+    assert_ne!(status(&out), 200, "{out}\n{}", pa.log());
+    assert!(!out.contains("hello from b"), "{out}");
+    let metrics = b.metrics();
+    assert!(
+        metrics.contains(&format!("local_id=\"{B}\"")) && !metrics.contains(B2),
+        "{metrics}"
+    );
+    let log = pb.log();
+    assert!(
+        log.contains(&format!("the SVID is for {B2}")) && log.contains("allowIdentityChange"),
+        "{log}"
+    );
+    assert!(!log.contains("SVID rotated"), "{log}");
 }
 
 #[test]
