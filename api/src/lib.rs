@@ -24,10 +24,20 @@ pub mod client;
 /// The gRPC path of `sigil.v1.Mesh/Subscribe`.
 pub const SUBSCRIBE_PATH: &str = "/sigil.v1.Mesh/Subscribe";
 
-/// `message Ack { string node = 1; uint64 version = 2; bool accepted = 3; string error = 4; }`
+/// ```proto
+/// message Ack {
+///   string node = 1;
+///   uint64 version = 2;
+///   bool accepted = 3;
+///   string error = 4;
+///   string epoch = 5;
+/// }
+/// ```
 ///
-/// The first one on a stream says hello: `version` is the snapshot the sidecar runs (0 if
-/// none), `accepted` true. Every later one answers the snapshot of that `version`.
+/// The first one on a stream says hello: `epoch` and `version` are those of the snapshot the
+/// sidecar runs (empty and 0 if none), `accepted` true. A control plane whose catalog of that
+/// epoch is older reloads from its store before it answers, and never sends an older
+/// snapshot. Every later one answers the snapshot of that `version`.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Ack {
     /// The sidecar's name (its ProxyConfig `metadata.name`), for `sigil status`.
@@ -41,6 +51,8 @@ pub struct Ack {
     /// went wrong around it (e.g. it could not be persisted).
     #[prost(string, tag = "4")]
     pub error: String,
+    #[prost(string, tag = "5")]
+    pub epoch: String,
 }
 
 /// ```proto
@@ -50,10 +62,17 @@ pub struct Ack {
 ///   repeated Document revocations = 3;   // every Revocation in force
 ///   repeated RegistryEntry registry = 4; // destinations the sidecar may call
 ///   repeated Bundle bundles = 5;         // TrustBundle resources
+///   string epoch = 6;                    // the store the versions count in
 /// }
 /// ```
 /// Always the whole state for one identity, never a delta: a sidecar that applies it has
 /// exactly what the control plane holds at `version`.
+///
+/// Versions grow with every change of one store; `epoch` names that store (a random ID made
+/// with it; for etcd, also its cluster ID), so that versions are compared only within one
+/// epoch. A sidecar refuses a snapshot older than the one it runs in the same epoch (a
+/// replica behind its store must not roll a revocation back) and accepts any version of a
+/// new epoch (a rebuilt store counts from 1 again).
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Snapshot {
     #[prost(uint64, tag = "1")]
@@ -66,6 +85,8 @@ pub struct Snapshot {
     pub registry: Vec<RegistryEntry>,
     #[prost(message, repeated, tag = "5")]
     pub bundles: Vec<Bundle>,
+    #[prost(string, tag = "6")]
+    pub epoch: String,
 }
 
 /// `message Document { string name = 1; string yaml = 2; }`: one resource as applied.
@@ -136,12 +157,14 @@ mod tests {
                 trust_domain: "t".into(),
                 pem: "x".into(),
             }],
+            epoch: "e".into(),
         };
         let bytes = s.encode_to_vec();
-        // 1:varint 7; 2:len [1:"p", 2:"y"]; 4:len [1:"a", 2:"s", 3:"w"]; 5:len [1:"t", 2:"x"]
+        // 1:varint 7; 2:len [1:"p", 2:"y"]; 4:len [1:"a", 2:"s", 3:"w"]; 5:len [1:"t", 2:"x"];
+        // 6:"e"
         let want: &[u8] = &[
             0x08, 7, 0x12, 6, 0x0a, 1, b'p', 0x12, 1, b'y', 0x22, 9, 0x0a, 1, b'a', 0x12, 1, b's',
-            0x1a, 1, b'w', 0x2a, 6, 0x0a, 1, b't', 0x12, 1, b'x',
+            0x1a, 1, b'w', 0x2a, 6, 0x0a, 1, b't', 0x12, 1, b'x', 0x32, 1, b'e',
         ];
         assert_eq!(bytes, want);
         assert_eq!(Snapshot::decode(&bytes[..]).unwrap(), s);
@@ -150,10 +173,11 @@ mod tests {
             version: 3,
             accepted: true,
             error: "e".into(),
+            epoch: "f".into(),
         };
         assert_eq!(
             ack.encode_to_vec(),
-            [0x0a, 1, b'n', 0x10, 3, 0x18, 1, 0x22, 1, b'e']
+            [0x0a, 1, b'n', 0x10, 3, 0x18, 1, 0x22, 1, b'e', 0x2a, 1, b'f']
         );
     }
 }

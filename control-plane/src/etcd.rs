@@ -4,6 +4,8 @@
 //! - `resources/<Kind>/<name>`: the document as applied; its mod_revision is its version;
 //! - `version`: rewritten by every change, so that its mod_revision is the set's version (an
 //!   etcd revision, the same number on every replica);
+//! - `epoch`: a random ID written by the first replica; with etcd's cluster ID it names the
+//!   store whose revisions the versions count (see `sigil_api::Snapshot`);
 //! - `status/<replica>`: each replica's connected sidecars, under a lease, so that `sigil
 //!   status` on any replica lists the sidecars of all of them.
 //!
@@ -26,6 +28,7 @@ pub struct Etcd {
     client: Client,
     endpoints: Vec<String>,
     prefix: String,
+    epoch: String,
 }
 
 fn err(e: etcd_client::Error) -> StoreError {
@@ -57,14 +60,50 @@ impl Etcd {
         let client = Client::connect(&endpoints, Some(options))
             .await
             .map_err(|e| StoreError(format!("etcd {}: {e}", endpoints.join(","))))?;
-        let e = Self {
+        let mut e = Self {
             client,
             endpoints,
             prefix,
+            epoch: String::new(),
         };
         // Fail at start, not at the first request, if etcd does not answer.
         e.version().await?;
+        e.epoch = e.read_epoch().await?;
         Ok(e)
+    }
+
+    /// `etcd-<cluster ID>-<random>`: the random part is written once under the prefix by
+    /// whichever replica comes first, so every replica of one store agrees, and an emptied
+    /// or rebuilt etcd (whose revisions start again) gets a new one even if it kept its
+    /// cluster ID.
+    async fn read_epoch(&self) -> Result<String, StoreError> {
+        let key = format!("{}epoch", self.prefix);
+        let mut client = self.client.clone();
+        let fresh = crate::random_hex(16);
+        let r = client
+            .txn(
+                Txn::new()
+                    .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(key.as_str(), fresh, None)]),
+            )
+            .await
+            .map_err(err)?;
+        let cluster = r.header().map_or(0, |h| h.cluster_id());
+        let got = client.get(key.as_str(), None).await.map_err(err)?;
+        let random = got
+            .kvs()
+            .first()
+            .map(|kv| kv.value_str().map(str::to_owned))
+            .transpose()
+            .map_err(err)?
+            .ok_or_else(|| {
+                StoreError(format!("etcd: {key} vanished right after it was written"))
+            })?;
+        Ok(format!("etcd-{cluster:016x}-{random}"))
+    }
+
+    pub fn epoch(&self) -> &str {
+        &self.epoch
     }
 
     pub fn describe(&self) -> String {

@@ -32,6 +32,9 @@ pub struct Hub {
     pub metrics: Metrics,
     /// Woken when a publish failed (the store did not answer): `retry_publishes` tries again.
     retry: tokio::sync::Notify,
+    /// Woken when a sidecar runs a newer snapshot than this replica's catalog: the catalog
+    /// is behind its store (a watch event not yet seen), and `reload_on_request` reads it.
+    reload: tokio::sync::Notify,
     sidecars: Mutex<HashMap<u64, SidecarStatus>>,
     next: AtomicU64,
 }
@@ -65,6 +68,7 @@ impl Hub {
         Self {
             metrics,
             retry: tokio::sync::Notify::new(),
+            reload: tokio::sync::Notify::new(),
             catalog: watch::Sender::new(Arc::new(catalog)),
             sidecars: Mutex::new(HashMap::new()),
             next: AtomicU64::new(0),
@@ -109,6 +113,15 @@ impl Hub {
         loop {
             self.retry.notified().await;
             tokio::time::sleep(Duration::from_secs(1)).await;
+            let _ = self.publish(store).await;
+        }
+    }
+
+    /// Reloads the catalog from the store whenever a sidecar's hello shows it behind. Runs
+    /// forever.
+    pub async fn reload_on_request(&self, store: &Store) {
+        loop {
+            self.reload.notified().await;
             let _ = self.publish(store).await;
         }
     }
@@ -248,46 +261,95 @@ async fn session(
     );
     eprintln!("sigil-control: sidecar {peer} connected from {addr}");
     hub.metrics.connected.inc();
+    let why = serve_stream(&hub, key, &peer, addr, &mut acks, &tx).await;
+    hub.sidecars.lock().expect("sidecars lock").remove(&key);
+    hub.metrics.connected.dec();
+    eprintln!("sigil-control: sidecar {peer} at {addr} disconnected: {why}");
+}
+
+/// How long a new stream may take to say hello before it is dropped.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads the hello, then sends snapshots until the stream ends; returns why it ended.
+async fn serve_stream(
+    hub: &Hub,
+    key: u64,
+    peer: &SpiffeId,
+    addr: SocketAddr,
+    acks: &mut Streaming<Ack>,
+    tx: &mpsc::Sender<Result<Snapshot, Status>>,
+) -> &'static str {
+    // The hello says which snapshot the sidecar runs; nothing older of its epoch is sent.
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, acks.message()).await {
+        Err(_) => return "no hello",
+        Ok(Ok(Some(hello))) => hello,
+        Ok(Ok(None)) => return "sidecar ended the stream",
+        Ok(Err(_)) => return "stream error",
+    };
+    let runs = (hello.epoch.clone(), hello.version);
+    record(hub, key, peer, hello);
     let mut catalog = hub.catalog.subscribe();
     // What was last sent, with its version zeroed: a store change that does not alter this
     // identity's snapshot sends nothing.
     let mut last: Option<Snapshot> = None;
-    let why = loop {
+    let mut behind_said = false;
+    // While behind: when to ask for another reload (at most one a second, since a store that
+    // is itself behind answers every reload with the same version).
+    let mut reload_at: Option<tokio::time::Instant> = None;
+    loop {
         let current = catalog.borrow_and_update().clone();
-        let snapshot = current.snapshot_for(&peer);
-        let content = Snapshot {
-            version: 0,
-            ..snapshot.clone()
-        };
-        if last.as_ref() != Some(&content) {
-            let version = snapshot.version;
-            if tx.send(Ok(snapshot)).await.is_err() {
-                break "stream closed";
+        let behind = current.epoch == runs.0 && current.version < runs.1;
+        if behind {
+            // This replica has not seen what its store holds (its watch is behind, or the
+            // store was restored from an older copy): sending now would roll the sidecar
+            // back. Read the store again and wait until the catalog catches up.
+            if !behind_said {
+                eprintln!(
+                    "sigil-control: sidecar {peer} at {addr} runs version {} of epoch {}, newer than this replica's {}: reloading from the store before answering",
+                    runs.1, runs.0, current.version
+                );
+                behind_said = true;
             }
-            // A change pushed to a connected sidecar is timed from the store change.
-            let since = match (&last, current.loaded_at) {
-                (Some(_), Some(t)) => t,
-                _ => Instant::now(),
+            let now = tokio::time::Instant::now();
+            if reload_at.is_none_or(|at| now >= at) {
+                hub.reload.notify_one();
+                reload_at = Some(now + Duration::from_secs(1));
+            }
+        } else {
+            let snapshot = current.snapshot_for(peer);
+            let content = Snapshot {
+                version: 0,
+                ..snapshot.clone()
             };
-            hub.metrics.sent.inc();
-            hub.update(key, |s| {
-                s.sent = version;
-                s.pending = Some((version, since));
-            });
-            last = Some(content);
+            if last.as_ref() != Some(&content) {
+                let version = snapshot.version;
+                if tx.send(Ok(snapshot)).await.is_err() {
+                    return "stream closed";
+                }
+                // A change pushed to a connected sidecar is timed from the store change.
+                let since = match (&last, current.loaded_at) {
+                    (Some(_), Some(t)) => t,
+                    _ => Instant::now(),
+                };
+                hub.metrics.sent.inc();
+                hub.update(key, |s| {
+                    s.sent = version;
+                    s.pending = Some((version, since));
+                });
+                last = Some(content);
+            }
         }
+        let recheck = reload_at.filter(|_| behind);
         tokio::select! {
-            r = catalog.changed() => if r.is_err() { break "shutting down" },
+            r = catalog.changed() => if r.is_err() { return "shutting down" },
+            _ = tokio::time::sleep_until(recheck.unwrap_or_else(tokio::time::Instant::now)), if recheck.is_some() => {}
             m = acks.message() => match m {
-                Ok(Some(ack)) => record(&hub, key, &peer, ack),
-                Ok(None) => break "sidecar ended the stream",
-                Err(e) => break if e.code() == tonic::Code::Cancelled { "cancelled" } else { "stream error" },
+                Ok(Some(ack)) => record(hub, key, peer, ack),
+                Ok(None) => return "sidecar ended the stream",
+                Err(e) => return if e.code() == tonic::Code::Cancelled { "cancelled" } else { "stream error" },
             },
         }
-    };
-    hub.sidecars.lock().expect("sidecars lock").remove(&key);
-    hub.metrics.connected.dec();
-    eprintln!("sigil-control: sidecar {peer} at {addr} disconnected: {why}");
+    }
 }
 
 /// Text a sidecar sent, made safe for one status line: control characters (a newline would

@@ -18,6 +18,8 @@ use crate::store::{Store, StoreError};
 /// Every stored resource, parsed, at one store version.
 #[derive(Default)]
 pub struct Catalog {
+    /// The store's epoch and version (see `sigil_api::Snapshot`).
+    pub epoch: String,
     pub version: u64,
     policies: Vec<(Policy, Document)>,
     revocations: Vec<Document>,
@@ -36,6 +38,7 @@ impl Catalog {
         // catalog newer than its version says, and the next publish catches up.
         let version = store.version().await?.max(0) as u64;
         let mut c = Catalog {
+            epoch: store.epoch().to_string(),
             version,
             loaded_at: Some(std::time::Instant::now()),
             ..Catalog::default()
@@ -98,6 +101,7 @@ impl Catalog {
             revocations: self.revocations.clone(),
             registry,
             bundles: self.bundles.clone(),
+            epoch: self.epoch.clone(),
         }
     }
 

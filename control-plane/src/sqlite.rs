@@ -1,7 +1,15 @@
 //! The embedded store of `sigil-control --data-dir DIR`: one SQLite file (`DIR/sigil.db`),
 //! one row per resource holding the document the operator applied, and a version that grows
-//! with every change (the snapshot version sidecars acknowledge).
+//! with every change (the snapshot version sidecars acknowledge), counted within an epoch: a
+//! random ID made with the file, so that a new file's versions, which start again, are never
+//! compared with the old one's.
+//!
+//! One process at a time: `DIR/sigil.lock` is locked for as long as `sigil-control` runs. Two
+//! control planes on one directory would each publish from their own catalog, and neither
+//! would hear of the other's changes.
 
+use std::fs::File;
+use std::io::{Read, Seek, Write};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -12,6 +20,9 @@ use crate::store::{Change, StoreError, Stored};
 pub struct Sqlite {
     db: Mutex<Connection>,
     path: std::path::PathBuf,
+    epoch: String,
+    /// Holds the directory's lock until the store is dropped.
+    _lock: File,
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -23,6 +34,7 @@ impl From<rusqlite::Error> for StoreError {
 impl Sqlite {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError(format!("{}: {e}", dir.display())))?;
+        let lock = lock_dir(dir)?;
         let path = dir.join("sigil.db");
         let db = Connection::open(&path)?;
         // WAL: a crash mid-write never leaves a half-applied set behind.
@@ -32,12 +44,26 @@ impl Sqlite {
                  kind TEXT NOT NULL, name TEXT NOT NULL, yaml TEXT NOT NULL,
                  version INTEGER NOT NULL, PRIMARY KEY (kind, name));
              CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-             INSERT OR IGNORE INTO meta (key, value) VALUES ('version', 0);",
+             INSERT OR IGNORE INTO meta (key, value) VALUES ('version', 0);
+             CREATE TABLE IF NOT EXISTS epoch (id TEXT NOT NULL);",
         )?;
+        let fresh = format!("sqlite-{}", crate::random_hex(16));
+        db.execute(
+            "INSERT INTO epoch (id) SELECT ?1 WHERE NOT EXISTS (SELECT 1 FROM epoch)",
+            [&fresh],
+        )?;
+        let epoch: String = db.query_row("SELECT id FROM epoch", [], |r| r.get(0))?;
         Ok(Self {
             db: Mutex::new(db),
             path,
+            epoch,
+            _lock: lock,
         })
+    }
+
+    /// The store's epoch: made with the file, kept for its life.
+    pub fn epoch(&self) -> &str {
+        &self.epoch
     }
 
     pub fn describe(&self) -> String {
@@ -138,6 +164,45 @@ impl Sqlite {
     }
 }
 
+/// Locks `dir/sigil.lock` for this process, or says which process holds it.
+fn lock_dir(dir: &Path) -> Result<File, StoreError> {
+    let path = dir.join("sigil.lock");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = f.read_to_string(&mut holder);
+            let holder = holder.trim();
+            let who = if holder.is_empty() {
+                "another process".to_string()
+            } else {
+                format!("process {holder}")
+            };
+            return Err(StoreError(format!(
+                "{} is in use by {who} (its {} is locked): one sigil-control per --data-dir; \
+                 several replicas share an etcd store (--store etcd://...)",
+                dir.display(),
+                path.display()
+            )));
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(StoreError(format!("{}: cannot lock: {e}", path.display())))
+        }
+    }
+    // Who holds it, for the message above; the lock, not this text, is what counts.
+    let _ = f.set_len(0);
+    let _ = f.rewind();
+    let _ = write!(f, "{}", std::process::id());
+    Ok(f)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,6 +232,27 @@ mod tests {
         }
         let s = Sqlite::open(&dir).unwrap();
         assert_eq!(s.version().unwrap(), 3);
+        // The epoch is made once, with the file.
+        let epoch = s.epoch().to_string();
+        assert!(
+            epoch.starts_with("sqlite-") && epoch.len() == 7 + 32,
+            "{epoch}"
+        );
+        // A second store on the same directory is refused while this one is open.
+        let err = match Sqlite::open(&dir) {
+            Ok(_) => panic!("two stores opened one directory"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("in use by process") && err.contains("--data-dir"),
+            "{err}"
+        );
+        drop(s);
+        let s = Sqlite::open(&dir).unwrap();
+        assert_eq!(s.epoch(), epoch);
+        // Another file, another epoch.
+        let other = dir.join("other");
+        assert_ne!(Sqlite::open(&other).unwrap().epoch(), epoch);
         let all = s.list(None).unwrap();
         assert_eq!(all.len(), 1);
         assert_eq!(

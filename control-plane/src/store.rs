@@ -86,6 +86,14 @@ impl Store {
         }
     }
 
+    /// The store's epoch: versions are compared only within one.
+    pub fn epoch(&self) -> &str {
+        match self {
+            Self::Sqlite(s) => s.epoch(),
+            Self::Etcd(e) => e.epoch(),
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             Self::Sqlite(s) => s.describe(),

@@ -10,6 +10,7 @@ pub mod identity;
 pub mod normalize;
 pub mod policy;
 pub mod revocation;
+pub mod snapshot;
 pub mod svid;
 pub mod tls;
 

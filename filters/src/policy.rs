@@ -38,6 +38,9 @@ pub enum Rule<'a> {
     },
     /// Policies target the workload and no unexpired rule allows this peer here.
     DefaultDeny { port: u16 },
+    /// The sidecar takes its policies from a control plane and has no snapshot from it in
+    /// force yet: what those policies would govern is denied until one is.
+    AwaitingSnapshot,
 }
 
 impl fmt::Display for Rule<'_> {
@@ -60,6 +63,10 @@ impl fmt::Display for Rule<'_> {
             Self::DefaultDeny { port } => {
                 write!(f, "port {port}: no rule allows this peer (default deny)")
             }
+            Self::AwaitingSnapshot => write!(
+                f,
+                "no snapshot from the control plane is in force yet (default deny)"
+            ),
         }
     }
 }
@@ -113,12 +120,20 @@ enum PortIndex {
     Http(Node),
 }
 
+const AWAITING: Decision<'static> = Decision {
+    allowed: false,
+    rule: Rule::AwaitingSnapshot,
+    would_deny: None,
+};
+
 /// The compiled policies of one workload.
 pub struct PolicyIndex {
     rules: Vec<CompiledRule>,
     ports: HashMap<u16, PortIndex>,
     enforced_target: bool,
     any_target: bool,
+    /// Built by `awaiting_snapshot`: every decision denies.
+    awaiting: bool,
 }
 
 /// Accumulates the first deny and the first allow among matching rules, for one verdict.
@@ -137,6 +152,7 @@ impl PolicyIndex {
             ports: HashMap::new(),
             enforced_target: false,
             any_target: false,
+            awaiting: false,
         };
         for p in policies {
             if p.spec.target != *local {
@@ -241,12 +257,27 @@ impl PolicyIndex {
         (self.rules.len() - 1) as u32
     }
 
-    /// A stable label for metrics: `policy/rule`, or `no_policy` / `default_deny`.
+    /// The index of a sidecar whose policies come from a control plane that has not sent
+    /// a snapshot yet (nor left an intact copy on disk): it denies everything, since the
+    /// policies it will receive may deny what nothing here could know to.
+    pub fn awaiting_snapshot() -> Self {
+        PolicyIndex {
+            rules: Vec::new(),
+            ports: HashMap::new(),
+            enforced_target: true,
+            any_target: true,
+            awaiting: true,
+        }
+    }
+
+    /// A stable label for metrics: `policy/rule`, or `no_policy` / `default_deny` /
+    /// `awaiting_snapshot`.
     pub fn label(&self, rule: &Rule<'_>) -> std::sync::Arc<str> {
         match rule {
             Rule::Matched { id, .. } => self.rules[*id as usize].label.clone(),
             Rule::NoPolicy => "no_policy".into(),
             Rule::DefaultDeny { .. } => "default_deny".into(),
+            Rule::AwaitingSnapshot => "awaiting_snapshot".into(),
         }
     }
 
@@ -262,6 +293,9 @@ impl PolicyIndex {
 
     /// Connection-level decision for a TCP port (or a port no policy lists).
     pub fn decide_tcp(&self, peer: &SpiffeId, port: u16, now: i64) -> Decision<'_> {
+        if self.awaiting {
+            return AWAITING;
+        }
         let mut enforced = Hits::default();
         let mut shadow = Hits::default();
         if let Some(PortIndex::Tcp(ids)) = self.ports.get(&port) {
@@ -276,6 +310,9 @@ impl PolicyIndex {
     where
         H: Fn(&str) -> Option<&'h str>,
     {
+        if self.awaiting {
+            return AWAITING;
+        }
         let mut enforced = Hits::default();
         let mut shadow = Hits::default();
         if let Some(PortIndex::Http(root)) = self.ports.get(&req.port) {

@@ -1,11 +1,17 @@
 //! The control-plane client: one gRPC stream (`sigil.v1.Mesh/Subscribe`) to `sigil-control`
 //! over mutual TLS, whose certificate must carry `controlPlane.spiffeId`.
 //!
-//! Each snapshot is parsed and checked as this sidecar would run it; one that fails is
-//! rejected (NACK, with the reason) and never replaces the snapshot in force. An accepted one
-//! is written to `controlPlane.stateDir` before it is acknowledged (a write that fails is said
-//! in the acknowledgement), and read back at start, so a restarted sidecar serves its last
-//! good state while the control plane is unreachable.
+//! Each snapshot is parsed and checked as this sidecar would run it; one that fails, or that
+//! is older than the one in force in the same epoch (`sigil_filters::snapshot::freshness`: a
+//! replica behind its store must not roll a revocation back), is rejected (NACK, with the
+//! reason; `sigil_snapshot_rejections_total`) and never replaces the snapshot in force. An
+//! accepted one is written to `controlPlane.stateDir` before it is acknowledged (a write that
+//! fails is said in the acknowledgement), sealed with its length and SHA-256, and read back
+//! at start, so a restarted sidecar serves its last good state while the control plane is
+//! unreachable. A copy that is not whole (truncated, emptied, overwritten) is ignored: until
+//! a snapshot is in force the sidecar is not ready and denies every inbound request and
+//! connection (`PolicyIndex::awaiting_snapshot`), since the policies it will receive could
+//! deny what nothing else here knows to.
 //! Lost streams are re-opened with exponential backoff and full jitter.
 
 use std::hash::{BuildHasher, Hasher};
@@ -22,6 +28,7 @@ use sigil_api::{Ack, Message, Snapshot};
 use sigil_config::policy::Protocol;
 use sigil_config::proxy_config::{ControlPlaneSpec, Destination};
 use sigil_config::{ConfigError, Policy, ProxyConfig, Revocation, SpiffeId, TrustDomain};
+use sigil_filters::snapshot::{freshness, seal, unseal, Freshness};
 use sigil_filters::svid::{verify_svid, Usage};
 use sigil_filters::tls;
 use sigil_filters::tls::Carries;
@@ -38,6 +45,8 @@ const SNAPSHOT_FILE: &str = "snapshot.pb";
 
 /// A snapshot accepted from the control plane, parsed.
 pub struct Pushed {
+    /// The store whose changes `version` counts.
+    pub epoch: String,
     pub version: u64,
     pub policies: Vec<Policy>,
     pub revocations: Vec<Revocation>,
@@ -82,6 +91,7 @@ impl Pushed {
             Some(Arc::new(parse_bundles(s, own)?))
         };
         Ok(Self {
+            epoch: s.epoch.clone(),
             version: s.version,
             policies,
             revocations,
@@ -155,33 +165,39 @@ fn parse_bundles(s: &Snapshot, own: &LocalIdentity) -> Result<TrustBundles, Stri
     Ok(bundles)
 }
 
-/// The persisted snapshot, if there is a valid one.
+/// The persisted snapshot, if there is an intact and valid one. Anything else is said in
+/// the log and counted (`sigil_snapshot_rejections_total{reason="persisted_unusable"}`); the
+/// sidecar then waits for the control plane, not ready and denying.
 pub fn load_persisted(
     cfg: &ProxyConfig,
     state_dir: &Path,
     own: &LocalIdentity,
+    metrics: &crate::metrics::Metrics,
 ) -> Option<Arc<Pushed>> {
     let path = state_dir.join(SNAPSHOT_FILE);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            warn!(
+                "{}: no snapshot kept from an earlier run; not ready, and denying inbound traffic, until the control plane sends one",
+                path.display()
+            );
+            return None;
+        }
         Err(e) => {
-            error!("{}: cannot read the last snapshot: {e}", path.display());
+            error!(
+                "{}: cannot read the last snapshot: {e}; not ready, and denying inbound traffic, until the control plane sends one",
+                path.display()
+            );
+            metrics.snapshot_rejected("persisted_unusable");
             return None;
         }
     };
-    // Every accepted snapshot has a version; an empty file decodes as version 0.
-    let parsed = Snapshot::decode(&bytes[..])
-        .map_err(|e| e.to_string())
-        .and_then(|s| {
-            if s.version == 0 {
-                return Err("no snapshot in it (empty or truncated)".into());
-            }
-            Pushed::parse(cfg, &s, own)
-        });
+    let parsed = decode_persisted(&bytes).and_then(|s| Pushed::parse(cfg, &s, own));
     match parsed {
         Ok(p) => {
             info!(
+                epoch = %p.epoch,
                 version = p.version,
                 policies = p.policies.len(),
                 revocations = p.revocations.len(),
@@ -192,10 +208,25 @@ pub fn load_persisted(
             Some(Arc::new(p))
         }
         Err(e) => {
-            error!("{}: last snapshot unusable, ignored: {e}", path.display());
+            error!(
+                "{}: last snapshot unusable, ignored: {e}; not ready, and denying inbound traffic, until the control plane sends one",
+                path.display()
+            );
+            metrics.snapshot_rejected("persisted_unusable");
             None
         }
     }
+}
+
+/// The snapshot in a persisted file: sealed (whole and unchanged), decodable, and a real
+/// snapshot (every accepted one has a version; an empty message decodes as version 0).
+fn decode_persisted(bytes: &[u8]) -> Result<Snapshot, String> {
+    let payload = unseal(bytes).map_err(|e| e.to_string())?;
+    let s = Snapshot::decode(payload).map_err(|e| format!("not a snapshot: {e}"))?;
+    if s.version == 0 {
+        return Err("holds no snapshot (version 0)".into());
+    }
+    Ok(s)
 }
 
 /// Written to a temporary file, synced, and renamed over (the directory synced too): a crash
@@ -205,27 +236,52 @@ fn persist(state_dir: &Path, s: &Snapshot) -> std::io::Result<()> {
     std::fs::create_dir_all(state_dir)?;
     let tmp = state_dir.join(format!(".{SNAPSHOT_FILE}.tmp"));
     let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&s.encode_to_vec())?;
+    f.write_all(&seal(&s.encode_to_vec()))?;
     f.sync_all()?;
     std::fs::rename(&tmp, state_dir.join(SNAPSHOT_FILE))?;
     std::fs::File::open(state_dir)?.sync_all()
 }
 
+/// Why a snapshot was rejected: the NACK's text and the metric's reason.
+struct Rejected(String, &'static str);
+
 /// Checks, persists and puts in force one snapshot. Ok(note): in force, with what went wrong
-/// around it (it could not be persisted), for the acknowledgement. Err: rejected, the reason
-/// for the NACK.
-fn accept(p: &Proxy, s: &Snapshot, state_dir: &Path) -> Result<String, String> {
-    let same = p
-        .sources
-        .lock()
-        .expect("sources lock")
-        .pushed
-        .as_ref()
-        .is_some_and(|cur| cur.raw == *s);
+/// around it (it could not be persisted), for the acknowledgement. Err: rejected.
+fn accept(p: &Proxy, s: &Snapshot, state_dir: &Path) -> Result<String, Rejected> {
+    let (same, order) = {
+        let sources = p.sources.lock().expect("sources lock");
+        let cur = sources.pushed.as_ref();
+        (
+            cur.is_some_and(|cur| cur.raw == *s),
+            freshness(
+                cur.map(|c| (c.epoch.as_str(), c.version)),
+                (&s.epoch, s.version),
+            ),
+        )
+    };
     if same {
         return Ok(String::new());
     }
-    let pushed = Pushed::parse(&p.cfg, s, &p.tls.get().identity)?;
+    match order {
+        Freshness::Older => {
+            let running = p.pushed_version();
+            return Err(Rejected(
+                format!(
+                    "version {} of epoch {} is older than version {running} in force: the control plane is behind its store; keeping {running}",
+                    s.version, s.epoch
+                ),
+                "older_version",
+            ));
+        }
+        Freshness::NewEpoch => warn!(
+            epoch = %s.epoch,
+            version = s.version,
+            "snapshot from a new epoch (the control plane's store was rebuilt); its versions count afresh"
+        ),
+        Freshness::First | Freshness::Newer | Freshness::Same => {}
+    }
+    let pushed =
+        Pushed::parse(&p.cfg, s, &p.tls.get().identity).map_err(|e| Rejected(e, "invalid"))?;
     let mut note = String::new();
     if let Err(e) = persist(state_dir, s) {
         // Still applied (serving it now matters more than surviving a restart with it), and
@@ -357,12 +413,13 @@ async fn subscribe(
         .parse()
         .map_err(|e| format!("{}: {e}", cp.address))?;
     let node = p.cfg.metadata.name.clone();
-    let running = p.pushed_version();
+    let (epoch, running) = p.pushed_epoch_version();
     let hello = Ack {
         node: node.clone(),
         version: running,
         accepted: true,
         error: String::new(),
+        epoch,
     };
     let (tx, mut snapshots) = sigil_api::client::subscribe(sender, origin, hello)
         .await
@@ -383,16 +440,22 @@ async fn subscribe(
                     version,
                     accepted: true,
                     error: note,
+                    epoch: s.epoch.clone(),
                 }
             }
-            Err(e) => {
-                error!(version, "snapshot rejected, keeping the one in force: {e}");
+            Err(Rejected(e, reason)) => {
+                error!(
+                    version,
+                    reason, "snapshot rejected, keeping the one in force: {e}"
+                );
                 p.metrics.reload("snapshot", false);
+                p.metrics.snapshot_rejected(reason);
                 Ack {
                     node: node.clone(),
                     version,
                     accepted: false,
                     error: e,
+                    epoch: s.epoch.clone(),
                 }
             }
         };

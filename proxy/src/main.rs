@@ -170,7 +170,9 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
     };
     // The last snapshot accepted from the control plane, served until a newer one arrives.
     let pushed = match &cfg.spec.control_plane {
-        Some(cp) => control::load_persisted(&cfg, &cfg.resolve(&cp.state_dir), &state.identity),
+        Some(cp) => {
+            control::load_persisted(&cfg, &cfg.resolve(&cp.state_dir), &state.identity, &metrics)
+        }
         None => None,
     };
     let sources = proxy::Sources {

@@ -70,6 +70,13 @@ pub struct RuleLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectionLabels {
+    /// `older_version` (behind the one in force, same epoch), `invalid` (does not parse or
+    /// does not fit this sidecar), `persisted_unusable` (the copy on disk at start).
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     pub resource: &'static str,
     pub result: &'static str,
@@ -89,6 +96,7 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<DurationLabels, Histogram, fn() -> Histogram>,
     pub would_deny: Family<RuleLabels, Counter>,
+    pub snapshot_rejections: Family<RejectionLabels, Counter>,
     peers: PeerLabels,
 }
 
@@ -113,6 +121,7 @@ impl Metrics {
             requests: Family::default(),
             request_duration: Family::new_with_constructor(duration_histogram),
             would_deny: Family::default(),
+            snapshot_rejections: Family::default(),
             peers: PeerLabels::new(peer_id_cap),
             registry: Registry::default(),
         };
@@ -176,7 +185,18 @@ impl Metrics {
             "Requests or connections a dry-run rule would deny (allowed now)",
             m.would_deny.clone(),
         );
+        registry.register(
+            "sigil_snapshot_rejections",
+            "Control-plane snapshots refused, by reason (the one in force stays)",
+            m.snapshot_rejections.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    pub fn snapshot_rejected(&self, reason: &'static str) {
+        self.snapshot_rejections
+            .get_or_create(&RejectionLabels { reason })
+            .inc();
     }
 
     /// The label value for a peer: its ID, or `overflow` past the cap.

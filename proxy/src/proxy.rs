@@ -117,8 +117,12 @@ impl Proxy {
                     return;
                 }
             };
-            let pushed = pushed.iter().flat_map(|p| p.policies.iter());
-            crate::resources::compile_policies(&self.cfg, files.iter().chain(pushed), &local)
+            if self.cfg.spec.control_plane.is_some() && pushed.is_none() {
+                PolicyIndex::awaiting_snapshot()
+            } else {
+                let pushed = pushed.iter().flat_map(|p| p.policies.iter());
+                crate::resources::compile_policies(&self.cfg, files.iter().chain(pushed), &local)
+            }
         };
         self.set_policy(index);
     }
@@ -143,6 +147,22 @@ impl Proxy {
     pub fn pushed_version(&self) -> u64 {
         let sources = self.sources.lock().expect("sources lock");
         sources.pushed.as_ref().map_or(0, |s| s.version)
+    }
+
+    /// The epoch and version of the control-plane snapshot in force; ("", 0) without one.
+    pub fn pushed_epoch_version(&self) -> (String, u64) {
+        let sources = self.sources.lock().expect("sources lock");
+        sources
+            .pushed
+            .as_ref()
+            .map_or((String::new(), 0), |s| (s.epoch.clone(), s.version))
+    }
+
+    /// Whether policies come from a control plane that has not sent a snapshot yet (nor
+    /// left an intact copy): then the sidecar is not ready and denies inbound traffic.
+    pub fn awaiting_snapshot(&self) -> bool {
+        self.cfg.spec.control_plane.is_some()
+            && self.sources.lock().expect("sources lock").pushed.is_none()
     }
 
     pub fn registry_len(&self) -> usize {
@@ -211,6 +231,9 @@ impl Proxy {
         }
         if !self.tls.get().is_ready(UnixTime::now()) {
             return Err("no valid SVID or trust bundle");
+        }
+        if self.awaiting_snapshot() {
+            return Err("no snapshot from the control plane in force yet");
         }
         Ok(())
     }

@@ -387,8 +387,9 @@ impl Sidecar {
         y
     }
 
-    /// Writes the config next to the identity files and starts `sigil-proxy`; waits for /ready.
-    pub fn start(&self, dir: &Path, files: &IdentityFiles) -> Proc {
+    /// Writes the config next to the identity files and starts `sigil-proxy`; waits for its
+    /// admin listener, not for /ready.
+    pub fn spawn(&self, dir: &Path, files: &IdentityFiles) -> Proc {
         let cfg = dir.join(format!("{}.yaml", self.name));
         std::fs::write(&cfg, self.config_yaml(files)).expect("write config");
         let p = Proc::spawn(
@@ -398,6 +399,23 @@ impl Sidecar {
                 .arg(&cfg)
                 .env("SIGIL_LOG", "info"),
         );
+        let admin: SocketAddr = ([127, 0, 0, 1], self.admin).into();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect_timeout(&admin, Duration::from_millis(200)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "{}: no admin listener after 15 s:\n{}",
+                self.name,
+                p.log()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        p
+    }
+
+    /// `spawn`, then waits for /ready.
+    pub fn start(&self, dir: &Path, files: &IdentityFiles) -> Proc {
+        let p = self.spawn(dir, files);
         let admin: SocketAddr = ([127, 0, 0, 1], self.admin).into();
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -623,6 +641,11 @@ impl ControlPlane {
             proc.signal(libc::SIGKILL);
             let _ = proc.terminate(Duration::from_secs(10));
         })
+    }
+
+    /// Starts it again on the same ports and store after its process was ended.
+    pub fn start_again(self) -> Self {
+        self.respawn(|_| {})
     }
 
     /// Ends the process with `stop`, then starts it again on the same ports and store.

@@ -208,6 +208,8 @@ async fn run(
     }
     let retrying = api.clone();
     tokio::spawn(async move { retrying.hub.retry_publishes(&retrying.store).await });
+    let reloading = api.clone();
+    tokio::spawn(async move { reloading.hub.reload_on_request(&reloading.store).await });
     let acceptor = TlsAcceptor::from(server);
     tokio::select! {
         _ = operator::serve(operator_listener, acceptor.clone(), api) => {}

@@ -440,6 +440,7 @@ async fn sim(
         version: 0,
         accepted: true,
         error: String::new(),
+        epoch: String::new(),
     };
     let (tx, mut snapshots) = sigil_api::client::subscribe(sender, origin, hello)
         .await
@@ -454,6 +455,7 @@ async fn sim(
             version: s.version,
             accepted: true,
             error: String::new(),
+            epoch: s.epoch.clone(),
         };
         if tx.send(ack).await.is_err() {
             break;
