@@ -12,11 +12,20 @@
 //! Writes are transactions guarded by the mod_revisions read just before (optimistic
 //! concurrency): two replicas applying at once never lose a change or misreport one. Each
 //! replica follows the prefix with a watch and republishes snapshots on any change, wherever
-//! it was made. Plaintext gRPC to etcd: for a loopback or otherwise protected etcd.
+//! it was made.
+//!
+//! etcd is spoken to over TLS with a client certificate (`--etcd-ca`, `--etcd-cert`,
+//! `--etcd-key`; etcd started with `--client-cert-auth`): whoever can write these keys
+//! decides every sidecar's policies and revocations. Plaintext needs `--etcd-insecure`, and
+//! is warned about at start.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, PutOptions,
+    TlsOptions, Txn, TxnOp,
+};
 
 use crate::store::{Change, StoreError, Stored};
 
@@ -35,28 +44,79 @@ fn err(e: etcd_client::Error) -> StoreError {
     StoreError(format!("etcd: {e}"))
 }
 
+/// How `sigil-control` reaches etcd.
+pub enum EtcdTls {
+    /// TLS: etcd's certificate must chain to `ca`; we present `cert` and `key`.
+    Mutual {
+        ca: PathBuf,
+        cert: PathBuf,
+        key: PathBuf,
+    },
+    /// Plaintext (`--etcd-insecure`).
+    Insecure,
+}
+
+impl EtcdTls {
+    fn options(&self) -> Result<Option<TlsOptions>, StoreError> {
+        let Self::Mutual { ca, cert, key } = self else {
+            return Ok(None);
+        };
+        let read = |flag: &str, p: &PathBuf| {
+            std::fs::read(p).map_err(|e| StoreError(format!("{flag} {}: {e}", p.display())))
+        };
+        let (ca_pem, cert_pem, key_pem) = (
+            read("--etcd-ca", ca)?,
+            read("--etcd-cert", cert)?,
+            read("--etcd-key", key)?,
+        );
+        for (flag, path, pem, label) in [
+            ("--etcd-ca", ca, &ca_pem, "CERTIFICATE"),
+            ("--etcd-cert", cert, &cert_pem, "CERTIFICATE"),
+            ("--etcd-key", key, &key_pem, "PRIVATE KEY"),
+        ] {
+            // tonic would only fail at the first connection, naming neither file.
+            if !String::from_utf8_lossy(pem).contains(&format!("{label}-----")) {
+                return Err(StoreError(format!(
+                    "{flag} {}: no PEM {label} block",
+                    path.display()
+                )));
+            }
+        }
+        Ok(Some(
+            TlsOptions::new()
+                .ca_certificate(Certificate::from_pem(ca_pem))
+                .identity(Identity::from_pem(cert_pem, key_pem)),
+        ))
+    }
+}
+
 impl Etcd {
     /// `spec`: what follows `etcd://`: endpoints separated by commas, then an optional `/prefix`.
-    pub async fn connect(spec: &str) -> Result<Self, StoreError> {
+    pub async fn connect(spec: &str, tls: &EtcdTls) -> Result<Self, StoreError> {
         let (hosts, prefix) = match spec.split_once('/') {
             Some((h, p)) if !p.is_empty() => (h, format!("/{}/", p.trim_matches('/'))),
             Some((h, _)) => (h, "/sigil/".to_string()),
             None => (spec, "/sigil/".to_string()),
         };
+        let tls = tls.options()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let endpoints: Vec<String> = hosts
             .split(',')
             .filter(|h| !h.is_empty())
-            .map(|h| format!("http://{h}"))
+            .map(|h| format!("{scheme}://{h}"))
             .collect();
         if endpoints.is_empty() {
             return Err(StoreError(format!(
                 "etcd://{spec}: expected etcd://host:port[,host:port…][/prefix]"
             )));
         }
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
             .with_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        if let Some(tls) = tls {
+            options = options.with_tls(tls);
+        }
         let client = Client::connect(&endpoints, Some(options))
             .await
             .map_err(|e| StoreError(format!("etcd {}: {e}", endpoints.join(","))))?;

@@ -93,9 +93,14 @@ impl Ca {
                             .iter()
                             .map(|d| SanType::DnsName(d.as_str().try_into().expect("dns"))),
                     )
+                    .chain(spec.ips.iter().map(|ip| SanType::IpAddress(*ip)))
                     .collect();
             }
             Some(critical) => {
+                assert!(
+                    spec.ips.is_empty(),
+                    "IP SANs only in rcgen's own SAN extension"
+                );
                 let mut ext = CustomExtension::from_oid_content(
                     &[2, 5, 29, 17],
                     san_der(&spec.uris, &spec.dns),
@@ -182,6 +187,8 @@ fn der_len(out: &mut Vec<u8>, len: usize) {
 pub struct SvidSpec {
     pub uris: Vec<String>,
     pub dns: Vec<String>,
+    /// IP address SANs (a server certificate for a TLS service on loopback, say etcd's).
+    pub ips: Vec<std::net::IpAddr>,
     pub is_ca: bool,
     pub key_usages: Vec<KeyUsagePurpose>,
     pub ext_key_usages: Vec<ExtendedKeyUsagePurpose>,
@@ -200,6 +207,7 @@ impl SvidSpec {
         Self {
             uris: vec![id.to_string()],
             dns: Vec::new(),
+            ips: Vec::new(),
             is_ca: false,
             key_usages: vec![
                 KeyUsagePurpose::DigitalSignature,
@@ -225,6 +233,11 @@ impl SvidSpec {
     /// Marks the SAN extension critical or not, whatever the Subject.
     pub fn san_critical(mut self, critical: bool) -> Self {
         self.san_critical = Some(critical);
+        self
+    }
+
+    pub fn ips(mut self, ips: &[std::net::IpAddr]) -> Self {
+        self.ips = ips.to_vec();
         self
     }
 

@@ -250,13 +250,19 @@ pub fn write_identity(dir: &Path, name: &str, ca: &Ca, id: &str, trusted: &[&Ca]
 
 /// Runs a command to completion with a timeout; returns (success, stdout and stderr).
 pub fn run(cmd: &mut Command, timeout: Duration) -> (bool, String) {
+    let (code, out) = run_status(cmd, timeout);
+    (code == Some(0), out)
+}
+
+/// Runs `cmd` to its end (panics after `timeout`): its exit code and output.
+pub fn run_status(cmd: &mut Command, timeout: Duration) -> (Option<i32>, String) {
     let mut p = Proc::spawn("cmd", cmd);
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(st) = p.try_wait() {
             // Give the reader threads a moment to drain the pipes.
             std::thread::sleep(Duration::from_millis(20));
-            return (st.success(), p.log());
+            return (st.code(), p.log());
         }
         assert!(Instant::now() < deadline, "command timed out: {cmd:?}");
         std::thread::sleep(Duration::from_millis(10));
@@ -520,12 +526,65 @@ pub fn closed(s: &mut TcpStream) -> bool {
 pub struct EtcdServer {
     pub proc: Proc,
     pub client_port: u16,
+    /// What a client needs to reach it over TLS (None: plaintext).
+    pub client: Option<EtcdClientFiles>,
+    /// The CA of its server certificate and of the client certificates it accepts.
+    pub ca: Option<Ca>,
+}
+
+/// `--etcd-ca`, `--etcd-cert`, `--etcd-key` for `sigil-control`.
+#[derive(Clone)]
+pub struct EtcdClientFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl EtcdServer {
+    /// TLS for clients, and a client certificate from its own CA required of each
+    /// (`--client-cert-auth`), as a production etcd runs. Certificates are made here.
     pub fn start(dir: &Path) -> Self {
+        let ca = Ca::new("etcd.test");
+        let tls = dir.join("etcd-tls");
+        std::fs::create_dir_all(&tls).expect("create etcd-tls");
+        let ca_file = tls.join("ca.pem");
+        std::fs::write(&ca_file, ca.bundle_pem()).expect("write etcd CA");
+        let server = ca.issue(
+            &sigil_testkit::SvidSpec::new("spiffe://etcd.test/server")
+                .uris(&[])
+                .ips(&[[127, 0, 0, 1].into()]),
+        );
+        let (server_cert, server_key) = server.write(&tls, "server");
+        let (cert, key) = ca
+            .svid("spiffe://etcd.test/sigil-control")
+            .write(&tls, "client");
+        let mut e = Self::spawn(
+            dir,
+            "https",
+            &[
+                "--client-cert-auth".into(),
+                format!("--trusted-ca-file={}", ca_file.display()),
+                format!("--cert-file={}", server_cert.display()),
+                format!("--key-file={}", server_key.display()),
+            ],
+        );
+        e.client = Some(EtcdClientFiles {
+            ca: ca_file,
+            cert,
+            key,
+        });
+        e.ca = Some(ca);
+        e
+    }
+
+    /// Plaintext, no client authentication: for `--etcd-insecure`.
+    pub fn start_plaintext(dir: &Path) -> Self {
+        Self::spawn(dir, "http", &[])
+    }
+
+    fn spawn(dir: &Path, scheme: &str, extra: &[String]) -> Self {
         let (client_port, peer_port) = (free_port(), free_port());
-        let client = format!("http://127.0.0.1:{client_port}");
+        let client = format!("{scheme}://127.0.0.1:{client_port}");
         let peer = format!("http://127.0.0.1:{peer_port}");
         let proc = Proc::spawn(
             "etcd",
@@ -538,13 +597,24 @@ impl EtcdServer {
                 .args(["--listen-peer-urls", &peer])
                 .args(["--initial-advertise-peer-urls", &peer])
                 .args(["--initial-cluster", &format!("sigil-test={peer}")])
-                .args(["--log-level", "warn"]),
+                .args(["--log-level", "warn"])
+                .args(extra),
         );
         wait_for_port(
             ([127, 0, 0, 1], client_port).into(),
             Duration::from_secs(20),
         );
-        Self { proc, client_port }
+        Self {
+            proc,
+            client_port,
+            client: None,
+            ca: None,
+        }
+    }
+
+    /// How `sigil-control` reaches this server on `port` (its own, or a relay's).
+    pub fn store_at(&self, port: u16) -> StoreAt {
+        StoreAt::Etcd(port, self.client.clone())
     }
 }
 
@@ -553,8 +623,39 @@ impl EtcdServer {
 pub enum StoreAt {
     /// `--data-dir`
     Dir(PathBuf),
-    /// `--store etcd://127.0.0.1:PORT`
-    Etcd(u16),
+    /// `--store etcd://127.0.0.1:PORT`, over TLS with these files, or `--etcd-insecure`.
+    Etcd(u16, Option<EtcdClientFiles>),
+}
+
+impl StoreAt {
+    /// The `sigil-control` arguments that select this store.
+    pub fn args(&self) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = Vec::new();
+        match self {
+            Self::Dir(d) => {
+                a.push("--data-dir".into());
+                a.push(d.into());
+            }
+            Self::Etcd(port, tls) => {
+                a.push("--store".into());
+                a.push(format!("etcd://127.0.0.1:{port}").into());
+                match tls {
+                    Some(f) => {
+                        for (flag, path) in [
+                            ("--etcd-ca", &f.ca),
+                            ("--etcd-cert", &f.cert),
+                            ("--etcd-key", &f.key),
+                        ] {
+                            a.push(flag.into());
+                            a.push(path.into());
+                        }
+                    }
+                    None => a.push("--etcd-insecure".into()),
+                }
+            }
+        }
+        a
+    }
 }
 
 /// A `sigil-control` process on loopback with its own store, and the `sigil` CLI pointed at it.
@@ -597,10 +698,7 @@ impl ControlPlane {
             .and_then(|r| r.split('/').next())
             .expect("a SPIFFE ID");
         let mut cmd = Command::new(bin("sigil-control"));
-        match &store {
-            StoreAt::Dir(d) => cmd.arg("--data-dir").arg(d),
-            StoreAt::Etcd(port) => cmd.arg("--store").arg(format!("etcd://127.0.0.1:{port}")),
-        };
+        cmd.args(store.args());
         let proc = Proc::spawn(
             "sigil-control",
             cmd.arg("--cert")

@@ -35,7 +35,7 @@ fn two_replicas_share_an_etcd_store_and_push_each_others_changes() {
         ControlPlane::start_with(
             CONTROL,
             write_identity(d, name, &ca, CONTROL, &[&ca]),
-            StoreAt::Etcd(etcd.client_port),
+            etcd.store_at(etcd.client_port),
             free_port(),
             free_port(),
         )
@@ -170,7 +170,7 @@ fn a_replica_behind_its_store_never_rolls_a_revocation_back() {
         ControlPlane::start_with(
             CONTROL,
             write_identity(d, name, &ca, CONTROL, &[&ca]),
-            StoreAt::Etcd(etcd_port),
+            etcd.store_at(etcd_port),
             free_port(),
             free_port(),
         )

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use sigil_config::IdPattern;
-use sigil_control::etcd::Etcd;
+use sigil_control::etcd::{Etcd, EtcdTls};
 use sigil_control::operator::{self, Api};
 use sigil_control::sidecars::{self, Hub};
 use sigil_control::snapshot::Catalog;
@@ -18,15 +18,23 @@ const USAGE: &str = "\
 sigil-control — the Sigil control plane
 
 USAGE:
-    sigil-control (--data-dir DIR | --store etcd://HOST:PORT[,HOST:PORT...][/PREFIX])
+    sigil-control (--data-dir DIR
+                   | --store etcd://HOST:PORT[,HOST:PORT...][/PREFIX]
+                     (--etcd-ca FILE --etcd-cert FILE --etcd-key FILE | --etcd-insecure))
                   --cert FILE --key FILE --bundle-dir DIR --operator PATTERN...
                   [--operator-listen ADDR] [--sidecar-listen ADDR]
 
 OPTIONS:
-    --data-dir DIR         the embedded store (DIR/sigil.db, created if missing)
-    --store etcd://...     an etcd store shared by several replicas (plaintext gRPC to etcd;
-                           keys under PREFIX, default /sigil/); each replica watches it and
-                           pushes every change to the sidecars connected to it
+    --data-dir DIR         the embedded store (DIR/sigil.db, created if missing; one
+                           sigil-control per directory, enforced with DIR/sigil.lock)
+    --store etcd://...     an etcd store shared by several replicas (keys under PREFIX,
+                           default /sigil/); each replica watches it and pushes every change
+                           to the sidecars connected to it
+    --etcd-ca FILE         CA certificate(s) etcd's server certificate must chain to
+    --etcd-cert FILE       client certificate presented to etcd (--client-cert-auth)
+    --etcd-key FILE        its private key
+    --etcd-insecure        plaintext to etcd instead of TLS (a warning is logged): anyone on
+                           the path could read and change every policy and revocation
     --cert, --key FILE     the control plane's own SVID (leaf first) and key
     --bundle-dir DIR       trust bundles, one <trust domain>.pem each
     --operator PATTERN     SPIFFE IDs allowed to use the operator API: an exact ID or a
@@ -42,6 +50,8 @@ EXIT CODES:
 fn main() -> ExitCode {
     let mut data_dir = None;
     let mut etcd = None;
+    let (mut etcd_ca, mut etcd_cert, mut etcd_key) = (None, None, None);
+    let mut etcd_insecure = false;
     let (mut cert, mut key, mut bundle_dir) = (None, None, None);
     let mut operators = Vec::new();
     let mut listen: SocketAddr = ([0, 0, 0, 0], 15014).into();
@@ -59,6 +69,10 @@ fn main() -> ExitCode {
                         .ok_or(format!("--store {v:?}: expected etcd://host:port[/prefix]"))?;
                     etcd = Some(spec.to_string());
                 }
+                "--etcd-ca" => etcd_ca = Some(PathBuf::from(value()?)),
+                "--etcd-cert" => etcd_cert = Some(PathBuf::from(value()?)),
+                "--etcd-key" => etcd_key = Some(PathBuf::from(value()?)),
+                "--etcd-insecure" => etcd_insecure = true,
                 "--cert" => cert = Some(PathBuf::from(value()?)),
                 "--key" => key = Some(PathBuf::from(value()?)),
                 "--bundle-dir" => bundle_dir = Some(PathBuf::from(value()?)),
@@ -96,9 +110,28 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    let etcd_flags = etcd_ca.is_some() || etcd_cert.is_some() || etcd_key.is_some();
     let store = match (data_dir, etcd) {
+        (Some(_), None) if etcd_flags || etcd_insecure => {
+            eprintln!("sigil-control: --etcd-ca, --etcd-cert, --etcd-key and --etcd-insecure go with --store etcd://\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
         (Some(d), None) => StoreSpec::Sqlite(d),
-        (None, Some(e)) => StoreSpec::Etcd(e),
+        (None, Some(e)) => {
+            let tls = match (etcd_ca, etcd_cert, etcd_key, etcd_insecure) {
+                (Some(ca), Some(cert), Some(key), false) => EtcdTls::Mutual { ca, cert, key },
+                (None, None, None, true) => EtcdTls::Insecure,
+                (_, _, _, true) => {
+                    eprintln!("sigil-control: --etcd-insecure contradicts --etcd-ca/--etcd-cert/--etcd-key; choose TLS or plaintext\n\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+                _ => {
+                    eprintln!("sigil-control: --store etcd:// needs --etcd-ca, --etcd-cert and --etcd-key (TLS with a client certificate), or --etcd-insecure for plaintext\n\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+            };
+            StoreSpec::Etcd(e, tls)
+        }
         _ => {
             eprintln!(
                 "sigil-control: exactly one of --data-dir and --store is required\n\n{USAGE}"
@@ -138,7 +171,7 @@ struct Listen {
 
 enum StoreSpec {
     Sqlite(PathBuf),
-    Etcd(String),
+    Etcd(String, EtcdTls),
 }
 
 async fn run(
@@ -152,9 +185,18 @@ async fn run(
     let id = identity::load(&cert, &key, &bundle_dir)?;
     let store = match store {
         StoreSpec::Sqlite(dir) => Store::Sqlite(Sqlite::open(&dir).map_err(|e| e.to_string())?),
-        StoreSpec::Etcd(spec) => Store::Etcd(Box::new(
-            Etcd::connect(&spec).await.map_err(|e| e.to_string())?,
-        )),
+        StoreSpec::Etcd(spec, tls) => {
+            if matches!(tls, EtcdTls::Insecure) {
+                eprintln!(
+                    "sigil-control: WARNING: plaintext to etcd (--etcd-insecure): anyone on the path can read and change every policy and revocation"
+                );
+            }
+            Store::Etcd(Box::new(
+                Etcd::connect(&spec, &tls)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            ))
+        }
     };
     let version = store.version().await.map_err(|e| e.to_string())?;
     let server = sigil_filters::tls::server_config(
