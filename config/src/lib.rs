@@ -17,4 +17,4 @@ pub use revocation::Revocation;
 pub use spiffe::{IdPattern, SpiffeId, SpiffeIdError, TrustDomain};
 pub use trust_bundle::TrustBundle;
 pub use workload::Workload;
-pub use yaml::ConfigError;
+pub use yaml::{ConfigError, MAX_DOCUMENT_BYTES, MAX_FILE_BYTES};

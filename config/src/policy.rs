@@ -136,22 +136,29 @@ pub struct Timestamp(pub i64);
 
 impl Timestamp {
     /// Parses `YYYY-MM-DDTHH:MM:SSZ` (UTC only: a policy's expiry must not depend on a zone).
+    /// Every numeric field is exactly its RFC 3339 width of ASCII digits: no sign, no space.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let bad = || format!("invalid time {s:?}: expected RFC 3339 UTC like 2026-12-31T00:00:00Z");
+        const EXPECTED: &str = "expected RFC 3339 UTC like 2026-12-31T00:00:00Z";
         let b = s.as_bytes();
-        if b.len() != 20
-            || b[4] != b'-'
-            || b[7] != b'-'
-            || b[10] != b'T'
-            || b[13] != b':'
-            || b[16] != b':'
-            || b[19] != b'Z'
-        {
-            return Err(bad());
+        let shape = b.len() == 20
+            && b.iter().enumerate().all(|(i, &c)| match i {
+                4 | 7 => c == b'-',
+                10 => c == b'T',
+                13 | 16 => c == b':',
+                19 => c == b'Z',
+                _ => c.is_ascii_digit(),
+            });
+        if !shape {
+            return Err(format!(
+                "invalid time {s:?}: {EXPECTED} (YYYY-MM-DDTHH:MM:SSZ, digits only)"
+            ));
         }
-        let num = |r: std::ops::Range<usize>| s[r].parse::<i64>().map_err(|_| bad());
-        let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-        let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
+        let num = |r: std::ops::Range<usize>| {
+            b[r].iter()
+                .fold(0i64, |n, &digit| n * 10 + i64::from(digit - b'0'))
+        };
+        let (y, mo, d) = (num(0..4), num(5..7), num(8..10));
+        let (h, mi, se) = (num(11..13), num(14..16), num(17..19));
         let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
         let days_in = [
             31,
@@ -167,14 +174,21 @@ impl Timestamp {
             30,
             31,
         ];
-        if !(1..=12).contains(&mo)
-            || d < 1
-            || d > days_in[(mo - 1) as usize]
-            || h > 23
-            || mi > 59
-            || se > 59
-        {
-            return Err(bad());
+        let out_of_range = if !(1..=12).contains(&mo) {
+            Some(format!("month {mo:02} does not exist"))
+        } else if d < 1 || d > days_in[(mo - 1) as usize] {
+            Some(format!("day {d:02} does not exist in {y:04}-{mo:02}"))
+        } else if h > 23 {
+            Some(format!("hour {h:02} is past 23"))
+        } else if mi > 59 {
+            Some(format!("minute {mi:02} is past 59"))
+        } else if se > 59 {
+            Some(format!("second {se:02} is past 59"))
+        } else {
+            None
+        };
+        if let Some(why) = out_of_range {
+            return Err(format!("invalid time {s:?}: {why}; {EXPECTED}"));
         }
         Ok(Self(
             days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + se,
@@ -396,7 +410,23 @@ impl Policy {
     }
 
     pub fn parse_all(path: &Path, text: &str) -> Result<Vec<Policy>, ConfigError> {
-        let docs: Vec<Spanned<Envelope<PolicySpec>>> = yaml::parse_multiple(path, text)?;
+        Self::parse_part(path, text, 1)
+    }
+
+    /// The documents of `text`, which starts on line `first_line` of `path`: every line in
+    /// errors, those that messages name included, counts from the top of the file.
+    pub(crate) fn parse_part(
+        path: &Path,
+        text: &str,
+        first_line: u64,
+    ) -> Result<Vec<Policy>, ConfigError> {
+        let shift = first_line - 1;
+        Self::parse_documents(path, text, shift).map_err(|e| e.shifted(shift))
+    }
+
+    fn parse_documents(path: &Path, text: &str, shift: u64) -> Result<Vec<Policy>, ConfigError> {
+        let docs: Vec<Spanned<Envelope<PolicySpec>>> =
+            yaml::parse_multiple(path, text, "a Policy")?;
         let mut out = Vec::with_capacity(docs.len());
         for doc in docs {
             let at = doc.referenced;
@@ -407,21 +437,25 @@ impl Policy {
                 metadata: env.metadata.value,
                 spec: env.spec,
             };
-            p.validate(path, at, meta_at)?;
+            p.validate(path, at, meta_at, shift)?;
             out.push(p);
         }
         Ok(out)
     }
 
+    /// `shift`: how many lines down the file the parsed text starts, for the lines that
+    /// messages name (the caller shifts the error's own line).
     fn validate(
         &self,
         path: &Path,
         doc_at: serde_saphyr::Location,
         meta_at: serde_saphyr::Location,
+        shift: u64,
     ) -> Result<(), ConfigError> {
         let err = |at: Option<serde_saphyr::Location>, msg: String| {
             Err(ConfigError::new(path, at.or(Some(doc_at)), msg))
         };
+        let line = |at: serde_saphyr::Location| at.line() + shift;
         let m = &self.metadata;
         if let Some(field) = m.missing_owner_or_purpose() {
             return err(
@@ -438,7 +472,7 @@ impl Policy {
         let mut ports: HashMap<u16, u64> = HashMap::new();
         for port in &self.spec.ports {
             let pp = &port.value;
-            if let Some(first) = ports.insert(pp.port, port.referenced.line()) {
+            if let Some(first) = ports.insert(pp.port, line(port.referenced)) {
                 return err(
                     loc(port),
                     format!("port {} is already listed at line {first}", pp.port),
@@ -464,7 +498,7 @@ impl Policy {
             }
             let mut names: HashMap<&str, u64> = HashMap::new();
             for r in &pp.rules {
-                if let Some(first) = names.insert(&r.value.name, r.referenced.line()) {
+                if let Some(first) = names.insert(&r.value.name, line(r.referenced)) {
                     return err(
                         loc(r),
                         format!(
@@ -476,7 +510,7 @@ impl Policy {
             }
             for (i, r) in pp.routes.iter().enumerate() {
                 let route = &r.value;
-                if let Some(first) = names.insert(&route.name, r.referenced.line()) {
+                if let Some(first) = names.insert(&route.name, line(r.referenced)) {
                     return err(
                         loc(r),
                         format!(
@@ -497,7 +531,7 @@ impl Policy {
                             loc(r),
                             format!(
                                 "route {:?} overlaps route {:?} (line {}): same match; merge their allow/deny lists",
-                                route.name, o.name, other.referenced.line()
+                                route.name, o.name, line(other.referenced)
                             ),
                         );
                     }

@@ -5,6 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use serde_saphyr::Spanned;
 
@@ -71,6 +72,8 @@ pub struct ProxySpec {
     pub timeouts: Timeouts,
     #[serde(default)]
     pub metrics: MetricsSpec,
+    #[serde(default)]
+    pub limits: LimitsSpec,
     /// Threads that serve connections, each with its own pooled connections (like Envoy's
     /// `--concurrency`). Default: the CPU cores available to the process.
     #[serde(default)]
@@ -310,6 +313,14 @@ pub struct Timeouts {
     /// go: it closes once the streams still on it end.
     #[serde(default = "default_pool_idle", with = "duration")]
     pub pool_idle: Duration,
+    /// How long an HTTP request may wait for the workload's response head; then the sidecar
+    /// answers 504 (gRPC: DEADLINE_EXCEEDED) and lets go of the request. The calling side
+    /// waits this long plus 5 s for its peer sidecar.
+    #[serde(default = "default_request", with = "duration")]
+    pub request: Duration,
+    /// A relayed (L4) connection on which no byte moves either way for this long is closed.
+    #[serde(default = "default_idle", with = "duration")]
+    pub idle: Duration,
 }
 
 impl Default for Timeouts {
@@ -320,6 +331,44 @@ impl Default for Timeouts {
             drain: default_drain(),
             detect: default_detect(),
             pool_idle: default_pool_idle(),
+            request: default_request(),
+            idle: default_idle(),
+        }
+    }
+}
+
+/// Bounds that keep one client from taking what every other one needs. Each refusal is
+/// counted in `sigil_connections_refused_total` with its reason.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LimitsSpec {
+    /// Connections open at once, inbound and outbound. Default: two descriptors each within
+    /// the descriptor limit (raised to its hard maximum at start), after `fdReserve`.
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+    /// Inbound connections open at once from one source address.
+    #[serde(default = "default_per_source")]
+    pub max_connections_per_source: u32,
+    /// Inbound TLS handshakes under way at once.
+    #[serde(default = "default_handshakes")]
+    pub max_pending_handshakes: u32,
+    /// Inbound TLS handshakes under way at once from one source address.
+    #[serde(default = "default_handshakes_per_source")]
+    pub max_pending_handshakes_per_source: u32,
+    /// Descriptors kept free of client connections, for the sidecar's own: its workload, its
+    /// pools, the control plane, files.
+    #[serde(default = "default_fd_reserve")]
+    pub fd_reserve: u32,
+}
+
+impl Default for LimitsSpec {
+    fn default() -> Self {
+        Self {
+            max_connections: None,
+            max_connections_per_source: default_per_source(),
+            max_pending_handshakes: default_handshakes(),
+            max_pending_handshakes_per_source: default_handshakes_per_source(),
+            fd_reserve: default_fd_reserve(),
         }
     }
 }
@@ -365,6 +414,24 @@ fn default_detect() -> Duration {
 fn default_pool_idle() -> Duration {
     Duration::from_secs(90)
 }
+fn default_request() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_idle() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_per_source() -> u32 {
+    1024
+}
+fn default_handshakes() -> u32 {
+    1024
+}
+fn default_handshakes_per_source() -> u32 {
+    64
+}
+fn default_fd_reserve() -> u32 {
+    256
+}
 fn default_peer_id_cap() -> usize {
     200
 }
@@ -373,25 +440,31 @@ fn default_peer_id_cap() -> usize {
 pub mod duration {
     use std::time::Duration;
 
+    /// A whole number of milliseconds, seconds, minutes or hours. A value past what
+    /// `Duration` holds in whole seconds (u64) is refused, never wrapped.
     pub fn parse(s: &str) -> Result<Duration, String> {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 5s, 2m, 1h"))?;
-        let d = match unit {
+        if num.is_empty() {
+            return Err(format!(
+                "invalid duration {s:?}: expected a number and a unit, e.g. 500ms, 5s, 2m, 1h"
+            ));
+        }
+        if !matches!(unit, "ms" | "s" | "m" | "h") {
+            return Err(format!(
+                "invalid duration {s:?}: unit must be ms, s, m or h"
+            ));
+        }
+        let too_large = || format!("invalid duration {s:?}: too large");
+        // `num` is all ASCII digits, so parsing fails only past u64.
+        let n: u64 = num.parse().map_err(|_| too_large())?;
+        Ok(match unit {
             "ms" => Duration::from_millis(n),
             "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
-            _ => {
-                return Err(format!(
-                    "invalid duration {s:?}: unit must be ms, s, m or h"
-                ))
-            }
-        };
-        Ok(d)
+            "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(too_large)?),
+            _ => Duration::from_secs(n.checked_mul(3600).ok_or_else(too_large)?),
+        })
     }
 
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -412,7 +485,14 @@ impl ProxyConfig {
 
     /// `path` names the source in errors and anchors relative file paths.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let env: Envelope<ProxySpec> = yaml::parse(path, text)?;
+        let doc: Spanned<Option<Envelope<ProxySpec>>> = yaml::parse(path, text)?;
+        let Some(env) = doc.value else {
+            return Err(ConfigError::new(
+                path,
+                Some(doc.referenced),
+                "document is empty or null; expected a ProxyConfig (apiVersion, kind, metadata, spec)",
+            ));
+        };
         check_envelope(path, &env, "ProxyConfig")?;
         let cfg = ProxyConfig {
             metadata: env.metadata.value,
@@ -422,7 +502,7 @@ impl ProxyConfig {
                 .map(Path::to_path_buf)
                 .unwrap_or_else(|| PathBuf::from(".")),
         };
-        cfg.validate(path)?;
+        cfg.validate(path, text)?;
         Ok(cfg)
     }
 
@@ -435,7 +515,8 @@ impl ProxyConfig {
         }
     }
 
-    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+    /// `text` is only read again, for the line of a key, when a check of the whole spec fails.
+    fn validate(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
         let spec = &self.spec;
         let mut ports = HashMap::new();
         for rule in &spec.inbound.ports {
@@ -453,40 +534,59 @@ impl ProxyConfig {
                 ));
             }
         }
-        let mut listens: HashMap<SocketAddr, &str> = HashMap::new();
-        let mut claim = |addr: SocketAddr, what: &'static str| listens.insert(addr, what);
-        claim(spec.admin.listen, "admin.listen");
+        // One listener per address: the fixed ones first (admin; inbound and outbound in
+        // transparent mode), then the explicit ones.
+        let mut fixed = vec![(Key::AdminListen, spec.admin.listen)];
         if spec.mode == Mode::Transparent {
-            if let Some(other) = claim(spec.inbound.listen, "inbound.listen") {
+            fixed.push((Key::InboundListen, spec.inbound.listen));
+            fixed.push((Key::OutboundListen, spec.outbound.listen));
+        }
+        for (i, &(key, addr)) in fixed.iter().enumerate() {
+            if let Some(&(first, _)) = fixed[..i].iter().find(|(_, a)| *a == addr) {
+                let lines = KeyLines::read(path, text);
+                // Report it at a key the file sets: they cannot both be defaults.
+                let (this, other) = match lines.at(key) {
+                    Some(_) => (key, first),
+                    None => (first, key),
+                };
                 return Err(ConfigError::new(
                     path,
-                    None,
-                    format!("inbound.listen {} is also {other}", spec.inbound.listen),
-                ));
-            }
-            if let Some(other) = claim(spec.outbound.listen, "outbound.listen") {
-                return Err(ConfigError::new(
-                    path,
-                    None,
-                    format!("outbound.listen {} is also {other}", spec.outbound.listen),
+                    lines.at(this),
+                    format!(
+                        "{} {addr} is also {}; each listener needs an address of its own",
+                        this.name(),
+                        lines.describe(other)
+                    ),
                 ));
             }
         }
-        for l in &spec.inbound.explicit {
-            if let Some(other) = claim(l.value.listen, "an inbound.explicit listener") {
-                return Err(at(
+        let mut claimed: HashMap<SocketAddr, Claim> = fixed
+            .iter()
+            .map(|&(key, addr)| (addr, Claim::Fixed(key)))
+            .collect();
+        let inbound = spec.inbound.explicit.iter();
+        let outbound = spec.outbound.explicit.iter();
+        let explicit = inbound
+            .map(|l| (l.value.listen, "an inbound.explicit listener", l.referenced))
+            .chain(outbound.map(|l| {
+                (
+                    l.value.listen,
+                    "an outbound.explicit listener",
+                    l.referenced,
+                )
+            }));
+        for (addr, what, loc) in explicit {
+            if let Some(other) = claimed.insert(addr, Claim::Explicit(what, loc.line())) {
+                let other = match other {
+                    Claim::Fixed(key) => KeyLines::read(path, text).describe(key),
+                    Claim::Explicit(what, line) => format!("{what} (line {line})"),
+                };
+                return Err(ConfigError::new(
                     path,
-                    l,
-                    format!("listen {} is also {other}", l.value.listen),
-                ));
-            }
-        }
-        for l in &spec.outbound.explicit {
-            if let Some(other) = claim(l.value.listen, "an outbound.explicit listener") {
-                return Err(at(
-                    path,
-                    l,
-                    format!("listen {} is also {other}", l.value.listen),
+                    Some(loc),
+                    format!(
+                        "listen {addr} is also {other}; each listener needs an address of its own"
+                    ),
                 ));
             }
         }
@@ -500,46 +600,232 @@ impl ProxyConfig {
                 ));
             }
         }
+        // The checks of the whole spec: each names the key it is about, found in the text.
+        let refuse = |key: Key, message: &str| {
+            Err(ConfigError::new(
+                path,
+                KeyLines::read(path, text).at(key),
+                message,
+            ))
+        };
         if spec.mode == Mode::Explicit
             && spec.inbound.explicit.is_empty()
             && spec.outbound.explicit.is_empty()
         {
-            return Err(ConfigError::new(
-                path,
-                None,
+            return refuse(
+                Key::Mode,
                 "mode is explicit but no inbound.explicit or outbound.explicit listener is set",
-            ));
+            );
         }
         if spec.identity.allow_identity_change {
             if let Some(id) = &spec.identity.spiffe_id {
+                let lines = KeyLines::read(path, text);
+                let id_line = lines
+                    .at(Key::SpiffeId)
+                    .map(|at| format!(" (line {})", at.line()))
+                    .unwrap_or_default();
                 return Err(ConfigError::new(
                     path,
-                    None,
+                    lines.at(Key::AllowIdentityChange),
                     format!(
-                        "identity.allowIdentityChange: true contradicts identity.spiffeId {id}, \
-                         which pins the identity; remove one of them"
+                        "identity.allowIdentityChange: true contradicts identity.spiffeId \
+                         {id}{id_line}, which pins the identity; remove one of them"
                     ),
                 ));
             }
         }
         if spec.workers == Some(0) {
-            return Err(ConfigError::new(path, None, "workers must be at least 1"));
+            return refuse(Key::Workers, "workers must be at least 1");
         }
         if spec.timeouts.pool_idle.is_zero() {
-            return Err(ConfigError::new(
-                path,
-                None,
+            return refuse(
+                Key::PoolIdle,
                 "timeouts.poolIdle must be longer than 0 (every burst would dial afresh)",
-            ));
+            );
         }
         if spec.metrics.peer_id_cap == 0 {
-            return Err(ConfigError::new(
-                path,
-                None,
-                "metrics.peerIdCap must be at least 1",
-            ));
+            return refuse(Key::PeerIdCap, "metrics.peerIdCap must be at least 1");
+        }
+        for (key, d) in [
+            (Key::Request, spec.timeouts.request),
+            (Key::Idle, spec.timeouts.idle),
+        ] {
+            if d.is_zero() {
+                return refuse(key, &format!("{} must be longer than 0", key.name()));
+            }
+        }
+        let l = &spec.limits;
+        for (key, v) in [
+            (Key::MaxConnections, l.max_connections.unwrap_or(1)),
+            (Key::MaxConnectionsPerSource, l.max_connections_per_source),
+            (Key::MaxPendingHandshakes, l.max_pending_handshakes),
+            (
+                Key::MaxPendingHandshakesPerSource,
+                l.max_pending_handshakes_per_source,
+            ),
+        ] {
+            if v == 0 {
+                return refuse(
+                    key,
+                    &format!(
+                        "{} must be at least 1 (0 would refuse every connection)",
+                        key.name()
+                    ),
+                );
+            }
         }
         Ok(())
+    }
+}
+
+/// Who holds an address, for the message when another listener wants it too.
+enum Claim {
+    Fixed(Key),
+    /// What the listener is, and its line.
+    Explicit(&'static str, u64),
+}
+
+/// A key of the spec that a check of the whole spec can refuse.
+#[derive(Clone, Copy)]
+enum Key {
+    Mode,
+    Workers,
+    PoolIdle,
+    PeerIdCap,
+    AllowIdentityChange,
+    SpiffeId,
+    AdminListen,
+    InboundListen,
+    OutboundListen,
+    Request,
+    Idle,
+    MaxConnections,
+    MaxConnectionsPerSource,
+    MaxPendingHandshakes,
+    MaxPendingHandshakesPerSource,
+}
+
+impl Key {
+    fn name(self) -> &'static str {
+        match self {
+            Key::Mode => "mode",
+            Key::Workers => "workers",
+            Key::PoolIdle => "timeouts.poolIdle",
+            Key::PeerIdCap => "metrics.peerIdCap",
+            Key::AllowIdentityChange => "identity.allowIdentityChange",
+            Key::SpiffeId => "identity.spiffeId",
+            Key::AdminListen => "admin.listen",
+            Key::InboundListen => "inbound.listen",
+            Key::OutboundListen => "outbound.listen",
+            Key::Request => "timeouts.request",
+            Key::Idle => "timeouts.idle",
+            Key::MaxConnections => "limits.maxConnections",
+            Key::MaxConnectionsPerSource => "limits.maxConnectionsPerSource",
+            Key::MaxPendingHandshakes => "limits.maxPendingHandshakes",
+            Key::MaxPendingHandshakesPerSource => "limits.maxPendingHandshakesPerSource",
+        }
+    }
+}
+
+/// Where the keys that `Key` names sit in a ProxyConfig file. The public types hold plain
+/// values (sigil-proxy and sigil-control read them), and serde-saphyr gives a position only
+/// to `Spanned` fields; so a failed check of the whole spec reads the text once more, for
+/// these keys alone, ignoring everything else (it parsed before, so this parses too).
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct KeyLines {
+    spec: SpecLines,
+}
+
+type Line = Option<Spanned<IgnoredAny>>;
+
+#[derive(Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct SpecLines {
+    mode: Line,
+    workers: Line,
+    identity: IdentityLines,
+    inbound: ListenLine,
+    outbound: ListenLine,
+    admin: ListenLine,
+    timeouts: TimeoutLines,
+    metrics: MetricsLines,
+    limits: LimitLines,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct LimitLines {
+    max_connections: Line,
+    max_connections_per_source: Line,
+    max_pending_handshakes: Line,
+    max_pending_handshakes_per_source: Line,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct IdentityLines {
+    spiffe_id: Line,
+    allow_identity_change: Line,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct ListenLine {
+    listen: Line,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct TimeoutLines {
+    pool_idle: Line,
+    request: Line,
+    idle: Line,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct MetricsLines {
+    peer_id_cap: Line,
+}
+
+impl KeyLines {
+    fn read(path: &Path, text: &str) -> Self {
+        yaml::parse::<Option<KeyLines>>(path, text)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
+    /// Where the file sets `key`; None when it leaves it to its default.
+    fn at(&self, key: Key) -> Option<serde_saphyr::Location> {
+        let s = &self.spec;
+        let line = match key {
+            Key::Mode => &s.mode,
+            Key::Workers => &s.workers,
+            Key::PoolIdle => &s.timeouts.pool_idle,
+            Key::PeerIdCap => &s.metrics.peer_id_cap,
+            Key::AllowIdentityChange => &s.identity.allow_identity_change,
+            Key::SpiffeId => &s.identity.spiffe_id,
+            Key::AdminListen => &s.admin.listen,
+            Key::InboundListen => &s.inbound.listen,
+            Key::OutboundListen => &s.outbound.listen,
+            Key::Request => &s.timeouts.request,
+            Key::Idle => &s.timeouts.idle,
+            Key::MaxConnections => &s.limits.max_connections,
+            Key::MaxConnectionsPerSource => &s.limits.max_connections_per_source,
+            Key::MaxPendingHandshakes => &s.limits.max_pending_handshakes,
+            Key::MaxPendingHandshakesPerSource => &s.limits.max_pending_handshakes_per_source,
+        };
+        line.as_ref().map(|l| l.referenced)
+    }
+
+    /// `key` with its line, or as a default.
+    fn describe(&self, key: Key) -> String {
+        match self.at(key) {
+            Some(at) => format!("{} (line {})", key.name(), at.line()),
+            None => format!("{} (its default)", key.name()),
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use serde::Deserialize;
+use serde_saphyr::Spanned;
 
 use crate::policy::Policy;
 use crate::revocation::Revocation;
@@ -53,79 +54,71 @@ impl Resource {
 
     /// Like `parse_all`, with each resource's own document text (what the control plane
     /// stores and serves back).
+    ///
+    /// Documents with nothing but blank lines and comments are skipped; a null one (`~`,
+    /// `null`, a lone tag) is refused, as the per-kind parsers refuse it.
     pub fn parse_docs(path: &Path, text: &str) -> Result<Vec<(Resource, String)>, ConfigError> {
         let mut out = Vec::new();
-        for (first_line, doc) in documents(text) {
-            if doc.lines().all(|l| {
-                let l = l.trim();
-                l.is_empty() || l.starts_with('#')
-            }) {
+        for doc in yaml::documents(text) {
+            let Some(content_line) = doc.content_line else {
                 continue;
-            }
+            };
+            let (text, first_line) = (doc.text, doc.first_line);
             // Line numbers count from the top of the file, not of the document.
-            let shift = |mut e: ConfigError| {
-                if let Some(l) = e.line.as_mut() {
-                    *l += first_line - 1;
-                }
-                e
+            let shift = first_line - 1;
+            let head: Spanned<Option<KindOnly>> =
+                yaml::parse(path, text).map_err(|e| e.shifted(shift))?;
+            let Some(KindOnly { kind }) = head.value else {
+                return Err(yaml::null_document(path, content_line, KINDS));
             };
-            let head: KindOnly = yaml::parse(path, doc).map_err(shift)?;
-            let parsed = match head.kind.as_deref() {
-                Some("Workload") => {
-                    Workload::parse_all(path, doc).map(|v| v.into_iter().map(Resource::Workload).collect())
-                }
-                Some("Policy") => {
-                    Policy::parse_all(path, doc).map(|v| v.into_iter().map(Resource::Policy).collect())
-                }
-                Some("Revocation") => Revocation::parse_all(path, doc)
-                    .map(|v| v.into_iter().map(Resource::Revocation).collect::<Vec<_>>()),
-                Some("TrustBundle") => TrustBundle::parse_all(path, doc)
-                    .map(|v| v.into_iter().map(Resource::TrustBundle).collect::<Vec<_>>()),
-                other => Err(ConfigError {
-                    file: path.to_path_buf(),
-                    line: Some(
-                        doc.lines()
-                            .position(|l| l.starts_with("kind:"))
-                            .map_or(1, |i| i as u64 + 1),
-                    ),
-                    column: None,
-                    message: match other {
-                        Some(k) => format!(
-                            "kind {k:?} is not a resource the control plane keeps (Workload, Policy, Revocation, TrustBundle)"
+            let Some(kind) = kind else {
+                let e = ConfigError::new(
+                    path,
+                    Some(head.referenced),
+                    format!("document has no kind; expected {KINDS}"),
+                );
+                return Err(e.shifted(shift));
+            };
+            let parsed: Vec<Resource> = match kind.value.as_str() {
+                "Workload" => Workload::parse_part(path, text, first_line)?
+                    .into_iter()
+                    .map(Resource::Workload)
+                    .collect(),
+                "Policy" => Policy::parse_part(path, text, first_line)?
+                    .into_iter()
+                    .map(Resource::Policy)
+                    .collect(),
+                "Revocation" => Revocation::parse_part(path, text, first_line)?
+                    .into_iter()
+                    .map(Resource::Revocation)
+                    .collect(),
+                "TrustBundle" => TrustBundle::parse_part(path, text, first_line)?
+                    .into_iter()
+                    .map(Resource::TrustBundle)
+                    .collect(),
+                other => {
+                    let e = ConfigError::new(
+                        path,
+                        Some(kind.referenced),
+                        format!(
+                            "kind {other:?} is not a resource the control plane keeps (Workload, Policy, Revocation, TrustBundle)"
                         ),
-                        None => "document has no kind".into(),
-                    },
-                }),
+                    );
+                    return Err(e.shifted(shift));
+                }
             };
-            let parsed: Vec<Resource> = parsed.map_err(shift)?;
-            out.extend(parsed.into_iter().map(|r| (r, doc.trim().to_string())));
+            out.extend(parsed.into_iter().map(|r| (r, text.trim().to_string())));
         }
         Ok(out)
     }
 }
 
+const KINDS: &str = "a resource (Workload, Policy, Revocation or TrustBundle)";
+
 /// Only the `kind` of a document; every other field is looked at by the kind's own parser.
 #[derive(Deserialize)]
 struct KindOnly {
-    kind: Option<String>,
-}
-
-/// The documents of a YAML stream with the 1-based line each starts on.
-fn documents(text: &str) -> Vec<(u64, &str)> {
-    let mut docs = Vec::new();
-    let (mut start, mut start_line) = (0usize, 1u64);
-    let mut offset = 0usize;
-    for (i, line) in text.split_inclusive('\n').enumerate() {
-        let bare = line.trim_end();
-        if bare == "---" || bare.starts_with("--- ") {
-            docs.push((start_line, &text[start..offset]));
-            start = offset + line.len();
-            start_line = i as u64 + 2;
-        }
-        offset += line.len();
-    }
-    docs.push((start_line, &text[start..]));
-    docs
+    kind: Option<Spanned<String>>,
 }
 
 #[cfg(test)]
@@ -181,5 +174,43 @@ spec: {spiffeId: spiffe://example.org/ns/prod/sa/web, reason: rebuilt}
         let bad = MIXED.replace("reason: rebuilt", "reason: rebuilt, extra: 1");
         let e = Resource::parse_all(Path::new("r.yaml"), &bad).unwrap_err();
         assert_eq!(e.line, Some(19), "{e}");
+        // Lines that a message names count from the top of the file too.
+        let dup = MIXED.replace(
+            "allow: [spiffe://example.org/ns/prod/sa/web]}]\n",
+            "allow: [spiffe://example.org/ns/prod/sa/web]}]\n    - port: 8080\n",
+        );
+        let e = Resource::parse_all(Path::new("r.yaml"), &dup).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "r.yaml:15:7: port 8080 is already listed at line 13"
+        );
+    }
+
+    /// A document may start on its `---` line (`--- {apiVersion: ...}`); it used to be
+    /// dropped without a word. Documents after a `...` line, and after directives, are read
+    /// as YAML reads them.
+    #[test]
+    fn every_document_yaml_sees_is_read() {
+        let w = "{apiVersion: sigil.dev/v1, kind: Workload, metadata: {name: w, owner: o, \
+                 purpose: p}, spec: {spiffeId: spiffe://example.org/w, environment: prod}}";
+        for text in [
+            format!("{w}\n--- {w}\n"),
+            format!("--- {w}\n--- {w}\n---\n"),
+            format!("{w}\n...\n{w}\n"),
+            format!("{w}\n...\n%YAML 1.2\n---\n{w}\n"),
+            format!("%YAML 1.2\n---\n{w}\n---\n{w}"),
+        ] {
+            let f = Path::new("r.yaml");
+            assert_eq!(Resource::parse_all(f, &text).unwrap().len(), 2, "{text}");
+            assert_eq!(Workload::parse_all(f, &text).unwrap().len(), 2, "{text}");
+        }
+        let docs = Resource::parse_docs(Path::new("r.yaml"), &format!("{w}\n--- {w}\n")).unwrap();
+        assert_eq!(docs[1].1, format!("--- {w}"));
+        let e = Resource::parse_all(
+            Path::new("r.yaml"),
+            &format!("{w}\n--- {}\n", w.replace("prod}", "prod, x: 1}")),
+        )
+        .unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
     }
 }

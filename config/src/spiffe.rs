@@ -113,9 +113,13 @@ pub struct TrustDomain(Box<str>);
 
 impl TrustDomain {
     /// Accepts a bare name (`example.org`) or the trust domain's SPIFFE ID (`spiffe://example.org`).
+    /// Byte offsets in errors count from the start of `s` as given, scheme included.
     pub fn parse(s: &str) -> Result<Self, SpiffeIdError> {
-        let name = s.strip_prefix(SCHEME).unwrap_or(s);
-        check_trust_domain(name.as_bytes(), 0)?;
+        let (name, offset) = match s.strip_prefix(SCHEME) {
+            Some(name) => (name, SCHEME.len()),
+            None => (s, 0),
+        };
+        check_trust_domain(name.as_bytes(), offset)?;
         Ok(Self(name.into()))
     }
 

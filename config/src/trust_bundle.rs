@@ -29,7 +29,21 @@ pub struct TrustBundleSpec {
 
 impl TrustBundle {
     pub fn parse_all(path: &Path, text: &str) -> Result<Vec<TrustBundle>, ConfigError> {
-        let docs: Vec<Spanned<Envelope<TrustBundleSpec>>> = yaml::parse_multiple(path, text)?;
+        Self::parse_part(path, text, 1)
+    }
+
+    /// The documents of `text`, which starts on line `first_line` of `path`.
+    pub(crate) fn parse_part(
+        path: &Path,
+        text: &str,
+        first_line: u64,
+    ) -> Result<Vec<TrustBundle>, ConfigError> {
+        Self::parse_documents(path, text).map_err(|e| e.shifted(first_line - 1))
+    }
+
+    fn parse_documents(path: &Path, text: &str) -> Result<Vec<TrustBundle>, ConfigError> {
+        let docs: Vec<Spanned<Envelope<TrustBundleSpec>>> =
+            yaml::parse_multiple(path, text, "a TrustBundle")?;
         let mut out = Vec::with_capacity(docs.len());
         for doc in docs {
             let at = Some(doc.referenced);

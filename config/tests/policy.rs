@@ -218,3 +218,39 @@ fn timestamps() {
         assert!(Timestamp::parse(bad).is_err(), "{bad}");
     }
 }
+
+#[test]
+fn a_document_over_the_byte_cap_is_refused_at_its_line_before_parsing() {
+    use sigil_config::{Resource, MAX_DOCUMENT_BYTES};
+    let huge = GOOD.replace(
+        "purpose: who may call the orders API",
+        &format!("purpose: {}", "x".repeat(MAX_DOCUMENT_BYTES)),
+    );
+    let path = Path::new("/p/huge.yaml");
+    let e = Policy::parse_all(path, &huge).unwrap_err().to_string();
+    assert!(
+        e.starts_with("/p/huge.yaml:1:") && e.contains("the limit is 1048576 (1 MiB)"),
+        "{e}"
+    );
+    // The second document of a file: refused at its own first line; the file as a whole
+    // may be larger than one document's cap.
+    let two = format!("{GOOD}---\n{huge}");
+    let line = GOOD.lines().count() + 2;
+    for e in [
+        Policy::parse_all(path, &two).unwrap_err().to_string(),
+        Resource::parse_all(path, &two).unwrap_err().to_string(),
+    ] {
+        assert!(e.starts_with(&format!("/p/huge.yaml:{line}:")), "{e}");
+    }
+    // Just under the cap is fine.
+    let padding = MAX_DOCUMENT_BYTES - GOOD.len() - 64;
+    let big = GOOD.replace(
+        "purpose: who may call the orders API",
+        &format!("purpose: {}", "x".repeat(padding)),
+    );
+    assert!(big.len() < MAX_DOCUMENT_BYTES);
+    assert_eq!(
+        Policy::parse_all(path, &big).unwrap().len(),
+        Policy::parse_all(path, GOOD).unwrap().len()
+    );
+}

@@ -8,9 +8,8 @@
 //! Failing cases are persisted in `config/proptest-regressions/prop.txt` and replayed first
 //! on every run: commit that file when a run adds to it.
 //!
-//! Known bugs in src/ that these properties found are pinned by the `known_bug_*` tests at the
-//! end; each says what the right behaviour is. The properties skip exactly those inputs, so
-//! they keep guarding everything else; when src/ is fixed, the pinned test fails and says so.
+//! Bugs in src/ that these properties found are kept as regression tests at the end, each on
+//! the input that showed it; the properties check those inputs too.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -85,7 +84,7 @@ fn has_workload_path(id: &str) -> bool {
 }
 
 /// Every error must point at something that is really in the input.
-fn error_points_into(input: &[u8], e: &SpiffeIdError, td_offset: usize) {
+fn error_points_into(input: &[u8], e: &SpiffeIdError) {
     let at_byte = |at: usize| input.get(at).copied();
     match *e {
         SpiffeIdError::Empty => assert!(input.is_empty()),
@@ -94,17 +93,14 @@ fn error_points_into(input: &[u8], e: &SpiffeIdError, td_offset: usize) {
         SpiffeIdError::EmptyTrustDomain => {}
         SpiffeIdError::TrustDomainTooLong { len } => assert!(len > 255 && len <= input.len()),
         SpiffeIdError::TrustDomainChar { byte, at } => {
-            assert_eq!(at_byte(at + td_offset), Some(byte), "{e}");
+            assert_eq!(at_byte(at), Some(byte), "{e}");
             assert!(!td_char(byte), "{e}");
         }
         SpiffeIdError::TrustDomainUppercase { at } => {
-            assert!(
-                at_byte(at + td_offset).is_some_and(|b| b.is_ascii_uppercase()),
-                "{e}"
-            )
+            assert!(at_byte(at).is_some_and(|b| b.is_ascii_uppercase()), "{e}")
         }
         SpiffeIdError::PercentEncoded { at } => {
-            assert_eq!(at_byte(at + td_offset), Some(b'%'), "{e}")
+            assert_eq!(at_byte(at), Some(b'%'), "{e}")
         }
         SpiffeIdError::PathChar { byte, at } => {
             assert_eq!(at_byte(at), Some(byte), "{e}");
@@ -284,7 +280,7 @@ fn check_id(s: &str) {
             );
             assert_eq!(s.parse::<SpiffeId>().as_ref(), Ok(&id));
         }
-        Err(e) => error_points_into(s.as_bytes(), &e, 0),
+        Err(e) => error_points_into(s.as_bytes(), &e),
     }
 }
 
@@ -307,24 +303,9 @@ fn check_td(s: &str) {
             let id = SpiffeId::parse(&format!("spiffe://{td}/w")).unwrap();
             assert_eq!(id.trust_domain(), td);
         }
-        Err(e) if known_bug_td_offset(s, &e) => {}
-        Err(e) => {
-            let offset = s.len() - name.len();
-            error_points_into(s.as_bytes(), &e, offset);
-        }
+        // Offsets count from the start of the input as given, scheme included.
+        Err(e) => error_points_into(s.as_bytes(), &e),
     }
-}
-
-/// Known bug (see `known_bug_trust_domain_error_offsets_ignore_the_scheme`): with a
-/// `spiffe://` prefix, TrustDomain::parse reports byte offsets within the bare name.
-fn known_bug_td_offset(s: &str, e: &SpiffeIdError) -> bool {
-    s.starts_with(SCHEME)
-        && matches!(
-            e,
-            SpiffeIdError::TrustDomainChar { .. }
-                | SpiffeIdError::TrustDomainUppercase { .. }
-                | SpiffeIdError::PercentEncoded { .. }
-        )
 }
 
 /// Segment-aware prefix matching, computed from the parts rather than with `starts_with`.
@@ -376,7 +357,7 @@ proptest! {
         prop_assert_eq!(got.is_ok(), oracle_id(&input), "{:?}: {:?}", String::from_utf8_lossy(&input), got);
         match got {
             Ok(id) => prop_assert_eq!(id.as_str().as_bytes(), &input[..]),
-            Err(e) => error_points_into(&input, &e, 0),
+            Err(e) => error_points_into(&input, &e),
         }
     }
 
@@ -491,14 +472,6 @@ fn oracle_timestamp(s: &str) -> Option<i64> {
     Some(oracle_secs(y, mo, d, h, mi, se))
 }
 
-/// Known bug (see `known_bug_timestamps_accept_signs_in_numeric_fields`): the numeric fields
-/// are read with `i64::from_str`, which takes a leading `+` or `-`.
-fn timestamp_has_sign(s: &str) -> bool {
-    s.bytes()
-        .enumerate()
-        .any(|(i, b)| b == b'+' || (b == b'-' && i != 4 && i != 7))
-}
-
 fn timestamp_candidate() -> impl Strategy<Value = String> {
     let field = |w: usize| {
         prop_oneof![
@@ -548,21 +521,6 @@ fn valid_timestamp() -> impl Strategy<Value = (String, i64)> {
 
 const UNITS: [(&str, u64); 4] = [("ms", 0), ("s", 1), ("m", 60), ("h", 3600)];
 
-/// `n` followed by `unit` overflows u64 seconds: the known bug of `duration::parse`
-/// (see `known_bug_durations_that_overflow_panic_or_wrap`).
-fn duration_overflows(s: &str) -> bool {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let mult = match unit {
-        "m" => 60u64,
-        "h" => 3600,
-        _ => return false,
-    };
-    num.parse::<u64>()
-        .is_ok_and(|n| n.checked_mul(mult).is_none())
-}
-
 fn oracle_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     let digits = s.bytes().take_while(u8::is_ascii_digit).count();
@@ -600,12 +558,11 @@ proptest! {
     #[test]
     fn timestamps_agree_with_rfc3339(s in prop_oneof![timestamp_candidate(), any::<String>()]) {
         let got = Timestamp::parse(&s);
-        if timestamp_has_sign(&s) && got.is_ok() {
-            return Ok(()); // known bug, pinned below
-        }
         prop_assert_eq!(got.as_ref().ok().map(|t| t.0), oracle_timestamp(&s), "{:?}: {:?}", s, got);
-        if let Ok(t) = got {
-            prop_assert_eq!(t.to_string(), s);
+        match got {
+            Ok(t) => prop_assert_eq!(t.to_string(), s),
+            // Refusals name the value and the form expected.
+            Err(e) => prop_assert!(e.contains(&format!("{s:?}")) && e.contains("RFC 3339"), "{}", e),
         }
     }
 
@@ -624,10 +581,12 @@ proptest! {
             any::<String>(),
         ]
     ) {
-        if duration_overflows(&s) {
-            return Ok(()); // known bug, pinned below
+        let got = duration::parse(&s);
+        prop_assert_eq!(got.clone().ok(), oracle_duration(&s), "{:?}", s);
+        if let Err(e) = got {
+            // Refusals name the value (trimmed, as it is read).
+            prop_assert!(e.starts_with(&format!("invalid duration {:?}: ", s.trim())), "{}", e);
         }
-        prop_assert_eq!(duration::parse(&s).ok(), oracle_duration(&s), "{:?}", s);
     }
 
     #[test]
@@ -1342,15 +1301,7 @@ fn assert_error_names_file_and_line(e: &ConfigError, file: &Path, text: &str) {
     let lines = text.replace("\r\n", "\n").matches(['\n', '\r']).count() as u64 + 1;
     assert_eq!(e.file, file, "{shown}");
     let Some(line) = e.line else {
-        assert!(
-            known_bug_error_without_line(e),
-            "error without a line: {shown}\n--- input:\n{text}"
-        );
-        assert!(
-            shown.starts_with(&format!("{}: ", file.display())),
-            "{shown}"
-        );
-        return;
+        panic!("error without a line: {shown}\n--- input:\n{text}");
     };
     assert!(
         // An error at the end of the input may sit on the line after the last one.
@@ -1452,39 +1403,10 @@ fn parse_everything(text: &str) {
         Ok(rs) => rs.iter().for_each(assert_resource_invariants),
         Err(e) => check(e),
     }
-    if has_overflowing_duration(text) {
-        return; // known bug: ProxyConfig::parse panics (debug) or wraps (release)
-    }
     match ProxyConfig::parse(file, text) {
         Ok(c) => assert_proxy_invariants(&c),
         Err(e) => check(e),
     }
-}
-
-/// Any `<digits>m` / `<digits>h` token that overflows u64 seconds.
-fn has_overflowing_duration(text: &str) -> bool {
-    text.split(|c: char| !c.is_ascii_alphanumeric())
-        .any(duration_overflows)
-}
-
-/// Known bugs: errors that name the file but no line. See
-/// `known_bug_proxy_config_spec_errors_have_no_line` (the whole-spec checks of ProxyConfig),
-/// `known_bug_proxy_config_null_document_error_has_no_line` and
-/// `known_bug_duplicate_top_level_key_behind_a_tag_has_no_line`.
-fn known_bug_error_without_line(e: &ConfigError) -> bool {
-    let m = &e.message;
-    [
-        "is also",
-        "mode is explicit",
-        "workers must be",
-        "poolIdle must be",
-        "peerIdCap must be",
-        "contradicts",
-    ]
-    .iter()
-    .any(|s| m.contains(s))
-        || m == "missing field `apiVersion`"
-        || m.starts_with("duplicate field `")
 }
 
 /// YAML punctuation and other troublemakers to splice into valid documents.
@@ -1828,127 +1750,312 @@ proptest! {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Known bugs in src/, found by the properties above. Each test pins today's behaviour on the
-// exact input, says what is right, and fails once src/ is fixed: then flip its assertion and
-// drop the matching carve-out in the property.
+// Regression tests: bugs in src/ that the properties above found, each on the input that showed
+// it, asserting what must hold.
 
-/// BUG (config/src/spiffe.rs, `TrustDomain::parse`): with a `spiffe://` prefix the byte
-/// offsets in errors count from the bare name, not from the input, so the message points at
-/// the wrong byte (`spiffe://Example.org`: "uppercase letter at byte 0"; it is at byte 9).
-/// Right: offsets into the input as given, as `SpiffeId::parse` reports them.
+/// config/src/spiffe.rs, `TrustDomain::parse`: with a `spiffe://` prefix, the byte offsets in
+/// errors counted from the bare name (`spiffe://Example.org`: "uppercase letter at byte 0").
+/// They count from the start of the input as given, as `SpiffeId::parse` counts them.
 #[test]
-fn known_bug_trust_domain_error_offsets_ignore_the_scheme() {
+fn trust_domain_error_offsets_count_from_the_start_of_the_input() {
     assert_eq!(
         TrustDomain::parse("spiffe://Example.org"),
-        Err(SpiffeIdError::TrustDomainUppercase { at: 0 }) // right: at 9
+        Err(SpiffeIdError::TrustDomainUppercase { at: 9 })
     );
     assert_eq!(
         TrustDomain::parse("spiffe://ex!mple.org"),
-        Err(SpiffeIdError::TrustDomainChar { byte: b'!', at: 2 }) // right: at 11
+        Err(SpiffeIdError::TrustDomainChar { byte: b'!', at: 11 })
+    );
+    assert_eq!(
+        TrustDomain::parse("spiffe://ex%41.org"),
+        Err(SpiffeIdError::PercentEncoded { at: 11 })
+    );
+    assert_eq!(
+        TrustDomain::parse("spiffe://Example.org").unwrap_err(),
+        SpiffeId::parse("spiffe://Example.org/w").unwrap_err()
+    );
+    // Without the scheme the name is the input.
+    assert_eq!(
+        TrustDomain::parse("Example.org"),
+        Err(SpiffeIdError::TrustDomainUppercase { at: 0 })
     );
 }
 
-/// BUG (config/src/policy.rs, `Timestamp::parse`): the numeric fields are read with
-/// `i64::from_str`, which accepts a sign, so `+026-+1-+1T+1:+1:+1Z` is taken as
-/// 26-01-01T01:01:01Z and `-001-01-01T00:00:00Z` as the year -1. RFC 3339 allows digits
-/// only; both must be refused.
+/// config/src/policy.rs, `Timestamp::parse`: the numeric fields were read with `i64::from_str`,
+/// which takes a sign, so `+026-+1-+1T+1:+1:+1Z` was read as 0026-01-01T01:01:01Z and
+/// `-001-01-01T00:00:00Z` as the year -1. RFC 3339 has digits only, each field its width.
 #[test]
-fn known_bug_timestamps_accept_signs_in_numeric_fields() {
-    assert!(Timestamp::parse("+026-+1-+1T+1:+1:+1Z").is_ok()); // right: is_err()
-    assert!(Timestamp::parse("-001-01-01T00:00:00Z").is_ok()); // right: is_err()
-    assert!(Timestamp::parse("2026-+1-01T00:00:00Z").is_ok()); // right: is_err()
-}
-
-/// BUG (config/src/proxy_config.rs, `duration::parse`): `n * 60` and `n * 3600` are
-/// unchecked, so a duration in minutes or hours past u64 seconds panics ("attempt to
-/// multiply with overflow") in debug builds and wraps to a short timeout in release builds.
-/// A `timeouts:` value in a ProxyConfig reaches it. Right: refuse it with an error.
-#[test]
-fn known_bug_durations_that_overflow_panic_or_wrap() {
-    for s in ["307445734561825861m", "5124095576030432h"] {
-        let got = std::panic::catch_unwind(|| duration::parse(s));
-        // Today: a panic (debug) or a wrapped, wrong duration (release). Right: Ok(Err(_)).
-        assert!(
-            matches!(got, Err(_) | Ok(Ok(_))),
-            "{s}: now refused: flip this test"
+fn timestamps_refuse_signs_in_numeric_fields() {
+    for s in [
+        "+026-+1-+1T+1:+1:+1Z",
+        "-001-01-01T00:00:00Z",
+        "2026-+1-01T00:00:00Z",
+        "2026-01--1T00:00:00Z",
+        "2026-01-01T-1:00:00Z",
+        "2026-01-01T00:+0:00Z",
+        "2026-01-01T00:00: 1Z",
+    ] {
+        assert_eq!(
+            Timestamp::parse(s),
+            Err(format!(
+                "invalid time {s:?}: expected RFC 3339 UTC like 2026-12-31T00:00:00Z \
+                 (YYYY-MM-DDTHH:MM:SSZ, digits only)"
+            ))
         );
     }
+    // In a Policy: refused at its line.
+    let text = "apiVersion: sigil.dev/v1\nkind: Policy\n\
+                metadata: {name: p, owner: o, purpose: x}\nspec:\n  \
+                target: spiffe://example.org/w\n  expiresAt: 2026-+1-01T00:00:00Z\n  ports: []\n";
+    let e = Policy::parse_all(Path::new("p.yaml"), text).unwrap_err();
+    assert_eq!(e.line, Some(6), "{e}");
+    assert!(e.message.contains("\"2026-+1-01T00:00:00Z\""), "{e}");
 }
 
-/// BUG (config/src/proxy_config.rs, `ProxyConfig::validate`): the whole-spec checks
-/// (`workers: 0`, `metrics.peerIdCap: 0`, `timeouts.poolIdle: 0s`, explicit mode without
-/// listeners, two listeners on one address) report `file: message` with no line, though every
-/// other error names file:line and the design asks it of every config error.
-/// Right: the line of the offending field.
+/// config/src/proxy_config.rs, `duration::parse`: `n * 60` and `n * 3600` were unchecked, so
+/// a duration in minutes or hours past u64 seconds panicked ("attempt to multiply with
+/// overflow") in debug builds and wrapped to a short timeout in release builds; a
+/// `timeouts:` value of a ProxyConfig reached it. Such a value is refused, naming it.
 #[test]
-fn known_bug_proxy_config_spec_errors_have_no_line() {
-    let base = "apiVersion: sigil.dev/v1\nkind: ProxyConfig\nmetadata: {name: p}\nspec:\n  \
-                identity: {certFile: c, keyFile: k, bundleDir: b}\n";
-    for (extra, msg) in [
-        ("  workers: 0\n", "workers must be at least 1"),
+fn durations_past_u64_seconds_are_refused() {
+    for s in [
+        "307445734561825861m",
+        "5124095576030432h",
+        "18446744073709551616s",
+        "18446744073709551616ms",
+        "99999999999999999999999999h",
+    ] {
+        let got = std::panic::catch_unwind(|| duration::parse(s)).expect("no panic");
+        assert_eq!(got, Err(format!("invalid duration {s:?}: too large")));
+    }
+    // The largest that fit.
+    assert_eq!(
+        duration::parse("307445734561825860m"),
+        Ok(Duration::from_secs(307_445_734_561_825_860 * 60))
+    );
+    assert_eq!(
+        duration::parse("5124095576030431h"),
+        Ok(Duration::from_secs(5_124_095_576_030_431 * 3600))
+    );
+    assert_eq!(
+        duration::parse("18446744073709551615s"),
+        Ok(Duration::from_secs(u64::MAX))
+    );
+    let text = format!("{PROXY}  timeouts:\n    drain: 5124095576030432h\n");
+    let e = ProxyConfig::parse(Path::new("p.yaml"), &text).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "p.yaml:7:12: invalid duration \"5124095576030432h\": too large"
+    );
+}
+
+/// The head of a ProxyConfig; a test appends to `spec:` from line 6 on.
+const PROXY: &str = "apiVersion: sigil.dev/v1\nkind: ProxyConfig\nmetadata: {name: p}\nspec:\n  \
+                     identity: {certFile: c, keyFile: k, bundleDir: b}\n";
+
+/// config/src/proxy_config.rs, `ProxyConfig::validate`: the checks of the whole spec
+/// (`workers: 0`, `metrics.peerIdCap: 0`, `timeouts.poolIdle: 0s`, explicit mode without
+/// listeners, two listeners on one address, `allowIdentityChange` with `spiffeId`) reported
+/// `file: message` with no line. Each names the line of the key it refuses.
+#[test]
+fn proxy_config_spec_errors_name_the_line_of_their_key() {
+    let cases: &[(&str, &str)] = &[
+        ("  workers: 0\n", "6:12: workers must be at least 1"),
         (
             "  metrics: {peerIdCap: 0}\n",
-            "peerIdCap must be at least 1",
+            "6:24: metrics.peerIdCap must be at least 1",
+        ),
+        (
+            "  metrics:\n    peerIdCap: 0\n",
+            "7:16: metrics.peerIdCap must be at least 1",
         ),
         (
             "  timeouts: {poolIdle: 0s}\n",
-            "poolIdle must be longer than 0",
+            "6:24: timeouts.poolIdle must be longer than 0 (every burst would dial afresh)",
         ),
-        ("  mode: explicit\n", "mode is explicit"),
-        ("  admin: {listen: \"0.0.0.0:15006\"}\n", "is also"),
-    ] {
-        let e = ProxyConfig::parse(Path::new("p.yaml"), &format!("{base}{extra}")).unwrap_err();
-        assert!(e.message.contains(msg), "{e}");
-        assert_eq!(e.line, None, "{e}: now has a line: flip this test"); // right: Some(6)
+        (
+            "  mode: explicit\n",
+            "6:9: mode is explicit but no inbound.explicit or outbound.explicit listener is set",
+        ),
+        (
+            "  admin: {listen: \"0.0.0.0:15006\"}\n",
+            "6:19: admin.listen 0.0.0.0:15006 is also inbound.listen (its default); \
+             each listener needs an address of its own",
+        ),
+        (
+            "  inbound: {listen: \"0.0.0.0:15000\"}\n",
+            "6:21: inbound.listen 0.0.0.0:15000 is also admin.listen (its default); \
+             each listener needs an address of its own",
+        ),
+        (
+            "  admin: {listen: \"127.0.0.1:9\"}\n  outbound: {listen: \"127.0.0.1:9\"}\n",
+            "7:22: outbound.listen 127.0.0.1:9 is also admin.listen (line 6); \
+             each listener needs an address of its own",
+        ),
+        (
+            "  mode: explicit\n  inbound:\n    explicit: [{listen: \"0.0.0.0:15000\", port: 80}]\n",
+            "8:16: listen 0.0.0.0:15000 is also admin.listen (its default); \
+             each listener needs an address of its own",
+        ),
+    ];
+    for (extra, want) in cases {
+        let e = ProxyConfig::parse(Path::new("p.yaml"), &format!("{PROXY}{extra}")).unwrap_err();
+        assert_eq!(e.to_string(), format!("p.yaml:{want}"), "{extra:?}");
     }
+    let pinned = "apiVersion: sigil.dev/v1\nkind: ProxyConfig\nmetadata: {name: p}\nspec:\n  \
+                  identity:\n    certFile: c\n    keyFile: k\n    bundleDir: b\n    \
+                  spiffeId: spiffe://example.org/w\n    allowIdentityChange: true\n";
+    let e = ProxyConfig::parse(Path::new("p.yaml"), pinned).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "p.yaml:10:26: identity.allowIdentityChange: true contradicts identity.spiffeId \
+         spiffe://example.org/w (line 9), which pins the identity; remove one of them"
+    );
 }
 
-/// BUG (config/src/proxy_config.rs + yaml.rs): a ProxyConfig file whose document is null
-/// (`---` alone, `~`, `null`, a bare tag like `!A`) is refused with
-/// "p.yaml: missing field `apiVersion`" and no line. Right: `p.yaml:1: ...`, ideally saying
-/// the document is empty. (The multi-document parsers skip such documents instead, see
-/// `null_documents_are_skipped_by_the_per_kind_parsers_and_refused_by_resource`.)
+/// config/src/proxy_config.rs + yaml.rs: a ProxyConfig file whose document is empty or null
+/// (`---` alone, `~`, `null`, a bare tag like `!A`) was refused as "p.yaml: missing field
+/// `apiVersion`", with no line. It is refused at the document's line, saying it is empty.
 #[test]
-fn known_bug_proxy_config_null_document_error_has_no_line() {
-    for text in ["---\n", "~\n", "null\n", "!A\n"] {
+fn an_empty_or_null_proxy_config_is_refused_at_its_line() {
+    for (text, line) in [
+        ("---\n", 1),
+        ("~\n", 1),
+        ("null\n", 1),
+        ("!A\n", 1),
+        ("", 1),
+        ("# nothing yet\n\n---\n~\n", 4),
+    ] {
         let e = ProxyConfig::parse(Path::new("p.yaml"), text).unwrap_err();
-        // right: e.line == Some(1)
+        assert_eq!(e.line, Some(line), "{text:?}: {e}");
         assert_eq!(
-            e.to_string(),
-            "p.yaml: missing field `apiVersion`",
+            e.message,
+            "document is empty or null; expected a ProxyConfig (apiVersion, kind, metadata, spec)",
             "{text:?}"
         );
     }
 }
 
-/// BUG (config/src/yaml.rs, with serde-saphyr): a top-level key repeated behind a tag
-/// (`apiVersion: ...` then `!x apiVersion: ...`) slips past `DuplicateKeyPolicy::Error`,
-/// which compares tagged nodes, and then fails in serde's derive as "duplicate field" with no
-/// line, in every parser. (Nested, the same error has its line.) It is refused, so nothing is
-/// let through; only the position is lost. Right: `p.yaml:2: ...`.
+/// config/src/yaml.rs, with serde-saphyr: a top-level key repeated behind a tag
+/// (`apiVersion: ...` then `!x apiVersion: ...`) slips past `DuplicateKeyPolicy::Error`, which
+/// compares tagged nodes, and serde's derive refused it as "duplicate field" with no line, in
+/// every parser. It is refused at the line of the repeated key, in the whole file.
 #[test]
-fn known_bug_duplicate_top_level_key_behind_a_tag_has_no_line() {
+fn a_top_level_key_repeated_behind_a_tag_is_refused_at_its_line() {
+    let f = Path::new("p.yaml");
     let text = "apiVersion: sigil.dev/v1\n!x apiVersion: sigil.dev/v1\nkind: Policy\n";
-    let e = Policy::parse_all(Path::new("p.yaml"), text).unwrap_err();
-    // right: p.yaml:2:1: ...
-    assert_eq!(e.to_string(), "p.yaml: duplicate field `apiVersion`");
-    let e = ProxyConfig::parse(Path::new("p.yaml"), text).unwrap_err();
-    assert_eq!(e.line, None, "{e}"); // right: Some(2)
+    let want = "p.yaml:2:4: duplicate field `apiVersion`";
+    assert_eq!(Policy::parse_all(f, text).unwrap_err().to_string(), want);
+    assert_eq!(
+        Revocation::parse_all(f, text).unwrap_err().to_string(),
+        want
+    );
+    assert_eq!(Workload::parse_all(f, text).unwrap_err().to_string(), want);
+    assert_eq!(
+        TrustBundle::parse_all(f, text).unwrap_err().to_string(),
+        want
+    );
+    assert_eq!(Resource::parse_all(f, text).unwrap_err().to_string(), want);
+    assert_eq!(ProxyConfig::parse(f, text).unwrap_err().to_string(), want);
+    // Found whatever follows the repeat (serde stops there), and whatever keys precede it.
+    let text = "kind: Policy\n!x kind: Policy\nkind: Policy\nspec: [\n";
+    let want = "p.yaml:2:4: duplicate field `kind`";
+    assert_eq!(Policy::parse_all(f, text).unwrap_err().to_string(), want);
+    assert_eq!(Resource::parse_all(f, text).unwrap_err().to_string(), want);
+    let text = "2: 3\nkind: Policy\n!x kind: Policy\nspec: [\n";
+    let want = "p.yaml:3:4: duplicate field `kind`";
+    assert_eq!(Resource::parse_all(f, text).unwrap_err().to_string(), want);
+    // In a later document, the line counts from the top of the file.
+    let rev = "apiVersion: sigil.dev/v1\nkind: Revocation\nmetadata: {name: r}\n\
+               spec: {spiffeId: spiffe://example.org/w, reason: leaked}\n";
+    let two = format!(
+        "{rev}---\n{}",
+        rev.replace(
+            "kind: Revocation\n",
+            "kind: Revocation\n!x kind: Revocation\n"
+        )
+    );
+    let want = "p.yaml:8:4: duplicate field `kind`";
+    assert_eq!(
+        Revocation::parse_all(f, &two).unwrap_err().to_string(),
+        want
+    );
+    assert_eq!(Resource::parse_all(f, &two).unwrap_err().to_string(), want);
 }
 
-/// Not a bug, but pinned so that a change is noticed: a null document (`~`, `null`, a bare
-/// tag) is skipped by Policy/Revocation/Workload::parse_all (an empty policy file means no
-/// policies), while Resource::parse_all, what `sigil apply` reads, refuses it.
+/// Policy/Revocation/Workload/TrustBundle::parse_all skipped a null document (`~`, `null`, a
+/// bare tag) without a word, while Resource::parse_all (what `sigil apply` reads) refused it.
+/// Now every multi-document parser reads a file the same way: a document with nothing but
+/// blank lines and comments is skipped (a leading or trailing `---`, a resource commented
+/// out); a null one is refused at its line, being content that is not a resource.
 #[test]
-fn null_documents_are_skipped_by_the_per_kind_parsers_and_refused_by_resource() {
+fn blank_documents_are_skipped_and_null_documents_refused_by_every_parser() {
     let f = Path::new("p.yaml");
-    for text in ["~\n", "null\n", "!A\n", "---\n", ""] {
-        assert_eq!(Policy::parse_all(f, text).unwrap().len(), 0, "{text:?}");
-        assert_eq!(Revocation::parse_all(f, text).unwrap().len(), 0, "{text:?}");
-        assert_eq!(Workload::parse_all(f, text).unwrap().len(), 0, "{text:?}");
+    type Parse = fn(&Path, &str) -> Result<usize, ConfigError>;
+    let parsers: [(&str, Parse); 5] = [
+        ("a Policy", |f, t| Policy::parse_all(f, t).map(|v| v.len())),
+        ("a Revocation", |f, t| {
+            Revocation::parse_all(f, t).map(|v| v.len())
+        }),
+        ("a Workload", |f, t| {
+            Workload::parse_all(f, t).map(|v| v.len())
+        }),
+        ("a TrustBundle", |f, t| {
+            TrustBundle::parse_all(f, t).map(|v| v.len())
+        }),
+        (
+            "a resource (Workload, Policy, Revocation or TrustBundle)",
+            |f, t| Resource::parse_all(f, t).map(|v| v.len()),
+        ),
+    ];
+    let rev = "apiVersion: sigil.dev/v1\nkind: Revocation\nmetadata: {name: r}\n\
+               spec: {spiffeId: spiffe://example.org/w, reason: leaked}\n";
+    for text in [
+        "",
+        "\n",
+        "---\n",
+        "--- # nothing\n",
+        "# only a comment\n",
+        "---\n# commented out\n---\n",
+        "%YAML 1.2\n---\n",
+        "...\n",
+    ] {
+        for (_, parse) in parsers {
+            assert_eq!(parse(f, text).unwrap(), 0, "{text:?}");
+        }
     }
-    for text in ["~\n", "null\n", "!A\n"] {
-        let e = Resource::parse_all(f, text).unwrap_err();
-        assert_eq!(e.to_string(), "p.yaml:1: document has no kind", "{text:?}");
+    for (text, line) in [
+        ("~\n", 1),
+        ("null\n", 1),
+        ("!A\n", 1),
+        ("--- ~\n", 1),
+        ("# c\n---\n\n!A\n", 4),
+        ("\r\n---\r~\r---\r", 3),
+    ] {
+        for (what, parse) in parsers {
+            let e = parse(f, text).unwrap_err();
+            assert_eq!(e.line, Some(line), "{text:?}: {e}");
+            assert_eq!(
+                e.message,
+                format!("document is null (~, null or a lone tag); expected {what}"),
+                "{text:?}"
+            );
+        }
+    }
+    // Among resources: skipped when blank, refused when null, at the line in the whole file.
+    let blank = format!("---\n{rev}---\n# gone\n---\n{rev}---\n");
+    assert_eq!(Revocation::parse_all(f, &blank).unwrap().len(), 2);
+    assert_eq!(Resource::parse_all(f, &blank).unwrap().len(), 2);
+    for (text, line) in [
+        (format!("{rev}---\nnull\n"), 6),
+        (format!("{rev}---\n{rev}--- !A\n"), 10),
+        (format!("{rev}...\n~\n---\n{rev}"), 6),
+    ] {
+        let e = Revocation::parse_all(f, &text).unwrap_err();
+        assert_eq!(e.line, Some(line), "{text:?}: {e}");
+        assert!(e.message.starts_with("document is null"), "{e}");
+        let e = Resource::parse_all(f, &text).unwrap_err();
+        assert_eq!(e.line, Some(line), "{text:?}: {e}");
+        assert!(e.message.starts_with("document is null"), "{e}");
     }
 }

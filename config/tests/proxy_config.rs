@@ -191,3 +191,65 @@ fn identity_changes_are_off_by_default_and_cannot_be_allowed_with_a_pinned_id() 
         "{e}"
     );
 }
+
+#[test]
+fn limits_and_the_new_timeouts_are_read_and_zeros_refused_at_their_line() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.spec.timeouts.request, Duration::from_secs(30));
+    assert_eq!(c.spec.timeouts.idle, Duration::from_secs(3600));
+    assert_eq!(c.spec.limits.max_connections, None);
+    assert_eq!(c.spec.limits.max_connections_per_source, 1024);
+    assert_eq!(c.spec.limits.max_pending_handshakes, 1024);
+    assert_eq!(c.spec.limits.max_pending_handshakes_per_source, 64);
+    assert_eq!(c.spec.limits.fd_reserve, 256);
+    let text = format!(
+        "{GOOD}    request: 2s\n    idle: 5m\n  limits:\n    maxConnections: 500\n    \
+         maxConnectionsPerSource: 20\n    maxPendingHandshakes: 30\n    \
+         maxPendingHandshakesPerSource: 4\n    fdReserve: 100\n"
+    );
+    let c = parse(&text).unwrap();
+    assert_eq!(c.spec.timeouts.request, Duration::from_secs(2));
+    assert_eq!(c.spec.timeouts.idle, Duration::from_secs(300));
+    let l = &c.spec.limits;
+    assert_eq!(
+        (
+            l.max_connections,
+            l.max_connections_per_source,
+            l.max_pending_handshakes,
+            l.max_pending_handshakes_per_source,
+            l.fd_reserve
+        ),
+        (Some(500), 20, 30, 4, 100)
+    );
+    let lines = GOOD.lines().count() + 1;
+    for (add, line, says) in [
+        (
+            "    request: 0s\n",
+            lines,
+            "timeouts.request must be longer than 0",
+        ),
+        (
+            "    idle: 0ms\n",
+            lines,
+            "timeouts.idle must be longer than 0",
+        ),
+        (
+            "  limits:\n    maxPendingHandshakesPerSource: 0\n",
+            lines + 1,
+            "limits.maxPendingHandshakesPerSource must be at least 1",
+        ),
+        (
+            "  limits: {maxConnections: 0}\n",
+            lines,
+            "limits.maxConnections must be at least 1",
+        ),
+    ] {
+        let e = parse(&format!("{GOOD}{add}")).unwrap_err();
+        assert!(
+            e.starts_with(&format!("/etc/sigil/proxy.yaml:{line}:")) && e.contains(says),
+            "{add:?}: {e}"
+        );
+    }
+    let e = parse(&format!("{GOOD}  limits: {{maxConections: 5}}\n")).unwrap_err();
+    assert!(e.contains("maxConections"), "{e}");
+}
