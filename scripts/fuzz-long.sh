@@ -3,8 +3,8 @@
 #
 #   scripts/fuzz-long.sh [-m MINUTES] [-c CASES] [--release] [TARGET [FILTER]]
 #
-# TARGET is `config` (config/tests/prop.rs), `filters` (filters/tests/prop.rs) or `all`
-# (default). FILTER, optional, selects properties by name as `cargo test` does (substring),
+# TARGET is `config` (config/tests/prop.rs), `filters` (filters/tests/prop.rs), `proxy`
+# (the persisted-snapshot reader's properties in proxy/src/control.rs) or `all` (default). FILTER, optional, selects properties by name as `cargo test` does (substring),
 # e.g. `scripts/fuzz-long.sh filters normalize_path`.
 #
 # The test binary is run again and again, each round with PROPTEST_CASES=CASES (default
@@ -41,9 +41,16 @@ filter="${args[1]:-}"
 case "$target" in
     config) crates=(config) ;;
     filters) crates=(filters) ;;
-    all) crates=(config filters) ;;
-    *) echo "unknown target $target: config, filters or all" >&2; exit 2 ;;
+    proxy) crates=(proxy) ;;
+    all) crates=(config filters proxy) ;;
+    *) echo "unknown target $target: config, filters, proxy or all" >&2; exit 2 ;;
 esac
+# Where each target's properties are, and how cargo names its test binary.
+declare -A source=([config]=config/tests/prop.rs [filters]=filters/tests/prop.rs [proxy]=proxy/src/control.rs)
+declare -A indent=([config]="    " [filters]="    " [proxy]="        ")
+test_args() { # crate -> cargo test arguments that select its property tests' binary
+    if [ "$1" = proxy ]; then echo "--bin sigil-proxy"; else echo "--test prop"; fi
+}
 if ! [[ "$minutes" =~ ^[0-9]+([.][0-9]+)?$ && "$cases" =~ ^[0-9]+$ ]]; then
     echo "MINUTES must be a number and CASES a whole number" >&2
     exit 2
@@ -52,19 +59,22 @@ fi
 # Build each test binary once and find it.
 declare -A exe
 for c in "${crates[@]}"; do
-    out=$(cargo test "${profile[@]}" -p "sigil-$c" --test prop --no-run 2>&1) || {
+    # shellcheck disable=SC2046
+    out=$(cargo test "${profile[@]}" -p "sigil-$c" $(test_args "$c") --no-run 2>&1) || {
         echo "$out" >&2
         exit 1
     }
-    exe[$c]=$PWD/$(echo "$out" | sed -n 's/.*Executable tests\/prop.rs (\(.*\))$/\1/p' | tail -1)
+    exe[$c]=$PWD/$(echo "$out" | sed -n 's/.*Executable .* (\(.*\))$/\1/p' | tail -1)
     [ -x "${exe[$c]}" ] || { echo "no test binary for $c in: $out" >&2; exit 1; }
 done
 
-# Property tests are the `#[test]`s inside `proptest!` blocks, indented by rustfmt; the
-# plain ones (regression tests) sit at column 0 and run one case.
+# Property tests are the `#[test]`s inside `proptest!` blocks, indented by rustfmt one level
+# deeper than the plain ones (regression tests), which run one case.
 props() { # crate -> names of its property tests matching the filter
-    awk '/^    #\[test\]/{t=1; next} t && /^    fn /{sub(/^    fn /,""); sub(/\(.*/,""); print; t=0}' \
-        "$1/tests/prop.rs" | grep -F -- "$filter" || true
+    local i="${indent[$1]}"
+    awk -v i="$i" '$0 == i "#[test]" {t=1; next}
+        t && index($0, i "fn ") == 1 {s=substr($0, length(i) + 4); sub(/\(.*/, "", s); print s; t=0}' \
+        "${source[$1]}" | grep -F -- "$filter" || true
 }
 
 logdir="target/fuzz-long/$(date +%Y%m%d-%H%M%S)"
@@ -101,7 +111,7 @@ while :; do
                 failures+=("$c::$name seed $seed")
                 grep -a -A2 'minimal failing input' "$log" | sed 's/^/    /' || true
             done
-            echo "PROPTEST_CASES=$cases PROPTEST_RNG_SEED=$seed cargo test ${profile[*]} -p sigil-$c --test prop -- ${filter}" \
+            echo "PROPTEST_CASES=$cases PROPTEST_RNG_SEED=$seed cargo test ${profile[*]} -p sigil-$c $(test_args "$c") -- ${filter}" \
                 >"$log.reproduce"
             echo "    log: $log; reproduce: $(cat "$log.reproduce")"
         else

@@ -1,4 +1,8 @@
-//! Admin listener: /live, /ready, /metrics, /config_dump.
+//! Admin listener: /live, /ready, /metrics, /config_dump. It listens on every address (for
+//! scrapes), so it is bounded too: `LIMITS` connections at once, and fewer from one source
+//! address, so that one client cannot starve the kubelet's probes or Prometheus; each is
+//! closed when a request head takes longer than `l7::HEADER_READ_TIMEOUT` (idle keep-alive
+//! included).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -9,18 +13,47 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::CONTENT_TYPE;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use sigil_filters::limits::ConnLimits;
+
+use crate::admission::Admission;
 use crate::proxy::Proxy;
 
-pub fn serve_conn(p: Arc<Proxy>, tcp: TcpStream, client: SocketAddr) {
+/// Admin connections open at once, and from one source; more are closed at accept. Probes
+/// and scrapes need a handful. (No TLS here: the handshake bounds do not apply.)
+pub const LIMITS: ConnLimits = ConnLimits {
+    connections: 256,
+    connections_per_source: 16,
+    handshakes: u32::MAX,
+    handshakes_per_source: u32::MAX,
+};
+
+pub fn serve_conn(p: Arc<Proxy>, admission: &Arc<Admission>, tcp: TcpStream, client: SocketAddr) {
+    let slot = match admission.inbound(client.ip()) {
+        Ok((slot, _no_handshake)) => slot,
+        Err(why) => {
+            let local = p.tls.get().local_label.clone();
+            p.refused(
+                crate::conns::Direction::Inbound,
+                &local,
+                crate::metrics::UNAUTHENTICATED_PEER.into(),
+                "admin_limit",
+            );
+            crate::logs::limited!(warn, %client, "admin connection refused: {why}");
+            return;
+        }
+    };
     tokio::spawn(async move {
+        let _slot = slot;
         let service = hyper::service::service_fn(move |req| {
             let p = p.clone();
             async move { Ok::<_, Infallible>(route(&p, client, &req)) }
         });
         let _ = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(crate::l7::HEADER_READ_TIMEOUT)
             .serve_connection(TokioIo::new(tcp), service)
             .await;
     });
@@ -100,6 +133,11 @@ fn config_dump(p: &Proxy) -> String {
         },
         "trust_domains": tls.bundles.domains(),
         "revocations_in_force": tls.revocations.len(),
+        "open": {
+            "connections": p.admission.open().0,
+            "pending_handshakes": p.admission.open().1,
+            "pooled_destinations": p.pool.len(),
+        },
         "self_revoked": tls.self_revoked().map(|r| r.metadata.name.as_str()),
         "live_connections": p.conns.snapshot().into_iter()
             .map(|(direction, kind, peer)| serde_json::json!({

@@ -463,3 +463,100 @@ async fn subscribe(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::test_runner::FileFailurePersistence;
+    use sigil_api::{Bundle, Document, RegistryEntry};
+
+    const REGRESSIONS: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/proptest-regressions/control.txt"
+    );
+
+    /// `ci_cases` unless `PROPTEST_CASES` says otherwise (scripts/fuzz-long.sh raises it).
+    fn config(ci_cases: u32) -> ProptestConfig {
+        let cases = std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(ci_cases);
+        ProptestConfig {
+            cases,
+            failure_persistence: Some(Box::new(FileFailurePersistence::Direct(REGRESSIONS))),
+            ..ProptestConfig::default()
+        }
+    }
+
+    fn text() -> impl Strategy<Value = String> {
+        proptest::string::string_regex("[ -~\n]{0,40}").unwrap()
+    }
+
+    fn snapshot() -> impl Strategy<Value = Snapshot> {
+        let doc = || (text(), text()).prop_map(|(name, yaml)| Document { name, yaml });
+        let entry =
+            (text(), text(), text()).prop_map(|(address, spiffe_id, workload)| RegistryEntry {
+                address,
+                spiffe_id,
+                workload,
+            });
+        let bundle = (text(), text()).prop_map(|(trust_domain, pem)| Bundle { trust_domain, pem });
+        (
+            1..u64::MAX,
+            text(),
+            proptest::collection::vec(doc(), 0..4),
+            proptest::collection::vec(doc(), 0..4),
+            proptest::collection::vec(entry, 0..4),
+            proptest::collection::vec(bundle, 0..3),
+        )
+            .prop_map(
+                |(version, epoch, policies, revocations, registry, bundles)| Snapshot {
+                    version,
+                    epoch,
+                    policies,
+                    revocations,
+                    registry,
+                    bundles,
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(config(2000))]
+
+        /// Whatever is on disk, reading it never panics, and anything it yields is a real
+        /// snapshot (version above 0).
+        #[test]
+        fn any_file_is_read_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            if let Ok(s) = decode_persisted(&bytes) {
+                prop_assert!(s.version > 0);
+            }
+            let mut sealed = seal(&bytes);
+            if let Ok(s) = decode_persisted(&sealed) {
+                prop_assert!(s.version > 0);
+            }
+            sealed.truncate(sealed.len() / 2);
+            prop_assert!(decode_persisted(&sealed).is_err());
+        }
+
+        /// What the sidecar wrote comes back as it was; one byte changed anywhere, or the
+        /// file cut anywhere, and it is refused.
+        #[test]
+        fn a_sealed_snapshot_comes_back_whole_or_not_at_all(
+            s in snapshot(),
+            at in any::<prop::sample::Index>(),
+            flip in 1..=255u8,
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let file = seal(&s.encode_to_vec());
+            prop_assert_eq!(decode_persisted(&file), Ok(s.clone()));
+            let mut changed = file.clone();
+            let i = at.index(changed.len());
+            changed[i] ^= flip;
+            prop_assert!(decode_persisted(&changed).is_err(), "byte {} changed, accepted", i);
+            let n = cut.index(file.len());
+            prop_assert!(decode_persisted(&file[..n]).is_err(), "cut at {}, accepted", n);
+        }
+    }
+}

@@ -11,10 +11,12 @@ use sigil_filters::tls::{handshake_failure, Carries};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
+use tracing::debug;
 
+use crate::admission::{Handshake, Slot};
 use crate::conns::{Direction, Kind};
 use crate::l7::{self, Speaks};
+use crate::logs::limited;
 use crate::metrics::{RuleLabels, UNAUTHENTICATED_PEER};
 use crate::proxy::{now_unix, peer_chain, Admitted, Proxy};
 use crate::relay::{sniff, Rewind};
@@ -22,11 +24,21 @@ use crate::workers::Load;
 
 const DIR: Direction = Direction::Inbound;
 
-pub async fn handle(p: Arc<Proxy>, tcp: TcpStream, mut load: Load, client: SocketAddr, port: u16) {
+/// `room`: the connection's admission (`admission`); the handshake's part is given back once
+/// the handshake ends, the rest when the connection does.
+pub async fn handle(
+    p: Arc<Proxy>,
+    tcp: TcpStream,
+    mut load: Load,
+    client: SocketAddr,
+    port: u16,
+    room: (Slot, Handshake),
+) {
+    let (_slot, handshake) = room;
     let tls = p.tls.get();
     let local = tls.local_label.clone();
     if let Some(r) = tls.self_revoked() {
-        info!(%client, port, revocation = %r.metadata.name, reason = "self_revoked", "inbound refused: our own SVID is revoked");
+        limited!(info, %client, port, revocation = %r.metadata.name, reason = "self_revoked", "inbound refused: our own SVID is revoked");
         p.refused(DIR, &local, UNAUTHENTICATED_PEER.into(), "self_revoked");
         return;
     }
@@ -34,25 +46,26 @@ pub async fn handle(p: Arc<Proxy>, tcp: TcpStream, mut load: Load, client: Socke
     let timeout = p.cfg.spec.timeouts.handshake;
     let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
         Err(_) => {
-            info!(%client, port, reason = "handshake_timeout", "inbound refused: no handshake within {timeout:?}");
+            limited!(info, %client, port, reason = "handshake_timeout", "inbound refused: no handshake within {timeout:?}");
             p.handshake_failed(DIR, &local, "handshake_timeout");
             return;
         }
         Ok(Err(e)) => {
             let (reason, detail) = handshake_failure(&e);
-            info!(%client, port, reason, "inbound refused: {detail}");
+            limited!(info, %client, port, reason, "inbound refused: {detail}");
             p.handshake_failed(DIR, &local, reason);
             return;
         }
         Ok(Ok(s)) => s,
     };
+    drop(handshake);
     // The verifier accepted the chain; take the identity from the same leaf, once.
     let chain = peer_chain(stream.get_ref().1);
     let Some(peer) = chain
         .first()
         .and_then(|leaf| leaf_spiffe_id(leaf, None).ok())
     else {
-        warn!(%client, "inbound: verified handshake without a readable peer SVID");
+        limited!(warn, %client, "inbound: verified handshake without a readable peer SVID");
         p.handshake_failed(DIR, &local, "invalid_svid");
         return;
     };
@@ -67,7 +80,7 @@ pub async fn handle(p: Arc<Proxy>, tcp: TcpStream, mut load: Load, client: Socke
     if !per_request {
         let verdict = index.decide_tcp(&peer, port, now_unix());
         if let Some(w) = verdict.would_deny {
-            info!(%client, peer = %peer, port, rule = %w, "dry-run: would deny connection");
+            limited!(info, %client, peer = %peer, port, rule = %w, "dry-run: would deny connection");
             p.metrics
                 .would_deny
                 .get_or_create(&RuleLabels {
@@ -77,7 +90,7 @@ pub async fn handle(p: Arc<Proxy>, tcp: TcpStream, mut load: Load, client: Socke
                 .inc();
         }
         if !verdict.allowed {
-            info!(%client, peer = %peer, port, rule = %verdict.rule, reason = "not_allowed", "inbound refused");
+            limited!(info, %client, peer = %peer, port, rule = %verdict.rule, reason = "not_allowed", "inbound refused");
             p.refused(DIR, &local, peer_label, "not_allowed");
             // close_notify, so the peer sidecar sees a clean end rather than a truncation.
             let mut stream = stream;
@@ -120,7 +133,7 @@ pub async fn handle(p: Arc<Proxy>, tcp: TcpStream, mut load: Load, client: Socke
         };
         let reason = l7::serve(p, stream, speaks, a).await;
         if reason != "done" {
-            info!(%client, peer = %peer_label, port, reason, "inbound HTTP connection closed");
+            limited!(info, %client, peer = %peer_label, port, reason, "inbound HTTP connection closed");
         }
         return;
     }
@@ -129,12 +142,12 @@ pub async fn handle(p: Arc<Proxy>, tcp: TcpStream, mut load: Load, client: Socke
     let workload = match connect.await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            info!(peer = %peer, %upstream, "inbound refused: workload unreachable: {e}");
+            limited!(info, peer = %peer, %upstream, "inbound refused: workload unreachable: {e}");
             p.refused(DIR, &local, peer_label, "upstream_unavailable");
             return;
         }
         Err(_) => {
-            info!(peer = %peer, %upstream, "inbound refused: workload connect timed out");
+            limited!(info, peer = %peer, %upstream, "inbound refused: workload connect timed out");
             p.refused(DIR, &local, peer_label, "upstream_unavailable");
             return;
         }
@@ -152,6 +165,6 @@ pub async fn handle(p: Arc<Proxy>, tcp: TcpStream, mut load: Load, client: Socke
     };
     let reason = p.carry(a, stream, workload).await;
     if reason != "done" {
-        info!(%client, peer = %label, port, reason, "inbound connection closed");
+        limited!(info, %client, peer = %label, port, reason, "inbound connection closed");
     }
 }

@@ -35,9 +35,10 @@ use sigil_filters::headers::PEER_ID_HEADER;
 use sigil_filters::normalize::{effective_host, normalize_path};
 use sigil_filters::HttpRequest;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tracing::{debug, info, warn};
+use tracing::debug;
 
 use crate::conns::{is_graceful, Direction, Kind, GRACE};
+use crate::logs::limited;
 use crate::metrics::{RequestMetrics, RuleLabels};
 use crate::proxy::{now_unix, Admitted, Proxy};
 use crate::relay::{close_request, closed, Counted};
@@ -227,9 +228,10 @@ pub fn local_response(status: StatusCode, grpc: bool, reason: &str) -> Response<
     if grpc {
         // gRPC carries errors in trailers-only responses with HTTP 200.
         let code = match status {
-            StatusCode::FORBIDDEN => "7",   // PERMISSION_DENIED
-            StatusCode::BAD_REQUEST => "3", // INVALID_ARGUMENT
-            _ => "14",                      // UNAVAILABLE
+            StatusCode::FORBIDDEN => "7",       // PERMISSION_DENIED
+            StatusCode::BAD_REQUEST => "3",     // INVALID_ARGUMENT
+            StatusCode::GATEWAY_TIMEOUT => "4", // DEADLINE_EXCEEDED
+            _ => "14",                          // UNAVAILABLE
         };
         b = b
             .status(StatusCode::OK)
@@ -255,12 +257,12 @@ async fn handle(c: &Conn, req: Request<Incoming>) -> Response<Body> {
     let grpc = is_grpc(&req);
     let (route, decision, resp) = match authorize(c, &req) {
         Err(why) => {
-            info!(peer = %c.peer, port = c.port, method = %req.method(), "request refused: {why}");
+            limited!(info, peer = %c.peer, port = c.port, method = %req.method(), "request refused: {why}");
             let r = local_response(StatusCode::BAD_REQUEST, grpc, &why);
             (Arc::from("invalid_request"), "invalid", r)
         }
         Ok((route, Verdict::Deny(why))) => {
-            info!(peer = %c.peer, port = c.port, method = %req.method(), path = %req.uri().path(), rule = %why, "request denied");
+            limited!(info, peer = %c.peer, port = c.port, method = %req.method(), path = %req.uri().path(), rule = %why, "request denied");
             let r = local_response(StatusCode::FORBIDDEN, grpc, &format!("denied by {why}"));
             (route, "deny", r)
         }
@@ -268,9 +270,14 @@ async fn handle(c: &Conn, req: Request<Incoming>) -> Response<Body> {
             debug!(peer = %c.peer, port = c.port, method = %req.method(), path = %req.uri().path(), "request allowed");
             let r = match forward(c, req, target, grpc).await {
                 Ok(r) => r,
-                Err(e) => {
-                    warn!(peer = %c.peer, port = c.port, "workload request failed: {e}");
+                Err(Unanswered::Failed(e)) => {
+                    limited!(warn, peer = %c.peer, port = c.port, "workload request failed: {e}");
                     local_response(StatusCode::BAD_GATEWAY, grpc, "workload unavailable")
+                }
+                Err(Unanswered::TimedOut(after)) => {
+                    limited!(warn, peer = %c.peer, port = c.port, "workload did not answer within {after:?} (timeouts.request)");
+                    let why = format!("workload did not answer within {after:?}");
+                    local_response(StatusCode::GATEWAY_TIMEOUT, grpc, &why)
                 }
             };
             (route, "allow", r)
@@ -333,7 +340,7 @@ fn authorize(c: &Conn, req: &Request<Incoming>) -> Result<(Arc<str>, Verdict), S
         index.decide_tcp(&c.peer, c.port, now_unix())
     };
     if let Some(w) = d.would_deny {
-        info!(peer = %c.peer, port = c.port, path = %path, rule = %w, "dry-run: would deny");
+        limited!(info, peer = %c.peer, port = c.port, path = %path, rule = %w, "dry-run: would deny");
         c.p.metrics
             .would_deny
             .get_or_create(&RuleLabels {
@@ -355,6 +362,20 @@ fn authorize(c: &Conn, req: &Request<Incoming>) -> Result<(Arc<str>, Verdict), S
     Ok((route, Verdict::Allow { target }))
 }
 
+/// Why the workload gave no response.
+enum Unanswered {
+    Failed(String),
+    /// No response head within `timeouts.request`: the sidecar answers 504 and lets go of
+    /// the request rather than hold a connection on both sidecars until the client gives up.
+    TimedOut(std::time::Duration),
+}
+
+impl From<String> for Unanswered {
+    fn from(e: String) -> Self {
+        Self::Failed(e)
+    }
+}
+
 /// Sends the request to 127.0.0.1:<port> with the normalized target (`target`, when
 /// normalizing changed it) and our peer header.
 async fn forward(
@@ -362,7 +383,8 @@ async fn forward(
     mut req: Request<Incoming>,
     target: Option<String>,
     grpc: bool,
-) -> Result<Response<Body>, String> {
+) -> Result<Response<Body>, Unanswered> {
+    let limit = c.p.cfg.spec.timeouts.request;
     let upgrade = req.version() == Version::HTTP_11 && req.headers().contains_key(UPGRADE);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -406,9 +428,9 @@ async fn forward(
         .map_err(|e| format!("rebuilding the target: {e}"))?;
         parts.version = Version::HTTP_2;
         let out = Request::from_parts(parts, body);
-        workload
-            .send_grpc(out)
-            .await?
+        tokio::time::timeout(limit, workload.send_grpc(out))
+            .await
+            .map_err(|_| Unanswered::TimedOut(limit))??
             .map(|b| b.map_err(Into::into).boxed())
     } else {
         // Anything else goes to the workload as HTTP/1.1, which every workload speaks (an
@@ -423,9 +445,9 @@ async fn forward(
         }
         parts.version = Version::HTTP_11;
         let out = Request::from_parts(parts, body);
-        workload
-            .send_h1(c.port, out)
-            .await?
+        tokio::time::timeout(limit, workload.send_h1(c.port, out))
+            .await
+            .map_err(|_| Unanswered::TimedOut(limit))??
             .map(|b| b.map_err(Into::into).boxed())
     };
     if let (Some(down), StatusCode::SWITCHING_PROTOCOLS) = (downstream_upgrade, resp.status()) {

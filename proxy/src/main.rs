@@ -1,6 +1,7 @@
 //! sigil-proxy: the Sigil sidecar. See `--help`.
 
 mod admin;
+mod admission;
 mod alloc;
 mod conns;
 mod control;
@@ -8,6 +9,7 @@ mod http;
 mod identity;
 mod inbound;
 mod l7;
+mod logs;
 mod metrics;
 mod outbound;
 mod outbound_http;
@@ -188,12 +190,14 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let serving = workers::Workers::start(threads)
         .map_err(|e| format!("cannot start worker threads: {e}"))?;
+    let admission = admission::Admission::new(conn_limits(&cfg));
     let p = Arc::new(Proxy::new(
         cfg,
         Current::new(state),
         metrics,
         sources,
         serving,
+        admission,
     ));
     // Parsing the policy files peaked at several times what is kept.
     alloc::release_free_memory();
@@ -210,9 +214,13 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let spec = &p.cfg.spec;
     let admin = bind(spec.admin.listen, "admin").await?;
-    spawn_accept(admin, shutdown_rx.clone(), p.clone(), |p, tcp, peer, _| {
-        admin::serve_conn(p, tcp, peer)
-    });
+    let admin_room = admission::Admission::new(admin::LIMITS);
+    spawn_accept(
+        admin,
+        shutdown_rx.clone(),
+        p.clone(),
+        move |p, tcp, peer, _| admin::serve_conn(p, &admin_room, tcp, peer),
+    );
     if spec.mode == Mode::Transparent {
         let l = bind(spec.inbound.listen, "inbound").await?;
         spawn_accept(
@@ -221,17 +229,20 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
             p.clone(),
             |p, tcp, peer, local| match original_dst(&tcp) {
                 Some(dst) if dst != local => {
+                    let Some(room) = admit_inbound(&p, peer) else {
+                        return;
+                    };
                     tokio::spawn(async move {
                         let multiplexed = workers::offers_multiplexed(&tcp).await;
                         let workers = p.workers.clone();
                         workers.serve(tcp, multiplexed, move |tcp, load| {
-                            inbound::handle(p, tcp, load, peer, dst.port())
+                            inbound::handle(p, tcp, load, peer, dst.port(), room)
                         });
                     });
                 }
                 _ => {
                     let tls = p.tls.get();
-                    info!(%peer, "inbound refused: not redirected (no original destination)");
+                    logs::limited!(info, %peer, "inbound refused: not redirected (no original destination)");
                     p.refused(
                         Direction::Inbound,
                         &tls.local_label,
@@ -248,14 +259,17 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
             p.clone(),
             |p, tcp, peer, local| match original_dst(&tcp) {
                 Some(dst) if dst != local => {
+                    let Some(room) = admit_outbound(&p, peer) else {
+                        return;
+                    };
                     let workers = p.workers.clone();
                     workers.serve(tcp, false, move |tcp, load| {
-                        outbound::handle(p, tcp, load, dst, None)
+                        outbound::handle(p, tcp, load, dst, None, room)
                     });
                 }
                 _ => {
                     let tls = p.tls.get();
-                    info!(%peer, "outbound refused: not redirected (no original destination)");
+                    logs::limited!(info, %peer, "outbound refused: not redirected (no original destination)");
                     p.refused(
                         Direction::Outbound,
                         &tls.local_label,
@@ -274,11 +288,14 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
             shutdown_rx.clone(),
             p.clone(),
             move |p, tcp, peer, _| {
+                let Some(room) = admit_inbound(&p, peer) else {
+                    return;
+                };
                 tokio::spawn(async move {
                     let multiplexed = workers::offers_multiplexed(&tcp).await;
                     let workers = p.workers.clone();
                     workers.serve(tcp, multiplexed, move |tcp, load| {
-                        inbound::handle(p, tcp, load, peer, port)
+                        inbound::handle(p, tcp, load, peer, port, room)
                     });
                 });
             },
@@ -291,11 +308,14 @@ async fn run(cfg: ProxyConfig, check: bool) -> Result<(), String> {
             listener,
             shutdown_rx.clone(),
             p.clone(),
-            move |p, tcp, _, _| {
+            move |p, tcp, peer, _| {
+                let Some(room) = admit_outbound(&p, peer) else {
+                    return;
+                };
                 let workers = p.workers.clone();
                 let expected = expected.clone();
                 workers.serve(tcp, false, move |tcp, load| {
-                    outbound::handle(p, tcp, load, upstream, expected)
+                    outbound::handle(p, tcp, load, upstream, expected, room)
                 });
             },
         );
@@ -372,6 +392,68 @@ fn spawn_accept<F>(
             }
         }
     });
+}
+
+/// `spec.limits`, the default bound on connections taken from the descriptor limit (raised
+/// to its hard maximum here).
+fn conn_limits(cfg: &ProxyConfig) -> sigil_filters::limits::ConnLimits {
+    let l = &cfg.spec.limits;
+    let fds = admission::raise_fd_limit();
+    let connections = l
+        .max_connections
+        .unwrap_or_else(|| admission::default_max_connections(fds, l.fd_reserve));
+    info!(
+        fd_limit = fds,
+        max_connections = connections,
+        per_source = l.max_connections_per_source,
+        pending_handshakes = l.max_pending_handshakes,
+        "connection limits"
+    );
+    sigil_filters::limits::ConnLimits {
+        connections,
+        connections_per_source: l.max_connections_per_source,
+        handshakes: l.max_pending_handshakes,
+        handshakes_per_source: l.max_pending_handshakes_per_source,
+    }
+}
+
+/// Room for an inbound connection from `peer` (`admission`), or None: refused, counted and
+/// logged (rate-limited), and the socket closed by the caller dropping it.
+fn admit_inbound(p: &Proxy, peer: SocketAddr) -> Option<(admission::Slot, admission::Handshake)> {
+    match p.admission.inbound(peer.ip()) {
+        Ok(room) => Some(room),
+        Err(why) => {
+            refuse_over_limit(p, Direction::Inbound, peer, why);
+            None
+        }
+    }
+}
+
+/// Room for an outbound connection from our workload, or None (see `admit_inbound`).
+fn admit_outbound(p: &Proxy, peer: SocketAddr) -> Option<admission::Slot> {
+    match p.admission.outbound() {
+        Ok(slot) => Some(slot),
+        Err(why) => {
+            refuse_over_limit(p, Direction::Outbound, peer, why);
+            None
+        }
+    }
+}
+
+fn refuse_over_limit(
+    p: &Proxy,
+    direction: Direction,
+    peer: SocketAddr,
+    why: sigil_filters::limits::Refusal,
+) {
+    let tls = p.tls.get();
+    p.refused(
+        direction,
+        &tls.local_label,
+        metrics::UNAUTHENTICATED_PEER.into(),
+        why.label(),
+    );
+    logs::limited!(warn, %peer, direction = direction.label(), reason = why.label(), "connection refused: {why}");
 }
 
 /// The destination before iptables REDIRECT rewrote it.

@@ -15,10 +15,12 @@ use sigil_filters::tls::{handshake_failure, Carries};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
-use tracing::{debug, info};
+use tracing::debug;
 
+use crate::admission::Slot;
 use crate::conns::{Direction, Kind};
 use crate::l7::Speaks;
+use crate::logs::limited;
 use crate::metrics::ConnLabels;
 use crate::outbound_http;
 use crate::proxy::{peer_chain, Admitted, Proxy};
@@ -36,6 +38,8 @@ pub async fn handle(
     mut load: Load,
     dest: SocketAddr,
     expected: Option<SpiffeId>,
+    // Held for as long as the workload's connection lasts (`admission`).
+    _room: Slot,
 ) {
     let expected = match expected.or_else(|| p.expected_id(dest)) {
         Some(id) => id,
@@ -68,7 +72,7 @@ pub async fn handle(
     };
     let reason = p.carry(a, stream, workload).await;
     if reason != "done" {
-        info!(%dest, peer = %peer_label, reason, "outbound connection closed");
+        limited!(info, %dest, peer = %peer_label, reason, "outbound connection closed");
     }
 }
 
@@ -83,7 +87,7 @@ pub async fn dial(
     let tls = p.tls.get();
     let local = &tls.local_label;
     if let Some(r) = tls.self_revoked() {
-        info!(%dest, peer = %expected, revocation = %r.metadata.name, reason = "self_revoked", "outbound refused: our own SVID is revoked");
+        limited!(info, %dest, peer = %expected, revocation = %r.metadata.name, reason = "self_revoked", "outbound refused: our own SVID is revoked");
         let peer_label = p.metrics.peer_label(expected.as_str());
         p.refused(DIR, local, peer_label, "self_revoked");
         return None;
@@ -92,13 +96,13 @@ pub async fn dial(
     let tcp = match tokio::time::timeout(timeouts.connect, TcpStream::connect(dest)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            info!(%dest, peer = %expected, "outbound refused: connect failed: {e}");
+            limited!(info, %dest, peer = %expected, "outbound refused: connect failed: {e}");
             let peer_label = p.metrics.peer_label(expected.as_str());
             p.refused(DIR, local, peer_label, "upstream_unavailable");
             return None;
         }
         Err(_) => {
-            info!(%dest, peer = %expected, "outbound refused: connect timed out");
+            limited!(info, %dest, peer = %expected, "outbound refused: connect timed out");
             let peer_label = p.metrics.peer_label(expected.as_str());
             p.refused(DIR, local, peer_label, "upstream_unavailable");
             return None;
@@ -112,12 +116,12 @@ pub async fn dial(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             let (reason, detail) = handshake_failure(&e);
-            info!(%dest, expected = %expected, reason, "outbound refused: {detail}");
+            limited!(info, %dest, expected = %expected, reason, "outbound refused: {detail}");
             p.handshake_failed(DIR, local, reason);
             return None;
         }
         Err(_) => {
-            info!(%dest, expected = %expected, "outbound refused: handshake timed out");
+            limited!(info, %dest, expected = %expected, "outbound refused: handshake timed out");
             p.handshake_failed(DIR, local, "handshake_timeout");
             return None;
         }
@@ -130,7 +134,7 @@ pub async fn dial(
 async fn unknown_destination(p: Arc<Proxy>, workload: TcpStream, dest: SocketAddr) {
     let local = p.tls.get().local_label.clone();
     if p.cfg.spec.outbound.unknown_destination == UnknownDestination::Deny {
-        info!(%dest, reason = "unknown_destination", "outbound refused: not in the mesh registry");
+        limited!(info, %dest, reason = "unknown_destination", "outbound refused: not in the mesh registry");
         p.refused(DIR, &local, UNKNOWN_PEER.into(), "unknown_destination");
         return;
     }
@@ -138,7 +142,7 @@ async fn unknown_destination(p: Arc<Proxy>, workload: TcpStream, dest: SocketAdd
         match tokio::time::timeout(p.cfg.spec.timeouts.connect, TcpStream::connect(dest)).await {
             Ok(Ok(s)) => s,
             _ => {
-                info!(%dest, "outbound passthrough: connect failed");
+                limited!(info, %dest, "outbound passthrough: connect failed");
                 p.refused(DIR, &local, PASSTHROUGH_PEER.into(), "upstream_unavailable");
                 return;
             }
@@ -152,6 +156,7 @@ async fn unknown_destination(p: Arc<Proxy>, workload: TcpStream, dest: SocketAdd
     let counters = p.opened(&labels);
     // Passthrough has no peer identity; it is not registered for identity-based closing.
     let (_tx, mut rx) = tokio::sync::watch::channel(None);
-    let reason = relay(upstream, workload, &counters, &mut rx).await;
+    let idle = p.cfg.spec.timeouts.idle;
+    let reason = relay(upstream, workload, &counters, &mut rx, idle).await;
     p.closed(&labels, reason);
 }

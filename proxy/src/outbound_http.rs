@@ -19,10 +19,10 @@ use sigil_config::SpiffeId;
 use sigil_filters::normalize::effective_host;
 use sigil_filters::tls::Carries;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tracing::info;
 
 use crate::conns::{Direction, Kind};
 use crate::l7::{is_grpc, local_response, serve_until_closed, status_class, tunnel, Body, Speaks};
+use crate::logs::limited;
 use crate::metrics::RequestMetrics;
 use crate::outbound::dial;
 use crate::pool::{SendError, Slot};
@@ -86,7 +86,7 @@ pub async fn serve<S>(
     };
     let reason = serve_until_closed(&p, workload, speaks, service, &mut guard.close_rx).await;
     if reason != "done" {
-        info!(%dest, reason, "outbound HTTP connection closed");
+        limited!(info, %dest, reason, "outbound HTTP connection closed");
     }
 }
 
@@ -102,7 +102,7 @@ async fn handle(c: &Conn, req: Request<Incoming>) -> Response<Body> {
     } {
         Ok(r) => ("forward", r),
         Err(Refusal(status, decision, why)) => {
-            info!(dest = %c.dest, peer = %c.expected, status = status.as_u16(), "outbound request failed: {why}");
+            limited!(info, dest = %c.dest, peer = %c.expected, status = status.as_u16(), "outbound request failed: {why}");
             (decision, local_response(status, grpc, &why))
         }
     };
@@ -139,7 +139,17 @@ async fn via_pool(c: &Conn, req: Request<Incoming>) -> Result<Response<Body>, Re
     match c.p.pool.send(&c.p, &c.slot, req).await {
         Ok(resp) => Ok(resp),
         Err(SendError::Unreachable) => Err(unreachable_peer()),
+        Err(SendError::Gone) => Err(Refusal(
+            StatusCode::BAD_GATEWAY,
+            "error",
+            "the destination left the mesh registry".into(),
+        )),
         Err(SendError::Failed(why)) => Err(Refusal(StatusCode::BAD_GATEWAY, "error", why)),
+        Err(SendError::TimedOut(after)) => Err(Refusal(
+            StatusCode::GATEWAY_TIMEOUT,
+            "error",
+            format!("the destination's sidecar did not answer within {after:?}"),
+        )),
     }
 }
 

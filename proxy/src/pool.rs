@@ -30,10 +30,11 @@ use hyper::header::{HeaderName, CONNECTION, CONTENT_LENGTH, TE, TRANSFER_ENCODIN
 use hyper::{HeaderMap, Request, Response};
 use sigil_config::SpiffeId;
 use sigil_filters::tls::Carries;
-use tracing::{debug, info};
+use tracing::debug;
 
 use crate::conns::{is_graceful, Direction, Kind, GRACE};
 use crate::l7::{Body, BoxError};
+use crate::logs::limited;
 use crate::outbound::dial;
 use crate::proxy::{Admitted, Proxy};
 use crate::relay::{closed, cut, Counted};
@@ -70,6 +71,11 @@ pub struct Slot {
     dialing: tokio::sync::Mutex<()>,
     /// Requests sent, which tells the connection's task whether it is still used.
     sent: AtomicU64,
+    /// Set once the destination left the registry (`Pool::prune`): no new connection is
+    /// dialled for it, and the pooled one closes once its requests are done.
+    removed: std::sync::atomic::AtomicBool,
+    /// Wakes the pooled connection's task when `removed` is set.
+    left: tokio::sync::Notify,
 }
 
 impl Slot {
@@ -90,9 +96,17 @@ impl Slot {
 pub enum SendError {
     /// No connection could be made (`dial` logged and counted why).
     Unreachable,
+    /// The destination left the registry since the workload connected.
+    Gone,
     /// The connection or the peer sidecar failed the request.
     Failed(String),
+    /// No response head within this long (`timeouts.request` and a margin, so that the
+    /// destination's own 504, which names the cause, normally comes first).
+    TimedOut(Duration),
 }
+
+/// How much longer than `timeouts.request` the outbound side waits for a response head.
+const RESPONSE_MARGIN: Duration = Duration::from_secs(5);
 
 impl Pool {
     /// The slot of `dest` and `expected`, which a workload connection looks up once.
@@ -110,6 +124,8 @@ impl Pool {
             sender: Mutex::new(None),
             dialing: tokio::sync::Mutex::new(()),
             sent: AtomicU64::new(0),
+            removed: Default::default(),
+            left: tokio::sync::Notify::new(),
         });
         list.push(s.clone());
         s
@@ -134,8 +150,44 @@ impl Pool {
         }
     }
 
-    /// The pooled connection of `slot`, dialled if there is none. None: the dial failed.
+    /// Takes out of the pool every slot whose destination `keep` no longer maps to its
+    /// expected ID (the registry changed): its pooled connection is let go, closing once
+    /// the requests on it are done, and no new one is dialled. Returns how many went.
+    pub fn prune(&self, keep: impl Fn(SocketAddr, &SpiffeId) -> bool) -> usize {
+        let mut slots = self.slots.lock().expect("pool lock");
+        let mut pruned = 0;
+        for list in slots.values_mut() {
+            list.retain(|s| {
+                if keep(s.dest, &s.expected) {
+                    return true;
+                }
+                s.removed.store(true, Ordering::Relaxed);
+                s.left.notify_one();
+                *s.sender.lock().expect("slot lock") = None;
+                pruned += 1;
+                false
+            });
+        }
+        slots.retain(|_, list| !list.is_empty());
+        pruned
+    }
+
+    /// Destinations with a slot in the pool, for tests and the config dump.
+    pub fn len(&self) -> usize {
+        self.slots
+            .lock()
+            .expect("pool lock")
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+
+    /// The pooled connection of `slot`, dialled if there is none. None: the dial failed,
+    /// or the destination left the registry.
     async fn sender(&self, p: &Arc<Proxy>, slot: &Arc<Slot>) -> Option<(u64, SendRequest<Bytes>)> {
+        if slot.removed.load(Ordering::Relaxed) {
+            return None;
+        }
         if let Some(s) = slot.current() {
             return Some(s);
         }
@@ -161,6 +213,9 @@ impl Pool {
         slot: &Arc<Slot>,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, SendError> {
+        if slot.removed.load(Ordering::Relaxed) {
+            return Err(SendError::Gone);
+        }
         let (mut parts, body) = req.into_parts();
         strip_connection_headers(&mut parts.headers);
         // The destination's sidecar removes them too; neither hop trusts the other to.
@@ -190,8 +245,10 @@ impl Pool {
             // The body streams on while the response may already come back (gRPC).
             tokio::spawn(Upload { body, stream }.run());
         }
-        let resp = response
+        let limit = p.cfg.spec.timeouts.request + RESPONSE_MARGIN;
+        let resp = tokio::time::timeout(limit, response)
             .await
+            .map_err(|_| SendError::TimedOut(limit))?
             .map_err(|e| SendError::Failed(format!("peer sidecar: {e}")))?;
         // No body at all (HEAD, 204, 304): nothing remains, whatever Content-Length says.
         let remaining = if resp.body().is_end_stream() {
@@ -375,7 +432,7 @@ async fn connect(
     let (sender, mut conn) = match handshake {
         Ok(c) => c,
         Err(e) => {
-            info!(%dest, peer = %expected, "pooled connection failed at the HTTP/2 handshake: {e}");
+            limited!(info, %dest, peer = %expected, "pooled connection failed at the HTTP/2 handshake: {e}");
             p.closed(&labels, "io_error");
             return None;
         }
@@ -408,12 +465,18 @@ async fn connect(
                         "done"
                     }
                     Err(e) => {
-                        info!(%dest, peer = %labels.peer_id, "pooled connection failed: {e}");
+                        limited!(info, %dest, peer = %labels.peer_id, "pooled connection failed: {e}");
                         "io_error"
                     }
                 },
                 reason = closed(&mut guard.close_rx) => break reason,
                 reason = &mut keep_alive => break reason,
+                _ = slot.left.notified(), if !let_go => {
+                    debug!(%dest, peer = %labels.peer_id, "destination left the registry; letting go of its pooled connection");
+                    slot.retire(id);
+                    conn.probe = None;
+                    let_go = true;
+                }
                 _ = &mut unused, if !let_go => {
                     // With the pool's sender dropped, h2 closes the connection once the
                     // streams still on it end; until then it stays registered.
@@ -440,7 +503,7 @@ async fn connect(
         // Dropping the connection fails whatever streams are left on it.
         drop(conn);
         if reason != "done" {
-            info!(%dest, peer = %labels.peer_id, reason, "pooled connection closed");
+            limited!(info, %dest, peer = %labels.peer_id, reason, "pooled connection closed");
         }
         p.closed(&labels, reason);
         p.pool.forget(&slot);
@@ -508,7 +571,10 @@ async fn keep_alive(pings: Option<PingPong>) -> &'static str {
                 return "io_error";
             }
             Err(_) => {
-                info!("peer sidecar did not answer a keep-alive PING in {KEEP_ALIVE_TIMEOUT:?}");
+                limited!(
+                    info,
+                    "peer sidecar did not answer a keep-alive PING in {KEEP_ALIVE_TIMEOUT:?}"
+                );
                 return "io_error";
             }
         }

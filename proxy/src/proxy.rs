@@ -10,7 +10,7 @@ use sigil_config::proxy_config::Destination;
 use sigil_config::{ProxyConfig, Revocation, SpiffeId};
 use sigil_filters::PolicyIndex;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tracing::error;
+use tracing::{error, info};
 
 use crate::conns::{ConnGuard, Conns, Direction, Kind};
 use crate::identity::Current;
@@ -39,6 +39,8 @@ pub struct Proxy {
     pub pool: crate::pool::Pool,
     /// The runtimes that serve connections, one per core.
     pub workers: Arc<crate::workers::Workers>,
+    /// What is open, against `spec.limits`.
+    pub admission: Arc<crate::admission::Admission>,
 }
 
 /// Where outbound connections go: destination → expected SPIFFE ID.
@@ -59,6 +61,13 @@ impl Registry {
     pub fn len(&self) -> usize {
         self.sockets.len() + self.hosts.len()
     }
+
+    /// The ID expected at `dest`: exact address first, then host.
+    fn lookup(&self, dest: SocketAddr) -> Option<&SpiffeId> {
+        self.sockets
+            .get(&dest)
+            .or_else(|| self.hosts.get(&dest.ip()))
+    }
 }
 
 pub struct Sources {
@@ -77,6 +86,7 @@ impl Proxy {
         metrics: Metrics,
         sources: Sources,
         workers: crate::workers::Workers,
+        admission: Arc<crate::admission::Admission>,
     ) -> Self {
         let local = tls.get().identity.id().clone();
         let p = Self {
@@ -93,6 +103,7 @@ impl Proxy {
             workload: crate::workload::Workload::new(workers.len()),
             pool: crate::pool::Pool::default(),
             workers: Arc::new(workers),
+            admission,
         };
         p.refresh_policy();
         p.refresh_registry();
@@ -139,6 +150,21 @@ impl Proxy {
             for (dest, id) in &pushed.registry {
                 r.insert(*dest, id);
             }
+        }
+        // Pooled connections to destinations that left (or now expect another ID) go; the
+        // explicit listeners' upstreams are not the registry's to take away.
+        let explicit = &self.cfg.spec.outbound.explicit;
+        let pruned = self.pool.prune(|dest, id| {
+            r.lookup(dest) == Some(id)
+                || explicit
+                    .iter()
+                    .any(|l| l.value.upstream == dest && l.value.expected_id.as_ref() == Some(id))
+        });
+        if pruned > 0 {
+            info!(
+                pruned,
+                "let go of pooled connections to destinations that left the registry"
+            );
         }
         *self.registry.write().expect("registry lock") = Arc::new(r);
     }
@@ -218,10 +244,10 @@ impl Proxy {
 
     /// The SPIFFE ID expected at a mesh destination; exact address first, then host.
     pub fn expected_id(&self, dest: SocketAddr) -> Option<SpiffeId> {
-        let r = self.registry.read().expect("registry lock");
-        r.sockets
-            .get(&dest)
-            .or_else(|| r.hosts.get(&dest.ip()))
+        self.registry
+            .read()
+            .expect("registry lock")
+            .lookup(dest)
             .cloned()
     }
 
@@ -290,7 +316,8 @@ impl Proxy {
         L: AsyncRead + AsyncWrite + Unpin,
     {
         let (labels, counters, mut guard) = self.admit(a);
-        let reason = relay(peer_io, local_io, &counters, &mut guard.close_rx).await;
+        let idle = self.cfg.spec.timeouts.idle;
+        let reason = relay(peer_io, local_io, &counters, &mut guard.close_rx, idle).await;
         self.closed(&labels, reason);
         reason
     }

@@ -1,7 +1,12 @@
-//! L4 byte relay between the peer side (mTLS) and the local side, with live byte counters
-//! and a close signal from the connection registry.
+//! L4 byte relay between the peer side (mTLS) and the local side, with live byte counters,
+//! a close signal from the connection registry, and an idle timeout (`timeouts.idle`): a
+//! connection on which no byte moves either way for that long is closed (`idle_timeout`), so
+//! that silent connections (a request head cut off halfway, say) do not hold descriptors and
+//! buffers for good.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use std::pin::Pin;
@@ -20,13 +25,14 @@ pub struct Counters {
     pub to_peer: Counter,
 }
 
-/// Copies both ways until both sides finish, an error, or a close request. Returns the
-/// close reason label.
+/// Copies both ways until both sides finish, an error, a close request, or `idle` without a
+/// byte either way. Returns the close reason label.
 pub async fn relay<P, L>(
     peer: P,
     local: L,
     counters: &Counters,
     close_rx: &mut watch::Receiver<Option<&'static str>>,
+    idle: Duration,
 ) -> &'static str
 where
     P: AsyncRead + AsyncWrite + Unpin,
@@ -34,9 +40,10 @@ where
 {
     let (mut peer_r, mut peer_w) = tokio::io::split(peer);
     let (mut local_r, mut local_w) = tokio::io::split(local);
+    let activity = Activity::new();
     let both = async {
-        let up = pump(&mut peer_r, &mut local_w, &counters.from_peer);
-        let down = pump(&mut local_r, &mut peer_w, &counters.to_peer);
+        let up = pump(&mut peer_r, &mut local_w, &counters.from_peer, &activity);
+        let down = pump(&mut local_r, &mut peer_w, &counters.to_peer, &activity);
         tokio::pin!(up, down);
         // A clean EOF one way is a half-close: keep the other way running. An error either
         // way ends the connection, so both sockets close and neither end waits in vain.
@@ -55,6 +62,39 @@ where
     tokio::select! {
         reason = both => reason,
         reason = closed(close_rx) => reason,
+        reason = activity.idle_for(idle) => reason,
+    }
+}
+
+/// When bytes last moved, in milliseconds since the relay began. One timer per connection,
+/// re-armed once per `idle` period rather than per read.
+struct Activity {
+    start: tokio::time::Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            start: tokio::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves with `idle_timeout` once nothing moved for `idle`.
+    async fn idle_for(&self, idle: Duration) -> &'static str {
+        loop {
+            let last = self.last_ms.load(Ordering::Relaxed);
+            tokio::time::sleep_until(self.start + Duration::from_millis(last) + idle).await;
+            if self.last_ms.load(Ordering::Relaxed) == last {
+                return "idle_timeout";
+            }
+        }
     }
 }
 
@@ -63,7 +103,7 @@ enum Either {
     Down,
 }
 
-async fn pump<R, W>(r: &mut R, w: &mut W, counter: &Counter) -> io::Result<()>
+async fn pump<R, W>(r: &mut R, w: &mut W, counter: &Counter, activity: &Activity) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -71,6 +111,7 @@ where
     let mut buf = vec![0u8; BUF];
     loop {
         let n = r.read(&mut buf).await?;
+        activity.touch();
         if n == 0 {
             // Half-close: pass the EOF on, keep the other direction running.
             return w.shutdown().await;

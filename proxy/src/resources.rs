@@ -25,6 +25,11 @@ pub struct ResourceDir<T> {
     parse: Parse<T>,
     /// The files last read, good or not: a refused set is reported once, not every poll.
     seen: Arc<Texts>,
+    /// The problems last reported with `seen`, for the same reason.
+    reported: Vec<String>,
+    /// Whether `reported` names a file too large to read, which is not in `seen`: its
+    /// going away must be noticed although `seen` still matches the directory.
+    oversize: bool,
 }
 
 pub fn policy_files(cfg: &ProxyConfig) -> ResourceDir<Policy> {
@@ -47,6 +52,8 @@ impl<T> ResourceDir<T> {
             dir,
             parse,
             seen: Arc::default(),
+            reported: Vec::new(),
+            oversize: false,
         }
     }
 
@@ -58,14 +65,26 @@ impl<T> ResourceDir<T> {
     /// every problem found. Some(Ok): the new set.
     pub fn poll(&mut self) -> Option<Result<Good<T>, Vec<String>>> {
         let dir = self.dir.as_ref()?;
-        if unchanged(dir, &self.seen) {
+        if !self.oversize && unchanged(dir, &self.seen) {
             return None;
         }
         let mut now = BTreeMap::new();
         let mut problems = Vec::new();
+        let mut oversize = false;
         match std::fs::read_dir(dir) {
             Ok(entries) => {
                 for path in entries.flatten().filter_map(resource_file) {
+                    // Not read at all when too large: a huge file would be held whole.
+                    let len = std::fs::metadata(&path).map_or(0, |m| m.len());
+                    if len > sigil_config::MAX_FILE_BYTES as u64 {
+                        oversize = true;
+                        problems.push(format!(
+                            "{}: file is {len} bytes; the limit is {}",
+                            path.display(),
+                            sigil_config::MAX_FILE_BYTES
+                        ));
+                        continue;
+                    }
                     match std::fs::read(&path) {
                         Ok(b) => {
                             now.insert(path, b);
@@ -76,9 +95,11 @@ impl<T> ResourceDir<T> {
             }
             Err(e) => problems.push(format!("{}: {e}", dir.display())),
         }
-        if now == *self.seen && problems.is_empty() {
+        if now == *self.seen && problems == self.reported {
             return None;
         }
+        self.oversize = oversize;
+        self.reported = problems.clone();
         self.seen = Arc::new(now);
         let mut resources = Vec::new();
         for (path, bytes) in self.seen.iter() {
@@ -91,6 +112,7 @@ impl<T> ResourceDir<T> {
             }
         }
         if !problems.is_empty() {
+            self.reported = problems.clone();
             return Some(Err(problems));
         }
         Some(Ok(Good {
@@ -265,6 +287,35 @@ spec:
         )
         .unwrap();
         assert!(matches!(files.poll(), Some(Ok(set)) if set.resources.len() == 251));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_over_the_size_cap_is_not_read_and_reported_once() {
+        let dir = std::env::temp_dir().join(format!("sigil-resources-huge-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("a.yaml"),
+            policy("for-a", "spiffe://example.org/a"),
+        )
+        .unwrap();
+        let huge = dir.join("huge.yaml");
+        let f = std::fs::File::create(&huge).unwrap();
+        f.set_len(sigil_config::MAX_FILE_BYTES as u64 + 1).unwrap();
+        let mut files = ResourceDir::new(Some(dir.clone()), Policy::parse_all);
+        match files.poll() {
+            Some(Err(problems)) => {
+                assert_eq!(problems.len(), 1, "{problems:?}");
+                assert!(
+                    problems[0].contains("huge.yaml: file is 4194305 bytes; the limit is 4194304"),
+                    "{problems:?}"
+                );
+            }
+            _ => panic!("a huge file must be refused"),
+        }
+        assert!(files.poll().is_none(), "reported once, not every poll");
+        std::fs::remove_file(&huge).unwrap();
+        assert!(matches!(files.poll(), Some(Ok(set)) if set.resources.len() == 1));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

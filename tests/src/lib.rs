@@ -304,6 +304,10 @@ pub struct Sidecar {
     pub control_plane: Option<(u16, String, PathBuf)>,
     /// `identity.allowIdentityChange`: a rotation may switch the sidecar to another ID.
     pub allow_identity_change: bool,
+    /// More `timeouts` entries, e.g. `[("request", "1s")]`.
+    pub timeouts: Vec<(&'static str, &'static str)>,
+    /// `spec.limits` as a YAML flow map, e.g. `{maxConnectionsPerSource: 10}`.
+    pub limits: Option<String>,
 }
 
 impl Sidecar {
@@ -323,6 +327,8 @@ impl Sidecar {
             revocation_dir: None,
             control_plane: None,
             allow_identity_change: false,
+            timeouts: Vec::new(),
+            limits: None,
         }
     }
 
@@ -363,6 +369,15 @@ impl Sidecar {
                 format!("{{listen: \"127.0.0.1:{listen}\", upstream: \"127.0.0.1:{upstream}\"{expected}}}")
             })
             .collect();
+        for (name, value) in &self.timeouts {
+            y = y.replace(
+                "    poolIdle: ",
+                &format!("    {name}: {value}\n    poolIdle: "),
+            );
+        }
+        if let Some(limits) = &self.limits {
+            y += &format!("  limits: {limits}\n");
+        }
         if self.allow_identity_change {
             y = y.replace(
                 "    bundleDir: ",

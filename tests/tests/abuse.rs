@@ -1,0 +1,461 @@
+//! Bounded under abuse: each limit of `spec.limits` and `timeouts` met by a real client
+//! sending the abuse (idle TCP floods from several source addresses on loopback, TLS
+//! connections from an authenticated but greedy peer, a request head cut off halfway, a hung
+//! workload), while a well-behaved caller's requests keep succeeding. Each test prints the
+//! sidecar's RSS and open descriptors before and after.
+
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sigil_e2e::*;
+use sigil_testkit::Ca;
+
+const A: &str = "spiffe://example.org/ns/demo/sa/a";
+const B: &str = "spiffe://example.org/ns/demo/sa/b";
+const C: &str = "spiffe://example.org/ns/demo/sa/c";
+
+/// (RSS in KiB, open descriptors) of a process.
+fn resources(pid: u32) -> (u64, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    (rss, fds)
+}
+
+fn show(what: &str, pid: u32) -> (u64, usize) {
+    let (rss, fds) = resources(pid);
+    eprintln!(
+        "{what}: RSS {:.1} MiB, {fds} descriptors",
+        rss as f64 / 1024.0
+    );
+    (rss, fds)
+}
+
+/// The sidecar's `open` counts from its config dump: (connections, pending handshakes).
+fn open(s: &Sidecar) -> (u64, u64) {
+    let (_, dump) = http_get(([127, 0, 0, 1], s.admin).into(), "/config_dump").expect("dump");
+    let field = |name: &str| {
+        let at = dump.find(&format!("\"{name}\": ")).expect(name) + name.len() + 4;
+        dump[at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .expect("a count")
+    };
+    (field("connections"), field("pending_handshakes"))
+}
+
+fn refused(s: &Sidecar, reason: &str) -> f64 {
+    count(
+        s,
+        "sigil_connections_refused_total{",
+        &[&format!("reason=\"{reason}\"")],
+    )
+}
+
+/// What the well-behaved caller got: (calls that succeeded, statuses of those that failed).
+type Served = std::thread::JoinHandle<(u32, Vec<Option<u16>>)>;
+
+/// A caller that behaves: one request a connection through A every 20 ms until stopped
+/// (at most 60 s, 3,000 calls).
+fn steady(a_web: u16) -> (Arc<AtomicBool>, Served) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let calls = std::thread::spawn(move || {
+        let (mut ok, mut failed) = (0, Vec::new());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !flag.load(Ordering::Relaxed) && Instant::now() < deadline && ok < 3_000 {
+            match get_once(a_web, "/orders/steady") {
+                Some(200) => ok += 1,
+                other => failed.push(other),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (ok, failed)
+    });
+    (stop, calls)
+}
+
+/// `n` TCP connections to `port` from source address `from` that never say a word.
+fn idle_from(from: [u8; 4], port: u16, n: usize) -> Vec<tokio::net::TcpStream> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind(SocketAddr::from((from, 0))).unwrap();
+            v.push(s.connect(([127, 0, 0, 1], port).into()).await.unwrap());
+        }
+        v
+    })
+}
+
+/// `n` mTLS connections to B's inbound `port` from source `from`, presenting C's SVID and
+/// offering raw TCP: an authenticated peer that opens many and sends nothing. Returns the
+/// ones whose handshake completed, kept open, and how many did not complete.
+fn tls_from(
+    rt: &tokio::runtime::Runtime,
+    ca: &Ca,
+    from: [u8; 4],
+    port: u16,
+    n: usize,
+) -> (
+    Vec<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    usize,
+) {
+    use rustls::pki_types::{ServerName, UnixTime};
+    use sigil_filters::tls::{client_config, provider, Carries};
+    use sigil_filters::{LocalIdentity, TrustBundles};
+
+    let svid = ca.svid(C);
+    let p = provider();
+    let id = LocalIdentity::from_pem(
+        svid.chain_pem().as_bytes(),
+        svid.key_pem().as_bytes(),
+        UnixTime::now(),
+        None,
+        &p,
+    )
+    .unwrap();
+    let mut bundles = TrustBundles::new();
+    bundles
+        .insert_pem(
+            &sigil_config::TrustDomain::parse("example.org").unwrap(),
+            ca.bundle_pem().as_bytes(),
+        )
+        .unwrap();
+    let config = client_config(
+        &id,
+        Arc::new(bundles),
+        Arc::default(),
+        p,
+        B.parse().unwrap(),
+        Carries::Tcp,
+    );
+    let connector = tokio_rustls::TlsConnector::from(config);
+    rt.block_on(async {
+        let (mut open, mut failed) = (Vec::new(), 0);
+        for _ in 0..n {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind(SocketAddr::from((from, 0))).unwrap();
+            let tcp = s.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+            let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+            match tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp)).await {
+                Ok(Ok(tls)) => {
+                    // TLS 1.3: the client finishes before the server has read its
+                    // Finished; a refused connection shows as closed right after.
+                    open.push(tls);
+                }
+                _ => failed += 1,
+            }
+        }
+        (open, failed)
+    })
+}
+
+#[test]
+fn connection_and_handshake_limits_refuse_floods_while_others_are_served() {
+    let dir = TempDir::new("abuse-limits");
+    let d = dir.path();
+    let ca = Ca::new("example.org");
+    let (_web, web_port) = start_workload("b", false);
+    let fa = write_identity(d, "a", &ca, A, &[&ca]);
+    let fb = write_identity(d, "b", &ca, B, &[&ca]);
+    let b_web = free_port();
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.inbound = vec![(b_web, web_port)];
+    b.handshake_timeout = "4s";
+    b.limits = Some(
+        "{maxConnections: 200, maxConnectionsPerSource: 80, maxPendingHandshakes: 100, \
+         maxPendingHandshakesPerSource: 40}"
+            .into(),
+    );
+    let pb = b.start(d, &fb);
+    let a_web = free_port();
+    let mut a = Sidecar::new("sidecar-a", A);
+    a.outbound = vec![(a_web, b_web, B.into())];
+    a.workers = Some(1);
+    let _pa = a.start(d, &fa);
+    assert_eq!(get_once(a_web, "/orders/1"), Some(200), "{}", pb.log());
+    let before = show("sidecar B before", pb.pid());
+    let (stop, calls) = steady(a_web);
+
+    // Idle TCP from 127.0.0.2: 40 handshakes may wait, the rest are refused at once.
+    let flood2 = idle_from([127, 0, 0, 2], b_web, 100);
+    wait_until(
+        "60 refused for one source's handshakes",
+        Duration::from_secs(10),
+        || refused(&b, "too_many_handshakes_from_source") == 60.0,
+    );
+    // From two more addresses: 100 handshakes in all may wait.
+    let flood3 = idle_from([127, 0, 0, 3], b_web, 40);
+    let flood4 = idle_from([127, 0, 0, 4], b_web, 40);
+    wait_until(
+        "20 refused for all handshakes",
+        Duration::from_secs(10),
+        || refused(&b, "too_many_handshakes") == 20.0,
+    );
+    assert_eq!(open(&b).1, 100, "pending handshakes");
+    show("sidecar B with 100 handshakes pending", pb.pid());
+    // Its admin port, which listens on every address for scrapes: 16 per source.
+    let admin_flood = idle_from([127, 0, 0, 9], b.admin, 40);
+    wait_until(
+        "24 admin connections refused",
+        Duration::from_secs(10),
+        || refused(&b, "admin_limit") == 24.0,
+    );
+    let (code, body) = http_get(([127, 0, 0, 1], b.admin).into(), "/ready").expect("admin");
+    assert_eq!(code, 200, "the probe must still be answered: {body}");
+    drop(admin_flood);
+    drop((flood2, flood3, flood4));
+    wait_until(
+        "the flood's handshakes gone",
+        Duration::from_secs(10),
+        || open(&b).1 == 0,
+    );
+
+    // An authenticated peer (C) that completes handshakes and holds the connections.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (held5, _) = tls_from(&rt, &ca, [127, 0, 0, 5], b_web, 100);
+    wait_until(
+        "20 refused for one source's connections",
+        Duration::from_secs(10),
+        || refused(&b, "too_many_from_source") == 20.0,
+    );
+    let (open_now, _) = open(&b);
+    let (held6, _) = tls_from(&rt, &ca, [127, 0, 0, 6], b_web, 80);
+    let (held7, _) = tls_from(&rt, &ca, [127, 0, 0, 7], b_web, 80);
+    let over = (open_now + 160).saturating_sub(200) as f64;
+    wait_until(
+        "the total bound refuses the rest",
+        Duration::from_secs(10),
+        || refused(&b, "too_many_connections") == over,
+    );
+    assert_eq!(open(&b).0, 200, "open connections at the bound");
+    let during = show("sidecar B at 200 connections", pb.pid());
+    // The caller that behaves was served throughout.
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = calls.join().unwrap();
+    assert!(
+        failed.is_empty() && ok > 20,
+        "the well-behaved caller failed during the floods: {failed:?} ({ok} ok)\n{}",
+        pb.log()
+    );
+    drop((held5, held6, held7));
+    wait_until("the held connections gone", Duration::from_secs(10), || {
+        open(&b).0 <= 1
+    });
+    let after = show("sidecar B after", pb.pid());
+    assert!(during.1 > before.1 + 100, "{before:?} {during:?}");
+    assert!(
+        after.1 <= before.1 + 10,
+        "descriptors left open: {before:?} {after:?}"
+    );
+    // Every refusal is counted; the log says only some of them, and how many it held back.
+    let log = pb.log();
+    let lines = log.matches("connection refused: ").count();
+    let refusals = 60 + 20 + 20 + over as usize;
+    assert!(
+        lines < refusals,
+        "{lines} log lines for {refusals} refusals"
+    );
+    assert!(log.contains("suppressed="), "{log}");
+    drop(rt);
+}
+
+#[test]
+fn a_hung_workload_gets_504_and_a_silent_relayed_connection_is_closed() {
+    let dir = TempDir::new("abuse-timeouts");
+    let d = dir.path();
+    let ca = Ca::new("example.org");
+    let (_web, web_port) = start_workload("b", false);
+    let fa = write_identity(d, "a", &ca, A, &[&ca]);
+    let fb = write_identity(d, "b", &ca, B, &[&ca]);
+    let (b_web, b_raw) = (free_port(), free_port());
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.inbound = vec![(b_web, web_port), (b_raw, web_port)];
+    b.timeouts = vec![("request", "1s"), ("idle", "2s")];
+    let pb = b.start(d, &fb);
+    let (a_web, a_raw) = (free_port(), free_port());
+    let mut a = Sidecar::new("sidecar-a", A);
+    a.outbound = vec![(a_web, b_web, B.into()), (a_raw, b_raw, B.into())];
+    // A waits longer: B's relay is the one that must notice.
+    a.timeouts = vec![("idle", "60s")];
+    let pa = a.start(d, &fa);
+    let before = show("sidecar B before", pb.pid());
+
+    // The workload takes 30 s to answer; the sidecar answers 504 after 1 s and lets go.
+    let (steady_stop, calls) = steady(a_web);
+    let started = Instant::now();
+    let (status, body) = sigil_testkit::http::get_once(a_web, "/slow/30000").expect("an answer");
+    assert_eq!(status, 504, "{body}\n{}", pb.log());
+    assert!(body.contains("workload did not answer within 1s"), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(25), "not cut short");
+    let timed_out = count(
+        &b,
+        "sigil_requests_total{",
+        &["direction=\"inbound\"", "status_class=\"5xx\""],
+    );
+    assert_eq!(timed_out, 1.0, "{}", b.metrics());
+
+    // A request head cut off halfway, then silence: A cannot tell HTTP from bytes and relays
+    // them; B relays them to the workload, which waits for the rest. B's relay closes it
+    // after 2 s without a byte, and A's follows.
+    let mut silent = TcpStream::connect(("127.0.0.1", a_raw)).unwrap();
+    std::io::Write::write_all(&mut silent, b"GE").unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    assert!(closed(&mut silent), "the silent connection was not closed");
+    wait_until(
+        "B's relay closed for idleness",
+        Duration::from_secs(10),
+        || {
+            count(
+                &b,
+                "sigil_connections_closed_total{",
+                &["direction=\"inbound\"", "reason=\"idle_timeout\""],
+            ) == 1.0
+        },
+    );
+    steady_stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = calls.join().unwrap();
+    assert!(
+        failed.is_empty() && ok > 10,
+        "the well-behaved caller failed: {failed:?} ({ok} ok)\n{}",
+        pa.log()
+    );
+    let after = show("sidecar B after", pb.pid());
+    assert!(
+        after.1 <= before.1 + 10,
+        "descriptors left open: {before:?} {after:?}"
+    );
+}
+
+/// 2,000 idle relayed connections from 20 source addresses, then closed: the memory they
+/// took goes back to the system (it stayed resident before workers returned it).
+#[test]
+fn memory_returns_near_its_baseline_after_a_flood() {
+    let dir = TempDir::new("abuse-memory");
+    let d = dir.path();
+    let ca = Ca::new("example.org");
+    let (_web, web_port) = start_workload("b", false);
+    let fb = write_identity(d, "b", &ca, B, &[&ca]);
+    let b_web = free_port();
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.inbound = vec![(b_web, web_port)];
+    let pb = b.start(d, &fb);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Warm up: one connection through the whole path.
+    drop(tls_from(&rt, &ca, [127, 0, 1, 1], b_web, 1));
+    std::thread::sleep(Duration::from_millis(500));
+    let baseline = show("sidecar B at rest", pb.pid());
+    let mut held = Vec::new();
+    for i in 0..20u8 {
+        let (open, failed) = tls_from(&rt, &ca, [127, 0, 2, i + 1], b_web, 100);
+        assert_eq!(failed, 0);
+        held.extend(open);
+    }
+    wait_until("2,000 connections open", Duration::from_secs(20), || {
+        open(&b).0 == 2_000
+    });
+    let peak = show("sidecar B with 2,000 idle connections", pb.pid());
+    drop(held);
+    wait_until("the connections gone", Duration::from_secs(20), || {
+        open(&b).0 == 0
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    // Each worker gives its free memory back within a tick (5 s) of its load falling.
+    const SLACK_KIB: u64 = 10 * 1024;
+    assert!(
+        peak.0 > baseline.0 + 4 * SLACK_KIB,
+        "the flood cost little: {peak:?}"
+    );
+    wait_until(
+        "RSS back within 10 MiB of the baseline",
+        Duration::from_secs(20),
+        || resources(pb.pid()).0 <= baseline.0 + SLACK_KIB,
+    );
+    show("sidecar B after they closed", pb.pid());
+    drop(rt);
+}
+
+/// A destination removed from the registry (its Workload deleted at the control plane): the
+/// pooled connection to it is let go and closes, and its slot leaves the pool.
+#[test]
+fn pooled_connections_to_a_destination_that_left_the_registry_are_closed() {
+    const CONTROL: &str = "spiffe://example.org/sigil/control";
+    const ALICE: &str = "spiffe://example.org/ops/alice";
+    let dir = TempDir::new("abuse-pool-prune");
+    let d = dir.path();
+    let ca = Ca::new("example.org");
+    let alice = write_identity(d, "alice", &ca, ALICE, &[&ca]);
+    let fa = write_identity(d, "a", &ca, A, &[&ca]);
+    let fb = write_identity(d, "b", &ca, B, &[&ca]);
+    let (_web, web_port) = start_workload("b", false);
+    let cp = ControlPlane::start(
+        CONTROL,
+        write_identity(d, "control", &ca, CONTROL, &[&ca]),
+        d.join("control-data"),
+        free_port(),
+        free_port(),
+    );
+    let b_web = free_port();
+    cp.apply(
+        &alice,
+        &d.join("b.yaml"),
+        &format!(
+            "apiVersion: sigil.dev/v1
+kind: Workload
+metadata: {{name: b, owner: team-b, purpose: the b service}}
+spec: {{spiffeId: {B}, environment: test, addresses: [\"127.0.0.1:{b_web}\"]}}
+"
+        ),
+    );
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.inbound = vec![(b_web, web_port)];
+    let pb = b.start(d, &fb);
+    // A knows where B is only from the pushed registry.
+    let a_web = free_port();
+    let mut a = Sidecar::new("sidecar-a", A);
+    a.outbound = vec![(a_web, b_web, String::new())];
+    a.control_plane = Some((cp.sidecar_port, CONTROL.into(), d.join("state-a")));
+    a.workers = Some(1);
+    let pa = a.start(d, &fa);
+    let pooled = |s: &Sidecar, direction: &str| {
+        count(
+            s,
+            "sigil_connections_active{",
+            &[&format!("direction=\"{direction}\"")],
+        )
+    };
+    wait_until(
+        "A calls B through the registry",
+        Duration::from_secs(10),
+        || get_once(a_web, "/orders/1") == Some(200),
+    );
+    assert_eq!(pooled(&a, "outbound"), 1.0, "{}", a.metrics());
+    assert_eq!(pooled(&b, "inbound"), 1.0, "{}", b.metrics());
+
+    let (code, out, err) = cp.sigil(&alice, &["delete", "Workload", "b"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    pa.wait_log("let go of pooled connections", Duration::from_secs(10));
+    wait_until(
+        "A's pooled connection to B closed",
+        Duration::from_secs(10),
+        || pooled(&a, "outbound") == 0.0 && pooled(&b, "inbound") == 0.0,
+    );
+    let (_, dump) = http_get(([127, 0, 0, 1], a.admin).into(), "/config_dump").unwrap();
+    assert!(dump.contains("\"pooled_destinations\": 0"), "{dump}");
+    assert_ne!(get_once(a_web, "/orders/2"), Some(200), "{}", pb.log());
+}
