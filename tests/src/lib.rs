@@ -308,6 +308,8 @@ pub struct Sidecar {
     pub timeouts: Vec<(&'static str, &'static str)>,
     /// `spec.limits` as a YAML flow map, e.g. `{maxConnectionsPerSource: 10}`.
     pub limits: Option<String>,
+    /// RLIMIT_NOFILE (soft and hard) to start the process with.
+    pub fd_limit: Option<u64>,
 }
 
 impl Sidecar {
@@ -329,6 +331,7 @@ impl Sidecar {
             allow_identity_change: false,
             timeouts: Vec::new(),
             limits: None,
+            fd_limit: None,
         }
     }
 
@@ -413,13 +416,25 @@ impl Sidecar {
     pub fn spawn(&self, dir: &Path, files: &IdentityFiles) -> Proc {
         let cfg = dir.join(format!("{}.yaml", self.name));
         std::fs::write(&cfg, self.config_yaml(files)).expect("write config");
-        let p = Proc::spawn(
-            &self.name,
-            Command::new(bin("sigil-proxy"))
-                .arg("--config")
-                .arg(&cfg)
-                .env("SIGIL_LOG", "info"),
-        );
+        let mut cmd = Command::new(bin("sigil-proxy"));
+        cmd.arg("--config").arg(&cfg).env("SIGIL_LOG", "info");
+        if let Some(n) = self.fd_limit {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe and touches only the child's limits.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let p = Proc::spawn(&self.name, &mut cmd);
         let admin: SocketAddr = ([127, 0, 0, 1], self.admin).into();
         let deadline = Instant::now() + Duration::from_secs(15);
         while TcpStream::connect_timeout(&admin, Duration::from_millis(200)).is_err() {

@@ -459,3 +459,65 @@ spec: {{spiffeId: {B}, environment: test, addresses: [\"127.0.0.1:{b_web}\"]}}
     assert!(dump.contains("\"pooled_destinations\": 0"), "{dump}");
     assert_ne!(get_once(a_web, "/orders/2"), Some(200), "{}", pb.log());
 }
+
+/// At a low descriptor limit (600), the default bound on connections leaves `fdReserve`
+/// descriptors for the sidecar's own use: a flood of 600 connections from twelve addresses
+/// (each under the per-source bounds) is cut at (600 - 256) / 2 = 172, the reserve stays
+/// free, and the caller that behaves still reaches the workload. Without the bound the
+/// flood took every descriptor, and healthy requests got 502 because the sidecar could not
+/// open a connection to its own workload.
+#[test]
+fn the_descriptor_reserve_keeps_the_workload_reachable_during_a_flood() {
+    let dir = TempDir::new("abuse-fds");
+    let d = dir.path();
+    let ca = Ca::new("example.org");
+    let (_web, web_port) = start_workload("b", false);
+    let fa = write_identity(d, "a", &ca, A, &[&ca]);
+    let fb = write_identity(d, "b", &ca, B, &[&ca]);
+    let b_web = free_port();
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.inbound = vec![(b_web, web_port)];
+    b.fd_limit = Some(600);
+    b.handshake_timeout = "20s";
+    let pb = b.start(d, &fb);
+    assert!(
+        pb.log().contains("fd_limit=600 max_connections=172"),
+        "{}",
+        pb.log()
+    );
+    let a_web = free_port();
+    let mut a = Sidecar::new("sidecar-a", A);
+    a.outbound = vec![(a_web, b_web, B.into())];
+    a.workers = Some(1);
+    let _pa = a.start(d, &fa);
+    assert_eq!(get_once(a_web, "/orders/1"), Some(200), "{}", pb.log());
+    let before = show("sidecar B before", pb.pid());
+    let (stop, calls) = steady(a_web);
+    let flood: Vec<_> = (0..12u8)
+        .map(|i| idle_from([127, 0, 3, i + 1], b_web, 50))
+        .collect();
+    // 172 in all: A's pooled connection and 171 of the flood.
+    wait_until("the total bound reached", Duration::from_secs(10), || {
+        refused(&b, "too_many_connections") == 429.0
+    });
+    let during = show("sidecar B at its bound", pb.pid());
+    // Requests that need a new connection to the workload still get one.
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = calls.join().unwrap();
+    assert!(
+        failed.is_empty() && ok > 10,
+        "the well-behaved caller failed: {failed:?} ({ok} ok)\n{}",
+        pb.log()
+    );
+    assert!(
+        during.1 <= 600 - 256,
+        "the reserve was not kept free: {during:?}"
+    );
+    drop(flood);
+    wait_until("the flood gone", Duration::from_secs(10), || {
+        open(&b).0 <= 1
+    });
+    let after = show("sidecar B after", pb.pid());
+    assert!(after.1 <= before.1 + 10, "{before:?} {after:?}");
+}
