@@ -113,8 +113,23 @@ fn tls_from(
     Vec<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
     usize,
 ) {
+    tls_carrying(rt, ca, from, port, n, sigil_filters::tls::Carries::Tcp)
+}
+
+/// `tls_from`, offering `carries` (ALPN) instead of raw TCP.
+fn tls_carrying(
+    rt: &tokio::runtime::Runtime,
+    ca: &Ca,
+    from: [u8; 4],
+    port: u16,
+    n: usize,
+    carries: sigil_filters::tls::Carries,
+) -> (
+    Vec<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    usize,
+) {
     use rustls::pki_types::{ServerName, UnixTime};
-    use sigil_filters::tls::{client_config, provider, Carries};
+    use sigil_filters::tls::{client_config, provider};
     use sigil_filters::{LocalIdentity, TrustBundles};
 
     let svid = ca.svid(C);
@@ -140,7 +155,7 @@ fn tls_from(
         Arc::default(),
         p,
         B.parse().unwrap(),
-        Carries::Tcp,
+        carries,
     );
     let connector = tokio_rustls::TlsConnector::from(config);
     rt.block_on(async {
@@ -520,4 +535,209 @@ fn the_descriptor_reserve_keeps_the_workload_reachable_during_a_flood() {
     });
     let after = show("sidecar B after", pb.pid());
     assert!(after.1 <= before.1 + 10, "{before:?} {after:?}");
+}
+
+/// One HTTP/2 frame: length, type, flags, stream, payload (RFC 9113 §4.1).
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend([kind, flags]);
+    f.extend(stream.to_be_bytes());
+    f.extend(payload);
+    f
+}
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const GOAWAY: u8 = 0x7;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+/// HPACK: :method GET, :scheme http, :path /, :authority b (literal, not indexed).
+const GET_ROOT: &[u8] = &[0x82, 0x86, 0x84, 0x01, 0x01, b'b'];
+
+/// Writes `frames` to an HTTP/2 (sigil/h2) mTLS connection, reads until the sidecar closes
+/// it (or 15 s), and returns the GOAWAY error code it sent, if any, and whether every frame
+/// could be written.
+async fn send_frames(
+    mut tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    frames: Vec<Vec<u8>>,
+) -> (Option<u32>, bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut r, mut w) = tokio::io::split(&mut tls);
+    let reader = async {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(15), r.read(&mut buf)).await
+        {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    };
+    let writer = async {
+        let mut all = PREFACE.to_vec();
+        all.extend(frame(SETTINGS, 0, 0, &[]));
+        all.extend(frame(SETTINGS, 0x1, 0, &[]));
+        if w.write_all(&all).await.is_err() {
+            return false;
+        }
+        for f in frames {
+            if w.write_all(&f).await.is_err() {
+                return false;
+            }
+        }
+        w.flush().await.is_ok()
+    };
+    let (got, wrote) = futures_util::future::join(reader, writer).await;
+    // Walk the frames the sidecar sent for a GOAWAY.
+    let (mut at, mut goaway) = (0, None);
+    while at + 9 <= got.len() {
+        let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
+        if got[at + 3] == GOAWAY && at + 9 + 8 <= got.len() {
+            let p = &got[at + 9..];
+            goaway = Some(u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
+        }
+        at += 9 + len;
+    }
+    (goaway, wrote)
+}
+
+/// HTTP/2 abuse from an authenticated peer at the inbound listener: rapid reset (streams
+/// opened and cancelled at once, CVE-2023-44487) and a CONTINUATION flood (a header block
+/// that never ends, CVE-2024-27316). hyper and h2 cut both with GOAWAY; the sidecar stays
+/// small and serves everyone else.
+#[test]
+fn http2_rapid_reset_and_continuation_floods_are_cut() {
+    use sigil_filters::tls::Carries;
+    let dir = TempDir::new("abuse-h2");
+    let d = dir.path();
+    let ca = Ca::new("example.org");
+    let (_web, web_port) = start_workload("b", false);
+    let fa = write_identity(d, "a", &ca, A, &[&ca]);
+    let fb = write_identity(d, "b", &ca, B, &[&ca]);
+    let b_web = free_port();
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.inbound = vec![(b_web, web_port)];
+    let pb = b.start(d, &fb);
+    let a_web = free_port();
+    let mut a = Sidecar::new("sidecar-a", A);
+    a.outbound = vec![(a_web, b_web, B.into())];
+    let _pa = a.start(d, &fa);
+    assert_eq!(get_once(a_web, "/orders/1"), Some(200));
+    let before = show("sidecar B before", pb.pid());
+    let (stop, calls) = steady(a_web);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    // Rapid reset: 20,000 streams, each cancelled right after its HEADERS.
+    let (mut conns, failed) = tls_carrying(&rt, &ca, [127, 0, 4, 1], b_web, 1, Carries::Http2);
+    assert_eq!(failed, 0);
+    let frames: Vec<Vec<u8>> = (0..20_000u32)
+        .flat_map(|i| {
+            let stream = 2 * i + 1;
+            [
+                frame(HEADERS, END_HEADERS | END_STREAM, stream, GET_ROOT),
+                frame(RST_STREAM, 0, stream, &8u32.to_be_bytes()),
+            ]
+        })
+        .collect();
+    let (goaway, _) = rt.block_on(send_frames(conns.remove(0), frames));
+    // ENHANCE_YOUR_CALM (0xb): too many resets.
+    assert_eq!(goaway, Some(0xb), "no GOAWAY for rapid reset\n{}", pb.log());
+    let served = count(&b, "sigil_requests_total{", &["direction=\"inbound\""]);
+    assert!(
+        served < 1_000.0,
+        "{served} of 20,000 cancelled streams were served"
+    );
+
+    // CONTINUATION flood: one header block, 4,096 frames of 16 KiB that never end it.
+    let (mut conns, failed) = tls_carrying(&rt, &ca, [127, 0, 4, 2], b_web, 1, Carries::Http2);
+    assert_eq!(failed, 0);
+    let mut frames = vec![frame(HEADERS, END_STREAM, 1, GET_ROOT)];
+    // Each fragment: a literal header (not indexed, new name) with a 16,000-byte value.
+    let mut fragment = vec![0x00, 0x01, b'x', 0x7f, 0x81, 0x7c];
+    fragment.resize(6 + 16_000, b'a');
+    frames.extend((0..4_096).map(|_| frame(CONTINUATION, 0, 1, &fragment)));
+    let (goaway, wrote_all) = rt.block_on(send_frames(conns.remove(0), frames));
+    assert!(
+        goaway.is_some() || !wrote_all,
+        "a header block of 64 MiB was read to its end\n{}",
+        pb.log()
+    );
+    let during = show("sidecar B after both floods", pb.pid());
+    assert!(
+        during.0 < before.0 + 64 * 1024,
+        "the floods cost {} MiB: {before:?} {during:?}",
+        (during.0 - before.0) / 1024
+    );
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = calls.join().unwrap();
+    assert!(
+        failed.is_empty() && ok > 5,
+        "the well-behaved caller failed: {failed:?} ({ok} ok)\n{}",
+        pb.log()
+    );
+    drop(rt);
+}
+
+/// Slowloris: a request head trickled one byte at a time is cut by the header-read timeout
+/// (10 s) while other callers are served.
+#[test]
+fn a_trickled_request_head_is_cut() {
+    let dir = TempDir::new("abuse-slowloris");
+    let d = dir.path();
+    let ca = Ca::new("example.org");
+    let (_web, web_port) = start_workload("b", false);
+    let fa = write_identity(d, "a", &ca, A, &[&ca]);
+    let fb = write_identity(d, "b", &ca, B, &[&ca]);
+    let b_web = free_port();
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.inbound = vec![(b_web, web_port)];
+    let pb = b.start(d, &fb);
+    let a_web = free_port();
+    let mut a = Sidecar::new("sidecar-a", A);
+    a.outbound = vec![(a_web, b_web, B.into())];
+    let pa = a.start(d, &fa);
+    let (stop, calls) = steady(a_web);
+    let mut s = TcpStream::connect(("127.0.0.1", a_web)).unwrap();
+    std::io::Write::write_all(&mut s, b"GET /orders/slow HTTP/1.1\r\nHost: b\r\n").unwrap();
+    let started = Instant::now();
+    let mut cut = false;
+    // One byte every 250 ms, for at most 30 s.
+    while started.elapsed() < Duration::from_secs(30) {
+        if std::io::Write::write_all(&mut s, b"X").is_err() {
+            cut = true;
+            break;
+        }
+        s.set_read_timeout(Some(Duration::from_millis(250)))
+            .unwrap();
+        let mut buf = [0u8; 256];
+        match std::io::Read::read(&mut s, &mut buf) {
+            Ok(0) => {
+                cut = true;
+                break;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => {
+                cut = true;
+                break;
+            }
+        }
+    }
+    assert!(
+        cut,
+        "a request head trickled for 30 s was not cut\n{}",
+        pa.log()
+    );
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = calls.join().unwrap();
+    assert!(
+        failed.is_empty() && ok > 10,
+        "the well-behaved caller failed: {failed:?} ({ok} ok)\n{}",
+        pb.log()
+    );
 }
