@@ -92,9 +92,10 @@ impl Hub {
         }
         let version = catalog.version;
         let revocations = catalog.revocation_count();
-        // Publishes may race (an operator change and the etcd watch): never go back.
+        // Publishes may race (an operator change and the etcd watch): never go back, and
+        // do not wake every stream for a version they have.
         let newer = self.catalog.send_if_modified(|current| {
-            if version >= current.version {
+            if version > current.version {
                 *current = Arc::new(catalog);
                 true
             } else {
@@ -117,12 +118,14 @@ impl Hub {
         }
     }
 
-    /// Reloads the catalog from the store whenever a sidecar's hello shows it behind. Runs
-    /// forever.
+    /// Reloads the catalog from the store whenever a sidecar's hello shows it behind, at
+    /// most once a second however many sidecars ask (after a store restored from an older
+    /// copy, every sidecar is ahead). Runs forever.
     pub async fn reload_on_request(&self, store: &Store) {
         loop {
             self.reload.notified().await;
             let _ = self.publish(store).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 

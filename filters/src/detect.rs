@@ -15,6 +15,9 @@ pub enum Detected {
     NeedMore,
 }
 
+/// More empty lines than this before a request line: not HTTP.
+const MAX_LEADING_CRLF: usize = 16;
+
 pub fn classify(prefix: &[u8]) -> Detected {
     if prefix.is_empty() {
         return Detected::NeedMore;
@@ -25,6 +28,19 @@ pub fn classify(prefix: &[u8]) -> Detected {
             Detected::Http2
         } else {
             Detected::NeedMore
+        };
+    }
+    // Empty lines before the request line, which servers skip (RFC 9112 §2.2): a request
+    // that starts with them is still HTTP.
+    let skipped = prefix
+        .iter()
+        .take_while(|b| **b == b'\r' || **b == b'\n')
+        .count();
+    if skipped > 0 {
+        return if skipped >= MAX_LEADING_CRLF {
+            Detected::Opaque
+        } else {
+            classify(&prefix[skipped..])
         };
     }
     // HTTP/1 request line: an uppercase method token, a space, then the target.
@@ -70,6 +86,12 @@ mod tests {
             (b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", Opaque),
             (b"PRIX", NeedMore), // could still be a method token
             (b"PRI*", Opaque),
+            // Empty lines before the request line are skipped, as servers do.
+            (b"\r\nGET / HTTP/1.1", Http1),
+            (b"\r\n\r\n\nPOST /x HTTP/1.1", Http1),
+            (b"\r\n", NeedMore),
+            (b"\r\n\x16\x03", Opaque),
+            (&[b'\n'; 16], Opaque),
         ];
         for (input, want) in cases {
             assert_eq!(

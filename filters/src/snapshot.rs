@@ -24,11 +24,15 @@ pub enum Freshness {
     NewEpoch,
     /// Same epoch, an earlier version: refused.
     Older,
+    /// No epoch, while one is in force: a control plane too old to name its store, whose
+    /// versions cannot be compared. Refused (a lagging replica of an older release must not
+    /// roll a revocation back during an upgrade).
+    NoEpoch,
 }
 
 impl Freshness {
     pub fn acceptable(self) -> bool {
-        self != Self::Older
+        !matches!(self, Self::Older | Self::NoEpoch)
     }
 }
 
@@ -36,6 +40,7 @@ impl Freshness {
 pub fn freshness(in_force: Option<(&str, u64)>, offered: (&str, u64)) -> Freshness {
     match in_force {
         None => Freshness::First,
+        Some((epoch, _)) if offered.0.is_empty() && !epoch.is_empty() => Freshness::NoEpoch,
         Some((epoch, _)) if epoch != offered.0 => Freshness::NewEpoch,
         Some((_, version)) if offered.1 > version => Freshness::Newer,
         Some((_, version)) if offered.1 == version => Freshness::Same,
@@ -154,7 +159,13 @@ mod tests {
         assert_eq!(freshness(Some(("e", 5)), ("e", 4)), Older);
         assert_eq!(freshness(Some(("e", 5)), ("f", 1)), NewEpoch);
         assert_eq!(freshness(Some(("", 5)), ("e", 1)), NewEpoch);
-        assert!(!Older.acceptable());
+        // Neither names its store: versions are all there is to compare.
+        assert_eq!(freshness(Some(("", 5)), ("", 4)), Older);
+        assert_eq!(freshness(Some(("", 5)), ("", 6)), Newer);
+        // An epoch in force and an offer without one: refused whatever its version.
+        assert_eq!(freshness(Some(("e", 5)), ("", 9)), NoEpoch);
+        assert_eq!(freshness(Some(("e", 5)), ("", 1)), NoEpoch);
+        assert!(!Older.acceptable() && !NoEpoch.acceptable());
         assert!([First, Newer, Same, NewEpoch]
             .iter()
             .all(|f| f.acceptable()));

@@ -16,7 +16,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use sigil_filters::limits::ConnLimits;
+use sigil_filters::limits::{ConnLimits, Refusal};
 
 use crate::admission::Admission;
 use crate::proxy::Proxy;
@@ -41,6 +41,10 @@ pub fn serve_conn(p: Arc<Proxy>, admission: &Arc<Admission>, tcp: TcpStream, cli
                 crate::metrics::UNAUTHENTICATED_PEER.into(),
                 "admin_limit",
             );
+            let why = match why {
+                Refusal::TooManyFromSource => "16 admin connections open from this address",
+                _ => "256 admin connections open",
+            };
             crate::logs::limited!(warn, %client, "admin connection refused: {why}");
             return;
         }

@@ -44,8 +44,11 @@ impl Admission {
         })
     }
 
-    /// An inbound connection from `source`, handshake ahead.
+    /// An inbound connection from `source`, handshake ahead. IPv6 sources count by /64:
+    /// one host is routinely given a whole /64, and would otherwise have 2^64 addresses'
+    /// worth of per-source bounds.
     pub fn inbound(self: &Arc<Self>, source: IpAddr) -> Result<(Slot, Handshake), Refusal> {
+        let source = source_key(source);
         let mut sources = self.sources.lock().expect("admission lock");
         let (from_source, handshakes_from_source) =
             sources.get(&source).copied().unwrap_or_default();
@@ -75,6 +78,12 @@ impl Admission {
 
     /// An outbound connection from our own workload.
     pub fn outbound(self: &Arc<Self>) -> Result<Slot, Refusal> {
+        self.total_only()
+    }
+
+    /// A connection bounded by the total alone: one from our own workload, or a tunnel
+    /// that outlives the HTTP connection it was upgraded from.
+    pub fn total_only(self: &Arc<Self>) -> Result<Slot, Refusal> {
         // Under the lock, so that concurrent admissions cannot both take the last room.
         let _sources = self.sources.lock().expect("admission lock");
         admit_outbound(&self.limits, self.connections.load(Ordering::Relaxed))?;
@@ -83,6 +92,11 @@ impl Admission {
             admission: self.clone(),
             source: None,
         })
+    }
+
+    /// The bound on connections in all, which also budgets the connections to the workload.
+    pub fn max_connections(&self) -> u32 {
+        self.limits.connections
     }
 
     /// Connections and handshakes open now.
@@ -118,6 +132,17 @@ impl Drop for Handshake {
     fn drop(&mut self) {
         self.admission.handshakes.fetch_sub(1, Ordering::Relaxed);
         self.admission.release(self.source, 0, 1);
+    }
+}
+
+/// The address a source is counted under: itself for IPv4, its /64 for IPv6.
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
     }
 }
 
@@ -188,6 +213,29 @@ mod tests {
         assert_eq!(a.open(), (1, 0));
         drop(out);
         assert_eq!(a.open(), (0, 0));
+    }
+
+    #[test]
+    fn ipv6_sources_count_by_their_64() {
+        let a = Admission::new(ConnLimits {
+            connections: 10,
+            connections_per_source: 2,
+            handshakes: 10,
+            handshakes_per_source: 10,
+        });
+        let one: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let same_64: IpAddr = "2001:db8:1:2:ffff::7".parse().unwrap();
+        let other_64: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let _x = a.inbound(one).unwrap();
+        let _y = a.inbound(same_64).unwrap();
+        assert_eq!(a.inbound(one).err(), Some(Refusal::TooManyFromSource));
+        let _z = a.inbound(other_64).unwrap();
+        // An IPv4-mapped address counts as its IPv4 address.
+        let v4: IpAddr = "192.0.2.1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        let _p = a.inbound(v4).unwrap();
+        let _q = a.inbound(mapped).unwrap();
+        assert_eq!(a.inbound(v4).err(), Some(Refusal::TooManyFromSource));
     }
 
     #[test]

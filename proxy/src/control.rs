@@ -218,15 +218,11 @@ pub fn load_persisted(
     }
 }
 
-/// The snapshot in a persisted file: sealed (whole and unchanged), decodable, and a real
-/// snapshot (every accepted one has a version; an empty message decodes as version 0).
+/// The snapshot in a persisted file: sealed (whole and unchanged) and decodable. (Version 0
+/// is a real snapshot: an empty store's.)
 fn decode_persisted(bytes: &[u8]) -> Result<Snapshot, String> {
     let payload = unseal(bytes).map_err(|e| e.to_string())?;
-    let s = Snapshot::decode(payload).map_err(|e| format!("not a snapshot: {e}"))?;
-    if s.version == 0 {
-        return Err("holds no snapshot (version 0)".into());
-    }
-    Ok(s)
+    Snapshot::decode(payload).map_err(|e| format!("not a snapshot: {e}"))
 }
 
 /// Written to a temporary file, synced, and renamed over (the directory synced too): a crash
@@ -269,6 +265,17 @@ fn accept(p: &Proxy, s: &Snapshot, state_dir: &Path) -> Result<String, Rejected>
                 format!(
                     "version {} of epoch {} is older than version {running} in force: the control plane is behind its store; keeping {running}",
                     s.version, s.epoch
+                ),
+                "older_version",
+            ));
+        }
+        Freshness::NoEpoch => {
+            return Err(Rejected(
+                format!(
+                    "version {} names no epoch, while epoch {} is in force: a control plane of an older release, whose versions cannot be compared; keeping version {}",
+                    s.version,
+                    p.pushed_epoch_version().0,
+                    p.pushed_version()
                 ),
                 "older_version",
             ));
@@ -525,17 +532,18 @@ mod tests {
     proptest! {
         #![proptest_config(config(2000))]
 
-        /// Whatever is on disk, reading it never panics, and anything it yields is a real
-        /// snapshot (version above 0).
+        /// Whatever is on disk, reading it never panics; unsealed bytes are never taken;
+        /// sealed ones are exactly what they decode to.
         #[test]
         fn any_file_is_read_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
-            if let Ok(s) = decode_persisted(&bytes) {
-                prop_assert!(s.version > 0);
+            if !bytes.starts_with(sigil_filters::snapshot::MAGIC) {
+                prop_assert!(decode_persisted(&bytes).is_err());
             }
             let mut sealed = seal(&bytes);
-            if let Ok(s) = decode_persisted(&sealed) {
-                prop_assert!(s.version > 0);
-            }
+            prop_assert_eq!(
+                decode_persisted(&sealed).ok(),
+                Snapshot::decode(&bytes[..]).ok()
+            );
             sealed.truncate(sealed.len() / 2);
             prop_assert!(decode_persisted(&sealed).is_err());
         }

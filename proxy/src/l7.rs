@@ -41,7 +41,8 @@ use crate::conns::{is_graceful, Direction, Kind, GRACE};
 use crate::logs::limited;
 use crate::metrics::{RequestMetrics, RuleLabels};
 use crate::proxy::{now_unix, Admitted, Proxy};
-use crate::relay::{close_request, closed, Counted};
+use crate::relay::{close_request, Counted};
+use crate::workload::Unanswered;
 
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Response bodies come from hyper (the workload) or from h2 (a peer sidecar, `pool`).
@@ -252,8 +253,11 @@ pub fn local_response(status: StatusCode, grpc: bool, reason: &str) -> Response<
         .expect("static response parts")
 }
 
-async fn handle(c: &Conn, req: Request<Incoming>) -> Response<Body> {
+async fn handle(c: &Conn, mut req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
+    // Only we may say who the caller is, under any spelling a backend could read as ours:
+    // removed before the route's header matches see them, set again when forwarding.
+    crate::http::strip_identity(req.headers_mut());
     let grpc = is_grpc(&req);
     let (route, decision, resp) = match authorize(c, &req) {
         Err(why) => {
@@ -362,14 +366,6 @@ fn authorize(c: &Conn, req: &Request<Incoming>) -> Result<(Arc<str>, Verdict), S
     Ok((route, Verdict::Allow { target }))
 }
 
-/// Why the workload gave no response.
-enum Unanswered {
-    Failed(String),
-    /// No response head within `timeouts.request`: the sidecar answers 504 and lets go of
-    /// the request rather than hold a connection on both sidecars until the client gives up.
-    TimedOut(std::time::Duration),
-}
-
 impl From<String> for Unanswered {
     fn from(e: String) -> Self {
         Self::Failed(e)
@@ -386,6 +382,13 @@ async fn forward(
 ) -> Result<Response<Body>, Unanswered> {
     let limit = c.p.cfg.spec.timeouts.request;
     let upgrade = req.version() == Version::HTTP_11 && req.headers().contains_key(UPGRADE);
+    // A tunnel outlives the connection it came from, and the room that connection holds:
+    // it takes room of its own, before the workload is asked.
+    let room = match upgrade.then(|| c.p.admission.total_only()) {
+        Some(Err(why)) => return Err(Unanswered::Failed(format!("no room for a tunnel: {why}"))),
+        Some(Ok(slot)) => Some(slot),
+        None => None,
+    };
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     // HTTP/2 carries the host in :authority; an HTTP/1.1 workload needs it as Host.
@@ -408,8 +411,7 @@ async fn forward(
             .headers
             .insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
     }
-    // Only we may say who the caller is, under any spelling a backend could read as ours.
-    crate::http::strip_identity(&mut parts.headers);
+    // The client's spellings went in `handle`; this is the verified one.
     parts.headers.insert(
         HeaderName::from_static(PEER_ID_HEADER),
         c.peer_header.clone(),
@@ -427,10 +429,12 @@ async fn forward(
         .parse()
         .map_err(|e| format!("rebuilding the target: {e}"))?;
         parts.version = Version::HTTP_2;
+        // No timeout: gRPC carries its own deadline (grpc-timeout), and a streaming call
+        // may send its response head only with its first message, long after.
         let out = Request::from_parts(parts, body);
-        tokio::time::timeout(limit, workload.send_grpc(out))
-            .await
-            .map_err(|_| Unanswered::TimedOut(limit))??
+        workload
+            .send_grpc(out)
+            .await?
             .map(|b| b.map_err(Into::into).boxed())
     } else {
         // Anything else goes to the workload as HTTP/1.1, which every workload speaks (an
@@ -445,9 +449,9 @@ async fn forward(
         }
         parts.version = Version::HTTP_11;
         let out = Request::from_parts(parts, body);
-        tokio::time::timeout(limit, workload.send_h1(c.port, out))
-            .await
-            .map_err(|_| Unanswered::TimedOut(limit))??
+        workload
+            .send_h1(c.port, out, limit)
+            .await?
             .map(|b| b.map_err(Into::into).boxed())
     };
     if let (Some(down), StatusCode::SWITCHING_PROTOCOLS) = (downstream_upgrade, resp.status()) {
@@ -462,30 +466,37 @@ async fn forward(
             c.port,
         );
         let load = c.p.workers.hold();
+        let idle = c.p.cfg.spec.timeouts.idle;
         tokio::spawn(async move {
-            let _load = load;
-            tunnel(down, up, &mut guard.close_rx).await
+            let _held = (load, room);
+            tunnel(down, up, &mut guard.close_rx, idle).await
         });
     }
     Ok(resp)
 }
 
-/// Relays the two halves of an upgraded HTTP/1.1 connection (WebSocket) until either ends
-/// or the registry closes it. Returns the close reason label.
+/// Relays the two halves of an upgraded HTTP/1.1 connection (WebSocket) until either ends,
+/// the registry closes it, or nothing moves for `idle` (`timeouts.idle`). Returns the close
+/// reason label. (Its bytes are counted on the connection it came from.)
 pub async fn tunnel(
     down: hyper::upgrade::OnUpgrade,
     up: hyper::upgrade::OnUpgrade,
     close_rx: &mut tokio::sync::watch::Receiver<Option<&'static str>>,
+    idle: std::time::Duration,
 ) -> &'static str {
     let (Ok(down), Ok(up)) = (down.await, up.await) else {
         return "io_error";
     };
-    let mut down = TokioIo::new(down);
-    let mut up = TokioIo::new(up);
-    tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut down, &mut up) => {
-            if r.is_ok() { "done" } else { "io_error" }
-        }
-        reason = closed(close_rx) => reason,
-    }
+    let uncounted = crate::relay::Counters {
+        from_peer: Default::default(),
+        to_peer: Default::default(),
+    };
+    crate::relay::relay(
+        TokioIo::new(down),
+        TokioIo::new(up),
+        &uncounted,
+        close_rx,
+        idle,
+    )
+    .await
 }

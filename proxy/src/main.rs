@@ -399,9 +399,15 @@ fn spawn_accept<F>(
 fn conn_limits(cfg: &ProxyConfig) -> sigil_filters::limits::ConnLimits {
     let l = &cfg.spec.limits;
     let fds = admission::raise_fd_limit();
-    let connections = l
-        .max_connections
-        .unwrap_or_else(|| admission::default_max_connections(fds, l.fd_reserve));
+    let fits = admission::default_max_connections(fds, l.fd_reserve);
+    let connections = l.max_connections.unwrap_or(fits);
+    if connections > fits {
+        warn!(
+            fd_limit = fds,
+            max_connections = connections,
+            "limits.maxConnections is above what the descriptor limit holds at two descriptors a connection after limits.fdReserve ({fits}): a flood can take the descriptors the sidecar needs for its own workload"
+        );
+    }
     info!(
         fd_limit = fds,
         max_connections = connections,

@@ -195,8 +195,17 @@ async fn via_own_connection(
     c: &Conn,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Refusal> {
+    // The tunnel outlives the workload connection and its room: it takes its own.
+    let room = c.p.admission.total_only().map_err(|why| {
+        Refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "error",
+            format!("no room for a tunnel: {why}"),
+        )
+    })?;
     let down = hyper::upgrade::on(&mut req);
     crate::http::strip_identity(req.headers_mut());
+    let req = req.map(crate::http::ScrubTrailers);
     let Some((stream, chain)) = dial(&c.p, c.dest, &c.expected, Carries::Http1).await else {
         return Err(unreachable_peer());
     };
@@ -222,8 +231,9 @@ async fn via_own_connection(
     let p = c.p.clone();
     // The workload's connection (and its `Load`) may end at the upgrade; the tunnel stays.
     let load = p.workers.hold();
+    let idle = p.cfg.spec.timeouts.idle;
     tokio::spawn(async move {
-        let _load = load;
+        let _held = (load, room);
         let reason = tokio::select! {
             // Ends when the response is done and the sender dropped, or at the upgrade.
             r = conn.with_upgrades() => r.err().map(|_| "io_error"),
@@ -232,19 +242,29 @@ async fn via_own_connection(
         let reason = match reason {
             Some(reason) => reason,
             None => match upgraded_rx.await {
-                Ok(up) => tunnel(down, up, &mut guard.close_rx).await,
+                Ok(up) => tunnel(down, up, &mut guard.close_rx, idle).await,
                 Err(_) => "done",
             },
         };
         p.closed(&labels, reason);
     });
-    let mut resp = sender.send_request(req).await.map_err(|e| {
-        Refusal(
-            StatusCode::BAD_GATEWAY,
-            "error",
-            format!("peer sidecar: {e}"),
-        )
-    })?;
+    let limit = c.p.cfg.spec.timeouts.request;
+    let mut resp = tokio::time::timeout(limit, sender.send_request(req))
+        .await
+        .map_err(|_| {
+            Refusal(
+                StatusCode::GATEWAY_TIMEOUT,
+                "error",
+                format!("the destination's sidecar did not answer the upgrade within {limit:?}"),
+            )
+        })?
+        .map_err(|e| {
+            Refusal(
+                StatusCode::BAD_GATEWAY,
+                "error",
+                format!("peer sidecar: {e}"),
+            )
+        })?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let _ = upgraded_tx.send(hyper::upgrade::on(&mut resp));
     }

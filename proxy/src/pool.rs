@@ -162,7 +162,8 @@ impl Pool {
                     return true;
                 }
                 s.removed.store(true, Ordering::Relaxed);
-                s.left.notify_one();
+                // Every connection task of the slot (a retiring one too) lets go.
+                s.left.notify_waiters();
                 *s.sender.lock().expect("slot lock") = None;
                 pruned += 1;
                 false
@@ -216,6 +217,7 @@ impl Pool {
         if slot.removed.load(Ordering::Relaxed) {
             return Err(SendError::Gone);
         }
+        let grpc = crate::l7::is_grpc(&req);
         let (mut parts, body) = req.into_parts();
         strip_connection_headers(&mut parts.headers);
         // The destination's sidecar removes them too; neither hop trusts the other to.
@@ -245,11 +247,17 @@ impl Pool {
             // The body streams on while the response may already come back (gRPC).
             tokio::spawn(Upload { body, stream }.run());
         }
-        let limit = p.cfg.spec.timeouts.request + RESPONSE_MARGIN;
-        let resp = tokio::time::timeout(limit, response)
-            .await
-            .map_err(|_| SendError::TimedOut(limit))?
-            .map_err(|e| SendError::Failed(format!("peer sidecar: {e}")))?;
+        // A request with a body (an upload, a gRPC stream) is timed by the destination's
+        // sidecar from its last byte; one without, here too, as a backstop.
+        let resp = if eos && !grpc {
+            let limit = p.cfg.spec.timeouts.request + RESPONSE_MARGIN;
+            tokio::time::timeout(limit, response)
+                .await
+                .map_err(|_| SendError::TimedOut(limit))?
+        } else {
+            response.await
+        }
+        .map_err(|e| SendError::Failed(format!("peer sidecar: {e}")))?;
         // No body at all (HEAD, 204, 304): nothing remains, whatever Content-Length says.
         let remaining = if resp.body().is_end_stream() {
             Some(0)
@@ -452,6 +460,15 @@ async fn connect(
         tokio::pin!(keep_alive, unused);
         let mut let_go = false;
         let mut reason = loop {
+            // Checked as well as awaited: a prune between two rounds of this loop finds no
+            // waiter to wake.
+            let left = slot.left.notified();
+            if slot.removed.load(Ordering::Relaxed) && !let_go {
+                debug!(%dest, peer = %labels.peer_id, "destination left the registry; letting go of its pooled connection");
+                slot.retire(id);
+                conn.probe = None;
+                let_go = true;
+            }
             tokio::select! {
                 // The peer sent GOAWAY and its streams are done, or the socket failed, or
                 // (let go) the last stream ended. h2 ends a connection only once its streams
@@ -471,12 +488,7 @@ async fn connect(
                 },
                 reason = closed(&mut guard.close_rx) => break reason,
                 reason = &mut keep_alive => break reason,
-                _ = slot.left.notified(), if !let_go => {
-                    debug!(%dest, peer = %labels.peer_id, "destination left the registry; letting go of its pooled connection");
-                    slot.retire(id);
-                    conn.probe = None;
-                    let_go = true;
-                }
+                _ = left, if !let_go => continue,
                 _ = &mut unused, if !let_go => {
                     // With the pool's sender dropped, h2 closes the connection once the
                     // streams still on it end; until then it stays registered.

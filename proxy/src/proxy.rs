@@ -100,7 +100,10 @@ impl Proxy {
             conns: Arc::new(Conns::default()),
             draining: AtomicBool::new(false),
             drain_started: tokio::sync::Notify::new(),
-            workload: crate::workload::Workload::new(workers.len()),
+            workload: crate::workload::Workload::new(
+                workers.len(),
+                admission.max_connections() as usize,
+            ),
             pool: crate::pool::Pool::default(),
             workers: Arc::new(workers),
             admission,
@@ -151,6 +154,10 @@ impl Proxy {
                 r.insert(*dest, id);
             }
         }
+        // In force first, so that a connection looking a destination up meanwhile cannot take
+        // a fresh slot to one about to be pruned.
+        let r = Arc::new(r);
+        *self.registry.write().expect("registry lock") = r.clone();
         // Pooled connections to destinations that left (or now expect another ID) go; the
         // explicit listeners' upstreams are not the registry's to take away.
         let explicit = &self.cfg.spec.outbound.explicit;
@@ -166,7 +173,6 @@ impl Proxy {
                 "let go of pooled connections to destinations that left the registry"
             );
         }
-        *self.registry.write().expect("registry lock") = Arc::new(r);
     }
 
     /// The version of the control-plane snapshot in force; 0 without one.

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -37,17 +37,31 @@ const MAX_IDLE_PER_PORT: usize = 256;
 /// connections in the order they came back (oldest first).
 type Idle = Arc<Mutex<HashMap<(u16, usize), Vec<(Instant, SendRequest<Upload>)>>>>;
 
+/// Why the workload gave no response.
+pub enum Unanswered {
+    Failed(String),
+    /// No response head within `timeouts.request` of the request's last body byte: the
+    /// sidecar answers 504 and lets go of the request rather than hold a connection on both
+    /// sidecars until the client gives up.
+    TimedOut(Duration),
+}
+
 pub struct Workload {
+    /// Connections to the workload open now, and the most there may be.
+    open: Arc<AtomicUsize>,
+    max_open: usize,
     idle: Idle,
     /// One per worker, then one for the main runtime (`workers::current()` off the workers).
     grpc: Vec<Client<HttpConnector, ScrubTrailers<Incoming>>>,
 }
 
 impl Workload {
-    pub fn new(workers: usize) -> Self {
+    pub fn new(workers: usize, max_open: usize) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         Self {
+            open: Arc::default(),
+            max_open,
             idle: Idle::default(),
             grpc: (0..=workers)
                 .map(|_| {
@@ -72,17 +86,38 @@ impl Workload {
     /// Sends an HTTP/1.1 request (origin-form URI, Host set) to 127.0.0.1:port on a pooled
     /// connection, or a new one. A request that a pooled connection did not take (it was
     /// closed by the workload meanwhile) goes out on the next one; nothing else is retried.
+    /// No response head within `limit` of the request's last body byte: `TimedOut`, and the
+    /// request is let go (its connection closes with it).
     pub async fn send_h1(
         &self,
         port: u16,
         req: Request<Incoming>,
+        limit: Duration,
+    ) -> Result<Response<Pooled>, Unanswered> {
+        let req = req.map(Upload::new);
+        let sent = req.body().done.clone();
+        let waited = async {
+            if let Some(sent) = &sent {
+                sent.wait().await;
+            }
+            tokio::time::sleep(limit).await;
+        };
+        tokio::select! {
+            r = self.send_h1_now(port, req) => r.map_err(Unanswered::Failed),
+            _ = waited => Err(Unanswered::TimedOut(limit)),
+        }
+    }
+
+    async fn send_h1_now(
+        &self,
+        port: u16,
+        mut req: Request<Upload>,
     ) -> Result<Response<Pooled>, String> {
-        let mut req = req.map(Upload::new);
         let uploaded = req.body().done.clone();
         loop {
             let (mut sender, reused) = match self.take(port) {
                 Some(s) => (s, true),
-                None => (dial(port).await?, false),
+                None => (self.dial(port).await?, false),
             };
             // A pooled connection may still be finishing its previous exchange.
             if let Err(e) = sender.ready().await {
@@ -129,7 +164,43 @@ impl Workload {
     }
 }
 
-async fn dial(port: u16) -> Result<SendRequest<Upload>, String> {
+impl Workload {
+    /// A new connection to the workload, within the budget (`max_open`): one admitted HTTP/2
+    /// connection can carry many concurrent requests, each needing a connection of its own
+    /// to an HTTP/1.1 workload, and the descriptors they take must stay within what the
+    /// bound on connections left for them.
+    async fn dial(&self, port: u16) -> Result<SendRequest<Upload>, String> {
+        let budget = OpenConn::take(&self.open, self.max_open).ok_or_else(|| {
+            format!(
+                "the sidecar holds {} connections to its workload, its budget \
+                 (limits.maxConnections)",
+                self.max_open
+            )
+        })?;
+        dial(port, budget).await
+    }
+}
+
+/// One connection to the workload, counted against `Workload::max_open` while it lives.
+struct OpenConn(Arc<AtomicUsize>);
+
+impl OpenConn {
+    fn take(open: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        open.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()?;
+        Some(Self(open.clone()))
+    }
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn dial(port: u16, budget: OpenConn) -> Result<SendRequest<Upload>, String> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let stream = TcpStream::connect(addr)
         .await
@@ -140,6 +211,7 @@ async fn dial(port: u16) -> Result<SendRequest<Upload>, String> {
         .await
         .map_err(|e| format!("{addr}: {e}"))?;
     tokio::spawn(async move {
+        let _budget = budget;
         // Upgrades (WebSocket) take the connection over; `l7::forward` relays them.
         if let Err(e) = conn.with_upgrades().await {
             debug!(%addr, "workload connection ended: {e}");
@@ -152,12 +224,36 @@ async fn dial(port: u16) -> Result<SendRequest<Upload>, String> {
 /// was empty from the start (most requests), so there is nothing to track.
 pub struct Upload {
     body: ScrubTrailers<Incoming>,
-    done: Option<Arc<AtomicBool>>,
+    done: Option<Arc<Sent>>,
+}
+
+/// Whether a request body has been sent whole, and a wake-up when it has.
+#[derive(Default)]
+pub struct Sent {
+    whole: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Sent {
+    fn load(&self) -> bool {
+        self.whole.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the body has been sent whole.
+    async fn wait(&self) {
+        loop {
+            let woken = self.notify.notified();
+            if self.load() {
+                return;
+            }
+            woken.await;
+        }
+    }
 }
 
 impl Upload {
     fn new(body: Incoming) -> Self {
-        let done = (!body.is_end_stream()).then(|| Arc::new(AtomicBool::new(false)));
+        let done = (!body.is_end_stream()).then(|| Arc::new(Sent::default()));
         Self {
             body: ScrubTrailers(body),
             done,
@@ -166,7 +262,9 @@ impl Upload {
 
     fn note_end(&self) {
         if let Some(done) = &self.done {
-            done.store(true, Ordering::Release);
+            if !done.whole.swap(true, Ordering::Release) {
+                done.notify.notify_waiters();
+            }
         }
     }
 }
@@ -204,7 +302,7 @@ impl Body for Upload {
 pub struct Pooled {
     body: Incoming,
     back: Option<(Idle, u16, SendRequest<Upload>)>,
-    uploaded: Option<Arc<AtomicBool>>,
+    uploaded: Option<Arc<Sent>>,
 }
 
 impl Pooled {
@@ -215,10 +313,7 @@ impl Pooled {
         // A workload may answer before reading the whole request body (an early 413, say);
         // hyper then goes on sending it, and a request handed this connection meanwhile
         // would wait behind that upload. Such a connection is not pooled.
-        let uploading = self
-            .uploaded
-            .as_ref()
-            .is_some_and(|done| !done.load(Ordering::Acquire));
+        let uploading = self.uploaded.as_ref().is_some_and(|done| !done.load());
         if sender.is_closed() || uploading {
             return;
         }

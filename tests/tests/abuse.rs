@@ -16,6 +16,28 @@ const A: &str = "spiffe://example.org/ns/demo/sa/a";
 const B: &str = "spiffe://example.org/ns/demo/sa/b";
 const C: &str = "spiffe://example.org/ns/demo/sa/c";
 
+/// Raises this process's descriptor limit to at least `n` (the tests open thousands of
+/// sockets).
+fn raise_own_fd_limit(n: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit read and write the struct we pass.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        if lim.rlim_cur < n {
+            lim.rlim_cur = n.min(lim.rlim_max);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+        }
+    }
+    assert!(
+        lim.rlim_cur >= n,
+        "descriptor limit {} below {n}",
+        lim.rlim_cur
+    );
+}
+
 /// (RSS in KiB, open descriptors) of a process.
 fn resources(pid: u32) -> (u64, usize) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -189,7 +211,9 @@ fn connection_and_handshake_limits_refuse_floods_while_others_are_served() {
     let b_web = free_port();
     let mut b = Sidecar::new("sidecar-b", B);
     b.inbound = vec![(b_web, web_port)];
-    b.handshake_timeout = "4s";
+    // Longer than the test: the flood's handshakes must not time out under a busy machine
+    // and change the counts.
+    b.handshake_timeout = "60s";
     b.limits = Some(
         "{maxConnections: 200, maxConnectionsPerSource: 80, maxPendingHandshakes: 100, \
          maxPendingHandshakesPerSource: 40}"
@@ -369,6 +393,9 @@ fn memory_returns_near_its_baseline_after_a_flood() {
     let b_web = free_port();
     let mut b = Sidecar::new("sidecar-b", B);
     b.inbound = vec![(b_web, web_port)];
+    // Room for 2,000 connections whatever the machine's defaults, in the sidecar and here.
+    b.fd_limit = Some(8_192);
+    raise_own_fd_limit(8_192);
     let pb = b.start(d, &fb);
     let rt = tokio::runtime::Runtime::new().unwrap();
     // Warm up: one connection through the whole path.

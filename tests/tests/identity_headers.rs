@@ -202,8 +202,55 @@ async fn forged_http2(port: u16, path: &str) -> String {
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
+    forged_http2_on(tcp, path).await
+}
+
+/// `forged_http2` straight at an inbound listener, as a peer sidecar's pool would call it:
+/// mTLS with A's SVID, ALPN `sigil/h2`, B's ID expected.
+async fn forged_http2_mtls(ca: &Ca, port: u16, path: &str) -> String {
+    use sigil_filters::tls::{client_config, provider, Carries};
+    let svid = ca.svid(A);
+    let p = provider();
+    let id = LocalIdentity::from_pem(
+        svid.chain_pem().as_bytes(),
+        svid.key_pem().as_bytes(),
+        UnixTime::now(),
+        None,
+        &p,
+    )
+    .unwrap();
+    let mut bundles = TrustBundles::new();
+    bundles
+        .insert_pem(
+            &sigil_config::TrustDomain::parse("example.org").unwrap(),
+            ca.bundle_pem().as_bytes(),
+        )
+        .unwrap();
+    let config = client_config(
+        &id,
+        Arc::new(bundles),
+        Arc::default(),
+        p,
+        B.parse().unwrap(),
+        Carries::Http2,
+    );
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    forged_http2_on(tls, path).await
+}
+
+async fn forged_http2_on<S>(io: S, path: &str) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
             .await
             .unwrap();
     tokio::spawn(conn);
@@ -286,6 +333,21 @@ fn forged_identity_fields_in_headers_and_trailers_never_reach_the_next_hop() {
         reply.contains("hello from b (POST /both-hops"),
         "{reply}\n{}\n{}",
         pa.log(),
+        pb.log()
+    );
+    assert_eq!(
+        workload_saw(&reply),
+        A,
+        "the workload got a forged field: {reply}"
+    );
+    assert!(reply.contains("body=5:"), "{reply}");
+
+    // The inbound hop alone over HTTP/2, as a peer sidecar's pool speaks it: B must strip
+    // what a calling sidecar that did not would have let through.
+    let reply = rt.block_on(forged_http2_mtls(&ca, b_web, "/inbound-hop-h2"));
+    assert!(
+        reply.contains("hello from b (POST /inbound-hop-h2"),
+        "{reply}\n{}",
         pb.log()
     );
     assert_eq!(
