@@ -768,3 +768,98 @@ fn a_trickled_request_head_is_cut() {
         pb.log()
     );
 }
+
+/// A 50 MB resource document, through both doors: a sidecar's policy directory and
+/// `sigil apply`. Each is refused whole with the line and the limit, before it is parsed;
+/// the policies in force stay, and so does the sidecar's memory.
+#[test]
+fn an_oversized_resource_document_is_refused_before_it_is_parsed() {
+    const CONTROL: &str = "spiffe://example.org/sigil/control";
+    const ALICE: &str = "spiffe://example.org/ops/alice";
+    let dir = TempDir::new("abuse-document");
+    let d = dir.path();
+    let ca = Ca::new("example.org");
+    let alice = write_identity(d, "alice", &ca, ALICE, &[&ca]);
+    let fa = write_identity(d, "a", &ca, A, &[&ca]);
+    let fb = write_identity(d, "b", &ca, B, &[&ca]);
+    let (_web, web_port) = start_workload("b", false);
+    let policies = d.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    let policy = |purpose: &str| {
+        format!(
+            "apiVersion: sigil.dev/v1
+kind: Policy
+metadata: {{name: b-web, owner: team-b, purpose: {purpose}}}
+spec:
+  target: {B}
+  ports:
+    - port: {web_port}
+      routes:
+        - {{name: orders, match: {{path: {{prefix: /orders}}}}, allow: [{A}]}}
+"
+        )
+    };
+    write_atomic(
+        &policies.join("b.yaml"),
+        policy("who may call b").as_bytes(),
+    );
+    let b_web = free_port();
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.inbound = vec![(b_web, web_port)];
+    b.policy_dir = Some(policies.clone());
+    let pb = b.start(d, &fb);
+    let a_web = free_port();
+    let mut a = Sidecar::new("sidecar-a", A);
+    a.outbound = vec![(a_web, b_web, B.into())];
+    let _pa = a.start(d, &fa);
+    assert_eq!(get_once(a_web, "/orders/1"), Some(200));
+    let before = show("sidecar B before", pb.pid());
+    let (stop, calls) = steady(a_web);
+
+    // 3 MB: under the 4 MiB file cap, so the document cap is what refuses it.
+    let huge = policy(&"x".repeat(3_000_000));
+    write_atomic(&policies.join("b.yaml"), huge.as_bytes());
+    pb.wait_log(
+        "the limit is 1048576 (1 MiB) per resource",
+        Duration::from_secs(10),
+    );
+    assert!(pb.log().contains("b.yaml:1:"), "{}", pb.log());
+    // 50 MB: over the file cap, not even read.
+    let file = std::fs::File::create(policies.join("huge.yaml")).unwrap();
+    file.set_len(50_000_000).unwrap();
+    pb.wait_log(
+        "file is 50000000 bytes; the limit is 4194304",
+        Duration::from_secs(10),
+    );
+    let after = show("sidecar B after both", pb.pid());
+    assert!(
+        after.0 < before.0 + 16 * 1024,
+        "refusing them cost {} MiB",
+        (after.0 - before.0) / 1024
+    );
+    // The policy in force still applies: /orders for A, nothing else.
+    assert_eq!(get_once(a_web, "/orders/2"), Some(200));
+    assert_eq!(get_once(a_web, "/admin"), Some(403));
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = calls.join().unwrap();
+    assert!(failed.is_empty() && ok > 5, "{failed:?} ({ok} ok)");
+
+    // The control plane refuses the same document from `sigil apply`.
+    let cp = ControlPlane::start(
+        CONTROL,
+        write_identity(d, "control", &ca, CONTROL, &[&ca]),
+        d.join("control-data"),
+        free_port(),
+        free_port(),
+    );
+    let file = d.join("huge-apply.yaml");
+    std::fs::write(&file, &huge).unwrap();
+    let (code, out, err) = cp.sigil(&alice, &["apply", "-f", file.to_str().unwrap()]);
+    assert_ne!(code, Some(0), "{out}");
+    assert!(
+        err.contains("huge-apply.yaml:1:") && err.contains("the limit is 1048576 (1 MiB)"),
+        "{out}{err}"
+    );
+    let (_, listed, _) = cp.sigil(&alice, &["get", "Policy"]);
+    assert!(!listed.contains("b-web"), "{listed}");
+}
