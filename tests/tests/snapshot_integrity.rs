@@ -3,10 +3,13 @@
 //! whole and unchanged (sealed with its length and SHA-256). A copy that is truncated, random
 //! bytes, empty, a bare protobuf, or gone leaves it not ready and denying every inbound
 //! request (`awaiting_snapshot`) until the control plane answers: the policies it will
-//! receive may deny what nothing else on the host knows to.
+//! receive may deny what nothing else on the host knows to. And whoever sends a snapshot
+//! older than the one in force, or one without an epoch, is refused.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use sigil_api::{Ack, Document, Snapshot};
 use sigil_e2e::*;
 use sigil_testkit::Ca;
 
@@ -161,4 +164,213 @@ fn flip_last(bytes: &[u8]) -> Vec<u8> {
     let mut v = bytes.to_vec();
     *v.last_mut().expect("not empty") ^= 0x01;
     v
+}
+
+/// What a stand-in control plane does on a sidecar's stream: the snapshots it sends, one
+/// after each acknowledgement, and the acknowledgements it got (hello first).
+type Script = Arc<Mutex<(Vec<Snapshot>, Vec<Ack>)>>;
+
+/// A stand-in control plane that sends `script`'s snapshots in turn, as an older release or
+/// a broken replica might: the sidecar's own rule is all that stands between them and a
+/// rollback. Returns its port.
+fn stand_in_control_plane(rt: &tokio::runtime::Runtime, ca: &Ca, script: Script) -> u16 {
+    use hyper::{Request, Response};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use rustls::pki_types::UnixTime;
+    use sigil_filters::{LocalIdentity, TrustBundles};
+
+    let svid = ca.svid(CONTROL);
+    let provider = sigil_filters::tls::provider();
+    let identity = LocalIdentity::from_pem(
+        svid.chain_pem().as_bytes(),
+        svid.key_pem().as_bytes(),
+        UnixTime::now(),
+        None,
+        &provider,
+    )
+    .unwrap();
+    let mut bundles = TrustBundles::new();
+    bundles
+        .insert_pem(
+            &sigil_config::TrustDomain::parse("example.org").unwrap(),
+            ca.bundle_pem().as_bytes(),
+        )
+        .unwrap();
+    let config =
+        sigil_filters::tls::server_config(&identity, Arc::new(bundles), Arc::default(), provider);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    rt.spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, script) = (acceptor.clone(), script.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |req: Request<_>| {
+                    let script = script.clone();
+                    async move {
+                        let mut grpc = tonic::server::Grpc::new(sigil_api::server_codec());
+                        Ok::<Response<_>, std::convert::Infallible>(
+                            grpc.streaming(Scripted(script), req).await,
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+struct Scripted(Script);
+
+type Snapshots = std::pin::Pin<
+    Box<dyn futures_util::Stream<Item = Result<Snapshot, tonic::Status>> + Send + 'static>,
+>;
+
+impl tonic::server::StreamingService<Ack> for Scripted {
+    type Response = Snapshot;
+    type ResponseStream = Snapshots;
+    type Future = std::future::Ready<Result<tonic::Response<Snapshots>, tonic::Status>>;
+
+    fn call(&mut self, req: tonic::Request<tonic::Streaming<Ack>>) -> Self::Future {
+        let script = self.0.clone();
+        let acks = req.into_inner();
+        // Each acknowledgement (the hello first) is recorded and answered with the next
+        // snapshot of the script, until it runs out.
+        let stream =
+            futures_util::stream::unfold((acks, script), |(mut acks, script)| async move {
+                let ack = acks.message().await.ok()??;
+                let next = {
+                    let mut s = script.lock().unwrap();
+                    s.1.push(ack);
+                    if s.0.is_empty() {
+                        None
+                    } else {
+                        Some(s.0.remove(0))
+                    }
+                };
+                match next {
+                    Some(snapshot) => Some((Ok(snapshot), (acks, script))),
+                    None => {
+                        // Nothing more to send: keep reading so the stream stays open.
+                        while let Ok(Some(ack)) = acks.message().await {
+                            script.lock().unwrap().1.push(ack);
+                        }
+                        None
+                    }
+                }
+            });
+        std::future::ready(Ok(tonic::Response::new(Box::pin(stream) as Snapshots)))
+    }
+}
+
+#[test]
+fn a_sidecar_refuses_older_and_epochless_snapshots_whoever_sends_them() {
+    const C: &str = "spiffe://example.org/ns/demo/sa/c";
+    let dir = TempDir::new("snapshot-rollback");
+    let d = dir.path();
+    let ca = Ca::new("example.org");
+    let fb = write_identity(d, "b", &ca, B, &[&ca]);
+    let fc = write_identity(d, "c", &ca, C, &[&ca]);
+    let (_web, web_port) = start_workload("b", false);
+    let revocation = Document {
+        name: "revoke-c".into(),
+        yaml: format!(
+            "apiVersion: sigil.dev/v1\nkind: Revocation\nmetadata: {{name: revoke-c, owner: security}}\nspec:\n  spiffeId: {C}\n  reason: incident 12\n"
+        ),
+    };
+    let snapshot = |epoch: &str, version: u64, revoked: bool| Snapshot {
+        version,
+        epoch: epoch.into(),
+        revocations: if revoked {
+            vec![revocation.clone()]
+        } else {
+            vec![]
+        },
+        ..Snapshot::default()
+    };
+    let script: Script = Arc::new(Mutex::new((
+        vec![
+            snapshot("epoch-1", 5, true),
+            // A replica behind its store: older, without the revocation.
+            snapshot("epoch-1", 3, false),
+            // A control plane of an older release: no epoch, a higher version.
+            snapshot("", 9, false),
+            // The store's next change: newer, still revoking C.
+            snapshot("epoch-1", 6, true),
+        ],
+        Vec::new(),
+    )));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cp_port = stand_in_control_plane(&rt, &ca, script.clone());
+
+    let b_web = free_port();
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.inbound = vec![(b_web, web_port)];
+    b.control_plane = Some((cp_port, CONTROL.into(), d.join("state-b")));
+    let pb = b.spawn(d, &fb);
+    wait_until("B's five acknowledgements", Duration::from_secs(15), || {
+        script.lock().unwrap().1.len() == 5
+    });
+    let acks = script.lock().unwrap().1.clone();
+    let said: Vec<(u64, bool)> = acks.iter().map(|a| (a.version, a.accepted)).collect();
+    assert_eq!(
+        said,
+        [(0, true), (5, true), (3, false), (9, false), (6, true)],
+        "{acks:?}\n{}",
+        pb.log()
+    );
+    assert!(
+        acks[2].error.contains("older than version 5 in force"),
+        "{:?}",
+        acks[2].error
+    );
+    assert!(
+        acks[3].error.contains("names no epoch"),
+        "{:?}",
+        acks[3].error
+    );
+    let rejected = count(
+        &b,
+        "sigil_snapshot_rejections_total{",
+        &["reason=\"older_version\""],
+    );
+    assert_eq!(rejected, 2.0, "{}", b.metrics());
+    // C stays revoked throughout: its SVID is refused at B's handshake.
+    let c_web = free_port();
+    let mut c = Sidecar::new("sidecar-c", C);
+    c.outbound = vec![(c_web, b_web, B.into())];
+    let _pc = c.start(d, &fc);
+    assert_eq!(get_once(c_web, "/orders/1"), Some(502));
+    let refused = count(
+        &b,
+        "sigil_handshake_failures_total{",
+        &["reason=\"revoked\""],
+    );
+    assert!(refused >= 1.0, "{}", b.metrics());
+    assert!(pb.log().contains("snapshot rejected"), "{}", pb.log());
+
+    // Restarted, B reads version 6 from disk and says so in its hello; the stand-in, whose
+    // script is done, sends nothing, and B serves 6 meanwhile.
+    drop(pb);
+    script.lock().unwrap().1.clear();
+    let pb = b.start(d, &fb);
+    wait_until("B's hello", Duration::from_secs(10), || {
+        !script.lock().unwrap().1.is_empty()
+    });
+    let hello = script.lock().unwrap().1[0].clone();
+    assert_eq!(
+        (hello.epoch.as_str(), hello.version),
+        ("epoch-1", 6),
+        "{}",
+        pb.log()
+    );
+    drop(rt);
 }
