@@ -970,3 +970,60 @@ impl Drop for Relay {
         let _ = TcpStream::connect(("127.0.0.1", self.port));
     }
 }
+
+/// The TLS configs a sidecar with `id`'s SVID from `ca` would use (the sidecar's own code,
+/// `sigil_filters::tls`), trusting `ca` alone: for in-test stand-ins of sidecars and control
+/// planes, and for clients that must speak to a sidecar as a peer sidecar does.
+pub struct SidecarTls {
+    identity: sigil_filters::LocalIdentity,
+    bundles: Arc<sigil_filters::TrustBundles>,
+}
+
+impl SidecarTls {
+    pub fn new(ca: &Ca, id: &str) -> Self {
+        let svid = ca.svid(id);
+        let identity = sigil_filters::LocalIdentity::from_pem(
+            svid.chain_pem().as_bytes(),
+            svid.key_pem().as_bytes(),
+            rustls::pki_types::UnixTime::now(),
+            None,
+            &sigil_filters::tls::provider(),
+        )
+        .expect("a fresh SVID is valid");
+        let mut bundles = sigil_filters::TrustBundles::new();
+        let td = sigil_config::TrustDomain::parse(ca.trust_domain()).expect("a trust domain");
+        bundles
+            .insert_pem(&td, ca.bundle_pem().as_bytes())
+            .expect("the CA's bundle");
+        Self {
+            identity,
+            bundles: Arc::new(bundles),
+        }
+    }
+
+    /// The inbound side: presents the SVID, verifies the client's.
+    pub fn server(&self) -> Arc<rustls::ServerConfig> {
+        sigil_filters::tls::server_config(
+            &self.identity,
+            self.bundles.clone(),
+            Arc::default(),
+            sigil_filters::tls::provider(),
+        )
+    }
+
+    /// The outbound side towards `expected`, offering `carries` by ALPN.
+    pub fn client(
+        &self,
+        expected: &str,
+        carries: sigil_filters::tls::Carries,
+    ) -> Arc<rustls::ClientConfig> {
+        sigil_filters::tls::client_config(
+            &self.identity,
+            self.bundles.clone(),
+            Arc::default(),
+            sigil_filters::tls::provider(),
+            sigil_config::SpiffeId::parse(expected).expect("a SPIFFE ID"),
+            carries,
+        )
+    }
+}

@@ -17,9 +17,7 @@ use std::time::Duration;
 use hyper::body::{Body, Bytes, Frame, Incoming};
 use hyper::{HeaderMap, Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls::pki_types::UnixTime;
 use sigil_e2e::*;
-use sigil_filters::{LocalIdentity, TrustBundles};
 use sigil_testkit::Ca;
 
 const A: &str = "spiffe://example.org/ns/demo/sa/a";
@@ -108,25 +106,7 @@ type Seen = Arc<Mutex<Vec<String>>>;
 /// A stand-in for B's sidecar: B's SVID, the sidecar's own TLS server config (client SVIDs
 /// verified, ALPN `sigil/h2`), HTTP/2, answering 200 to everything. Returns its port.
 fn stand_in_peer(rt: &tokio::runtime::Runtime, ca: &Ca, seen: Seen) -> u16 {
-    let svid = ca.svid(B);
-    let provider = sigil_filters::tls::provider();
-    let identity = LocalIdentity::from_pem(
-        svid.chain_pem().as_bytes(),
-        svid.key_pem().as_bytes(),
-        UnixTime::now(),
-        None,
-        &provider,
-    )
-    .unwrap();
-    let mut bundles = TrustBundles::new();
-    bundles
-        .insert_pem(
-            &sigil_config::TrustDomain::parse("example.org").unwrap(),
-            ca.bundle_pem().as_bytes(),
-        )
-        .unwrap();
-    let config =
-        sigil_filters::tls::server_config(&identity, Arc::new(bundles), Arc::default(), provider);
+    let config = SidecarTls::new(ca, B).server();
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -208,32 +188,7 @@ async fn forged_http2(port: u16, path: &str) -> String {
 /// `forged_http2` straight at an inbound listener, as a peer sidecar's pool would call it:
 /// mTLS with A's SVID, ALPN `sigil/h2`, B's ID expected.
 async fn forged_http2_mtls(ca: &Ca, port: u16, path: &str) -> String {
-    use sigil_filters::tls::{client_config, provider, Carries};
-    let svid = ca.svid(A);
-    let p = provider();
-    let id = LocalIdentity::from_pem(
-        svid.chain_pem().as_bytes(),
-        svid.key_pem().as_bytes(),
-        UnixTime::now(),
-        None,
-        &p,
-    )
-    .unwrap();
-    let mut bundles = TrustBundles::new();
-    bundles
-        .insert_pem(
-            &sigil_config::TrustDomain::parse("example.org").unwrap(),
-            ca.bundle_pem().as_bytes(),
-        )
-        .unwrap();
-    let config = client_config(
-        &id,
-        Arc::new(bundles),
-        Arc::default(),
-        p,
-        B.parse().unwrap(),
-        Carries::Http2,
-    );
+    let config = SidecarTls::new(ca, A).client(B, sigil_filters::tls::Carries::Http2);
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();

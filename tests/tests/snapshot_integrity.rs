@@ -176,28 +176,8 @@ type Script = Arc<Mutex<(Vec<Snapshot>, Vec<Ack>)>>;
 fn stand_in_control_plane(rt: &tokio::runtime::Runtime, ca: &Ca, script: Script) -> u16 {
     use hyper::{Request, Response};
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    use rustls::pki_types::UnixTime;
-    use sigil_filters::{LocalIdentity, TrustBundles};
 
-    let svid = ca.svid(CONTROL);
-    let provider = sigil_filters::tls::provider();
-    let identity = LocalIdentity::from_pem(
-        svid.chain_pem().as_bytes(),
-        svid.key_pem().as_bytes(),
-        UnixTime::now(),
-        None,
-        &provider,
-    )
-    .unwrap();
-    let mut bundles = TrustBundles::new();
-    bundles
-        .insert_pem(
-            &sigil_config::TrustDomain::parse("example.org").unwrap(),
-            ca.bundle_pem().as_bytes(),
-        )
-        .unwrap();
-    let config =
-        sigil_filters::tls::server_config(&identity, Arc::new(bundles), Arc::default(), provider);
+    let config = SidecarTls::new(ca, CONTROL).server();
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
