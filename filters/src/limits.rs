@@ -80,8 +80,9 @@ pub fn admit_inbound(l: &ConnLimits, open: Open) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// An outbound connection from our own workload: only the total bounds it.
-pub fn admit_outbound(l: &ConnLimits, open_connections: u32) -> Result<(), Refusal> {
+/// A connection only the total bounds: one from our own workload, or a tunnel that outlives
+/// the connection it was upgraded from.
+pub fn admit_within_total(l: &ConnLimits, open_connections: u32) -> Result<(), Refusal> {
     if open_connections >= l.connections {
         return Err(Refusal::TooManyConnections);
     }
@@ -154,7 +155,7 @@ mod tests {
             admit_inbound(&L, all_over),
             Err(Refusal::TooManyConnections)
         );
-        assert_eq!(admit_outbound(&L, 9), Ok(()));
-        assert_eq!(admit_outbound(&L, 10), Err(Refusal::TooManyConnections));
+        assert_eq!(admit_within_total(&L, 9), Ok(()));
+        assert_eq!(admit_within_total(&L, 10), Err(Refusal::TooManyConnections));
     }
 }

@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use sigil_filters::limits::{admit_inbound, admit_outbound, ConnLimits, Open, Refusal};
+use sigil_filters::limits::{admit_inbound, admit_within_total, ConnLimits, Open, Refusal};
 
 pub struct Admission {
     limits: ConnLimits,
@@ -76,17 +76,12 @@ impl Admission {
         ))
     }
 
-    /// An outbound connection from our own workload.
-    pub fn outbound(self: &Arc<Self>) -> Result<Slot, Refusal> {
-        self.total_only()
-    }
-
     /// A connection bounded by the total alone: one from our own workload, or a tunnel
     /// that outlives the HTTP connection it was upgraded from.
     pub fn total_only(self: &Arc<Self>) -> Result<Slot, Refusal> {
         // Under the lock, so that concurrent admissions cannot both take the last room.
         let _sources = self.sources.lock().expect("admission lock");
-        admit_outbound(&self.limits, self.connections.load(Ordering::Relaxed))?;
+        admit_within_total(&self.limits, self.connections.load(Ordering::Relaxed))?;
         self.connections.fetch_add(1, Ordering::Relaxed);
         Ok(Slot {
             admission: self.clone(),
@@ -204,12 +199,12 @@ mod tests {
         // Another source still gets in; then the total is reached, outbound too.
         let (slot3, hs3) = a.inbound(y).unwrap();
         assert_eq!(a.open(), (3, 1));
-        assert_eq!(a.outbound().err(), Some(Refusal::TooManyConnections));
+        assert_eq!(a.total_only().err(), Some(Refusal::TooManyConnections));
         assert_eq!(a.inbound(y).err(), Some(Refusal::TooManyConnections));
         drop((slot1, slot2, slot3, hs3));
         assert_eq!(a.open(), (0, 0));
         assert!(a.sources.lock().unwrap().is_empty(), "sources forgotten");
-        let out = a.outbound().unwrap();
+        let out = a.total_only().unwrap();
         assert_eq!(a.open(), (1, 0));
         drop(out);
         assert_eq!(a.open(), (0, 0));

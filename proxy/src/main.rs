@@ -437,7 +437,7 @@ fn admit_inbound(p: &Proxy, peer: SocketAddr) -> Option<(admission::Slot, admiss
 
 /// Room for an outbound connection from our workload, or None (see `admit_inbound`).
 fn admit_outbound(p: &Proxy, peer: SocketAddr) -> Option<admission::Slot> {
-    match p.admission.outbound() {
+    match p.admission.total_only() {
         Ok(slot) => Some(slot),
         Err(why) => {
             refuse_over_limit(p, Direction::Outbound, peer, why);

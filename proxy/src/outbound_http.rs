@@ -98,7 +98,7 @@ async fn handle(c: &Conn, req: Request<Incoming>) -> Response<Body> {
         // Boxed to keep the common request's future small (see `Pool::sender`).
         Box::pin(via_own_connection(c, req)).await
     } else {
-        via_pool(c, req).await
+        via_pool(c, req, grpc).await
     } {
         Ok(r) => ("forward", r),
         Err(Refusal(status, decision, why)) => {
@@ -117,7 +117,7 @@ async fn handle(c: &Conn, req: Request<Incoming>) -> Response<Body> {
 }
 
 /// Sends the request as HTTP/2 over the pooled connection (see `Pool::send`).
-async fn via_pool(c: &Conn, req: Request<Incoming>) -> Result<Response<Body>, Refusal> {
+async fn via_pool(c: &Conn, req: Request<Incoming>, grpc: bool) -> Result<Response<Body>, Refusal> {
     let (mut parts, body) = req.into_parts();
     let authority = authority(&parts, c.dest)
         .map_err(|why| Refusal(StatusCode::BAD_REQUEST, "invalid", why))?;
@@ -136,7 +136,7 @@ async fn via_pool(c: &Conn, req: Request<Incoming>) -> Result<Response<Body>, Re
     // HTTP/2 carries the host as :authority (RFC 9113 §8.3.1).
     parts.headers.remove(HOST);
     let req = Request::from_parts(parts, body);
-    match c.p.pool.send(&c.p, &c.slot, req).await {
+    match c.p.pool.send(&c.p, &c.slot, req, grpc).await {
         Ok(resp) => Ok(resp),
         Err(SendError::Unreachable) => Err(unreachable_peer()),
         Err(SendError::Gone) => Err(Refusal(

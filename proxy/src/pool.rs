@@ -207,17 +207,18 @@ impl Pool {
 
     /// Sends `req` (absolute URI, no Host header) as HTTP/2 on the pooled connection of
     /// `slot`. A connection found closed before the request went out (a GOAWAY, a cut) is
-    /// replaced and the request sent once more; nothing else is retried.
+    /// replaced and the request sent once more; nothing else is retried. `grpc`: a gRPC
+    /// call, which no response timeout applies to here.
     pub async fn send(
         &self,
         p: &Arc<Proxy>,
         slot: &Arc<Slot>,
         req: Request<Incoming>,
+        grpc: bool,
     ) -> Result<Response<Body>, SendError> {
         if slot.removed.load(Ordering::Relaxed) {
             return Err(SendError::Gone);
         }
-        let grpc = crate::l7::is_grpc(&req);
         let (mut parts, body) = req.into_parts();
         strip_connection_headers(&mut parts.headers);
         // The destination's sidecar removes them too; neither hop trusts the other to.

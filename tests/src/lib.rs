@@ -716,6 +716,18 @@ impl ControlPlane {
         )
     }
 
+    /// Starts `id` with an SVID from `ca` (files `control.*` in `dir`) and the embedded store
+    /// in `dir/control-data`: the single control plane most tests need.
+    pub fn start_in(dir: &Path, ca: &Ca, id: &str) -> Self {
+        Self::start(
+            id,
+            write_identity(dir, "control", ca, id, &[ca]),
+            dir.join("control-data"),
+            free_port(),
+            free_port(),
+        )
+    }
+
     pub fn start_with(
         id: &str,
         files: IdentityFiles,
@@ -1026,4 +1038,45 @@ impl SidecarTls {
             carries,
         )
     }
+}
+
+/// Serves HTTP/2 over TLS with `config` on a free loopback port, each request answered by
+/// `handler`, on `rt` until it is dropped: the server of the in-test stand-ins for a peer
+/// sidecar or a control plane. Returns the port.
+pub fn serve_http2_tls<H, Fut, B>(
+    rt: &tokio::runtime::Runtime,
+    config: Arc<rustls::ServerConfig>,
+    handler: H,
+) -> u16
+where
+    H: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = hyper::Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind a loopback port");
+    let port = listener.local_addr().expect("bound").port();
+    rt.spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, handler) = (acceptor.clone(), handler.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |req| {
+                    let answer = handler(req);
+                    async move { Ok::<_, std::convert::Infallible>(answer.await) }
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+            });
+        }
+    });
+    port
 }

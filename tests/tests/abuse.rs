@@ -466,13 +466,7 @@ fn pooled_connections_to_a_destination_that_left_the_registry_are_closed() {
     let fa = write_identity(d, "a", &ca, A, &[&ca]);
     let fb = write_identity(d, "b", &ca, B, &[&ca]);
     let (_web, web_port) = start_workload("b", false);
-    let cp = ControlPlane::start(
-        CONTROL,
-        write_identity(d, "control", &ca, CONTROL, &[&ca]),
-        d.join("control-data"),
-        free_port(),
-        free_port(),
-    );
+    let cp = ControlPlane::start_in(d, &ca, CONTROL);
     let b_web = free_port();
     cp.apply(
         &alice,
@@ -833,13 +827,7 @@ spec:
     );
 
     // The control plane refuses the same document from `sigil apply`.
-    let cp = ControlPlane::start(
-        CONTROL,
-        write_identity(d, "control", &ca, CONTROL, &[&ca]),
-        d.join("control-data"),
-        free_port(),
-        free_port(),
-    );
+    let cp = ControlPlane::start_in(d, &ca, CONTROL);
     let file = d.join("huge-apply.yaml");
     std::fs::write(&file, &huge).unwrap();
     let (code, out, err) = cp.sigil(&alice, &["apply", "-f", file.to_str().unwrap()]);

@@ -106,47 +106,28 @@ type Seen = Arc<Mutex<Vec<String>>>;
 /// A stand-in for B's sidecar: B's SVID, the sidecar's own TLS server config (client SVIDs
 /// verified, ALPN `sigil/h2`), HTTP/2, answering 200 to everything. Returns its port.
 fn stand_in_peer(rt: &tokio::runtime::Runtime, ca: &Ca, seen: Seen) -> u16 {
-    let config = SidecarTls::new(ca, B).server();
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let port = listener.local_addr().unwrap().port();
-    rt.spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            let (acceptor, seen) = (acceptor.clone(), seen.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let seen = seen.clone();
-                    async move {
-                        let (parts, mut body) = req.into_parts();
-                        let mut lines = fields(&parts.headers);
-                        while let Some(Ok(frame)) =
-                            std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
-                        {
-                            if let Some(t) = frame.trailers_ref() {
-                                lines.extend(fields(t).into_iter().map(|l| format!("trailer {l}")));
-                            }
-                        }
-                        seen.lock().unwrap().extend(lines);
-                        Ok::<_, Infallible>(Response::new(Frames::new(vec![Frame::data(
-                            Bytes::from_static(b"stand-in\n"),
-                        )])))
+    serve_http2_tls(
+        rt,
+        SidecarTls::new(ca, B).server(),
+        move |req: Request<Incoming>| {
+            let seen = seen.clone();
+            async move {
+                let (parts, mut body) = req.into_parts();
+                let mut lines = fields(&parts.headers);
+                while let Some(Ok(frame)) =
+                    std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+                {
+                    if let Some(t) = frame.trailers_ref() {
+                        lines.extend(fields(t).into_iter().map(|l| format!("trailer {l}")));
                     }
-                });
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
-            });
-        }
-    });
-    port
+                }
+                seen.lock().unwrap().extend(lines);
+                Response::new(Frames::new(vec![Frame::data(Bytes::from_static(
+                    b"stand-in\n",
+                ))]))
+            }
+        },
+    )
 }
 
 fn fields(h: &HeaderMap) -> Vec<String> {

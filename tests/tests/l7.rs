@@ -96,8 +96,10 @@ fn status(resp: &str) -> u16 {
 
 fn curl_args(args: &[&str]) -> (bool, String) {
     let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--max-time", "5"]).args(args);
-    run(&mut cmd, Duration::from_secs(15))
+    // Generous: this file's tests run side by side on two cores with debug builds, and the
+    // 12 MiB body test can hold a request up for seconds (5 s was seen to run out).
+    cmd.args(["-sS", "--max-time", "20"]).args(args);
+    run(&mut cmd, Duration::from_secs(30))
 }
 
 /// Sidecar A calls B's toy workload through sidecar B: A's explicit outbound listener

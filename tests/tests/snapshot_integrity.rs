@@ -31,13 +31,7 @@ fn an_unusable_persisted_snapshot_leaves_the_sidecar_unready_and_denying() {
     let fa = write_identity(d, "a", &ca, A, &[&ca]);
     let fb = write_identity(d, "b", &ca, B, &[&ca]);
     let (_web, web_port) = start_workload("b", false);
-    let cp = ControlPlane::start(
-        CONTROL,
-        write_identity(d, "control", &ca, CONTROL, &[&ca]),
-        d.join("control-data"),
-        free_port(),
-        free_port(),
-    );
+    let cp = ControlPlane::start_in(d, &ca, CONTROL);
     let b_web = free_port();
     // A may GET /orders on B's web port; nothing else is allowed.
     cp.apply(
@@ -174,38 +168,17 @@ type Script = Arc<Mutex<(Vec<Snapshot>, Vec<Ack>)>>;
 /// a broken replica might: the sidecar's own rule is all that stands between them and a
 /// rollback. Returns its port.
 fn stand_in_control_plane(rt: &tokio::runtime::Runtime, ca: &Ca, script: Script) -> u16 {
-    use hyper::{Request, Response};
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-
-    let config = SidecarTls::new(ca, CONTROL).server();
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let port = listener.local_addr().unwrap().port();
-    rt.spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, script) = (acceptor.clone(), script.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let service = hyper::service::service_fn(move |req: Request<_>| {
-                    let script = script.clone();
-                    async move {
-                        let mut grpc = tonic::server::Grpc::new(sigil_api::server_codec());
-                        Ok::<Response<_>, std::convert::Infallible>(
-                            grpc.streaming(Scripted(script), req).await,
-                        )
-                    }
-                });
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
-            });
-        }
-    });
-    port
+    serve_http2_tls(
+        rt,
+        SidecarTls::new(ca, CONTROL).server(),
+        move |req: hyper::Request<hyper::body::Incoming>| {
+            let script = script.clone();
+            async move {
+                let mut grpc = tonic::server::Grpc::new(sigil_api::server_codec());
+                grpc.streaming(Scripted(script), req).await
+            }
+        },
+    )
 }
 
 struct Scripted(Script);
