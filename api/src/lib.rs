@@ -130,7 +130,7 @@ pub fn client_codec() -> ProstCodec<Ack, Snapshot> {
     ProstCodec::default()
 }
 
-pub use prost::Message;
+pub use prost::{DecodeError, Message};
 pub use tonic;
 
 #[cfg(test)]

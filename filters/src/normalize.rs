@@ -74,6 +74,10 @@ pub enum TargetError {
     DotSegmentAfterEmpty,
     /// Neither an absolute-form authority nor a Host header.
     MissingHost,
+    /// More than one Host header.
+    RepeatedHost,
+    /// A Host header with bytes other than visible ASCII.
+    HostNotAscii,
     InvalidHost {
         field: HostField,
         problem: HostProblem,
@@ -132,6 +136,8 @@ impl fmt::Display for TargetError {
                 )
             }
             Self::MissingHost => write!(f, "request has no Host header"),
+            Self::RepeatedHost => write!(f, "more than one Host header"),
+            Self::HostNotAscii => write!(f, "Host header is not ASCII"),
             Self::InvalidHost { field, problem } => write!(f, "invalid {field}: {problem}"),
             Self::HostMismatch { target, host } => write!(
                 f,
@@ -345,6 +351,47 @@ fn remove_dot_segments(path: &str) -> Result<Option<String>, TargetError> {
     Ok(Some(out))
 }
 
+/// The one Host header of a request, from every value it carries (`values`, as bytes):
+/// `None` when there is none. More than one is refused, as is one with bytes other than
+/// visible ASCII and tab, which hosts and proxies read differently.
+pub fn single_host<'a, I>(values: I) -> Result<Option<&'a str>, TargetError>
+where
+    I: IntoIterator<Item = &'a [u8]>,
+{
+    let mut values = values.into_iter();
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(TargetError::RepeatedHost);
+    }
+    if !first
+        .iter()
+        .all(|b| *b == b'\t' || (0x20..0x7f).contains(b))
+    {
+        return Err(TargetError::HostNotAscii);
+    }
+    // Visible ASCII is UTF-8.
+    std::str::from_utf8(first)
+        .map(Some)
+        .map_err(|_| TargetError::HostNotAscii)
+}
+
+/// The authority an outbound request is sent with over HTTP/2, where it replaces the Host
+/// header: the target's (absolute form, or HTTP/2 `:authority`), else the Host header, as
+/// spelled. They must pass the same checks the destination's sidecar makes
+/// ([`effective_host`]), which it cannot make once Host is gone.
+pub fn forwarded_authority<'a>(
+    target_authority: Option<&'a str>,
+    host_header: Option<&'a str>,
+) -> Result<&'a str, TargetError> {
+    effective_host(target_authority, host_header, 80)?;
+    // `effective_host` refuses a request with neither.
+    target_authority
+        .or(host_header)
+        .ok_or(TargetError::MissingHost)
+}
+
 /// The host (with port, if not the default) to match routes on.
 ///
 /// `target_authority` is the authority of an absolute-form target (`http://h:p/x` gives `h:p`)
@@ -523,5 +570,57 @@ impl fmt::Write for StackBuf {
         dest.copy_from_slice(s.as_bytes());
         self.len = end;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_visible_ascii_host_header_is_taken() {
+        assert_eq!(single_host([]), Ok(None));
+        assert_eq!(single_host([&b"api:8080"[..]]), Ok(Some("api:8080")));
+        assert_eq!(
+            single_host([&b"a"[..], &b"a"[..]]),
+            Err(TargetError::RepeatedHost)
+        );
+        assert_eq!(
+            single_host([&b"caf\xc3\xa9"[..]]),
+            Err(TargetError::HostNotAscii)
+        );
+        assert_eq!(
+            single_host([&b"a\x01b"[..]]),
+            Err(TargetError::HostNotAscii)
+        );
+        assert_eq!(
+            TargetError::RepeatedHost.to_string(),
+            "more than one Host header"
+        );
+    }
+
+    #[test]
+    fn the_forwarded_authority_is_the_target_or_host_as_spelled_once_they_agree() {
+        assert_eq!(
+            forwarded_authority(Some("api:80"), Some("API")),
+            Ok("api:80")
+        );
+        assert_eq!(forwarded_authority(None, Some("Api:8080")), Ok("Api:8080"));
+        assert_eq!(forwarded_authority(Some("api"), None), Ok("api"));
+        assert_eq!(
+            forwarded_authority(None, None),
+            Err(TargetError::MissingHost)
+        );
+        assert!(matches!(
+            forwarded_authority(Some("api"), Some("other")),
+            Err(TargetError::HostMismatch { .. })
+        ));
+        assert!(matches!(
+            forwarded_authority(None, Some("a@b")),
+            Err(TargetError::InvalidHost {
+                field: HostField::HostHeader,
+                problem: HostProblem::UserInfo
+            })
+        ));
     }
 }

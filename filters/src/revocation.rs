@@ -34,6 +34,16 @@ impl Revocations {
         self.by_id.is_empty()
     }
 
+    /// Whether the same revocation (name, ID and cut-off) is in this set: what changed
+    /// between two sets is said once, not at every snapshot.
+    pub fn contains(&self, r: &Revocation) -> bool {
+        let cut_off = |r: &Revocation| r.spec.issued_before.map(|t| t.0);
+        self.by_id.get(&r.spec.spiffe_id).is_some_and(|list| {
+            list.iter()
+                .any(|o| o.metadata.name == r.metadata.name && cut_off(o) == cut_off(r))
+        })
+    }
+
     /// The revocation covering an SVID for `id` issued at `not_before` (Unix seconds).
     pub fn covering(&self, id: &SpiffeId, not_before: i64) -> Option<&Revocation> {
         self.by_id

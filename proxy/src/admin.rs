@@ -1,7 +1,7 @@
 //! Admin listener: /live, /ready, /metrics, /config_dump. It listens on every address (for
 //! scrapes), so it is bounded too: `LIMITS` connections at once, and fewer from one source
 //! address, so that one client cannot starve the kubelet's probes or Prometheus; each is
-//! closed when a request head takes longer than `l7::HEADER_READ_TIMEOUT` (idle keep-alive
+//! closed when a request head takes longer than `http::HEADER_READ_TIMEOUT` (idle keep-alive
 //! included).
 
 use std::convert::Infallible;
@@ -35,11 +35,11 @@ pub fn serve_conn(p: Arc<Proxy>, admission: &Arc<Admission>, tcp: TcpStream, cli
         Ok((slot, _no_handshake)) => slot,
         Err(why) => {
             let local = p.tls.get().local_label.clone();
-            p.refused(
+            p.ledger.refused(
                 crate::conns::Direction::Inbound,
                 &local,
                 crate::metrics::UNAUTHENTICATED_PEER.into(),
-                "admin_limit",
+                crate::reasons::Refusal::AdminLimit,
             );
             let why = match why {
                 Refusal::TooManyFromSource => "16 admin connections open from this address",
@@ -57,7 +57,7 @@ pub fn serve_conn(p: Arc<Proxy>, admission: &Arc<Admission>, tcp: TcpStream, cli
         });
         let _ = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(crate::l7::HEADER_READ_TIMEOUT)
+            .header_read_timeout(crate::http::HEADER_READ_TIMEOUT)
             .serve_connection(TokioIo::new(tcp), service)
             .await;
     });
@@ -89,7 +89,7 @@ fn route(p: &Proxy, client: SocketAddr, req: &Request<Incoming>) -> Response<Ful
                 CONTENT_TYPE,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )
-            .body(Full::new(p.metrics.encode().into()))
+            .body(Full::new(p.ledger.metrics.encode().into()))
             .expect("static response parts"),
         // The admin port is reachable from outside for scraping; the config is not.
         "/config_dump" if client.ip().is_loopback() => Response::builder()
@@ -140,10 +140,10 @@ fn config_dump(p: &Proxy) -> String {
         "open": {
             "connections": p.admission.open().0,
             "pending_handshakes": p.admission.open().1,
-            "pooled_destinations": p.pool.len(),
+            "pooled_destinations": p.pool.destinations(),
         },
         "self_revoked": tls.self_revoked().map(|r| r.metadata.name.as_str()),
-        "live_connections": p.conns.snapshot().into_iter()
+        "live_connections": p.ledger.conns.snapshot().into_iter()
             .map(|(direction, kind, peer)| serde_json::json!({
                 "direction": direction, "kind": kind, "peer_id": peer,
             }))

@@ -141,6 +141,35 @@ fn source_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// `spec.limits`, the default bound on connections taken from the descriptor limit (raised
+/// to its hard maximum here).
+pub fn limits(cfg: &sigil_config::ProxyConfig) -> ConnLimits {
+    let l = &cfg.spec.limits;
+    let fds = raise_fd_limit();
+    let fits = default_max_connections(fds, l.fd_reserve);
+    let connections = l.max_connections.unwrap_or(fits);
+    if connections > fits {
+        tracing::warn!(
+            fd_limit = fds,
+            max_connections = connections,
+            "limits.maxConnections is above what the descriptor limit holds at two descriptors a connection after limits.fdReserve ({fits}): a flood can take the descriptors the sidecar needs for its own workload"
+        );
+    }
+    tracing::info!(
+        fd_limit = fds,
+        max_connections = connections,
+        per_source = l.max_connections_per_source,
+        pending_handshakes = l.max_pending_handshakes,
+        "connection limits"
+    );
+    ConnLimits {
+        connections,
+        connections_per_source: l.max_connections_per_source,
+        handshakes: l.max_pending_handshakes,
+        handshakes_per_source: l.max_pending_handshakes_per_source,
+    }
+}
+
 /// Raises the soft descriptor limit to the hard one (as Envoy and ztunnel do) and returns
 /// the limit in force.
 pub fn raise_fd_limit() -> u64 {

@@ -1,7 +1,7 @@
 //! The global allocator: mimalloc, with its arenas committed on demand.
 //!
 //! mimalloc spends about a fifth less CPU per proxied HTTP/2 request than glibc's malloc
-//! (perf/README.md, "Allocator and workload pool"). Its default on Linux commits each arena eagerly, which
+//! (perf/HISTORY.md, "Allocator and workload pool"). Its default on Linux commits each arena eagerly, which
 //! costs some 8 MiB of resident memory per process and would break the sidecar's 12 MiB
 //! idle budget. The option must be set before mimalloc reserves its first arena, which
 //! happens at the first Rust allocation, before `main`; so it is set from an ELF

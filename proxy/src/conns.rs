@@ -1,15 +1,17 @@
 //! The registry of live, established connections and the identity behind each, so that a
-//! bundle change (and later a revocation or policy change) can find and close them: a
-//! verifier runs only at handshake time.
+//! bundle change, a revocation or a policy change can find and close them (a verifier runs
+//! only at handshake time), and the drain at shutdown.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rustls::pki_types::CertificateDer;
 use sigil_config::SpiffeId;
 use tokio::sync::watch;
+
+use crate::reasons::CloseReason;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -61,15 +63,6 @@ impl Kind {
 /// (it takes no new ones) before it is cut.
 pub const GRACE: Duration = Duration::from_secs(1);
 
-/// Whether HTTP connections closed for `reason` may finish their in-flight requests first
-/// (GOAWAY, `Connection: close`). A bundle change is routine CA rotation: cutting mid-request
-/// would fail calls that were authorized when they started, while the peer can no longer start
-/// new ones. A revocation, a policy change or the drain deadline cuts at once; so does any
-/// reason on a connection carrying raw bytes, which have no request boundary to wait for.
-pub fn is_graceful(reason: &str) -> bool {
-    reason == "bundle_change"
-}
-
 /// What the registry knows of one connection.
 pub struct ConnInfo {
     pub direction: Direction,
@@ -79,7 +72,7 @@ pub struct ConnInfo {
     pub chain: Vec<CertificateDer<'static>>,
     /// Workload port (inbound) or destination port (outbound).
     pub port: u16,
-    close: watch::Sender<Option<&'static str>>,
+    close: watch::Sender<Option<CloseReason>>,
 }
 
 #[derive(Default)]
@@ -88,6 +81,9 @@ pub struct Conns {
     live: Mutex<HashMap<u64, ConnInfo>>,
     /// Wakes `wait_empty` whenever a connection ends.
     changed: tokio::sync::Notify,
+    draining: AtomicBool,
+    /// Wakes connections that can end gracefully (HTTP) when draining starts.
+    drain_started: tokio::sync::Notify,
 }
 
 /// Held by the connection task; removes the entry when dropped.
@@ -95,7 +91,7 @@ pub struct ConnGuard {
     id: u64,
     conns: Arc<Conns>,
     /// Becomes `Some(reason)` when something asks the connection to close.
-    pub close_rx: watch::Receiver<Option<&'static str>>,
+    pub close_rx: watch::Receiver<Option<CloseReason>>,
 }
 
 impl Drop for ConnGuard {
@@ -143,7 +139,7 @@ impl Conns {
     }
 
     /// Connections the drain waits for: all but pooled ones, which end with their users.
-    pub fn len(&self) -> usize {
+    pub fn waited_for(&self) -> usize {
         let live = self.live.lock().expect("conns lock");
         live.values().filter(|c| c.kind != Kind::Pooled).count()
     }
@@ -153,7 +149,7 @@ impl Conns {
     /// already closing gracefully is asked again by a reason that cuts at once.
     pub fn close_where(
         &self,
-        reason: &'static str,
+        reason: CloseReason,
         mut doomed: impl FnMut(&ConnInfo) -> bool,
     ) -> usize {
         let live = self.live.lock().expect("conns lock");
@@ -161,7 +157,7 @@ impl Conns {
         for info in live.values() {
             let open = match *info.close.borrow() {
                 None => true,
-                Some(current) => is_graceful(current) && !is_graceful(reason),
+                Some(current) => current.is_graceful() && !reason.is_graceful(),
             };
             if open && doomed(info) {
                 let _ = info.close.send(Some(reason));
@@ -175,7 +171,28 @@ impl Conns {
     pub async fn wait_empty(&self) {
         loop {
             let notified = self.changed.notified();
-            if self.len() == 0 {
+            if self.waited_for() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Starts draining: readiness fails, HTTP connections finish their requests and close.
+    pub fn start_drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.drain_started.notify_waiters();
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once draining has started.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.drain_started.notified();
+            if self.is_draining() {
                 return;
             }
             notified.await;

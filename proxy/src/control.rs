@@ -14,8 +14,9 @@
 //! deny what nothing else here knows to.
 //! Lost streams are re-opened with exponential backoff and full jitter.
 
+use std::fmt;
 use std::hash::{BuildHasher, Hasher};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,147 +24,23 @@ use hyper::client::conn::http2::SendRequest;
 use hyper::http;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
-use rustls::pki_types::UnixTime;
 use sigil_api::{Ack, Message, Snapshot};
-use sigil_config::policy::Protocol;
-use sigil_config::proxy_config::{ControlPlaneSpec, Destination};
-use sigil_config::{ConfigError, Policy, ProxyConfig, Revocation, SpiffeId, TrustDomain};
-use sigil_filters::snapshot::{freshness, seal, unseal, Freshness};
-use sigil_filters::svid::{verify_svid, Usage};
+use sigil_config::proxy_config::ControlPlaneSpec;
+use sigil_config::ProxyConfig;
+use sigil_filters::snapshot::{freshness, seal, unseal, Freshness, SealError};
 use sigil_filters::tls;
 use sigil_filters::tls::Carries;
-use sigil_filters::{LocalIdentity, TrustBundles};
+use sigil_filters::LocalIdentity;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{error, info, warn};
 
 use crate::proxy::Proxy;
+use crate::sources::{InvalidSnapshot, Pushed};
 
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(15);
 const SNAPSHOT_FILE: &str = "snapshot.pb";
-
-/// A snapshot accepted from the control plane, parsed.
-pub struct Pushed {
-    /// The store whose changes `version` counts.
-    pub epoch: String,
-    pub version: u64,
-    pub policies: Vec<Policy>,
-    pub revocations: Vec<Revocation>,
-    pub registry: Vec<(Destination, SpiffeId)>,
-    /// TrustBundles, each replacing its domain's bundle file; None when none was pushed.
-    pub bundles: Option<Arc<TrustBundles>>,
-    raw: Snapshot,
-}
-
-impl Pushed {
-    /// Parses `s` and checks it against this sidecar's own config and SVID: what the control
-    /// plane cannot know (it never sees sidecar configs) is checked here.
-    pub fn parse(cfg: &ProxyConfig, s: &Snapshot, own: &LocalIdentity) -> Result<Self, String> {
-        let mut policies = Vec::new();
-        for d in &s.policies {
-            let origin = PathBuf::from(format!("control-plane:Policy/{}", d.name));
-            let parsed = Policy::parse_all(&origin, &d.yaml).map_err(|e| e.to_string())?;
-            for p in &parsed {
-                check_ports(cfg, &origin, p)?;
-            }
-            policies.extend(parsed);
-        }
-        let mut revocations = Vec::new();
-        for d in &s.revocations {
-            let origin = PathBuf::from(format!("control-plane:Revocation/{}", d.name));
-            revocations.extend(Revocation::parse_all(&origin, &d.yaml).map_err(|e| e.to_string())?);
-        }
-        let mut registry = Vec::new();
-        for e in &s.registry {
-            let at = || format!("control-plane:Workload/{}", e.workload);
-            let dest: Destination = e
-                .address
-                .parse()
-                .map_err(|err| format!("{}: {err}", at()))?;
-            let id = SpiffeId::parse(&e.spiffe_id)
-                .map_err(|err| format!("{}: spiffeId {:?}: {err}", at(), e.spiffe_id))?;
-            registry.push((dest, id));
-        }
-        let bundles = if s.bundles.is_empty() {
-            None
-        } else {
-            Some(Arc::new(parse_bundles(s, own)?))
-        };
-        Ok(Self {
-            epoch: s.epoch.clone(),
-            version: s.version,
-            policies,
-            revocations,
-            registry,
-            bundles,
-            raw: s.clone(),
-        })
-    }
-}
-
-/// A port this sidecar's config pins to TCP (`inbound.ports`) cannot take HTTP routes from a
-/// pushed policy: the sidecar would silently start checking per request what its owner
-/// declared a connection-level port.
-fn check_ports(cfg: &ProxyConfig, origin: &Path, p: &Policy) -> Result<(), String> {
-    for port in &p.spec.ports {
-        let declared_tcp = cfg
-            .spec
-            .inbound
-            .ports
-            .iter()
-            .any(|r| r.value.port == port.value.port);
-        if declared_tcp && port.value.protocol == Protocol::Http {
-            return Err(ConfigError::new(
-                origin,
-                Some(port.referenced),
-                format!(
-                    "policy {:?} declares port {} http, but this sidecar's ProxyConfig declares it tcp (inbound.ports)",
-                    p.metadata.name, port.value.port
-                ),
-            )
-            .to_string());
-        }
-    }
-    Ok(())
-}
-
-/// The pushed bundles. A bundle for our own trust domain that would no longer verify our own
-/// SVID is refused: applying it would cut this sidecar off from its whole domain (push the new
-/// CA next to the old one first, rotate the SVIDs, then drop the old CA).
-fn parse_bundles(s: &Snapshot, own: &LocalIdentity) -> Result<TrustBundles, String> {
-    let mut bundles = TrustBundles::new();
-    for b in &s.bundles {
-        let at = format!("control-plane:TrustBundle for {}", b.trust_domain);
-        let td = TrustDomain::parse(&b.trust_domain).map_err(|e| format!("{at}: {e}"))?;
-        bundles
-            .insert_pem(&td, b.pem.as_bytes())
-            .map_err(|e| format!("{at}: {e}"))?;
-    }
-    let own_td = own.id().trust_domain_name();
-    if bundles.get(own_td).is_some() {
-        let provider = tls::provider();
-        let (leaf, rest) = own
-            .chain()
-            .split_first()
-            .ok_or("our SVID has no certificate")?;
-        verify_svid(
-            &bundles,
-            &provider.signature_verification_algorithms,
-            leaf,
-            rest,
-            UnixTime::now(),
-            Usage::Client,
-        )
-        .map_err(|e| {
-            format!(
-                "control-plane:TrustBundle for {own_td}: would not verify this sidecar's own SVID ({}): {e}",
-                own.id()
-            )
-        })?;
-    }
-    Ok(bundles)
-}
 
 /// The persisted snapshot, if there is an intact and valid one. Anything else is said in
 /// the log and counted (`sigil_snapshot_rejections_total{reason="persisted_unusable"}`); the
@@ -193,7 +70,10 @@ pub fn load_persisted(
             return None;
         }
     };
-    let parsed = decode_persisted(&bytes).and_then(|s| Pushed::parse(cfg, &s, own));
+    let parsed = match decode_persisted(&bytes) {
+        Ok(s) => Pushed::parse(cfg, &s, own).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
     match parsed {
         Ok(p) => {
             info!(
@@ -218,11 +98,29 @@ pub fn load_persisted(
     }
 }
 
+/// Why a persisted snapshot is not used.
+#[derive(Debug, PartialEq)]
+enum Unusable {
+    /// Not whole, or changed since it was written.
+    Seal(SealError),
+    /// Sealed, but not a snapshot.
+    Decode(sigil_api::DecodeError),
+}
+
+impl fmt::Display for Unusable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Seal(e) => write!(f, "{e}"),
+            Self::Decode(e) => write!(f, "not a snapshot: {e}"),
+        }
+    }
+}
+
 /// The snapshot in a persisted file: sealed (whole and unchanged) and decodable. (Version 0
 /// is a real snapshot: an empty store's.)
-fn decode_persisted(bytes: &[u8]) -> Result<Snapshot, String> {
-    let payload = unseal(bytes).map_err(|e| e.to_string())?;
-    Snapshot::decode(payload).map_err(|e| format!("not a snapshot: {e}"))
+fn decode_persisted(bytes: &[u8]) -> Result<Snapshot, Unusable> {
+    let payload = unseal(bytes).map_err(Unusable::Seal)?;
+    Snapshot::decode(payload).map_err(Unusable::Decode)
 }
 
 /// Written to a temporary file, synced, and renamed over (the directory synced too): a crash
@@ -238,8 +136,47 @@ fn persist(state_dir: &Path, s: &Snapshot) -> std::io::Result<()> {
     std::fs::File::open(state_dir)?.sync_all()
 }
 
-/// Why a snapshot was rejected: the NACK's text and the metric's reason.
-struct Rejected(String, &'static str);
+/// Why a snapshot was rejected: `Display` is the NACK's text, `label()` the metric's reason.
+enum Rejected {
+    /// Older than the one in force in the same epoch: the control plane is behind its store.
+    Older {
+        epoch: String,
+        version: u64,
+        running: u64,
+    },
+    /// No epoch, while one is in force: a control plane of an older release.
+    NoEpoch {
+        version: u64,
+        epoch: String,
+        running: u64,
+    },
+    Invalid(InvalidSnapshot),
+}
+
+impl Rejected {
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Older { .. } | Self::NoEpoch { .. } => "older_version",
+            Self::Invalid(_) => "invalid",
+        }
+    }
+}
+
+impl fmt::Display for Rejected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Older { epoch, version, running } => write!(
+                f,
+                "version {version} of epoch {epoch} is older than version {running} in force: the control plane is behind its store; keeping {running}"
+            ),
+            Self::NoEpoch { version, epoch, running } => write!(
+                f,
+                "version {version} names no epoch, while epoch {epoch} is in force: a control plane of an older release, whose versions cannot be compared; keeping version {running}"
+            ),
+            Self::Invalid(e) => write!(f, "{e}"),
+        }
+    }
+}
 
 /// Checks, persists and puts in force one snapshot. Ok(note): in force, with what went wrong
 /// around it (it could not be persisted), for the acknowledgement. Err: rejected.
@@ -260,25 +197,19 @@ fn accept(p: &Proxy, s: &Snapshot, state_dir: &Path) -> Result<String, Rejected>
     }
     match order {
         Freshness::Older => {
-            let running = p.pushed_version();
-            return Err(Rejected(
-                format!(
-                    "version {} of epoch {} is older than version {running} in force: the control plane is behind its store; keeping {running}",
-                    s.version, s.epoch
-                ),
-                "older_version",
-            ));
+            return Err(Rejected::Older {
+                epoch: s.epoch.clone(),
+                version: s.version,
+                running: p.pushed_version(),
+            });
         }
         Freshness::NoEpoch => {
-            return Err(Rejected(
-                format!(
-                    "version {} names no epoch, while epoch {} is in force: a control plane of an older release, whose versions cannot be compared; keeping version {}",
-                    s.version,
-                    p.pushed_epoch_version().0,
-                    p.pushed_version()
-                ),
-                "older_version",
-            ));
+            let (epoch, running) = p.pushed_epoch_version();
+            return Err(Rejected::NoEpoch {
+                version: s.version,
+                epoch,
+                running,
+            });
         }
         Freshness::NewEpoch => warn!(
             epoch = %s.epoch,
@@ -287,8 +218,7 @@ fn accept(p: &Proxy, s: &Snapshot, state_dir: &Path) -> Result<String, Rejected>
         ),
         Freshness::First | Freshness::Newer | Freshness::Same => {}
     }
-    let pushed =
-        Pushed::parse(&p.cfg, s, &p.tls.get().identity).map_err(|e| Rejected(e, "invalid"))?;
+    let pushed = Pushed::parse(&p.cfg, s, &p.tls.get().identity).map_err(Rejected::Invalid)?;
     let mut note = String::new();
     if let Err(e) = persist(state_dir, s) {
         // Still applied (serving it now matters more than surviving a restart with it), and
@@ -315,12 +245,12 @@ fn accept(p: &Proxy, s: &Snapshot, state_dir: &Path) -> Result<String, Rejected>
         changed
     };
     if bundles_changed {
-        crate::install_bundles(p);
+        p.install_bundles();
     }
     p.refresh_policy();
     p.refresh_registry();
-    crate::install_revocations(p);
-    crate::recheck_tcp(p);
+    p.install_revocations();
+    p.recheck_tcp();
     Ok(note)
 }
 
@@ -331,7 +261,7 @@ pub async fn run(p: Arc<Proxy>, cp: ControlPlaneSpec) {
     loop {
         let mut received = false;
         let why = match session(&p, &cp, &state_dir, &mut received).await {
-            Ok(()) => "the control plane ended the stream".to_string(),
+            Ok(()) => StreamError::Ended,
             Err(e) => e,
         };
         if received {
@@ -345,7 +275,7 @@ pub async fn run(p: Arc<Proxy>, cp: ControlPlaneSpec) {
             retry_in_ms = wait.as_millis() as u64,
             "control plane stream lost: {why}"
         );
-        p.metrics.reload("snapshot_stream", false);
+        p.ledger.metrics.reload("snapshot_stream", false);
         tokio::time::sleep(wait).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
@@ -361,12 +291,44 @@ fn jitter(max: Duration) -> Duration {
         .max(Duration::from_millis(10))
 }
 
+/// Why the stream to the control plane ended; said in the log before the next attempt.
+#[derive(Debug)]
+enum StreamError {
+    /// The control plane ended the stream itself.
+    Ended,
+    ConnectTimeout,
+    Connect(std::io::Error),
+    HandshakeTimeout,
+    Handshake(std::io::Error),
+    Http2(hyper::Error),
+    Subscribe(tonic::Status),
+    Receive(tonic::Status),
+    /// Our acknowledgement found the stream closed.
+    Closed,
+}
+
+impl fmt::Display for StreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Ended => f.write_str("the control plane ended the stream"),
+            Self::ConnectTimeout => f.write_str("connect timed out"),
+            Self::Connect(e) => write!(f, "connect: {e}"),
+            Self::HandshakeTimeout => f.write_str("TLS handshake timed out"),
+            Self::Handshake(e) => write!(f, "TLS handshake: {e}"),
+            Self::Http2(e) => write!(f, "HTTP/2 handshake: {e}"),
+            Self::Subscribe(s) => write!(f, "subscribe: {}: {}", s.code(), s.message()),
+            Self::Receive(s) => write!(f, "{}: {}", s.code(), s.message()),
+            Self::Closed => f.write_str("stream closed"),
+        }
+    }
+}
+
 async fn session(
     p: &Arc<Proxy>,
     cp: &ControlPlaneSpec,
     state_dir: &Path,
     received: &mut bool,
-) -> Result<(), String> {
+) -> Result<(), StreamError> {
     // Even with our own SVID revoked we present it here: the control plane is the one party
     // that can lift the revocation (`sigil unrevoke`), and it sends us only our own snapshot.
     // Its certificate is checked against the bundle directory alone, with no revocations: a
@@ -384,15 +346,15 @@ async fn session(
     let timeouts = &p.cfg.spec.timeouts;
     let tcp = tokio::time::timeout(timeouts.connect, TcpStream::connect(cp.address))
         .await
-        .map_err(|_| "connect timed out".to_string())?
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(|_| StreamError::ConnectTimeout)?
+        .map_err(StreamError::Connect)?;
     let _ = tcp.set_nodelay(true);
     let connector = TlsConnector::from(client);
     let name = ServerName::IpAddress(cp.address.ip().into());
     let stream = tokio::time::timeout(timeouts.handshake, connector.connect(name, tcp))
         .await
-        .map_err(|_| "TLS handshake timed out".to_string())?
-        .map_err(|e| format!("TLS handshake: {e}"))?;
+        .map_err(|_| StreamError::HandshakeTimeout)?
+        .map_err(StreamError::Handshake)?;
     let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         // A control plane that vanishes without a FIN is noticed within 15 s.
@@ -401,7 +363,7 @@ async fn session(
         .keep_alive_while_idle(true)
         .handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+        .map_err(StreamError::Http2)?;
     let conn = tokio::spawn(conn);
     let result = subscribe(p, cp, sender, state_dir, received).await;
     conn.abort();
@@ -414,11 +376,11 @@ async fn subscribe(
     sender: SendRequest<tonic::body::Body>,
     state_dir: &Path,
     received: &mut bool,
-) -> Result<(), String> {
-    // HTTP/2 requests carry :scheme and :authority.
+) -> Result<(), StreamError> {
+    // HTTP/2 requests carry :scheme and :authority; a socket address always makes one.
     let origin: http::Uri = format!("https://{}", cp.address)
         .parse()
-        .map_err(|e| format!("{}: {e}", cp.address))?;
+        .expect("a socket address is a URI authority");
     let node = p.cfg.metadata.name.clone();
     let (epoch, running) = p.pushed_epoch_version();
     let hello = Ack {
@@ -430,18 +392,14 @@ async fn subscribe(
     };
     let (tx, mut snapshots) = sigil_api::client::subscribe(sender, origin, hello)
         .await
-        .map_err(|s| format!("subscribe: {}: {}", s.code(), s.message()))?;
+        .map_err(StreamError::Subscribe)?;
     info!(version = running, "control plane stream open");
-    while let Some(s) = snapshots
-        .message()
-        .await
-        .map_err(|s| format!("{}: {}", s.code(), s.message()))?
-    {
+    while let Some(s) = snapshots.message().await.map_err(StreamError::Receive)? {
         *received = true;
         let version = s.version;
         let ack = match accept(p, &s, state_dir) {
             Ok(note) => {
-                p.metrics.reload("snapshot", true);
+                p.ledger.metrics.reload("snapshot", true);
                 Ack {
                     node: node.clone(),
                     version,
@@ -450,23 +408,24 @@ async fn subscribe(
                     epoch: s.epoch.clone(),
                 }
             }
-            Err(Rejected(e, reason)) => {
+            Err(e) => {
+                let reason = e.label();
                 error!(
                     version,
                     reason, "snapshot rejected, keeping the one in force: {e}"
                 );
-                p.metrics.reload("snapshot", false);
-                p.metrics.snapshot_rejected(reason);
+                p.ledger.metrics.reload("snapshot", false);
+                p.ledger.metrics.snapshot_rejected(reason);
                 Ack {
                     node: node.clone(),
                     version,
                     accepted: false,
-                    error: e,
+                    error: e.to_string(),
                     epoch: s.epoch.clone(),
                 }
             }
         };
-        tx.send(ack).await.map_err(|_| "stream closed")?;
+        tx.send(ack).await.map_err(|_| StreamError::Closed)?;
     }
     Ok(())
 }

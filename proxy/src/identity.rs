@@ -118,10 +118,74 @@ pub struct Seen {
 
 #[derive(Debug)]
 pub enum Change {
-    Svid(Result<LocalIdentity, String>),
+    Svid(Result<LocalIdentity, FileProblem>),
     /// A new bundle set if the trusted content changed, and the problems met building it
     /// (bad files are left out, or replaced by their last good content).
-    Bundles(Option<Arc<TrustBundles>>, Vec<String>),
+    Bundles(Option<Arc<TrustBundles>>, Vec<FileProblem>),
+}
+
+/// What is wrong with an identity file; `Display` names the file.
+#[derive(Debug)]
+pub enum FileProblem {
+    Unreadable(PathBuf, std::io::Error),
+    /// The certificate and key do not make a valid SVID.
+    Svid {
+        cert: PathBuf,
+        key: PathBuf,
+        error: sigil_filters::IdentityError,
+    },
+    /// An SVID for another ID than the one this sidecar is pinned to.
+    NotPinned {
+        cert: PathBuf,
+        id: SpiffeId,
+        pinned: SpiffeId,
+    },
+    /// A bundle file whose name is not a trust domain.
+    BundleName(PathBuf, sigil_config::SpiffeIdError),
+    Bundle(PathBuf, sigil_filters::BundleError),
+    /// A domain's bundle file went away; its last good content is still trusted.
+    BundleGone(PathBuf, TrustDomain),
+    /// No bundle at all at start.
+    NoBundle(PathBuf),
+    /// No SVID was read at start.
+    NoSvid,
+}
+
+impl std::fmt::Display for FileProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unreadable(path, e) => write!(f, "{}: {e}", path.display()),
+            Self::Svid { cert, key, error } => {
+                write!(f, "{} / {}: {error}", cert.display(), key.display())
+            }
+            Self::NotPinned { cert, id, pinned } => write!(
+                f,
+                "{}: the SVID is for {id}, but this sidecar's identity is pinned to {pinned} \
+                 (the first SVID it loaded): an SVID for another workload would take this \
+                 workload out from under its policies. Restart the sidecar to change its \
+                 identity, or set identity.allowIdentityChange: true",
+                cert.display()
+            ),
+            Self::BundleName(path, e) => write!(
+                f,
+                "{}: file name is not a trust domain: {e}",
+                path.display()
+            ),
+            Self::Bundle(path, e) => write!(f, "{}: {e}", path.display()),
+            Self::BundleGone(dir, td) => write!(
+                f,
+                "{}: bundle file for {td} is gone; still trusting its last good content \
+                 (write an empty file to distrust the domain)",
+                dir.display()
+            ),
+            Self::NoBundle(dir) => write!(
+                f,
+                "{}: no trust bundle (<trust domain>.pem) found",
+                dir.display()
+            ),
+            Self::NoSvid => f.write_str("no SVID read"),
+        }
+    }
 }
 
 impl IdentityFiles {
@@ -143,25 +207,22 @@ impl IdentityFiles {
         &mut self,
         seen: &mut Seen,
         provider: &Arc<CryptoProvider>,
-    ) -> Result<TlsState, String> {
+    ) -> Result<TlsState, FileProblem> {
         let identity = match self.poll_svid(seen, provider) {
             Some(Ok(id)) => id,
             Some(Err(e)) => return Err(e),
-            None => return Err("no SVID read".into()),
+            None => return Err(FileProblem::NoSvid),
         };
         if self.expected.is_none() && !self.allow_change {
             self.pinned = Some(identity.id().clone());
         }
         let (bundles, problems) = self.poll_bundles(seen).unwrap_or_default();
-        if let Some(p) = problems.first() {
-            return Err(p.clone());
+        if let Some(p) = problems.into_iter().next() {
+            return Err(p);
         }
         let bundles = bundles.unwrap_or_default();
         if bundles.is_empty() {
-            return Err(format!(
-                "{}: no trust bundle (<trust domain>.pem) found",
-                self.bundle_dir.display()
-            ));
+            return Err(FileProblem::NoBundle(self.bundle_dir.clone()));
         }
         Ok(TlsState::new(
             identity,
@@ -187,14 +248,14 @@ impl IdentityFiles {
         &self,
         seen: &mut Seen,
         provider: &Arc<CryptoProvider>,
-    ) -> Option<Result<LocalIdentity, String>> {
+    ) -> Option<Result<LocalIdentity, FileProblem>> {
         let cert = read(&self.cert);
         let key = read(&self.key);
         let (cert, key) = match (cert, key) {
             (Ok(c), Ok(k)) => (c, k),
             (Err(e), _) | (_, Err(e)) => {
                 // A missing file mid-rotation: report once, keep serving.
-                let marker = (e.clone().into_bytes(), Vec::new());
+                let marker = (e.to_string().into_bytes(), Vec::new());
                 if seen.svid.as_ref() == Some(&marker) {
                     return None;
                 }
@@ -216,16 +277,17 @@ impl IdentityFiles {
             self.expected.as_ref(),
             provider,
         )
-        .map_err(|e| format!("{} / {}: {e}", self.cert.display(), self.key.display()))
+        .map_err(|error| FileProblem::Svid {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            error,
+        })
         .and_then(|identity| match &self.pinned {
-            Some(pinned) if identity.id() != pinned => Err(format!(
-                "{}: the SVID is for {}, but this sidecar's identity is pinned to {pinned} \
-                 (the first SVID it loaded): an SVID for another workload would take this \
-                 workload out from under its policies. Restart the sidecar to change its \
-                 identity, or set identity.allowIdentityChange: true",
-                self.cert.display(),
-                identity.id()
-            )),
+            Some(pinned) if identity.id() != pinned => Err(FileProblem::NotPinned {
+                cert: self.cert.clone(),
+                id: identity.id().clone(),
+                pinned: pinned.clone(),
+            }),
             _ => Ok(identity),
         });
         seen.svid = Some((cert, key));
@@ -233,7 +295,10 @@ impl IdentityFiles {
     }
 
     /// Rebuilds the bundle set if any file in the directory changed, appeared or went away.
-    fn poll_bundles(&self, seen: &mut Seen) -> Option<(Option<Arc<TrustBundles>>, Vec<String>)> {
+    fn poll_bundles(
+        &self,
+        seen: &mut Seen,
+    ) -> Option<(Option<Arc<TrustBundles>>, Vec<FileProblem>)> {
         let mut now: HashMap<PathBuf, Vec<u8>> = HashMap::new();
         let mut problems = Vec::new();
         match std::fs::read_dir(&self.bundle_dir) {
@@ -250,11 +315,11 @@ impl IdentityFiles {
                         Ok(b) => {
                             now.insert(path, b);
                         }
-                        Err(e) => problems.push(format!("{}: {e}", path.display())),
+                        Err(e) => problems.push(FileProblem::Unreadable(path, e)),
                     }
                 }
             }
-            Err(e) => problems.push(format!("{}: {e}", self.bundle_dir.display())),
+            Err(e) => problems.push(FileProblem::Unreadable(self.bundle_dir.clone(), e)),
         }
         if now == seen.bundles && !seen.bundles.is_empty() {
             return None;
@@ -269,10 +334,7 @@ impl IdentityFiles {
             let td = match TrustDomain::parse(&stem) {
                 Ok(td) => td,
                 Err(e) => {
-                    problems.push(format!(
-                        "{}: file name is not a trust domain: {e}",
-                        path.display()
-                    ));
+                    problems.push(FileProblem::BundleName(path.clone(), e));
                     continue;
                 }
             };
@@ -281,7 +343,7 @@ impl IdentityFiles {
                     good.insert(td, bytes.clone());
                 }
                 Err(e) => {
-                    problems.push(format!("{}: {e}", path.display()));
+                    problems.push(FileProblem::Bundle(path.clone(), e));
                     // Keep trusting what this domain's file said when it was last valid.
                     if let Some(prev) = seen.good_bundles.get(&td) {
                         if bundles.insert_pem(&td, prev).is_ok() {
@@ -295,11 +357,7 @@ impl IdentityFiles {
         // last good content. Distrusting a domain is done with an empty file.
         for (td, prev) in &seen.good_bundles {
             if !good.contains_key(td) && bundles.get(td.as_str()).is_none() {
-                problems.push(format!(
-                    "{}: bundle file for {td} is gone; still trusting its last good content \
-                     (write an empty file to distrust the domain)",
-                    self.bundle_dir.display()
-                ));
+                problems.push(FileProblem::BundleGone(self.bundle_dir.clone(), td.clone()));
                 if bundles.insert_pem(td, prev).is_ok() {
                     good.insert(td.clone(), prev.clone());
                 }
@@ -315,8 +373,8 @@ impl IdentityFiles {
     }
 }
 
-fn read(p: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))
+fn read(p: &Path) -> Result<Vec<u8>, FileProblem> {
+    std::fs::read(p).map_err(|e| FileProblem::Unreadable(p.to_path_buf(), e))
 }
 
 /// The current TLS state, swapped whole on rotation.

@@ -6,6 +6,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
+use sigil_filters::detect::{inbound_serve, per_request, Serve, Speaks};
 use sigil_filters::svid::leaf_spiffe_id;
 use sigil_filters::tls::{handshake_failure, Carries};
 use tokio::io::AsyncWriteExt;
@@ -15,10 +16,12 @@ use tracing::debug;
 
 use crate::admission::{Handshake, Slot};
 use crate::conns::{Direction, Kind};
-use crate::l7::{self, Speaks};
+use crate::inbound_http;
+use crate::ledger::{peer_chain, Admitted};
 use crate::logs::limited;
 use crate::metrics::{RuleLabels, UNAUTHENTICATED_PEER};
-use crate::proxy::{now_unix, peer_chain, Admitted, Proxy};
+use crate::proxy::{now_unix, Proxy};
+use crate::reasons::{CloseReason, Refusal};
 use crate::relay::{sniff, Rewind};
 use crate::workers::Load;
 
@@ -39,7 +42,8 @@ pub async fn handle(
     let local = tls.local_label.clone();
     if let Some(r) = tls.self_revoked() {
         limited!(info, %client, port, revocation = %r.metadata.name, reason = "self_revoked", "inbound refused: our own SVID is revoked");
-        p.refused(DIR, &local, UNAUTHENTICATED_PEER.into(), "self_revoked");
+        let peer = UNAUTHENTICATED_PEER.into();
+        p.ledger.refused(DIR, &local, peer, Refusal::SelfRevoked);
         return;
     }
     let acceptor = TlsAcceptor::from(tls.server.clone());
@@ -47,13 +51,13 @@ pub async fn handle(
     let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
         Err(_) => {
             limited!(info, %client, port, reason = "handshake_timeout", "inbound refused: no handshake within {timeout:?}");
-            p.handshake_failed(DIR, &local, "handshake_timeout");
+            p.ledger.handshake_failed(DIR, &local, "handshake_timeout");
             return;
         }
         Ok(Err(e)) => {
             let (reason, detail) = handshake_failure(&e);
             limited!(info, %client, port, reason, "inbound refused: {detail}");
-            p.handshake_failed(DIR, &local, reason);
+            p.ledger.handshake_failed(DIR, &local, reason);
             return;
         }
         Ok(Ok(s)) => s,
@@ -66,22 +70,20 @@ pub async fn handle(
         .and_then(|leaf| leaf_spiffe_id(leaf, None).ok())
     else {
         limited!(warn, %client, "inbound: verified handshake without a readable peer SVID");
-        p.handshake_failed(DIR, &local, "invalid_svid");
+        p.ledger.handshake_failed(DIR, &local, "invalid_svid");
         return;
     };
-    let peer_label = p.metrics.peer_label(peer.as_str());
+    let peer_label = p.ledger.metrics.peer_label(peer.as_str());
     let carries = Carries::from_alpn(stream.get_ref().1.alpn_protocol());
     load.multiplexed(carries == Some(Carries::Http2));
     let index = p.policy();
-    let declared_http = index.is_http(port);
-    // Requests from a pool are checked one by one, whatever the port: a peer denied here
-    // gets 403s rather than a connection its pool cannot tell from a network failure.
-    let per_request = declared_http || carries == Some(Carries::Http2);
+    let per_request = per_request(carries, index.is_http(port));
     if !per_request {
         let verdict = index.decide_tcp(&peer, port, now_unix());
         if let Some(w) = verdict.would_deny {
             limited!(info, %client, peer = %peer, port, rule = %w, "dry-run: would deny connection");
-            p.metrics
+            p.ledger
+                .metrics
                 .would_deny
                 .get_or_create(&RuleLabels {
                     local_id: local.clone(),
@@ -91,7 +93,8 @@ pub async fn handle(
         }
         if !verdict.allowed {
             limited!(info, %client, peer = %peer, port, rule = %verdict.rule, reason = "not_allowed", "inbound refused");
-            p.refused(DIR, &local, peer_label, "not_allowed");
+            p.ledger
+                .refused(DIR, &local, peer_label, Refusal::NotAllowed);
             // close_notify, so the peer sidecar sees a clean end rather than a truncation.
             let mut stream = stream;
             let _ = tokio::time::timeout(timeout, stream.shutdown()).await;
@@ -100,25 +103,19 @@ pub async fn handle(
         debug!(%client, peer = %peer, port, rule = %verdict.rule, "inbound allowed");
     }
     // HTTP gets per-request handling (metrics, the peer header, route checks once a policy
-    // declares the port); anything else is relayed as bytes. A port declared `tcp` or listed
-    // opaque is only ever bytes, unless a peer's pool sends requests to it.
+    // declares the port); anything else is relayed as bytes.
     let may_be_http = !index.is_tcp(port) && !p.cfg.spec.inbound.opaque_ports.contains(&port);
     // Connections re-check against the current index on policy changes; do not pin this one.
     drop((tls, index));
     let mut stream = stream;
-    let (http, prefix) = match carries {
-        Some(Carries::Http2) => (Some(Speaks::Http2), Vec::new()),
-        Some(Carries::Http1) if per_request || may_be_http => (Some(Speaks::Http1), Vec::new()),
-        // A client that is not a sidecar (curl with a client certificate) on a port declared
-        // `http`: hyper-util tells the version.
-        _ if per_request => (Some(Speaks::Either), Vec::new()),
-        Some(Carries::Tcp) | Some(Carries::Http1) => (None, Vec::new()),
-        // Not a sidecar (openssl s_client, curl with a client certificate): look.
-        None if may_be_http => {
+    let (http, prefix): (Option<Speaks>, _) = match inbound_serve(carries, per_request, may_be_http)
+    {
+        Serve::Http(speaks) => (Some(speaks), Vec::new()),
+        Serve::Bytes => (None, Vec::new()),
+        Serve::Sniff => {
             let (detected, prefix) = sniff(&mut stream, p.cfg.spec.timeouts.detect).await;
             (Speaks::detected(detected), prefix)
         }
-        None => (None, Vec::new()),
     };
     let stream = Rewind::new(prefix, stream);
     if let Some(speaks) = http {
@@ -131,9 +128,9 @@ pub async fn handle(
             chain,
             port,
         };
-        let reason = l7::serve(p, stream, speaks, a).await;
-        if reason != "done" {
-            limited!(info, %client, peer = %peer_label, port, reason, "inbound HTTP connection closed");
+        let reason = inbound_http::serve(p, stream, speaks, a).await;
+        if reason != CloseReason::Done {
+            limited!(info, %client, peer = %peer_label, port, reason = reason.label(), "inbound HTTP connection closed");
         }
         return;
     }
@@ -143,12 +140,14 @@ pub async fn handle(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             limited!(info, peer = %peer, %upstream, "inbound refused: workload unreachable: {e}");
-            p.refused(DIR, &local, peer_label, "upstream_unavailable");
+            p.ledger
+                .refused(DIR, &local, peer_label, Refusal::UpstreamUnavailable);
             return;
         }
         Err(_) => {
             limited!(info, peer = %peer, %upstream, "inbound refused: workload connect timed out");
-            p.refused(DIR, &local, peer_label, "upstream_unavailable");
+            p.ledger
+                .refused(DIR, &local, peer_label, Refusal::UpstreamUnavailable);
             return;
         }
     };
@@ -163,8 +162,9 @@ pub async fn handle(
         chain,
         port,
     };
-    let reason = p.carry(a, stream, workload).await;
-    if reason != "done" {
-        limited!(info, %client, peer = %label, port, reason, "inbound connection closed");
+    let idle = p.cfg.spec.timeouts.idle;
+    let reason = p.ledger.carry(a, stream, workload, idle).await;
+    if reason != CloseReason::Done {
+        limited!(info, %client, peer = %label, port, reason = reason.label(), "inbound connection closed");
     }
 }

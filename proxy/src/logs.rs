@@ -17,6 +17,12 @@ pub struct Limiter {
     held_back: AtomicU64,
 }
 
+impl Default for Limiter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Limiter {
     pub const fn new() -> Self {
         Self {

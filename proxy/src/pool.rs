@@ -32,11 +32,12 @@ use sigil_config::SpiffeId;
 use sigil_filters::tls::Carries;
 use tracing::debug;
 
-use crate::conns::{is_graceful, Direction, Kind, GRACE};
-use crate::l7::{Body, BoxError};
+use crate::conns::{Direction, Kind, GRACE};
+use crate::dial::Dialer;
+use crate::http::{BoxError, ResponseBody};
+use crate::ledger::{Admitted, Ledger};
 use crate::logs::limited;
-use crate::outbound::dial;
-use crate::proxy::{Admitted, Proxy};
+use crate::reasons::CloseReason;
 use crate::relay::{closed, cut, Counted};
 
 /// A dead peer (no PING answer) is noticed within interval + timeout.
@@ -50,13 +51,19 @@ const CONN_WINDOW: u32 = 5 * 1024 * 1024;
 /// A destination as seen from one worker thread (`workers`).
 type WorkerDest = (SocketAddr, usize);
 
-#[derive(Default)]
 pub struct Pool {
     /// Per destination and worker: a worker's requests go out on its own connections,
     /// whose tasks run on that worker too.
     slots: Mutex<HashMap<WorkerDest, Vec<Arc<Slot>>>>,
     /// Numbers pooled connections, so that one retiring removes itself and no successor.
     next: AtomicU64,
+    dialer: Arc<Dialer>,
+    ledger: Arc<Ledger>,
+    /// `timeouts.request`: how long a request without a body waits for its response head,
+    /// with `RESPONSE_MARGIN`.
+    request_timeout: Duration,
+    /// `timeouts.poolIdle`: a connection unused this long is let go.
+    idle_after: Duration,
 }
 
 pub struct Slot {
@@ -93,13 +100,14 @@ impl Slot {
 }
 
 /// Why a request could not be sent to the peer sidecar.
+#[derive(Debug)]
 pub enum SendError {
     /// No connection could be made (`dial` logged and counted why).
     Unreachable,
     /// The destination left the registry since the workload connected.
     Gone,
     /// The connection or the peer sidecar failed the request.
-    Failed(String),
+    Failed(h2::Error),
     /// No response head within this long (`timeouts.request` and a margin, so that the
     /// destination's own 504, which names the cause, normally comes first).
     TimedOut(Duration),
@@ -108,7 +116,39 @@ pub enum SendError {
 /// How much longer than `timeouts.request` the outbound side waits for a response head.
 const RESPONSE_MARGIN: Duration = Duration::from_secs(5);
 
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unreachable => {
+                f.write_str("cannot reach the destination's sidecar (see the sidecar log)")
+            }
+            Self::Gone => f.write_str("the destination left the mesh registry"),
+            Self::Failed(e) => write!(f, "peer sidecar: {e}"),
+            Self::TimedOut(after) => write!(
+                f,
+                "the destination's sidecar did not answer within {after:?}"
+            ),
+        }
+    }
+}
+
 impl Pool {
+    pub fn new(
+        dialer: Arc<Dialer>,
+        ledger: Arc<Ledger>,
+        request_timeout: Duration,
+        idle_after: Duration,
+    ) -> Self {
+        Self {
+            slots: Mutex::default(),
+            next: AtomicU64::new(0),
+            dialer,
+            ledger,
+            request_timeout,
+            idle_after,
+        }
+    }
+
     /// The slot of `dest` and `expected`, which a workload connection looks up once.
     pub fn slot(&self, dest: SocketAddr, expected: &SpiffeId) -> Arc<Slot> {
         let mut slots = self.slots.lock().expect("pool lock");
@@ -174,7 +214,7 @@ impl Pool {
     }
 
     /// Destinations with a slot in the pool, for tests and the config dump.
-    pub fn len(&self) -> usize {
+    pub fn destinations(&self) -> usize {
         self.slots
             .lock()
             .expect("pool lock")
@@ -185,7 +225,7 @@ impl Pool {
 
     /// The pooled connection of `slot`, dialled if there is none. None: the dial failed,
     /// or the destination left the registry.
-    async fn sender(&self, p: &Arc<Proxy>, slot: &Arc<Slot>) -> Option<(u64, SendRequest<Bytes>)> {
+    async fn sender(self: &Arc<Self>, slot: &Arc<Slot>) -> Option<(u64, SendRequest<Bytes>)> {
         if slot.removed.load(Ordering::Relaxed) {
             return None;
         }
@@ -200,7 +240,7 @@ impl Pool {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         // Boxed: the dial and handshakes are rare and would otherwise make every request's
         // future (which holds this one) several KiB larger to create and move.
-        let s = Box::pin(connect(p, slot.dest, &slot.expected, slot.clone(), id)).await?;
+        let s = Box::pin(self.connect(slot.clone(), id)).await?;
         *slot.sender.lock().expect("slot lock") = Some((id, s.clone()));
         Some((id, s))
     }
@@ -210,12 +250,11 @@ impl Pool {
     /// replaced and the request sent once more; nothing else is retried. `grpc`: a gRPC
     /// call, which no response timeout applies to here.
     pub async fn send(
-        &self,
-        p: &Arc<Proxy>,
+        self: &Arc<Self>,
         slot: &Arc<Slot>,
         req: Request<Incoming>,
         grpc: bool,
-    ) -> Result<Response<Body>, SendError> {
+    ) -> Result<Response<ResponseBody>, SendError> {
         if slot.removed.load(Ordering::Relaxed) {
             return Err(SendError::Gone);
         }
@@ -225,7 +264,7 @@ impl Pool {
         crate::http::strip_identity(&mut parts.headers);
         let mut retried = false;
         let mut sender = loop {
-            let Some((id, sender)) = self.sender(p, slot).await else {
+            let Some((id, sender)) = self.sender(slot).await else {
                 return Err(SendError::Unreachable);
             };
             match sender.ready().await {
@@ -235,14 +274,14 @@ impl Pool {
                     slot.retire(id);
                     retried = true;
                 }
-                Err(e) => return Err(SendError::Failed(format!("peer sidecar: {e}"))),
+                Err(e) => return Err(SendError::Failed(e)),
             }
         };
         slot.sent.fetch_add(1, Ordering::Relaxed);
         let eos = body.is_end_stream();
         let (response, stream) = sender
             .send_request(Request::from_parts(parts, ()), eos)
-            .map_err(|e| SendError::Failed(format!("peer sidecar: {e}")))?;
+            .map_err(SendError::Failed)?;
         drop(sender);
         if !eos {
             // The body streams on while the response may already come back (gRPC).
@@ -251,14 +290,14 @@ impl Pool {
         // A request with a body (an upload, a gRPC stream) is timed by the destination's
         // sidecar from its last byte; one without, here too, as a backstop.
         let resp = if eos && !grpc {
-            let limit = p.cfg.spec.timeouts.request + RESPONSE_MARGIN;
+            let limit = self.request_timeout + RESPONSE_MARGIN;
             tokio::time::timeout(limit, response)
                 .await
                 .map_err(|_| SendError::TimedOut(limit))?
         } else {
             response.await
         }
-        .map_err(|e| SendError::Failed(format!("peer sidecar: {e}")))?;
+        .map_err(SendError::Failed)?;
         // No body at all (HEAD, 204, 304): nothing remains, whatever Content-Length says.
         let remaining = if resp.body().is_end_stream() {
             Some(0)
@@ -409,55 +448,80 @@ impl hyper::body::Body for Received {
     }
 }
 
-async fn connect(
-    p: &Arc<Proxy>,
-    dest: SocketAddr,
-    expected: &SpiffeId,
-    slot: Arc<Slot>,
-    id: u64,
-) -> Option<SendRequest<Bytes>> {
-    let (stream, chain) = dial(p, dest, expected, Carries::Http2).await?;
-    let a = Admitted {
-        direction: Direction::Outbound,
-        kind: Kind::Pooled,
-        local: p.tls.get().local_label.clone(),
-        peer_label: p.metrics.peer_label(expected.as_str()),
-        peer: expected.clone(),
-        chain,
-        port: dest.port(),
-    };
-    let (labels, counters, mut guard) = p.admit(a);
-    let io = Counted::new(stream, counters);
-    let handshake = h2::client::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONN_WINDOW)
-        .max_header_list_size(64 * 1024)
-        // Until the peer's SETTINGS arrive; h2's default is unlimited, and a burst queued
-        // behind the dial would meet the peer's limit as refused streams (hyper used 100).
-        .initial_max_send_streams(100)
-        .enable_push(false)
-        .handshake::<_, Bytes>(io)
-        .await;
-    let (sender, mut conn) = match handshake {
-        Ok(c) => c,
-        Err(e) => {
-            limited!(info, %dest, peer = %expected, "pooled connection failed at the HTTP/2 handshake: {e}");
-            p.closed(&labels, "io_error");
-            return None;
-        }
-    };
-    let pings = conn.ping_pong();
-    let mut conn = Watched {
-        conn,
-        probe: Some(sender.clone()),
-        went_away: false,
-    };
-    debug!(%dest, peer = %expected, "pooled connection open");
-    let p = p.clone();
-    let idle_after = p.cfg.spec.timeouts.pool_idle;
-    tokio::spawn(async move {
+impl Pool {
+    /// Dials `slot`'s destination and opens the pooled HTTP/2 connection; its task runs
+    /// until the connection ends, is closed by the registry, or is let go.
+    async fn connect(self: &Arc<Self>, slot: Arc<Slot>, id: u64) -> Option<SendRequest<Bytes>> {
+        let (dest, expected) = (slot.dest, &slot.expected);
+        let (stream, chain) = self.dialer.dial(dest, expected, Carries::Http2).await?;
+        let a = Admitted {
+            direction: Direction::Outbound,
+            kind: Kind::Pooled,
+            local: self.dialer.tls.get().local_label.clone(),
+            peer_label: self.ledger.metrics.peer_label(expected.as_str()),
+            peer: expected.clone(),
+            chain,
+            port: dest.port(),
+        };
+        let (labels, counters, guard) = self.ledger.admit(a);
+        let io = Counted::new(stream, counters);
+        let handshake = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONN_WINDOW)
+            .max_header_list_size(64 * 1024)
+            // Until the peer's SETTINGS arrive; h2's default is unlimited, and a burst queued
+            // behind the dial would meet the peer's limit as refused streams (hyper used 100).
+            .initial_max_send_streams(100)
+            .enable_push(false)
+            .handshake::<_, Bytes>(io)
+            .await;
+        let (sender, conn) = match handshake {
+            Ok(c) => c,
+            Err(e) => {
+                limited!(info, %dest, peer = %expected, "pooled connection failed at the HTTP/2 handshake: {e}");
+                self.ledger.closed(&labels, CloseReason::IoError);
+                return None;
+            }
+        };
+        debug!(%dest, peer = %expected, "pooled connection open");
+        let pool = self.clone();
+        let probe = sender.clone();
+        tokio::spawn(async move {
+            let reason = pool.hold(conn, probe, &slot, id, guard).await;
+            if reason != CloseReason::Done {
+                limited!(info, %dest, peer = %labels.peer_id, reason = reason.label(), "pooled connection closed");
+            }
+            pool.ledger.closed(&labels, reason);
+            pool.forget(&slot);
+        });
+        Some(sender)
+    }
+
+    /// Runs a pooled connection until it ends: the peer's GOAWAY and its streams done, a
+    /// failure, a dead peer (PINGs), the registry closing it, or, once let go (unused for
+    /// `idle_after`, or its destination left the registry), its last stream done.
+    async fn hold<T>(
+        &self,
+        conn: h2::client::Connection<T, Bytes>,
+        probe: SendRequest<Bytes>,
+        slot: &Arc<Slot>,
+        id: u64,
+        mut guard: crate::conns::ConnGuard,
+    ) -> CloseReason
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let dest = slot.dest;
+        let mut conn = conn;
+        let pings = conn.ping_pong();
+        let mut conn = Watched {
+            conn,
+            probe: Some(probe),
+            went_away: false,
+        };
+        let idle_after = self.idle_after;
         let keep_alive = keep_alive(pings);
-        let unused = unused(&slot, idle_after);
+        let unused = unused(slot, idle_after);
         tokio::pin!(keep_alive, unused);
         let mut let_go = false;
         let mut reason = loop {
@@ -465,7 +529,7 @@ async fn connect(
             // waiter to wake.
             let left = slot.left.notified();
             if slot.removed.load(Ordering::Relaxed) && !let_go {
-                debug!(%dest, peer = %labels.peer_id, "destination left the registry; letting go of its pooled connection");
+                debug!(%dest, "destination left the registry; letting go of its pooled connection");
                 slot.retire(id);
                 conn.probe = None;
                 let_go = true;
@@ -475,16 +539,16 @@ async fn connect(
                 // (let go) the last stream ended. h2 ends a connection only once its streams
                 // are done.
                 r = &mut conn => break match r {
-                    Ok(()) => "done",
+                    Ok(()) => CloseReason::Done,
                     // A peer that shuts down sends GOAWAY, finishes its streams and closes;
                     // the socket may then end in a reset, which is no failure.
                     Err(e) if conn.went_away => {
                         debug!(%dest, "pooled connection ended after the peer's GOAWAY: {e}");
-                        "done"
+                        CloseReason::Done
                     }
                     Err(e) => {
-                        limited!(info, %dest, peer = %labels.peer_id, "pooled connection failed: {e}");
-                        "io_error"
+                        limited!(info, %dest, "pooled connection failed: {e}");
+                        CloseReason::IoError
                     }
                 },
                 reason = closed(&mut guard.close_rx) => break reason,
@@ -493,17 +557,17 @@ async fn connect(
                 _ = &mut unused, if !let_go => {
                     // With the pool's sender dropped, h2 closes the connection once the
                     // streams still on it end; until then it stays registered.
-                    debug!(%dest, peer = %labels.peer_id, "pooled connection unused for {idle_after:?}; letting go");
+                    debug!(%dest, "pooled connection unused for {idle_after:?}; letting go");
                     slot.retire(id);
                     conn.probe = None;
-                    p.pool.forget(&slot);
+                    self.forget(slot);
                     let_go = true;
                 }
             }
         };
         slot.retire(id);
         conn.probe = None;
-        if is_graceful(reason) {
+        if reason.is_graceful() {
             // Requests already on this connection may finish; once the slot let go of its
             // sender and they are done, h2 closes the connection itself.
             let grace = tokio::time::sleep(GRACE);
@@ -515,13 +579,8 @@ async fn connect(
         }
         // Dropping the connection fails whatever streams are left on it.
         drop(conn);
-        if reason != "done" {
-            limited!(info, %dest, peer = %labels.peer_id, reason, "pooled connection closed");
-        }
-        p.closed(&labels, reason);
-        p.pool.forget(&slot);
-    });
-    Some(sender)
+        reason
+    }
 }
 
 /// A pooled connection, watched for the peer's GOAWAY: a peer that shuts down sends one,
@@ -571,7 +630,7 @@ async fn unused(slot: &Slot, period: Duration) {
 
 /// PINGs the peer every interval; resolves with the close reason if an answer does not
 /// come in time (a dead peer is an I/O failure).
-async fn keep_alive(pings: Option<PingPong>) -> &'static str {
+async fn keep_alive(pings: Option<PingPong>) -> CloseReason {
     let Some(mut pings) = pings else {
         return std::future::pending().await;
     };
@@ -581,14 +640,14 @@ async fn keep_alive(pings: Option<PingPong>) -> &'static str {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
                 debug!("keep-alive PING failed: {e}");
-                return "io_error";
+                return CloseReason::IoError;
             }
             Err(_) => {
                 limited!(
                     info,
                     "peer sidecar did not answer a keep-alive PING in {KEEP_ALIVE_TIMEOUT:?}"
                 );
-                return "io_error";
+                return CloseReason::IoError;
             }
         }
     }

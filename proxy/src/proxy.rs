@@ -1,25 +1,30 @@
-//! The state every connection task shares, and the bookkeeping they all do.
+//! The state every connection task shares: the config, our identity, the policy index and
+//! registry derived from the sources, and the rooms that serve connections (ledger, dial,
+//! pools, workers, admission). Changes are put in force by `install`.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::pki_types::UnixTime;
 use sigil_config::proxy_config::Destination;
 use sigil_config::{ProxyConfig, Revocation, SpiffeId};
 use sigil_filters::PolicyIndex;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{error, info};
 
-use crate::conns::{ConnGuard, Conns, Direction, Kind};
+use crate::admission::Admission;
+use crate::dial::Dialer;
 use crate::identity::Current;
-use crate::metrics::{ConnLabels, HandshakeLabels, Metrics, ReasonLabels, UNAUTHENTICATED_PEER};
-use crate::relay::{relay, Counters};
+use crate::ledger::Ledger;
+use crate::metrics::Metrics;
+use crate::pool::Pool;
+use crate::sources::Sources;
+use crate::workers::Workers;
+use crate::workload::Workload;
 
 pub struct Proxy {
     pub cfg: ProxyConfig,
-    pub tls: Current,
+    pub tls: Arc<Current>,
     policy: RwLock<Arc<PolicyIndex>>,
     registry: RwLock<Arc<Registry>>,
     /// Policies and revocations from files and from the control plane; the policy index,
@@ -28,19 +33,36 @@ pub struct Proxy {
     /// Held while a state derived from `sources` is computed and put in force, so that the
     /// file watcher and the control-plane client, racing, never install a stale one last.
     pub installing: Mutex<()>,
-    pub metrics: Metrics,
-    pub conns: Arc<Conns>,
-    pub draining: AtomicBool,
-    /// Wakes connections that can end gracefully (HTTP) when draining starts.
-    pub drain_started: tokio::sync::Notify,
+    /// Metrics and the registry of live connections.
+    pub ledger: Arc<Ledger>,
+    /// mTLS to peer sidecars.
+    pub dialer: Arc<Dialer>,
     /// Pooled clients towards the local workload (L7 ports).
-    pub workload: crate::workload::Workload,
+    pub workload: Workload,
     /// Pooled HTTP/2 connections towards peer sidecars (outbound L7).
-    pub pool: crate::pool::Pool,
+    pub pool: Arc<Pool>,
     /// The runtimes that serve connections, one per core.
-    pub workers: Arc<crate::workers::Workers>,
+    pub workers: Arc<Workers>,
     /// What is open, against `spec.limits`.
-    pub admission: Arc<crate::admission::Admission>,
+    pub admission: Arc<Admission>,
+}
+
+/// Why the sidecar is not ready (`/ready`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotReady {
+    Draining,
+    NoValidIdentity,
+    AwaitingSnapshot,
+}
+
+impl std::fmt::Display for NotReady {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Draining => "draining",
+            Self::NoValidIdentity => "no valid SVID or trust bundle",
+            Self::AwaitingSnapshot => "no snapshot from the control plane in force yet",
+        })
+    }
 }
 
 /// Where outbound connections go: destination → expected SPIFFE ID.
@@ -58,7 +80,7 @@ impl Registry {
         };
     }
 
-    pub fn len(&self) -> usize {
+    pub fn entries(&self) -> usize {
         self.sockets.len() + self.hosts.len()
     }
 
@@ -70,42 +92,43 @@ impl Registry {
     }
 }
 
-pub struct Sources {
-    /// The bundles of the bundle directory (the last good set).
-    pub file_bundles: Arc<sigil_filters::TrustBundles>,
-    pub file_policies: crate::resources::FilePolicies,
-    pub file_revocations: Vec<Revocation>,
-    /// The snapshot from the control plane in force (received, or persisted).
-    pub pushed: Option<Arc<crate::control::Pushed>>,
-}
-
 impl Proxy {
     pub fn new(
         cfg: ProxyConfig,
         tls: Current,
         metrics: Metrics,
         sources: Sources,
-        workers: crate::workers::Workers,
-        admission: Arc<crate::admission::Admission>,
+        workers: Workers,
+        admission: Arc<Admission>,
     ) -> Self {
         let local = tls.get().identity.id().clone();
+        let tls = Arc::new(tls);
+        let ledger = Arc::new(Ledger::new(metrics));
+        let timeouts = &cfg.spec.timeouts;
+        let dialer = Arc::new(Dialer {
+            tls: tls.clone(),
+            ledger: ledger.clone(),
+            connect: timeouts.connect,
+            handshake: timeouts.handshake,
+        });
+        let pool = Pool::new(
+            dialer.clone(),
+            ledger.clone(),
+            timeouts.request,
+            timeouts.pool_idle,
+        );
         let p = Self {
-            cfg,
-            tls,
             policy: RwLock::new(Arc::new(PolicyIndex::compile([], &local))),
             registry: RwLock::default(),
             sources: Mutex::new(sources),
             installing: Mutex::new(()),
-            metrics,
-            conns: Arc::new(Conns::default()),
-            draining: AtomicBool::new(false),
-            drain_started: tokio::sync::Notify::new(),
-            workload: crate::workload::Workload::new(
-                workers.len(),
-                admission.max_connections() as usize,
-            ),
-            pool: crate::pool::Pool::default(),
+            workload: Workload::new(workers.count(), admission.max_connections() as usize),
+            pool: Arc::new(pool),
             workers: Arc::new(workers),
+            cfg,
+            tls,
+            ledger,
+            dialer,
             admission,
         };
         p.refresh_policy();
@@ -198,7 +221,7 @@ impl Proxy {
     }
 
     pub fn registry_len(&self) -> usize {
-        self.registry.read().expect("registry lock").len()
+        self.registry.read().expect("registry lock").entries()
     }
 
     /// The trust bundles in force: the bundle directory's, each domain the control plane
@@ -223,23 +246,6 @@ impl Proxy {
             .collect()
     }
 
-    /// Starts draining: readiness fails, HTTP connections finish their requests and close.
-    pub fn start_drain(&self) {
-        self.draining.store(true, Ordering::Relaxed);
-        self.drain_started.notify_waiters();
-    }
-
-    /// Resolves once draining has started.
-    pub async fn drained(&self) {
-        loop {
-            let notified = self.drain_started.notified();
-            if self.draining.load(Ordering::Relaxed) {
-                return;
-            }
-            notified.await;
-        }
-    }
-
     pub fn policy(&self) -> Arc<PolicyIndex> {
         self.policy.read().expect("policy lock").clone()
     }
@@ -257,121 +263,21 @@ impl Proxy {
             .cloned()
     }
 
-    pub fn ready(&self) -> Result<(), &'static str> {
-        if self.draining.load(Ordering::Relaxed) {
-            return Err("draining");
+    pub fn ready(&self) -> Result<(), NotReady> {
+        if self.ledger.conns.is_draining() {
+            return Err(NotReady::Draining);
         }
         if !self.tls.get().is_ready(UnixTime::now()) {
-            return Err("no valid SVID or trust bundle");
+            return Err(NotReady::NoValidIdentity);
         }
         if self.awaiting_snapshot() {
-            return Err("no snapshot from the control plane in force yet");
+            return Err(NotReady::AwaitingSnapshot);
         }
         Ok(())
     }
-
-    pub fn handshake_failed(&self, direction: Direction, local: &Arc<str>, reason: &'static str) {
-        self.metrics
-            .handshake_failures
-            .get_or_create(&HandshakeLabels {
-                direction: direction.label(),
-                local_id: local.clone(),
-                reason,
-            })
-            .inc();
-        self.refused(direction, local, UNAUTHENTICATED_PEER.into(), reason);
-    }
-
-    pub fn refused(
-        &self,
-        direction: Direction,
-        local: &Arc<str>,
-        peer_id: Arc<str>,
-        reason: &'static str,
-    ) {
-        self.metrics
-            .refused
-            .get_or_create(&ReasonLabels {
-                direction: direction.label(),
-                local_id: local.clone(),
-                peer_id,
-                reason,
-            })
-            .inc();
-    }
-
-    /// Counts an admitted connection and registers it (so a bundle or policy change can
-    /// close it). The guard unregisters on drop; call `closed` with the reason at the end.
-    pub fn admit(&self, a: Admitted) -> (ConnLabels, Counters, ConnGuard) {
-        let labels = ConnLabels {
-            direction: a.direction.label(),
-            local_id: a.local,
-            peer_id: a.peer_label,
-        };
-        let counters = self.opened(&labels);
-        let guard = self
-            .conns
-            .register(a.direction, a.kind, a.peer, a.chain, a.port);
-        (labels, counters, guard)
-    }
-
-    /// An admitted L4 connection: admit, relay until it ends, count the close.
-    pub async fn carry<P, L>(&self, a: Admitted, peer_io: P, local_io: L) -> &'static str
-    where
-        P: AsyncRead + AsyncWrite + Unpin,
-        L: AsyncRead + AsyncWrite + Unpin,
-    {
-        let (labels, counters, mut guard) = self.admit(a);
-        let idle = self.cfg.spec.timeouts.idle;
-        let reason = relay(peer_io, local_io, &counters, &mut guard.close_rx, idle).await;
-        self.closed(&labels, reason);
-        reason
-    }
-
-    /// Counts the connection as opened and returns its cached counter handles.
-    pub fn opened(&self, labels: &ConnLabels) -> Counters {
-        self.metrics.opened.get_or_create(labels).inc();
-        self.metrics.active.get_or_create(labels).inc();
-        Counters {
-            from_peer: self.metrics.bytes_received.get_or_create(labels).clone(),
-            to_peer: self.metrics.bytes_sent.get_or_create(labels).clone(),
-        }
-    }
-
-    pub fn closed(&self, labels: &ConnLabels, reason: &'static str) {
-        self.metrics.active.get_or_create(labels).dec();
-        self.metrics
-            .closed
-            .get_or_create(&ReasonLabels {
-                direction: labels.direction,
-                local_id: labels.local_id.clone(),
-                peer_id: labels.peer_id.clone(),
-                reason,
-            })
-            .inc();
-    }
-}
-
-/// A connection that passed the handshake (and, for TCP ports, authorization).
-pub struct Admitted {
-    pub direction: Direction,
-    pub kind: Kind,
-    pub local: Arc<str>,
-    pub peer_label: Arc<str>,
-    pub peer: SpiffeId,
-    pub chain: Vec<CertificateDer<'static>>,
-    /// The workload port (inbound) or destination port (outbound).
-    pub port: u16,
 }
 
 /// Unix seconds by the sidecar's own clock (policy expiry).
 pub fn now_unix() -> i64 {
     UnixTime::now().as_secs() as i64
-}
-
-/// The peer's certificate chain as presented (leaf first), owned for the registry.
-pub fn peer_chain(conn: &rustls::CommonState) -> Vec<CertificateDer<'static>> {
-    conn.peer_certificates()
-        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
-        .unwrap_or_default()
 }

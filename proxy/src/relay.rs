@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 
-use crate::conns::is_graceful;
+use crate::reasons::CloseReason;
 
 /// One TLS record's worth of plaintext per read keeps TLS framing and syscalls balanced.
 const BUF: usize = 16 * 1024;
@@ -26,14 +26,14 @@ pub struct Counters {
 }
 
 /// Copies both ways until both sides finish, an error, a close request, or `idle` without a
-/// byte either way. Returns the close reason label.
+/// byte either way. Returns why it ended.
 pub async fn relay<P, L>(
     peer: P,
     local: L,
     counters: &Counters,
-    close_rx: &mut watch::Receiver<Option<&'static str>>,
+    close_rx: &mut watch::Receiver<Option<CloseReason>>,
     idle: Duration,
-) -> &'static str
+) -> CloseReason
 where
     P: AsyncRead + AsyncWrite + Unpin,
     L: AsyncRead + AsyncWrite + Unpin,
@@ -87,12 +87,12 @@ impl Activity {
     }
 
     /// Resolves with `idle_timeout` once nothing moved for `idle`.
-    async fn idle_for(&self, idle: Duration) -> &'static str {
+    async fn idle_for(&self, idle: Duration) -> CloseReason {
         loop {
             let last = self.last_ms.load(Ordering::Relaxed);
             tokio::time::sleep_until(self.start + Duration::from_millis(last) + idle).await;
             if self.last_ms.load(Ordering::Relaxed) == last {
-                return "idle_timeout";
+                return CloseReason::IdleTimeout;
             }
         }
     }
@@ -122,36 +122,36 @@ where
     }
 }
 
-fn classify(r: io::Result<()>) -> &'static str {
+fn classify(r: io::Result<()>) -> CloseReason {
     match r {
-        Ok(()) => "done",
+        Ok(()) => CloseReason::Done,
         // TCP closed without TLS close_notify: a truncation, worth telling apart.
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => "peer_closed",
-        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => "reset",
-        Err(_) => "io_error",
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => CloseReason::PeerClosed,
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => CloseReason::Reset,
+        Err(_) => CloseReason::IoError,
     }
 }
 
 /// Resolves with the reason once the registry asks this connection to close.
-pub async fn closed(rx: &mut watch::Receiver<Option<&'static str>>) -> &'static str {
+pub async fn closed(rx: &mut watch::Receiver<Option<CloseReason>>) -> CloseReason {
     close_request(rx, true).await
 }
 
 /// Resolves with the reason once the registry asks this connection to close at once (not
-/// gracefully, see `conns::is_graceful`).
-pub async fn cut(rx: &mut watch::Receiver<Option<&'static str>>) -> &'static str {
+/// gracefully, see `CloseReason::is_graceful`).
+pub async fn cut(rx: &mut watch::Receiver<Option<CloseReason>>) -> CloseReason {
     close_request(rx, false).await
 }
 
 /// Resolves with the first close reason the registry asks for; a graceful one only if
 /// `graceful_too`.
 pub async fn close_request(
-    rx: &mut watch::Receiver<Option<&'static str>>,
+    rx: &mut watch::Receiver<Option<CloseReason>>,
     graceful_too: bool,
-) -> &'static str {
+) -> CloseReason {
     loop {
         if let Some(reason) = *rx.borrow_and_update() {
-            if graceful_too || !is_graceful(reason) {
+            if graceful_too || !reason.is_graceful() {
                 return reason;
             }
         }

@@ -3,7 +3,7 @@
 //! worker (`Workers::serve`), and everything it causes (its HTTP requests, the pooled
 //! connection to a peer sidecar that it sends them on, the connection to the workload) runs
 //! on that worker's thread. A request then never wakes a task on another thread. On a work-stealing runtime most requests did,
-//! at the cost of a futex or eventfd wake and a context switch (perf/README.md, "Workers").
+//! at the cost of a futex or eventfd wake and a context switch (perf/HISTORY.md, "Workers").
 //! This is how Envoy and nginx run. The main runtime keeps the listeners, the admin endpoint,
 //! the control-plane stream and the file watchers.
 
@@ -53,7 +53,7 @@ impl Load {
     /// wrk's probe connection (opened and closed before its load, forwarded by the client
     /// sidecar as opaque TCP) was still open on the server side as the second pooled HTTP/2
     /// connection arrived, counting each as one sent both pooled connections to the same
-    /// worker in 2 of 7 runs (perf/README.md, "Dealing connections").
+    /// worker in 2 of 7 runs (perf/HISTORY.md, "Dealing connections").
     pub fn multiplexed(&mut self, yes: bool) {
         let weight = if yes { MULTIPLEXED } else { 1 };
         if weight > self.weight {
@@ -77,10 +77,11 @@ impl Drop for Load {
 /// busy running tasks (tokio-rs/tokio#5207, tokio 1.54; recheck when tokio is upgraded).
 /// hyper registers one per HTTP/1 request, the header-read timeout; with only the pools'
 /// 20 s PINGs and 90 s idle timers in the wheel, half of the requests paid that wake (0.54
-/// eventfd writes per request, measured with strace; perf/README.md). A timer always due
-/// within half the header-read timeout makes every such timer later than the planned wake,
-/// at the cost of one wake per `TICK` per worker, idle or not.
-const TICK: std::time::Duration = crate::l7::HEADER_READ_TIMEOUT.checked_div(2).unwrap();
+/// eventfd writes per request, measured with strace; perf/HISTORY.md, "Dealing
+/// connections"). A timer always due within half the header-read timeout makes every such
+/// timer later than the planned wake, at the cost of one wake per `TICK` per worker, idle or
+/// not.
+const TICK: std::time::Duration = crate::http::HEADER_READ_TIMEOUT.checked_div(2).unwrap();
 
 async fn tick(live: Arc<[AtomicUsize]>, worker: usize) {
     let mut ticks = tokio::time::interval(TICK);
@@ -154,7 +155,7 @@ impl Workers {
     /// Dealing in turn alone let short connections steer long ones: wrk opens and closes one
     /// connection before its load, the client sidecar forwards it as opaque TCP, and both
     /// pooled HTTP/2 connections that followed landed on the same server-side worker, which
-    /// then carried all the requests on one core (perf/README.md, "Dealing connections").
+    /// then carried all the requests on one core (perf/HISTORY.md, "Dealing connections").
     /// Envoy's exact connection balancer also deals by connections served.
     pub fn serve<F, Fut>(&self, tcp: TcpStream, multiplexed: bool, serve: F)
     where
@@ -184,7 +185,7 @@ impl Workers {
         });
     }
 
-    pub fn len(&self) -> usize {
+    pub fn count(&self) -> usize {
         self.handles.len()
     }
 

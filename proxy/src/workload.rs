@@ -2,7 +2,7 @@
 //! a pool of keep-alive connections per port, kept here rather than in hyper-util's legacy
 //! client: that client hashes a (scheme, authority) key and spawns a task per request to
 //! wait for the connection to become idle again, work the sidecar measured on every request
-//! (perf/README.md, "Allocator and workload pool"). A connection goes back to the pool when
+//! (perf/HISTORY.md, "Allocator and workload pool"). A connection goes back to the pool when
 //! its response body has been read to the end; one whose body is abandoned is closed.
 //! gRPC (HTTP/2 to the workload) keeps hyper-util's client, which multiplexes one
 //! connection: one client per worker, so that a request never waits on a connection task
@@ -38,12 +38,42 @@ const MAX_IDLE_PER_PORT: usize = 256;
 type Idle = Arc<Mutex<HashMap<(u16, usize), Vec<(Instant, SendRequest<Upload>)>>>>;
 
 /// Why the workload gave no response.
+#[derive(Debug)]
 pub enum Unanswered {
-    Failed(String),
+    /// The workload's port refused or did not take the connection.
+    Connect(SocketAddr, std::io::Error),
+    /// The HTTP/1.1 handshake or exchange failed.
+    Http(hyper::Error),
+    /// The gRPC client failed the call.
+    Grpc(hyper_util::client::legacy::Error),
+    /// The sidecar holds this many connections to its workload, its budget
+    /// (`limits.maxConnections`).
+    OverBudget(usize),
+    /// An upgrade (WebSocket) found no room for its tunnel (`spec.limits`).
+    NoRoom(sigil_filters::limits::Refusal),
+    /// The normalized target did not make a URI again.
+    Target(hyper::http::Error),
     /// No response head within `timeouts.request` of the request's last body byte: the
     /// sidecar answers 504 and lets go of the request rather than hold a connection on both
     /// sidecars until the client gives up.
     TimedOut(Duration),
+}
+
+impl std::fmt::Display for Unanswered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Connect(addr, e) => write!(f, "connecting to {addr}: {e}"),
+            Self::Http(e) => write!(f, "{e}"),
+            Self::Grpc(e) => write!(f, "{e}"),
+            Self::OverBudget(max) => write!(
+                f,
+                "the sidecar holds {max} connections to its workload, its budget (limits.maxConnections)"
+            ),
+            Self::NoRoom(why) => write!(f, "no room for a tunnel: {why}"),
+            Self::Target(e) => write!(f, "rebuilding the target: {e}"),
+            Self::TimedOut(after) => write!(f, "no answer within {after:?}"),
+        }
+    }
 }
 
 pub struct Workload {
@@ -75,12 +105,15 @@ impl Workload {
 
     /// Sends a gRPC request (HTTP/2; the URI names 127.0.0.1:port) on the calling worker's
     /// client.
-    pub async fn send_grpc(&self, req: Request<Incoming>) -> Result<Response<Incoming>, String> {
+    pub async fn send_grpc(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, Unanswered> {
         let client = &self.grpc[crate::workers::current().min(self.grpc.len() - 1)];
         client
             .request(req.map(ScrubTrailers))
             .await
-            .map_err(|e| e.to_string())
+            .map_err(Unanswered::Grpc)
     }
 
     /// Sends an HTTP/1.1 request (origin-form URI, Host set) to 127.0.0.1:port on a pooled
@@ -103,7 +136,7 @@ impl Workload {
             tokio::time::sleep(limit).await;
         };
         tokio::select! {
-            r = self.send_h1_now(port, req) => r.map_err(Unanswered::Failed),
+            r = self.send_h1_now(port, req) => r,
             _ = waited => Err(Unanswered::TimedOut(limit)),
         }
     }
@@ -112,7 +145,7 @@ impl Workload {
         &self,
         port: u16,
         mut req: Request<Upload>,
-    ) -> Result<Response<Pooled>, String> {
+    ) -> Result<Response<Pooled>, Unanswered> {
         let uploaded = req.body().done.clone();
         loop {
             let (mut sender, reused) = match self.take(port) {
@@ -124,7 +157,7 @@ impl Workload {
                 if reused {
                     continue;
                 }
-                return Err(e.to_string());
+                return Err(Unanswered::Http(e));
             }
             match sender.try_send_request(req).await {
                 Ok(resp) => {
@@ -145,7 +178,7 @@ impl Workload {
                         );
                         req = unsent;
                     }
-                    _ => return Err(e.into_error().to_string()),
+                    _ => return Err(Unanswered::Http(e.into_error())),
                 },
             }
         }
@@ -169,14 +202,9 @@ impl Workload {
     /// connection can carry many concurrent requests, each needing a connection of its own
     /// to an HTTP/1.1 workload, and the descriptors they take must stay within what the
     /// bound on connections left for them.
-    async fn dial(&self, port: u16) -> Result<SendRequest<Upload>, String> {
-        let budget = OpenConn::take(&self.open, self.max_open).ok_or_else(|| {
-            format!(
-                "the sidecar holds {} connections to its workload, its budget \
-                 (limits.maxConnections)",
-                self.max_open
-            )
-        })?;
+    async fn dial(&self, port: u16) -> Result<SendRequest<Upload>, Unanswered> {
+        let budget = OpenConn::take(&self.open, self.max_open)
+            .ok_or(Unanswered::OverBudget(self.max_open))?;
         dial(port, budget).await
     }
 }
@@ -200,19 +228,19 @@ impl Drop for OpenConn {
     }
 }
 
-async fn dial(port: u16, budget: OpenConn) -> Result<SendRequest<Upload>, String> {
+async fn dial(port: u16, budget: OpenConn) -> Result<SendRequest<Upload>, Unanswered> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let stream = TcpStream::connect(addr)
         .await
-        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+        .map_err(|e| Unanswered::Connect(addr, e))?;
     // Requests and responses are written whole; do not let Nagle hold their tails.
     let _ = stream.set_nodelay(true);
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| format!("{addr}: {e}"))?;
+        .map_err(Unanswered::Http)?;
     tokio::spawn(async move {
         let _budget = budget;
-        // Upgrades (WebSocket) take the connection over; `l7::forward` relays them.
+        // Upgrades (WebSocket) take the connection over; `inbound_http::forward` relays them.
         if let Err(e) = conn.with_upgrades().await {
             debug!(%addr, "workload connection ended: {e}");
         }

@@ -18,36 +18,32 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Body as _;
 use hyper::body::Incoming;
-use hyper::header::{
-    HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, HOST, TRANSFER_ENCODING, UPGRADE,
-};
+use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH, HOST, TRANSFER_ENCODING, UPGRADE};
 use hyper::http::uri::Parts as UriParts;
 use hyper::{Request, Response, StatusCode, Uri, Version};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::CertificateDer;
 use sigil_config::SpiffeId;
+use sigil_filters::detect::Speaks;
 use sigil_filters::headers::PEER_ID_HEADER;
-use sigil_filters::normalize::{effective_host, normalize_path};
+use sigil_filters::normalize::{effective_host, normalize_path, TargetError};
 use sigil_filters::HttpRequest;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
-use crate::conns::{is_graceful, Direction, Kind, GRACE};
+use crate::conns::{Direction, Kind};
+use crate::http::{
+    host_header, is_grpc, local_response, serve_until_closed, status_class, tunnel, ResponseBody,
+};
+use crate::ledger::Admitted;
 use crate::logs::limited;
 use crate::metrics::{RequestMetrics, RuleLabels};
-use crate::proxy::{now_unix, Admitted, Proxy};
-use crate::relay::{close_request, Counted};
+use crate::proxy::{now_unix, Proxy};
+use crate::reasons::CloseReason;
+use crate::relay::Counted;
 use crate::workload::Unanswered;
-
-pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-/// Response bodies come from hyper (the workload) or from h2 (a peer sidecar, `pool`).
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type Body = BoxBody<Bytes, BoxError>;
 
 struct Conn {
     p: Arc<Proxy>,
@@ -60,36 +56,14 @@ struct Conn {
     metrics: RequestMetrics,
 }
 
-/// The HTTP version a connection speaks, when it is known before serving: the peer sidecar's
-/// ALPN or protocol detection said. hyper-util's auto builder, which reads the start of the
-/// connection to tell, is kept for the rest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Speaks {
-    Http1,
-    Http2,
-    Either,
-}
-
-impl Speaks {
-    /// What protocol detection found; None for opaque bytes.
-    pub fn detected(d: sigil_filters::detect::Detected) -> Option<Self> {
-        use sigil_filters::detect::Detected;
-        match d {
-            Detected::Http1 => Some(Self::Http1),
-            Detected::Http2 => Some(Self::Http2),
-            Detected::Opaque | Detected::NeedMore => None,
-        }
-    }
-}
-
 /// Serves one admitted connection until it ends or the registry closes it.
-pub async fn serve<S>(p: Arc<Proxy>, stream: S, speaks: Speaks, a: Admitted) -> &'static str
+pub async fn serve<S>(p: Arc<Proxy>, stream: S, speaks: Speaks, a: Admitted) -> CloseReason
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let Ok(peer_header) = HeaderValue::from_str(a.peer.as_str()) else {
         // SPIFFE IDs are ASCII without controls, so this cannot happen; refuse if it does.
-        return "invalid_peer_id";
+        return CloseReason::InvalidPeerId;
     };
     let conn = Arc::new(Conn {
         p: p.clone(),
@@ -98,162 +72,29 @@ where
         peer_header,
         local: a.local.clone(),
         port: a.port,
-        metrics: RequestMetrics::new(&p.metrics, "inbound", a.local.clone(), a.peer_label.clone()),
+        metrics: RequestMetrics::new(
+            &p.ledger.metrics,
+            Direction::Inbound.label(),
+            a.local.clone(),
+            a.peer_label.clone(),
+        ),
     });
-    let (labels, counters, mut guard) = p.admit(a);
+    let (labels, counters, mut guard) = p.ledger.admit(a);
     let stream = Counted::new(stream, counters);
     // Boxed: the request's future is 2.7 KB, and hyper moves it several times on the way to
     // the task it spawns per HTTP/2 stream (server side: memmove 6.6–7.0% of the samples
-    // before, 5.6–5.8% after; perf/README.md, "Dealing connections").
+    // before, 5.6–5.8% after; perf/HISTORY.md, "Dealing connections").
     let service = move |req| {
         let conn = conn.clone();
         Box::pin(async move { Ok::<_, Infallible>(handle(&conn, req).await) })
     };
-    let reason = serve_until_closed(&p, stream, speaks, service, &mut guard.close_rx).await;
-    p.closed(&labels, reason);
+    let conns = &p.ledger.conns;
+    let reason = serve_until_closed(conns, stream, speaks, service, &mut guard.close_rx).await;
+    p.ledger.closed(&labels, reason);
     reason
 }
 
-/// Serves HTTP/1.1 and HTTP/2 on `stream` until the client is done, the registry closes the
-/// connection, or draining ends it gracefully. Returns the close reason label.
-pub async fn serve_until_closed<S, F, Fut>(
-    p: &Proxy,
-    stream: S,
-    speaks: Speaks,
-    service: F,
-    close_rx: &mut tokio::sync::watch::Receiver<Option<&'static str>>,
-) -> &'static str
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    F: Fn(Request<Incoming>) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
-{
-    const MAX_H1_BUF: usize = 64 * 1024;
-    const MAX_H2_HEADERS: u32 = 64 * 1024;
-    let service = hyper::service::service_fn(service);
-    let io = TokioIo::new(stream);
-    match speaks {
-        Speaks::Http1 => {
-            let mut b = hyper::server::conn::http1::Builder::new();
-            b.max_buf_size(MAX_H1_BUF)
-                // A client that trickles headers (slowloris) is cut.
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
-            let served = b.serve_connection(io, service).with_upgrades();
-            drive(p, served, |c| c.graceful_shutdown(), close_rx).await
-        }
-        Speaks::Http2 => {
-            let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-            b.max_header_list_size(MAX_H2_HEADERS);
-            let served = b.serve_connection(io, service);
-            drive(p, served, |c| c.graceful_shutdown(), close_rx).await
-        }
-        Speaks::Either => {
-            let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            b.http1()
-                .max_buf_size(MAX_H1_BUF)
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
-            b.http2().max_header_list_size(MAX_H2_HEADERS);
-            let served = b.serve_connection_with_upgrades(io, service);
-            drive(p, served, |c| c.graceful_shutdown(), close_rx).await
-        }
-    }
-}
-
-/// Drives a served connection: see `serve_until_closed`.
-async fn drive<C, E>(
-    p: &Proxy,
-    served: C,
-    graceful_shutdown: impl Fn(std::pin::Pin<&mut C>),
-    close_rx: &mut tokio::sync::watch::Receiver<Option<&'static str>>,
-) -> &'static str
-where
-    C: std::future::Future<Output = Result<(), E>>,
-{
-    tokio::pin!(served);
-    let mut draining = false;
-    // Set once a graceful close (see `conns::is_graceful`) began: in-flight requests have
-    // until `grace` to finish.
-    let mut closing: Option<&'static str> = None;
-    let grace = tokio::time::sleep(GRACE);
-    tokio::pin!(grace);
-    loop {
-        tokio::select! {
-            r = served.as_mut() => {
-                return closing.unwrap_or(if r.is_ok() { "done" } else { "io_error" });
-            }
-            reason = close_request(close_rx, closing.is_none()) => {
-                if closing.is_some() || !is_graceful(reason) {
-                    return reason;
-                }
-                closing = Some(reason);
-                grace.as_mut().reset(tokio::time::Instant::now() + GRACE);
-                if !draining {
-                    draining = true;
-                    graceful_shutdown(served.as_mut());
-                }
-            }
-            _ = grace.as_mut(), if closing.is_some() => return closing.unwrap_or("done"),
-            // On SIGTERM, finish in-flight requests and close (Connection: close / GOAWAY)
-            // rather than wait to be cut at the drain deadline.
-            _ = p.drained(), if !draining => {
-                draining = true;
-                graceful_shutdown(served.as_mut());
-            }
-        }
-    }
-}
-
-pub fn status_class(s: StatusCode) -> &'static str {
-    match s.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
-}
-
-pub fn is_grpc(req: &Request<Incoming>) -> bool {
-    req.headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/grpc"))
-}
-
-/// A response made by the sidecar itself; for gRPC clients, a trailers-only response
-/// with the matching status code.
-pub fn local_response(status: StatusCode, grpc: bool, reason: &str) -> Response<Body> {
-    let mut b = Response::builder();
-    if grpc {
-        // gRPC carries errors in trailers-only responses with HTTP 200.
-        let code = match status {
-            StatusCode::FORBIDDEN => "7",       // PERMISSION_DENIED
-            StatusCode::BAD_REQUEST => "3",     // INVALID_ARGUMENT
-            StatusCode::GATEWAY_TIMEOUT => "4", // DEADLINE_EXCEEDED
-            _ => "14",                          // UNAVAILABLE
-        };
-        b = b
-            .status(StatusCode::OK)
-            .header(CONTENT_TYPE, "application/grpc")
-            .header("grpc-status", code)
-            .header("grpc-message", reason.replace(['\r', '\n'], " "));
-        return b
-            .body(Full::new(Bytes::new()).map_err(|e| match e {}).boxed())
-            .expect("static response parts");
-    }
-    b.status(status)
-        .header(CONTENT_TYPE, "text/plain; charset=utf-8")
-        .body(
-            Full::new(Bytes::from(format!("sigil: {reason}\n")))
-                .map_err(|e| match e {})
-                .boxed(),
-        )
-        .expect("static response parts")
-}
-
-async fn handle(c: &Conn, mut req: Request<Incoming>) -> Response<Body> {
+async fn handle(c: &Conn, mut req: Request<Incoming>) -> Response<ResponseBody> {
     let started = Instant::now();
     // Only we may say who the caller is, under any spelling a backend could read as ours:
     // removed before the route's header matches see them, set again when forwarding.
@@ -262,7 +103,7 @@ async fn handle(c: &Conn, mut req: Request<Incoming>) -> Response<Body> {
     let (route, decision, resp) = match authorize(c, &req) {
         Err(why) => {
             limited!(info, peer = %c.peer, port = c.port, method = %req.method(), "request refused: {why}");
-            let r = local_response(StatusCode::BAD_REQUEST, grpc, &why);
+            let r = local_response(StatusCode::BAD_REQUEST, grpc, &why.to_string());
             (Arc::from("invalid_request"), "invalid", r)
         }
         Ok((route, Verdict::Deny(why))) => {
@@ -274,21 +115,21 @@ async fn handle(c: &Conn, mut req: Request<Incoming>) -> Response<Body> {
             debug!(peer = %c.peer, port = c.port, method = %req.method(), path = %req.uri().path(), "request allowed");
             let r = match forward(c, req, target, grpc).await {
                 Ok(r) => r,
-                Err(Unanswered::Failed(e)) => {
-                    limited!(warn, peer = %c.peer, port = c.port, "workload request failed: {e}");
-                    local_response(StatusCode::BAD_GATEWAY, grpc, "workload unavailable")
-                }
                 Err(Unanswered::TimedOut(after)) => {
                     limited!(warn, peer = %c.peer, port = c.port, "workload did not answer within {after:?} (timeouts.request)");
                     let why = format!("workload did not answer within {after:?}");
                     local_response(StatusCode::GATEWAY_TIMEOUT, grpc, &why)
+                }
+                Err(e) => {
+                    limited!(warn, peer = %c.peer, port = c.port, "workload request failed: {e}");
+                    local_response(StatusCode::BAD_GATEWAY, grpc, "workload unavailable")
                 }
             };
             (route, "allow", r)
         }
     };
     c.metrics.record(
-        &c.p.metrics,
+        &c.p.ledger.metrics,
         &route,
         decision,
         status_class(resp.status()),
@@ -305,27 +146,15 @@ enum Verdict {
 }
 
 /// Ok((route label, verdict)). Err: the request is malformed (400).
-fn authorize(c: &Conn, req: &Request<Incoming>) -> Result<(Arc<str>, Verdict), String> {
-    let mut hosts = req.headers().get_all(HOST).iter();
-    let host_header = hosts.next();
-    if hosts.next().is_some() {
-        return Err("more than one Host header".into());
-    }
-    let host_header = match host_header {
-        Some(v) => Some(
-            v.to_str()
-                .map_err(|_| "Host header is not ASCII".to_string())?,
-        ),
-        None => None,
-    };
+fn authorize(c: &Conn, req: &Request<Incoming>) -> Result<(Arc<str>, Verdict), TargetError> {
+    let host_header = host_header(req.headers())?;
     let pq = req
         .uri()
         .path_and_query()
         .map(|pq| pq.as_str())
         .unwrap_or("");
-    let (path, query) = normalize_path(pq).map_err(|e| e.to_string())?;
-    let host = effective_host(req.uri().authority().map(|a| a.as_str()), host_header, 80)
-        .map_err(|e| e.to_string())?;
+    let (path, query) = normalize_path(pq)?;
+    let host = effective_host(req.uri().authority().map(|a| a.as_str()), host_header, 80)?;
     let index = c.p.policy();
     let headers = req.headers();
     // HTTP reaches ports no policy declares `http` too (sniffed, or pooled from a peer
@@ -345,7 +174,8 @@ fn authorize(c: &Conn, req: &Request<Incoming>) -> Result<(Arc<str>, Verdict), S
     };
     if let Some(w) = d.would_deny {
         limited!(info, peer = %c.peer, port = c.port, path = %path, rule = %w, "dry-run: would deny");
-        c.p.metrics
+        c.p.ledger
+            .metrics
             .would_deny
             .get_or_create(&RuleLabels {
                 local_id: c.local.clone(),
@@ -366,12 +196,6 @@ fn authorize(c: &Conn, req: &Request<Incoming>) -> Result<(Arc<str>, Verdict), S
     Ok((route, Verdict::Allow { target }))
 }
 
-impl From<String> for Unanswered {
-    fn from(e: String) -> Self {
-        Self::Failed(e)
-    }
-}
-
 /// Sends the request to 127.0.0.1:<port> with the normalized target (`target`, when
 /// normalizing changed it) and our peer header.
 async fn forward(
@@ -379,13 +203,13 @@ async fn forward(
     mut req: Request<Incoming>,
     target: Option<String>,
     grpc: bool,
-) -> Result<Response<Body>, Unanswered> {
+) -> Result<Response<ResponseBody>, Unanswered> {
     let limit = c.p.cfg.spec.timeouts.request;
     let upgrade = req.version() == Version::HTTP_11 && req.headers().contains_key(UPGRADE);
     // A tunnel outlives the connection it came from, and the room that connection holds:
     // it takes room of its own, before the workload is asked.
     let room = match upgrade.then(|| c.p.admission.total_only()) {
-        Some(Err(why)) => return Err(Unanswered::Failed(format!("no room for a tunnel: {why}"))),
+        Some(Err(why)) => return Err(Unanswered::NoRoom(why)),
         Some(Ok(slot)) => Some(slot),
         None => None,
     };
@@ -426,8 +250,8 @@ async fn forward(
             "http://{}{pq}",
             SocketAddr::from((Ipv4Addr::LOCALHOST, c.port))
         )
-        .parse()
-        .map_err(|e| format!("rebuilding the target: {e}"))?;
+        .parse::<Uri>()
+        .map_err(|e| Unanswered::Target(e.into()))?;
         parts.version = Version::HTTP_2;
         // No timeout: gRPC carries its own deadline (grpc-timeout), and a streaming call
         // may send its response head only with its first message, long after.
@@ -440,12 +264,11 @@ async fn forward(
         // Anything else goes to the workload as HTTP/1.1, which every workload speaks (an
         // HTTP/2 client must not break an HTTP/1-only server), in origin form.
         if let Some(t) = target {
-            parts.uri = Uri::try_from(t).map_err(|e| format!("rebuilding the target: {e}"))?;
+            parts.uri = Uri::try_from(t).map_err(|e| Unanswered::Target(e.into()))?;
         } else if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
             let mut origin = UriParts::default();
             origin.path_and_query = parts.uri.path_and_query().cloned();
-            parts.uri =
-                Uri::from_parts(origin).map_err(|e| format!("rebuilding the target: {e}"))?;
+            parts.uri = Uri::from_parts(origin).map_err(|e| Unanswered::Target(e.into()))?;
         }
         parts.version = Version::HTTP_11;
         let out = Request::from_parts(parts, body);
@@ -458,7 +281,7 @@ async fn forward(
         let up = hyper::upgrade::on(&mut resp);
         // The tunnel outlives the HTTP connection's registration: register it on its own so
         // that a bundle change (or revocation) still finds and closes it.
-        let mut guard = c.p.conns.register(
+        let mut guard = c.p.ledger.conns.register(
             Direction::Inbound,
             Kind::Tunnel,
             c.peer.clone(),
@@ -473,30 +296,4 @@ async fn forward(
         });
     }
     Ok(resp)
-}
-
-/// Relays the two halves of an upgraded HTTP/1.1 connection (WebSocket) until either ends,
-/// the registry closes it, or nothing moves for `idle` (`timeouts.idle`). Returns the close
-/// reason label. (Its bytes are counted on the connection it came from.)
-pub async fn tunnel(
-    down: hyper::upgrade::OnUpgrade,
-    up: hyper::upgrade::OnUpgrade,
-    close_rx: &mut tokio::sync::watch::Receiver<Option<&'static str>>,
-    idle: std::time::Duration,
-) -> &'static str {
-    let (Ok(down), Ok(up)) = (down.await, up.await) else {
-        return "io_error";
-    };
-    let uncounted = crate::relay::Counters {
-        from_peer: Default::default(),
-        to_peer: Default::default(),
-    };
-    crate::relay::relay(
-        TokioIo::new(down),
-        TokioIo::new(up),
-        &uncounted,
-        close_rx,
-        idle,
-    )
-    .await
 }

@@ -1,0 +1,134 @@
+//! The books every connection path keeps: admitted connections are counted and registered
+//! (so that a bundle change, a revocation or a policy change can close them), closes and
+//! refusals are counted by reason. The dial, the pool and both directions share one.
+
+use std::sync::Arc;
+
+use rustls::pki_types::CertificateDer;
+use sigil_config::SpiffeId;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::conns::{ConnGuard, Conns, Direction, Kind};
+use crate::metrics::{ConnLabels, HandshakeLabels, Metrics, ReasonLabels, UNAUTHENTICATED_PEER};
+use crate::reasons::{CloseReason, Refusal};
+use crate::relay::{relay, Counters};
+
+pub struct Ledger {
+    pub metrics: Metrics,
+    pub conns: Arc<Conns>,
+}
+
+/// A connection that passed the handshake (and, for TCP ports, authorization).
+pub struct Admitted {
+    pub direction: Direction,
+    pub kind: Kind,
+    pub local: Arc<str>,
+    pub peer_label: Arc<str>,
+    pub peer: SpiffeId,
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The workload port (inbound) or destination port (outbound).
+    pub port: u16,
+}
+
+impl Ledger {
+    pub fn new(metrics: Metrics) -> Self {
+        Self {
+            metrics,
+            conns: Arc::new(Conns::default()),
+        }
+    }
+
+    /// A handshake that failed: counted as such and as a refusal of an unauthenticated peer.
+    pub fn handshake_failed(&self, direction: Direction, local: &Arc<str>, reason: &'static str) {
+        self.metrics
+            .handshake_failures
+            .get_or_create(&HandshakeLabels {
+                direction: direction.label(),
+                local_id: local.clone(),
+                reason,
+            })
+            .inc();
+        self.refused(
+            direction,
+            local,
+            UNAUTHENTICATED_PEER.into(),
+            Refusal::Handshake(reason),
+        );
+    }
+
+    pub fn refused(&self, direction: Direction, local: &Arc<str>, peer_id: Arc<str>, why: Refusal) {
+        self.metrics
+            .refused
+            .get_or_create(&ReasonLabels {
+                direction: direction.label(),
+                local_id: local.clone(),
+                peer_id,
+                reason: why.label(),
+            })
+            .inc();
+    }
+
+    /// Counts an admitted connection and registers it (so a bundle or policy change can
+    /// close it). The guard unregisters on drop; call `closed` with the reason at the end.
+    pub fn admit(&self, a: Admitted) -> (ConnLabels, Counters, ConnGuard) {
+        let labels = ConnLabels {
+            direction: a.direction.label(),
+            local_id: a.local,
+            peer_id: a.peer_label,
+        };
+        let counters = self.opened(&labels);
+        let guard = self
+            .conns
+            .register(a.direction, a.kind, a.peer, a.chain, a.port);
+        (labels, counters, guard)
+    }
+
+    /// An admitted L4 connection: admit, relay until it ends or nothing moves for `idle`,
+    /// count the close.
+    pub async fn carry<P, L>(
+        &self,
+        a: Admitted,
+        peer_io: P,
+        local_io: L,
+        idle: std::time::Duration,
+    ) -> CloseReason
+    where
+        P: AsyncRead + AsyncWrite + Unpin,
+        L: AsyncRead + AsyncWrite + Unpin,
+    {
+        let (labels, counters, mut guard) = self.admit(a);
+        let reason = relay(peer_io, local_io, &counters, &mut guard.close_rx, idle).await;
+        self.closed(&labels, reason);
+        reason
+    }
+
+    /// Counts the connection as opened and returns its cached counter handles.
+    pub fn opened(&self, labels: &ConnLabels) -> Counters {
+        self.metrics.opened.get_or_create(labels).inc();
+        self.metrics.active.get_or_create(labels).inc();
+        Counters {
+            from_peer: self.metrics.bytes_received.get_or_create(labels).clone(),
+            to_peer: self.metrics.bytes_sent.get_or_create(labels).clone(),
+        }
+    }
+
+    pub fn closed(&self, labels: &ConnLabels, reason: CloseReason) {
+        self.metrics.active.get_or_create(labels).dec();
+        self.metrics
+            .closed
+            .get_or_create(&ReasonLabels {
+                direction: labels.direction,
+                local_id: labels.local_id.clone(),
+                peer_id: labels.peer_id.clone(),
+                reason: reason.label(),
+            })
+            .inc();
+    }
+}
+
+/// The peer's certificate chain as presented (leaf first), owned for the registry.
+pub fn peer_chain(conn: &rustls::CommonState) -> Vec<CertificateDer<'static>> {
+    conn.peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default()
+}

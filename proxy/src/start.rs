@@ -1,0 +1,218 @@
+//! Starting and stopping the sidecar: load the identity and every source, build the shared
+//! state, open the listeners and the control-plane stream, wait for SIGTERM, then drain.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sigil_config::ProxyConfig;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::admission::{self, Admission};
+use crate::identity::{Current, IdentityFiles, Seen, TlsState};
+use crate::install::set_expiry;
+use crate::listeners::{self, BindError};
+use crate::metrics::Metrics;
+use crate::proxy::Proxy;
+use crate::reasons::CloseReason;
+use crate::resources::{self, FilePolicies};
+use crate::sources::Sources;
+use crate::watch::Watched;
+use crate::workers::Workers;
+use crate::{alloc, control, watch as watcher};
+
+/// Why the sidecar did not start (exit code 1).
+#[derive(Debug)]
+pub enum StartError {
+    /// The SVID or the trust bundles at start.
+    Identity(crate::identity::FileProblem),
+    /// The policy or revocation directory at start, with every problem found.
+    Resources {
+        kind: &'static str,
+        problems: Vec<String>,
+    },
+    Workers(std::io::Error),
+    Bind(BindError),
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Identity(e) => write!(f, "cannot load identity: {e}"),
+            Self::Resources { kind, problems } => {
+                write!(f, "invalid {kind}:\n  {}", problems.join("\n  "))
+            }
+            Self::Workers(e) => write!(f, "cannot start worker threads: {e}"),
+            Self::Bind(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl From<BindError> for StartError {
+    fn from(e: BindError) -> Self {
+        Self::Bind(e)
+    }
+}
+
+/// `--check`: the config parsed; loads the identity files and says what they hold.
+pub fn check(cfg: &ProxyConfig) -> Result<String, StartError> {
+    let provider = sigil_filters::tls::provider();
+    let state = IdentityFiles::from_config(cfg)
+        .load(&mut Seen::default(), &provider)
+        .map_err(StartError::Identity)?;
+    Ok(format!(
+        "config and identity OK: {} (SVID {} valid until {} Unix time; trust domains {:?})",
+        cfg.metadata.name,
+        state.identity.id(),
+        state.identity.not_after(),
+        state.bundles.domains()
+    ))
+}
+
+/// Runs the sidecar until SIGTERM or SIGINT, then drains.
+pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
+    let (p, watched) = load(cfg)?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    listeners::start(&p, &shutdown_rx).await?;
+    if let Some(cp) = p.cfg.spec.control_plane.clone() {
+        tokio::spawn(control::run(p.clone(), cp));
+    }
+    watcher::spawn(p.clone(), watched);
+    info!(name = %p.cfg.metadata.name, mode = ?p.cfg.spec.mode, "sigil-proxy ready");
+    wait_for_signal().await;
+    let _ = shutdown_tx.send(true);
+    drain(&p).await;
+    info!("sigil-proxy stopped");
+    Ok(())
+}
+
+/// Loads the identity and every source and builds the shared state, with the sources' state
+/// in force; returns it and what the file watcher is to poll.
+pub fn load(cfg: ProxyConfig) -> Result<(Arc<Proxy>, Watched), StartError> {
+    let provider = sigil_filters::tls::provider();
+    let mut identity = IdentityFiles::from_config(&cfg);
+    let mut seen = Seen::default();
+    let state = identity
+        .load(&mut seen, &provider)
+        .map_err(StartError::Identity)?;
+    let metrics = Metrics::new(cfg.spec.metrics.peer_id_cap);
+    set_expiry(&metrics, &state.local_label, state.identity.not_after());
+    metrics.reload("svid", true);
+    metrics.reload("bundle", true);
+    info!(
+        id = %state.identity.id(),
+        not_after = state.identity.not_after(),
+        trust_domains = ?state.bundles.domains(),
+        "identity loaded"
+    );
+    let mut policies = resources::policy_files(&cfg);
+    let mut revocations = resources::revocation_files(&cfg);
+    let sources = sources(&cfg, &state, &metrics, &mut policies, &mut revocations)?;
+    let pushed_bundles = sources.pushed.as_ref().is_some_and(|p| p.bundles.is_some());
+    let threads = cfg
+        .spec
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let serving = Workers::start(threads).map_err(StartError::Workers)?;
+    let admission = Admission::new(admission::limits(&cfg));
+    let p = Arc::new(Proxy::new(
+        cfg,
+        Current::new(state),
+        metrics,
+        sources,
+        serving,
+        admission,
+    ));
+    // Parsing the policy files peaked at several times what is kept.
+    alloc::release_free_memory();
+    if pushed_bundles {
+        p.install_bundles();
+    }
+    if revocations.is_configured() {
+        p.ledger.metrics.reload("revocation", true);
+    }
+    if !p.revocations().is_empty() {
+        p.install_revocations();
+    }
+    let watched = Watched {
+        identity,
+        seen,
+        policies,
+        revocations,
+    };
+    Ok((p, watched))
+}
+
+/// The policy and revocation files as they are at start (every one must be valid), and the
+/// last snapshot accepted from the control plane, served until a newer one arrives.
+fn sources(
+    cfg: &ProxyConfig,
+    state: &TlsState,
+    metrics: &Metrics,
+    policies: &mut resources::ResourceDir<sigil_config::Policy>,
+    revocations: &mut resources::ResourceDir<sigil_config::Revocation>,
+) -> Result<Sources, StartError> {
+    let file_policies = match policies.poll() {
+        Some(Err(problems)) => {
+            let kind = "policies";
+            return Err(StartError::Resources { kind, problems });
+        }
+        Some(Ok(set)) => FilePolicies::new(set, state.identity.id()),
+        None => FilePolicies::default(),
+    };
+    if policies.is_configured() {
+        metrics.reload("policy", true);
+        info!(policies = file_policies.total(), "policies loaded");
+    }
+    let file_revocations = match revocations.poll() {
+        Some(Err(problems)) => {
+            let kind = "revocations";
+            return Err(StartError::Resources { kind, problems });
+        }
+        Some(Ok(set)) => set.resources,
+        None => Vec::new(),
+    };
+    let pushed = cfg.spec.control_plane.as_ref().and_then(|cp| {
+        control::load_persisted(cfg, &cfg.resolve(&cp.state_dir), &state.identity, metrics)
+    });
+    Ok(Sources {
+        file_bundles: state.bundles.clone(),
+        file_policies,
+        file_revocations,
+        pushed,
+    })
+}
+
+/// Stops taking connections, lets HTTP connections finish their requests, and closes what
+/// is left at the drain deadline (`timeouts.drain`).
+async fn drain(p: &Proxy) {
+    let deadline = p.cfg.spec.timeouts.drain;
+    let conns = &p.ledger.conns;
+    info!(
+        live = conns.waited_for(),
+        "shutting down: no new connections; draining up to {deadline:?}"
+    );
+    conns.start_drain();
+    if tokio::time::timeout(deadline, conns.wait_empty())
+        .await
+        .is_err()
+    {
+        let n = conns.close_where(CloseReason::Shutdown, |_| true);
+        warn!(
+            closed = n,
+            "drain deadline passed; closing remaining connections"
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(2), conns.wait_empty()).await;
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+}
