@@ -1,4 +1,4 @@
-//! Helpers of the load harness (`src/bin/sigil-perf-harness.rs`): reading `/proc`, running
+//! Helpers of the load harness (`src/bin/sigil-perf-harness/`): reading `/proc`, running
 //! and parsing `wrk` and `h2load`, a bounded bulk-transfer client, the generated policy set of
 //! the L7 measurement, nginx config rendering, medians.
 //! The criterion micro-benchmarks are in `benches/hot_path.rs`; see README.md for both.

@@ -14,6 +14,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,7 +24,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::{ServerName, UnixTime};
 use sigil_api::Ack;
 use sigil_config::{SpiffeId, TrustDomain};
-use sigil_e2e::{free_port, start_workload, write_identity, ControlPlane, Sidecar, TempDir};
+use sigil_e2e::{
+    free_port, start_workload, write_identity, ControlPlane, IdentityFiles, Proc, Sidecar, TempDir,
+};
 use sigil_filters::tls::{self, Carries};
 use sigil_filters::{LocalIdentity, TrustBundles};
 use sigil_perf::procfs;
@@ -124,9 +127,21 @@ spec:
     )
 }
 
-fn run(o: &Opts) -> Result<(), String> {
-    let dir = TempDir::new("control-load");
-    let d = dir.path();
+/// The control plane, sidecar B in front of an echo workload, and sidecar A, whose outbound
+/// listener `a_echo` reaches B's echo. The fields are in the order their processes end.
+struct Stand {
+    _a: Proc,
+    _b: Proc,
+    _echo: Proc,
+    cp: ControlPlane,
+    operator: IdentityFiles,
+    ca: Ca,
+    a_echo: u16,
+}
+
+/// Starts the stand in `d`, and waits until A reaches B through the registry the control
+/// plane pushed.
+fn start_stand(d: &Path) -> Result<Stand, String> {
     let ca = Ca::new(TD);
     let operator = write_identity(d, "operator", &ca, OPERATOR, &[&ca]);
     let fa = write_identity(d, "a", &ca, A, &[&ca]);
@@ -138,7 +153,7 @@ fn run(o: &Opts) -> Result<(), String> {
         free_port(),
         free_port(),
     );
-    let (_echo, echo_port) = start_workload("b-echo", true);
+    let (echo, echo_port) = start_workload("b-echo", true);
     let b_echo = free_port();
     cp.apply(
         &operator,
@@ -148,16 +163,43 @@ fn run(o: &Opts) -> Result<(), String> {
     let mut b = Sidecar::new("sidecar-b", B);
     b.inbound = vec![(b_echo, echo_port)];
     b.control_plane = Some((cp.sidecar_port, CONTROL.into(), d.join("state-b")));
-    let _pb = b.start(d, &fb);
+    let pb = b.start(d, &fb);
     let a_echo = free_port();
     let mut a = Sidecar::new("sidecar-a", A);
     a.outbound = vec![(a_echo, b_echo, String::new())];
     a.control_plane = Some((cp.sidecar_port, CONTROL.into(), d.join("state-a")));
-    let _pa = a.start(d, &fa);
+    let pa = a.start(d, &fa);
     wait("A to reach B through the pushed registry", || {
         echo_once(a_echo).is_ok()
     })?;
+    Ok(Stand {
+        _a: pa,
+        _b: pb,
+        _echo: echo,
+        cp,
+        operator,
+        ca,
+        a_echo,
+    })
+}
 
+/// The figures of all rounds.
+#[derive(Default)]
+struct Measures {
+    /// Per round: the last live connection cut, ms after `sigil revoke` returned.
+    cut_ms: Vec<f64>,
+    /// The same, ms after `sigil revoke` started.
+    cut_from_start_ms: Vec<f64>,
+    /// Per round and simulated sidecar: the snapshot with the revocation, ms after `sigil
+    /// revoke` returned.
+    push_ms: Vec<f64>,
+    /// Simulated sidecars that did not get the revocation within 10 s, over all rounds.
+    unreached: usize,
+}
+
+fn run(o: &Opts) -> Result<(), String> {
+    let dir = TempDir::new("control-load");
+    let stand = start_stand(dir.path())?;
     let sims = Arc::new(Sims {
         seen: (0..o.streams).map(|_| Mutex::new(Vec::new())).collect(),
         connected: AtomicUsize::new(0),
@@ -168,80 +210,24 @@ fn run(o: &Opts) -> Result<(), String> {
         .build()
         .map_err(|e| e.to_string())?;
     let started = Instant::now();
-    start_sims(&rt, &ca, o.streams, cp.sidecar_port, sims.clone())?;
+    start_sims(
+        &rt,
+        &stand.ca,
+        o.streams,
+        stand.cp.sidecar_port,
+        sims.clone(),
+    )?;
     let connect_secs = started.elapsed().as_secs_f64();
-    let control = procfs::Group::new("sigil-control", cp.proc.pid(), false);
+    let control = procfs::Group::new("sigil-control", stand.cp.proc.pid(), false);
     let cpu_before = control.cpu_secs();
 
-    let (mut cut_ms, mut cut_from_start_ms, mut push_ms) = (Vec::new(), Vec::new(), Vec::new());
-    let mut unreached = 0usize;
+    let mut m = Measures::default();
     for round in 0..o.rounds {
-        let live = open_live(a_echo, o.live)?;
-        let cuts: Vec<_> = live
-            .into_iter()
-            .map(|mut s| std::thread::spawn(move || wait_closed(&mut s)))
-            .collect();
-        let marks: Vec<usize> = sims
-            .seen
-            .iter()
-            .map(|s| s.lock().expect("sims lock").len())
-            .collect();
-        let t0 = Instant::now();
-        let (code, out, err) = cp.sigil(
-            &operator,
-            &["revoke", A, "--reason", &format!("load round {round}")],
-        );
-        let t1 = Instant::now();
-        if code != Some(0) {
-            return Err(format!("sigil revoke: {out}{err}"));
-        }
-        let mut last = t0;
-        for c in cuts {
-            let at = c
-                .join()
-                .map_err(|_| "a live-connection reader panicked")?
-                .ok_or(format!("round {round}: a live connection survived 10 s"))?;
-            last = last.max(at);
-        }
-        cut_ms.push(signed_ms(last, t1));
-        cut_from_start_ms.push(signed_ms(last, t0));
-        // Every simulated sidecar must get the revocation; the time it did, from the CLI's return.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for (i, s) in sims.seen.iter().enumerate() {
-            loop {
-                let got = s.lock().expect("sims lock")[marks[i]..]
-                    .iter()
-                    .find(|(_, revokes)| *revokes)
-                    .map(|(at, _)| *at);
-                if let Some(at) = got {
-                    push_ms.push(signed_ms(at, t1));
-                    break;
-                }
-                if Instant::now() > deadline {
-                    unreached += 1;
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-        let (code, out, err) = cp.sigil(&operator, &["unrevoke", A]);
-        if code != Some(0) {
-            return Err(format!("sigil unrevoke: {out}{err}"));
-        }
-        wait("A readmitted", || echo_once(a_echo).is_ok())?;
-        eprintln!(
-            "round {round}: last of {} live connections cut {:.1} ms after sigil revoke returned ({:.1} ms after it started)",
-            o.live,
-            cut_ms[round],
-            cut_from_start_ms[round]
-        );
+        revoke_round(&stand, &sims, o.live, round, &mut m)?;
     }
     let cpu = control.cpu_secs() - cpu_before;
     let rss_mib = control.rss_kib() as f64 / 1024.0;
-    let (_, metrics, _) = cp.sigil(&operator, &["metrics"]);
-    let metric = |name: &str| sigil_e2e::metric(&metrics, name, &[]).unwrap_or(f64::NAN);
-    let latency_count = metric("sigil_control_push_latency_seconds_count");
-    let latency_sum = metric("sigil_control_push_latency_seconds_sum");
+    let (_, metrics, _) = stand.cp.sigil(&stand.operator, &["metrics"]);
 
     println!("## Revocation latency with {} sidecar streams\n", o.streams);
     println!(
@@ -249,14 +235,108 @@ fn run(o: &Opts) -> Result<(), String> {
          sigil-control RSS {rss_mib:.1} MiB with them, {cpu:.2} CPU s over the rounds.\n",
         o.streams, o.rounds, o.live, sims.connected.load(Ordering::Relaxed)
     );
+    print_figures(&m, &metrics);
+    if m.unreached > 0 {
+        return Err(format!(
+            "{} simulated sidecar(s) never received a revocation within 10 s",
+            m.unreached
+        ));
+    }
+    Ok(())
+}
+
+/// One round: `live` connections from A to B, `sigil revoke A`, the time until the last of
+/// them is cut and until each simulated sidecar has the revocation, then `sigil unrevoke A`
+/// and a wait until A reaches B again.
+fn revoke_round(
+    stand: &Stand,
+    sims: &Sims,
+    live: usize,
+    round: usize,
+    m: &mut Measures,
+) -> Result<(), String> {
+    let (cp, operator) = (&stand.cp, &stand.operator);
+    let conns = open_live(stand.a_echo, live)?;
+    let cuts: Vec<_> = conns
+        .into_iter()
+        .map(|mut s| std::thread::spawn(move || wait_closed(&mut s)))
+        .collect();
+    let marks: Vec<usize> = sims
+        .seen
+        .iter()
+        .map(|s| s.lock().expect("sims lock").len())
+        .collect();
+    let t0 = Instant::now();
+    let (code, out, err) = cp.sigil(
+        operator,
+        &["revoke", A, "--reason", &format!("load round {round}")],
+    );
+    let t1 = Instant::now();
+    if code != Some(0) {
+        return Err(format!("sigil revoke: {out}{err}"));
+    }
+    let mut last = t0;
+    for c in cuts {
+        let at = c
+            .join()
+            .map_err(|_| "a live-connection reader panicked")?
+            .ok_or(format!("round {round}: a live connection survived 10 s"))?;
+        last = last.max(at);
+    }
+    m.cut_ms.push(signed_ms(last, t1));
+    m.cut_from_start_ms.push(signed_ms(last, t0));
+    wait_pushes(sims, &marks, t1, m);
+    let (code, out, err) = cp.sigil(operator, &["unrevoke", A]);
+    if code != Some(0) {
+        return Err(format!("sigil unrevoke: {out}{err}"));
+    }
+    wait("A readmitted", || echo_once(stand.a_echo).is_ok())?;
+    eprintln!(
+        "round {round}: last of {live} live connections cut {:.1} ms after sigil revoke returned ({:.1} ms after it started)",
+        m.cut_ms[round],
+        m.cut_from_start_ms[round]
+    );
+    Ok(())
+}
+
+/// Every simulated sidecar must get the revocation: records when each did (the first
+/// revoking snapshot after its mark in `marks`), from `returned`, the CLI's return; counts
+/// those that did not within 10 s.
+fn wait_pushes(sims: &Sims, marks: &[usize], returned: Instant, m: &mut Measures) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for (i, s) in sims.seen.iter().enumerate() {
+        loop {
+            let got = s.lock().expect("sims lock")[marks[i]..]
+                .iter()
+                .find(|(_, revokes)| *revokes)
+                .map(|(at, _)| *at);
+            if let Some(at) = got {
+                m.push_ms.push(signed_ms(at, returned));
+                break;
+            }
+            if Instant::now() > deadline {
+                m.unreached += 1;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// The latency table, the control plane's own push latency (from its `metrics`, in the
+/// Prometheus text format) and the verdict on the target.
+fn print_figures(m: &Measures, metrics: &str) {
+    let metric = |name: &str| sigil_e2e::metric(metrics, name, &[]).unwrap_or(f64::NAN);
+    let latency_count = metric("sigil_control_push_latency_seconds_count");
+    let latency_sum = metric("sigil_control_push_latency_seconds_sum");
     println!("| from `sigil revoke` returning (ms) | p50 | p99 | max | n |");
     println!("| --- | --- | --- | --- | --- |");
     for (what, v) in [
-        ("last live connection cut (A→B, both sidecars)", &cut_ms),
-        ("same, from `sigil revoke` starting", &cut_from_start_ms),
+        ("last live connection cut (A→B, both sidecars)", &m.cut_ms),
+        ("same, from `sigil revoke` starting", &m.cut_from_start_ms),
         (
             "snapshot with the revocation at each simulated sidecar",
-            &push_ms,
+            &m.push_ms,
         ),
     ] {
         println!(
@@ -271,17 +351,11 @@ fn run(o: &Opts) -> Result<(), String> {
         "\nControl-plane push latency (store change to ACK, all streams, all changes): mean {:.2} ms over {latency_count} acknowledgements.",
         1000.0 * latency_sum / latency_count
     );
-    let p99 = percentile(&cut_ms, 99.0);
+    let p99 = percentile(&m.cut_ms, 99.0);
     println!(
         "Target p99 ≤ 1000 ms for the last live connection cut: {} ({p99:.1} ms).",
         if p99 <= 1000.0 { "met" } else { "NOT met" }
     );
-    if unreached > 0 {
-        return Err(format!(
-            "{unreached} simulated sidecar(s) never received a revocation within 10 s"
-        ));
-    }
-    Ok(())
 }
 
 /// Milliseconds from `from` to `at`, negative if `at` came first.
