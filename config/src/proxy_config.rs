@@ -517,9 +517,16 @@ impl ProxyConfig {
 
     /// `text` is only read again, for the line of a key, when a check of the whole spec fails.
     fn validate(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
-        let spec = &self.spec;
+        self.check_ports(path)?;
+        self.check_listeners(path, text)?;
+        self.check_registry(path)?;
+        self.check_whole_spec(path, text)
+    }
+
+    /// Each inbound port listed once, and a port.
+    fn check_ports(&self, path: &Path) -> Result<(), ConfigError> {
         let mut ports = HashMap::new();
-        for rule in &spec.inbound.ports {
+        for rule in &self.spec.inbound.ports {
             if rule.value.port == 0 {
                 return Err(at(path, rule, "port 0 is not a port"));
             }
@@ -534,8 +541,13 @@ impl ProxyConfig {
                 ));
             }
         }
-        // One listener per address: the fixed ones first (admin; inbound and outbound in
-        // transparent mode), then the explicit ones.
+        Ok(())
+    }
+
+    /// One listener per address: the fixed ones first (admin; inbound and outbound in
+    /// transparent mode), then the explicit ones.
+    fn check_listeners(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        let spec = &self.spec;
         let mut fixed = vec![(Key::AdminListen, spec.admin.listen)];
         if spec.mode == Mode::Transparent {
             fixed.push((Key::InboundListen, spec.inbound.listen));
@@ -590,8 +602,13 @@ impl ProxyConfig {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Each registry address registered once.
+    fn check_registry(&self, path: &Path) -> Result<(), ConfigError> {
         let mut dests = HashMap::new();
-        for e in &spec.outbound.registry {
+        for e in &self.spec.outbound.registry {
             if let Some(first) = dests.insert(e.value.address, e.referenced.line()) {
                 return Err(at(
                     path,
@@ -600,7 +617,12 @@ impl ProxyConfig {
                 ));
             }
         }
-        // The checks of the whole spec: each names the key it is about, found in the text.
+        Ok(())
+    }
+
+    /// The checks of the whole spec: each names the key it is about, found in the text.
+    fn check_whole_spec(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        let spec = &self.spec;
         let refuse = |key: Key, message: &str| {
             Err(ConfigError::new(
                 path,

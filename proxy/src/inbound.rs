@@ -6,11 +6,15 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
+use rustls::pki_types::CertificateDer;
+use sigil_config::SpiffeId;
 use sigil_filters::detect::{inbound_serve, per_request, Serve, Speaks};
 use sigil_filters::svid::leaf_spiffe_id;
 use sigil_filters::tls::{handshake_failure, Carries};
-use tokio::io::AsyncWriteExt;
+use sigil_filters::PolicyIndex;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
@@ -27,6 +31,14 @@ use crate::workers::Load;
 
 const DIR: Direction = Direction::Inbound;
 
+/// A peer that completed the handshake: who it is and what its ALPN said it carries.
+struct Peer {
+    id: SpiffeId,
+    label: Arc<str>,
+    chain: Vec<CertificateDer<'static>>,
+    carries: Option<Carries>,
+}
+
 /// `room`: the connection's admission (`admission`); the handshake's part is given back once
 /// the handshake ends, the rest when the connection does.
 pub async fn handle(
@@ -38,78 +50,27 @@ pub async fn handle(
     room: (Slot, Handshake),
 ) {
     let (_slot, handshake) = room;
-    let tls = p.tls.get();
-    let local = tls.local_label.clone();
-    if let Some(r) = tls.self_revoked() {
-        limited!(info, %client, port, revocation = %r.metadata.name, reason = "self_revoked", "inbound refused: our own SVID is revoked");
-        let peer = UNAUTHENTICATED_PEER.into();
-        p.ledger.refused(DIR, &local, peer, Refusal::SelfRevoked);
+    let local = p.tls.get().local_label.clone();
+    let Some((stream, peer)) = accept(&p, tcp, client, port, &local).await else {
         return;
-    }
-    let acceptor = TlsAcceptor::from(tls.server.clone());
-    let timeout = p.cfg.spec.timeouts.handshake;
-    let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-        Err(_) => {
-            limited!(info, %client, port, reason = "handshake_timeout", "inbound refused: no handshake within {timeout:?}");
-            p.ledger.handshake_failed(DIR, &local, "handshake_timeout");
-            return;
-        }
-        Ok(Err(e)) => {
-            let (reason, detail) = handshake_failure(&e);
-            limited!(info, %client, port, reason, "inbound refused: {detail}");
-            p.ledger.handshake_failed(DIR, &local, reason);
-            return;
-        }
-        Ok(Ok(s)) => s,
     };
     drop(handshake);
-    // The verifier accepted the chain; take the identity from the same leaf, once.
-    let chain = peer_chain(stream.get_ref().1);
-    let Some(peer) = chain
-        .first()
-        .and_then(|leaf| leaf_spiffe_id(leaf, None).ok())
-    else {
-        limited!(warn, %client, "inbound: verified handshake without a readable peer SVID");
-        p.ledger.handshake_failed(DIR, &local, "invalid_svid");
-        return;
-    };
-    let peer_label = p.ledger.metrics.peer_label(peer.as_str());
-    let carries = Carries::from_alpn(stream.get_ref().1.alpn_protocol());
-    load.multiplexed(carries == Some(Carries::Http2));
+    load.multiplexed(peer.carries == Some(Carries::Http2));
     let index = p.policy();
-    let per_request = per_request(carries, index.is_http(port));
-    if !per_request {
-        let verdict = index.decide_tcp(&peer, port, now_unix());
-        if let Some(w) = verdict.would_deny {
-            limited!(info, %client, peer = %peer, port, rule = %w, "dry-run: would deny connection");
-            p.ledger
-                .metrics
-                .would_deny
-                .get_or_create(&RuleLabels {
-                    local_id: local.clone(),
-                    rule: index.label(&w),
-                })
-                .inc();
-        }
-        if !verdict.allowed {
-            limited!(info, %client, peer = %peer, port, rule = %verdict.rule, reason = "not_allowed", "inbound refused");
-            p.ledger
-                .refused(DIR, &local, peer_label, Refusal::NotAllowed);
-            // close_notify, so the peer sidecar sees a clean end rather than a truncation.
-            let mut stream = stream;
-            let _ = tokio::time::timeout(timeout, stream.shutdown()).await;
-            return;
-        }
-        debug!(%client, peer = %peer, port, rule = %verdict.rule, "inbound allowed");
+    let per_request = per_request(peer.carries, index.is_http(port));
+    if !per_request && !allowed(&p, &index, client, port, &local, &peer) {
+        // close_notify, so the peer sidecar sees a clean end rather than a truncation.
+        let mut stream = stream;
+        let _ = tokio::time::timeout(p.cfg.spec.timeouts.handshake, stream.shutdown()).await;
+        return;
     }
     // HTTP gets per-request handling (metrics, the peer header, route checks once a policy
     // declares the port); anything else is relayed as bytes.
     let may_be_http = !index.is_tcp(port) && !p.cfg.spec.inbound.opaque_ports.contains(&port);
     // Connections re-check against the current index on policy changes; do not pin this one.
-    drop((tls, index));
+    drop(index);
     let mut stream = stream;
-    let (http, prefix): (Option<Speaks>, _) = match inbound_serve(carries, per_request, may_be_http)
-    {
+    let (http, prefix) = match inbound_serve(peer.carries, per_request, may_be_http) {
         Serve::Http(speaks) => (Some(speaks), Vec::new()),
         Serve::Bytes => (None, Vec::new()),
         Serve::Sniff => {
@@ -118,53 +79,140 @@ pub async fn handle(
         }
     };
     let stream = Rewind::new(prefix, stream);
-    if let Some(speaks) = http {
-        let a = Admitted {
-            direction: DIR,
-            kind: Kind::Http,
-            local,
-            peer_label: peer_label.clone(),
-            peer,
-            chain,
-            port,
-        };
-        let reason = inbound_http::serve(p, stream, speaks, a).await;
-        if reason != CloseReason::Done {
-            limited!(info, %client, peer = %peer_label, port, reason = reason.label(), "inbound HTTP connection closed");
-        }
-        return;
+    let label = peer.label.clone();
+    let a = Admitted {
+        direction: DIR,
+        kind: if http.is_some() {
+            Kind::Http
+        } else {
+            Kind::Tcp
+        },
+        local,
+        peer_label: peer.label,
+        peer: peer.id,
+        chain: peer.chain,
+        port,
+    };
+    let reason = match http {
+        Some(speaks) => inbound_http::serve(p, stream, speaks, a).await,
+        None => match relay_to_workload(&p, stream, a).await {
+            Some(reason) => reason,
+            None => return,
+        },
+    };
+    if reason != CloseReason::Done {
+        limited!(info, %client, peer = %label, port, reason = reason.label(), "inbound connection closed");
     }
-    let upstream = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+}
+
+/// The mTLS handshake, and the peer's ID from the leaf the verifier accepted. None: refused
+/// (our own SVID revoked, a failed or slow handshake), logged and counted here.
+async fn accept(
+    p: &Proxy,
+    tcp: TcpStream,
+    client: SocketAddr,
+    port: u16,
+    local: &Arc<str>,
+) -> Option<(TlsStream<TcpStream>, Peer)> {
+    let tls = p.tls.get();
+    if let Some(r) = tls.self_revoked() {
+        limited!(info, %client, port, revocation = %r.metadata.name, reason = "self_revoked", "inbound refused: our own SVID is revoked");
+        let peer = UNAUTHENTICATED_PEER.into();
+        p.ledger.refused(DIR, local, peer, Refusal::SelfRevoked);
+        return None;
+    }
+    let acceptor = TlsAcceptor::from(tls.server.clone());
+    drop(tls);
+    let timeout = p.cfg.spec.timeouts.handshake;
+    let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+        Err(_) => {
+            limited!(info, %client, port, reason = "handshake_timeout", "inbound refused: no handshake within {timeout:?}");
+            p.ledger.handshake_failed(DIR, local, "handshake_timeout");
+            return None;
+        }
+        Ok(Err(e)) => {
+            let (reason, detail) = handshake_failure(&e);
+            limited!(info, %client, port, reason, "inbound refused: {detail}");
+            p.ledger.handshake_failed(DIR, local, reason);
+            return None;
+        }
+        Ok(Ok(s)) => s,
+    };
+    // The verifier accepted the chain; take the identity from the same leaf, once.
+    let chain = peer_chain(stream.get_ref().1);
+    let Some(id) = chain
+        .first()
+        .and_then(|leaf| leaf_spiffe_id(leaf, None).ok())
+    else {
+        limited!(warn, %client, "inbound: verified handshake without a readable peer SVID");
+        p.ledger.handshake_failed(DIR, local, "invalid_svid");
+        return None;
+    };
+    let peer = Peer {
+        label: p.ledger.metrics.peer_label(id.as_str()),
+        carries: Carries::from_alpn(stream.get_ref().1.alpn_protocol()),
+        id,
+        chain,
+    };
+    Some((stream, peer))
+}
+
+/// The port's connection-level rule for `peer` (a connection whose requests are not each
+/// checked); a refusal is logged and counted here. Dry-run rules that would deny are counted.
+fn allowed(
+    p: &Proxy,
+    index: &PolicyIndex,
+    client: SocketAddr,
+    port: u16,
+    local: &Arc<str>,
+    peer: &Peer,
+) -> bool {
+    let verdict = index.decide_tcp(&peer.id, port, now_unix());
+    if let Some(w) = verdict.would_deny {
+        limited!(info, %client, peer = %peer.id, port, rule = %w, "dry-run: would deny connection");
+        p.ledger
+            .metrics
+            .would_deny
+            .get_or_create(&RuleLabels {
+                local_id: local.clone(),
+                rule: index.label(&w),
+            })
+            .inc();
+    }
+    if !verdict.allowed {
+        limited!(info, %client, peer = %peer.id, port, rule = %verdict.rule, reason = "not_allowed", "inbound refused");
+        let label = peer.label.clone();
+        p.ledger.refused(DIR, local, label, Refusal::NotAllowed);
+        return false;
+    }
+    debug!(%client, peer = %peer.id, port, rule = %verdict.rule, "inbound allowed");
+    true
+}
+
+/// Relays an admitted connection's bytes to 127.0.0.1:<port>. None: the workload could not
+/// be reached (refused, logged and counted here).
+async fn relay_to_workload<S>(p: &Proxy, stream: S, a: Admitted) -> Option<CloseReason>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let upstream = SocketAddr::from((Ipv4Addr::LOCALHOST, a.port));
     let connect = tokio::time::timeout(p.cfg.spec.timeouts.connect, TcpStream::connect(upstream));
     let workload = match connect.await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            limited!(info, peer = %peer, %upstream, "inbound refused: workload unreachable: {e}");
+            limited!(info, peer = %a.peer, %upstream, "inbound refused: workload unreachable: {e}");
             p.ledger
-                .refused(DIR, &local, peer_label, Refusal::UpstreamUnavailable);
-            return;
+                .refused(DIR, &a.local, a.peer_label, Refusal::UpstreamUnavailable);
+            return None;
         }
         Err(_) => {
-            limited!(info, peer = %peer, %upstream, "inbound refused: workload connect timed out");
+            limited!(info, peer = %a.peer, %upstream, "inbound refused: workload connect timed out");
             p.ledger
-                .refused(DIR, &local, peer_label, Refusal::UpstreamUnavailable);
-            return;
+                .refused(DIR, &a.local, a.peer_label, Refusal::UpstreamUnavailable);
+            return None;
         }
     };
     let _ = workload.set_nodelay(true);
-    let label = peer_label.clone();
-    let a = Admitted {
-        direction: DIR,
-        kind: Kind::Tcp,
-        local,
-        peer_label,
-        peer,
-        chain,
-        port,
-    };
     let idle = p.cfg.spec.timeouts.idle;
-    let reason = p.ledger.carry(a, stream, workload, idle).await;
-    if reason != CloseReason::Done {
-        limited!(info, %client, peer = %label, port, reason = reason.label(), "inbound connection closed");
-    }
+    Some(p.ledger.carry(a, stream, workload, idle).await)
 }

@@ -14,6 +14,41 @@ type Parse<T> = fn(&Path, &str) -> Result<Vec<T>, ConfigError>;
 /// The files of a directory as read, by path.
 pub type Texts = BTreeMap<PathBuf, Vec<u8>>;
 
+/// Why a resource file, or the set, is refused; `Display` names the file.
+#[derive(Debug)]
+pub enum ResourceProblem {
+    /// Over `sigil_config::MAX_FILE_BYTES`: not read at all.
+    TooLarge(PathBuf, u64),
+    Unreadable(PathBuf, std::io::Error),
+    NotUtf8(PathBuf, std::str::Utf8Error),
+    /// A document that does not parse or validate (file:line).
+    Invalid(ConfigError),
+}
+
+impl std::fmt::Display for ResourceProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::TooLarge(path, len) => write!(
+                f,
+                "{}: file is {len} bytes; the limit is {}",
+                path.display(),
+                sigil_config::MAX_FILE_BYTES
+            ),
+            Self::Unreadable(path, e) => write!(f, "{}: {e}", path.display()),
+            Self::NotUtf8(path, e) => write!(f, "{}: not UTF-8: {e}", path.display()),
+            Self::Invalid(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// The same problem is the same message: a refused set is reported again only when what is
+/// wrong with it changed (`io::Error` has no equality of its own).
+impl PartialEq for ResourceProblem {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+
 /// A set of files that parsed without a problem, and what they hold.
 pub struct Good<T> {
     pub texts: Arc<Texts>,
@@ -26,7 +61,7 @@ pub struct ResourceDir<T> {
     /// The files last read, good or not: a refused set is reported once, not every poll.
     seen: Arc<Texts>,
     /// The problems last reported with `seen`, for the same reason.
-    reported: Vec<String>,
+    reported: Vec<ResourceProblem>,
     /// Whether `reported` names a file too large to read, which is not in `seen`: its
     /// going away must be noticed although `seen` still matches the directory.
     oversize: bool,
@@ -63,7 +98,7 @@ impl<T> ResourceDir<T> {
 
     /// Re-reads the directory. None: nothing changed. Some(Err): the new set is refused, with
     /// every problem found. Some(Ok): the new set.
-    pub fn poll(&mut self) -> Option<Result<Good<T>, Vec<String>>> {
+    pub fn poll(&mut self) -> Option<Result<Good<T>, Vec<ResourceProblem>>> {
         let dir = self.dir.as_ref()?;
         if !self.oversize && unchanged(dir, &self.seen) {
             return None;
@@ -78,47 +113,57 @@ impl<T> ResourceDir<T> {
                     let len = std::fs::metadata(&path).map_or(0, |m| m.len());
                     if len > sigil_config::MAX_FILE_BYTES as u64 {
                         oversize = true;
-                        problems.push(format!(
-                            "{}: file is {len} bytes; the limit is {}",
-                            path.display(),
-                            sigil_config::MAX_FILE_BYTES
-                        ));
+                        problems.push(ResourceProblem::TooLarge(path, len));
                         continue;
                     }
                     match std::fs::read(&path) {
                         Ok(b) => {
                             now.insert(path, b);
                         }
-                        Err(e) => problems.push(format!("{}: {e}", path.display())),
+                        Err(e) => problems.push(ResourceProblem::Unreadable(path, e)),
                     }
                 }
             }
-            Err(e) => problems.push(format!("{}: {e}", dir.display())),
+            Err(e) => problems.push(ResourceProblem::Unreadable(dir.clone(), e)),
         }
         if now == *self.seen && problems == self.reported {
             return None;
         }
         self.oversize = oversize;
-        self.reported = problems.clone();
         self.seen = Arc::new(now);
         let mut resources = Vec::new();
         for (path, bytes) in self.seen.iter() {
             let parsed = std::str::from_utf8(bytes)
-                .map_err(|e| format!("{}: not UTF-8: {e}", path.display()))
-                .and_then(|text| (self.parse)(path, text).map_err(|e| e.to_string()));
+                .map_err(|e| ResourceProblem::NotUtf8(path.clone(), e))
+                .and_then(|text| (self.parse)(path, text).map_err(ResourceProblem::Invalid));
             match parsed {
                 Ok(rs) => resources.extend(rs),
                 Err(e) => problems.push(e),
             }
         }
         if !problems.is_empty() {
-            self.reported = problems.clone();
-            return Some(Err(problems));
+            // Kept to compare the next poll with; the caller gets the same list.
+            self.reported = problems;
+            let again = self.reported.iter().map(copy).collect();
+            return Some(Err(again));
         }
+        self.reported = Vec::new();
         Some(Ok(Good {
             texts: self.seen.clone(),
             resources,
         }))
+    }
+}
+
+/// A problem for the caller, the original kept to compare the next poll with.
+fn copy(p: &ResourceProblem) -> ResourceProblem {
+    match p {
+        ResourceProblem::TooLarge(path, len) => ResourceProblem::TooLarge(path.clone(), *len),
+        ResourceProblem::Unreadable(path, e) => {
+            ResourceProblem::Unreadable(path.clone(), std::io::Error::new(e.kind(), e.to_string()))
+        }
+        ResourceProblem::NotUtf8(path, e) => ResourceProblem::NotUtf8(path.clone(), *e),
+        ResourceProblem::Invalid(e) => ResourceProblem::Invalid(e.clone()),
     }
 }
 
@@ -201,13 +246,13 @@ impl FilePolicies {
     /// The policies of the set that target `local`; the text is parsed again when they were
     /// chosen for another ID. It parsed before, so an error here means the files cannot be
     /// trusted (the caller keeps the index it has).
-    pub fn targeting(&mut self, local: &SpiffeId) -> Result<&[Policy], String> {
+    pub fn targeting(&mut self, local: &SpiffeId) -> Result<&[Policy], ResourceProblem> {
         if self.target.is_some() && self.target.as_ref() != Some(local) {
             let mut resources = Vec::new();
             for (path, bytes) in self.texts.iter() {
                 let text = std::str::from_utf8(bytes)
-                    .map_err(|e| format!("{}: not UTF-8: {e}", path.display()))?;
-                resources.extend(Policy::parse_all(path, text).map_err(|e| e.to_string())?);
+                    .map_err(|e| ResourceProblem::NotUtf8(path.clone(), e))?;
+                resources.extend(Policy::parse_all(path, text).map_err(ResourceProblem::Invalid)?);
             }
             let set = Good {
                 texts: self.texts.clone(),
@@ -307,7 +352,9 @@ spec:
             Some(Err(problems)) => {
                 assert_eq!(problems.len(), 1, "{problems:?}");
                 assert!(
-                    problems[0].contains("huge.yaml: file is 4194305 bytes; the limit is 4194304"),
+                    problems[0]
+                        .to_string()
+                        .ends_with("huge.yaml: file is 4194305 bytes; the limit is 4194304"),
                     "{problems:?}"
                 );
             }

@@ -30,7 +30,7 @@ pub enum StartError {
     /// The policy or revocation directory at start, with every problem found.
     Resources {
         kind: &'static str,
-        problems: Vec<String>,
+        problems: Vec<crate::resources::ResourceProblem>,
     },
     Workers(std::io::Error),
     Bind(BindError),
@@ -41,7 +41,11 @@ impl fmt::Display for StartError {
         match self {
             Self::Identity(e) => write!(f, "cannot load identity: {e}"),
             Self::Resources { kind, problems } => {
-                write!(f, "invalid {kind}:\n  {}", problems.join("\n  "))
+                write!(f, "invalid {kind}:")?;
+                for problem in problems {
+                    write!(f, "\n  {problem}")?;
+                }
+                Ok(())
             }
             Self::Workers(e) => write!(f, "cannot start worker threads: {e}"),
             Self::Bind(e) => write!(f, "{e}"),
