@@ -27,7 +27,7 @@ use etcd_client::{
     TlsOptions, Txn, TxnOp,
 };
 
-use crate::store::{Change, StoreError, Stored};
+use crate::stored::{Change, StoreError, Stored};
 
 /// Attempts of an optimistic transaction before giving up (another replica kept winning).
 const ATTEMPTS: usize = 8;
@@ -139,7 +139,7 @@ impl Etcd {
     async fn read_epoch(&self) -> Result<String, StoreError> {
         let key = format!("{}epoch", self.prefix);
         let mut client = self.client.clone();
-        let fresh = crate::random_hex(16);
+        let fresh = crate::stored::random_hex(16);
         let r = client
             .txn(
                 Txn::new()

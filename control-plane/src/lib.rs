@@ -16,13 +16,4 @@ pub mod sidecars;
 pub mod snapshot;
 pub mod sqlite;
 pub mod store;
-
-/// `bytes` random bytes from the system's generator, as lowercase hex.
-pub fn random_hex(bytes: usize) -> String {
-    use ring::rand::SecureRandom;
-    let mut buf = vec![0u8; bytes];
-    ring::rand::SystemRandom::new()
-        .fill(&mut buf)
-        .expect("the system random generator works");
-    buf.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub mod stored;

@@ -13,7 +13,8 @@ use std::path::Path;
 use sigil_api::{Bundle, Document, RegistryEntry, Snapshot};
 use sigil_config::{Policy, Resource, SpiffeId, Workload};
 
-use crate::store::{Store, StoreError};
+use crate::store::Store;
+use crate::stored::StoreError;
 
 /// Every stored resource, parsed, at one store version.
 #[derive(Default)]

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::store::{Change, StoreError, Stored};
+use crate::stored::{Change, StoreError, Stored};
 
 pub struct Sqlite {
     db: Mutex<Connection>,
@@ -47,7 +47,7 @@ impl Sqlite {
              INSERT OR IGNORE INTO meta (key, value) VALUES ('version', 0);
              CREATE TABLE IF NOT EXISTS epoch (id TEXT NOT NULL);",
         )?;
-        let fresh = format!("sqlite-{}", crate::random_hex(16));
+        let fresh = format!("sqlite-{}", crate::stored::random_hex(16));
         db.execute(
             "INSERT INTO epoch (id) SELECT ?1 WHERE NOT EXISTS (SELECT 1 FROM epoch)",
             [&fresh],
