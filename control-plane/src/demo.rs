@@ -4,7 +4,8 @@
 //! while other calls go on, and where the metrics are. Everything it starts is stopped by PID
 //! and its directory removed; it exits non-zero if the mesh did not behave as narrated.
 
-use std::io::Read;
+use std::fmt;
+use std::io::{self, Read};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,13 +13,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper::Method;
-use sigil_config::SpiffeId;
+use hyper::{Method, StatusCode};
+use sigil_config::{ConfigError, SpiffeId};
 use sigil_testkit::http::{get, get_close, get_once};
 use sigil_testkit::Ca;
 
-use crate::client::Client;
-use crate::{identity, revoke};
+use crate::client::{Client, ClientError};
+use crate::identity::{self, LoadError};
+use crate::revoke;
 
 const TD: &str = "example.org";
 const CONTROL: &str = "spiffe://example.org/sigil/control";
@@ -27,6 +29,97 @@ const API: &str = "spiffe://example.org/ns/demo/sa/api";
 const WEB: &str = "spiffe://example.org/ns/demo/sa/web";
 const REPORTS: &str = "spiffe://example.org/ns/demo/sa/reports";
 
+/// Why the demo stopped: it could not set the mesh up, or the mesh did not behave as narrated.
+#[derive(Debug)]
+pub enum DemoError {
+    /// sigil-control, sigil-proxy or sigil-toy-workload is not next to sigil.
+    MissingBinary(PathBuf),
+    File {
+        path: PathBuf,
+        source: io::Error,
+    },
+    Spawn {
+        name: String,
+        source: io::Error,
+    },
+    /// No free loopback port, or a connection to one failed.
+    Network(io::Error),
+    /// What was awaited, and the last lines of the log of the process it waited for (empty
+    /// when there is none to show).
+    Timeout {
+        what: String,
+        log_tail: String,
+    },
+    Identity(LoadError),
+    Client(ClientError),
+    Revocation(ConfigError),
+    /// The control plane refused what the operator applied.
+    Refused {
+        what: String,
+        status: StatusCode,
+        body: String,
+    },
+    /// A call got no answer at all.
+    NoAnswer(String),
+    /// The mesh answered, but not as the narration says it must.
+    Misbehaved(String),
+}
+
+impl fmt::Display for DemoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::MissingBinary(path) => write!(
+                f,
+                "{} not found next to sigil: build the workspace first (cargo build --workspace --bins, or ./scripts/demo.sh)",
+                path.display()
+            ),
+            Self::File { path, source } => write!(f, "{}: {source}", path.display()),
+            Self::Spawn { name, source } => write!(f, "cannot start {name}: {source}"),
+            Self::Network(e) => write!(f, "{e}"),
+            Self::Timeout { what, log_tail } if log_tail.is_empty() => {
+                write!(f, "timed out waiting for {what}")
+            }
+            Self::Timeout { what, log_tail } => {
+                write!(f, "timed out waiting for {what}\n{log_tail}")
+            }
+            Self::Identity(e) => write!(f, "{e}"),
+            Self::Client(e) => write!(f, "{e}"),
+            Self::Revocation(e) => write!(f, "{e}"),
+            Self::Refused { what, status, body } => write!(f, "{what}: {status}: {body}"),
+            Self::NoAnswer(what) => write!(f, "{what}: no answer"),
+            Self::Misbehaved(what) => write!(f, "{what}"),
+        }
+    }
+}
+
+impl std::error::Error for DemoError {}
+
+impl From<ClientError> for DemoError {
+    fn from(e: ClientError) -> Self {
+        Self::Client(e)
+    }
+}
+
+impl From<LoadError> for DemoError {
+    fn from(e: LoadError) -> Self {
+        Self::Identity(e)
+    }
+}
+
+impl From<ConfigError> for DemoError {
+    fn from(e: ConfigError) -> Self {
+        Self::Revocation(e)
+    }
+}
+
+/// An I/O error on `path`, as a `DemoError` that names it.
+fn file_error(path: &Path) -> impl FnOnce(io::Error) -> DemoError + '_ {
+    move |source| DemoError::File {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// A process of the demo, stopped (by PID) when dropped; its output goes to a log file.
 struct Proc {
     child: Child,
@@ -34,16 +127,19 @@ struct Proc {
 }
 
 impl Proc {
-    fn spawn(dir: &Path, name: &str, cmd: &mut Command) -> Result<Self, String> {
+    fn spawn(dir: &Path, name: &str, cmd: &mut Command) -> Result<Self, DemoError> {
         let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let out = std::fs::File::create(&log).map_err(file_error(&log))?;
+        let err = out.try_clone().map_err(file_error(&log))?;
         let child = cmd
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
-            .map_err(|e| format!("cannot start {name}: {e}"))?;
+            .map_err(|source| DemoError::Spawn {
+                name: name.to_string(),
+                source,
+            })?;
         Ok(Self { child, log })
     }
 
@@ -74,16 +170,26 @@ impl Drop for Scratch {
     }
 }
 
-fn free_port() -> Result<u16, String> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+fn free_port() -> Result<u16, DemoError> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(DemoError::Network)?;
+    Ok(l.local_addr().map_err(DemoError::Network)?.port())
 }
 
-fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Result<(), String> {
+/// Waits until `ok`; on timeout, the error carries the last lines of `log` (if any), the
+/// process whose readiness was awaited.
+fn wait_for(
+    what: &str,
+    timeout: Duration,
+    log: Option<&Proc>,
+    mut ok: impl FnMut() -> bool,
+) -> Result<(), DemoError> {
     let deadline = Instant::now() + timeout;
     while !ok() {
         if Instant::now() > deadline {
-            return Err(format!("timed out waiting for {what}"));
+            return Err(DemoError::Timeout {
+                what: what.to_string(),
+                log_tail: log.map(Proc::log_tail).unwrap_or_default(),
+            });
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -106,18 +212,15 @@ fn step(n: u32, text: &str) {
 
 /// Runs the demo with the binaries of `bin_dir` (sigil-control, sigil-proxy,
 /// sigil-toy-workload).
-pub fn run(bin_dir: &Path) -> Result<(), String> {
+pub fn run(bin_dir: &Path) -> Result<(), DemoError> {
     let bins = ["sigil-control", "sigil-proxy", "sigil-toy-workload"];
     for b in bins {
         if !bin_dir.join(b).exists() {
-            return Err(format!(
-                "{} not found next to sigil: build the workspace first (cargo build --workspace --bins, or ./scripts/demo.sh)",
-                bin_dir.join(b).display()
-            ));
+            return Err(DemoError::MissingBinary(bin_dir.join(b)));
         }
     }
     let dir = std::env::temp_dir().join(format!("sigil-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(file_error(&dir))?;
     let scratch = Scratch(dir.clone());
     let result = narrate(bin_dir, &scratch.0);
     if let Err(e) = &result {
@@ -137,7 +240,7 @@ pub fn run(bin_dir: &Path) -> Result<(), String> {
     result
 }
 
-fn narrate(bin_dir: &Path, d: &Path) -> Result<(), String> {
+fn narrate(bin_dir: &Path, d: &Path) -> Result<(), DemoError> {
     println!("== sigil demo: a control plane, three workloads and their sidecars, on loopback ==");
     println!("   (working directory {})", d.display());
 
@@ -147,9 +250,9 @@ fn narrate(bin_dir: &Path, d: &Path) -> Result<(), String> {
     );
     let ca = Ca::new(TD);
     let bundles = d.join("bundles");
-    std::fs::create_dir_all(&bundles).map_err(|e| e.to_string())?;
-    std::fs::write(bundles.join(format!("{TD}.pem")), ca.bundle_pem())
-        .map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&bundles).map_err(file_error(&bundles))?;
+    let bundle = bundles.join(format!("{TD}.pem"));
+    std::fs::write(&bundle, ca.bundle_pem()).map_err(file_error(&bundle))?;
     let svid = |name: &str, id: &str| ca.svid(id).write(d, name);
     for (name, id) in [
         ("control", CONTROL),
@@ -183,26 +286,29 @@ fn narrate(bin_dir: &Path, d: &Path) -> Result<(), String> {
             .args(["--operator-listen", &format!("127.0.0.1:{operator_port}")])
             .args(["--sidecar-listen", &format!("127.0.0.1:{sidecar_port}")]),
     )?;
-    let with_control =
-        |r: Result<(), String>| r.map_err(|e| format!("{e}\n{}", control.log_tail()));
-    with_control(wait_for(
+    wait_for(
         "the control plane",
         Duration::from_secs(10),
+        Some(&control),
         || {
             TcpStream::connect(("127.0.0.1", operator_port)).is_ok()
                 && TcpStream::connect(("127.0.0.1", sidecar_port)).is_ok()
         },
-    ))?;
+    )?;
     println!("      sigil-control: operator API 127.0.0.1:{operator_port}, sidecar API 127.0.0.1:{sidecar_port}");
     let operator = Client {
         server: ([127, 0, 0, 1], operator_port).into(),
-        control_id: SpiffeId::parse(CONTROL).map_err(|e| e.to_string())?,
+        control_id: SpiffeId::parse(CONTROL).expect("CONTROL is a SPIFFE ID"),
         identity: identity::load(&d.join("operator.crt"), &d.join("operator.key"), &bundles)?,
     };
-    let apply = |name: &str, yaml: String| -> Result<String, String> {
+    let apply = |name: &str, yaml: String| -> Result<String, DemoError> {
         match operator.send(Method::POST, "/v1/apply", &[("x-sigil-file", name)], yaml)? {
             (s, body) if s.is_success() => Ok(body),
-            (s, body) => Err(format!("apply {name}: {s}: {body}")),
+            (status, body) => Err(DemoError::Refused {
+                what: format!("apply {name}"),
+                status,
+                body,
+            }),
         }
     };
 
@@ -270,7 +376,7 @@ spec:
         )
     };
     let _api_wl = workload("api", api_port)?;
-    let sidecar = |name: &str, listeners: String| -> Result<Sidecar, String> {
+    let sidecar = |name: &str, listeners: String| -> Result<Sidecar, DemoError> {
         let admin = free_port()?;
         let cfg = d.join(format!("{name}-sidecar.yaml"));
         let yaml = format!(
@@ -284,7 +390,7 @@ spec:
   controlPlane: {{address: \"127.0.0.1:{sidecar_port}\", spiffeId: \"{CONTROL}\", stateDir: state-{name}}}
 {listeners}"
         );
-        std::fs::write(&cfg, yaml).map_err(|e| e.to_string())?;
+        std::fs::write(&cfg, yaml).map_err(file_error(&cfg))?;
         let proc = Proc::spawn(
             d,
             &format!("{name}-sidecar"),
@@ -296,9 +402,9 @@ spec:
         wait_for(
             &format!("{name}'s sidecar"),
             Duration::from_secs(15),
+            Some(&proc),
             || admin_get(admin, "/ready").is_some_and(|(s, _)| s == 200),
-        )
-        .map_err(|e| format!("{e}\n{}", proc.log_tail()))?;
+        )?;
         Ok(Sidecar { admin, _proc: proc })
     };
     let api = sidecar(
@@ -317,9 +423,12 @@ spec:
         admin_get(s.admin, "/config_dump")
             .is_some_and(|(_, dump)| dump.contains("\"control_plane_snapshot\": {"))
     };
-    wait_for("every sidecar's snapshot", Duration::from_secs(10), || {
-        [&api, &web, &reports].iter().all(|s| snapshot_in_force(s))
-    })?;
+    wait_for(
+        "every sidecar's snapshot",
+        Duration::from_secs(10),
+        None,
+        || [&api, &web, &reports].iter().all(|s| snapshot_in_force(s)),
+    )?;
     println!("      api     127.0.0.1:{api_port}, its sidecar on 127.0.0.1:{api_in}");
     println!("      web     calls api through its sidecar at 127.0.0.1:{web_out}");
     println!("      reports calls api through its sidecar at 127.0.0.1:{reports_out}");
@@ -332,18 +441,22 @@ spec:
         4,
         "web calls api: an allowed route, and a denied one with the rule that denied it",
     );
-    let call = |port: u16, path: &str| get_once(port, path).ok_or(format!("GET {path}: no answer"));
+    let call = |port: u16, path: &str| {
+        get_once(port, path).ok_or_else(|| DemoError::NoAnswer(format!("GET {path}")))
+    };
     let (s, body) = call(web_out, "/orders/42")?;
     println!("      web → api GET /orders/42  → {s} {body}");
     if s != 200 {
-        return Err(format!("expected 200 for /orders/42, got {s}: {body}"));
+        return Err(DemoError::Misbehaved(format!(
+            "expected 200 for /orders/42, got {s}: {body}"
+        )));
     }
     let (s, body) = call(web_out, "/admin/users")?;
     println!("      web → api GET /admin/users → {s} {body}");
     if s != 403 || !body.contains("policy api-access rule admin") {
-        return Err(format!(
+        return Err(DemoError::Misbehaved(format!(
             "expected 403 naming policy api-access rule admin, got {s}: {body}"
-        ));
+        )));
     }
 
     step(
@@ -352,7 +465,7 @@ spec:
     );
     let started = Instant::now();
     apply("demo.yaml", resources(true))?;
-    wait_for("/admin to open", Duration::from_secs(10), || {
+    wait_for("/admin to open", Duration::from_secs(10), None, || {
         get_once(web_out, "/admin/users").is_some_and(|(s, _)| s == 200)
     })?;
     println!(
@@ -364,14 +477,19 @@ spec:
         6,
         "Revocation: web's key is stolen; revoke it while reports keeps calling api",
     );
-    let mut live = TcpStream::connect(("127.0.0.1", web_out)).map_err(|e| e.to_string())?;
+    let mut live = TcpStream::connect(("127.0.0.1", web_out)).map_err(DemoError::Network)?;
     live.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
+        .map_err(DemoError::Network)?;
     match get(&mut live, "/orders/live") {
         Some((200, _)) => {
             println!("      web holds a live keep-alive connection to api (GET /orders/live → 200)")
         }
-        other => return Err(format!("live connection: {other:?}")),
+        Some((status, body)) => {
+            return Err(DemoError::Misbehaved(format!(
+                "live connection: GET /orders/live got {status}: {body}"
+            )))
+        }
+        None => return Err(DemoError::NoAnswer("GET /orders/live".into())),
     }
     let stop = Arc::new(AtomicBool::new(false));
     let steady = {
@@ -395,7 +513,7 @@ spec:
         })
     };
     std::thread::sleep(Duration::from_millis(300));
-    let web_id = SpiffeId::parse(WEB).map_err(|e| e.to_string())?;
+    let web_id = SpiffeId::parse(WEB).expect("WEB is a SPIFFE ID");
     let yaml = revoke::document(
         &revoke::name_for(&web_id),
         &web_id,
@@ -418,21 +536,27 @@ spec:
     let cut_ms = revoked_at.elapsed().as_millis();
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
-    let (ok, failed) = steady.join().map_err(|_| "the reports caller panicked")?;
+    let (ok, failed) = steady
+        .join()
+        .map_err(|_| DemoError::Misbehaved("the reports caller panicked".into()))?;
     if !cut {
-        return Err("web's live connection survived the revocation".into());
+        return Err(DemoError::Misbehaved(
+            "web's live connection survived the revocation".into(),
+        ));
     }
     println!("      web's live connection was cut, {cut_ms} ms after sigil revoke");
     let (s, body) = call(web_out, "/orders/43")?;
     println!("      web → api GET /orders/43  → {s} {body}");
     if s == 200 {
-        return Err("web was still admitted after its revocation".into());
+        return Err(DemoError::Misbehaved(
+            "web was still admitted after its revocation".into(),
+        ));
     }
     println!("      reports → api meanwhile: {ok} calls, {failed} failed");
     if failed > 0 || ok == 0 {
-        return Err(format!(
+        return Err(DemoError::Misbehaved(format!(
             "reports' calls were disturbed: {failed} failed, {ok} ok"
-        ));
+        )));
     }
 
     step(7, "Metrics: every sidecar and the control plane");
@@ -440,8 +564,8 @@ spec:
     // api's (a revoked peer).
     let mut revoked_closes = 0;
     for (name, s) in [("api", &api), ("web", &web)] {
-        let (_, metrics) =
-            admin_get(s.admin, "/metrics").ok_or(format!("{name} sidecar /metrics"))?;
+        let (_, metrics) = admin_get(s.admin, "/metrics")
+            .ok_or_else(|| DemoError::NoAnswer(format!("{name} sidecar /metrics")))?;
         for line in metrics.lines().filter(|l| {
             (name == "api"
                 && l.starts_with("sigil_requests_total{")
@@ -454,7 +578,9 @@ spec:
         }
     }
     if revoked_closes == 0 {
-        return Err("no sidecar counted a connection closed for the revocation".into());
+        return Err(DemoError::Misbehaved(
+            "no sidecar counted a connection closed for the revocation".into(),
+        ));
     }
     let (_, metrics) = operator.send(Method::GET, "/metrics", &[], String::new())?;
     for line in metrics.lines().filter(|l| {

@@ -147,7 +147,8 @@ async fn apply(api: &Api, peer: &SpiffeId, req: Request<Incoming>) -> Reply {
     let resources: Vec<Resource> = docs.iter().map(|(r, _)| r.clone()).collect();
     let bad = crate::files::check_certificates(Path::new(&file), &resources);
     if !bad.is_empty() {
-        return Err(Refusal(StatusCode::BAD_REQUEST, bad.join("\n") + "\n"));
+        let lines: String = bad.iter().map(|p| format!("{p}\n")).collect();
+        return Err(Refusal(StatusCode::BAD_REQUEST, lines));
     }
     let rows: Vec<(&str, &str, &str)> = docs
         .iter()

@@ -25,6 +25,7 @@ use tonic::{Status, Streaming};
 use crate::metrics::{Metrics, SidecarLabels};
 use crate::snapshot::Catalog;
 use crate::store::Store;
+use crate::stored::StoreError;
 
 /// The published catalog and the sidecars connected to this replica.
 pub struct Hub {
@@ -78,13 +79,13 @@ impl Hub {
     /// Re-reads the store and sends every stream whose snapshot changed its new one. A failure
     /// is logged and retried in the background (`retry_publishes`): a change the store took
     /// must reach the sidecars even if reading it back failed once.
-    pub async fn publish(&self, store: &Store) -> Result<u64, String> {
+    pub async fn publish(&self, store: &Store) -> Result<u64, StoreError> {
         let catalog = match Catalog::load(store).await {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("sigil-control: cannot publish, will retry: {e}");
                 self.retry.notify_one();
-                return Err(e.to_string());
+                return Err(e);
             }
         };
         for problem in &catalog.unreadable {

@@ -11,7 +11,7 @@
 use std::path::Path;
 
 use sigil_api::{Bundle, Document, RegistryEntry, Snapshot};
-use sigil_config::{Policy, Resource, SpiffeId, Workload};
+use sigil_config::{ConfigError, Policy, Resource, SpiffeId, Workload};
 
 use crate::store::Store;
 use crate::stored::StoreError;
@@ -28,7 +28,7 @@ pub struct Catalog {
     bundles: Vec<Bundle>,
     /// Stored documents that no longer parse (written by another version of sigil-control):
     /// sent to nobody, reported in the log.
-    pub unreadable: Vec<String>,
+    pub unreadable: Vec<ConfigError>,
     /// When it was read from the store, for push latency.
     pub loaded_at: Option<std::time::Instant>,
 }
@@ -49,7 +49,7 @@ impl Catalog {
             let parsed = match Resource::parse_docs(Path::new(&origin), &s.yaml) {
                 Ok(docs) => docs,
                 Err(e) => {
-                    c.unreadable.push(e.to_string());
+                    c.unreadable.push(e);
                     continue;
                 }
             };

@@ -1,5 +1,6 @@
 //! sigil-control: the Sigil control plane. See `--help`.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,6 +12,7 @@ use sigil_control::operator::{self, Api};
 use sigil_control::sidecars::{self, Hub};
 use sigil_control::snapshot::Catalog;
 use sigil_control::sqlite::Sqlite;
+use sigil_control::stored::StoreError;
 use sigil_control::{identity, store::Store};
 use tokio_rustls::TlsAcceptor;
 
@@ -174,6 +176,42 @@ enum StoreSpec {
     Etcd(String, EtcdTls),
 }
 
+/// Why `sigil-control` could not start (exit code 1).
+#[derive(Debug)]
+enum StartError {
+    Identity(identity::LoadError),
+    Store(StoreError),
+    Listen {
+        addr: SocketAddr,
+        api: &'static str,
+        source: std::io::Error,
+    },
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Identity(e) => write!(f, "{e}"),
+            Self::Store(e) => write!(f, "{e}"),
+            Self::Listen { addr, api, source } => {
+                write!(f, "cannot listen on {addr} ({api}): {source}")
+            }
+        }
+    }
+}
+
+impl From<identity::LoadError> for StartError {
+    fn from(e: identity::LoadError) -> Self {
+        Self::Identity(e)
+    }
+}
+
+impl From<StoreError> for StartError {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e)
+    }
+}
+
 async fn run(
     store: StoreSpec,
     cert: PathBuf,
@@ -181,24 +219,20 @@ async fn run(
     bundle_dir: PathBuf,
     operators: Vec<IdPattern>,
     listen: Listen,
-) -> Result<(), String> {
+) -> Result<(), StartError> {
     let id = identity::load(&cert, &key, &bundle_dir)?;
     let store = match store {
-        StoreSpec::Sqlite(dir) => Store::Sqlite(Sqlite::open(&dir).map_err(|e| e.to_string())?),
+        StoreSpec::Sqlite(dir) => Store::Sqlite(Sqlite::open(&dir)?),
         StoreSpec::Etcd(spec, tls) => {
             if matches!(tls, EtcdTls::Insecure) {
                 eprintln!(
                     "sigil-control: WARNING: plaintext to etcd (--etcd-insecure): anyone on the path can read and change every policy and revocation"
                 );
             }
-            Store::Etcd(Box::new(
-                Etcd::connect(&spec, &tls)
-                    .await
-                    .map_err(|e| e.to_string())?,
-            ))
+            Store::Etcd(Box::new(Etcd::connect(&spec, &tls).await?))
         }
     };
-    let version = store.version().await.map_err(|e| e.to_string())?;
+    let version = store.version().await?;
     let server = sigil_filters::tls::server_config(
         &id.local,
         id.bundles.clone(),
@@ -207,11 +241,19 @@ async fn run(
     );
     let operator_listener = tokio::net::TcpListener::bind(listen.operator)
         .await
-        .map_err(|e| format!("cannot listen on {} (operator API): {e}", listen.operator))?;
+        .map_err(|source| StartError::Listen {
+            addr: listen.operator,
+            api: "operator API",
+            source,
+        })?;
     let sidecar_listener = tokio::net::TcpListener::bind(listen.sidecar)
         .await
-        .map_err(|e| format!("cannot listen on {} (sidecar API): {e}", listen.sidecar))?;
-    let catalog = Catalog::load(&store).await.map_err(|e| e.to_string())?;
+        .map_err(|source| StartError::Listen {
+            addr: listen.sidecar,
+            api: "sidecar API",
+            source,
+        })?;
+    let catalog = Catalog::load(&store).await?;
     for problem in &catalog.unreadable {
         eprintln!("sigil-control: stored resource not sent to any sidecar: {problem}");
     }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use hyper::{Method, StatusCode};
 use sigil_config::policy::Timestamp;
 use sigil_config::{Resource, SpiffeId};
-use sigil_control::client::Client;
+use sigil_control::client::{Client, ClientError};
 use sigil_control::policy_test::{decide, Question};
 use sigil_control::{files, identity, revoke};
 
@@ -190,7 +190,8 @@ fn client(o: &Opts) -> Result<Client, String> {
     let cert = pick(&o.cert, "SIGIL_CERT", "--cert")?;
     let key = pick(&o.key, "SIGIL_KEY", "--key")?;
     let bundles = pick(&o.bundle_dir, "SIGIL_BUNDLE_DIR", "--bundle-dir")?;
-    let identity = identity::load(Path::new(&cert), Path::new(&key), Path::new(&bundles))?;
+    let identity = identity::load(Path::new(&cert), Path::new(&key), Path::new(&bundles))
+        .map_err(|e| e.to_string())?;
     Ok(Client {
         server,
         control_id,
@@ -199,7 +200,7 @@ fn client(o: &Opts) -> Result<Client, String> {
 }
 
 /// Prints the control plane's answer; the exit code follows its status.
-fn report(result: Result<(StatusCode, String), String>) -> ExitCode {
+fn report(result: Result<(StatusCode, String), ClientError>) -> ExitCode {
     match result {
         Ok((status, body)) if status.is_success() => {
             print!("{body}");
