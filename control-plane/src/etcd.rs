@@ -27,6 +27,8 @@ use etcd_client::{
     TlsOptions, Txn, TxnOp,
 };
 
+use tracing::warn;
+
 use crate::stored::{Change, StoreError, Stored};
 
 /// Attempts of an optimistic transaction before giving up (another replica kept winning).
@@ -353,10 +355,7 @@ impl Etcd {
                                     from = h.revision() + 1;
                                 }
                                 if r.canceled() {
-                                    eprintln!(
-                                        "sigil-control: etcd watch cancelled: {}",
-                                        r.cancel_reason()
-                                    );
+                                    warn!("etcd watch cancelled: {}", r.cancel_reason());
                                     // Compacted past `from`: start again from now.
                                     from = 0;
                                     break;
@@ -367,13 +366,13 @@ impl Etcd {
                             }
                             Ok(None) => break,
                             Err(e) => {
-                                eprintln!("sigil-control: etcd watch lost: {e}");
+                                warn!("etcd watch lost: {e}");
                                 break;
                             }
                         }
                     }
                 }
-                Err(e) => eprintln!("sigil-control: etcd watch failed: {e}"),
+                Err(e) => warn!("etcd watch failed: {e}"),
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));

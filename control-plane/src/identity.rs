@@ -11,6 +11,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::UnixTime;
 use sigil_config::{SpiffeIdError, TrustDomain};
 use sigil_filters::{BundleError, IdentityError, LocalIdentity, TrustBundles};
+use tracing::info;
 
 pub struct Identity {
     pub local: LocalIdentity,
@@ -126,11 +127,11 @@ pub async fn accept(
     let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            eprintln!("sigil-control: {what} handshake from {client} refused: {e}");
+            info!("{what} handshake from {client} refused: {e}");
             return None;
         }
         Err(_) => {
-            eprintln!("sigil-control: {what} handshake from {client} timed out");
+            info!("{what} handshake from {client} timed out");
             return None;
         }
     };

@@ -15,6 +15,7 @@ use sigil_control::sqlite::Sqlite;
 use sigil_control::stored::StoreError;
 use sigil_control::{identity, store::Store};
 use tokio_rustls::TlsAcceptor;
+use tracing::{error, info, warn};
 
 const USAGE: &str = "\
 sigil-control — the Sigil control plane
@@ -45,6 +46,9 @@ OPTIONS:
     --sidecar-listen ADDR  sidecar API (gRPC, mutual TLS)              [0.0.0.0:15012]
     -h, --help             this text
     -V, --version          version
+
+ENVIRONMENT:
+    SIGIL_LOG              log level: error, warn, info (default), debug, trace
 
 EXIT CODES:
     0 clean shutdown (SIGTERM/SIGINT); 1 runtime failure; 2 invalid arguments";
@@ -149,6 +153,7 @@ fn main() -> ExitCode {
         eprintln!("sigil-control: at least one --operator PATTERN is required (nobody could use the operator API)\n\n{USAGE}");
         return ExitCode::from(2);
     }
+    init_logging();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -160,7 +165,7 @@ fn main() -> ExitCode {
     match rt.block_on(run(store, cert, key, bundle_dir, operators, listen)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("sigil-control: {e}");
+            error!("{e}");
             ExitCode::from(1)
         }
     }
@@ -225,8 +230,8 @@ async fn run(
         StoreSpec::Sqlite(dir) => Store::Sqlite(Sqlite::open(&dir)?),
         StoreSpec::Etcd(spec, tls) => {
             if matches!(tls, EtcdTls::Insecure) {
-                eprintln!(
-                    "sigil-control: WARNING: plaintext to etcd (--etcd-insecure): anyone on the path can read and change every policy and revocation"
+                warn!(
+                    "plaintext to etcd (--etcd-insecure): anyone on the path can read and change every policy and revocation"
                 );
             }
             Store::Etcd(Box::new(Etcd::connect(&spec, &tls).await?))
@@ -255,11 +260,11 @@ async fn run(
         })?;
     let catalog = Catalog::load(&store).await?;
     for problem in &catalog.unreadable {
-        eprintln!("sigil-control: stored resource not sent to any sidecar: {problem}");
+        error!("stored resource not sent to any sidecar: {problem}");
     }
     let hub = Arc::new(Hub::new(catalog));
-    eprintln!(
-        "sigil-control: {} ready; operator API on {}; sidecar API on {}; store {} at version {version}",
+    info!(
+        "{} ready; operator API on {}; sidecar API on {}; store {} at version {version}",
         id.local.id(),
         listen.operator,
         listen.sidecar,
@@ -298,9 +303,27 @@ async fn run(
     tokio::select! {
         _ = operator::serve(operator_listener, acceptor.clone(), api) => {}
         _ = sidecars::serve(sidecar_listener, acceptor, hub) => {}
-        _ = shutdown() => eprintln!("sigil-control: stopping"),
+        _ = shutdown() => info!("stopping"),
     }
     Ok(())
+}
+
+/// Log lines as the sidecar writes them (`sigil-proxy`'s `init_logging`): tracing's text
+/// format on stderr with timestamps and levels, no colour codes (the log usually goes to a
+/// file or journald), the level from `SIGIL_LOG`; one setting for the whole mesh.
+fn init_logging() {
+    let level = match std::env::var("SIGIL_LOG").as_deref() {
+        Ok("error") => tracing::Level::ERROR,
+        Ok("warn") => tracing::Level::WARN,
+        Ok("debug") => tracing::Level::DEBUG,
+        Ok("trace") => tracing::Level::TRACE,
+        _ => tracing::Level::INFO,
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
 }
 
 fn hostname() -> String {
