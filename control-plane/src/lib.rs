@@ -1,7 +1,8 @@
 //! Sigil's control plane (`sigil-control`) and operator CLI (`sigil`): the embedded store,
 //! the operator API, resource files as an operator applies them, and "may this identity call
 //! that route?" answered with the decision code the sidecars run (`policy_test`). Pushing
-//! `sidecars` serves each sidecar the snapshot of its own identity (`snapshot`).
+//! `sidecars` serves each sidecar the snapshot of its own identity (`snapshot`), whose
+//! registry the same decision code cuts per caller.
 
 pub mod client;
 pub mod demo;
