@@ -240,10 +240,62 @@ pub fn run(bin_dir: &Path) -> Result<(), DemoError> {
     result
 }
 
+/// The seven steps, in order; each prints what it shows and fails if the mesh does not
+/// behave as it says.
 fn narrate(bin_dir: &Path, d: &Path) -> Result<(), DemoError> {
     println!("== sigil demo: a control plane, three workloads and their sidecars, on loopback ==");
     println!("   (working directory {})", d.display());
+    let bundles = mint_identities(d)?;
+    let ports = Ports::pick()?;
+    let (_control, operator) = start_control_plane(bin_dir, d, &bundles, &ports)?;
+    let mesh = start_mesh(bin_dir, d, &ports, &operator)?;
+    allowed_and_denied(&ports)?;
+    push_policy(&operator, &ports)?;
+    revoke_web(&operator, &ports)?;
+    show_metrics(&operator, &mesh)?;
+    println!(
+        "\n== done: stopping every process the demo started and removing {} ==",
+        d.display()
+    );
+    Ok(())
+}
 
+/// The loopback ports of the demo's mesh.
+struct Ports {
+    /// sigil-control's operator API and sidecar API.
+    operator: u16,
+    sidecar: u16,
+    /// The api workload (plain HTTP) and its sidecar's inbound listener in front of it.
+    api: u16,
+    api_in: u16,
+    /// The outbound listeners through which web and reports call api.
+    web_out: u16,
+    reports_out: u16,
+}
+
+impl Ports {
+    fn pick() -> Result<Self, DemoError> {
+        Ok(Self {
+            operator: free_port()?,
+            sidecar: free_port()?,
+            api: free_port()?,
+            api_in: free_port()?,
+            web_out: free_port()?,
+            reports_out: free_port()?,
+        })
+    }
+}
+
+/// The processes that make the mesh after step 3, held until the demo ends.
+struct Mesh {
+    _api_workload: Proc,
+    api: Sidecar,
+    web: Sidecar,
+    _reports: Sidecar,
+}
+
+/// Step 1: a CA and an SVID per identity, written to `d`; returns the bundle directory.
+fn mint_identities(d: &Path) -> Result<PathBuf, DemoError> {
     step(
         1,
         "A throwaway CA for trust domain example.org mints an X.509-SVID per identity",
@@ -253,7 +305,6 @@ fn narrate(bin_dir: &Path, d: &Path) -> Result<(), DemoError> {
     std::fs::create_dir_all(&bundles).map_err(file_error(&bundles))?;
     let bundle = bundles.join(format!("{TD}.pem"));
     std::fs::write(&bundle, ca.bundle_pem()).map_err(file_error(&bundle))?;
-    let svid = |name: &str, id: &str| ca.svid(id).write(d, name);
     for (name, id) in [
         ("control", CONTROL),
         ("operator", OPERATOR),
@@ -261,15 +312,25 @@ fn narrate(bin_dir: &Path, d: &Path) -> Result<(), DemoError> {
         ("web", WEB),
         ("reports", REPORTS),
     ] {
-        svid(name, id);
+        ca.svid(id).write(d, name);
         println!("      {name:<8} {id}");
     }
+    Ok(bundles)
+}
 
+/// Step 2: sigil-control, and the resources the operator applies to it. Returns the
+/// process and the operator's client.
+fn start_control_plane(
+    bin_dir: &Path,
+    d: &Path,
+    bundles: &Path,
+    ports: &Ports,
+) -> Result<(Proc, Client), DemoError> {
     step(
         2,
         "The control plane, and the resources an operator applies to it",
     );
-    let (operator_port, sidecar_port) = (free_port()?, free_port()?);
+    let (operator_port, sidecar_port) = (ports.operator, ports.sidecar);
     let control = Proc::spawn(
         d,
         "sigil-control",
@@ -281,7 +342,7 @@ fn narrate(bin_dir: &Path, d: &Path) -> Result<(), DemoError> {
             .arg("--key")
             .arg(d.join("control.key"))
             .arg("--bundle-dir")
-            .arg(&bundles)
+            .arg(bundles)
             .args(["--operator", "spiffe://example.org/ops/*"])
             .args(["--operator-listen", &format!("127.0.0.1:{operator_port}")])
             .args(["--sidecar-listen", &format!("127.0.0.1:{sidecar_port}")]),
@@ -299,31 +360,41 @@ fn narrate(bin_dir: &Path, d: &Path) -> Result<(), DemoError> {
     let operator = Client {
         server: ([127, 0, 0, 1], operator_port).into(),
         control_id: SpiffeId::parse(CONTROL).expect("CONTROL is a SPIFFE ID"),
-        identity: identity::load(&d.join("operator.crt"), &d.join("operator.key"), &bundles)?,
+        identity: identity::load(&d.join("operator.crt"), &d.join("operator.key"), bundles)?,
     };
-    let apply = |name: &str, yaml: String| -> Result<String, DemoError> {
-        match operator.send(Method::POST, "/v1/apply", &[("x-sigil-file", name)], yaml)? {
-            (s, body) if s.is_success() => Ok(body),
-            (status, body) => Err(DemoError::Refused {
-                what: format!("apply {name}"),
-                status,
-                body,
-            }),
-        }
-    };
+    let out = apply(&operator, "demo.yaml", resources(ports, false))?;
+    for line in out.lines() {
+        println!("      sigil apply: {line}");
+    }
+    println!(
+        "      api-access: GET /orders/* for web and reports; /admin for ops only, web denied"
+    );
+    Ok((control, operator))
+}
 
-    // Workload ports (plain HTTP) and the sidecar ports in front of them.
-    let (api_port, api_in) = (free_port()?, free_port()?);
-    let (web_out, reports_out) = (free_port()?, free_port()?);
-    // `admin_web`: whether /admin is open to web; until then an explicit deny names the rule.
-    let resources = |admin_web: bool| {
-        let admin = if admin_web {
-            format!("allow: [\"spiffe://example.org/ops/*\", {WEB}]")
-        } else {
-            format!("allow: [\"spiffe://example.org/ops/*\"], deny: [{WEB}]")
-        };
-        format!(
-            "apiVersion: sigil.dev/v1
+/// `sigil apply` of `yaml` (named `name` in errors): the control plane's answer.
+fn apply(operator: &Client, name: &str, yaml: String) -> Result<String, DemoError> {
+    match operator.send(Method::POST, "/v1/apply", &[("x-sigil-file", name)], yaml)? {
+        (s, body) if s.is_success() => Ok(body),
+        (status, body) => Err(DemoError::Refused {
+            what: format!("apply {name}"),
+            status,
+            body,
+        }),
+    }
+}
+
+/// The demo's Workloads and the api-access Policy. `admin_web`: whether /admin is open to
+/// web; until then an explicit deny names the rule.
+fn resources(ports: &Ports, admin_web: bool) -> String {
+    let (api_port, api_in) = (ports.api, ports.api_in);
+    let admin = if admin_web {
+        format!("allow: [\"spiffe://example.org/ops/*\", {WEB}]")
+    } else {
+        format!("allow: [\"spiffe://example.org/ops/*\"], deny: [{WEB}]")
+    };
+    format!(
+        "apiVersion: sigil.dev/v1
 kind: Workload
 metadata: {{name: api, owner: team-api, purpose: orders API}}
 spec: {{spiffeId: {API}, environment: demo, addresses: [\"127.0.0.1:{api_in}\"]}}
@@ -349,76 +420,42 @@ spec:
         - {{name: orders, match: {{methods: [GET], path: {{prefix: /orders}}}}, allow: [{WEB}, {REPORTS}]}}
         - {{name: admin, match: {{path: {{prefix: /admin}}}}, {admin}}}
 "
-        )
-    };
-    let out = apply("demo.yaml", resources(false))?;
-    for line in out.lines() {
-        println!("      sigil apply: {line}");
-    }
-    println!(
-        "      api-access: GET /orders/* for web and reports; /admin for ops only, web denied"
-    );
+    )
+}
 
+/// Step 3: the api workload and the three sidecars, each in force with a snapshot from the
+/// control plane.
+fn start_mesh(
+    bin_dir: &Path,
+    d: &Path,
+    ports: &Ports,
+    operator: &Client,
+) -> Result<Mesh, DemoError> {
     step(
         3,
         "Workloads (plain HTTP, no TLS) and their sidecars, which subscribe to the control plane",
     );
-    let workload = |name: &str, port: u16| {
-        Proc::spawn(
-            d,
-            name,
-            Command::new(bin_dir.join("sigil-toy-workload")).args([
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--name",
-                name,
-            ]),
-        )
-    };
-    let _api_wl = workload("api", api_port)?;
-    let sidecar = |name: &str, listeners: String| -> Result<Sidecar, DemoError> {
-        let admin = free_port()?;
-        let cfg = d.join(format!("{name}-sidecar.yaml"));
-        let yaml = format!(
-            "apiVersion: sigil.dev/v1
-kind: ProxyConfig
-metadata: {{name: {name}-sidecar, owner: demo}}
-spec:
-  mode: explicit
-  identity: {{certFile: {name}.crt, keyFile: {name}.key, bundleDir: bundles}}
-  admin: {{listen: \"127.0.0.1:{admin}\"}}
-  controlPlane: {{address: \"127.0.0.1:{sidecar_port}\", spiffeId: \"{CONTROL}\", stateDir: state-{name}}}
-{listeners}"
-        );
-        std::fs::write(&cfg, yaml).map_err(file_error(&cfg))?;
-        let proc = Proc::spawn(
-            d,
-            &format!("{name}-sidecar"),
-            Command::new(bin_dir.join("sigil-proxy"))
-                .arg("--config")
-                .arg(&cfg)
-                .env("SIGIL_LOG", "info"),
-        )?;
-        wait_for(
-            &format!("{name}'s sidecar"),
-            Duration::from_secs(15),
-            Some(&proc),
-            || admin_get(admin, "/ready").is_some_and(|(s, _)| s == 200),
-        )?;
-        Ok(Sidecar { admin, _proc: proc })
-    };
-    let api = sidecar(
+    let api_workload = Proc::spawn(
+        d,
         "api",
-        format!(
-            "  inbound:\n    explicit: [{{listen: \"127.0.0.1:{api_in}\", port: {api_port}}}]\n"
-        ),
+        Command::new(bin_dir.join("sigil-toy-workload")).args([
+            "--listen",
+            &format!("127.0.0.1:{}", ports.api),
+            "--name",
+            "api",
+        ]),
     )?;
+    let (api_port, api_in) = (ports.api, ports.api_in);
+    let inbound = format!(
+        "  inbound:\n    explicit: [{{listen: \"127.0.0.1:{api_in}\", port: {api_port}}}]\n"
+    );
+    let api = spawn_sidecar(bin_dir, d, ports, "api", inbound)?;
     // No expectedId: the registry the control plane pushes says who answers at api_in.
     let outbound = |port: u16| {
         format!("  outbound:\n    explicit: [{{listen: \"127.0.0.1:{port}\", upstream: \"127.0.0.1:{api_in}\"}}]\n")
     };
-    let web = sidecar("web", outbound(web_out))?;
-    let reports = sidecar("reports", outbound(reports_out))?;
+    let web = spawn_sidecar(bin_dir, d, ports, "web", outbound(ports.web_out))?;
+    let reports = spawn_sidecar(bin_dir, d, ports, "reports", outbound(ports.reports_out))?;
     let snapshot_in_force = |s: &Sidecar| {
         admin_get(s.admin, "/config_dump")
             .is_some_and(|(_, dump)| dump.contains("\"control_plane_snapshot\": {"))
@@ -430,54 +467,121 @@ spec:
         || [&api, &web, &reports].iter().all(|s| snapshot_in_force(s)),
     )?;
     println!("      api     127.0.0.1:{api_port}, its sidecar on 127.0.0.1:{api_in}");
-    println!("      web     calls api through its sidecar at 127.0.0.1:{web_out}");
-    println!("      reports calls api through its sidecar at 127.0.0.1:{reports_out}");
+    println!(
+        "      web     calls api through its sidecar at 127.0.0.1:{}",
+        ports.web_out
+    );
+    println!(
+        "      reports calls api through its sidecar at 127.0.0.1:{}",
+        ports.reports_out
+    );
     let (_, status) = operator.send(Method::GET, "/v1/status", &[], String::new())?;
     for line in status.lines() {
         println!("      sigil status: {line}");
     }
+    Ok(Mesh {
+        _api_workload: api_workload,
+        api,
+        web,
+        _reports: reports,
+    })
+}
 
+/// A sidecar for `name`'s SVID with `listeners`, subscribed to the control plane; returns
+/// once it is ready.
+fn spawn_sidecar(
+    bin_dir: &Path,
+    d: &Path,
+    ports: &Ports,
+    name: &str,
+    listeners: String,
+) -> Result<Sidecar, DemoError> {
+    let admin = free_port()?;
+    let cfg = d.join(format!("{name}-sidecar.yaml"));
+    let sidecar_port = ports.sidecar;
+    let yaml = format!(
+        "apiVersion: sigil.dev/v1
+kind: ProxyConfig
+metadata: {{name: {name}-sidecar, owner: demo}}
+spec:
+  mode: explicit
+  identity: {{certFile: {name}.crt, keyFile: {name}.key, bundleDir: bundles}}
+  admin: {{listen: \"127.0.0.1:{admin}\"}}
+  controlPlane: {{address: \"127.0.0.1:{sidecar_port}\", spiffeId: \"{CONTROL}\", stateDir: state-{name}}}
+{listeners}"
+    );
+    std::fs::write(&cfg, yaml).map_err(file_error(&cfg))?;
+    let proc = Proc::spawn(
+        d,
+        &format!("{name}-sidecar"),
+        Command::new(bin_dir.join("sigil-proxy"))
+            .arg("--config")
+            .arg(&cfg)
+            .env("SIGIL_LOG", "info"),
+    )?;
+    wait_for(
+        &format!("{name}'s sidecar"),
+        Duration::from_secs(15),
+        Some(&proc),
+        || admin_get(admin, "/ready").is_some_and(|(s, _)| s == 200),
+    )?;
+    Ok(Sidecar { admin, _proc: proc })
+}
+
+/// One GET through a sidecar's outbound listener: status and body.
+fn call(port: u16, path: &str) -> Result<(u16, String), DemoError> {
+    get_once(port, path).ok_or_else(|| DemoError::NoAnswer(format!("GET {path}")))
+}
+
+/// Step 4: web calls an allowed route, then a denied one, whose 403 names the rule.
+fn allowed_and_denied(ports: &Ports) -> Result<(), DemoError> {
     step(
         4,
         "web calls api: an allowed route, and a denied one with the rule that denied it",
     );
-    let call = |port: u16, path: &str| {
-        get_once(port, path).ok_or_else(|| DemoError::NoAnswer(format!("GET {path}")))
-    };
-    let (s, body) = call(web_out, "/orders/42")?;
+    let (s, body) = call(ports.web_out, "/orders/42")?;
     println!("      web → api GET /orders/42  → {s} {body}");
     if s != 200 {
         return Err(DemoError::Misbehaved(format!(
             "expected 200 for /orders/42, got {s}: {body}"
         )));
     }
-    let (s, body) = call(web_out, "/admin/users")?;
+    let (s, body) = call(ports.web_out, "/admin/users")?;
     println!("      web → api GET /admin/users → {s} {body}");
     if s != 403 || !body.contains("policy api-access rule admin") {
         return Err(DemoError::Misbehaved(format!(
             "expected 403 naming policy api-access rule admin, got {s}: {body}"
         )));
     }
+    Ok(())
+}
 
+/// Step 5: the operator opens /admin to web; the sidecars apply it without a restart.
+fn push_policy(operator: &Client, ports: &Ports) -> Result<(), DemoError> {
     step(
         5,
         "A policy pushed live: the operator opens /admin to web; no restart",
     );
     let started = Instant::now();
-    apply("demo.yaml", resources(true))?;
+    apply(operator, "demo.yaml", resources(ports, true))?;
     wait_for("/admin to open", Duration::from_secs(10), None, || {
-        get_once(web_out, "/admin/users").is_some_and(|(s, _)| s == 200)
+        get_once(ports.web_out, "/admin/users").is_some_and(|(s, _)| s == 200)
     })?;
     println!(
         "      web → api GET /admin/users → 200, {} ms after sigil apply",
         started.elapsed().as_millis()
     );
+    Ok(())
+}
 
+/// Step 6: web is revoked while it holds a live connection and reports keeps calling: the
+/// live connection is cut, web is refused, reports is not disturbed.
+fn revoke_web(operator: &Client, ports: &Ports) -> Result<(), DemoError> {
     step(
         6,
         "Revocation: web's key is stolen; revoke it while reports keeps calling api",
     );
-    let mut live = TcpStream::connect(("127.0.0.1", web_out)).map_err(DemoError::Network)?;
+    let mut live = TcpStream::connect(("127.0.0.1", ports.web_out)).map_err(DemoError::Network)?;
     live.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(DemoError::Network)?;
     match get(&mut live, "/orders/live") {
@@ -492,26 +596,7 @@ spec:
         None => return Err(DemoError::NoAnswer("GET /orders/live".into())),
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let steady = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let (mut ok, mut failed) = (0u32, 0u32);
-            let mut s = TcpStream::connect(("127.0.0.1", reports_out)).ok();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                let r = s.as_mut().and_then(|s| {
-                    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-                    get(s, "/orders/report")
-                });
-                match r {
-                    Some((200, _)) => ok += 1,
-                    _ => failed += 1,
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            (ok, failed)
-        })
-    };
+    let steady = steady_caller(ports.reports_out, stop.clone());
     std::thread::sleep(Duration::from_millis(300));
     let web_id = SpiffeId::parse(WEB).expect("WEB is a SPIFFE ID");
     let yaml = revoke::document(
@@ -522,7 +607,7 @@ spec:
         OPERATOR,
     )?;
     let revoked_at = Instant::now();
-    apply("sigil revoke", yaml)?;
+    apply(operator, "sigil revoke", yaml)?;
     println!("      sigil revoke {WEB} --reason \"demo: web's key was stolen\"");
     // The live connection is cut: web's own sidecar closes it (EOF or reset).
     let cut = match live.read(&mut [0u8; 256]) {
@@ -545,7 +630,7 @@ spec:
         ));
     }
     println!("      web's live connection was cut, {cut_ms} ms after sigil revoke");
-    let (s, body) = call(web_out, "/orders/43")?;
+    let (s, body) = call(ports.web_out, "/orders/43")?;
     println!("      web → api GET /orders/43  → {s} {body}");
     if s == 200 {
         return Err(DemoError::Misbehaved(
@@ -558,12 +643,38 @@ spec:
             "reports' calls were disturbed: {failed} failed, {ok} ok"
         )));
     }
+    Ok(())
+}
 
+/// reports calling api on one keep-alive connection every 10 ms until `stop` (at most 30 s):
+/// (calls answered 200, calls that were not).
+fn steady_caller(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(u32, u32)> {
+    std::thread::spawn(move || {
+        let (mut ok, mut failed) = (0u32, 0u32);
+        let mut s = TcpStream::connect(("127.0.0.1", port)).ok();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            let r = s.as_mut().and_then(|s| {
+                s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+                get(s, "/orders/report")
+            });
+            match r {
+                Some((200, _)) => ok += 1,
+                _ => failed += 1,
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (ok, failed)
+    })
+}
+
+/// Step 7: the sidecars' and the control plane's metrics of what happened.
+fn show_metrics(operator: &Client, mesh: &Mesh) -> Result<(), DemoError> {
     step(7, "Metrics: every sidecar and the control plane");
     // Whichever side acts first cuts the connection: web's sidecar (its own SVID revoked) or
     // api's (a revoked peer).
     let mut revoked_closes = 0;
-    for (name, s) in [("api", &api), ("web", &web)] {
+    for (name, s) in [("api", &mesh.api), ("web", &mesh.web)] {
         let (_, metrics) = admin_get(s.admin, "/metrics")
             .ok_or_else(|| DemoError::NoAnswer(format!("{name} sidecar /metrics")))?;
         for line in metrics.lines().filter(|l| {
@@ -594,11 +705,7 @@ spec:
     println!(
         "      read them yourself: curl http://127.0.0.1:{}/metrics (api's sidecar; also /config_dump),\n      \
          sigil metrics and sigil status (the control plane, mutual TLS)",
-        api.admin
-    );
-    println!(
-        "\n== done: stopping every process the demo started and removing {} ==",
-        d.display()
+        mesh.api.admin
     );
     Ok(())
 }
