@@ -7,16 +7,18 @@ use std::process::Command;
 const WEB: &str = "spiffe://example.org/ns/prod/sa/web";
 const PAY: &str = "spiffe://example.org/ns/prod/sa/payments";
 
-fn sigil(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sigil"))
-        .args(args)
-        .output()
-        .expect("run sigil");
+/// Runs `cmd` to its end: (exit code, stdout, stderr).
+fn output(cmd: &mut Command) -> (Option<i32>, String, String) {
+    let out = cmd.output().expect("run the command");
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+fn sigil(args: &[&str]) -> (Option<i32>, String, String) {
+    output(Command::new(env!("CARGO_BIN_EXE_sigil")).args(args))
 }
 
 fn resources() -> String {
@@ -261,18 +263,11 @@ fn every_command_has_its_own_help_and_usage_errors_are_short() {
     );
     assert!(err.lines().count() <= 6, "not short:\n{err}");
     // A missing connection setting is a usage error of the command too.
-    let (code, _, err) = Command::new(env!("CARGO_BIN_EXE_sigil"))
-        .args(["status"])
-        .env_remove("SIGIL_CONTROL_ID")
-        .output()
-        .map(|o| {
-            (
-                o.status.code(),
-                (),
-                String::from_utf8_lossy(&o.stderr).into_owned(),
-            )
-        })
-        .unwrap();
+    let (code, _, err) = output(
+        Command::new(env!("CARGO_BIN_EXE_sigil"))
+            .arg("status")
+            .env_remove("SIGIL_CONTROL_ID"),
+    );
     assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains("--control-id (or SIGIL_CONTROL_ID) is required")
@@ -295,17 +290,8 @@ fn every_command_has_its_own_help_and_usage_errors_are_short() {
 
 #[test]
 fn sigil_control_help_and_usage_errors() {
-    let control = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_sigil-control"))
-            .args(args)
-            .output()
-            .expect("run sigil-control");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let control =
+        |args: &[&str]| output(Command::new(env!("CARGO_BIN_EXE_sigil-control")).args(args));
     let (code, out, _) = control(&["--help"]);
     assert_eq!(code, Some(0));
     for flag in [

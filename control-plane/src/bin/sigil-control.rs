@@ -82,11 +82,21 @@ struct Cli {
     sidecar_listen: SocketAddr,
 }
 
+/// A `--store` value that is not `etcd://…`.
+#[derive(Debug)]
+struct NotEtcd;
+
+impl fmt::Display for NotEtcd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "expected etcd://host:port[/prefix]")
+    }
+}
+
+impl std::error::Error for NotEtcd {}
+
 /// `--store`: what follows `etcd://`.
-fn etcd_spec(v: &str) -> Result<String, String> {
-    v.strip_prefix("etcd://")
-        .map(str::to_string)
-        .ok_or_else(|| "expected etcd://host:port[/prefix]".to_string())
+fn etcd_spec(v: &str) -> Result<String, NotEtcd> {
+    v.strip_prefix("etcd://").map(str::to_string).ok_or(NotEtcd)
 }
 
 /// What `sigil-control` was asked to run, once the arguments are known to fit together.

@@ -3,6 +3,7 @@
 //! What it prints is for a person at a terminal (results on stdout, problems on stderr), not
 //! a log; `sigil-control` is the one that logs.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -222,27 +223,48 @@ struct TestArgs {
     connection: Connection,
 }
 
+/// A flag value that clap's own parsers cannot judge; clap prints it after the flag's name.
+#[derive(Debug)]
+enum BadValue {
+    /// `--reason` is blank.
+    BlankReason,
+    /// `--header` has no `:`.
+    Header,
+    /// `--issued-before` is neither `now` nor an RFC 3339 time (`Timestamp::parse`'s reason).
+    Time(String),
+}
+
+impl fmt::Display for BadValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::BlankReason => write!(f, "a reason is required: every sidecar logs why"),
+            Self::Header => write!(f, "expected NAME:VALUE"),
+            Self::Time(why) => write!(f, "{why}"),
+        }
+    }
+}
+
+impl std::error::Error for BadValue {}
+
 /// `--reason`: not blank, since every sidecar logs it as the why.
-fn reason(text: &str) -> Result<String, String> {
+fn reason(text: &str) -> Result<String, BadValue> {
     if text.trim().is_empty() {
-        return Err("a reason is required: every sidecar logs why".into());
+        return Err(BadValue::BlankReason);
     }
     Ok(text.to_string())
 }
 
 /// `--issued-before`: RFC 3339 UTC, or `now`.
-fn instant(text: &str) -> Result<Timestamp, String> {
+fn instant(text: &str) -> Result<Timestamp, BadValue> {
     if text == "now" {
         return Ok(Timestamp(now()));
     }
-    Timestamp::parse(text)
+    Timestamp::parse(text).map_err(BadValue::Time)
 }
 
 /// `--header NAME:VALUE`, the name lowercased as the sidecar compares it.
-fn header(text: &str) -> Result<(String, String), String> {
-    let (name, value) = text
-        .split_once(':')
-        .ok_or_else(|| "expected NAME:VALUE".to_string())?;
+fn header(text: &str) -> Result<(String, String), BadValue> {
+    let (name, value) = text.split_once(':').ok_or(BadValue::Header)?;
     Ok((name.trim().to_ascii_lowercase(), value.trim().to_string()))
 }
 
