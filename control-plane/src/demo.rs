@@ -4,7 +4,8 @@
 //! while other calls go on, and where the metrics are. Everything it starts is stopped by PID
 //! and its directory removed; it exits non-zero if the mesh did not behave as narrated.
 
-use std::io::Read;
+use std::fmt;
+use std::io::{self, Read};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,13 +13,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper::Method;
-use sigil_config::SpiffeId;
+use hyper::{Method, StatusCode};
+use sigil_config::{ConfigError, SpiffeId};
 use sigil_testkit::http::{get, get_close, get_once};
 use sigil_testkit::Ca;
 
-use crate::client::Client;
-use crate::{identity, revoke};
+use crate::client::{Client, ClientError};
+use crate::identity::{self, LoadError};
+use crate::revoke;
 
 const TD: &str = "example.org";
 const CONTROL: &str = "spiffe://example.org/sigil/control";
@@ -27,6 +29,97 @@ const API: &str = "spiffe://example.org/ns/demo/sa/api";
 const WEB: &str = "spiffe://example.org/ns/demo/sa/web";
 const REPORTS: &str = "spiffe://example.org/ns/demo/sa/reports";
 
+/// Why the demo stopped: it could not set the mesh up, or the mesh did not behave as narrated.
+#[derive(Debug)]
+pub enum DemoError {
+    /// sigil-control, sigil-proxy or sigil-toy-workload is not next to sigil.
+    MissingBinary(PathBuf),
+    File {
+        path: PathBuf,
+        source: io::Error,
+    },
+    Spawn {
+        name: String,
+        source: io::Error,
+    },
+    /// No free loopback port, or a connection to one failed.
+    Network(io::Error),
+    /// What was awaited, and the last lines of the log of the process it waited for (empty
+    /// when there is none to show).
+    Timeout {
+        what: String,
+        log_tail: String,
+    },
+    Identity(LoadError),
+    Client(ClientError),
+    Revocation(ConfigError),
+    /// The control plane refused what the operator applied.
+    Refused {
+        what: String,
+        status: StatusCode,
+        body: String,
+    },
+    /// A call got no answer at all.
+    NoAnswer(String),
+    /// The mesh answered, but not as the narration says it must.
+    Misbehaved(String),
+}
+
+impl fmt::Display for DemoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::MissingBinary(path) => write!(
+                f,
+                "{} not found next to sigil: build the workspace first (cargo build --workspace --bins, or ./scripts/demo.sh)",
+                path.display()
+            ),
+            Self::File { path, source } => write!(f, "{}: {source}", path.display()),
+            Self::Spawn { name, source } => write!(f, "cannot start {name}: {source}"),
+            Self::Network(e) => write!(f, "{e}"),
+            Self::Timeout { what, log_tail } if log_tail.is_empty() => {
+                write!(f, "timed out waiting for {what}")
+            }
+            Self::Timeout { what, log_tail } => {
+                write!(f, "timed out waiting for {what}\n{log_tail}")
+            }
+            Self::Identity(e) => write!(f, "{e}"),
+            Self::Client(e) => write!(f, "{e}"),
+            Self::Revocation(e) => write!(f, "{e}"),
+            Self::Refused { what, status, body } => write!(f, "{what}: {status}: {body}"),
+            Self::NoAnswer(what) => write!(f, "{what}: no answer"),
+            Self::Misbehaved(what) => write!(f, "{what}"),
+        }
+    }
+}
+
+impl std::error::Error for DemoError {}
+
+impl From<ClientError> for DemoError {
+    fn from(e: ClientError) -> Self {
+        Self::Client(e)
+    }
+}
+
+impl From<LoadError> for DemoError {
+    fn from(e: LoadError) -> Self {
+        Self::Identity(e)
+    }
+}
+
+impl From<ConfigError> for DemoError {
+    fn from(e: ConfigError) -> Self {
+        Self::Revocation(e)
+    }
+}
+
+/// An I/O error on `path`, as a `DemoError` that names it.
+fn file_error(path: &Path) -> impl FnOnce(io::Error) -> DemoError + '_ {
+    move |source| DemoError::File {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// A process of the demo, stopped (by PID) when dropped; its output goes to a log file.
 struct Proc {
     child: Child,
@@ -34,16 +127,19 @@ struct Proc {
 }
 
 impl Proc {
-    fn spawn(dir: &Path, name: &str, cmd: &mut Command) -> Result<Self, String> {
+    fn spawn(dir: &Path, name: &str, cmd: &mut Command) -> Result<Self, DemoError> {
         let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let out = std::fs::File::create(&log).map_err(file_error(&log))?;
+        let err = out.try_clone().map_err(file_error(&log))?;
         let child = cmd
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
-            .map_err(|e| format!("cannot start {name}: {e}"))?;
+            .map_err(|source| DemoError::Spawn {
+                name: name.to_string(),
+                source,
+            })?;
         Ok(Self { child, log })
     }
 
@@ -74,16 +170,26 @@ impl Drop for Scratch {
     }
 }
 
-fn free_port() -> Result<u16, String> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+fn free_port() -> Result<u16, DemoError> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(DemoError::Network)?;
+    Ok(l.local_addr().map_err(DemoError::Network)?.port())
 }
 
-fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Result<(), String> {
+/// Waits until `ok`; on timeout, the error carries the last lines of `log` (if any), the
+/// process whose readiness was awaited.
+fn wait_for(
+    what: &str,
+    timeout: Duration,
+    log: Option<&Proc>,
+    mut ok: impl FnMut() -> bool,
+) -> Result<(), DemoError> {
     let deadline = Instant::now() + timeout;
     while !ok() {
         if Instant::now() > deadline {
-            return Err(format!("timed out waiting for {what}"));
+            return Err(DemoError::Timeout {
+                what: what.to_string(),
+                log_tail: log.map(Proc::log_tail).unwrap_or_default(),
+            });
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -106,18 +212,15 @@ fn step(n: u32, text: &str) {
 
 /// Runs the demo with the binaries of `bin_dir` (sigil-control, sigil-proxy,
 /// sigil-toy-workload).
-pub fn run(bin_dir: &Path) -> Result<(), String> {
+pub fn run(bin_dir: &Path) -> Result<(), DemoError> {
     let bins = ["sigil-control", "sigil-proxy", "sigil-toy-workload"];
     for b in bins {
         if !bin_dir.join(b).exists() {
-            return Err(format!(
-                "{} not found next to sigil: build the workspace first (cargo build --workspace --bins, or ./scripts/demo.sh)",
-                bin_dir.join(b).display()
-            ));
+            return Err(DemoError::MissingBinary(bin_dir.join(b)));
         }
     }
     let dir = std::env::temp_dir().join(format!("sigil-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(file_error(&dir))?;
     let scratch = Scratch(dir.clone());
     let result = narrate(bin_dir, &scratch.0);
     if let Err(e) = &result {
@@ -137,20 +240,71 @@ pub fn run(bin_dir: &Path) -> Result<(), String> {
     result
 }
 
-fn narrate(bin_dir: &Path, d: &Path) -> Result<(), String> {
+/// The seven steps, in order; each prints what it shows and fails if the mesh does not
+/// behave as it says.
+fn narrate(bin_dir: &Path, d: &Path) -> Result<(), DemoError> {
     println!("== sigil demo: a control plane, three workloads and their sidecars, on loopback ==");
     println!("   (working directory {})", d.display());
+    let bundles = mint_identities(d)?;
+    let ports = Ports::pick()?;
+    let (_control, operator) = start_control_plane(bin_dir, d, &bundles, &ports)?;
+    let mesh = start_mesh(bin_dir, d, &ports, &operator)?;
+    allowed_and_denied(&ports)?;
+    push_policy(&operator, &ports)?;
+    revoke_web(&operator, &ports)?;
+    show_metrics(&operator, &mesh)?;
+    println!(
+        "\n== done: stopping every process the demo started and removing {} ==",
+        d.display()
+    );
+    Ok(())
+}
 
+/// The loopback ports of the demo's mesh.
+struct Ports {
+    /// sigil-control's operator API and sidecar API.
+    operator: u16,
+    sidecar: u16,
+    /// The api workload (plain HTTP) and its sidecar's inbound listener in front of it.
+    api: u16,
+    api_in: u16,
+    /// The outbound listeners through which web and reports call api.
+    web_out: u16,
+    reports_out: u16,
+}
+
+impl Ports {
+    fn pick() -> Result<Self, DemoError> {
+        Ok(Self {
+            operator: free_port()?,
+            sidecar: free_port()?,
+            api: free_port()?,
+            api_in: free_port()?,
+            web_out: free_port()?,
+            reports_out: free_port()?,
+        })
+    }
+}
+
+/// The processes that make the mesh after step 3, held until the demo ends.
+struct Mesh {
+    _api_workload: Proc,
+    api: Sidecar,
+    web: Sidecar,
+    _reports: Sidecar,
+}
+
+/// Step 1: a CA and an SVID per identity, written to `d`; returns the bundle directory.
+fn mint_identities(d: &Path) -> Result<PathBuf, DemoError> {
     step(
         1,
         "A throwaway CA for trust domain example.org mints an X.509-SVID per identity",
     );
     let ca = Ca::new(TD);
     let bundles = d.join("bundles");
-    std::fs::create_dir_all(&bundles).map_err(|e| e.to_string())?;
-    std::fs::write(bundles.join(format!("{TD}.pem")), ca.bundle_pem())
-        .map_err(|e| e.to_string())?;
-    let svid = |name: &str, id: &str| ca.svid(id).write(d, name);
+    std::fs::create_dir_all(&bundles).map_err(file_error(&bundles))?;
+    let bundle = bundles.join(format!("{TD}.pem"));
+    std::fs::write(&bundle, ca.bundle_pem()).map_err(file_error(&bundle))?;
     for (name, id) in [
         ("control", CONTROL),
         ("operator", OPERATOR),
@@ -158,15 +312,25 @@ fn narrate(bin_dir: &Path, d: &Path) -> Result<(), String> {
         ("web", WEB),
         ("reports", REPORTS),
     ] {
-        svid(name, id);
+        ca.svid(id).write(d, name);
         println!("      {name:<8} {id}");
     }
+    Ok(bundles)
+}
 
+/// Step 2: sigil-control, and the resources the operator applies to it. Returns the
+/// process and the operator's client.
+fn start_control_plane(
+    bin_dir: &Path,
+    d: &Path,
+    bundles: &Path,
+    ports: &Ports,
+) -> Result<(Proc, Client), DemoError> {
     step(
         2,
         "The control plane, and the resources an operator applies to it",
     );
-    let (operator_port, sidecar_port) = (free_port()?, free_port()?);
+    let (operator_port, sidecar_port) = (ports.operator, ports.sidecar);
     let control = Proc::spawn(
         d,
         "sigil-control",
@@ -178,46 +342,59 @@ fn narrate(bin_dir: &Path, d: &Path) -> Result<(), String> {
             .arg("--key")
             .arg(d.join("control.key"))
             .arg("--bundle-dir")
-            .arg(&bundles)
+            .arg(bundles)
             .args(["--operator", "spiffe://example.org/ops/*"])
             .args(["--operator-listen", &format!("127.0.0.1:{operator_port}")])
             .args(["--sidecar-listen", &format!("127.0.0.1:{sidecar_port}")]),
     )?;
-    let with_control =
-        |r: Result<(), String>| r.map_err(|e| format!("{e}\n{}", control.log_tail()));
-    with_control(wait_for(
+    wait_for(
         "the control plane",
         Duration::from_secs(10),
+        Some(&control),
         || {
             TcpStream::connect(("127.0.0.1", operator_port)).is_ok()
                 && TcpStream::connect(("127.0.0.1", sidecar_port)).is_ok()
         },
-    ))?;
+    )?;
     println!("      sigil-control: operator API 127.0.0.1:{operator_port}, sidecar API 127.0.0.1:{sidecar_port}");
     let operator = Client {
         server: ([127, 0, 0, 1], operator_port).into(),
-        control_id: SpiffeId::parse(CONTROL).map_err(|e| e.to_string())?,
-        identity: identity::load(&d.join("operator.crt"), &d.join("operator.key"), &bundles)?,
+        control_id: SpiffeId::parse(CONTROL).expect("CONTROL is a SPIFFE ID"),
+        identity: identity::load(&d.join("operator.crt"), &d.join("operator.key"), bundles)?,
     };
-    let apply = |name: &str, yaml: String| -> Result<String, String> {
-        match operator.send(Method::POST, "/v1/apply", &[("x-sigil-file", name)], yaml)? {
-            (s, body) if s.is_success() => Ok(body),
-            (s, body) => Err(format!("apply {name}: {s}: {body}")),
-        }
-    };
+    let out = apply(&operator, "demo.yaml", resources(ports, false))?;
+    for line in out.lines() {
+        println!("      sigil apply: {line}");
+    }
+    println!(
+        "      api-access: GET /orders/* for web and reports; /admin for ops only, web denied"
+    );
+    Ok((control, operator))
+}
 
-    // Workload ports (plain HTTP) and the sidecar ports in front of them.
-    let (api_port, api_in) = (free_port()?, free_port()?);
-    let (web_out, reports_out) = (free_port()?, free_port()?);
-    // `admin_web`: whether /admin is open to web; until then an explicit deny names the rule.
-    let resources = |admin_web: bool| {
-        let admin = if admin_web {
-            format!("allow: [\"spiffe://example.org/ops/*\", {WEB}]")
-        } else {
-            format!("allow: [\"spiffe://example.org/ops/*\"], deny: [{WEB}]")
-        };
-        format!(
-            "apiVersion: sigil.dev/v1
+/// `sigil apply` of `yaml` (named `name` in errors): the control plane's answer.
+fn apply(operator: &Client, name: &str, yaml: String) -> Result<String, DemoError> {
+    match operator.send(Method::POST, "/v1/apply", &[("x-sigil-file", name)], yaml)? {
+        (s, body) if s.is_success() => Ok(body),
+        (status, body) => Err(DemoError::Refused {
+            what: format!("apply {name}"),
+            status,
+            body,
+        }),
+    }
+}
+
+/// The demo's Workloads and the api-access Policy. `admin_web`: whether /admin is open to
+/// web; until then an explicit deny names the rule.
+fn resources(ports: &Ports, admin_web: bool) -> String {
+    let (api_port, api_in) = (ports.api, ports.api_in);
+    let admin = if admin_web {
+        format!("allow: [\"spiffe://example.org/ops/*\", {WEB}]")
+    } else {
+        format!("allow: [\"spiffe://example.org/ops/*\"], deny: [{WEB}]")
+    };
+    format!(
+        "apiVersion: sigil.dev/v1
 kind: Workload
 metadata: {{name: api, owner: team-api, purpose: orders API}}
 spec: {{spiffeId: {API}, environment: demo, addresses: [\"127.0.0.1:{api_in}\"]}}
@@ -243,38 +420,87 @@ spec:
         - {{name: orders, match: {{methods: [GET], path: {{prefix: /orders}}}}, allow: [{WEB}, {REPORTS}]}}
         - {{name: admin, match: {{path: {{prefix: /admin}}}}, {admin}}}
 "
-        )
-    };
-    let out = apply("demo.yaml", resources(false))?;
-    for line in out.lines() {
-        println!("      sigil apply: {line}");
-    }
-    println!(
-        "      api-access: GET /orders/* for web and reports; /admin for ops only, web denied"
-    );
+    )
+}
 
+/// Step 3: the api workload and the three sidecars, each in force with a snapshot from the
+/// control plane.
+fn start_mesh(
+    bin_dir: &Path,
+    d: &Path,
+    ports: &Ports,
+    operator: &Client,
+) -> Result<Mesh, DemoError> {
     step(
         3,
         "Workloads (plain HTTP, no TLS) and their sidecars, which subscribe to the control plane",
     );
-    let workload = |name: &str, port: u16| {
-        Proc::spawn(
-            d,
-            name,
-            Command::new(bin_dir.join("sigil-toy-workload")).args([
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--name",
-                name,
-            ]),
-        )
+    let api_workload = Proc::spawn(
+        d,
+        "api",
+        Command::new(bin_dir.join("sigil-toy-workload")).args([
+            "--listen",
+            &format!("127.0.0.1:{}", ports.api),
+            "--name",
+            "api",
+        ]),
+    )?;
+    let (api_port, api_in) = (ports.api, ports.api_in);
+    let inbound = format!(
+        "  inbound:\n    explicit: [{{listen: \"127.0.0.1:{api_in}\", port: {api_port}}}]\n"
+    );
+    let api = spawn_sidecar(bin_dir, d, ports, "api", inbound)?;
+    // No expectedId: the registry the control plane pushes says who answers at api_in.
+    let outbound = |port: u16| {
+        format!("  outbound:\n    explicit: [{{listen: \"127.0.0.1:{port}\", upstream: \"127.0.0.1:{api_in}\"}}]\n")
     };
-    let _api_wl = workload("api", api_port)?;
-    let sidecar = |name: &str, listeners: String| -> Result<Sidecar, String> {
-        let admin = free_port()?;
-        let cfg = d.join(format!("{name}-sidecar.yaml"));
-        let yaml = format!(
-            "apiVersion: sigil.dev/v1
+    let web = spawn_sidecar(bin_dir, d, ports, "web", outbound(ports.web_out))?;
+    let reports = spawn_sidecar(bin_dir, d, ports, "reports", outbound(ports.reports_out))?;
+    let snapshot_in_force = |s: &Sidecar| {
+        admin_get(s.admin, "/config_dump")
+            .is_some_and(|(_, dump)| dump.contains("\"control_plane_snapshot\": {"))
+    };
+    wait_for(
+        "every sidecar's snapshot",
+        Duration::from_secs(10),
+        None,
+        || [&api, &web, &reports].iter().all(|s| snapshot_in_force(s)),
+    )?;
+    println!("      api     127.0.0.1:{api_port}, its sidecar on 127.0.0.1:{api_in}");
+    println!(
+        "      web     calls api through its sidecar at 127.0.0.1:{}",
+        ports.web_out
+    );
+    println!(
+        "      reports calls api through its sidecar at 127.0.0.1:{}",
+        ports.reports_out
+    );
+    let (_, status) = operator.send(Method::GET, "/v1/status", &[], String::new())?;
+    for line in status.lines() {
+        println!("      sigil status: {line}");
+    }
+    Ok(Mesh {
+        _api_workload: api_workload,
+        api,
+        web,
+        _reports: reports,
+    })
+}
+
+/// A sidecar for `name`'s SVID with `listeners`, subscribed to the control plane; returns
+/// once it is ready.
+fn spawn_sidecar(
+    bin_dir: &Path,
+    d: &Path,
+    ports: &Ports,
+    name: &str,
+    listeners: String,
+) -> Result<Sidecar, DemoError> {
+    let admin = free_port()?;
+    let cfg = d.join(format!("{name}-sidecar.yaml"));
+    let sidecar_port = ports.sidecar;
+    let yaml = format!(
+        "apiVersion: sigil.dev/v1
 kind: ProxyConfig
 metadata: {{name: {name}-sidecar, owner: demo}}
 spec:
@@ -283,119 +509,96 @@ spec:
   admin: {{listen: \"127.0.0.1:{admin}\"}}
   controlPlane: {{address: \"127.0.0.1:{sidecar_port}\", spiffeId: \"{CONTROL}\", stateDir: state-{name}}}
 {listeners}"
-        );
-        std::fs::write(&cfg, yaml).map_err(|e| e.to_string())?;
-        let proc = Proc::spawn(
-            d,
-            &format!("{name}-sidecar"),
-            Command::new(bin_dir.join("sigil-proxy"))
-                .arg("--config")
-                .arg(&cfg)
-                .env("SIGIL_LOG", "info"),
-        )?;
-        wait_for(
-            &format!("{name}'s sidecar"),
-            Duration::from_secs(15),
-            || admin_get(admin, "/ready").is_some_and(|(s, _)| s == 200),
-        )
-        .map_err(|e| format!("{e}\n{}", proc.log_tail()))?;
-        Ok(Sidecar { admin, _proc: proc })
-    };
-    let api = sidecar(
-        "api",
-        format!(
-            "  inbound:\n    explicit: [{{listen: \"127.0.0.1:{api_in}\", port: {api_port}}}]\n"
-        ),
+    );
+    std::fs::write(&cfg, yaml).map_err(file_error(&cfg))?;
+    let proc = Proc::spawn(
+        d,
+        &format!("{name}-sidecar"),
+        Command::new(bin_dir.join("sigil-proxy"))
+            .arg("--config")
+            .arg(&cfg)
+            .env("SIGIL_LOG", "info"),
     )?;
-    // No expectedId: the registry the control plane pushes says who answers at api_in.
-    let outbound = |port: u16| {
-        format!("  outbound:\n    explicit: [{{listen: \"127.0.0.1:{port}\", upstream: \"127.0.0.1:{api_in}\"}}]\n")
-    };
-    let web = sidecar("web", outbound(web_out))?;
-    let reports = sidecar("reports", outbound(reports_out))?;
-    let snapshot_in_force = |s: &Sidecar| {
-        admin_get(s.admin, "/config_dump")
-            .is_some_and(|(_, dump)| dump.contains("\"control_plane_snapshot\": {"))
-    };
-    wait_for("every sidecar's snapshot", Duration::from_secs(10), || {
-        [&api, &web, &reports].iter().all(|s| snapshot_in_force(s))
-    })?;
-    println!("      api     127.0.0.1:{api_port}, its sidecar on 127.0.0.1:{api_in}");
-    println!("      web     calls api through its sidecar at 127.0.0.1:{web_out}");
-    println!("      reports calls api through its sidecar at 127.0.0.1:{reports_out}");
-    let (_, status) = operator.send(Method::GET, "/v1/status", &[], String::new())?;
-    for line in status.lines() {
-        println!("      sigil status: {line}");
-    }
+    wait_for(
+        &format!("{name}'s sidecar"),
+        Duration::from_secs(15),
+        Some(&proc),
+        || admin_get(admin, "/ready").is_some_and(|(s, _)| s == 200),
+    )?;
+    Ok(Sidecar { admin, _proc: proc })
+}
 
+/// One GET through a sidecar's outbound listener: status and body.
+fn call(port: u16, path: &str) -> Result<(u16, String), DemoError> {
+    get_once(port, path).ok_or_else(|| DemoError::NoAnswer(format!("GET {path}")))
+}
+
+/// Step 4: web calls an allowed route, then a denied one, whose 403 names the rule.
+fn allowed_and_denied(ports: &Ports) -> Result<(), DemoError> {
     step(
         4,
         "web calls api: an allowed route, and a denied one with the rule that denied it",
     );
-    let call = |port: u16, path: &str| get_once(port, path).ok_or(format!("GET {path}: no answer"));
-    let (s, body) = call(web_out, "/orders/42")?;
+    let (s, body) = call(ports.web_out, "/orders/42")?;
     println!("      web → api GET /orders/42  → {s} {body}");
     if s != 200 {
-        return Err(format!("expected 200 for /orders/42, got {s}: {body}"));
+        return Err(DemoError::Misbehaved(format!(
+            "expected 200 for /orders/42, got {s}: {body}"
+        )));
     }
-    let (s, body) = call(web_out, "/admin/users")?;
+    let (s, body) = call(ports.web_out, "/admin/users")?;
     println!("      web → api GET /admin/users → {s} {body}");
     if s != 403 || !body.contains("policy api-access rule admin") {
-        return Err(format!(
+        return Err(DemoError::Misbehaved(format!(
             "expected 403 naming policy api-access rule admin, got {s}: {body}"
-        ));
+        )));
     }
+    Ok(())
+}
 
+/// Step 5: the operator opens /admin to web; the sidecars apply it without a restart.
+fn push_policy(operator: &Client, ports: &Ports) -> Result<(), DemoError> {
     step(
         5,
         "A policy pushed live: the operator opens /admin to web; no restart",
     );
     let started = Instant::now();
-    apply("demo.yaml", resources(true))?;
-    wait_for("/admin to open", Duration::from_secs(10), || {
-        get_once(web_out, "/admin/users").is_some_and(|(s, _)| s == 200)
+    apply(operator, "demo.yaml", resources(ports, true))?;
+    wait_for("/admin to open", Duration::from_secs(10), None, || {
+        get_once(ports.web_out, "/admin/users").is_some_and(|(s, _)| s == 200)
     })?;
     println!(
         "      web → api GET /admin/users → 200, {} ms after sigil apply",
         started.elapsed().as_millis()
     );
+    Ok(())
+}
 
+/// Step 6: web is revoked while it holds a live connection and reports keeps calling: the
+/// live connection is cut, web is refused, reports is not disturbed.
+fn revoke_web(operator: &Client, ports: &Ports) -> Result<(), DemoError> {
     step(
         6,
         "Revocation: web's key is stolen; revoke it while reports keeps calling api",
     );
-    let mut live = TcpStream::connect(("127.0.0.1", web_out)).map_err(|e| e.to_string())?;
+    let mut live = TcpStream::connect(("127.0.0.1", ports.web_out)).map_err(DemoError::Network)?;
     live.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
+        .map_err(DemoError::Network)?;
     match get(&mut live, "/orders/live") {
         Some((200, _)) => {
             println!("      web holds a live keep-alive connection to api (GET /orders/live → 200)")
         }
-        other => return Err(format!("live connection: {other:?}")),
+        Some((status, body)) => {
+            return Err(DemoError::Misbehaved(format!(
+                "live connection: GET /orders/live got {status}: {body}"
+            )))
+        }
+        None => return Err(DemoError::NoAnswer("GET /orders/live".into())),
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let steady = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let (mut ok, mut failed) = (0u32, 0u32);
-            let mut s = TcpStream::connect(("127.0.0.1", reports_out)).ok();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                let r = s.as_mut().and_then(|s| {
-                    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-                    get(s, "/orders/report")
-                });
-                match r {
-                    Some((200, _)) => ok += 1,
-                    _ => failed += 1,
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            (ok, failed)
-        })
-    };
+    let steady = steady_caller(ports.reports_out, stop.clone());
     std::thread::sleep(Duration::from_millis(300));
-    let web_id = SpiffeId::parse(WEB).map_err(|e| e.to_string())?;
+    let web_id = SpiffeId::parse(WEB).expect("WEB is a SPIFFE ID");
     let yaml = revoke::document(
         &revoke::name_for(&web_id),
         &web_id,
@@ -404,7 +607,7 @@ spec:
         OPERATOR,
     )?;
     let revoked_at = Instant::now();
-    apply("sigil revoke", yaml)?;
+    apply(operator, "sigil revoke", yaml)?;
     println!("      sigil revoke {WEB} --reason \"demo: web's key was stolen\"");
     // The live connection is cut: web's own sidecar closes it (EOF or reset).
     let cut = match live.read(&mut [0u8; 256]) {
@@ -418,30 +621,62 @@ spec:
     let cut_ms = revoked_at.elapsed().as_millis();
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
-    let (ok, failed) = steady.join().map_err(|_| "the reports caller panicked")?;
+    let (ok, failed) = steady
+        .join()
+        .map_err(|_| DemoError::Misbehaved("the reports caller panicked".into()))?;
     if !cut {
-        return Err("web's live connection survived the revocation".into());
+        return Err(DemoError::Misbehaved(
+            "web's live connection survived the revocation".into(),
+        ));
     }
     println!("      web's live connection was cut, {cut_ms} ms after sigil revoke");
-    let (s, body) = call(web_out, "/orders/43")?;
+    let (s, body) = call(ports.web_out, "/orders/43")?;
     println!("      web → api GET /orders/43  → {s} {body}");
     if s == 200 {
-        return Err("web was still admitted after its revocation".into());
+        return Err(DemoError::Misbehaved(
+            "web was still admitted after its revocation".into(),
+        ));
     }
     println!("      reports → api meanwhile: {ok} calls, {failed} failed");
     if failed > 0 || ok == 0 {
-        return Err(format!(
+        return Err(DemoError::Misbehaved(format!(
             "reports' calls were disturbed: {failed} failed, {ok} ok"
-        ));
+        )));
     }
+    Ok(())
+}
 
+/// reports calling api on one keep-alive connection every 10 ms until `stop` (at most 30 s):
+/// (calls answered 200, calls that were not).
+fn steady_caller(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(u32, u32)> {
+    std::thread::spawn(move || {
+        let (mut ok, mut failed) = (0u32, 0u32);
+        let mut s = TcpStream::connect(("127.0.0.1", port)).ok();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            let r = s.as_mut().and_then(|s| {
+                s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+                get(s, "/orders/report")
+            });
+            match r {
+                Some((200, _)) => ok += 1,
+                _ => failed += 1,
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (ok, failed)
+    })
+}
+
+/// Step 7: the sidecars' and the control plane's metrics of what happened.
+fn show_metrics(operator: &Client, mesh: &Mesh) -> Result<(), DemoError> {
     step(7, "Metrics: every sidecar and the control plane");
     // Whichever side acts first cuts the connection: web's sidecar (its own SVID revoked) or
     // api's (a revoked peer).
     let mut revoked_closes = 0;
-    for (name, s) in [("api", &api), ("web", &web)] {
-        let (_, metrics) =
-            admin_get(s.admin, "/metrics").ok_or(format!("{name} sidecar /metrics"))?;
+    for (name, s) in [("api", &mesh.api), ("web", &mesh.web)] {
+        let (_, metrics) = admin_get(s.admin, "/metrics")
+            .ok_or_else(|| DemoError::NoAnswer(format!("{name} sidecar /metrics")))?;
         for line in metrics.lines().filter(|l| {
             (name == "api"
                 && l.starts_with("sigil_requests_total{")
@@ -454,7 +689,9 @@ spec:
         }
     }
     if revoked_closes == 0 {
-        return Err("no sidecar counted a connection closed for the revocation".into());
+        return Err(DemoError::Misbehaved(
+            "no sidecar counted a connection closed for the revocation".into(),
+        ));
     }
     let (_, metrics) = operator.send(Method::GET, "/metrics", &[], String::new())?;
     for line in metrics.lines().filter(|l| {
@@ -468,11 +705,7 @@ spec:
     println!(
         "      read them yourself: curl http://127.0.0.1:{}/metrics (api's sidecar; also /config_dump),\n      \
          sigil metrics and sigil status (the control plane, mutual TLS)",
-        api.admin
-    );
-    println!(
-        "\n== done: stopping every process the demo started and removing {} ==",
-        d.display()
+        mesh.api.admin
     );
     Ok(())
 }

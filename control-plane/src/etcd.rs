@@ -27,7 +27,9 @@ use etcd_client::{
     TlsOptions, Txn, TxnOp,
 };
 
-use crate::store::{Change, StoreError, Stored};
+use tracing::warn;
+
+use crate::stored::{Change, StoreError, Stored};
 
 /// Attempts of an optimistic transaction before giving up (another replica kept winning).
 const ATTEMPTS: usize = 8;
@@ -38,10 +40,6 @@ pub struct Etcd {
     endpoints: Vec<String>,
     prefix: String,
     epoch: String,
-}
-
-fn err(e: etcd_client::Error) -> StoreError {
-    StoreError(format!("etcd: {e}"))
 }
 
 /// How `sigil-control` reaches etcd.
@@ -61,8 +59,12 @@ impl EtcdTls {
         let Self::Mutual { ca, cert, key } = self else {
             return Ok(None);
         };
-        let read = |flag: &str, p: &PathBuf| {
-            std::fs::read(p).map_err(|e| StoreError(format!("{flag} {}: {e}", p.display())))
+        let read = |flag: &'static str, p: &PathBuf| {
+            std::fs::read(p).map_err(|source| StoreError::EtcdFile {
+                flag,
+                path: p.clone(),
+                source,
+            })
         };
         let (ca_pem, cert_pem, key_pem) = (
             read("--etcd-ca", ca)?,
@@ -76,10 +78,11 @@ impl EtcdTls {
         ] {
             // tonic would only fail at the first connection, naming neither file.
             if !String::from_utf8_lossy(pem).contains(&format!("{label}-----")) {
-                return Err(StoreError(format!(
-                    "{flag} {}: no PEM {label} block",
-                    path.display()
-                )));
+                return Err(StoreError::EtcdPem {
+                    flag,
+                    path: path.clone(),
+                    label,
+                });
             }
         }
         Ok(Some(
@@ -106,9 +109,7 @@ impl Etcd {
             .map(|h| format!("{scheme}://{h}"))
             .collect();
         if endpoints.is_empty() {
-            return Err(StoreError(format!(
-                "etcd://{spec}: expected etcd://host:port[,host:port…][/prefix]"
-            )));
+            return Err(StoreError::EtcdSpec(spec.to_string()));
         }
         let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
@@ -119,7 +120,10 @@ impl Etcd {
         }
         let client = Client::connect(&endpoints, Some(options))
             .await
-            .map_err(|e| StoreError(format!("etcd {}: {e}", endpoints.join(","))))?;
+            .map_err(|source| StoreError::EtcdConnect {
+                endpoints: endpoints.join(","),
+                source,
+            })?;
         let mut e = Self {
             client,
             endpoints,
@@ -139,26 +143,22 @@ impl Etcd {
     async fn read_epoch(&self) -> Result<String, StoreError> {
         let key = format!("{}epoch", self.prefix);
         let mut client = self.client.clone();
-        let fresh = crate::random_hex(16);
+        let fresh = crate::stored::random_hex(16);
         let r = client
             .txn(
                 Txn::new()
                     .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
                     .and_then([TxnOp::put(key.as_str(), fresh, None)]),
             )
-            .await
-            .map_err(err)?;
+            .await?;
         let cluster = r.header().map_or(0, |h| h.cluster_id());
-        let got = client.get(key.as_str(), None).await.map_err(err)?;
+        let got = client.get(key.as_str(), None).await?;
         let random = got
             .kvs()
             .first()
             .map(|kv| kv.value_str().map(str::to_owned))
-            .transpose()
-            .map_err(err)?
-            .ok_or_else(|| {
-                StoreError(format!("etcd: {key} vanished right after it was written"))
-            })?;
+            .transpose()?
+            .ok_or_else(|| StoreError::EpochVanished(key.clone()))?;
         Ok(format!("etcd-{cluster:016x}-{random}"))
     }
 
@@ -179,12 +179,7 @@ impl Etcd {
     }
 
     pub async fn version(&self) -> Result<i64, StoreError> {
-        let r = self
-            .client
-            .clone()
-            .get(self.version_key(), None)
-            .await
-            .map_err(err)?;
+        let r = self.client.clone().get(self.version_key(), None).await?;
         Ok(r.kvs().first().map_or(0, |kv| kv.mod_revision()))
     }
 
@@ -201,7 +196,7 @@ impl Etcd {
             let mut changes = Vec::with_capacity(docs.len());
             for (kind, name, yaml) in docs {
                 let key = self.key(kind, name);
-                let r = client.get(key.as_str(), None).await.map_err(err)?;
+                let r = client.get(key.as_str(), None).await?;
                 let change = match r.kvs().first() {
                     None => {
                         guards.push(Compare::create_revision(key.as_str(), CompareOp::Equal, 0));
@@ -229,19 +224,14 @@ impl Etcd {
                 return Ok((changes, version));
             }
             puts.push(TxnOp::put(self.version_key(), "", None));
-            let r = client
-                .txn(Txn::new().when(guards).and_then(puts))
-                .await
-                .map_err(err)?;
+            let r = client.txn(Txn::new().when(guards).and_then(puts)).await?;
             if r.succeeded() {
                 let revision = r.header().map_or(version, |h| h.revision());
                 return Ok((changes, revision));
             }
             // Another replica changed one of these resources in between: read again.
         }
-        Err(StoreError(format!(
-            "etcd: gave up after {ATTEMPTS} conflicting concurrent changes"
-        )))
+        Err(StoreError::Conflicts(ATTEMPTS))
     }
 
     pub async fn list(&self, kind: Option<&str>) -> Result<Vec<Stored>, StoreError> {
@@ -254,18 +244,17 @@ impl Etcd {
             .client
             .clone()
             .get(from, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(err)?;
+            .await?;
         let mut out = Vec::with_capacity(r.kvs().len());
         for kv in r.kvs() {
-            let key = kv.key_str().map_err(err)?;
+            let key = kv.key_str()?;
             let Some((kind, name)) = key.strip_prefix(&base).and_then(|k| k.split_once('/')) else {
                 continue;
             };
             out.push(Stored {
                 kind: kind.to_string(),
                 name: name.to_string(),
-                yaml: kv.value_str().map_err(err)?.to_string(),
+                yaml: kv.value_str()?.to_string(),
                 version: kv.mod_revision(),
             });
         }
@@ -290,8 +279,7 @@ impl Etcd {
                         TxnOp::put(self.version_key(), "", None),
                     ]),
             )
-            .await
-            .map_err(err)?;
+            .await?;
         Ok(r.succeeded())
     }
 
@@ -302,13 +290,12 @@ impl Etcd {
             .client
             .clone()
             .get(base.as_str(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(err)?;
+            .await?;
         let mut out = Vec::new();
         for kv in r.kvs() {
-            let key = kv.key_str().map_err(err)?;
+            let key = kv.key_str()?;
             let name = key.strip_prefix(&base).unwrap_or(key).to_string();
-            out.push((name, kv.value_str().map_err(err)?.to_string()));
+            out.push((name, kv.value_str()?.to_string()));
         }
         Ok(out)
     }
@@ -368,10 +355,7 @@ impl Etcd {
                                     from = h.revision() + 1;
                                 }
                                 if r.canceled() {
-                                    eprintln!(
-                                        "sigil-control: etcd watch cancelled: {}",
-                                        r.cancel_reason()
-                                    );
+                                    warn!("etcd watch cancelled: {}", r.cancel_reason());
                                     // Compacted past `from`: start again from now.
                                     from = 0;
                                     break;
@@ -382,13 +366,13 @@ impl Etcd {
                             }
                             Ok(None) => break,
                             Err(e) => {
-                                eprintln!("sigil-control: etcd watch lost: {e}");
+                                warn!("etcd watch lost: {e}");
                                 break;
                             }
                         }
                     }
                 }
-                Err(e) => eprintln!("sigil-control: etcd watch failed: {e}"),
+                Err(e) => warn!("etcd watch failed: {e}"),
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));

@@ -2,13 +2,16 @@
 //! Both sides of the operator API are mutual TLS with SPIFFE verification, the sidecars' own
 //! rustls configurations (`sigil_filters::tls`).
 
-use std::path::Path;
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::UnixTime;
-use sigil_config::TrustDomain;
-use sigil_filters::{LocalIdentity, TrustBundles};
+use sigil_config::{SpiffeIdError, TrustDomain};
+use sigil_filters::{BundleError, IdentityError, LocalIdentity, TrustBundles};
+use tracing::info;
 
 pub struct Identity {
     pub local: LocalIdentity,
@@ -16,16 +19,70 @@ pub struct Identity {
     pub provider: Arc<CryptoProvider>,
 }
 
+/// Why the SVID or the trust bundles could not be loaded; each names the file at fault.
+#[derive(Debug)]
+pub enum LoadError {
+    Read {
+        path: PathBuf,
+        source: io::Error,
+    },
+    /// The SVID and key do not make a usable identity.
+    Svid {
+        cert: PathBuf,
+        source: IdentityError,
+    },
+    /// A bundle file is not named `<trust domain>.pem` with a valid trust domain.
+    TrustDomain {
+        path: PathBuf,
+        source: SpiffeIdError,
+    },
+    Bundle {
+        path: PathBuf,
+        source: BundleError,
+    },
+    NoBundle {
+        dir: PathBuf,
+    },
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Read { path, source } => write!(f, "{}: {source}", path.display()),
+            Self::Svid { cert, source } => write!(f, "{}: {source}", cert.display()),
+            Self::TrustDomain { path, source } => write!(f, "{}: {source}", path.display()),
+            Self::Bundle { path, source } => write!(f, "{}: {source}", path.display()),
+            Self::NoBundle { dir } => write!(
+                f,
+                "{}: no trust bundle (<trust domain>.pem) found",
+                dir.display()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for LoadError {}
+
 /// Reads `cert` (leaf first), `key` and `bundle_dir` (one `<trust domain>.pem` each).
-pub fn load(cert: &Path, key: &Path, bundle_dir: &Path) -> Result<Identity, String> {
+pub fn load(cert: &Path, key: &Path, bundle_dir: &Path) -> Result<Identity, LoadError> {
     let provider = sigil_filters::tls::provider();
-    let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|source| LoadError::Read {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
     let local =
         LocalIdentity::from_pem(&read(cert)?, &read(key)?, UnixTime::now(), None, &provider)
-            .map_err(|e| format!("{}: {e}", cert.display()))?;
+            .map_err(|source| LoadError::Svid {
+                cert: cert.to_path_buf(),
+                source,
+            })?;
     let mut bundles = TrustBundles::new();
-    let entries =
-        std::fs::read_dir(bundle_dir).map_err(|e| format!("{}: {e}", bundle_dir.display()))?;
+    let entries = std::fs::read_dir(bundle_dir).map_err(|source| LoadError::Read {
+        path: bundle_dir.to_path_buf(),
+        source,
+    })?;
     for e in entries.flatten() {
         let path = e.path();
         let Some(td) = path
@@ -35,16 +92,18 @@ pub fn load(cert: &Path, key: &Path, bundle_dir: &Path) -> Result<Identity, Stri
         else {
             continue;
         };
-        let td = TrustDomain::parse(td).map_err(|e| format!("{}: {e}", path.display()))?;
-        bundles
-            .insert_pem(&td, &read(&path)?)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let td = match TrustDomain::parse(td) {
+            Ok(td) => td,
+            Err(source) => return Err(LoadError::TrustDomain { path, source }),
+        };
+        if let Err(source) = bundles.insert_pem(&td, &read(&path)?) {
+            return Err(LoadError::Bundle { path, source });
+        }
     }
     if bundles.is_empty() {
-        return Err(format!(
-            "{}: no trust bundle (<trust domain>.pem) found",
-            bundle_dir.display()
-        ));
+        return Err(LoadError::NoBundle {
+            dir: bundle_dir.to_path_buf(),
+        });
     }
     Ok(Identity {
         local,
@@ -68,11 +127,11 @@ pub async fn accept(
     let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            eprintln!("sigil-control: {what} handshake from {client} refused: {e}");
+            info!("{what} handshake from {client} refused: {e}");
             return None;
         }
         Err(_) => {
-            eprintln!("sigil-control: {what} handshake from {client} timed out");
+            info!("{what} handshake from {client} timed out");
             return None;
         }
     };

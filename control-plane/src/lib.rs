@@ -1,7 +1,8 @@
 //! Sigil's control plane (`sigil-control`) and operator CLI (`sigil`): the embedded store,
 //! the operator API, resource files as an operator applies them, and "may this identity call
 //! that route?" answered with the decision code the sidecars run (`policy_test`). Pushing
-//! `sidecars` serves each sidecar the snapshot of its own identity (`snapshot`).
+//! `sidecars` serves each sidecar the snapshot of its own identity (`snapshot`), whose
+//! registry the same decision code cuts per caller.
 
 pub mod client;
 pub mod demo;
@@ -16,13 +17,4 @@ pub mod sidecars;
 pub mod snapshot;
 pub mod sqlite;
 pub mod store;
-
-/// `bytes` random bytes from the system's generator, as lowercase hex.
-pub fn random_hex(bytes: usize) -> String {
-    use ring::rand::SecureRandom;
-    let mut buf = vec![0u8; bytes];
-    ring::rand::SystemRandom::new()
-        .fill(&mut buf)
-        .expect("the system random generator works");
-    buf.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub mod stored;

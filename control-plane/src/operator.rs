@@ -24,6 +24,7 @@ use hyper_util::rt::TokioIo;
 use sigil_config::{IdPattern, Resource, SpiffeId};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use tracing::{error, info, warn};
 
 use crate::sidecars::Hub;
 use crate::store::Store;
@@ -51,7 +52,7 @@ pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, api: Arc<Api>) 
         let (tcp, client) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("sigil-control: operator accept failed: {e}");
+                warn!("operator accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -93,7 +94,7 @@ async fn handle(api: &Api, peer: &SpiffeId, req: Request<Incoming>) -> Response<
             .expect("static response parts");
     }
     if !api.operators.iter().any(|p| p.matches(peer)) {
-        eprintln!("sigil-control: operator API refused {peer}: not an operator");
+        warn!("operator API refused {peer}: not an operator");
         return text(
             StatusCode::FORBIDDEN,
             format!("{peer} is not an operator of this control plane (see --operator)\n"),
@@ -120,7 +121,7 @@ struct Refusal(StatusCode, String);
 type Reply = Result<Response<Full<Bytes>>, Refusal>;
 
 fn internal(e: impl std::fmt::Display) -> Refusal {
-    eprintln!("sigil-control: {e}");
+    error!("{e}");
     Refusal(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"))
 }
 
@@ -147,7 +148,8 @@ async fn apply(api: &Api, peer: &SpiffeId, req: Request<Incoming>) -> Reply {
     let resources: Vec<Resource> = docs.iter().map(|(r, _)| r.clone()).collect();
     let bad = crate::files::check_certificates(Path::new(&file), &resources);
     if !bad.is_empty() {
-        return Err(Refusal(StatusCode::BAD_REQUEST, bad.join("\n") + "\n"));
+        let lines: String = bad.iter().map(|p| format!("{p}\n")).collect();
+        return Err(Refusal(StatusCode::BAD_REQUEST, lines));
     }
     let rows: Vec<(&str, &str, &str)> = docs
         .iter()
@@ -158,8 +160,8 @@ async fn apply(api: &Api, peer: &SpiffeId, req: Request<Incoming>) -> Reply {
     for ((kind, name, _), change) in rows.iter().zip(&changes) {
         out += &format!("{} {kind}/{name}\n", change.label());
         if !dry_run && change.label() != "unchanged" {
-            eprintln!(
-                "sigil-control: {peer} {} {kind}/{name} (version {version})",
+            info!(
+                "{peer} {} {kind}/{name} (version {version})",
                 change.label()
             );
         }
@@ -209,7 +211,7 @@ async fn delete(api: &Api, peer: &SpiffeId, kind: &str, name: &str) -> Reply {
     }
     let version = api.store.version().await.map_err(internal)?;
     api.publish().await;
-    eprintln!("sigil-control: {peer} deleted {kind}/{name} (version {version})");
+    info!("{peer} deleted {kind}/{name} (version {version})");
     Ok(text(
         StatusCode::OK,
         format!("deleted {kind}/{name}\nversion {version}\n"),

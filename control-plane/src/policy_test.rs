@@ -1,10 +1,10 @@
 //! `sigil policy test`: the verdict a sidecar would give, from the same decision code
 //! (`sigil_filters::PolicyIndex`, after the same request normalization).
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 
 use sigil_config::{Policy, SpiffeId};
-use sigil_filters::normalize::normalize_path;
+use sigil_filters::normalize::{normalize_path, TargetError};
 use sigil_filters::{HttpRequest, PolicyIndex};
 
 /// One question: may `from` reach `to` on `port` (with this request, on an HTTP port)?
@@ -28,12 +28,30 @@ pub struct Answer {
     pub text: String,
 }
 
-pub fn decide(policies: &[Policy], q: &Question) -> Result<Answer, String> {
+/// Why a question gets no verdict.
+#[derive(Debug)]
+pub enum QuestionError {
+    /// The sidecar would answer 400 before consulting any policy.
+    InvalidRequest(TargetError),
+}
+
+impl fmt::Display for QuestionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::InvalidRequest(e) => {
+                write!(f, "the sidecar would refuse this request with 400: {e}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for QuestionError {}
+
+pub fn decide(policies: &[Policy], q: &Question) -> Result<Answer, QuestionError> {
     let index = PolicyIndex::compile(policies, &q.to);
     let mut text = String::new();
     let decision = if index.is_http(q.port) {
-        let (path, _query) = normalize_path(&q.path)
-            .map_err(|e| format!("the sidecar would refuse this request with 400: {e}"))?;
+        let (path, _query) = normalize_path(&q.path).map_err(QuestionError::InvalidRequest)?;
         let _ = writeln!(
             text,
             "port {} is http: {} {} (normalized: {path}), host {}",

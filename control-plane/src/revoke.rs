@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use sigil_config::policy::Timestamp;
-use sigil_config::{Resource, SpiffeId};
+use sigil_config::{ConfigError, Resource, SpiffeId};
 
 /// The resource name for `id`: the ID without its scheme, every character a resource name
 /// cannot hold turned into `-`, then a hash of the whole ID, so that IDs differing only in
@@ -34,7 +34,7 @@ pub fn document(
     reason: &str,
     issued_before: Option<Timestamp>,
     owner: &str,
-) -> Result<String, String> {
+) -> Result<String, ConfigError> {
     // Quoted as JSON strings, which YAML reads as they are.
     let q = |s: &str| format!("{s:?}");
     let mut yaml = format!(
@@ -48,7 +48,7 @@ pub fn document(
     if let Some(t) = issued_before {
         yaml += &format!("  issuedBefore: \"{t}\"\n");
     }
-    Resource::parse_all(Path::new("revocation"), &yaml).map_err(|e| e.to_string())?;
+    Resource::parse_all(Path::new("revocation"), &yaml)?;
     Ok(yaml)
 }
 

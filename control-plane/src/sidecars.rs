@@ -21,10 +21,12 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
+use tracing::{error, info, warn};
 
 use crate::metrics::{Metrics, SidecarLabels};
 use crate::snapshot::Catalog;
 use crate::store::Store;
+use crate::stored::StoreError;
 
 /// The published catalog and the sidecars connected to this replica.
 pub struct Hub {
@@ -78,17 +80,17 @@ impl Hub {
     /// Re-reads the store and sends every stream whose snapshot changed its new one. A failure
     /// is logged and retried in the background (`retry_publishes`): a change the store took
     /// must reach the sidecars even if reading it back failed once.
-    pub async fn publish(&self, store: &Store) -> Result<u64, String> {
+    pub async fn publish(&self, store: &Store) -> Result<u64, StoreError> {
         let catalog = match Catalog::load(store).await {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("sigil-control: cannot publish, will retry: {e}");
+                error!("cannot publish, will retry: {e}");
                 self.retry.notify_one();
-                return Err(e.to_string());
+                return Err(e);
             }
         };
         for problem in &catalog.unreadable {
-            eprintln!("sigil-control: stored resource not sent to any sidecar: {problem}");
+            error!("stored resource not sent to any sidecar: {problem}");
         }
         let version = catalog.version;
         let revocations = catalog.revocation_count();
@@ -176,7 +178,7 @@ pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, hub: Arc<Hub>) 
         let (tcp, addr) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("sigil-control: sidecar accept failed: {e}");
+                warn!("sidecar accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -262,12 +264,12 @@ async fn session(
             note: String::new(),
         },
     );
-    eprintln!("sigil-control: sidecar {peer} connected from {addr}");
+    info!("sidecar {peer} connected from {addr}");
     hub.metrics.connected.inc();
     let why = serve_stream(&hub, key, &peer, addr, &mut acks, &tx).await;
     hub.sidecars.lock().expect("sidecars lock").remove(&key);
     hub.metrics.connected.dec();
-    eprintln!("sigil-control: sidecar {peer} at {addr} disconnected: {why}");
+    info!("sidecar {peer} at {addr} disconnected: {why}");
 }
 
 /// How long a new stream may take to say hello before it is dropped.
@@ -307,8 +309,8 @@ async fn serve_stream(
             // store was restored from an older copy): sending now would roll the sidecar
             // back. Read the store again and wait until the catalog catches up.
             if !behind_said {
-                eprintln!(
-                    "sigil-control: sidecar {peer} at {addr} runs version {} of epoch {}, newer than this replica's {}: reloading from the store before answering",
+                warn!(
+                    "sidecar {peer} at {addr} runs version {} of epoch {}, newer than this replica's {}: reloading from the store before answering",
                     runs.1, runs.0, current.version
                 );
                 behind_said = true;
@@ -397,8 +399,8 @@ fn record(hub: &Hub, key: u64, peer: &SpiffeId, mut ack: Ack) {
                 })
                 .inc();
             s.pending = None;
-            eprintln!(
-                "sigil-control: sidecar {peer} ({}) rejected version {}: {}",
+            warn!(
+                "sidecar {peer} ({}) rejected version {}: {}",
                 s.node, ack.version, ack.error
             );
             s.rejected = Some((ack.version, ack.error.clone()));

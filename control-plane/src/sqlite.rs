@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::store::{Change, StoreError, Stored};
+use crate::stored::{Change, StoreError, Stored};
 
 pub struct Sqlite {
     db: Mutex<Connection>,
@@ -25,15 +25,12 @@ pub struct Sqlite {
     _lock: File,
 }
 
-impl From<rusqlite::Error> for StoreError {
-    fn from(e: rusqlite::Error) -> Self {
-        Self(e.to_string())
-    }
-}
-
 impl Sqlite {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         let lock = lock_dir(dir)?;
         let path = dir.join("sigil.db");
         let db = Connection::open(&path)?;
@@ -47,7 +44,7 @@ impl Sqlite {
              INSERT OR IGNORE INTO meta (key, value) VALUES ('version', 0);
              CREATE TABLE IF NOT EXISTS epoch (id TEXT NOT NULL);",
         )?;
-        let fresh = format!("sqlite-{}", crate::random_hex(16));
+        let fresh = format!("sqlite-{}", crate::stored::random_hex(16));
         db.execute(
             "INSERT INTO epoch (id) SELECT ?1 WHERE NOT EXISTS (SELECT 1 FROM epoch)",
             [&fresh],
@@ -173,28 +170,23 @@ fn lock_dir(dir: &Path) -> Result<File, StoreError> {
         .create(true)
         .truncate(false)
         .open(&path)
-        .map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
+        .map_err(|source| StoreError::Io {
+            path: path.clone(),
+            source,
+        })?;
     match f.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
             let mut holder = String::new();
             let _ = f.read_to_string(&mut holder);
             let holder = holder.trim();
-            let who = if holder.is_empty() {
-                "another process".to_string()
-            } else {
-                format!("process {holder}")
-            };
-            return Err(StoreError(format!(
-                "{} is in use by {who} (its {} is locked): one sigil-control per --data-dir; \
-                 several replicas share an etcd store (--store etcd://...)",
-                dir.display(),
-                path.display()
-            )));
+            return Err(StoreError::InUse {
+                dir: dir.to_path_buf(),
+                lock: path,
+                holder: (!holder.is_empty()).then(|| holder.to_string()),
+            });
         }
-        Err(std::fs::TryLockError::Error(e)) => {
-            return Err(StoreError(format!("{}: cannot lock: {e}", path.display())))
-        }
+        Err(std::fs::TryLockError::Error(source)) => return Err(StoreError::Lock { path, source }),
     }
     // Who holds it, for the message above; the lock, not this text, is what counts.
     let _ = f.set_len(0);

@@ -5,47 +5,12 @@
 
 use crate::etcd::Etcd;
 use crate::sqlite::Sqlite;
+use crate::stored::{Change, StoreError, Stored};
 
 pub enum Store {
     Sqlite(Sqlite),
     /// Boxed: etcd-client's client is a few KB.
     Etcd(Box<Etcd>),
-}
-
-/// What applying one document did (or, in a dry run, would do).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Change {
-    Created,
-    Updated,
-    Unchanged,
-}
-
-impl Change {
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Created => "created",
-            Self::Updated => "updated",
-            Self::Unchanged => "unchanged",
-        }
-    }
-}
-
-/// A stored resource: kind, name, the YAML document, and the version that last wrote it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stored {
-    pub kind: String,
-    pub name: String,
-    pub yaml: String,
-    pub version: i64,
-}
-
-#[derive(Debug)]
-pub struct StoreError(pub String);
-
-impl std::fmt::Display for StoreError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "store: {}", self.0)
-    }
 }
 
 impl Store {

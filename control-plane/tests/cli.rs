@@ -7,16 +7,18 @@ use std::process::Command;
 const WEB: &str = "spiffe://example.org/ns/prod/sa/web";
 const PAY: &str = "spiffe://example.org/ns/prod/sa/payments";
 
-fn sigil(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sigil"))
-        .args(args)
-        .output()
-        .expect("run sigil");
+/// Runs `cmd` to its end: (exit code, stdout, stderr).
+fn output(cmd: &mut Command) -> (Option<i32>, String, String) {
+    let out = cmd.output().expect("run the command");
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+fn sigil(args: &[&str]) -> (Option<i32>, String, String) {
+    output(Command::new(env!("CARGO_BIN_EXE_sigil")).args(args))
 }
 
 fn resources() -> String {
@@ -207,4 +209,128 @@ fn validate_checks_trust_bundle_certificates() {
         "{err}"
     );
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn every_command_has_its_own_help_and_usage_errors_are_short() {
+    // apply's help shows apply's flags, the connection's, and their environment variables.
+    let (code, out, err) = sigil(&["apply", "--help"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("Usage: sigil apply"), "{out}");
+    for flag in [
+        "-f, --file <PATH>",
+        "--dry-run",
+        "--server <ADDR>",
+        "--control-id <ID>",
+        "--cert <FILE>",
+        "--key <FILE>",
+        "--bundle-dir <DIR>",
+        "SIGIL_CONTROL_ID",
+    ] {
+        assert!(out.contains(flag), "no {flag} in:\n{out}");
+    }
+    // Every command answers --help with its own usage.
+    for command in [
+        &["demo"][..],
+        &["validate"],
+        &["policy", "test"],
+        &["get"],
+        &["delete"],
+        &["status"],
+        &["metrics"],
+        &["revoke"],
+        &["unrevoke"],
+        &["version"],
+    ] {
+        let mut args = command.to_vec();
+        args.push("--help");
+        let (code, out, err) = sigil(&args);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+        let usage = format!("Usage: sigil {}", command.join(" "));
+        assert!(out.contains(&usage), "{args:?}:\n{out}");
+    }
+    // An unknown flag: one line saying so, the command's usage, the hint; exit 2.
+    let (code, out, err) = sigil(&["apply", "--no-such-flag", "-f", "x.yaml"]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(out.is_empty(), "{out}");
+    assert!(
+        err.starts_with("error: unexpected argument '--no-such-flag'"),
+        "{err}"
+    );
+    assert!(
+        err.contains("Usage: sigil apply") && err.contains("--help"),
+        "{err}"
+    );
+    assert!(err.lines().count() <= 6, "not short:\n{err}");
+    // A missing connection setting is a usage error of the command too.
+    let (code, _, err) = output(
+        Command::new(env!("CARGO_BIN_EXE_sigil"))
+            .arg("status")
+            .env_remove("SIGIL_CONTROL_ID"),
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--control-id (or SIGIL_CONTROL_ID) is required")
+            && err.contains("Usage: sigil status"),
+        "{err}"
+    );
+    // Versions, and bare `sigil` (help, exit 0).
+    let version = format!("sigil {}", env!("CARGO_PKG_VERSION"));
+    for args in [&["--version"][..], &["-V"], &["version"]] {
+        let (code, out, _) = sigil(args);
+        assert_eq!((code, out.trim()), (Some(0), version.as_str()), "{args:?}");
+    }
+    let (code, out, _) = sigil(&[]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("Usage: sigil") && out.contains("apply"),
+        "{out}"
+    );
+}
+
+#[test]
+fn sigil_control_help_and_usage_errors() {
+    let control =
+        |args: &[&str]| output(Command::new(env!("CARGO_BIN_EXE_sigil-control")).args(args));
+    let (code, out, _) = control(&["--help"]);
+    assert_eq!(code, Some(0));
+    for flag in [
+        "--data-dir",
+        "--store",
+        "--etcd-ca",
+        "--etcd-cert",
+        "--etcd-key",
+        "--etcd-insecure",
+        "--cert",
+        "--key",
+        "--bundle-dir",
+        "--operator <PATTERN>",
+        "--operator-listen",
+        "--sidecar-listen",
+        "SIGIL_LOG",
+    ] {
+        assert!(out.contains(flag), "no {flag} in:\n{out}");
+    }
+    let (code, out, _) = control(&["--version"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        out.trim(),
+        format!("sigil-control {}", env!("CARGO_PKG_VERSION"))
+    );
+    let (code, _, err) = control(&["--no-such-flag"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.starts_with("error: unexpected argument '--no-such-flag'") && err.lines().count() <= 10,
+        "{err}"
+    );
+    // etcd without a way to reach it: the message names both ways.
+    let (code, _, err) = control(&["--store", "etcd://127.0.0.1:1"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--etcd-ca, --etcd-cert and --etcd-key") && err.contains("--etcd-insecure"),
+        "{err}"
+    );
+    let (code, _, err) = control(&["--data-dir", "d", "--store", "etcd://127.0.0.1:1"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cannot be used with"), "{err}");
 }

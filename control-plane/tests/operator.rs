@@ -2,8 +2,9 @@
 //! get, delete, operator authentication, and state kept across a control-plane restart.
 
 use std::process::Command;
+use std::time::Duration;
 
-use sigil_e2e::{free_port, write_identity, ControlPlane, TempDir};
+use sigil_e2e::{free_port, run_status, write_identity, ControlPlane, TempDir};
 use sigil_testkit::Ca;
 
 const CONTROL: &str = "spiffe://example.org/sigil/control";
@@ -141,4 +142,51 @@ fn operators_apply_get_and_delete_resources_that_survive_a_restart() {
         "{out}"
     );
     assert!(cp.proc.log().contains("at version 2"), "{}", cp.proc.log());
+}
+
+/// sigil-control logs as the sidecar does: tracing lines with a timestamp and a level on
+/// stderr, filtered by SIGIL_LOG. An etcd that is not there gives a WARN line (plaintext)
+/// and then the ERROR it exits 1 with.
+#[test]
+fn sigil_control_logs_timestamped_levelled_lines_filtered_by_sigil_log() {
+    let dir = TempDir::new("control-log");
+    let d = dir.path();
+    let ca = Ca::new("example.org");
+    let control = write_identity(d, "control", &ca, CONTROL, &[&ca]);
+    let run = |level: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sigil-control"));
+        cmd.args(["--store", &format!("etcd://127.0.0.1:{}", free_port())])
+            .arg("--etcd-insecure")
+            .arg("--cert")
+            .arg(&control.cert)
+            .arg("--key")
+            .arg(&control.key)
+            .arg("--bundle-dir")
+            .arg(&control.bundle_dir)
+            .args(["--operator", "spiffe://example.org/ops/*"]);
+        if let Some(level) = level {
+            cmd.env("SIGIL_LOG", level);
+        }
+        run_status(&mut cmd, Duration::from_secs(30))
+    };
+    // `2026-05-01T10:00:00.123456Z  WARN sigil_control: …`
+    let line_at = |out: &str, level: &str, text: &str| {
+        out.lines().any(|l| {
+            let (time, rest) = l.split_once(' ').unwrap_or_default();
+            time.len() > 20
+                && time.as_bytes()[4] == b'-'
+                && time.contains('T')
+                && time.ends_with('Z')
+                && rest.trim_start().starts_with(level)
+                && l.contains(text)
+        })
+    };
+    let (code, out) = run(None);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(line_at(&out, "WARN", "plaintext to etcd"), "{out}");
+    assert!(line_at(&out, "ERROR", "store: etcd"), "{out}");
+    let (code, out) = run(Some("error"));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(!out.contains("plaintext to etcd"), "{out}");
+    assert!(line_at(&out, "ERROR", "store: etcd"), "{out}");
 }

@@ -1,205 +1,362 @@
 //! sigil: the operator CLI. See `--help`.
+//!
+//! What it prints is for a person at a terminal (results on stdout, problems on stderr), not
+//! a log; `sigil-control` is the one that logs.
 
+use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use clap::error::ErrorKind;
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use hyper::{Method, StatusCode};
 use sigil_config::policy::Timestamp;
-use sigil_config::{Resource, SpiffeId};
-use sigil_control::client::Client;
+use sigil_config::{Policy, Resource, SpiffeId};
+use sigil_control::client::{Client, ClientError};
 use sigil_control::policy_test::{decide, Question};
 use sigil_control::{files, identity, revoke};
 
-const USAGE: &str = "\
-sigil — operator CLI of the Sigil mesh
+const AFTER_HELP: &str = "\
+Exit codes: 0 valid / allowed / done; 1 denied, or refused or not found by the control
+plane; 2 invalid input or arguments.";
 
-USAGE:
-    sigil demo
-    sigil validate -f PATH...
-    sigil policy test [-f PATH...] --from ID --to ID --port N
-                      [--method M] [--path P] [--host H] [--header NAME:VALUE]... [--at TIME]
-    sigil apply -f PATH... [--dry-run]      CONNECTION
-    sigil get [KIND [NAME]]                 CONNECTION
-    sigil delete KIND NAME                  CONNECTION
-    sigil status                            CONNECTION
-    sigil metrics                           CONNECTION
-    sigil revoke ID --reason TEXT [--issued-before TIME] [--name NAME]   CONNECTION
-    sigil unrevoke ID [--name NAME]         CONNECTION
+/// Operator CLI of the Sigil mesh.
+#[derive(Parser)]
+#[command(name = "sigil", version, after_help = AFTER_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
 
-COMMANDS:
-    demo          a whole mesh on loopback, narrated: control plane, three workloads and
-                  their sidecars; an allowed and a denied call, a live policy change, a
-                  revocation, metrics. Needs sigil-control, sigil-proxy and
-                  sigil-toy-workload next to sigil; cleans up after itself
-    validate      check Workload, Policy, Revocation and TrustBundle files as the control
-                  plane and the sidecars will; every problem is reported as file:line
-    policy test   the verdict a sidecar of --to would give a caller --from, and the rule that
-                  decides it, computed by the sidecars' own decision code; over the files of
-                  -f, or without -f over the control plane's policies (CONNECTION)
-    apply         validate, then store the resources in the control plane (--dry-run: show
-                  what would be created, updated or left unchanged, write nothing)
-    get, delete   read or remove stored resources
-    status        the store version and every connected sidecar: its name, identity,
-                  address, the version it was sent and whether it acknowledged it
-    metrics       the control plane's own metrics (OpenMetrics text)
-    revoke        take an identity off the mesh now: every sidecar refuses it and cuts its
-                  live connections (a Revocation resource named after the ID, or --name);
-                  --issued-before TIME (RFC 3339, or `now`) revokes only SVIDs issued
-                  before TIME, so a rebuilt workload with a fresh SVID is accepted again
-    unrevoke      delete that Revocation
+#[derive(Subcommand)]
+enum Command {
+    // Details go after the options (`after_help`): a long_about would switch clap's --help
+    // to its sparse one-line-per-paragraph layout.
+    #[command(
+        about = "A whole mesh on loopback, narrated",
+        after_help = "A control plane, three workloads and their sidecars; an allowed and a \
+                      denied call, a live policy change, a revocation, metrics. Needs \
+                      sigil-control, sigil-proxy and sigil-toy-workload next to sigil; cleans \
+                      up after itself."
+    )]
+    Demo,
+    #[command(
+        about = "Check resource files; every problem as file:line",
+        after_help = "Workload, Policy, Revocation and TrustBundle files are checked as the \
+                      control plane and the sidecars will check them."
+    )]
+    Validate(Files),
+    /// Policy tools
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Validate, then store resources in the control plane
+    Apply(ApplyArgs),
+    /// Print stored resources: all, one kind, or one resource
+    Get(GetArgs),
+    /// Remove a stored resource
+    Delete(DeleteArgs),
+    #[command(
+        about = "The store version and every connected sidecar",
+        after_help = "One line per sidecar: its name, identity, address, the version it was \
+                      sent and whether it acknowledged it."
+    )]
+    Status(Connection),
+    /// The control plane's own metrics (OpenMetrics text)
+    Metrics(Connection),
+    #[command(
+        about = "Take an identity off the mesh now",
+        after_help = "Every sidecar refuses it and cuts its live connections. Stores a \
+                      Revocation resource named after the ID (or --name)."
+    )]
+    Revoke(RevokeArgs),
+    /// Delete the Revocations of an identity
+    Unrevoke(UnrevokeArgs),
+    /// Print sigil's version
+    Version,
+}
 
-CONNECTION (the operator API: mutual TLS with your SVID; flags or environment):
-    --server ADDR       SIGIL_SERVER      control plane operator API   [127.0.0.1:15014]
-    --control-id ID     SIGIL_CONTROL_ID  the control plane's SPIFFE ID (pinned)
-    --cert, --key FILE  SIGIL_CERT, SIGIL_KEY   your SVID and key
-    --bundle-dir DIR    SIGIL_BUNDLE_DIR  trust bundles, one <trust domain>.pem each
+#[derive(Subcommand)]
+enum PolicyCommand {
+    #[command(
+        about = "The verdict a sidecar of --to would give --from, and the rule",
+        after_help = "Computed by the sidecars' own decision code (the same request \
+                      normalization and PolicyIndex), over the policies of -f, or without -f \
+                      over the control plane's."
+    )]
+    Test(TestArgs),
+}
 
-OPTIONS:
-    -f PATH       a resource file, or a directory of *.yaml files (repeatable)
-    --from ID     the calling workload's SPIFFE ID
-    --to ID       the called workload's SPIFFE ID (the policies targeting it apply)
-    --port N      the called workload's port
-    --method M    HTTP method, on ports declared http [GET]
-    --path P      path and query as the client sends them (normalized as a sidecar does) [/]
-    --host H      Host / :authority; routes that list hosts need it [none]
-    --header N:V  a request header (repeatable)
-    --at TIME     judge expiry at this RFC 3339 UTC instant [now]
-    --reason TEXT why an identity is revoked (logged by every sidecar)
-    -h, --help    this text
-    -V, --version version
+#[derive(Args)]
+struct Files {
+    /// A resource file, or a directory of *.yaml files (repeatable)
+    #[arg(short = 'f', long = "file", value_name = "PATH", required = true)]
+    files: Vec<PathBuf>,
+}
 
-EXIT CODES:
-    0 valid / allowed / done; 1 denied, or refused or not found by the control plane;
-    2 invalid input or arguments";
+// The operator API: mutual TLS with your SVID. Flags, else the environment.
+#[derive(Args)]
+#[command(next_help_heading = "Connection (the operator API, mutual TLS with your SVID)")]
+struct Connection {
+    /// The control plane's operator API
+    #[arg(
+        long,
+        hide_env_values = true,
+        env = "SIGIL_SERVER",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:15014"
+    )]
+    server: SocketAddr,
+    /// The control plane's SPIFFE ID, pinned (required)
+    #[arg(long, hide_env_values = true,
+        env = "SIGIL_CONTROL_ID", value_name = "ID", value_parser = SpiffeId::parse)]
+    control_id: Option<SpiffeId>,
+    /// Your SVID, leaf first (required)
+    #[arg(long, hide_env_values = true, env = "SIGIL_CERT", value_name = "FILE")]
+    cert: Option<PathBuf>,
+    /// Your SVID's private key (required)
+    #[arg(long, hide_env_values = true, env = "SIGIL_KEY", value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// Trust bundles, one <trust domain>.pem each (required)
+    #[arg(
+        long,
+        hide_env_values = true,
+        env = "SIGIL_BUNDLE_DIR",
+        value_name = "DIR"
+    )]
+    bundle_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ApplyArgs {
+    #[command(flatten)]
+    files: Files,
+    /// Show what would be created, updated or left unchanged; write nothing
+    #[arg(long)]
+    dry_run: bool,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+#[derive(Args)]
+struct GetArgs {
+    /// A resource kind: Workload, Policy, Revocation, TrustBundle
+    kind: Option<String>,
+    /// A resource name (with KIND)
+    name: Option<String>,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+#[derive(Args)]
+struct DeleteArgs {
+    /// The resource's kind
+    kind: String,
+    /// The resource's name
+    name: String,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+#[derive(Args)]
+struct RevokeArgs {
+    /// The SPIFFE ID to revoke
+    #[arg(value_parser = SpiffeId::parse)]
+    id: SpiffeId,
+    /// Why (required: every sidecar logs it)
+    #[arg(long, value_name = "TEXT", value_parser = reason)]
+    reason: String,
+    /// Revoke only SVIDs issued before TIME (RFC 3339 UTC, or `now`), so that a rebuilt
+    /// workload with a fresh SVID is accepted again
+    #[arg(long, value_name = "TIME", value_parser = instant)]
+    issued_before: Option<Timestamp>,
+    /// The Revocation resource's name [default: derived from the ID]
+    #[arg(long)]
+    name: Option<String>,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+#[derive(Args)]
+struct UnrevokeArgs {
+    /// The SPIFFE ID whose Revocations are deleted
+    #[arg(value_parser = SpiffeId::parse)]
+    id: SpiffeId,
+    /// Delete only the Revocation of this name
+    #[arg(long)]
+    name: Option<String>,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+#[derive(Args)]
+struct TestArgs {
+    /// A resource file, or a directory of *.yaml files (repeatable); without it, the
+    /// control plane's policies
+    #[arg(short = 'f', long = "file", value_name = "PATH")]
+    files: Vec<PathBuf>,
+    /// The calling workload's SPIFFE ID
+    #[arg(long, value_name = "ID", value_parser = SpiffeId::parse)]
+    from: SpiffeId,
+    /// The called workload's SPIFFE ID (the policies targeting it apply)
+    #[arg(long, value_name = "ID", value_parser = SpiffeId::parse)]
+    to: SpiffeId,
+    /// The called workload's port
+    #[arg(long, value_name = "N")]
+    port: u16,
+    /// HTTP method, on ports declared http
+    #[arg(long, value_name = "M", default_value = "GET")]
+    method: String,
+    /// Path and query as the client sends them (normalized as a sidecar does)
+    #[arg(long, value_name = "P", default_value = "/")]
+    path: String,
+    /// Host / :authority; routes that list hosts need it [default: none]
+    #[arg(long, value_name = "H", default_value = "", hide_default_value = true)]
+    host: String,
+    /// A request header (repeatable)
+    #[arg(long = "header", value_name = "NAME:VALUE", value_parser = header)]
+    headers: Vec<(String, String)>,
+    /// Judge expiry at this RFC 3339 UTC instant [default: now]
+    #[arg(long, value_name = "TIME", value_parser = Timestamp::parse)]
+    at: Option<Timestamp>,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+/// A flag value that clap's own parsers cannot judge; clap prints it after the flag's name.
+#[derive(Debug)]
+enum BadValue {
+    /// `--reason` is blank.
+    BlankReason,
+    /// `--header` has no `:`.
+    Header,
+    /// `--issued-before` is neither `now` nor an RFC 3339 time (`Timestamp::parse`'s reason).
+    Time(String),
+}
+
+impl fmt::Display for BadValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::BlankReason => write!(f, "a reason is required: every sidecar logs why"),
+            Self::Header => write!(f, "expected NAME:VALUE"),
+            Self::Time(why) => write!(f, "{why}"),
+        }
+    }
+}
+
+impl std::error::Error for BadValue {}
+
+/// `--reason`: not blank, since every sidecar logs it as the why.
+fn reason(text: &str) -> Result<String, BadValue> {
+    if text.trim().is_empty() {
+        return Err(BadValue::BlankReason);
+    }
+    Ok(text.to_string())
+}
+
+/// `--issued-before`: RFC 3339 UTC, or `now`.
+fn instant(text: &str) -> Result<Timestamp, BadValue> {
+    if text == "now" {
+        return Ok(Timestamp(now()));
+    }
+    Timestamp::parse(text).map_err(BadValue::Time)
+}
+
+/// `--header NAME:VALUE`, the name lowercased as the sidecar compares it.
+fn header(text: &str) -> Result<(String, String), BadValue> {
+    let (name, value) = text.split_once(':').ok_or(BadValue::Header)?;
+    Ok((name.trim().to_ascii_lowercase(), value.trim().to_string()))
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        None | Some("-h" | "--help") => {
-            println!("{USAGE}");
+    let cli = Cli::parse();
+    match cli.command {
+        None => {
+            // Bare `sigil` is a question, not a mistake: help, exit 0.
+            let _ = Cli::command().print_help();
             ExitCode::SUCCESS
         }
-        Some("-V" | "--version") => {
+        Some(Command::Version) => {
             println!("sigil {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Some("demo") if args.len() == 1 => {
+        Some(Command::Demo) => {
             match sigil_control::demo::run(&sigil_control::demo::default_bin_dir()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(_) => ExitCode::FAILURE,
             }
         }
-        Some("validate") => validate(&args[1..]),
-        Some("apply") => apply(&args[1..]),
-        Some("get") => get(&args[1..]),
-        Some("delete") => delete(&args[1..]),
-        Some("status") => simple_get(&args[1..], "status", "/v1/status"),
-        Some("metrics") => simple_get(&args[1..], "metrics", "/metrics"),
-        Some("revoke") => revoke(&args[1..]),
-        Some("unrevoke") => unrevoke(&args[1..]),
-        Some("policy") if args.get(1).map(String::as_str) == Some("test") => {
-            policy_test(&args[2..])
-        }
-        Some(other) => usage_error(&format!("unknown command {other:?}")),
+        Some(Command::Validate(a)) => validate(&a),
+        Some(Command::Policy(PolicyCommand::Test(a))) => policy_test(&a),
+        Some(Command::Apply(a)) => apply(&a),
+        Some(Command::Get(a)) => get(&a),
+        Some(Command::Delete(a)) => delete(&a),
+        Some(Command::Status(c)) => simple_get(&c, &["status"], "/v1/status"),
+        Some(Command::Metrics(c)) => simple_get(&c, &["metrics"], "/metrics"),
+        Some(Command::Revoke(a)) => revoke(&a),
+        Some(Command::Unrevoke(a)) => unrevoke(&a),
     }
 }
 
-fn usage_error(msg: &str) -> ExitCode {
-    eprintln!("sigil: {msg}\n\n{USAGE}");
+/// A usage error found after parsing, in clap's form (one line, the subcommand's usage, the
+/// hint to --help); exit code 2. `command`: the subcommand's path, e.g. `["policy", "test"]`.
+fn usage_error(command: &[&str], kind: ErrorKind, message: &str) -> ExitCode {
+    let mut cmd = Cli::command();
+    // Building sets each subcommand's full name (`sigil policy test`) for its usage line.
+    cmd.build();
+    let mut sub = &mut cmd;
+    for name in command {
+        sub = sub
+            .find_subcommand_mut(name)
+            .expect("usage_error names a subcommand");
+    }
+    let _ = sub.error(kind, message).print();
     ExitCode::from(2)
 }
 
-/// Options of both commands; each command checks what it needs.
-#[derive(Default)]
-struct Opts {
-    files: Vec<PathBuf>,
-    from: Option<String>,
-    to: Option<String>,
-    port: Option<String>,
-    method: Option<String>,
-    path: Option<String>,
-    host: Option<String>,
-    headers: Vec<String>,
-    at: Option<String>,
-    dry_run: bool,
-    reason: Option<String>,
-    issued_before: Option<String>,
-    name: Option<String>,
-    server: Option<String>,
-    control_id: Option<String>,
-    cert: Option<String>,
-    key: Option<String>,
-    bundle_dir: Option<String>,
-    positional: Vec<String>,
-}
-
-fn parse_opts(args: &[String]) -> Result<Opts, String> {
-    let mut o = Opts::default();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = || it.next().cloned().ok_or(format!("{a} needs a value"));
-        match a.as_str() {
-            "-f" | "--file" => o.files.push(PathBuf::from(value()?)),
-            "--from" => o.from = Some(value()?),
-            "--to" => o.to = Some(value()?),
-            "--port" => o.port = Some(value()?),
-            "--method" => o.method = Some(value()?),
-            "--path" => o.path = Some(value()?),
-            "--host" => o.host = Some(value()?),
-            "--header" => o.headers.push(value()?),
-            "--at" => o.at = Some(value()?),
-            "--dry-run" => o.dry_run = true,
-            "--reason" => o.reason = Some(value()?),
-            "--issued-before" => o.issued_before = Some(value()?),
-            "--name" => o.name = Some(value()?),
-            "--server" => o.server = Some(value()?),
-            "--control-id" => o.control_id = Some(value()?),
-            "--cert" => o.cert = Some(value()?),
-            "--key" => o.key = Some(value()?),
-            "--bundle-dir" => o.bundle_dir = Some(value()?),
-            other if !other.starts_with('-') => o.positional.push(other.to_string()),
-            other => return Err(format!("unknown argument {other:?}")),
-        }
-    }
-    Ok(o)
-}
-
-fn parse_with_files(args: &[String]) -> Result<Opts, String> {
-    let o = parse_opts(args)?;
-    if o.files.is_empty() {
-        return Err("-f PATH is required".into());
-    }
-    Ok(o)
-}
-
-/// The operator API client from flags, else the environment.
-fn client(o: &Opts) -> Result<Client, String> {
-    let pick = |flag: &Option<String>, env: &str, name: &str| {
-        flag.clone()
-            .or_else(|| std::env::var(env).ok())
-            .ok_or(format!("{name} (or {env}) is required"))
+/// The operator API client, or the usage error that says what is missing or unreadable;
+/// `hint` follows a missing setting's message.
+fn client(c: &Connection, command: &[&str], hint: &str) -> Result<Client, ExitCode> {
+    let missing = |flag: &str, env: &str| {
+        usage_error(
+            command,
+            ErrorKind::MissingRequiredArgument,
+            &format!("{flag} (or {env}) is required{hint}"),
+        )
     };
-    let server =
-        pick(&o.server, "SIGIL_SERVER", "--server").unwrap_or_else(|_| "127.0.0.1:15014".into());
-    let server = server
-        .parse()
-        .map_err(|_| format!("--server {server:?}: expected ip:port"))?;
-    let control_id = pick(&o.control_id, "SIGIL_CONTROL_ID", "--control-id")?;
-    let control_id =
-        SpiffeId::parse(&control_id).map_err(|e| format!("--control-id {control_id:?}: {e}"))?;
-    let cert = pick(&o.cert, "SIGIL_CERT", "--cert")?;
-    let key = pick(&o.key, "SIGIL_KEY", "--key")?;
-    let bundles = pick(&o.bundle_dir, "SIGIL_BUNDLE_DIR", "--bundle-dir")?;
-    let identity = identity::load(Path::new(&cert), Path::new(&key), Path::new(&bundles))?;
+    let control_id = c
+        .control_id
+        .clone()
+        .ok_or_else(|| missing("--control-id", "SIGIL_CONTROL_ID"))?;
+    let cert = c
+        .cert
+        .as_ref()
+        .ok_or_else(|| missing("--cert", "SIGIL_CERT"))?;
+    let key = c
+        .key
+        .as_ref()
+        .ok_or_else(|| missing("--key", "SIGIL_KEY"))?;
+    let bundles = c
+        .bundle_dir
+        .as_ref()
+        .ok_or_else(|| missing("--bundle-dir", "SIGIL_BUNDLE_DIR"))?;
+    let identity = identity::load(cert, key, bundles)
+        .map_err(|e| usage_error(command, ErrorKind::Io, &e.to_string()))?;
     Ok(Client {
-        server,
+        server: c.server,
         control_id,
         identity,
     })
 }
 
 /// Prints the control plane's answer; the exit code follows its status.
-fn report(result: Result<(StatusCode, String), String>) -> ExitCode {
+fn report(result: Result<(StatusCode, String), ClientError>) -> ExitCode {
     match result {
         Ok((status, body)) if status.is_success() => {
             print!("{body}");
@@ -220,25 +377,21 @@ fn report(result: Result<(StatusCode, String), String>) -> ExitCode {
     }
 }
 
-fn apply(args: &[String]) -> ExitCode {
-    let o = match parse_with_files(args) {
-        Ok(o) => o,
-        Err(e) => return usage_error(&e),
-    };
+fn apply(a: &ApplyArgs) -> ExitCode {
     // Validate everything locally first: nothing is sent unless every file is valid.
-    if let Err(code) = load(&o.files) {
+    if let Err(code) = load(&a.files.files) {
         return code;
     }
-    let c = match client(&o) {
+    let c = match client(&a.connection, &["apply"], "") {
         Ok(c) => c,
-        Err(e) => return usage_error(&e),
+        Err(code) => return code,
     };
-    let path = if o.dry_run {
+    let path = if a.dry_run {
         "/v1/apply?dryRun=true"
     } else {
         "/v1/apply"
     };
-    for file in files::expand_all(&o.files) {
+    for file in files::expand_all(&a.files.files) {
         let text = match std::fs::read_to_string(&file) {
             Ok(t) => t,
             Err(e) => {
@@ -255,92 +408,46 @@ fn apply(args: &[String]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn get(args: &[String]) -> ExitCode {
-    let o = match parse_opts(args) {
-        Ok(o) if o.positional.len() <= 2 => o,
-        Ok(_) => return usage_error("get takes at most KIND and NAME"),
-        Err(e) => return usage_error(&e),
-    };
-    let c = match client(&o) {
+fn get(a: &GetArgs) -> ExitCode {
+    let c = match client(&a.connection, &["get"], "") {
         Ok(c) => c,
-        Err(e) => return usage_error(&e),
+        Err(code) => return code,
     };
-    let path = format!("/v1/resources/{}", o.positional.join("/"));
+    let rest: Vec<&str> = [&a.kind, &a.name]
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    let path = format!("/v1/resources/{}", rest.join("/"));
     report(c.send(Method::GET, &path, &[], String::new()))
 }
 
-fn delete(args: &[String]) -> ExitCode {
-    let o = match parse_opts(args) {
-        Ok(o) if o.positional.len() == 2 => o,
-        Ok(_) => return usage_error("delete takes KIND and NAME"),
-        Err(e) => return usage_error(&e),
-    };
-    let c = match client(&o) {
+fn delete(a: &DeleteArgs) -> ExitCode {
+    let c = match client(&a.connection, &["delete"], "") {
         Ok(c) => c,
-        Err(e) => return usage_error(&e),
+        Err(code) => return code,
     };
-    let path = format!("/v1/resources/{}/{}", o.positional[0], o.positional[1]);
+    let path = format!("/v1/resources/{}/{}", a.kind, a.name);
     report(c.send(Method::DELETE, &path, &[], String::new()))
 }
 
 /// A command that is one GET without arguments.
-fn simple_get(args: &[String], command: &str, path: &str) -> ExitCode {
-    let o = match parse_opts(args) {
-        Ok(o) if o.positional.is_empty() => o,
-        Ok(_) => return usage_error(&format!("{command} takes no arguments")),
-        Err(e) => return usage_error(&e),
-    };
-    let c = match client(&o) {
+fn simple_get(connection: &Connection, command: &[&str], path: &str) -> ExitCode {
+    let c = match client(connection, command, "") {
         Ok(c) => c,
-        Err(e) => return usage_error(&e),
+        Err(code) => return code,
     };
     report(c.send(Method::GET, path, &[], String::new()))
 }
 
-/// The Revocation resource name: `--name`, else the one `sigil revoke` derives from the ID.
-fn revocation_name(o: &Opts, id: &SpiffeId) -> String {
-    o.name.clone().unwrap_or_else(|| revoke::name_for(id))
-}
-
-fn one_id(o: &Opts, what: &str) -> Result<SpiffeId, String> {
-    match o.positional.as_slice() {
-        [id] => SpiffeId::parse(id).map_err(|e| format!("{id:?}: {e}")),
-        _ => Err(format!("{what} takes one SPIFFE ID")),
-    }
-}
-
-fn revoke(args: &[String]) -> ExitCode {
-    let o = match parse_opts(args) {
-        Ok(o) => o,
-        Err(e) => return usage_error(&e),
-    };
-    let id = match one_id(&o, "revoke") {
-        Ok(id) => id,
-        Err(e) => return usage_error(&e),
-    };
-    let Some(reason) = o.reason.clone().filter(|r| !r.trim().is_empty()) else {
-        return usage_error("--reason TEXT is required: every sidecar logs why");
-    };
-    let issued_before = match o.issued_before.as_deref() {
-        None => None,
-        Some("now") => Some(Timestamp(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs() as i64)
-                .unwrap_or(0),
-        )),
-        Some(t) => match Timestamp::parse(t) {
-            Ok(t) => Some(t),
-            Err(e) => return usage_error(&format!("--issued-before: {e}")),
-        },
-    };
-    let c = match client(&o) {
+fn revoke(a: &RevokeArgs) -> ExitCode {
+    let c = match client(&a.connection, &["revoke"], "") {
         Ok(c) => c,
-        Err(e) => return usage_error(&e),
+        Err(code) => return code,
     };
-    let name = revocation_name(&o, &id);
+    let name = a.name.clone().unwrap_or_else(|| revoke::name_for(&a.id));
     let owner = c.identity.local.id().to_string();
-    let yaml = match revoke::document(&name, &id, &reason, issued_before, &owner) {
+    let yaml = match revoke::document(&name, &a.id, &a.reason, a.issued_before, &owner) {
         Ok(y) => y,
         Err(e) => {
             eprintln!("sigil: {e}");
@@ -357,40 +464,25 @@ fn revoke(args: &[String]) -> ExitCode {
 
 /// Deletes every Revocation of the ID (or the one named by `--name`), whatever its name: the
 /// stored documents are read, not guessed from the ID.
-fn unrevoke(args: &[String]) -> ExitCode {
-    let o = match parse_opts(args) {
-        Ok(o) => o,
-        Err(e) => return usage_error(&e),
-    };
-    let id = match one_id(&o, "unrevoke") {
-        Ok(id) => id,
-        Err(e) => return usage_error(&e),
-    };
-    let c = match client(&o) {
+fn unrevoke(a: &UnrevokeArgs) -> ExitCode {
+    let c = match client(&a.connection, &["unrevoke"], "") {
         Ok(c) => c,
-        Err(e) => return usage_error(&e),
+        Err(code) => return code,
     };
-    let body = match c.send(Method::GET, "/v1/resources/Revocation", &[], String::new()) {
-        Ok((status, body)) if status.is_success() => body,
-        other => return report(other),
-    };
-    let stored = match Resource::parse_all(Path::new("control-plane"), &body) {
+    let stored = match fetch(&c, "/v1/resources/Revocation", "revocations") {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("sigil: the control plane sent revocations this sigil cannot read: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     let names: Vec<String> = stored
         .iter()
         .filter_map(|r| match r {
-            Resource::Revocation(r) if r.spec.spiffe_id == id => Some(r.metadata.name.clone()),
+            Resource::Revocation(r) if r.spec.spiffe_id == a.id => Some(r.metadata.name.clone()),
             _ => None,
         })
-        .filter(|n| o.name.as_ref().is_none_or(|want| want == n))
+        .filter(|n| a.name.as_ref().is_none_or(|want| want == n))
         .collect();
     if names.is_empty() {
-        eprintln!("sigil: no revocation of {id} is stored");
+        eprintln!("sigil: no revocation of {} is stored", a.id);
         return ExitCode::from(1);
     }
     for name in names {
@@ -407,6 +499,18 @@ fn unrevoke(args: &[String]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// The stored resources at `path`, parsed; `what` names them in the error.
+fn fetch(c: &Client, path: &str, what: &str) -> Result<Vec<Resource>, ExitCode> {
+    let body = match c.send(Method::GET, path, &[], String::new()) {
+        Ok((status, body)) if status.is_success() => body,
+        other => return Err(report(other)),
+    };
+    Resource::parse_all(Path::new("control-plane"), &body).map_err(|e| {
+        eprintln!("sigil: the control plane sent {what} this sigil cannot read: {e}");
+        ExitCode::from(1)
+    })
+}
+
 fn load(files: &[PathBuf]) -> Result<Vec<Resource>, ExitCode> {
     files::load(files).map_err(|problems| {
         for p in &problems {
@@ -417,12 +521,8 @@ fn load(files: &[PathBuf]) -> Result<Vec<Resource>, ExitCode> {
     })
 }
 
-fn validate(args: &[String]) -> ExitCode {
-    let o = match parse_with_files(args) {
-        Ok(o) => o,
-        Err(e) => return usage_error(&e),
-    };
-    let resources = match load(&o.files) {
+fn validate(a: &Files) -> ExitCode {
+    let resources = match load(&a.files) {
         Ok(r) => r,
         Err(code) => return code,
     };
@@ -433,56 +533,25 @@ fn validate(args: &[String]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn policy_test(args: &[String]) -> ExitCode {
-    let o = match parse_opts(args) {
-        Ok(o) => o,
-        Err(e) => return usage_error(&e),
+fn policy_test(a: &TestArgs) -> ExitCode {
+    let policies = match test_policies(a) {
+        Ok(p) => p,
+        Err(code) => return code,
     };
-    let q = match question(&o) {
-        Ok(q) => q,
-        Err(e) => return usage_error(&e),
+    let q = Question {
+        from: a.from.clone(),
+        to: a.to.clone(),
+        port: a.port,
+        method: a.method.clone(),
+        path: a.path.clone(),
+        host: a.host.clone(),
+        headers: a.headers.clone(),
+        at: a.at.map_or_else(now, |t| t.0),
     };
-    // Local files if given (offline, e.g. CI of a resource repository), else the live mesh's
-    // policies from the control plane.
-    let resources = if o.files.is_empty() {
-        let c = match client(&o) {
-            Ok(c) => c,
-            Err(e) => return usage_error(&format!("{e} (or give -f PATH to test local files)")),
-        };
-        let body = match c.send(Method::GET, "/v1/resources/Policy", &[], String::new()) {
-            Ok((status, body)) if status.is_success() => body,
-            other => return report(other),
-        };
-        match Resource::parse_all(Path::new("control-plane"), &body) {
-            Ok(r) => {
-                println!(
-                    "policies from the control plane at {} (a sidecar's own policyDir and inbound.ports also apply)",
-                    c.server
-                );
-                r
-            }
-            Err(e) => {
-                eprintln!("sigil: the control plane sent policies this sigil cannot read: {e}");
-                return ExitCode::from(1);
-            }
-        }
-    } else {
-        match load(&o.files) {
-            Ok(r) => r,
-            Err(code) => return code,
-        }
-    };
-    let policies: Vec<_> = resources
-        .into_iter()
-        .filter_map(|r| match r {
-            Resource::Policy(p) => Some(p),
-            _ => None,
-        })
-        .collect();
     match decide(&policies, &q) {
-        Ok(a) => {
-            print!("{}", a.text);
-            if a.allowed {
+        Ok(answer) => {
+            print!("{}", answer.text);
+            if answer.allowed {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
@@ -495,39 +564,26 @@ fn policy_test(args: &[String]) -> ExitCode {
     }
 }
 
-fn question(o: &Opts) -> Result<Question, String> {
-    let id = |name: &str, v: &Option<String>| -> Result<SpiffeId, String> {
-        let v = v.as_deref().ok_or(format!("--{name} ID is required"))?;
-        SpiffeId::parse(v).map_err(|e| format!("--{name} {v:?}: {e}"))
+/// The policies `policy test` judges with: local files if given (offline, e.g. CI of a
+/// resource repository), else the live mesh's policies from the control plane.
+fn test_policies(a: &TestArgs) -> Result<Vec<Policy>, ExitCode> {
+    let resources = if a.files.is_empty() {
+        let hint = " (or give -f PATH to test local files)";
+        let c = client(&a.connection, &["policy", "test"], hint)?;
+        let r = fetch(&c, "/v1/resources/Policy", "policies")?;
+        println!(
+            "policies from the control plane at {} (a sidecar's own policyDir and inbound.ports also apply)",
+            c.server
+        );
+        r
+    } else {
+        load(&a.files)?
     };
-    let port = o.port.as_deref().ok_or("--port N is required")?;
-    let port = port
-        .parse()
-        .map_err(|_| format!("--port {port:?}: not a port number"))?;
-    let headers = o
-        .headers
-        .iter()
-        .map(|h| {
-            h.split_once(':')
-                .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
-                .ok_or(format!("--header {h:?}: expected NAME:VALUE"))
+    Ok(resources
+        .into_iter()
+        .filter_map(|r| match r {
+            Resource::Policy(p) => Some(p),
+            _ => None,
         })
-        .collect::<Result<_, _>>()?;
-    let at = match &o.at {
-        Some(t) => Timestamp::parse(t).map_err(|e| format!("--at: {e}"))?.0,
-        None => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_err(|e| e.to_string())?
-            .as_secs() as i64,
-    };
-    Ok(Question {
-        from: id("from", &o.from)?,
-        to: id("to", &o.to)?,
-        port,
-        method: o.method.clone().unwrap_or_else(|| "GET".into()),
-        path: o.path.clone().unwrap_or_else(|| "/".into()),
-        host: o.host.clone().unwrap_or_default(),
-        headers,
-        at,
-    })
+        .collect())
 }
