@@ -191,34 +191,43 @@ async fn until_refused(sender: &mut hyper::client::conn::http2::SendRequest<Empt
     panic!("new requests still taken after the graceful close");
 }
 
-#[tokio::test]
-async fn a_graceful_close_lets_in_flight_requests_finish_and_takes_no_new_ones() {
-    let conns = Arc::new(Conns::default());
-    let mut s = serve_h2(&conns).await;
-    let ok = within("first request", s.sender.send_request(get("/fast"))).await;
-    assert_eq!(ok.unwrap().status(), StatusCode::OK);
+type Answer = Result<Response<Incoming>, hyper::Error>;
+
+/// Sends `/slow` and returns once the server holds it.
+async fn slow_in_flight(s: &mut Served) -> JoinHandle<Answer> {
     let slow = tokio::spawn(s.sender.send_request(get("/slow")));
     within("slow request in", s.arrived.notified()).await;
-    assert_eq!(conns.close_where(CloseReason::BundleChange, |_| true), 1);
-    until_refused(&mut s.sender).await;
+    slow
+}
+
+/// Lets `/slow` answer; it must be answered 200, and the server end with `reason`.
+async fn finishes(s: Served, slow: JoinHandle<Answer>, reason: CloseReason) {
     s.release.notify_one();
     let slow = within("slow answer", slow).await.unwrap();
     assert_eq!(
         slow.expect("in-flight request finished").status(),
         StatusCode::OK
     );
-    assert_eq!(
-        within("server end", s.server).await.unwrap(),
-        CloseReason::BundleChange
-    );
+    assert_eq!(within("server end", s.server).await.unwrap(), reason);
+}
+
+#[tokio::test]
+async fn a_graceful_close_lets_in_flight_requests_finish_and_takes_no_new_ones() {
+    let conns = Arc::new(Conns::default());
+    let mut s = serve_h2(&conns).await;
+    let ok = within("first request", s.sender.send_request(get("/fast"))).await;
+    assert_eq!(ok.unwrap().status(), StatusCode::OK);
+    let slow = slow_in_flight(&mut s).await;
+    assert_eq!(conns.close_where(CloseReason::BundleChange, |_| true), 1);
+    until_refused(&mut s.sender).await;
+    finishes(s, slow, CloseReason::BundleChange).await;
 }
 
 #[tokio::test]
 async fn a_revocation_cuts_a_connection_that_is_closing_gracefully() {
     let conns = Arc::new(Conns::default());
     let mut s = serve_h2(&conns).await;
-    let slow = tokio::spawn(s.sender.send_request(get("/slow")));
-    within("slow request in", s.arrived.notified()).await;
+    let slow = slow_in_flight(&mut s).await;
     assert_eq!(conns.close_where(CloseReason::BundleChange, |_| true), 1);
     // Already closing gracefully: another graceful reason does not ask again.
     assert_eq!(conns.close_where(CloseReason::BundleChange, |_| true), 0);
@@ -241,18 +250,8 @@ async fn a_revocation_cuts_a_connection_that_is_closing_gracefully() {
 async fn draining_closes_served_connections_gracefully() {
     let conns = Arc::new(Conns::default());
     let mut s = serve_h2(&conns).await;
-    let slow = tokio::spawn(s.sender.send_request(get("/slow")));
-    within("slow request in", s.arrived.notified()).await;
+    let slow = slow_in_flight(&mut s).await;
     conns.start_drain();
     until_refused(&mut s.sender).await;
-    s.release.notify_one();
-    let slow = within("slow answer", slow).await.unwrap();
-    assert_eq!(
-        slow.expect("in-flight request finished").status(),
-        StatusCode::OK
-    );
-    assert_eq!(
-        within("server end", s.server).await.unwrap(),
-        CloseReason::Done
-    );
+    finishes(s, slow, CloseReason::Done).await;
 }
