@@ -103,12 +103,17 @@ pub fn echoes(s: &mut TcpStream, line: &[u8]) -> bool {
     s.write_all(line).is_ok() && s.read_exact(&mut back).is_ok() && back == line
 }
 
-/// A connection to a local port (an echo workload through a sidecar, typically) with a 10 s
-/// read timeout, and `line` echoed once through it.
-pub fn echo_stream(port: u16, line: &[u8]) -> TcpStream {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to a local port");
+/// A connection to a local port (a sidecar's listener, typically) with a 10 s read timeout.
+pub fn connect(port: u16) -> TcpStream {
+    let s = TcpStream::connect(("127.0.0.1", port)).expect("connect to a local port");
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("set a read timeout");
+    s
+}
+
+/// `connect` to an echo workload behind `port`, and `line` echoed once through it.
+pub fn echo_stream(port: u16, line: &[u8]) -> TcpStream {
+    let mut s = connect(port);
     assert!(echoes(&mut s, line), "no echo through port {port}");
     s
 }
