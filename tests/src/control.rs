@@ -176,10 +176,22 @@ impl ControlPlane {
     /// Starts `id` with an SVID from `ca` (files `control.*` in `dir`) and the embedded store
     /// in `dir/control-data`: the single control plane most tests need.
     pub fn start_in(dir: &Path, ca: &Ca, id: &str) -> Self {
-        Self::start(
+        Self::start_named(
+            dir,
+            ca,
             id,
-            write_identity(dir, "control", ca, id, &[ca]),
-            dir.join("control-data"),
+            "control",
+            StoreAt::Dir(dir.join("control-data")),
+        )
+    }
+
+    /// Starts `id` with an SVID from `ca` (files `<name>.*` in `dir`) on `store`: one of
+    /// several replicas, or a control plane on etcd.
+    pub fn start_named(dir: &Path, ca: &Ca, id: &str, name: &str, store: StoreAt) -> Self {
+        Self::start_with(
+            id,
+            write_identity(dir, name, ca, id, &[ca]),
+            store,
             free_port(),
             free_port(),
         )
@@ -192,23 +204,9 @@ impl ControlPlane {
         operator_port: u16,
         sidecar_port: u16,
     ) -> Self {
-        let td = id
-            .strip_prefix("spiffe://")
-            .and_then(|r| r.split('/').next())
-            .expect("a SPIFFE ID");
-        let mut cmd = Command::new(bin("sigil-control"));
-        cmd.args(store.args());
         let proc = Proc::spawn(
             "sigil-control",
-            cmd.arg("--cert")
-                .arg(&files.cert)
-                .arg("--key")
-                .arg(&files.key)
-                .arg("--bundle-dir")
-                .arg(&files.bundle_dir)
-                .args(["--operator", &format!("spiffe://{td}/ops/*")])
-                .args(["--operator-listen", &format!("127.0.0.1:{operator_port}")])
-                .args(["--sidecar-listen", &format!("127.0.0.1:{sidecar_port}")]),
+            &mut Self::command(id, &files, &store, operator_port, sidecar_port),
         );
         for port in [operator_port, sidecar_port] {
             wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(10));
@@ -221,6 +219,33 @@ impl ControlPlane {
             store,
             files,
         }
+    }
+
+    /// The `sigil-control` command line for `id` with `files` as its SVID and `store`, on
+    /// these loopback ports; operators are `spiffe://<td>/ops/*`.
+    pub fn command(
+        id: &str,
+        files: &IdentityFiles,
+        store: &StoreAt,
+        operator_port: u16,
+        sidecar_port: u16,
+    ) -> Command {
+        let td = id
+            .strip_prefix("spiffe://")
+            .and_then(|r| r.split('/').next())
+            .expect("a SPIFFE ID");
+        let mut cmd = Command::new(bin("sigil-control"));
+        cmd.args(store.args())
+            .arg("--cert")
+            .arg(&files.cert)
+            .arg("--key")
+            .arg(&files.key)
+            .arg("--bundle-dir")
+            .arg(&files.bundle_dir)
+            .args(["--operator", &format!("spiffe://{td}/ops/*")])
+            .args(["--operator-listen", &format!("127.0.0.1:{operator_port}")])
+            .args(["--sidecar-listen", &format!("127.0.0.1:{sidecar_port}")]);
+        cmd
     }
 
     /// Stops it (SIGTERM; it must exit 0) and starts it again on the same ports and data.

@@ -6,7 +6,9 @@ use std::path::Path;
 
 use sigil_testkit::Ca;
 
-use crate::{free_port, start_workload, write_identity, IdentityFiles, Proc, Sidecar, TempDir};
+use crate::{
+    free_port, get_once, start_workload, write_identity, IdentityFiles, Proc, Sidecar, TempDir,
+};
 use crate::{A, B};
 
 /// The ports of one workload behind the pair: the workload's own, B's inbound listener in
@@ -57,6 +59,13 @@ impl PairSetup {
         (s, web)
     }
 
+    /// `web`, and the toy echo workload `b-echo` behind B too: a byte stream beside HTTP.
+    pub fn web_and_echo(tag: &str) -> (Self, Ports, Ports) {
+        let (mut s, web) = Self::web(tag);
+        let echo = s.workload("b-echo", true);
+        (s, web, echo)
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
@@ -83,39 +92,49 @@ impl PairSetup {
 
     /// Starts B, then A, each waited for until ready.
     pub fn start(self) -> Pair {
-        let d = self.dir.path();
-        let pb = self.b.start(d, &self.fb);
-        let pa = self.a.start(d, &self.fa);
+        let pb = self.b.start(self.path(), &self.fb);
+        let pa = self.a.start(self.path(), &self.fa);
         Pair {
             pa,
             pb,
-            workloads: self.workloads,
-            a: self.a,
-            b: self.b,
-            fa: self.fa,
-            fb: self.fb,
-            ca: self.ca,
-            dir: self.dir,
+            setup: self,
         }
     }
 }
 
-/// A started pair. Dropping it ends the sidecars, then the workloads, then removes the files.
+/// A started pair: its processes, and through `Deref` the setup it was started from (the
+/// configs, the files, the CA, the workloads). Dropping it ends the sidecars, then the
+/// workloads, then removes the files.
 pub struct Pair {
     pub pa: Proc,
     pub pb: Proc,
-    pub workloads: Vec<Proc>,
-    pub a: Sidecar,
-    pub b: Sidecar,
-    pub fa: IdentityFiles,
-    pub fb: IdentityFiles,
-    pub ca: Ca,
-    pub dir: TempDir,
+    setup: PairSetup,
+}
+
+impl std::ops::Deref for Pair {
+    type Target = PairSetup;
+
+    fn deref(&self) -> &PairSetup {
+        &self.setup
+    }
+}
+
+impl std::ops::DerefMut for Pair {
+    fn deref_mut(&mut self) -> &mut PairSetup {
+        &mut self.setup
+    }
 }
 
 impl Pair {
-    pub fn path(&self) -> &Path {
-        self.dir.path()
+    /// One call through A to `path` on `web`: it must be answered 200.
+    pub fn assert_reaches(&self, web: Ports, path: &str) {
+        assert_eq!(
+            get_once(web.a_out, path),
+            Some(200),
+            "A:\n{}\nB:\n{}",
+            self.pa.log(),
+            self.pb.log()
+        );
     }
 
     /// Starts a third sidecar `sidecar-<name>` with an SVID for `id` from the pair's CA and an

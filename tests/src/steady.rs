@@ -7,21 +7,28 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// What the caller does; `start` sets it going.
+/// What the caller does; `start` sets it going. Built from `keep_alive` or `fresh`, with
+/// other fields set by struct update (`Steady { pause: ..., ..Steady::fresh(port, path) }`).
 pub struct Steady {
-    port: u16,
-    path: String,
-    keep_alive: bool,
-    pause: Duration,
-    min_calls: usize,
-    max_calls: usize,
-    limit: Duration,
-    body: &'static str,
+    pub port: u16,
+    pub path: String,
+    /// Every call on one keep-alive connection, opened up front (a failed call is not
+    /// retried on a new one: the connection must survive); else a new connection a call.
+    pub keep_alive: bool,
+    /// Time between calls (20 ms unless told).
+    pub pause: Duration,
+    /// Calls made at the least, however soon the test stops it.
+    pub min_calls: usize,
+    /// Calls made at the most (20,000 unless told).
+    pub max_calls: usize,
+    /// How long it calls at the most (60 s unless told).
+    pub limit: Duration,
+    /// A call succeeds only if its 200's body contains this.
+    pub body: &'static str,
 }
 
 impl Steady {
-    /// Every call on one keep-alive connection to `port`, opened up front (a failed call is
-    /// not retried on a new one: the connection must survive).
+    /// Every call on one keep-alive connection to `port`.
     pub fn keep_alive(port: u16, path: &str) -> Self {
         Self::new(port, path, true)
     }
@@ -42,36 +49,6 @@ impl Steady {
             limit: Duration::from_secs(60),
             body: "",
         }
-    }
-
-    /// Time between calls (20 ms unless told).
-    pub fn pause(mut self, pause: Duration) -> Self {
-        self.pause = pause;
-        self
-    }
-
-    /// Calls made at the least, however soon the test stops it.
-    pub fn min_calls(mut self, n: usize) -> Self {
-        self.min_calls = n;
-        self
-    }
-
-    /// Calls made at the most (20,000 unless told).
-    pub fn max_calls(mut self, n: usize) -> Self {
-        self.max_calls = n;
-        self
-    }
-
-    /// How long it calls at the most (60 s unless told).
-    pub fn limit(mut self, limit: Duration) -> Self {
-        self.limit = limit;
-        self
-    }
-
-    /// A call succeeds only if its 200's body contains `text`.
-    pub fn expect_body(mut self, text: &'static str) -> Self {
-        self.body = text;
-        self
     }
 
     pub fn start(self) -> Load {

@@ -74,11 +74,9 @@ struct World {
 
 impl World {
     fn start() -> Self {
-        let mut s = PairSetup::new("control-plane");
+        let (mut s, web, echo) = PairSetup::web_and_echo("control-plane");
         let d = s.path().to_path_buf();
         let alice = write_identity(&d, "alice", &s.ca, ALICE, &[&s.ca]);
-        let web = s.workload("b", false);
-        let echo = s.workload("b-echo", true);
         let cp = ControlPlane::start_in(&d, &s.ca, CONTROL);
         let file = d.join("resources.yaml");
         let out = cp.apply(
@@ -144,19 +142,16 @@ fn control_plane_pushes_policies_registry_and_revocations_to_sidecars() {
     let out = status(w.cp(), &w.alice);
     assert!(out.contains(A) && out.contains(B), "{out}");
     // Pushed policy and registry in force.
-    assert_eq!(
-        get_once(w.a_web(), "/orders/1"),
-        Some(200),
-        "{}",
-        w.p.pa.log()
-    );
+    w.p.assert_reaches(w.web, "/orders/1");
     assert_eq!(get_once(w.a_web(), "/admin"), Some(403), "{}", w.p.pb.log());
 
     // Steady traffic on one keep-alive connection from here on (bounded in count and time).
-    let load = Steady::keep_alive(w.a_web(), "/orders/steady")
-        .pause(Duration::from_millis(10))
-        .limit(Duration::from_secs(90))
-        .start();
+    let load = Steady {
+        pause: Duration::from_millis(10),
+        limit: Duration::from_secs(90),
+        ..Steady::keep_alive(w.a_web(), "/orders/steady")
+    }
+    .start();
     a_live_policy_change_applies_without_a_restart(&w);
     an_invalid_policy_is_refused_before_it_is_stored(&w);
     let echo = a_policy_b_cannot_run_is_rejected_and_the_last_one_serves(&w);
@@ -282,18 +277,19 @@ fn a_policy_b_cannot_run_is_rejected_and_the_last_one_serves(w: &World) -> TcpSt
 fn sidecars_serve_on_while_the_control_plane_restarts(w: &mut World) {
     w.sigil(0, &["revoke", CONTROL, "--reason", "mistake"]);
     w.wait_status("sidecar-b", "sent=5 acknowledged");
-    w.restart(ControlPlane::kill_and_restart);
-    w.p.pa
-        .wait_log("control plane stream lost", Duration::from_secs(5));
-    w.wait_status("sidecar-a", "acknowledged");
-    w.wait_status("sidecar-b", "sent=5 acknowledged");
+    resubscribed_after(w, ControlPlane::kill_and_restart, "sent=5 acknowledged");
     w.sigil(0, &["unrevoke", CONTROL]);
     w.wait_status("sidecar-b", "sent=6 acknowledged");
-    w.restart(ControlPlane::restart);
+    resubscribed_after(w, ControlPlane::restart, "sent=6 acknowledged");
+}
+
+/// Restarts the control plane `how`; A notices, then both sidecars are back, B in `b_state`.
+fn resubscribed_after(w: &mut World, how: fn(ControlPlane) -> ControlPlane, b_state: &str) {
+    w.restart(how);
     w.p.pa
         .wait_log("control plane stream lost", Duration::from_secs(5));
     w.wait_status("sidecar-a", "acknowledged");
-    w.wait_status("sidecar-b", "sent=6 acknowledged");
+    w.wait_status("sidecar-b", b_state);
 }
 
 /// Revocation through the CLI: A's live connection is cut, its calls refused, while D's
@@ -313,9 +309,11 @@ fn revocation_through_the_cli_cuts_a_and_spares_d(
     wait_until("D on B's registry entry", Duration::from_secs(10), || {
         get_once(d_web, "/orders/d") == Some(200)
     });
-    let steady = Steady::keep_alive(d_web, "/orders/steady-d")
-        .pause(Duration::from_millis(5))
-        .start();
+    let steady = Steady {
+        pause: Duration::from_millis(5),
+        ..Steady::keep_alive(d_web, "/orders/steady-d")
+    }
+    .start();
     std::thread::sleep(Duration::from_millis(200));
     let out = w.sigil(0, &["revoke", A, "--reason", "incident 7"]);
     assert!(

@@ -84,9 +84,7 @@ struct Routes {
 
 impl Routes {
     fn start() -> Self {
-        let mut s = PairSetup::new("l7");
-        let web = s.workload("b", false);
-        let echo = s.workload("b-echo", true);
+        let (mut s, web, echo) = PairSetup::web_and_echo("l7");
         let policies = resource_dir(s.path(), "policies");
         let promo_expiry = now_unix() + 6;
         write_resource(
@@ -360,9 +358,7 @@ fn undeclared_ports_are_sniffed_http_gets_l7_and_opaque_bytes_are_relayed() {
         return;
     }
     // No policy targets B: mTLS alone admits A, and nothing declares a protocol.
-    let mut s = PairSetup::new("l7-detect");
-    let web = s.workload("b", false);
-    let echo = s.workload("b-echo", true);
+    let (mut s, web, echo) = PairSetup::web_and_echo("l7-detect");
     let policies = resource_dir(s.path(), "policies");
     s.b.policy_dir = Some(policies.clone());
     let mut p = s.start();
@@ -482,19 +478,31 @@ fn outbound_http_shares_one_pooled_connection_that_a_bundle_change_cuts() {
     }
     let (mut s, web) = PairSetup::web("l7-pool");
     s.a.workers = Some(1);
-    let p = s.start();
-    let url = format!("http://127.0.0.1:{}/p", web.a_out);
-    let impostor = Ca::new("example.org");
+    let t = PoolTest {
+        p: s.start(),
+        web,
+        url: format!("http://127.0.0.1:{}/p", web.a_out),
+        impostor: Ca::new("example.org"),
+    };
 
-    one_pooled_connection_carries_every_request(&p, &url);
-    a_bundle_change_at_a_cuts_the_pool_after_the_request_in_flight(&p, web, &url, &impostor);
+    one_pooled_connection_carries_every_request(&t.p, &t.url);
+    a_bundle_change_at_a_cuts_the_pool_after_the_request_in_flight(&t);
     // Trust restored: a new pooled connection, and requests flow again.
-    p.fa.trust(&p.ca);
+    t.p.fa.trust(&t.p.ca);
     wait_until("requests flow again", Duration::from_secs(5), || {
-        curl_args(&[&url]).1.contains("hello from b")
+        curl_args(&[&t.url]).1.contains("hello from b")
     });
-    assert_eq!(opened(&p.a, "outbound", B), 2.0, "{}", p.a.metrics());
-    a_bundle_change_at_b_cuts_the_pool_after_the_request_in_flight(&p, web, &url, &impostor);
+    assert_eq!(opened(&t.p.a, "outbound", B), 2.0, "{}", t.p.a.metrics());
+    a_bundle_change_at_b_cuts_the_pool_after_the_request_in_flight(&t);
+}
+
+/// The pooled-connection test's pair (one worker in A), its URL through A, and a CA of the
+/// same trust domain that signed neither SVID.
+struct PoolTest {
+    p: Pair,
+    web: Ports,
+    url: String,
+    impostor: Ca,
 }
 
 /// Twenty workload connections, HTTP/1.1 and h2c, sequential and concurrent: one
@@ -539,24 +547,33 @@ fn one_pooled_connection_carries_every_request(p: &Pair, url: &str) {
     assert!(dump.contains("\"kind\": \"pooled\""), "{dump}");
 }
 
+/// A request that takes 900 ms, started through A; then sidecar `who` (`s`, with `files`)
+/// trusts the impostor in place of the pair's CA, and has reloaded its bundle. Returns the
+/// request, and the instant the change was in force.
+fn slow_request_across_a_trust_change(
+    t: &PoolTest,
+    s: &Sidecar,
+    files: &IdentityFiles,
+    who: &str,
+) -> (InFlight, std::time::Instant) {
+    let slow = in_flight(&format!("http://127.0.0.1:{}/slow/900", t.web.a_out));
+    let reloaded = reloads(s, "bundle", "success");
+    files.trust(&t.impostor);
+    wait_until(
+        &format!("{who}'s bundle reload"),
+        Duration::from_secs(5),
+        || reloads(s, "bundle", "success") > reloaded,
+    );
+    (slow, std::time::Instant::now())
+}
+
 /// A stops trusting the CA that issued B's SVID while a request is in flight. The pooled
 /// connection takes no new requests: the next one dials afresh and is refused at the
 /// handshake (502). The request in flight, authorized when it started, still completes;
 /// then the connection is cut.
-fn a_bundle_change_at_a_cuts_the_pool_after_the_request_in_flight(
-    p: &Pair,
-    web: Ports,
-    url: &str,
-    impostor: &Ca,
-) {
-    let a = &p.a;
-    let slow = in_flight(&format!("http://127.0.0.1:{}/slow/900", web.a_out));
-    let reloaded = reloads(a, "bundle", "success");
-    p.fa.trust(impostor);
-    wait_until("A's bundle reload", Duration::from_secs(5), || {
-        reloads(a, "bundle", "success") > reloaded
-    });
-    let changed_at = std::time::Instant::now();
+fn a_bundle_change_at_a_cuts_the_pool_after_the_request_in_flight(t: &PoolTest) {
+    let (p, url, a) = (&t.p, t.url.as_str(), &t.p.a);
+    let (slow, changed_at) = slow_request_across_a_trust_change(t, a, &p.fa, "A");
     let (ok, out) = curl_args(&["-w", "[%{http_code}]", url]);
     assert!(
         ok && out.contains("[502]") && !out.contains("hello from b"),
@@ -582,20 +599,9 @@ fn a_bundle_change_at_a_cuts_the_pool_after_the_request_in_flight(
 
 /// The same from B's side: B stops trusting A's CA mid-request. B answers the request in
 /// flight, sends GOAWAY, and refuses A's next handshake.
-fn a_bundle_change_at_b_cuts_the_pool_after_the_request_in_flight(
-    p: &Pair,
-    web: Ports,
-    url: &str,
-    impostor: &Ca,
-) {
-    let b = &p.b;
-    let slow = in_flight(&format!("http://127.0.0.1:{}/slow/900", web.a_out));
-    let reloaded = reloads(b, "bundle", "success");
-    p.fb.trust(impostor);
-    wait_until("B's bundle reload", Duration::from_secs(5), || {
-        reloads(b, "bundle", "success") > reloaded
-    });
-    let changed_at = std::time::Instant::now();
+fn a_bundle_change_at_b_cuts_the_pool_after_the_request_in_flight(t: &PoolTest) {
+    let (p, url, b) = (&t.p, t.url.as_str(), &t.p.b);
+    let (slow, changed_at) = slow_request_across_a_trust_change(t, b, &p.fb, "B");
     let ((ok, out), answered_at) = slow.join().unwrap();
     assert!(
         answered_at > changed_at,
@@ -1017,8 +1023,11 @@ fn clients_that_are_not_sidecars_get_l7_with_or_without_alpn() {
     assert_eq!(served, 4.0, "{}", s.b.metrics());
 }
 
+/// A curl on a thread: its result and the instant it returned.
+type InFlight = std::thread::JoinHandle<((bool, String), std::time::Instant)>;
+
 /// Starts `curl URL` on a thread; joins to its result and the instant it returned.
-fn in_flight(url: &str) -> std::thread::JoinHandle<((bool, String), std::time::Instant)> {
+fn in_flight(url: &str) -> InFlight {
     let url = url.to_string();
     let t = std::thread::spawn(move || {
         let out = curl_args(&[&url]);

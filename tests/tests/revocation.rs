@@ -24,9 +24,7 @@ struct Mesh {
 
 impl Mesh {
     fn start() -> Self {
-        let mut s = PairSetup::new("revocation");
-        let web = s.workload("b", false);
-        s.workload("b-echo", true);
+        let (mut s, web, _) = PairSetup::web_and_echo("revocation");
         let (rev_a, rev_b) = (
             resource_dir(s.path(), "revocations-a"),
             resource_dir(s.path(), "revocations-b"),
@@ -51,18 +49,15 @@ fn revoking_one_identity_cuts_it_everywhere_and_disturbs_nothing_else() {
     let (p, b) = (&m.p, &m.p.b);
     // A holds a byte stream and a pooled HTTP/2 connection to B.
     let stream = echo_stream(p.a.outbound[1].0, b"\x00ping");
-    assert_eq!(
-        get_once(m.web.a_out, "/before"),
-        Some(200),
-        "{}",
-        p.pa.log()
-    );
+    p.assert_reaches(m.web, "/before");
 
     // C calls B steadily throughout, on one keep-alive connection (bounded in count and time).
-    let load = Steady::keep_alive(m.c.ports[0], "/steady")
-        .pause(Duration::ZERO)
-        .max_calls(200_000)
-        .start();
+    let load = Steady {
+        pause: Duration::ZERO,
+        max_calls: 200_000,
+        ..Steady::keep_alive(m.c.ports[0], "/steady")
+    }
+    .start();
     wait_until("C's load to start", Duration::from_secs(5), || {
         count(b, "sigil_requests_total{", &[&peer(C)]) > 10.0
     });
@@ -205,7 +200,7 @@ fn a_revocation_cuts_a_stream_still_running_after_the_peers_goaway() {
     s.a.revocation_dir = Some(rev_a.clone());
     let p = s.start();
     let (pa, pb, a_web) = (&p.pa, &p.pb, web.a_out);
-    assert_eq!(get_once(a_web, "/warm"), Some(200), "{}", pa.log());
+    p.assert_reaches(web, "/warm");
 
     let slow = std::thread::spawn(move || get_once(a_web, "/slow/6000"));
     std::thread::sleep(Duration::from_millis(300));

@@ -95,9 +95,7 @@ fn rotation_under_traffic_loses_nothing_and_bundle_removal_cuts_the_old_peer() {
     if !require_tool("openssl", "rotation") {
         return;
     }
-    let mut s = PairSetup::new("rotation");
-    let echo = s.workload("b-echo", true);
-    let web = s.workload("b", false);
+    let (mut s, web, echo) = PairSetup::web_and_echo("rotation");
     s.b.allow = vec![
         (echo.workload, vec![A.into()]),
         (web.workload, vec![A.into()]),
@@ -109,11 +107,13 @@ fn rotation_under_traffic_loses_nothing_and_bundle_removal_cuts_the_old_peer() {
     let stop = Arc::new(AtomicBool::new(false));
     let echoes = Arc::new(AtomicU64::new(0));
     let long_lived = long_lived_echo(echo.a_out, stop.clone(), echoes.clone());
-    let requests = Steady::fresh(web.a_out, "/")
-        .expect_body("hello from b")
-        .limit(Duration::from_secs(120))
-        .max_calls(5_000)
-        .start();
+    let requests = Steady {
+        body: "hello from b",
+        limit: Duration::from_secs(120),
+        max_calls: 5_000,
+        ..Steady::fresh(web.a_out, "/")
+    }
+    .start();
     wait_until("traffic to start", Duration::from_secs(10), || {
         requests.ok() > 5 && echoes.load(Ordering::Relaxed) > 5
     });
