@@ -71,7 +71,7 @@ fn show(what: &str, pid: u32) -> (u64, usize) {
 
 /// The sidecar's `open` counts from its config dump: (connections, pending handshakes).
 fn open(s: &Sidecar) -> (u64, u64) {
-    let (_, dump) = http_get(([127, 0, 0, 1], s.admin).into(), "/config_dump").expect("dump");
+    let (_, dump) = s.admin_get("/config_dump").expect("dump");
     let field = |name: &str| {
         let at = dump.find(&format!("\"{name}\": ")).expect(name) + name.len() + 4;
         dump[at..]
@@ -230,7 +230,7 @@ fn connection_and_handshake_limits_refuse_floods_while_others_are_served() {
         Duration::from_secs(10),
         || refused(b, "admin_limit") == 24.0,
     );
-    let (code, body) = http_get(([127, 0, 0, 1], b.admin).into(), "/ready").expect("admin");
+    let (code, body) = b.admin_get("/ready").expect("admin");
     assert_eq!(code, 200, "the probe must still be answered: {body}");
     drop(admin_flood);
     drop((flood2, flood3, flood4));
