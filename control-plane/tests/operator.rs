@@ -4,11 +4,10 @@
 use std::process::Command;
 use std::time::Duration;
 
-use sigil_e2e::{free_port, run_status, write_identity, ControlPlane, TempDir};
+use sigil_e2e::{free_port, run_status, write_identity, ControlPlane, StoreAt, TempDir};
+use sigil_e2e::{ALICE, CONTROL};
 use sigil_testkit::Ca;
 
-const CONTROL: &str = "spiffe://example.org/sigil/control";
-const ALICE: &str = "spiffe://example.org/ops/alice";
 const WEB: &str = "spiffe://example.org/ns/prod/sa/web";
 const PAY: &str = "spiffe://example.org/ns/prod/sa/payments";
 
@@ -154,16 +153,9 @@ fn sigil_control_logs_timestamped_levelled_lines_filtered_by_sigil_log() {
     let ca = Ca::new("example.org");
     let control = write_identity(d, "control", &ca, CONTROL, &[&ca]);
     let run = |level: Option<&str>| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sigil-control"));
-        cmd.args(["--store", &format!("etcd://127.0.0.1:{}", free_port())])
-            .arg("--etcd-insecure")
-            .arg("--cert")
-            .arg(&control.cert)
-            .arg("--key")
-            .arg(&control.key)
-            .arg("--bundle-dir")
-            .arg(&control.bundle_dir)
-            .args(["--operator", "spiffe://example.org/ops/*"]);
+        // No etcd listens on the port: it exits 1 after saying why.
+        let store = StoreAt::Etcd(free_port(), None);
+        let mut cmd = ControlPlane::command(CONTROL, &control, &store, free_port(), free_port());
         if let Some(level) = level {
             cmd.env("SIGIL_LOG", level);
         }

@@ -5,16 +5,10 @@
 //! sidecar's RSS and open descriptors before and after.
 
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sigil_e2e::*;
 use sigil_testkit::Ca;
-
-const A: &str = "spiffe://example.org/ns/demo/sa/a";
-const B: &str = "spiffe://example.org/ns/demo/sa/b";
-const C: &str = "spiffe://example.org/ns/demo/sa/c";
 
 /// Raises this process's descriptor limit to at least `n` (the tests open thousands of
 /// sockets).
@@ -39,48 +33,19 @@ fn raise_own_fd_limit(n: u64) {
 }
 
 /// The toy workload behind sidecar B, and sidecar A calling it through its outbound
-/// listener `a_web`: the setup most tests here share. The fields hold the processes and
-/// files alive; dropping the pair ends them.
-struct Pair {
-    _dir: TempDir,
-    ca: Ca,
-    _web: Proc,
-    b: Sidecar,
-    pb: Proc,
-    b_web: u16,
-    a_web: u16,
-    pa: Proc,
-}
-
-/// Starts a `Pair`; `tune_b` and `tune_a` adjust each sidecar before it starts.
-fn pair(tag: &str, tune_b: impl FnOnce(&mut Sidecar), tune_a: impl FnOnce(&mut Sidecar)) -> Pair {
-    let dir = TempDir::new(tag);
-    let d = dir.path();
-    let ca = Ca::new("example.org");
-    let (web, web_port) = start_workload("b", false);
-    let fa = write_identity(d, "a", &ca, A, &[&ca]);
-    let fb = write_identity(d, "b", &ca, B, &[&ca]);
-    let b_web = free_port();
-    let mut b = Sidecar::new("sidecar-b", B);
-    b.inbound = vec![(b_web, web_port)];
-    tune_b(&mut b);
-    let pb = b.start(d, &fb);
-    let a_web = free_port();
-    let mut a = Sidecar::new("sidecar-a", A);
-    a.outbound = vec![(a_web, b_web, B.into())];
-    tune_a(&mut a);
-    let pa = a.start(d, &fa);
-    assert_eq!(get_once(a_web, "/orders/1"), Some(200), "{}", pb.log());
-    Pair {
-        _dir: dir,
-        ca,
-        _web: web,
-        b,
-        pb,
-        b_web,
-        a_web,
-        pa,
-    }
+/// listener: the pair most tests here share, checked with one call. `tune_b` and `tune_a`
+/// adjust each sidecar before it starts.
+fn pair(
+    tag: &str,
+    tune_b: impl FnOnce(&mut Sidecar),
+    tune_a: impl FnOnce(&mut Sidecar),
+) -> (Pair, Ports) {
+    let (mut s, web) = PairSetup::web(tag);
+    tune_b(&mut s.b);
+    tune_a(&mut s.a);
+    let p = s.start();
+    p.assert_reaches(web, "/orders/1");
+    (p, web)
 }
 
 /// (RSS in KiB, open descriptors) of a process.
@@ -106,7 +71,7 @@ fn show(what: &str, pid: u32) -> (u64, usize) {
 
 /// The sidecar's `open` counts from its config dump: (connections, pending handshakes).
 fn open(s: &Sidecar) -> (u64, u64) {
-    let (_, dump) = http_get(([127, 0, 0, 1], s.admin).into(), "/config_dump").expect("dump");
+    let (_, dump) = s.admin_get("/config_dump").expect("dump");
     let field = |name: &str| {
         let at = dump.find(&format!("\"{name}\": ")).expect(name) + name.len() + 4;
         dump[at..]
@@ -130,31 +95,25 @@ fn refused(s: &Sidecar, reason: &str) -> f64 {
 /// How many calls the well-behaved caller makes at the least.
 const STEADY_CALLS: u32 = 20;
 
-/// What the well-behaved caller got: (calls that succeeded, statuses of those that failed).
-type Served = std::thread::JoinHandle<(u32, Vec<Option<u16>>)>;
-
 /// A caller that behaves: one request a connection through A every 20 ms until stopped and
 /// `STEADY_CALLS` made (at most 60 s, 3,000 calls).
-fn steady(a_web: u16) -> (Arc<AtomicBool>, Served) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let calls = std::thread::spawn(move || {
-        let (mut ok, mut failed) = (0, Vec::new());
-        let deadline = Instant::now() + Duration::from_secs(60);
-        // At least STEADY_CALLS calls, however soon the test is done with the abuse.
-        let more = |ok: u32, failed: &Vec<_>| {
-            !flag.load(Ordering::Relaxed) || ok as usize + failed.len() < STEADY_CALLS as usize
-        };
-        while more(ok, &failed) && Instant::now() < deadline && ok < 3_000 {
-            match get_once(a_web, "/orders/steady") {
-                Some(200) => ok += 1,
-                other => failed.push(other),
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        (ok, failed)
-    });
-    (stop, calls)
+fn steady(a_web: u16) -> Load {
+    Steady {
+        min_calls: STEADY_CALLS as usize,
+        max_calls: 3_000,
+        ..Steady::fresh(a_web, "/orders/steady")
+    }
+    .start()
+}
+
+/// Stops the well-behaved caller: it made at least `STEADY_CALLS` calls, and every one
+/// succeeded; else panics saying `what` happened, with `log`.
+fn assert_served(load: Load, what: &str, log: &str) {
+    let (ok, failed) = load.stop().tally();
+    assert!(
+        failed.is_empty() && ok >= STEADY_CALLS,
+        "{what}: {failed:?} ({ok} ok)\n{log}"
+    );
 }
 
 /// `n` TCP connections to `port` from source address `from` that never say a word.
@@ -229,7 +188,7 @@ fn tls_carrying(
 #[test]
 fn connection_and_handshake_limits_refuse_floods_while_others_are_served() {
     // Bound whole: a field left to `..` would be dropped, and its process ended.
-    let s = pair(
+    let (s, web) = pair(
         "abuse-limits",
         |b| {
             // Longer than the test: the flood's handshakes must not time out under a busy
@@ -243,9 +202,9 @@ fn connection_and_handshake_limits_refuse_floods_while_others_are_served() {
         },
         |a| a.workers = Some(1),
     );
-    let (ca, b, pb, b_web, a_web) = (&s.ca, &s.b, &s.pb, s.b_web, s.a_web);
+    let (ca, b, pb, b_web, a_web) = (&s.ca, &s.b, &s.pb, web.b_in, web.a_out);
     let before = show("sidecar B before", pb.pid());
-    let (stop, calls) = steady(a_web);
+    let calls = steady(a_web);
 
     // Idle TCP from 127.0.0.2: 40 handshakes may wait, the rest are refused at once.
     let flood2 = idle_from([127, 0, 0, 2], b_web, 100);
@@ -271,7 +230,7 @@ fn connection_and_handshake_limits_refuse_floods_while_others_are_served() {
         Duration::from_secs(10),
         || refused(b, "admin_limit") == 24.0,
     );
-    let (code, body) = http_get(([127, 0, 0, 1], b.admin).into(), "/ready").expect("admin");
+    let (code, body) = b.admin_get("/ready").expect("admin");
     assert_eq!(code, 200, "the probe must still be answered: {body}");
     drop(admin_flood);
     drop((flood2, flood3, flood4));
@@ -301,12 +260,10 @@ fn connection_and_handshake_limits_refuse_floods_while_others_are_served() {
     assert_eq!(open(b).0, 200, "open connections at the bound");
     let during = show("sidecar B at 200 connections", pb.pid());
     // The caller that behaves was served throughout.
-    stop.store(true, Ordering::Relaxed);
-    let (ok, failed) = calls.join().unwrap();
-    assert!(
-        failed.is_empty() && ok >= STEADY_CALLS,
-        "the well-behaved caller failed during the floods: {failed:?} ({ok} ok)\n{}",
-        pb.log()
+    assert_served(
+        calls,
+        "the well-behaved caller failed during the floods",
+        &pb.log(),
     );
     // One more refusal, a second later: its line says how many were held back.
     std::thread::sleep(Duration::from_millis(1_100));
@@ -335,34 +292,25 @@ fn connection_and_handshake_limits_refuse_floods_while_others_are_served() {
 
 #[test]
 fn a_hung_workload_gets_504_and_a_silent_relayed_connection_is_closed() {
-    let dir = TempDir::new("abuse-timeouts");
-    let d = dir.path();
-    let ca = Ca::new("example.org");
-    let (_web, web_port) = start_workload("b", false);
-    let fa = write_identity(d, "a", &ca, A, &[&ca]);
-    let fb = write_identity(d, "b", &ca, B, &[&ca]);
-    let (b_web, b_raw) = (free_port(), free_port());
-    let mut b = Sidecar::new("sidecar-b", B);
-    b.inbound = vec![(b_web, web_port), (b_raw, web_port)];
-    b.timeouts = vec![("request", "1s"), ("idle", "2s")];
-    let pb = b.start(d, &fb);
-    let (a_web, a_raw) = (free_port(), free_port());
-    let mut a = Sidecar::new("sidecar-a", A);
-    a.outbound = vec![(a_web, b_web, B.into()), (a_raw, b_raw, B.into())];
+    let (mut s, web) = PairSetup::web("abuse-timeouts");
+    // A second pair of listeners to the same workload, for raw bytes.
+    let raw = s.serve(web.workload);
+    s.b.timeouts = vec![("request", "1s"), ("idle", "2s")];
     // A waits longer: B's relay is the one that must notice.
-    a.timeouts = vec![("idle", "60s")];
-    let pa = a.start(d, &fa);
+    s.a.timeouts = vec![("idle", "60s")];
+    let p = s.start();
+    let (b, pa, pb, a_web, a_raw) = (&p.b, &p.pa, &p.pb, web.a_out, raw.a_out);
     let before = show("sidecar B before", pb.pid());
 
     // The workload takes 30 s to answer; the sidecar answers 504 after 1 s and lets go.
-    let (steady_stop, calls) = steady(a_web);
+    let calls = steady(a_web);
     let started = Instant::now();
     let (status, body) = sigil_testkit::http::get_once(a_web, "/slow/30000").expect("an answer");
     assert_eq!(status, 504, "{body}\n{}", pb.log());
     assert!(body.contains("workload did not answer within 1s"), "{body}");
     assert!(started.elapsed() < Duration::from_secs(25), "not cut short");
     let timed_out = count(
-        &b,
+        b,
         "sigil_requests_total{",
         &["direction=\"inbound\"", "status_class=\"5xx\""],
     );
@@ -382,19 +330,13 @@ fn a_hung_workload_gets_504_and_a_silent_relayed_connection_is_closed() {
         Duration::from_secs(10),
         || {
             count(
-                &b,
+                b,
                 "sigil_connections_closed_total{",
                 &["direction=\"inbound\"", "reason=\"idle_timeout\""],
             ) == 1.0
         },
     );
-    steady_stop.store(true, Ordering::Relaxed);
-    let (ok, failed) = calls.join().unwrap();
-    assert!(
-        failed.is_empty() && ok >= STEADY_CALLS,
-        "the well-behaved caller failed: {failed:?} ({ok} ok)\n{}",
-        pa.log()
-    );
+    assert_served(calls, "the well-behaved caller failed", &pa.log());
     let after = show("sidecar B after", pb.pid());
     assert!(
         after.1 <= before.1 + 10,
@@ -457,38 +399,21 @@ fn memory_returns_near_its_baseline_after_a_flood() {
 /// pooled connection to it is let go and closes, and its slot leaves the pool.
 #[test]
 fn pooled_connections_to_a_destination_that_left_the_registry_are_closed() {
-    const CONTROL: &str = "spiffe://example.org/sigil/control";
-    const ALICE: &str = "spiffe://example.org/ops/alice";
-    let dir = TempDir::new("abuse-pool-prune");
-    let d = dir.path();
-    let ca = Ca::new("example.org");
-    let alice = write_identity(d, "alice", &ca, ALICE, &[&ca]);
-    let fa = write_identity(d, "a", &ca, A, &[&ca]);
-    let fb = write_identity(d, "b", &ca, B, &[&ca]);
-    let (_web, web_port) = start_workload("b", false);
-    let cp = ControlPlane::start_in(d, &ca, CONTROL);
-    let b_web = free_port();
+    let (mut s, web) = PairSetup::web("abuse-pool-prune");
+    let d = s.path().to_path_buf();
+    let alice = write_identity(&d, "alice", &s.ca, ALICE, &[&s.ca]);
+    let cp = ControlPlane::start_in(&d, &s.ca, CONTROL);
     cp.apply(
         &alice,
         &d.join("b.yaml"),
-        &format!(
-            "apiVersion: sigil.dev/v1
-kind: Workload
-metadata: {{name: b, owner: team-b, purpose: the b service}}
-spec: {{spiffeId: {B}, environment: test, addresses: [\"127.0.0.1:{b_web}\"]}}
-"
-        ),
+        &workload("b", "the b service", B, &[web.b_in]),
     );
-    let mut b = Sidecar::new("sidecar-b", B);
-    b.inbound = vec![(b_web, web_port)];
-    let pb = b.start(d, &fb);
     // A knows where B is only from the pushed registry.
-    let a_web = free_port();
-    let mut a = Sidecar::new("sidecar-a", A);
-    a.outbound = vec![(a_web, b_web, String::new())];
-    a.control_plane = Some((cp.sidecar_port, CONTROL.into(), d.join("state-a")));
-    a.workers = Some(1);
-    let pa = a.start(d, &fa);
+    s.a.outbound[0].2 = String::new();
+    s.a.control_plane = Some((cp.sidecar_port, CONTROL.into(), d.join("state-a")));
+    s.a.workers = Some(1);
+    let p = s.start();
+    let (a, b, pa, pb, a_web) = (&p.a, &p.b, &p.pa, &p.pb, web.a_out);
     let pooled = |s: &Sidecar, direction: &str| {
         count(
             s,
@@ -501,8 +426,8 @@ spec: {{spiffeId: {B}, environment: test, addresses: [\"127.0.0.1:{b_web}\"]}}
         Duration::from_secs(10),
         || get_once(a_web, "/orders/1") == Some(200),
     );
-    assert_eq!(pooled(&a, "outbound"), 1.0, "{}", a.metrics());
-    assert_eq!(pooled(&b, "inbound"), 1.0, "{}", b.metrics());
+    assert_eq!(pooled(a, "outbound"), 1.0, "{}", a.metrics());
+    assert_eq!(pooled(b, "inbound"), 1.0, "{}", b.metrics());
 
     let (code, out, err) = cp.sigil(&alice, &["delete", "Workload", "b"]);
     assert_eq!(code, Some(0), "{out}{err}");
@@ -510,11 +435,13 @@ spec: {{spiffeId: {B}, environment: test, addresses: [\"127.0.0.1:{b_web}\"]}}
     wait_until(
         "A's pooled connection to B closed",
         Duration::from_secs(10),
-        || pooled(&a, "outbound") == 0.0 && pooled(&b, "inbound") == 0.0,
+        || pooled(a, "outbound") == 0.0 && pooled(b, "inbound") == 0.0,
     );
-    let (_, dump) = http_get(([127, 0, 0, 1], a.admin).into(), "/config_dump").unwrap();
+    let (_, dump) = a.admin_get("/config_dump").unwrap();
     assert!(dump.contains("\"pooled_destinations\": 0"), "{dump}");
     assert_ne!(get_once(a_web, "/orders/2"), Some(200), "{}", pb.log());
+    // The control plane first: its store is in the pair's directory.
+    drop(cp);
 }
 
 /// At a low descriptor limit (600), the default bound on connections leaves `fdReserve`
@@ -525,7 +452,7 @@ spec: {{spiffeId: {B}, environment: test, addresses: [\"127.0.0.1:{b_web}\"]}}
 /// open a connection to its own workload.
 #[test]
 fn the_descriptor_reserve_keeps_the_workload_reachable_during_a_flood() {
-    let s = pair(
+    let (s, web) = pair(
         "abuse-fds",
         |b| {
             b.fd_limit = Some(600);
@@ -533,14 +460,14 @@ fn the_descriptor_reserve_keeps_the_workload_reachable_during_a_flood() {
         },
         |a| a.workers = Some(1),
     );
-    let (b, pb, b_web, a_web) = (&s.b, &s.pb, s.b_web, s.a_web);
+    let (b, pb, b_web, a_web) = (&s.b, &s.pb, web.b_in, web.a_out);
     assert!(
         pb.log().contains("fd_limit=600 max_connections=172"),
         "{}",
         pb.log()
     );
     let before = show("sidecar B before", pb.pid());
-    let (stop, calls) = steady(a_web);
+    let calls = steady(a_web);
     let flood: Vec<_> = (0..12u8)
         .map(|i| idle_from([127, 0, 3, i + 1], b_web, 50))
         .collect();
@@ -551,13 +478,7 @@ fn the_descriptor_reserve_keeps_the_workload_reachable_during_a_flood() {
     let during = show("sidecar B at its bound", pb.pid());
     // Requests that need a new connection to the workload still get one.
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    let (ok, failed) = calls.join().unwrap();
-    assert!(
-        failed.is_empty() && ok >= STEADY_CALLS,
-        "the well-behaved caller failed: {failed:?} ({ok} ok)\n{}",
-        pb.log()
-    );
+    assert_served(calls, "the well-behaved caller failed", &pb.log());
     assert!(
         during.1 <= 600 - 256,
         "the reserve was not kept free: {during:?}"
@@ -644,10 +565,10 @@ async fn send_frames(
 #[test]
 fn http2_rapid_reset_and_continuation_floods_are_cut() {
     use sigil_filters::tls::Carries;
-    let s = pair("abuse-h2", |_| {}, |_| {});
-    let (ca, b, pb, b_web, a_web) = (&s.ca, &s.b, &s.pb, s.b_web, s.a_web);
+    let (s, web) = pair("abuse-h2", |_| {}, |_| {});
+    let (ca, b, pb, b_web, a_web) = (&s.ca, &s.b, &s.pb, web.b_in, web.a_out);
     let before = show("sidecar B before", pb.pid());
-    let (stop, calls) = steady(a_web);
+    let calls = steady(a_web);
     let rt = tokio::runtime::Runtime::new().unwrap();
 
     // Rapid reset: 20,000 streams, each cancelled right after its HEADERS.
@@ -691,13 +612,7 @@ fn http2_rapid_reset_and_continuation_floods_are_cut() {
         "the floods cost {} MiB: {before:?} {during:?}",
         (during.0 - before.0) / 1024
     );
-    stop.store(true, Ordering::Relaxed);
-    let (ok, failed) = calls.join().unwrap();
-    assert!(
-        failed.is_empty() && ok >= STEADY_CALLS,
-        "the well-behaved caller failed: {failed:?} ({ok} ok)\n{}",
-        pb.log()
-    );
+    assert_served(calls, "the well-behaved caller failed", &pb.log());
     drop(rt);
 }
 
@@ -705,9 +620,9 @@ fn http2_rapid_reset_and_continuation_floods_are_cut() {
 /// (10 s) while other callers are served.
 #[test]
 fn a_trickled_request_head_is_cut() {
-    let s = pair("abuse-slowloris", |_| {}, |_| {});
-    let (pb, a_web, pa) = (&s.pb, s.a_web, &s.pa);
-    let (stop, calls) = steady(a_web);
+    let (s, web) = pair("abuse-slowloris", |_| {}, |_| {});
+    let (pb, a_web, pa) = (&s.pb, web.a_out, &s.pa);
+    let calls = steady(a_web);
     let mut s = TcpStream::connect(("127.0.0.1", a_web)).unwrap();
     std::io::Write::write_all(&mut s, b"GET /orders/slow HTTP/1.1\r\nHost: b\r\n").unwrap();
     let started = Instant::now();
@@ -739,13 +654,7 @@ fn a_trickled_request_head_is_cut() {
         "a request head trickled for 30 s was not cut\n{}",
         pa.log()
     );
-    stop.store(true, Ordering::Relaxed);
-    let (ok, failed) = calls.join().unwrap();
-    assert!(
-        failed.is_empty() && ok >= STEADY_CALLS,
-        "the well-behaved caller failed: {failed:?} ({ok} ok)\n{}",
-        pb.log()
-    );
+    assert_served(calls, "the well-behaved caller failed", &pb.log());
 }
 
 /// A 50 MB resource document, through both doors: a sidecar's policy directory and
@@ -753,47 +662,18 @@ fn a_trickled_request_head_is_cut() {
 /// the policies in force stay, and so does the sidecar's memory.
 #[test]
 fn an_oversized_resource_document_is_refused_before_it_is_parsed() {
-    const CONTROL: &str = "spiffe://example.org/sigil/control";
-    const ALICE: &str = "spiffe://example.org/ops/alice";
-    let dir = TempDir::new("abuse-document");
-    let d = dir.path();
-    let ca = Ca::new("example.org");
-    let alice = write_identity(d, "alice", &ca, ALICE, &[&ca]);
-    let fa = write_identity(d, "a", &ca, A, &[&ca]);
-    let fb = write_identity(d, "b", &ca, B, &[&ca]);
-    let (_web, web_port) = start_workload("b", false);
-    let policies = d.join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    let policy = |purpose: &str| {
-        format!(
-            "apiVersion: sigil.dev/v1
-kind: Policy
-metadata: {{name: b-web, owner: team-b, purpose: {purpose}}}
-spec:
-  target: {B}
-  ports:
-    - port: {web_port}
-      routes:
-        - {{name: orders, match: {{path: {{prefix: /orders}}}}, allow: [{A}]}}
-"
-        )
-    };
-    write_atomic(
-        &policies.join("b.yaml"),
-        policy("who may call b").as_bytes(),
-    );
-    let b_web = free_port();
-    let mut b = Sidecar::new("sidecar-b", B);
-    b.inbound = vec![(b_web, web_port)];
-    b.policy_dir = Some(policies.clone());
-    let pb = b.start(d, &fb);
-    let a_web = free_port();
-    let mut a = Sidecar::new("sidecar-a", A);
-    a.outbound = vec![(a_web, b_web, B.into())];
-    let _pa = a.start(d, &fa);
+    let (mut s, web) = PairSetup::web("abuse-document");
+    let d = s.path().to_path_buf();
+    let alice = write_identity(&d, "alice", &s.ca, ALICE, &[&s.ca]);
+    let policies = resource_dir(&d, "policies");
+    let policy = |purpose: &str| web_policy(purpose, &[A], B, web.workload, false);
+    write_resource(&policies, "b.yaml", &policy("who may call b"));
+    s.b.policy_dir = Some(policies.clone());
+    let p = s.start();
+    let (ca, pb, a_web) = (&p.ca, &p.pb, web.a_out);
     assert_eq!(get_once(a_web, "/orders/1"), Some(200));
     let before = show("sidecar B before", pb.pid());
-    let (stop, calls) = steady(a_web);
+    let calls = steady(a_web);
 
     // 3 MB: under the 4 MiB file cap, so the document cap is what refuses it.
     let huge = policy(&"x".repeat(3_000_000));
@@ -819,15 +699,10 @@ spec:
     // The policy in force still applies: /orders for A, nothing else.
     assert_eq!(get_once(a_web, "/orders/2"), Some(200));
     assert_eq!(get_once(a_web, "/admin"), Some(403));
-    stop.store(true, Ordering::Relaxed);
-    let (ok, failed) = calls.join().unwrap();
-    assert!(
-        failed.is_empty() && ok >= STEADY_CALLS,
-        "{failed:?} ({ok} ok)"
-    );
+    assert_served(calls, "the well-behaved caller failed", "");
 
     // The control plane refuses the same document from `sigil apply`.
-    let cp = ControlPlane::start_in(d, &ca, CONTROL);
+    let cp = ControlPlane::start_in(&d, ca, CONTROL);
     let file = d.join("huge-apply.yaml");
     std::fs::write(&file, &huge).unwrap();
     let (code, out, err) = cp.sigil(&alice, &["apply", "-f", file.to_str().unwrap()]);

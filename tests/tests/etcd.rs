@@ -3,15 +3,9 @@
 //! the other; both report the same versions; concurrent applies through both lose nothing; a
 //! revocation applied at one replica cuts a sidecar subscribed to the other.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sigil_e2e::*;
-use sigil_testkit::Ca;
-
-const CONTROL: &str = "spiffe://example.org/sigil/control";
-const ALICE: &str = "spiffe://example.org/ops/alice";
-const A: &str = "spiffe://example.org/ns/demo/sa/a";
-const B: &str = "spiffe://example.org/ns/demo/sa/b";
 
 fn version_of(cp: &ControlPlane, alice: &IdentityFiles) -> String {
     let (code, out, err) = cp.sigil(alice, &["status"]);
@@ -19,48 +13,91 @@ fn version_of(cp: &ControlPlane, alice: &IdentityFiles) -> String {
     out.lines().next().unwrap_or_default().to_string()
 }
 
+/// An etcd server in the pair's directory, and alice's SVID from the pair's CA.
+fn etcd_and_alice(s: &PairSetup) -> (EtcdServer, IdentityFiles) {
+    let etcd = EtcdServer::start(s.path());
+    let alice = write_identity(s.path(), "alice", &s.ca, ALICE, &[&s.ca]);
+    (etcd, alice)
+}
+
+/// A replica `name` (its SVID from the pair's CA) on `etcd`, reached on `etcd_port` (its own,
+/// or a relay's).
+fn replica(s: &PairSetup, etcd: &EtcdServer, name: &str, etcd_port: u16) -> ControlPlane {
+    ControlPlane::start_named(s.path(), &s.ca, CONTROL, name, etcd.store_at(etcd_port))
+}
+
+/// Two replicas on one etcd; B subscribed to replica 2, A to replica 1 (which tells A where
+/// B is). Fields drop in order: the replicas, etcd, then the pair, whose directory holds
+/// etcd's data.
+struct Replicas {
+    cp1: ControlPlane,
+    cp2: ControlPlane,
+    _etcd: EtcdServer,
+    alice: IdentityFiles,
+    web: Ports,
+    p: Pair,
+}
+
 #[test]
 fn two_replicas_share_an_etcd_store_and_push_each_others_changes() {
     if !require_tool("etcd", "etcd") {
         return;
     }
-    let dir = TempDir::new("etcd");
-    let d = dir.path();
-    let etcd = EtcdServer::start(d);
-    let ca = Ca::new("example.org");
-    let alice = write_identity(d, "alice", &ca, ALICE, &[&ca]);
-    let fa = write_identity(d, "a", &ca, A, &[&ca]);
-    let fb = write_identity(d, "b", &ca, B, &[&ca]);
-    let replica = |name: &str| {
-        ControlPlane::start_with(
-            CONTROL,
-            write_identity(d, name, &ca, CONTROL, &[&ca]),
-            etcd.store_at(etcd.client_port),
-            free_port(),
-            free_port(),
-        )
+    let (mut s, web) = PairSetup::web("etcd");
+    let (etcd, alice) = etcd_and_alice(&s);
+    let cp1 = replica(&s, &etcd, "control-1", etcd.client_port);
+    let cp2 = replica(&s, &etcd, "control-2", etcd.client_port);
+    let d = s.path().to_path_buf();
+    s.b.control_plane = Some((cp2.sidecar_port, CONTROL.into(), d.join("state-b")));
+    s.a.outbound[0].2 = String::new();
+    s.a.control_plane = Some((cp1.sidecar_port, CONTROL.into(), d.join("state-a")));
+    let r = Replicas {
+        cp1,
+        cp2,
+        _etcd: etcd,
+        alice,
+        web,
+        p: s.start(),
     };
-    let (cp1, cp2) = (replica("control-1"), replica("control-2"));
 
-    let (_web, web_port) = start_workload("b", false);
-    let b_web = free_port();
-    let mut b = Sidecar::new("sidecar-b", B);
-    b.inbound = vec![(b_web, web_port)];
-    b.control_plane = Some((cp2.sidecar_port, CONTROL.into(), d.join("state-b")));
-    let pb = b.start(d, &fb);
-    let a_web = free_port();
-    let mut a = Sidecar::new("sidecar-a", A);
-    a.outbound = vec![(a_web, b_web, String::new())];
-    a.control_plane = Some((cp1.sidecar_port, CONTROL.into(), d.join("state-a")));
-    let pa = a.start(d, &fa);
+    applied_through_one_replica_enforced_through_both(&r);
+    // Changed through replica 2: A's calls see it, through B.
+    r.cp2.apply(
+        &r.alice,
+        &d.join("resources.yaml"),
+        &web_resources(&[A], B, web.b_in, web.workload, true),
+    );
+    wait_until(
+        "/admin opened through replica 2",
+        Duration::from_secs(15),
+        || get_once(web.a_out, "/admin") == Some(200),
+    );
+    concurrent_applies_through_both_lose_nothing(&r);
 
-    // Applied through replica 1; B, subscribed to replica 2, enforces it, and A (replica 1)
-    // learns B's address.
-    let file = d.join("resources.yaml");
+    // Revoked through replica 2: A, subscribed to replica 1, stops presenting its SVID.
+    let (code, out, err) = r
+        .cp2
+        .sigil(&r.alice, &["revoke", A, "--reason", "incident 9"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    r.p.pa
+        .wait_log("our own SVID is revoked", Duration::from_secs(10));
+    assert_ne!(get_once(web.a_out, "/orders/2"), Some(200));
+    let (code, out, err) = r.cp1.sigil(&r.alice, &["unrevoke", A]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    wait_until("A readmitted", Duration::from_secs(15), || {
+        get_once(web.a_out, "/orders/3") == Some(200)
+    });
+}
+
+/// Applied through replica 1; B, subscribed to replica 2, enforces it, and A (replica 1)
+/// learns B's address. `sigil status` at either replica lists the sidecars of both, each
+/// with its replica.
+fn applied_through_one_replica_enforced_through_both(r: &Replicas) {
+    let (cp1, cp2, alice, a_web) = (&r.cp1, &r.cp2, &r.alice, r.web.a_out);
     let out = cp1.apply(
-        &alice,
-        &file,
-        &web_resources(&[A], B, b_web, web_port, false),
+        alice,
+        &r.p.path().join("resources.yaml"),
+        &web_resources(&[A], B, r.web.b_in, r.web.workload, false),
     );
     assert!(out.contains("created Policy/b-web"), "{out}");
     wait_until(
@@ -68,18 +105,17 @@ fn two_replicas_share_an_etcd_store_and_push_each_others_changes() {
         Duration::from_secs(15),
         || get_once(a_web, "/orders/1") == Some(200),
     );
-    assert_eq!(get_once(a_web, "/admin"), Some(403), "{}", pb.log());
-    let (code, got, err) = cp2.sigil(&alice, &["get", "Policy", "b-web"]);
+    assert_eq!(get_once(a_web, "/admin"), Some(403), "{}", r.p.pb.log());
+    let (code, got, err) = cp2.sigil(alice, &["get", "Policy", "b-web"]);
     assert_eq!(code, Some(0), "{err}");
     assert!(got.contains("name: orders"), "{got}");
-    assert_eq!(version_of(&cp1, &alice), version_of(&cp2, &alice));
-    // `sigil status` at either replica lists the sidecars of both, each with its replica.
-    for cp in [&cp1, &cp2] {
+    assert_eq!(version_of(cp1, alice), version_of(cp2, alice));
+    for cp in [cp1, cp2] {
         wait_until(
             "both sidecars in sigil status",
             Duration::from_secs(10),
             || {
-                let (_, out, _) = cp.sigil(&alice, &["status"]);
+                let (_, out, _) = cp.sigil(alice, &["status"]);
                 let line = |node: &str, replica: &Proc| {
                     out.lines().any(|l| {
                         l.starts_with(&format!("{node} "))
@@ -91,57 +127,34 @@ fn two_replicas_share_an_etcd_store_and_push_each_others_changes() {
             },
         );
     }
+}
 
-    // Changed through replica 2: A's calls see it, through B.
-    cp2.apply(
-        &alice,
-        &file,
-        &web_resources(&[A], B, b_web, web_port, true),
-    );
-    wait_until(
-        "/admin opened through replica 2",
-        Duration::from_secs(15),
-        || get_once(a_web, "/admin") == Some(200),
-    );
-
-    // Concurrent applies through both replicas: every resource lands, none is lost.
+/// Concurrent applies through both replicas: every resource lands, none is lost.
+fn concurrent_applies_through_both_lose_nothing(r: &Replicas) {
     let apply_many = |cp: &ControlPlane, tag: &str| {
-        (0..5)
-            .map(|i| {
-                format!(
-                    "apiVersion: sigil.dev/v1
-kind: Workload
-metadata: {{name: w-{tag}-{i}, owner: team-{tag}, purpose: concurrency}}
-spec: {{spiffeId: spiffe://example.org/ns/load/sa/{tag}-{i}, environment: test}}
-"
-                )
-            })
-            .enumerate()
-            .for_each(|(i, yaml)| {
-                cp.apply(&alice, &d.join(format!("w-{tag}-{i}.yaml")), &yaml);
-            })
+        for i in 0..5 {
+            let yaml = workload(
+                &format!("w-{tag}-{i}"),
+                "concurrency",
+                &format!("spiffe://example.org/ns/load/sa/{tag}-{i}"),
+                &[],
+            );
+            cp.apply(
+                &r.alice,
+                &r.p.path().join(format!("w-{tag}-{i}.yaml")),
+                &yaml,
+            );
+        }
     };
     std::thread::scope(|s| {
-        s.spawn(|| apply_many(&cp1, "one"));
-        s.spawn(|| apply_many(&cp2, "two"));
+        s.spawn(|| apply_many(&r.cp1, "one"));
+        s.spawn(|| apply_many(&r.cp2, "two"));
     });
-    for cp in [&cp1, &cp2] {
-        let (_, out, _) = cp.sigil(&alice, &["get", "Workload"]);
+    for cp in [&r.cp1, &r.cp2] {
+        let (_, out, _) = cp.sigil(&r.alice, &["get", "Workload"]);
         assert_eq!(out.matches("# Workload/w-").count(), 10, "{out}");
     }
-    assert_eq!(version_of(&cp1, &alice), version_of(&cp2, &alice));
-
-    // Revoked through replica 2: A, subscribed to replica 1, stops presenting its SVID.
-    let (code, out, err) = cp2.sigil(&alice, &["revoke", A, "--reason", "incident 9"]);
-    assert_eq!(code, Some(0), "{out}{err}");
-    pa.wait_log("our own SVID is revoked", Duration::from_secs(10));
-    assert_ne!(get_once(a_web, "/orders/2"), Some(200));
-    let (code, out, err) = cp1.sigil(&alice, &["unrevoke", A]);
-    assert_eq!(code, Some(0), "{out}{err}");
-    wait_until("A readmitted", Duration::from_secs(15), || {
-        get_once(a_web, "/orders/3") == Some(200)
-    });
-    drop((pa, pb, cp1, cp2, etcd));
+    assert_eq!(version_of(&r.cp1, &r.alice), version_of(&r.cp2, &r.alice));
 }
 
 /// A replica held behind its store (its path to etcd stalled, as in a partition) must not
@@ -151,90 +164,44 @@ spec: {{spiffeId: spiffe://example.org/ns/load/sa/{tag}-{i}, environment: test}}
 /// revoked identity gets through.
 #[test]
 fn a_replica_behind_its_store_never_rolls_a_revocation_back() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
-
     if !require_tool("etcd", "etcd-rollback") {
         return;
     }
-    let dir = TempDir::new("etcd-rollback");
-    let d = dir.path();
-    let etcd = EtcdServer::start(d);
-    let ca = Ca::new("example.org");
-    let alice = write_identity(d, "alice", &ca, ALICE, &[&ca]);
-    let fa = write_identity(d, "a", &ca, A, &[&ca]);
-    let fb = write_identity(d, "b", &ca, B, &[&ca]);
+    let (mut s, web) = PairSetup::web("etcd-rollback");
+    let (etcd, alice) = etcd_and_alice(&s);
     // Replica 2 reaches etcd through a path the test can stall.
     let to_etcd = Relay::start(etcd.client_port);
-    let replica = |name: &str, etcd_port: u16| {
-        ControlPlane::start_with(
-            CONTROL,
-            write_identity(d, name, &ca, CONTROL, &[&ca]),
-            etcd.store_at(etcd_port),
-            free_port(),
-            free_port(),
-        )
-    };
-    let cp1 = replica("control-1", etcd.client_port);
-    let cp2 = replica("control-2", to_etcd.port);
+    let cp1 = replica(&s, &etcd, "control-1", etcd.client_port);
+    let cp2 = replica(&s, &etcd, "control-2", to_etcd.port);
     // B reaches the control plane through a balancer: replica 1 first.
     let balancer = Relay::start(cp1.sidecar_port);
-
-    let (_web, web_port) = start_workload("b", false);
-    let b_web = free_port();
     cp1.apply(
         &alice,
-        &d.join("resources.yaml"),
-        &web_resources(&[A], B, b_web, web_port, false),
+        &s.path().join("resources.yaml"),
+        &web_resources(&[A], B, web.b_in, web.workload, false),
     );
-    let mut b = Sidecar::new("sidecar-b", B);
-    b.inbound = vec![(b_web, web_port)];
-    b.control_plane = Some((balancer.port, CONTROL.into(), d.join("state-b")));
-    let pb = b.start(d, &fb);
-    let a_web = free_port();
-    let mut a = Sidecar::new("sidecar-a", A);
-    a.outbound = vec![(a_web, b_web, B.into())];
-    let pa = a.start(d, &fa);
-    assert_eq!(get_once(a_web, "/orders/1"), Some(200), "{}", pb.log());
+    s.b.control_plane = Some((balancer.port, CONTROL.into(), s.path().join("state-b")));
+    let p = s.start();
+    p.assert_reaches(web, "/orders/1");
 
     // A's calls, one connection each, for the rest of the test (bounded in count and time).
-    // After `revoked` is set, every one must fail.
-    let (stop, revoked) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicBool::new(false)),
-    );
-    let calls = {
-        let (stop, revoked) = (stop.clone(), revoked.clone());
-        std::thread::spawn(move || {
-            let (mut after, mut let_through) = (0u32, 0u32);
-            let deadline = std::time::Instant::now() + Duration::from_secs(90);
-            while !stop.load(Ordering::Relaxed)
-                && std::time::Instant::now() < deadline
-                && after < 5_000
-            {
-                let was_revoked = revoked.load(Ordering::Relaxed);
-                let got = get_once(a_web, "/orders/steady");
-                if was_revoked {
-                    after += 1;
-                    if got == Some(200) {
-                        let_through += 1;
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            (after, let_through)
-        })
-    };
+    // After the revocation is in force at B, every one must fail.
+    let calls = Steady {
+        limit: Duration::from_secs(90),
+        max_calls: 5_000,
+        ..Steady::fresh(web.a_out, "/orders/steady")
+    }
+    .start();
 
     // Replica 2 falls behind; the revocation goes in through replica 1 and reaches B.
     to_etcd.pause(true);
     let (code, out, err) = cp1.sigil(&alice, &["revoke", A, "--reason", "incident 11"]);
     assert_eq!(code, Some(0), "{out}{err}");
-    pb.wait_log("incident 11", Duration::from_secs(10));
-    revoked.store(true, Ordering::Relaxed);
+    p.pb.wait_log("incident 11", Duration::from_secs(10));
+    let revoked_at = Instant::now();
     let rejected_older = || {
         count(
-            &b,
+            &p.b,
             "sigil_snapshot_rejections_total{",
             &["reason=\"older_version\""],
         )
@@ -249,7 +216,7 @@ fn a_replica_behind_its_store_never_rolls_a_revocation_back() {
     // Held behind for a while: it sends B nothing older, and B keeps the revocation.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(rejected_older(), 0.0, "replica 2 sent an older snapshot");
-    assert!(!pb.log().contains("snapshot rejected"), "{}", pb.log());
+    assert!(!p.pb.log().contains("snapshot rejected"), "{}", p.pb.log());
 
     // Its path to etcd back: it catches up and B acknowledges it.
     to_etcd.pause(false);
@@ -267,16 +234,18 @@ fn a_replica_behind_its_store_never_rolls_a_revocation_back() {
         },
     );
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    let (after, let_through) = calls.join().unwrap();
+    let after = calls.stop().after(revoked_at);
+    let let_through = after.0.iter().filter(|c| c.status == Some(200)).count();
+    let after = after.0.len();
     assert!(after > 20, "too few calls after the revocation: {after}");
     assert_eq!(
         let_through,
         0,
         "{let_through} of {after} calls of the revoked identity got through\n{}\n{}",
-        pb.log(),
+        p.pb.log(),
         cp2.proc.log()
     );
     assert_eq!(rejected_older(), 0.0);
-    drop((pa, pb, cp1, cp2, balancer, to_etcd, etcd));
+    // The pair last: its directory holds etcd's data.
+    drop((cp1, cp2, balancer, to_etcd, etcd, p));
 }

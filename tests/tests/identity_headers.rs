@@ -20,8 +20,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use sigil_e2e::*;
 use sigil_testkit::Ca;
 
-const A: &str = "spiffe://example.org/ns/demo/sa/a";
-const B: &str = "spiffe://example.org/ns/demo/sa/b";
 const EVIL: &str = "spiffe://evil.org/";
 
 /// A chunked HTTP/1.1 POST carrying forged identity fields in three spellings in its header
@@ -51,14 +49,22 @@ fn workload_saw(reply: &str) -> &str {
         .unwrap_or_else(|| panic!("no reply from the workload: {reply}"))
 }
 
-fn raw(port: u16, request: &[u8]) -> String {
-    use std::io::Read;
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(request).unwrap();
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    String::from_utf8_lossy(&out).into_owned()
+/// The workload's `reply` to the POST of `path`: it was answered, the workload saw A alone
+/// as the caller (no forged field), and the body arrived whole. `logs` explain a failure.
+fn workload_saw_only_a(reply: &str, path: &str, logs: &str) {
+    assert!(
+        reply.contains(&format!("hello from b (POST {path}")),
+        "{reply}\n{logs}"
+    );
+    assert_eq!(
+        workload_saw(reply),
+        A,
+        "the workload got a forged field: {reply}"
+    );
+    assert!(
+        reply.contains("body=5:"),
+        "the body must arrive whole: {reply}"
+    );
 }
 
 /// `request` through `openssl s_client`, presenting A's SVID straight to an inbound
@@ -226,86 +232,29 @@ fn forged_identity_fields_in_headers_and_trailers_never_reach_the_next_hop() {
     if !require_tool("openssl", "identity-headers") {
         return;
     }
-    let dir = TempDir::new("identity-headers");
-    let d = dir.path();
-    let ca = Ca::new("example.org");
-    let (_web, web_port) = start_workload("b", false);
-    let fa = write_identity(d, "a", &ca, A, &[&ca]);
-    let fb = write_identity(d, "b", &ca, B, &[&ca]);
+    let (mut s, web) = PairSetup::web("identity-headers");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let seen = Seen::default();
-    let stand_in = stand_in_peer(&rt, &ca, seen.clone());
-
-    let b_web = free_port();
-    let mut b = Sidecar::new("sidecar-b", B);
-    b.inbound = vec![(b_web, web_port)];
-    let pb = b.start(d, &fb);
+    let stand_in = stand_in_peer(&rt, &s.ca, seen.clone());
     // A calls the real B on one port and the stand-in on another.
-    let (a_web, a_stand_in) = (free_port(), free_port());
-    let mut a = Sidecar::new("sidecar-a", A);
-    a.outbound = vec![(a_web, b_web, B.into()), (a_stand_in, stand_in, B.into())];
-    let pa = a.start(d, &fa);
+    let a_stand_in = free_port();
+    s.a.outbound.push((a_stand_in, stand_in, B.into()));
+    let p = s.start();
+    let (ca, fa, pa, pb, b_web, a_web) = (&p.ca, &p.fa, &p.pa, &p.pb, web.b_in, web.a_out);
 
     // The inbound hop alone: straight at B's inbound listener, with A's SVID.
-    let reply = s_client(&fa, b_web, &forged_http1("/inbound-hop"));
-    assert!(
-        reply.contains("hello from b (POST /inbound-hop"),
-        "{reply}\n{}",
-        pb.log()
-    );
-    assert_eq!(
-        workload_saw(&reply),
-        A,
-        "the workload got a forged field: {reply}"
-    );
-    assert!(
-        reply.contains("body=5:"),
-        "the body must arrive whole: {reply}"
-    );
-
+    let reply = s_client(fa, b_web, &forged_http1("/inbound-hop"));
+    workload_saw_only_a(&reply, "/inbound-hop", &pb.log());
     // Both hops, HTTP/1.1 from the client.
     let reply = raw(a_web, forged_http1("/both-hops").as_bytes());
-    assert!(
-        reply.contains("hello from b (POST /both-hops"),
-        "{reply}\n{}\n{}",
-        pa.log(),
-        pb.log()
-    );
-    assert_eq!(
-        workload_saw(&reply),
-        A,
-        "the workload got a forged field: {reply}"
-    );
-    assert!(reply.contains("body=5:"), "{reply}");
-
+    workload_saw_only_a(&reply, "/both-hops", &format!("{}\n{}", pa.log(), pb.log()));
     // The inbound hop alone over HTTP/2, as a peer sidecar's pool speaks it: B must strip
     // what a calling sidecar that did not would have let through.
-    let reply = rt.block_on(forged_http2_mtls(&ca, b_web, "/inbound-hop-h2"));
-    assert!(
-        reply.contains("hello from b (POST /inbound-hop-h2"),
-        "{reply}\n{}",
-        pb.log()
-    );
-    assert_eq!(
-        workload_saw(&reply),
-        A,
-        "the workload got a forged field: {reply}"
-    );
-    assert!(reply.contains("body=5:"), "{reply}");
-
+    let reply = rt.block_on(forged_http2_mtls(ca, b_web, "/inbound-hop-h2"));
+    workload_saw_only_a(&reply, "/inbound-hop-h2", &pb.log());
     // Both hops, HTTP/2 from the client (trailing HEADERS frame).
     let reply = rt.block_on(forged_http2(a_web, "/both-hops-h2"));
-    assert!(
-        reply.contains("hello from b (POST /both-hops-h2"),
-        "{reply}\n{}",
-        pb.log()
-    );
-    assert_eq!(
-        workload_saw(&reply),
-        A,
-        "the workload got a forged field: {reply}"
-    );
-    assert!(reply.contains("body=5:"), "{reply}");
+    workload_saw_only_a(&reply, "/both-hops-h2", &pb.log());
 
     // The outbound hop alone: what reached the (stand-in) peer sidecar from A.
     let reply = raw(a_stand_in, forged_http1("/outbound-hop").as_bytes());

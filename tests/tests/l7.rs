@@ -3,26 +3,20 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use sigil_e2e::*;
 use sigil_testkit::Ca;
 
-const A: &str = "spiffe://example.org/ns/demo/sa/a";
-const B: &str = "spiffe://example.org/ns/demo/sa/b";
-const C: &str = "spiffe://example.org/ns/demo/sa/c";
-
-fn policy(web: u16, echo: u16, promo_expiry: i64, stream_allow: &str) -> String {
-    format!(
-        "apiVersion: sigil.dev/v1
-kind: Policy
-metadata: {{name: api, owner: team-api, purpose: L7 end-to-end test}}
-spec:
-  target: {B}
-  ports:
-    - port: {web}
+fn api_policy(web: u16, echo: u16, promo_expiry: i64, stream_allow: &str) -> String {
+    policy(
+        "api",
+        "L7 end-to-end test",
+        B,
+        &format!(
+            "    - port: {web}
       routes:
         - name: orders
           match: {{methods: [GET], path: {{prefix: /v1/orders}}}}
@@ -43,55 +37,9 @@ spec:
       rules:
         - {{name: stream, allow: [{stream_allow}]}}
 ",
-        expiry = rfc3339(promo_expiry)
+            expiry = rfc3339(promo_expiry)
+        ),
     )
-}
-
-/// Sends raw bytes through a local port and returns what came back (until close or 5 s).
-fn raw(port: u16, request: &[u8]) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(request).unwrap();
-    read_response(&mut s)
-}
-
-/// Reads one whole response from a keep-alive connection (headers and body may arrive in
-/// separate segments).
-fn read_response(s: &mut TcpStream) -> String {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !response_complete(&String::from_utf8_lossy(&out)) {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Whether `text` holds a whole HTTP/1.1 response: headers, then the body its framing
-/// announces.
-fn response_complete(text: &str) -> bool {
-    let Some((head, body)) = text.split_once("\r\n\r\n") else {
-        return false;
-    };
-    let head = head.to_ascii_lowercase();
-    let length = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse::<usize>().ok());
-    match length {
-        Some(n) => body.len() >= n,
-        None if head.contains("transfer-encoding: chunked") => body.ends_with("0\r\n\r\n"),
-        None => true,
-    }
-}
-
-fn status(resp: &str) -> u16 {
-    resp.split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
 }
 
 fn curl_args(args: &[&str]) -> (bool, String) {
@@ -102,58 +50,62 @@ fn curl_args(args: &[&str]) -> (bool, String) {
     run(&mut cmd, Duration::from_secs(30))
 }
 
-/// Sidecar A calls B's toy workload through sidecar B: A's explicit outbound listener
-/// `a_web` forwards to B's inbound listener for it. `tune_a` adjusts A before it starts.
-/// Dropping a `Proc` ends its process and dropping `dir` removes the files, so callers
-/// bind `dir`, `web`, `pa` and `pb`.
-struct Pair {
-    dir: TempDir,
-    /// The CA of both SVIDs and of both sidecars' bundles.
-    ca: Ca,
-    web: Proc,
-    web_port: u16,
-    a: Sidecar,
-    pa: Proc,
-    fa: IdentityFiles,
-    a_web: u16,
-    b: Sidecar,
-    pb: Proc,
-    fb: IdentityFiles,
+/// `sigil_connections_opened_total` of `s` in `direction` with `peer`.
+fn opened(s: &Sidecar, direction: &str, peer_id: &str) -> f64 {
+    count(
+        s,
+        "sigil_connections_opened_total{",
+        &[&format!("direction=\"{direction}\""), &peer(peer_id)],
+    )
 }
 
-fn start_pair(tag: &str, tune_a: impl FnOnce(&mut Sidecar)) -> Pair {
-    let dir = TempDir::new(tag);
-    let d = dir.path();
-    let ca = Ca::new("example.org");
-    let (web, web_port) = start_workload("b", false);
-    let fa = write_identity(d, "a", &ca, A, &[&ca]);
-    let fb = write_identity(d, "b", &ca, B, &[&ca]);
-    let b_web = free_port();
-    let mut b = Sidecar::new("sidecar-b", B);
-    b.inbound = vec![(b_web, web_port)];
-    let pb = b.start(d, &fb);
-    let a_web = free_port();
-    let mut a = Sidecar::new("sidecar-a", A);
-    a.outbound = vec![(a_web, b_web, B.into())];
-    tune_a(&mut a);
-    let pa = a.start(d, &fa);
-    Pair {
-        dir,
-        ca,
-        web,
-        web_port,
-        a,
-        pa,
-        fa,
-        a_web,
-        b,
-        pb,
-        fb,
+/// `sigil_connections_closed_total` of `s` in `direction` for `reason`.
+fn closed_for(s: &Sidecar, direction: &str, reason: &str) -> f64 {
+    count(
+        s,
+        "sigil_connections_closed_total{",
+        &[
+            &format!("direction=\"{direction}\""),
+            &format!("reason=\"{reason}\""),
+        ],
+    )
+}
+
+/// The routes test's pair: B in front of a web and an echo workload, with the `api` policy in
+/// its policy directory; A with one worker, so that one pooled connection carries every
+/// request (counted below).
+struct Routes {
+    p: Pair,
+    web: Ports,
+    echo: Ports,
+    policies: PathBuf,
+    promo_expiry: i64,
+}
+
+impl Routes {
+    fn start() -> Self {
+        let (mut s, web, echo) = PairSetup::web_and_echo("l7");
+        let policies = resource_dir(s.path(), "policies");
+        let promo_expiry = now_unix() + 6;
+        write_resource(
+            &policies,
+            "api.yaml",
+            &api_policy(web.workload, echo.workload, promo_expiry, A),
+        );
+        s.b.policy_dir = Some(policies.clone());
+        s.a.workers = Some(1);
+        Self {
+            p: s.start(),
+            web,
+            echo,
+            policies,
+            promo_expiry,
+        }
     }
-}
 
-fn write_policy(dir: &Path, name: &str, text: &str) {
-    write_atomic(&dir.join(name), text.as_bytes());
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.web.a_out)
+    }
 }
 
 #[test]
@@ -161,65 +113,39 @@ fn routes_by_identity_with_dry_run_expiry_normalization_and_live_policy_changes(
     if !require_tool("curl", "l7") {
         return;
     }
-    let dir = TempDir::new("l7");
-    let d = dir.path();
-    let ca = Ca::new("example.org");
-    let (_web, web_port) = start_workload("b", false);
-    let (_echo, echo_port) = start_workload("b-echo", true);
-    let fa = write_identity(d, "a", &ca, A, &[&ca]);
-    let fb = write_identity(d, "b", &ca, B, &[&ca]);
-    let policies = d.join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    let promo_expiry = now_unix() + 6;
-    write_policy(
-        &policies,
-        "api.yaml",
-        &policy(web_port, echo_port, promo_expiry, A),
-    );
+    let r = Routes::start();
+    allowed_then_denied_on_one_pooled_connection(&r);
+    h2c_and_the_route_metrics(&r);
+    every_bypass_attempt_is_refused(&r);
+    a_route_expires_by_the_sidecars_clock(&r);
+    a_policy_change_closes_a_live_tcp_stream(&r);
+    an_invalid_policy_leaves_the_last_good_one_in_force(&r);
+}
 
-    let (b_web, b_echo) = (free_port(), free_port());
-    let mut b = Sidecar::new("sidecar-b", B);
-    b.inbound = vec![(b_web, web_port), (b_echo, echo_port)];
-    b.policy_dir = Some(policies.clone());
-    let pb = b.start(d, &fb);
-    let (a_web, a_echo) = (free_port(), free_port());
-    let mut a = Sidecar::new("sidecar-a", A);
-    a.outbound = vec![(a_web, b_web, B.into()), (a_echo, b_echo, B.into())];
-    // One worker, so that one pooled connection carries every request (counted below).
-    a.workers = Some(1);
-    let _pa = a.start(d, &fa);
-    let url = |path: &str| format!("http://127.0.0.1:{a_web}{path}");
-
-    // Allowed route; the workload learns the verified caller, and a forged header is dropped.
+/// Allowed route; the workload learns the verified caller, and a forged header is dropped.
+/// Denied route: 403 naming the rule; the same connection then serves an allowed request.
+fn allowed_then_denied_on_one_pooled_connection(r: &Routes) {
     let (ok, out) = curl_args(&[
         "-H",
         "x-sigil-peer-id: spiffe://evil.org/x",
-        &url("/v1/orders/7"),
+        &r.url("/v1/orders/7"),
     ]);
     assert!(
         ok && out.contains("hello from b (GET /v1/orders/7"),
         "{out}\n{}",
-        pb.log()
+        r.p.pb.log()
     );
     assert!(
         out.contains(&format!("peer-id={A} ")),
         "forged or missing peer header: {out}"
     );
 
-    // Denied route: 403 naming the rule; the same connection then serves an allowed request.
-    let opened = |s: &Sidecar| {
-        count(
-            s,
-            "sigil_connections_opened_total{",
-            &["direction=\"inbound\"", &format!("peer_id=\"{A}\"")],
-        )
-    };
-    let before = opened(&b);
+    let before = opened(&r.p.b, "inbound", A);
     let (_, out) = curl_args(&[
         "-w",
         "[%{http_code}]\n",
-        &url("/admin"),
-        &url("/v1/orders/8"),
+        &r.url("/admin"),
+        &r.url("/v1/orders/8"),
     ]);
     assert!(
         out.contains("[403]")
@@ -234,52 +160,43 @@ fn routes_by_identity_with_dry_run_expiry_normalization_and_live_policy_changes(
     // A new workload connection, yet no new connection between the sidecars: A pools it,
     // and the denial left it usable.
     assert_eq!(
-        opened(&b),
+        opened(&r.p.b, "inbound", A),
         before,
         "the pooled connection was not reused after a denial"
     );
+}
 
-    // HTTP/2 prior knowledge, forwarded to an HTTP/1.1 workload.
+/// HTTP/2 prior knowledge, forwarded to an HTTP/1.1 workload; then the metrics: requests by
+/// route and decision, and dry-run "would deny" for the audit rule.
+fn h2c_and_the_route_metrics(r: &Routes) {
     let (ok, out) = curl_args(&[
         "--http2-prior-knowledge",
         "-w",
         "[h%{http_version}]",
-        &url("/v1/orders/9"),
+        &r.url("/v1/orders/9"),
     ]);
     assert!(
         ok && out.contains("hello from b (GET /v1/orders/9") && out.contains("[h2]"),
         "{out}"
     );
 
-    // Metrics: requests by route and decision; dry-run "would deny" for the audit rule.
-    let mb = b.metrics();
+    let mb = r.p.b.metrics();
+    let requests = |labels: &[&str]| metric(&mb, "sigil_requests_total{", labels).unwrap_or(0.0);
     assert!(
-        metric(
-            &mb,
-            "sigil_requests_total{",
-            &[
-                "route=\"api/orders\"",
-                "decision=\"allow\"",
-                "status_class=\"2xx\"",
-                &format!("peer_id=\"{A}\"")
-            ]
-        )
-        .unwrap_or(0.0)
-            >= 3.0,
+        requests(&[
+            "route=\"api/orders\"",
+            "decision=\"allow\"",
+            "status_class=\"2xx\"",
+            &peer(A)
+        ]) >= 3.0,
         "{mb}"
     );
     assert!(
-        metric(
-            &mb,
-            "sigil_requests_total{",
-            &[
-                "route=\"default_deny\"",
-                "decision=\"deny\"",
-                "status_class=\"4xx\""
-            ]
-        )
-        .unwrap_or(0.0)
-            >= 1.0,
+        requests(&[
+            "route=\"default_deny\"",
+            "decision=\"deny\"",
+            "status_class=\"4xx\""
+        ]) >= 1.0,
         "{mb}"
     );
     assert!(
@@ -296,12 +213,17 @@ fn routes_by_identity_with_dry_run_expiry_normalization_and_live_policy_changes(
         mb.contains("sigil_request_duration_seconds_bucket{"),
         "{mb}"
     );
-    assert!(pb.log().contains("dry-run: would deny"));
+    assert!(r.p.pb.log().contains("dry-run: would deny"));
+}
 
-    // Each attempt to slip past a route check, as raw bytes through A's sidecar.
-    let req = |target: &str, extra: &str| {
-        format!("GET {target} HTTP/1.1\r\nHost: b\r\n{extra}Connection: close\r\n\r\n")
-    };
+/// A request for `target` through A with `extra` header lines, closing the connection.
+fn req(target: &str, extra: &str) -> String {
+    format!("GET {target} HTTP/1.1\r\nHost: b\r\n{extra}Connection: close\r\n\r\n")
+}
+
+/// Each attempt to slip past a route check, as raw bytes through A's sidecar.
+fn every_bypass_attempt_is_refused(r: &Routes) {
+    let a_web = r.web.a_out;
     let cases: Vec<(&str, String, u16)> = vec![
         ("dot segments", req("/v1/orders/../../admin", ""), 403),
         (
@@ -370,32 +292,31 @@ fn routes_by_identity_with_dry_run_expiry_normalization_and_live_policy_changes(
     let resp = raw(a_web, req("/v1//orders//10", "").as_bytes());
     assert_eq!(status(&resp), 200, "{resp}");
     assert!(resp.contains("GET /v1/orders/10 "), "{resp}");
+}
 
-    // Expiry by the sidecar's own clock: /promo is allowed until its expiresAt.
-    let promo = || curl_args(&["-w", "[%{http_code}]", &url("/promo")]).1;
-    if now_unix() < promo_expiry - 1 {
+/// Expiry by the sidecar's own clock: /promo is allowed until its expiresAt.
+fn a_route_expires_by_the_sidecars_clock(r: &Routes) {
+    let promo = || curl_args(&["-w", "[%{http_code}]", &r.url("/promo")]).1;
+    if now_unix() < r.promo_expiry - 1 {
         assert!(promo().contains("[200]"), "promo before expiry");
     }
     wait_until("promo expiry", Duration::from_secs(15), || {
-        now_unix() > promo_expiry
+        now_unix() > r.promo_expiry
     });
     let out = promo();
     assert!(
         out.contains("[403]") && out.contains("default deny"),
         "after expiry: {out}"
     );
+}
 
-    // A live TCP connection on the tcp port; a policy change that drops A closes it.
-    let mut s = TcpStream::connect(("127.0.0.1", a_echo)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut buf = [0u8; 5];
-    s.write_all(b"ping\n").unwrap();
-    s.read_exact(&mut buf).unwrap();
-    assert_eq!(&buf, b"ping\n");
-    write_policy(
-        &policies,
+/// A live TCP connection on the tcp port; a policy change that drops A closes it.
+fn a_policy_change_closes_a_live_tcp_stream(r: &Routes) {
+    let mut s = echo_stream(r.echo.a_out, b"ping\n");
+    write_resource(
+        &r.policies,
         "api.yaml",
-        &policy(web_port, echo_port, promo_expiry, C),
+        &api_policy(r.web.workload, r.echo.workload, r.promo_expiry, C),
     );
     assert!(closed(&mut s), "connection survived the policy change");
     wait_until(
@@ -403,45 +324,32 @@ fn routes_by_identity_with_dry_run_expiry_normalization_and_live_policy_changes(
         Duration::from_secs(5),
         || {
             count(
-                &b,
+                &r.p.b,
                 "sigil_connections_closed_total{",
                 &["reason=\"policy_change\""],
             ) >= 1.0
         },
     );
-    assert!(
-        count(
-            &b,
-            "sigil_reloads_total{",
-            &["resource=\"policy\"", "result=\"success\""]
-        ) >= 2.0
-    );
+    assert!(reloads(&r.p.b, "policy", "success") >= 2.0);
+}
 
-    // An invalid policy file is refused with file:line; the last good policies stay in force.
-    let fails = count(
-        &b,
-        "sigil_reloads_total{",
-        &["resource=\"policy\"", "result=\"failure\""],
-    );
-    write_policy(
-        &policies,
+/// An invalid policy file is refused with file:line; the last good policies stay in force.
+fn an_invalid_policy_leaves_the_last_good_one_in_force(r: &Routes) {
+    let fails = reloads(&r.p.b, "policy", "failure");
+    write_resource(
+        &r.policies,
         "broken.yaml",
         "apiVersion: sigil.dev/v1\nkind: Policy\nmetadata: {name: x}\nspec: {target: nope}\n",
     );
     wait_until("the refused policy update", Duration::from_secs(5), || {
-        count(
-            &b,
-            "sigil_reloads_total{",
-            &["resource=\"policy\"", "result=\"failure\""],
-        ) > fails
+        reloads(&r.p.b, "policy", "failure") > fails
     });
-    pb.wait_log("broken.yaml:", Duration::from_secs(2));
-    let (ok, out) = curl_args(&[&url("/v1/orders/11")]);
+    r.p.pb.wait_log("broken.yaml:", Duration::from_secs(2));
+    let (ok, out) = curl_args(&[&r.url("/v1/orders/11")]);
     assert!(
         ok && out.contains("hello from b"),
         "last good policy lost: {out}"
     );
-    drop(pb);
 }
 
 #[test]
@@ -449,128 +357,113 @@ fn undeclared_ports_are_sniffed_http_gets_l7_and_opaque_bytes_are_relayed() {
     if !require_tool("curl", "l7-detect") {
         return;
     }
-    let dir = TempDir::new("l7-detect");
-    let d = dir.path();
-    let ca = Ca::new("example.org");
-    let (_web, web_port) = start_workload("b", false);
-    let (_echo, echo_port) = start_workload("b-echo", true);
-    let fa = write_identity(d, "a", &ca, A, &[&ca]);
-    let fb = write_identity(d, "b", &ca, B, &[&ca]);
     // No policy targets B: mTLS alone admits A, and nothing declares a protocol.
-    let policies = d.join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    let (b_web, b_echo) = (free_port(), free_port());
-    let mut b = Sidecar::new("sidecar-b", B);
-    b.inbound = vec![(b_web, web_port), (b_echo, echo_port)];
-    b.policy_dir = Some(policies.clone());
-    let mut pb = b.start(d, &fb);
-    let (a_web, a_echo) = (free_port(), free_port());
-    let mut a = Sidecar::new("sidecar-a", A);
-    a.outbound = vec![(a_web, b_web, B.into()), (a_echo, b_echo, B.into())];
-    let _pa = a.start(d, &fa);
+    let (mut s, web, echo) = PairSetup::web_and_echo("l7-detect");
+    let policies = resource_dir(s.path(), "policies");
+    s.b.policy_dir = Some(policies.clone());
+    let mut p = s.start();
 
-    // HTTP/1.1 and h2c are detected: the workload gets the verified caller's ID.
-    let (ok, out) = curl_args(&[&format!("http://127.0.0.1:{a_web}/x")]);
+    http_is_detected_and_gets_l7(&p, web);
+    opaque_bytes_are_relayed_untouched(&p, echo);
+    declaring_a_port_http_closes_its_byte_streams(&p, web, echo, &policies);
+    sigterm_ends_a_pooled_connection_gracefully(&mut p, web);
+}
+
+/// HTTP/1.1 and h2c are detected: the workload gets the verified caller's ID.
+fn http_is_detected_and_gets_l7(p: &Pair, web: Ports) {
+    let (ok, out) = curl_args(&[&format!("http://127.0.0.1:{}/x", web.a_out)]);
     assert!(ok && out.contains(&format!("peer-id={A} ")), "{out}");
     let (ok, out) = curl_args(&[
         "--http2-prior-knowledge",
-        &format!("http://127.0.0.1:{a_web}/y"),
+        &format!("http://127.0.0.1:{}/y", web.a_out),
     ]);
     assert!(ok && out.contains(&format!("peer-id={A} ")), "{out}");
-    let mb = b.metrics();
+    let mb = p.b.metrics();
     let n = metric(
         &mb,
         "sigil_requests_total{",
         &["route=\"no_policy\"", "decision=\"allow\""],
     );
     assert_eq!(n, Some(2.0), "{mb}");
+}
 
-    // Opaque bytes (here: binary, not a request line) are relayed untouched, both ways.
-    let mut s = TcpStream::connect(("127.0.0.1", a_echo)).unwrap();
+/// Opaque bytes (here: binary, not a request line) are relayed untouched, both ways; and
+/// connections served at L7 count their bytes too.
+fn opaque_bytes_are_relayed_untouched(p: &Pair, echo: Ports) {
+    let mut s = TcpStream::connect(("127.0.0.1", echo.a_out)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let payload: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
     s.write_all(&payload).unwrap();
     let mut back = vec![0u8; payload.len()];
     s.read_exact(&mut back).unwrap();
     assert!(back == payload, "opaque stream corrupted");
-    let mb = b.metrics();
+    let mb = p.b.metrics();
     let n = metric(&mb, "sigil_requests_total{", &["route=\"no_policy\""]);
     assert_eq!(n, Some(2.0), "the opaque stream was treated as HTTP: {mb}");
     drop(s);
 
-    // Connections served at L7 count their bytes too.
-    let rx = metric(
-        &mb,
-        "sigil_bytes_received_total{",
-        &[&format!("peer_id=\"{A}\"")],
-    )
-    .unwrap_or(0.0);
+    let rx = metric(&mb, "sigil_bytes_received_total{", &[&peer(A)]).unwrap_or(0.0);
     assert!(rx > 100_000.0 + 100.0, "L7 bytes not counted: {rx}\n{mb}");
+}
 
-    // A policy now declares the echo port `http`: a byte stream opened before would bypass
-    // every route check, so it is closed (policy_change).
-    let mut s = TcpStream::connect(("127.0.0.1", a_echo)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"\x00ping").unwrap();
-    let mut buf = [0u8; 5];
-    s.read_exact(&mut buf).unwrap();
-    let http_ports = format!(
-        "apiVersion: sigil.dev/v1
-kind: Policy
-metadata: {{name: now-http, owner: team-b, purpose: declare both ports http}}
-spec:
-  target: {B}
-  ports:
-    - port: {web_port}
-      routes: [{{name: all, match: {{path: {{prefix: /}}}}, allow: [{A}]}}]
-    - port: {echo_port}
-      routes: [{{name: all, match: {{path: {{prefix: /}}}}, allow: [{A}]}}]
-"
+/// A policy now declares the echo port `http`: a byte stream opened before would bypass
+/// every route check, so it is closed (policy_change).
+fn declaring_a_port_http_closes_its_byte_streams(
+    p: &Pair,
+    web: Ports,
+    echo: Ports,
+    policies: &Path,
+) {
+    let mut s = echo_stream(echo.a_out, b"\x00ping");
+    let all = format!("routes: [{{name: all, match: {{path: {{prefix: /}}}}, allow: [{A}]}}]");
+    let http_ports = policy(
+        "now-http",
+        "declare both ports http",
+        B,
+        &format!(
+            "    - port: {}\n      {all}\n    - port: {}\n      {all}\n",
+            web.workload, echo.workload
+        ),
     );
-    write_policy(&policies, "http.yaml", &http_ports);
+    write_resource(policies, "http.yaml", &http_ports);
     assert!(closed(&mut s), "byte stream survived its port turning http");
     wait_until(
         "policy_change close counted",
         Duration::from_secs(5),
         || {
             count(
-                &b,
+                &p.b,
                 "sigil_connections_closed_total{",
                 &["reason=\"policy_change\""],
             ) == 1.0
         },
     );
-    let (ok, out) = curl_args(&[&format!("http://127.0.0.1:{a_web}/still")]);
+    let (ok, out) = curl_args(&[&format!("http://127.0.0.1:{}/still", web.a_out)]);
     assert!(ok && out.contains("hello from b (GET /still"), "{out}");
+}
 
-    // SIGTERM with an idle pooled connection from A open: B closes it gracefully (GOAWAY)
-    // and exits without waiting for the drain deadline; A sees a clean end, and its
-    // workload's keep-alive connection stays usable, answering 502 while B is gone.
-    let mut ka = TcpStream::connect(("127.0.0.1", a_web)).unwrap();
+/// SIGTERM with an idle pooled connection from A open: B closes it gracefully (GOAWAY)
+/// and exits without waiting for the drain deadline; A sees a clean end, and its
+/// workload's keep-alive connection stays usable, answering 502 while B is gone.
+fn sigterm_ends_a_pooled_connection_gracefully(p: &mut Pair, web: Ports) {
+    let mut ka = TcpStream::connect(("127.0.0.1", web.a_out)).unwrap();
     ka.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     ka.write_all(b"GET /keep HTTP/1.1\r\nHost: b\r\n\r\n")
         .unwrap();
     let resp = read_response(&mut ka);
     assert!(resp.contains("hello from b"), "{resp}");
-    let done = || {
-        count(
-            &a,
-            "sigil_connections_closed_total{",
-            &["direction=\"outbound\"", "reason=\"done\""],
-        )
-    };
-    let done_before = done();
-    let code = pb.terminate(Duration::from_secs(15));
-    assert_eq!(code, Some(0), "{}", pb.log());
+    let done_before = closed_for(&p.a, "outbound", "done");
+    let code = p.pb.terminate(Duration::from_secs(15));
+    assert_eq!(code, Some(0), "{}", p.pb.log());
     assert!(
-        !pb.log().contains("drain deadline passed"),
+        !p.pb.log().contains("drain deadline passed"),
         "HTTP connection was cut, not drained:\n{}",
-        pb.log()
+        p.pb.log()
     );
     wait_until(
         "A's pooled connection to end cleanly",
         Duration::from_secs(5),
-        || done() > done_before,
+        || closed_for(&p.a, "outbound", "done") > done_before,
     );
     ka.write_all(b"GET /keep HTTP/1.1\r\nHost: b\r\n\r\n")
         .unwrap();
@@ -583,40 +476,43 @@ fn outbound_http_shares_one_pooled_connection_that_a_bundle_change_cuts() {
     if !require_tool("curl", "l7-pool") {
         return;
     }
-    let impostor = Ca::new("example.org");
-    // Every process is bound: a field left to `..` would be dropped, and its process ended.
-    let Pair {
-        dir: _dir,
-        ca,
-        web: _web,
-        a,
-        pa,
-        fa,
-        a_web,
-        b,
-        pb,
-        fb,
-        ..
-    } = start_pair("l7-pool", |a| a.workers = Some(1));
-    let url = format!("http://127.0.0.1:{a_web}/p");
-    let opened = |s: &Sidecar, direction: &str, peer: &str| {
-        count(
-            s,
-            "sigil_connections_opened_total{",
-            &[
-                &format!("direction=\"{direction}\""),
-                &format!("peer_id=\"{peer}\""),
-            ],
-        )
+    let (mut s, web) = PairSetup::web("l7-pool");
+    s.a.workers = Some(1);
+    let t = PoolTest {
+        p: s.start(),
+        web,
+        url: format!("http://127.0.0.1:{}/p", web.a_out),
+        impostor: Ca::new("example.org"),
     };
 
-    // Twenty workload connections, HTTP/1.1 and h2c, sequential and concurrent: one
-    // connection between the sidecars carries all of them.
+    one_pooled_connection_carries_every_request(&t.p, &t.url);
+    a_bundle_change_at_a_cuts_the_pool_after_the_request_in_flight(&t);
+    // Trust restored: a new pooled connection, and requests flow again.
+    t.p.fa.trust(&t.p.ca);
+    wait_until("requests flow again", Duration::from_secs(5), || {
+        curl_args(&[&t.url]).1.contains("hello from b")
+    });
+    assert_eq!(opened(&t.p.a, "outbound", B), 2.0, "{}", t.p.a.metrics());
+    a_bundle_change_at_b_cuts_the_pool_after_the_request_in_flight(&t);
+}
+
+/// The pooled-connection test's pair (one worker in A), its URL through A, and a CA of the
+/// same trust domain that signed neither SVID.
+struct PoolTest {
+    p: Pair,
+    web: Ports,
+    url: String,
+    impostor: Ca,
+}
+
+/// Twenty workload connections, HTTP/1.1 and h2c, sequential and concurrent: one
+/// connection between the sidecars carries all of them.
+fn one_pooled_connection_carries_every_request(p: &Pair, url: &str) {
     for i in 0..10 {
         let (ok, out) = curl_args(&[&format!("{url}/{i}")]);
         assert!(ok && out.contains(&format!("GET /p/{i} ")), "{out}");
     }
-    let (ok, out) = curl_args(&["--http2-prior-knowledge", &url]);
+    let (ok, out) = curl_args(&["--http2-prior-knowledge", url]);
     assert!(ok && out.contains("hello from b"), "{out}");
     let parallel: Vec<_> = (0..9)
         .map(|i| {
@@ -628,16 +524,17 @@ fn outbound_http_shares_one_pooled_connection_that_a_bundle_change_cuts() {
         let (ok, out) = t.join().unwrap();
         assert!(ok && out.contains("hello from b"), "{out}");
     }
+    let (a, b) = (&p.a, &p.b);
     let allowed = count(
-        &b,
+        b,
         "sigil_requests_total{",
         &["direction=\"inbound\"", "decision=\"allow\""],
     );
     assert_eq!(allowed, 20.0, "{}", b.metrics());
-    assert_eq!(opened(&b, "inbound", A), 1.0, "{}", b.metrics());
-    assert_eq!(opened(&a, "outbound", B), 1.0, "{}", a.metrics());
+    assert_eq!(opened(b, "inbound", A), 1.0, "{}", b.metrics());
+    assert_eq!(opened(a, "outbound", B), 1.0, "{}", a.metrics());
     let forwarded = count(
-        &a,
+        a,
         "sigil_requests_total{",
         &[
             "direction=\"outbound\"",
@@ -646,82 +543,77 @@ fn outbound_http_shares_one_pooled_connection_that_a_bundle_change_cuts() {
         ],
     );
     assert_eq!(forwarded, 20.0, "{}", a.metrics());
-    let (_, dump) = http_get(([127, 0, 0, 1], a.admin).into(), "/config_dump").unwrap();
+    let (_, dump) = a.admin_get("/config_dump").unwrap();
     assert!(dump.contains("\"kind\": \"pooled\""), "{dump}");
+}
 
-    // A stops trusting the CA that issued B's SVID while a request is in flight. The pooled
-    // connection takes no new requests: the next one dials afresh and is refused at the
-    // handshake (502). The request in flight, authorized when it started, still completes;
-    // then the connection is cut.
-    let slow = in_flight(&format!("http://127.0.0.1:{a_web}/slow/900"));
-    let bundle_a = fa.bundle_dir.join("example.org.pem");
-    let reloaded = reloads(&a);
-    write_policy(&fa.bundle_dir, "example.org.pem", &impostor.bundle_pem());
-    wait_until("A's bundle reload", Duration::from_secs(5), || {
-        reloads(&a) > reloaded
-    });
-    let changed_at = std::time::Instant::now();
-    let (ok, out) = curl_args(&["-w", "[%{http_code}]", &url]);
+/// A request that takes 900 ms, started through A; then sidecar `who` (`s`, with `files`)
+/// trusts the impostor in place of the pair's CA, and has reloaded its bundle. Returns the
+/// request, and the instant the change was in force.
+fn slow_request_across_a_trust_change(
+    t: &PoolTest,
+    s: &Sidecar,
+    files: &IdentityFiles,
+    who: &str,
+) -> (InFlight, std::time::Instant) {
+    let slow = in_flight(&format!("http://127.0.0.1:{}/slow/900", t.web.a_out));
+    let reloaded = reloads(s, "bundle", "success");
+    files.trust(&t.impostor);
+    wait_until(
+        &format!("{who}'s bundle reload"),
+        Duration::from_secs(5),
+        || reloads(s, "bundle", "success") > reloaded,
+    );
+    (slow, std::time::Instant::now())
+}
+
+/// A stops trusting the CA that issued B's SVID while a request is in flight. The pooled
+/// connection takes no new requests: the next one dials afresh and is refused at the
+/// handshake (502). The request in flight, authorized when it started, still completes;
+/// then the connection is cut.
+fn a_bundle_change_at_a_cuts_the_pool_after_the_request_in_flight(t: &PoolTest) {
+    let (p, url, a) = (&t.p, t.url.as_str(), &t.p.a);
+    let (slow, changed_at) = slow_request_across_a_trust_change(t, a, &p.fa, "A");
+    let (ok, out) = curl_args(&["-w", "[%{http_code}]", url]);
     assert!(
         ok && out.contains("[502]") && !out.contains("hello from b"),
         "{out}\n{}",
-        pa.log()
+        p.pa.log()
     );
     let ((ok, out), answered_at) = slow.join().unwrap();
     assert!(
         answered_at > changed_at,
         "the slow request was not in flight at the bundle change"
     );
-    assert!(ok && out.contains("GET /slow/900"), "{out}\n{}", pa.log());
+    assert!(ok && out.contains("GET /slow/900"), "{out}\n{}", p.pa.log());
     wait_until("the pooled connection cut", Duration::from_secs(5), || {
-        count(
-            &a,
-            "sigil_connections_closed_total{",
-            &["direction=\"outbound\"", "reason=\"bundle_change\""],
-        ) == 1.0
+        closed_for(a, "outbound", "bundle_change") == 1.0
     });
     let untrusted = count(
-        &a,
+        a,
         "sigil_handshake_failures_total{",
         &["direction=\"outbound\""],
     );
     assert!(untrusted >= 1.0, "{}", a.metrics());
+}
 
-    // Trust restored: a new pooled connection, and requests flow again.
-    std::fs::write(&bundle_a, ca.bundle_pem()).unwrap();
-    wait_until("requests flow again", Duration::from_secs(5), || {
-        curl_args(&[&url]).1.contains("hello from b")
-    });
-    assert_eq!(opened(&a, "outbound", B), 2.0, "{}", a.metrics());
-
-    // The same from B's side: B stops trusting A's CA mid-request. B answers the request in
-    // flight, sends GOAWAY, and refuses A's next handshake.
-    let slow = in_flight(&format!("http://127.0.0.1:{a_web}/slow/900"));
-    let bundle_b = fb.bundle_dir.join("example.org.pem");
-    let reloaded = reloads(&b);
-    std::fs::write(&bundle_b, impostor.bundle_pem()).unwrap();
-    wait_until("B's bundle reload", Duration::from_secs(5), || {
-        reloads(&b) > reloaded
-    });
-    let changed_at = std::time::Instant::now();
+/// The same from B's side: B stops trusting A's CA mid-request. B answers the request in
+/// flight, sends GOAWAY, and refuses A's next handshake.
+fn a_bundle_change_at_b_cuts_the_pool_after_the_request_in_flight(t: &PoolTest) {
+    let (p, url, b) = (&t.p, t.url.as_str(), &t.p.b);
+    let (slow, changed_at) = slow_request_across_a_trust_change(t, b, &p.fb, "B");
     let ((ok, out), answered_at) = slow.join().unwrap();
     assert!(
         answered_at > changed_at,
         "the slow request was not in flight at the bundle change"
     );
-    assert!(ok && out.contains("GET /slow/900"), "{out}\n{}", pb.log());
-    let (ok, out) = curl_args(&["-w", "[%{http_code}]", &url]);
-    assert!(ok && out.contains("[502]"), "{out}\n{}", pa.log());
+    assert!(ok && out.contains("GET /slow/900"), "{out}\n{}", p.pb.log());
+    let (ok, out) = curl_args(&["-w", "[%{http_code}]", url]);
+    assert!(ok && out.contains("[502]"), "{out}\n{}", p.pa.log());
     wait_until(
         "B's inbound connection closed",
         Duration::from_secs(5),
-        || {
-            count(
-                &b,
-                "sigil_connections_closed_total{",
-                &["direction=\"inbound\"", "reason=\"bundle_change\""],
-            ) == 1.0
-        },
+        || closed_for(b, "inbound", "bundle_change") == 1.0,
     );
 }
 
@@ -733,16 +625,10 @@ fn large_bodies_cross_the_pooled_connection_whole_in_both_directions() {
     if !require_tool("curl", "l7-bodies") {
         return;
     }
-    let Pair {
-        dir,
-        web: _web,
-        a,
-        pa,
-        a_web,
-        pb,
-        ..
-    } = start_pair("l7-bodies", |a| a.workers = Some(2));
-    let d = dir.path();
+    let (mut s, web) = PairSetup::web("l7-bodies");
+    s.a.workers = Some(2);
+    let p = s.start();
+    let (d, a, pa, pb, a_web) = (p.path(), &p.a, &p.pa, &p.pb, web.a_out);
 
     const LEN: usize = 12 * 1024 * 1024 + 7;
     let upload: Vec<u8> = (0..LEN).map(|i| (i * 7 % 256) as u8).collect();
@@ -808,7 +694,7 @@ fn large_bodies_cross_the_pooled_connection_whole_in_both_directions() {
         }
     });
     let opened = count(
-        &a,
+        a,
         "sigil_connections_opened_total{",
         &["direction=\"outbound\""],
     );
@@ -829,21 +715,14 @@ fn an_unused_pooled_connection_closes_after_its_last_request() {
     if !require_tool("curl", "l7-pool-idle") {
         return;
     }
-    let Pair {
-        dir: _dir,
-        web: _web,
-        a,
-        pa,
-        a_web,
-        pb: _pb,
-        ..
-    } = start_pair("l7-pool-idle", |a| {
-        a.pool_idle = "1s";
-        a.workers = Some(1);
-    });
-    let peer = format!("peer_id=\"{B}\"");
+    let (mut s, web) = PairSetup::web("l7-pool-idle");
+    s.a.pool_idle = "1s";
+    s.a.workers = Some(1);
+    let p = s.start();
+    let (a, pa, a_web) = (&p.a, &p.pa, web.a_out);
+    let peer = peer(B);
     let outbound =
-        |series: &str, extra: &str| count(&a, series, &["direction=\"outbound\"", &peer, extra]);
+        |series: &str, extra: &str| count(a, series, &["direction=\"outbound\"", &peer, extra]);
 
     // One request opens the connection; a slow one (3 s) outlasts a whole idle period in
     // which no request starts: the connection is let go but carries the slow one to its end.
@@ -894,16 +773,10 @@ fn inbound_requests_reuse_workload_connections_and_survive_a_workload_restart() 
     if !require_tool("curl", "l7-workload-pool") {
         return;
     }
-    let Pair {
-        dir: _dir,
-        mut web,
-        web_port,
-        a_web,
-        pa: _pa,
-        b,
-        pb: _pb,
-        ..
-    } = start_pair("l7-workload-pool", |a| a.workers = Some(1));
+    let (mut s, web) = PairSetup::web("l7-workload-pool");
+    s.a.workers = Some(1);
+    let mut p = s.start();
+    let (web_port, a_web) = (web.workload, web.a_out);
     let url = format!("http://127.0.0.1:{a_web}/p");
     // The toy workload answers "... from <the sidecar's address>) ...".
     let from = |out: &str| -> String {
@@ -934,7 +807,7 @@ fn inbound_requests_reuse_workload_connections_and_survive_a_workload_restart() 
 
     // The workload restarts on the same port: its pooled connections are closed. The next
     // requests reach the new process, none of them failing.
-    web.terminate(Duration::from_secs(5));
+    p.workloads[0].terminate(Duration::from_secs(5));
     let mut cmd = Command::new(bin("sigil-toy-workload"));
     cmd.args(["--listen", &format!("127.0.0.1:{web_port}"), "--name", "b"]);
     let _web2 = Proc::spawn("b2", &mut cmd);
@@ -943,65 +816,63 @@ fn inbound_requests_reuse_workload_connections_and_survive_a_workload_restart() 
     assert_ne!(after, first);
     assert_eq!(get("/again"), after, "the new connection is pooled in turn");
     let failed = count(
-        &b,
+        &p.b,
         "sigil_requests_total{",
         &["direction=\"inbound\"", "status_class=\"5xx\""],
     );
-    assert_eq!(failed, 0.0, "{}", b.metrics());
+    assert_eq!(failed, 0.0, "{}", p.b.metrics());
 }
 
 /// A policy for `target` on `port`: `caller` may GET under `prefix`, nothing else.
 fn one_route(name: &str, target: &str, port: u16, prefix: &str, caller: &str) -> String {
-    format!(
-        "apiVersion: sigil.dev/v1
-kind: Policy
-metadata: {{name: {name}, owner: team-{name}, purpose: ID change test}}
-spec:
-  target: {target}
-  ports:
-    - port: {port}
+    policy(
+        name,
+        "ID change test",
+        target,
+        &format!(
+            "    - port: {port}
       routes:
         - {{name: only, match: {{methods: [GET], path: {{prefix: {prefix}}}}}, allow: [{caller}]}}
 "
+        ),
     )
 }
 
-/// B's toy workload, SVIDs for A and B, and a policy directory in which A may GET under
-/// `/v1/orders` on that workload (`one_route`). Dropping it ends the workload and removes the
-/// files, so callers bind it whole.
-struct OneRoute {
-    dir: TempDir,
-    ca: Ca,
-    _web: Proc,
-    web_port: u16,
-    fa: IdentityFiles,
-    fb: IdentityFiles,
-    policies: std::path::PathBuf,
-}
+const B2: &str = "spiffe://example.org/ns/demo/sa/b2";
 
-fn one_route_setup(tag: &str) -> OneRoute {
-    let dir = TempDir::new(tag);
-    let d = dir.path();
-    let ca = Ca::new("example.org");
-    let (web, web_port) = start_workload("b", false);
-    let fa = write_identity(d, "a", &ca, A, &[&ca]);
-    let fb = write_identity(d, "b", &ca, B, &[&ca]);
-    let policies = d.join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    write_policy(
+/// A pair over B's toy workload whose B reads a policy directory in which A may GET under
+/// `/v1/orders` (`one_route`); not started.
+fn one_route_setup(tag: &str) -> (PairSetup, Ports, PathBuf) {
+    let (mut s, web) = PairSetup::web(tag);
+    let policies = resource_dir(s.path(), "policies");
+    write_resource(
         &policies,
         "b.yaml",
-        &one_route("for-b", B, web_port, "/v1/orders", A),
+        &one_route("for-b", B, web.workload, "/v1/orders", A),
     );
-    OneRoute {
-        dir,
-        ca,
-        _web: web,
-        web_port,
-        fa,
-        fb,
-        policies,
-    }
+    s.b.policy_dir = Some(policies.clone());
+    (s, web, policies)
+}
+
+/// `one_route_setup`, and a policy in the same directory letting A under `/admin` at B2. One
+/// directory for both IDs, as a directory shared by several workloads would be: the sidecar
+/// keeps only its own ID's policies parsed, so a change of ID must re-read B2's. A reaches
+/// B's listener expecting B on `web.a_out` and B2 on the port returned.
+fn two_ids_setup(tag: &str) -> (PairSetup, Ports, u16) {
+    let (mut s, web, policies) = one_route_setup(tag);
+    write_resource(
+        &policies,
+        "b2.yaml",
+        &one_route("for-b2", B2, web.workload, "/admin", A),
+    );
+    let to_b2 = free_port();
+    s.a.outbound.push((to_b2, web.b_in, B2.into()));
+    (s, web, to_b2)
+}
+
+/// `curl -i` through a local port: the whole response.
+fn get_i(port: u16, path: &str) -> String {
+    curl_args(&["-i", &format!("http://127.0.0.1:{port}{path}")]).1
 }
 
 #[test]
@@ -1009,66 +880,41 @@ fn policies_follow_the_sidecars_own_id_when_its_svid_changes_to_another() {
     if !require_tool("curl", "l7") {
         return;
     }
-    const B2: &str = "spiffe://example.org/ns/demo/sa/b2";
-    let s = one_route_setup("l7-id-change");
-    let (d, ca, web_port, fa, fb, policies) =
-        (s.dir.path(), &s.ca, s.web_port, &s.fa, &s.fb, &s.policies);
-    // One directory for both IDs, as a directory shared by several workloads would be. The
-    // sidecar keeps only its own ID's policies parsed, so the change must re-read B2's.
-    write_policy(
-        policies,
-        "b2.yaml",
-        &one_route("for-b2", B2, web_port, "/admin", A),
-    );
-    let b_web = free_port();
-    let mut b = Sidecar::new("sidecar-b", B);
-    b.inbound = vec![(b_web, web_port)];
-    b.policy_dir = Some(policies.clone());
-    b.allow_identity_change = true;
-    let pb = b.start(d, fb);
-    // A reaches B's listener expecting B on one port and B2 on the other.
-    let (to_b, to_b2) = (free_port(), free_port());
-    let mut a = Sidecar::new("sidecar-a", A);
-    a.outbound = vec![(to_b, b_web, B.into()), (to_b2, b_web, B2.into())];
-    let _pa = a.start(d, fa);
-    let get =
-        |port: u16, path: &str| curl_args(&["-i", &format!("http://127.0.0.1:{port}{path}")]).1;
+    let (mut s, web, to_b2) = two_ids_setup("l7-id-change");
+    s.b.allow_identity_change = true;
+    let p = s.start();
+    let (pb, to_b) = (&p.pb, web.a_out);
 
-    let out = get(to_b, "/v1/orders/1");
+    let out = get_i(to_b, "/v1/orders/1");
     assert!(
         out.contains("hello from b (GET /v1/orders/1"),
         "{out}\n{}",
         pb.log()
     );
-    let out = get(to_b, "/admin/x");
+    let out = get_i(to_b, "/admin/x");
     assert_eq!(status(&out), 403, "{out}");
     assert!(out.contains("default deny"), "{out}");
 
-    // The SVID's files now hold B2's SVID: the key first, so that the watcher never pairs
-    // B2's certificate with B's key for long (such a pair is refused and read again).
-    let b2 = ca.svid(B2);
-    write_atomic(&fb.key, b2.key_pem().as_bytes());
-    write_atomic(&fb.cert, b2.chain_pem().as_bytes());
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let mut out = String::new();
-    while std::time::Instant::now() < deadline {
-        out = get(to_b2, "/admin/x");
+    // The SVID's files now hold B2's SVID.
+    p.fb.install_svid(&p.ca.svid(B2));
+    let out = poll(Duration::from_secs(15), Duration::from_millis(200), || {
+        let out = get_i(to_b2, "/admin/x");
         if status(&out) == 200 {
-            break;
+            return Ok(out);
         }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        Err(format!("B2's route: {out}\n{}", pb.log()))
+    });
     assert!(
         out.contains("hello from b (GET /admin/x"),
         "B2's route: {out}\n{}",
         pb.log()
     );
     // Compiled from B2's policy alone: B's route is gone, and B2 stays default-deny.
-    let out = get(to_b2, "/v1/orders/1");
+    let out = get_i(to_b2, "/v1/orders/1");
     assert_eq!(status(&out), 403, "B's route must not apply to B2: {out}");
     assert!(out.contains("default deny"), "{out}");
     // A still expecting B is refused by its own sidecar's identity check.
-    let out = get(to_b, "/v1/orders/1");
+    let out = get_i(to_b, "/v1/orders/1");
     assert_ne!(status(&out), 200, "{out}");
 }
 
@@ -1077,62 +923,36 @@ fn an_svid_for_another_identity_is_refused_unless_identity_changes_are_allowed()
     if !require_tool("curl", "l7") {
         return;
     }
-    const B2: &str = "spiffe://example.org/ns/demo/sa/b2";
-    let s = one_route_setup("l7-id-pinned");
-    let (d, ca, web_port, fa, fb, policies) =
-        (s.dir.path(), &s.ca, s.web_port, &s.fa, &s.fb, &s.policies);
-    write_policy(
-        policies,
-        "b2.yaml",
-        &one_route("for-b2", B2, web_port, "/admin", A),
-    );
-    let b_web = free_port();
-    let mut b = Sidecar::new("sidecar-b", B);
-    b.inbound = vec![(b_web, web_port)];
-    b.policy_dir = Some(policies.clone());
+    let (mut s, web, to_b2) = two_ids_setup("l7-id-pinned");
     // One worker on each side: one pooled connection carries every request below.
-    b.workers = Some(1);
-    let pb = b.start(d, fb);
-    let (to_b, to_b2) = (free_port(), free_port());
-    let mut a = Sidecar::new("sidecar-a", A);
-    a.outbound = vec![(to_b, b_web, B.into()), (to_b2, b_web, B2.into())];
-    a.workers = Some(1);
-    let pa = a.start(d, fa);
-    let get =
-        |port: u16, path: &str| curl_args(&["-i", &format!("http://127.0.0.1:{port}{path}")]).1;
-    let out = get(to_b, "/v1/orders/1");
+    s.b.workers = Some(1);
+    s.a.workers = Some(1);
+    let p = s.start();
+    let (b, pa, pb, to_b) = (&p.b, &p.pa, &p.pb, web.a_out);
+    let out = get_i(to_b, "/v1/orders/1");
     assert!(out.contains("hello from b (GET /v1/orders/1"), "{out}");
-    assert_eq!(status(&get(to_b, "/admin/x")), 403);
+    assert_eq!(status(&get_i(to_b, "/admin/x")), 403);
 
     // B's SVID files now hold a valid SVID for B2 (signed by the same CA).
-    let b2 = ca.svid(B2);
-    write_atomic(&fb.key, b2.key_pem().as_bytes());
-    write_atomic(&fb.cert, b2.chain_pem().as_bytes());
+    p.fb.install_svid(&p.ca.svid(B2));
     pb.wait_log("pinned to", Duration::from_secs(10));
-    let failures = || {
-        count(
-            &b,
-            "sigil_reloads_total{",
-            &["resource=\"svid\"", "result=\"failure\""],
-        )
-    };
     wait_until("the refusal counted", Duration::from_secs(5), || {
-        failures() >= 1.0
+        reloads(b, "svid", "failure") >= 1.0
     });
     // A few more polls: the refusal must hold, not just delay the change.
     std::thread::sleep(Duration::from_millis(800));
     // Still B, with B's policy, on the pooled connection and on new ones.
-    let out = get(to_b, "/v1/orders/2");
+    let out = get_i(to_b, "/v1/orders/2");
     assert!(
         out.contains("hello from b (GET /v1/orders/2"),
         "{out}\n{}",
         pb.log()
     );
-    let out = get(to_b, "/admin/x");
+    let out = get_i(to_b, "/admin/x");
     assert_eq!(status(&out), 403, "B2's route must not apply: {out}");
     assert!(out.contains("default deny"), "{out}");
     // A caller expecting B2 finds B, and its own sidecar refuses that.
-    let out = get(to_b2, "/admin/x");
+    let out = get_i(to_b2, "/admin/x");
     assert_ne!(status(&out), 200, "{out}\n{}", pa.log());
     assert!(!out.contains("hello from b"), "{out}");
     let metrics = b.metrics();
@@ -1155,18 +975,15 @@ fn clients_that_are_not_sidecars_get_l7_with_or_without_alpn() {
     }
     // What tells the sidecar the HTTP version: ALPN `http/1.1` from curl, protocol detection
     // on a port no policy declares, or hyper-util's auto builder on a declared `http` port
-    // when the client sends no ALPN at all.
-    let s = one_route_setup("l7-not-a-sidecar");
-    let (d, web_port, fa, fb) = (s.dir.path(), s.web_port, &s.fa, &s.fb);
-    let declared = free_port();
-    let mut b = Sidecar::new("sidecar-b", B);
-    b.inbound = vec![(declared, web_port)];
-    b.policy_dir = Some(s.policies.clone());
-    let pb = b.start(d, fb);
+    // when the client sends no ALPN at all. No sidecar A: curl is the client.
+    let (s, web, _) = one_route_setup("l7-not-a-sidecar");
+    let (d, fa, fb) = (s.path(), &s.fa, &s.fb);
+    let declared = web.b_in;
+    let pb = s.b.start(d, fb);
     // The same workload behind a sidecar with no policy: its port is undeclared, so sniffed.
     let sniffed = free_port();
     let mut b2 = Sidecar::new("sidecar-b2", B);
-    b2.inbound = vec![(sniffed, web_port)];
+    b2.inbound = vec![(sniffed, web.workload)];
     let _pb2 = b2.start(d, fb);
     // The sidecars' certificates name no host, so curl cannot check them (-k); it still
     // presents A's SVID, which the sidecars check.
@@ -1199,15 +1016,18 @@ fn clients_that_are_not_sidecars_get_l7_with_or_without_alpn() {
         );
     }
     let served = count(
-        &b,
+        &s.b,
         "sigil_requests_total{",
-        &["direction=\"inbound\"", &format!("peer_id=\"{A}\"")],
+        &["direction=\"inbound\"", &peer(A)],
     );
-    assert_eq!(served, 4.0, "{}", b.metrics());
+    assert_eq!(served, 4.0, "{}", s.b.metrics());
 }
 
+/// A curl on a thread: its result and the instant it returned.
+type InFlight = std::thread::JoinHandle<((bool, String), std::time::Instant)>;
+
 /// Starts `curl URL` on a thread; joins to its result and the instant it returned.
-fn in_flight(url: &str) -> std::thread::JoinHandle<((bool, String), std::time::Instant)> {
+fn in_flight(url: &str) -> InFlight {
     let url = url.to_string();
     let t = std::thread::spawn(move || {
         let out = curl_args(&[&url]);
@@ -1216,12 +1036,4 @@ fn in_flight(url: &str) -> std::thread::JoinHandle<((bool, String), std::time::I
     // Long enough for the request to reach the workload, well short of its 900 ms.
     std::thread::sleep(Duration::from_millis(200));
     t
-}
-
-fn reloads(s: &Sidecar) -> f64 {
-    count(
-        s,
-        "sigil_reloads_total{",
-        &["resource=\"bundle\"", "result=\"success\""],
-    )
 }

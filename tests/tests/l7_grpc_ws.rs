@@ -8,9 +8,9 @@
 //! sidecar, so the same route is checked for an allowed and a refused identity.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::future::{ready, IntoFuture, Ready};
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,9 +33,6 @@ use tonic::metadata::MetadataValue;
 use tonic::{Code, Status, Streaming};
 use tonic_prost::ProstCodec;
 
-const A: &str = "spiffe://example.org/ns/demo/sa/a";
-const B: &str = "spiffe://example.org/ns/demo/sa/b";
-const C: &str = "spiffe://example.org/ns/demo/sa/c";
 const PEER: &str = "x-sigil-peer-id";
 /// Upper bound for every single await in these tests.
 const STEP: Duration = Duration::from_secs(10);
@@ -66,82 +63,65 @@ fn seen_paths(seen: &Seen) -> Vec<String> {
         .collect()
 }
 
-/// The sidecars of one test: B in front of the workload ports, A and C calling B.
+/// Serves `workload` on a free loopback port on `rt`: the port, and what the workload saw.
+fn serve<W, Fut>(rt: &Runtime, workload: W) -> (u16, Seen)
+where
+    W: FnOnce(TcpListener, Seen) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let seen: Seen = Arc::default();
+    let listener = rt
+        .block_on(TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    rt.spawn(workload(listener, seen.clone()));
+    (port, seen)
+}
+
+/// The sidecars of one test: B in front of the workload port with `policy`, A and C calling
+/// B. C is dropped first: its files are in the pair's directory.
 struct Mesh {
-    b: Sidecar,
-    pb: Proc,
-    _pa: Proc,
-    _pc: Proc,
-    /// A's outbound listener per workload port, in the order given.
-    a: Vec<u16>,
-    /// C's outbound listener per workload port.
-    c: Vec<u16>,
-    /// B's trust bundle directory, to change what B trusts mid-test.
-    b_bundles: std::path::PathBuf,
-    _dir: TempDir,
+    c: Caller,
+    p: Pair,
 }
 
 impl Mesh {
-    fn start(tag: &str, workload_ports: &[u16], policy: &str) -> Self {
-        let dir = TempDir::new(tag);
-        let d = dir.path();
-        let ca = Ca::new("example.org");
-        let fa = write_identity(d, "a", &ca, A, &[&ca]);
-        let fb = write_identity(d, "b", &ca, B, &[&ca]);
-        let fc = write_identity(d, "c", &ca, C, &[&ca]);
-        let policies = d.join("policies");
-        std::fs::create_dir_all(&policies).unwrap();
-        write_policy(&policies, "api.yaml", policy);
+    fn start(tag: &str, workload_port: u16, policy: &str) -> Self {
+        let mut s = PairSetup::new(tag);
+        s.serve(workload_port);
+        let policies = resource_dir(s.path(), "policies");
+        write_resource(&policies, "api.yaml", policy);
+        s.b.policy_dir = Some(policies);
+        let p = s.start();
+        let c = p.caller("c", C, |_| {});
+        Self { c, p }
+    }
 
-        let b_ports: Vec<u16> = workload_ports.iter().map(|_| free_port()).collect();
-        let mut b = Sidecar::new(&format!("{tag}-sidecar-b"), B);
-        b.inbound = b_ports
-            .iter()
-            .copied()
-            .zip(workload_ports.iter().copied())
-            .collect();
-        b.policy_dir = Some(policies);
-        let pb = b.start(d, &fb);
-        let client = |name: &str, id: &str, files: &IdentityFiles| {
-            let ports: Vec<u16> = b_ports.iter().map(|_| free_port()).collect();
-            let mut s = Sidecar::new(&format!("{tag}-sidecar-{name}"), id);
-            s.outbound = ports
-                .iter()
-                .zip(&b_ports)
-                .map(|(&listen, &up)| (listen, up, B.to_string()))
-                .collect();
-            (s.start(d, files), ports)
-        };
-        let (pa, a) = client("a", A, &fa);
-        let (pc, c) = client("c", C, &fc);
-        Self {
-            b,
-            pb,
-            _pa: pa,
-            _pc: pc,
-            a,
-            c,
-            b_bundles: fb.bundle_dir.clone(),
-            _dir: dir,
-        }
+    /// A's outbound listener to the workload.
+    fn a_port(&self) -> u16 {
+        self.p.a.outbound[0].0
+    }
+
+    /// C's outbound listener to the workload.
+    fn c_port(&self) -> u16 {
+        self.c.ports[0]
+    }
+
+    fn log(&self) -> String {
+        self.p.pb.log()
     }
 
     fn requests(&self, labels: &[&str]) -> f64 {
-        metric(&self.b.metrics(), "sigil_requests_total{", labels).unwrap_or(0.0)
+        count(&self.p.b, "sigil_requests_total{", labels)
     }
 
-    fn inbound_opened(&self, peer: &str) -> f64 {
-        metric(
-            &self.b.metrics(),
+    fn inbound_opened(&self, peer_id: &str) -> f64 {
+        count(
+            &self.p.b,
             "sigil_connections_opened_total{",
-            &["direction=\"inbound\"", &format!("peer_id=\"{peer}\"")],
+            &["direction=\"inbound\"", &peer(peer_id)],
         )
-        .unwrap_or(0.0)
     }
-}
-
-fn write_policy(dir: &Path, name: &str, text: &str) {
-    write_atomic(&dir.join(name), text.as_bytes());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -352,14 +332,12 @@ fn assert_denied(r: Result<tonic::Response<EchoReply>, Status>, what: &str, rule
 }
 
 fn grpc_policy(port: u16) -> String {
-    format!(
-        "apiVersion: sigil.dev/v1
-kind: Policy
-metadata: {{name: grpc, owner: team-api, purpose: gRPC end-to-end test}}
-spec:
-  target: {B}
-  ports:
-    - port: {port}
+    policy(
+        "grpc",
+        "gRPC end-to-end test",
+        B,
+        &format!(
+            "    - port: {port}
       routes:
         - name: svc
           match: {{path: {{prefix: /pkg.Svc}}}}
@@ -372,154 +350,24 @@ spec:
           match: {{path: {{prefix: /pkg.Admin}}}}
           allow: [{C}]
 "
+        ),
     )
 }
 
 #[test]
 fn grpc_unary_and_streaming_allowed_and_denied_per_route_and_identity() {
     let rt = runtime();
-    let seen: Seen = Arc::default();
-    let listener = rt
-        .block_on(TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))))
-        .unwrap();
-    let port = listener.local_addr().unwrap().port();
-    rt.spawn(grpc_workload(listener, seen.clone()));
-    let mesh = Mesh::start("grpc", &[port], &grpc_policy(port));
-    let (a_port, c_port) = (mesh.a[0], mesh.c[0]);
+    let (port, seen) = serve(&rt, grpc_workload);
+    let mesh = Mesh::start("grpc", port, &grpc_policy(port));
 
     rt.block_on(async {
-        let mut a = grpc_client(a_port);
-        let mut c = grpc_client(c_port);
-
-        // Unary on an allowed route: the reply, response metadata, and the verified caller
-        // (a forged x-sigil-peer-id from the client is replaced by the sidecar).
-        let mut req = tonic::Request::new(msg("hello"));
-        req.metadata_mut()
-            .insert(PEER, MetadataValue::from_static("spiffe://evil.org/x"));
-        let r = unary(&mut a, "/pkg.Svc/Unary", req)
-            .await
-            .unwrap_or_else(|st| panic!("unary: {st:?}\n{}", mesh.pb.log()));
-        assert_eq!(r.get_ref().text, "/pkg.Svc/Unary hello");
-        assert_eq!(r.get_ref().peer, A, "workload saw the wrong caller");
-        assert_eq!(
-            r.metadata()
-                .get("x-served-by")
-                .and_then(|v| v.to_str().ok()),
-            Some("workload")
-        );
-
-        // Bidirectional streaming: each request is answered before the next is sent (so
-        // neither side is buffered whole), one message is 256 KiB, and the call ends OK
-        // with the workload's trailers once the client half-closes.
-        within("client ready", a.ready()).await.unwrap();
-        let (tx, rx) = tokio::sync::mpsc::channel::<EchoRequest>(4);
-        let outbound = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
-        let mut resp = within(
-            "chat call",
-            a.streaming(
-                tonic::Request::new(outbound),
-                PathAndQuery::from_static("/pkg.Svc/Chat"),
-                client_codec(),
-            ),
-        )
-        .await
-        .unwrap_or_else(|st| panic!("chat: {st:?}\n{}", mesh.pb.log()));
-        let inbound = resp.get_mut();
-        for i in 1..=5u32 {
-            let mut m = msg(&format!("ping {i}"));
-            if i == 3 {
-                m.blob = vec![0xa5; 256 * 1024];
-            }
-            let blob_len = m.blob.len() as u64;
-            within("chat send", tx.send(m)).await.unwrap();
-            let reply = within("chat reply", inbound.message())
-                .await
-                .unwrap_or_else(|st| panic!("chat reply {i}: {st:?}"))
-                .unwrap_or_else(|| panic!("chat ended before reply {i}"));
-            assert_eq!(reply.text, format!("/pkg.Svc/Chat ping {i}"));
-            assert_eq!((reply.seq, reply.blob_len), (i, blob_len));
-            assert_eq!(reply.peer, A);
-        }
-        drop(tx);
-        let end = within("chat end", inbound.message()).await;
-        assert!(matches!(end, Ok(None)), "chat did not end OK: {end:?}");
-        let trailers = within("chat trailers", inbound.trailers())
-            .await
-            .expect("trailers")
-            .expect("the OK status comes in trailers");
-        assert_eq!(
-            trailers.get("grpc-status").and_then(|v| v.to_str().ok()),
-            Some("0"),
-            "{trailers:?}"
-        );
-
-        // A streaming call that the workload ends with an error: status, message and custom
-        // metadata all arrive in the trailers, after data.
-        let (tx, rx) = tokio::sync::mpsc::channel::<EchoRequest>(4);
-        let outbound = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
-        within("client ready", a.ready()).await.unwrap();
-        let mut resp = within(
-            "failing chat call",
-            a.streaming(
-                tonic::Request::new(outbound),
-                PathAndQuery::from_static("/pkg.Svc/Chat"),
-                client_codec(),
-            ),
-        )
-        .await
-        .expect("failing chat call");
-        let inbound = resp.get_mut();
-        for text in ["one", "two"] {
-            within("send", tx.send(msg(text))).await.unwrap();
-            let r = within("reply", inbound.message()).await;
-            assert!(matches!(r, Ok(Some(_))), "{r:?}");
-        }
-        within("send", tx.send(msg("fail"))).await.unwrap();
-        let st = within("error status", inbound.message())
-            .await
-            .expect_err("the workload ends the call with an error");
-        assert_eq!(st.code(), Code::ResourceExhausted, "{st:?}");
-        assert_eq!(st.message(), "chat quota used up");
-        assert_eq!(
-            st.metadata()
-                .get("x-chat-count")
-                .and_then(|v| v.to_str().ok()),
-            Some("2"),
-            "custom trailer lost: {st:?}"
-        );
-        drop(tx);
-
-        // Refusals: a route that allows only C (default deny for A), and a route with an
-        // explicit deny for A. Neither reaches the workload, and A's connection stays usable.
-        let opened = mesh.inbound_opened(A);
-        let r = unary(&mut a, "/pkg.Admin/Reset", tonic::Request::new(msg("x"))).await;
-        assert_denied(r, "A -> /pkg.Admin/Reset", "default deny");
-        let r = unary(&mut a, "/pkg.Svc/Secret", tonic::Request::new(msg("x"))).await;
-        assert_denied(r, "A -> /pkg.Svc/Secret", "rule secret (deny)");
-        let r = unary(&mut a, "/pkg.Svc/Unary", tonic::Request::new(msg("again")))
-            .await
-            .expect("allowed call after refusals");
-        assert_eq!(r.get_ref().text, "/pkg.Svc/Unary again");
-        assert_eq!(
-            mesh.inbound_opened(A),
-            opened,
-            "a refusal cost A its HTTP/2 connection"
-        );
-
-        // Per identity: C may call exactly what A may not, and not what A may.
-        let r = unary(&mut c, "/pkg.Admin/Reset", tonic::Request::new(msg("c")))
-            .await
-            .unwrap_or_else(|st| panic!("C -> /pkg.Admin/Reset: {st:?}"));
-        assert_eq!(
-            (r.get_ref().text.as_str(), r.get_ref().peer.as_str()),
-            ("/pkg.Admin/Reset c", C)
-        );
-        let r = unary(&mut c, "/pkg.Svc/Secret", tonic::Request::new(msg("c")))
-            .await
-            .unwrap_or_else(|st| panic!("C -> /pkg.Svc/Secret: {st:?}"));
-        assert_eq!(r.get_ref().peer, C);
-        let r = unary(&mut c, "/pkg.Svc/Unary", tonic::Request::new(msg("c"))).await;
-        assert_denied(r, "C -> /pkg.Svc/Unary", "default deny");
+        let mut a = grpc_client(mesh.a_port());
+        let mut c = grpc_client(mesh.c_port());
+        unary_on_an_allowed_route(&mesh, &mut a).await;
+        bidirectional_streaming_ends_ok(&mesh, &mut a).await;
+        a_streaming_error_arrives_in_trailers(&mut a).await;
+        refusals_leave_the_connection_usable(&mesh, &mut a).await;
+        c_may_call_exactly_what_a_may_not(&mut c).await;
     });
 
     // The workload saw exactly the allowed calls, each with the caller's verified ID.
@@ -538,7 +386,7 @@ fn grpc_unary_and_streaming_allowed_and_denied_per_route_and_identity() {
     assert_eq!(got, want, "what reached the workload");
 
     // Metrics: by route and decision.
-    let a_label = format!("peer_id=\"{A}\"");
+    let a_label = peer(A);
     assert!(
         mesh.requests(&[
             "route=\"grpc/svc\"",
@@ -549,7 +397,153 @@ fn grpc_unary_and_streaming_allowed_and_denied_per_route_and_identity() {
     );
     assert!(mesh.requests(&["route=\"grpc/secret\"", "decision=\"deny\"", &a_label]) >= 1.0);
     assert!(mesh.requests(&["route=\"default_deny\"", "decision=\"deny\""]) >= 2.0);
-    mesh.pb.wait_log("request denied", Duration::from_secs(2));
+    mesh.p.pb.wait_log("request denied", Duration::from_secs(2));
+}
+
+/// Unary on an allowed route: the reply, response metadata, and the verified caller (a
+/// forged x-sigil-peer-id from the client is replaced by the sidecar).
+async fn unary_on_an_allowed_route(mesh: &Mesh, a: &mut GrpcClient) {
+    let mut req = tonic::Request::new(msg("hello"));
+    req.metadata_mut()
+        .insert(PEER, MetadataValue::from_static("spiffe://evil.org/x"));
+    let r = unary(a, "/pkg.Svc/Unary", req)
+        .await
+        .unwrap_or_else(|st| panic!("unary: {st:?}\n{}", mesh.log()));
+    assert_eq!(r.get_ref().text, "/pkg.Svc/Unary hello");
+    assert_eq!(r.get_ref().peer, A, "workload saw the wrong caller");
+    assert_eq!(
+        r.metadata()
+            .get("x-served-by")
+            .and_then(|v| v.to_str().ok()),
+        Some("workload")
+    );
+}
+
+/// A `/pkg.Svc/Chat` call whose requests the test sends one by one: the sender, and the
+/// replies; `what` names the call if it does not start in time.
+async fn chat(
+    a: &mut GrpcClient,
+    what: &str,
+) -> Result<
+    (
+        tokio::sync::mpsc::Sender<EchoRequest>,
+        tonic::Response<Streaming<EchoReply>>,
+    ),
+    Status,
+> {
+    within("client ready", a.ready()).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<EchoRequest>(4);
+    let outbound = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let resp = within(
+        what,
+        a.streaming(
+            tonic::Request::new(outbound),
+            PathAndQuery::from_static("/pkg.Svc/Chat"),
+            client_codec(),
+        ),
+    )
+    .await?;
+    Ok((tx, resp))
+}
+
+/// Bidirectional streaming: each request is answered before the next is sent (so neither
+/// side is buffered whole), one message is 256 KiB, and the call ends OK with the
+/// workload's trailers once the client half-closes.
+async fn bidirectional_streaming_ends_ok(mesh: &Mesh, a: &mut GrpcClient) {
+    let (tx, mut resp) = chat(a, "chat call")
+        .await
+        .unwrap_or_else(|st| panic!("chat: {st:?}\n{}", mesh.log()));
+    let inbound = resp.get_mut();
+    for i in 1..=5u32 {
+        let mut m = msg(&format!("ping {i}"));
+        if i == 3 {
+            m.blob = vec![0xa5; 256 * 1024];
+        }
+        let blob_len = m.blob.len() as u64;
+        within("chat send", tx.send(m)).await.unwrap();
+        let reply = within("chat reply", inbound.message())
+            .await
+            .unwrap_or_else(|st| panic!("chat reply {i}: {st:?}"))
+            .unwrap_or_else(|| panic!("chat ended before reply {i}"));
+        assert_eq!(reply.text, format!("/pkg.Svc/Chat ping {i}"));
+        assert_eq!((reply.seq, reply.blob_len), (i, blob_len));
+        assert_eq!(reply.peer, A);
+    }
+    drop(tx);
+    let end = within("chat end", inbound.message()).await;
+    assert!(matches!(end, Ok(None)), "chat did not end OK: {end:?}");
+    let trailers = within("chat trailers", inbound.trailers())
+        .await
+        .expect("trailers")
+        .expect("the OK status comes in trailers");
+    assert_eq!(
+        trailers.get("grpc-status").and_then(|v| v.to_str().ok()),
+        Some("0"),
+        "{trailers:?}"
+    );
+}
+
+/// A streaming call that the workload ends with an error: status, message and custom
+/// metadata all arrive in the trailers, after data.
+async fn a_streaming_error_arrives_in_trailers(a: &mut GrpcClient) {
+    let (tx, mut resp) = chat(a, "failing chat call")
+        .await
+        .expect("failing chat call");
+    let inbound = resp.get_mut();
+    for text in ["one", "two"] {
+        within("send", tx.send(msg(text))).await.unwrap();
+        let r = within("reply", inbound.message()).await;
+        assert!(matches!(r, Ok(Some(_))), "{r:?}");
+    }
+    within("send", tx.send(msg("fail"))).await.unwrap();
+    let st = within("error status", inbound.message())
+        .await
+        .expect_err("the workload ends the call with an error");
+    assert_eq!(st.code(), Code::ResourceExhausted, "{st:?}");
+    assert_eq!(st.message(), "chat quota used up");
+    assert_eq!(
+        st.metadata()
+            .get("x-chat-count")
+            .and_then(|v| v.to_str().ok()),
+        Some("2"),
+        "custom trailer lost: {st:?}"
+    );
+}
+
+/// Refusals: a route that allows only C (default deny for A), and a route with an explicit
+/// deny for A. Neither reaches the workload, and A's connection stays usable.
+async fn refusals_leave_the_connection_usable(mesh: &Mesh, a: &mut GrpcClient) {
+    let opened = mesh.inbound_opened(A);
+    let r = unary(a, "/pkg.Admin/Reset", tonic::Request::new(msg("x"))).await;
+    assert_denied(r, "A -> /pkg.Admin/Reset", "default deny");
+    let r = unary(a, "/pkg.Svc/Secret", tonic::Request::new(msg("x"))).await;
+    assert_denied(r, "A -> /pkg.Svc/Secret", "rule secret (deny)");
+    let r = unary(a, "/pkg.Svc/Unary", tonic::Request::new(msg("again")))
+        .await
+        .expect("allowed call after refusals");
+    assert_eq!(r.get_ref().text, "/pkg.Svc/Unary again");
+    assert_eq!(
+        mesh.inbound_opened(A),
+        opened,
+        "a refusal cost A its HTTP/2 connection"
+    );
+}
+
+/// Per identity: C may call exactly what A may not, and not what A may.
+async fn c_may_call_exactly_what_a_may_not(c: &mut GrpcClient) {
+    let r = unary(c, "/pkg.Admin/Reset", tonic::Request::new(msg("c")))
+        .await
+        .unwrap_or_else(|st| panic!("C -> /pkg.Admin/Reset: {st:?}"));
+    assert_eq!(
+        (r.get_ref().text.as_str(), r.get_ref().peer.as_str()),
+        ("/pkg.Admin/Reset c", C)
+    );
+    let r = unary(c, "/pkg.Svc/Secret", tonic::Request::new(msg("c")))
+        .await
+        .unwrap_or_else(|st| panic!("C -> /pkg.Svc/Secret: {st:?}"));
+    assert_eq!(r.get_ref().peer, C);
+    let r = unary(c, "/pkg.Svc/Unary", tonic::Request::new(msg("c"))).await;
+    assert_denied(r, "C -> /pkg.Svc/Unary", "default deny");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -600,26 +594,6 @@ async fn ws_workload(listener: TcpListener, seen: Seen) {
     }
 }
 
-fn ws_policy(port: u16) -> String {
-    format!(
-        "apiVersion: sigil.dev/v1
-kind: Policy
-metadata: {{name: ws, owner: team-api, purpose: WebSocket end-to-end test}}
-spec:
-  target: {B}
-  ports:
-    - port: {port}
-      routes:
-        - name: echo
-          match: {{methods: [GET], path: {{exact: /ws/echo}}}}
-          allow: [{A}]
-        - name: admin
-          match: {{path: {{prefix: /ws/admin}}}}
-          allow: [{C}]
-"
-    )
-}
-
 /// Next data message, skipping control frames.
 async fn next_data<S>(ws: &mut S) -> Message
 where
@@ -646,84 +620,34 @@ async fn connect_refused(port: u16, path: &str, status: u16) {
     }
 }
 
+fn ws_policy(port: u16) -> String {
+    policy(
+        "ws",
+        "WebSocket end-to-end test",
+        B,
+        &format!(
+            "    - port: {port}
+      routes:
+        - name: echo
+          match: {{methods: [GET], path: {{exact: /ws/echo}}}}
+          allow: [{A}]
+        - name: admin
+          match: {{path: {{prefix: /ws/admin}}}}
+          allow: [{C}]
+"
+        ),
+    )
+}
+
 #[test]
 fn websocket_upgrade_authorized_per_route_and_identity_then_bytes_flow() {
     let rt = runtime();
-    let seen: Seen = Arc::default();
-    let listener = rt
-        .block_on(TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))))
-        .unwrap();
-    let port = listener.local_addr().unwrap().port();
-    rt.spawn(ws_workload(listener, seen.clone()));
-    let mesh = Mesh::start("ws", &[port], &ws_policy(port));
-    let (a_port, c_port) = (mesh.a[0], mesh.c[0]);
+    let (port, seen) = serve(&rt, ws_workload);
+    let mesh = Mesh::start("ws", port, &ws_policy(port));
 
     rt.block_on(async {
-        // Allowed: the upgrade succeeds, the workload learns the verified caller (a forged
-        // header is replaced), and text and binary messages flow both ways.
-        let mut req = format!("ws://127.0.0.1:{a_port}/ws/echo")
-            .into_client_request()
-            .unwrap();
-        req.headers_mut()
-            .insert(PEER, HeaderValue::from_static("spiffe://evil.org/x"));
-        let (mut ws, resp) = within("upgrade /ws/echo", tokio_tungstenite::connect_async(req))
-            .await
-            .unwrap_or_else(|e| panic!("upgrade /ws/echo: {e}\n{}", mesh.pb.log()));
-        assert_eq!(resp.status().as_u16(), 101);
-        assert_eq!(
-            next_data(&mut ws).await,
-            Message::text(format!("peer={A}")),
-            "greeting pushed by the workload"
-        );
-        let msgs = [
-            Message::text("hello"),
-            Message::binary(vec![0u8, 1, 2, 0xff]),
-            Message::text("ünïcödé ✓"),
-            Message::binary((0..300_000u32).map(|i| i as u8).collect::<Vec<u8>>()),
-            Message::text("bye"),
-        ];
-        for m in msgs {
-            within("websocket send", ws.send(m.clone())).await.unwrap();
-            assert_eq!(next_data(&mut ws).await, m);
-        }
-        // A ping is answered by the workload's library through the relayed bytes.
-        within("ping", ws.send(Message::Ping(b"p".to_vec().into())))
-            .await
-            .unwrap();
-        loop {
-            match within("pong", ws.next()).await {
-                Some(Ok(Message::Pong(p))) => {
-                    assert_eq!(&p[..], b"p");
-                    break;
-                }
-                Some(Ok(_)) => continue,
-                other => panic!("no pong: {other:?}"),
-            }
-        }
-        within("close", ws.close(None)).await.unwrap();
-        while let Some(m) = within("close handshake", ws.next()).await {
-            if m.is_err() {
-                break;
-            }
-        }
-
-        // Refused upgrades: a route only C may use, and a path no route matches.
-        connect_refused(a_port, "/ws/admin", 403).await;
-        connect_refused(a_port, "/ws/other", 403).await;
-        // Per identity: C may upgrade on /ws/admin but not on /ws/echo.
-        connect_refused(c_port, "/ws/echo", 403).await;
-        let (mut ws, _) = within(
-            "C upgrade /ws/admin",
-            tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{c_port}/ws/admin/x")),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("C upgrade /ws/admin/x: {e}\n{}", mesh.pb.log()));
-        assert_eq!(next_data(&mut ws).await, Message::text(format!("peer={C}")));
-        within("send", ws.send(Message::text("from c")))
-            .await
-            .unwrap();
-        assert_eq!(next_data(&mut ws).await, Message::text("from c"));
-        within("close", ws.close(None)).await.unwrap();
+        an_allowed_upgrade_carries_every_kind_of_message(&mesh).await;
+        upgrades_are_refused_per_route_and_identity(&mesh).await;
     });
 
     // Only the allowed upgrades reached the workload.
@@ -733,45 +657,109 @@ fn websocket_upgrade_authorized_per_route_and_identity_then_bytes_flow() {
         "what reached the workload"
     );
 
-    // A live tunnel outlives its HTTP request: when B stops trusting A's CA, B must still
-    // find the tunnel and cut it.
-    rt.block_on(async {
-        let (mut ws, _) = within(
-            "upgrade for the bundle change",
-            tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{a_port}/ws/echo")),
-        )
-        .await
-        .unwrap();
-        assert_eq!(next_data(&mut ws).await, Message::text(format!("peer={A}")));
-        std::fs::write(
-            mesh.b_bundles.join("example.org.pem"),
-            Ca::new("example.org").bundle_pem(),
-        )
-        .unwrap();
-        loop {
-            match within("the tunnel to be cut after the bundle change", ws.next()).await {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
-                Some(Ok(_)) => continue,
-            }
-        }
-    });
-    mesh.pb
+    rt.block_on(a_bundle_change_cuts_a_live_tunnel(&mesh));
+    mesh.p
+        .pb
         .wait_log("no longer verifies", std::time::Duration::from_secs(5));
     assert!(
         mesh.requests(&[
             "route=\"ws/admin\"",
             "decision=\"allow\"",
             "status_class=\"1xx\"",
-            &format!("peer_id=\"{C}\"")
+            &peer(C)
         ]) >= 1.0,
         "{}",
-        mesh.b.metrics()
+        mesh.p.b.metrics()
     );
-    assert!(
-        mesh.requests(&[
-            "decision=\"deny\"",
-            "status_class=\"4xx\"",
-            &format!("peer_id=\"{A}\"")
-        ]) >= 2.0
+    assert!(mesh.requests(&["decision=\"deny\"", "status_class=\"4xx\"", &peer(A)]) >= 2.0);
+}
+
+/// Allowed: the upgrade succeeds, the workload learns the verified caller (a forged header
+/// is replaced), and text and binary messages flow both ways; a ping is answered.
+async fn an_allowed_upgrade_carries_every_kind_of_message(mesh: &Mesh) {
+    let mut req = format!("ws://127.0.0.1:{}/ws/echo", mesh.a_port())
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert(PEER, HeaderValue::from_static("spiffe://evil.org/x"));
+    let (mut ws, resp) = within("upgrade /ws/echo", tokio_tungstenite::connect_async(req))
+        .await
+        .unwrap_or_else(|e| panic!("upgrade /ws/echo: {e}\n{}", mesh.log()));
+    assert_eq!(resp.status().as_u16(), 101);
+    assert_eq!(
+        next_data(&mut ws).await,
+        Message::text(format!("peer={A}")),
+        "greeting pushed by the workload"
     );
+    let msgs = [
+        Message::text("hello"),
+        Message::binary(vec![0u8, 1, 2, 0xff]),
+        Message::text("ünïcödé ✓"),
+        Message::binary((0..300_000u32).map(|i| i as u8).collect::<Vec<u8>>()),
+        Message::text("bye"),
+    ];
+    for m in msgs {
+        within("websocket send", ws.send(m.clone())).await.unwrap();
+        assert_eq!(next_data(&mut ws).await, m);
+    }
+    // A ping is answered by the workload's library through the relayed bytes.
+    within("ping", ws.send(Message::Ping(b"p".to_vec().into())))
+        .await
+        .unwrap();
+    loop {
+        match within("pong", ws.next()).await {
+            Some(Ok(Message::Pong(p))) => {
+                assert_eq!(&p[..], b"p");
+                break;
+            }
+            Some(Ok(_)) => continue,
+            other => panic!("no pong: {other:?}"),
+        }
+    }
+    within("close", ws.close(None)).await.unwrap();
+    while let Some(m) = within("close handshake", ws.next()).await {
+        if m.is_err() {
+            break;
+        }
+    }
+}
+
+/// Refused upgrades: a route only C may use, and a path no route matches. Per identity: C
+/// may upgrade on /ws/admin but not on /ws/echo.
+async fn upgrades_are_refused_per_route_and_identity(mesh: &Mesh) {
+    let (a_port, c_port) = (mesh.a_port(), mesh.c_port());
+    connect_refused(a_port, "/ws/admin", 403).await;
+    connect_refused(a_port, "/ws/other", 403).await;
+    connect_refused(c_port, "/ws/echo", 403).await;
+    let (mut ws, _) = within(
+        "C upgrade /ws/admin",
+        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{c_port}/ws/admin/x")),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("C upgrade /ws/admin/x: {e}\n{}", mesh.log()));
+    assert_eq!(next_data(&mut ws).await, Message::text(format!("peer={C}")));
+    within("send", ws.send(Message::text("from c")))
+        .await
+        .unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::text("from c"));
+    within("close", ws.close(None)).await.unwrap();
+}
+
+/// A live tunnel outlives its HTTP request: when B stops trusting A's CA, B must still find
+/// the tunnel and cut it.
+async fn a_bundle_change_cuts_a_live_tunnel(mesh: &Mesh) {
+    let (mut ws, _) = within(
+        "upgrade for the bundle change",
+        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/ws/echo", mesh.a_port())),
+    )
+    .await
+    .unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::text(format!("peer={A}")));
+    mesh.p.fb.trust(&Ca::new("example.org"));
+    loop {
+        match within("the tunnel to be cut after the bundle change", ws.next()).await {
+            None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
+            Some(Ok(_)) => continue,
+        }
+    }
 }

@@ -11,10 +11,6 @@ use sigil_e2e::*;
 use sigil_testkit::rcgen::KeyUsagePurpose as Ku;
 use sigil_testkit::{Ca, Svid, SvidSpec};
 
-const A: &str = "spiffe://example.org/ns/demo/sa/a";
-const B: &str = "spiffe://example.org/ns/demo/sa/b";
-const C: &str = "spiffe://example.org/ns/demo/sa/c";
-
 /// Runs `openssl s_client` against `port` presenting `svid` (or no certificate).
 fn s_client(dir: &Path, port: u16, svid: Option<(&Svid, &str)>, extra: &[&str]) -> String {
     let mut cmd = Command::new("openssl");
@@ -32,49 +28,54 @@ fn s_client(dir: &Path, port: u16, svid: Option<(&Svid, &str)>, extra: &[&str]) 
     run(&mut cmd, Duration::from_secs(20)).1
 }
 
+/// The loopback pair: B allows only A on its workload port, trusts other.org too, and cuts
+/// idle handshakes after 1 s. A has a second listener that leads to C's sidecar while
+/// expecting B: a server with the wrong identity. C, with a valid SVID, is not allowed on B.
+struct Loopback {
+    c: Caller,
+    p: Pair,
+    web: Ports,
+    /// A's listener leading to C's sidecar.
+    a_wrong: u16,
+}
+
 #[test]
 fn sidecar_pair_allows_refuses_and_names_every_bad_input() {
     if !require_tool("curl", "loopback") || !require_tool("openssl", "loopback") {
         return;
     }
-    let dir = TempDir::new("loopback");
-    let d = dir.path();
-    let ca = Ca::new("example.org");
-    let other = Ca::new("other.org");
-    let stranger = Ca::new("stranger.org");
+    let (mut s, web) = PairSetup::web("loopback");
+    s.fb.trust(&Ca::new("other.org"));
+    s.b.allow = vec![(web.workload, vec![A.into()])];
+    s.b.handshake_timeout = "1s";
+    let (a_wrong, c_in) = (free_port(), free_port());
+    s.a.outbound.push((a_wrong, c_in, B.into()));
+    let p = s.start();
+    let c = p.caller("c", C, |c| c.inbound = vec![(c_in, web.workload)]);
+    let l = Loopback { c, p, web, a_wrong };
 
-    let (_wb, wb_port) = start_workload("b", false);
-    let fa = write_identity(d, "a", &ca, A, &[&ca]);
-    let fb = write_identity(d, "b", &ca, B, &[&ca, &other]);
-    let fc = write_identity(d, "c", &ca, C, &[&ca]);
+    allowed_and_counted(&l);
+    c_is_refused_per_request_and_per_connection(&l);
+    a_server_with_the_wrong_identity_is_refused(&l);
+    bad_client_certificates_are_refused_and_named(&l);
+    tls_1_2_and_resumption_are_refused(&l);
+    garbage_truncated_and_silent_handshakes_are_cut(&l);
+    admin_endpoints_answer_and_never_show_key_material(&l);
 
-    let b_in = free_port();
-    let mut b = Sidecar::new("sidecar-b", B);
-    b.inbound = vec![(b_in, wb_port)];
-    b.allow = vec![(wb_port, vec![A.into()])];
-    b.handshake_timeout = "1s";
-    let pb = b.start(d, &fb);
+    // Everything refused above left the allowed path working.
+    let (ok, out) = curl(l.web.a_out, "/again");
+    assert!(ok && out.contains("hello from b"), "{out}");
+}
 
-    let (a_out, a_wrong) = (free_port(), free_port());
-    let c_in = free_port();
-    let mut a = Sidecar::new("sidecar-a", A);
-    // a_wrong leads to C's sidecar while expecting B: a server with the wrong identity.
-    a.outbound = vec![(a_out, b_in, B.into()), (a_wrong, c_in, B.into())];
-    let pa = a.start(d, &fa);
-
-    let c_out = free_port();
-    let mut c = Sidecar::new("sidecar-c", C);
-    c.inbound = vec![(c_in, wb_port)];
-    c.outbound = vec![(c_out, b_in, B.into())];
-    let pc = c.start(d, &fc);
-
-    // Allowed: A's workload calls B through both sidecars.
-    let (ok, out) = curl(a_out, "/hello");
+/// Allowed: A's workload calls B through both sidecars, counted on both sides.
+fn allowed_and_counted(l: &Loopback) {
+    let (a, b) = (&l.p.a, &l.p.b);
+    let (ok, out) = curl(l.web.a_out, "/hello");
     assert!(
         ok,
         "curl through the pair failed: {out}\nA:\n{}\nB:\n{}",
-        pa.log(),
-        pb.log()
+        l.p.pa.log(),
+        l.p.pb.log()
     );
     assert!(out.contains("hello from b (GET /hello"), "{out}");
     let mb = b.metrics();
@@ -84,7 +85,7 @@ fn sidecar_pair_allows_refuses_and_names_every_bad_input() {
         "sigil_connections_opened_total{",
         &[
             "direction=\"inbound\"",
-            &format!("peer_id=\"{A}\""),
+            &peer(A),
             &format!("local_id=\"{B}\""),
         ],
     );
@@ -92,29 +93,23 @@ fn sidecar_pair_allows_refuses_and_names_every_bad_input() {
     let opened_out = metric(
         &ma,
         "sigil_connections_opened_total{",
-        &["direction=\"outbound\"", &format!("peer_id=\"{B}\"")],
+        &["direction=\"outbound\"", &peer(B)],
     );
     assert_eq!(opened_out, Some(1.0), "{ma}");
-    let rx = metric(
-        &mb,
-        "sigil_bytes_received_total{",
-        &[&format!("peer_id=\"{A}\"")],
-    )
-    .unwrap_or(0.0);
-    let tx = metric(
-        &mb,
-        "sigil_bytes_sent_total{",
-        &[&format!("peer_id=\"{A}\"")],
-    )
-    .unwrap_or(0.0);
+    let rx = metric(&mb, "sigil_bytes_received_total{", &[&peer(A)]).unwrap_or(0.0);
+    let tx = metric(&mb, "sigil_bytes_sent_total{", &[&peer(A)]).unwrap_or(0.0);
     assert!(
         rx > 50.0 && tx > 50.0,
         "bytes not counted: rx={rx} tx={tx}\n{mb}"
     );
     assert!(mb.contains("sigil_svid_expiry_timestamp_seconds{"), "{mb}");
+}
 
-    // C has a valid SVID but is not allowed on B's port. Its HTTP requests, pooled by C's
-    // sidecar, get 403 naming the rule...
+/// C has a valid SVID but is not allowed on B's port. Its HTTP requests, pooled by C's
+/// sidecar, get 403 naming the rule, and a connection that is not HTTP is refused outright.
+/// The refusal reaches C's workload as a closed connection, not as a hang.
+fn c_is_refused_per_request_and_per_connection(l: &Loopback) {
+    let (b, pb, c_out) = (&l.p.b, &l.p.pb, l.c.ports[0]);
     let (ok, out) = curl(c_out, "/");
     assert!(
         ok && out.contains("sigil: denied by port") && !out.contains("hello from b"),
@@ -123,29 +118,18 @@ fn sidecar_pair_allows_refuses_and_names_every_bad_input() {
     let denied = metric(
         &b.metrics(),
         "sigil_requests_total{",
-        &[&format!("peer_id=\"{C}\""), "decision=\"deny\""],
+        &[&peer(C), "decision=\"deny\""],
     );
     assert_eq!(denied, Some(1.0), "{}", b.metrics());
-    // ...and a connection that is not HTTP is refused outright. The refusal reaches C's
-    // workload as a closed connection, not as a hang.
-    let mut s = TcpStream::connect(("127.0.0.1", c_out)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut s = connect(c_out);
     s.write_all(b"\x00\x01 not http\r\n").unwrap();
-    let mut buf = [0u8; 64];
-    let closed = match std::io::Read::read(&mut s, &mut buf) {
-        Ok(n) => n == 0,
-        // A reset closes too; a read timeout is the hang this guards against.
-        Err(e) => !matches!(
-            e.kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-        ),
-    };
-    assert!(closed, "refused connection left open");
+    // A reset closes too; a read timeout is the hang this guards against.
+    assert!(closed(&mut s), "refused connection left open");
     pb.wait_log("not_allowed", Duration::from_secs(5));
     let refused = metric(
         &b.metrics(),
         "sigil_connections_refused_total{",
-        &[&format!("peer_id=\"{C}\""), "reason=\"not_allowed\""],
+        &[&peer(C), "reason=\"not_allowed\""],
     );
     assert_eq!(refused, Some(1.0));
     assert!(
@@ -153,19 +137,36 @@ fn sidecar_pair_allows_refuses_and_names_every_bad_input() {
         "{}",
         pb.log()
     );
+}
 
-    // Wrong identity: A expects B but C's sidecar answers.
-    let (ok, out) = curl(a_wrong, "/");
+/// Wrong identity: A expects B but C's sidecar answers.
+fn a_server_with_the_wrong_identity_is_refused(l: &Loopback) {
+    let a = &l.p.a;
+    let (ok, out) = curl(l.a_wrong, "/");
     assert!(!ok || !out.contains("hello"), "{out}");
-    pa.wait_log("wrong_identity", Duration::from_secs(5));
+    l.p.pa.wait_log("wrong_identity", Duration::from_secs(5));
     let wrong = metric(
         &a.metrics(),
         "sigil_handshake_failures_total{",
         &["direction=\"outbound\"", "reason=\"wrong_identity\""],
     );
     assert_eq!(wrong, Some(1.0), "{}", a.metrics());
+}
 
-    // Bad client certificates straight at B's inbound listener, with openssl s_client.
+/// `sigil_handshake_failures_total` of `b`'s inbound side for `reason`.
+fn inbound_failures(b: &Sidecar, reason: &str) -> f64 {
+    count(
+        b,
+        "sigil_handshake_failures_total{",
+        &["direction=\"inbound\"", &format!("reason=\"{reason}\"")],
+    )
+}
+
+/// Bad client certificates straight at B's inbound listener, with openssl s_client: each
+/// counted and logged with its reason.
+fn bad_client_certificates_are_refused_and_named(l: &Loopback) {
+    let (ca, b, pb) = (&l.p.ca, &l.p.b, &l.p.pb);
+    let stranger = Ca::new("stranger.org");
     let cases: Vec<(&str, Option<Svid>, &str)> = vec![
         ("no client cert", None, "no_client_cert"),
         (
@@ -200,20 +201,11 @@ fn sidecar_pair_allows_refuses_and_names_every_bad_input() {
         ),
     ];
     for (i, (name, svid, reason)) in cases.iter().enumerate() {
-        let before = metric(
-            &b.metrics(),
-            "sigil_handshake_failures_total{",
-            &["direction=\"inbound\"", &format!("reason=\"{reason}\"")],
-        )
-        .unwrap_or(0.0);
+        let before = inbound_failures(b, reason);
         let file = format!("bad{i}");
-        let out = s_client(d, b_in, svid.as_ref().map(|s| (s, file.as_str())), &[]);
-        let after = metric(
-            &b.metrics(),
-            "sigil_handshake_failures_total{",
-            &["direction=\"inbound\"", &format!("reason=\"{reason}\"")],
-        )
-        .unwrap_or(0.0);
+        let svid = svid.as_ref().map(|s| (s, file.as_str()));
+        let out = s_client(l.p.path(), l.web.b_in, svid, &[]);
+        let after = inbound_failures(b, reason);
         assert_eq!(
             after,
             before + 1.0,
@@ -225,26 +217,24 @@ fn sidecar_pair_allows_refuses_and_names_every_bad_input() {
             "{name}: reason missing from log"
         );
     }
+}
 
-    // TLS 1.2 is refused outright.
-    let before = metric(
-        &b.metrics(),
-        "sigil_handshake_failures_total{",
-        &["reason=\"tls_error\""],
-    )
-    .unwrap_or(0.0);
+/// TLS 1.2 is refused outright. No resumption: B issues no session ticket, so s_client has
+/// no session to save (it writes -sess_out only when it got one).
+fn tls_1_2_and_resumption_are_refused(l: &Loopback) {
+    let (d, ca, b, b_in) = (l.p.path(), &l.p.ca, &l.p.b, l.web.b_in);
+    let tls_errors = || {
+        count(
+            b,
+            "sigil_handshake_failures_total{",
+            &["reason=\"tls_error\""],
+        )
+    };
+    let before = tls_errors();
     let out = s_client(d, b_in, Some((&ca.svid(A), "tls12")), &["-tls1_2"]);
     assert!(!out.contains("Protocol version: TLSv1.2"), "{out}");
-    let after = metric(
-        &b.metrics(),
-        "sigil_handshake_failures_total{",
-        &["reason=\"tls_error\""],
-    )
-    .unwrap_or(0.0);
-    assert_eq!(after, before + 1.0, "{out}");
+    assert_eq!(tls_errors(), before + 1.0, "{out}");
 
-    // No resumption: B issues no session ticket, so s_client has no session to save (it
-    // writes -sess_out only when it got one).
     let sess = d.join("sess.pem");
     let good = ca.svid(A);
     let first = s_client(
@@ -258,16 +248,12 @@ fn sidecar_pair_allows_refuses_and_names_every_bad_input() {
         !sess.exists(),
         "B issued a session ticket; resumption would skip the verifier"
     );
+}
 
-    // Garbage bytes, a truncated ClientHello, and a client that says nothing.
-    let fails = |reason: &str| {
-        metric(
-            &b.metrics(),
-            "sigil_handshake_failures_total{",
-            &["direction=\"inbound\"", &format!("reason=\"{reason}\"")],
-        )
-        .unwrap_or(0.0)
-    };
+/// Garbage bytes, a truncated ClientHello, and a client that says nothing.
+fn garbage_truncated_and_silent_handshakes_are_cut(l: &Loopback) {
+    let (b, b_in) = (&l.p.b, l.web.b_in);
+    let fails = |reason: &str| inbound_failures(b, reason);
     let tls_err = fails("tls_error");
     let mut s = TcpStream::connect(("127.0.0.1", b_in)).unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n\x00\xff garbage")
@@ -282,15 +268,12 @@ fn sidecar_pair_allows_refuses_and_names_every_bad_input() {
     .unwrap();
     let silent = TcpStream::connect(("127.0.0.1", b_in)).unwrap();
     // Both are cut by the 1 s handshake timeout, not left open.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while fails("handshake_timeout") + fails("peer_closed") < timeouts + 2.0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "idle handshakes not cut:\n{}",
-            b.metrics()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    poll(Duration::from_secs(10), Duration::from_millis(100), || {
+        if fails("handshake_timeout") + fails("peer_closed") >= timeouts + 2.0 {
+            return Ok(());
+        }
+        Err(format!("idle handshakes not cut:\n{}", b.metrics()))
+    });
     assert!(
         fails("tls_error") > tls_err,
         "garbage not counted:\n{}",
@@ -298,28 +281,23 @@ fn sidecar_pair_allows_refuses_and_names_every_bad_input() {
     );
     assert!(fails("handshake_timeout") >= 2.0, "{}", b.metrics());
     drop((s, silent));
+}
 
-    let live = http_get(([127, 0, 0, 1], b.admin).into(), "/live");
-    assert_eq!(live.map(|r| r.0), Some(200));
-    let missing = http_get(([127, 0, 0, 1], b.admin).into(), "/nope");
-    assert_eq!(missing.map(|r| r.0), Some(404));
-
-    // The config dump shows identity and trust state, never key material.
-    let (status, dump) = http_get(([127, 0, 0, 1], b.admin).into(), "/config_dump").unwrap();
+/// /live and a 404; the config dump shows identity and trust state, never key material.
+fn admin_endpoints_answer_and_never_show_key_material(l: &Loopback) {
+    let b = &l.p.b;
+    assert_eq!(b.admin_get("/live").map(|r| r.0), Some(200));
+    assert_eq!(b.admin_get("/nope").map(|r| r.0), Some(404));
+    let (status, dump) = b.admin_get("/config_dump").unwrap();
     assert_eq!(status, 200);
     assert!(dump.contains(B) && dump.contains("\"other.org\""), "{dump}");
-    let key_pem = std::fs::read_to_string(&fb.key).unwrap();
+    let key_pem = std::fs::read_to_string(&l.p.fb.key).unwrap();
     let key_body = key_pem.lines().nth(1).unwrap();
     assert!(
         !dump.contains("PRIVATE KEY") && !dump.contains(key_body),
         "key material in dump"
     );
-    assert!(!pb.log().contains(key_body), "key material in log");
-
-    // Everything refused above left the allowed path working.
-    let (ok, out) = curl(a_out, "/again");
-    assert!(ok && out.contains("hello from b"), "{out}");
-    drop((pa, pb, pc));
+    assert!(!l.p.pb.log().contains(key_body), "key material in log");
 }
 
 #[test]

@@ -13,57 +13,84 @@ use sigil_api::{Ack, Document, Snapshot};
 use sigil_e2e::*;
 use sigil_testkit::Ca;
 
-const CONTROL: &str = "spiffe://example.org/sigil/control";
-const ALICE: &str = "spiffe://example.org/ops/alice";
-const A: &str = "spiffe://example.org/ns/demo/sa/a";
-const B: &str = "spiffe://example.org/ns/demo/sa/b";
-
 fn ready(s: &Sidecar) -> (u16, String) {
-    http_get(([127, 0, 0, 1], s.admin).into(), "/ready").expect("admin answers")
+    s.admin_get("/ready").expect("admin answers")
 }
 
 #[test]
 fn an_unusable_persisted_snapshot_leaves_the_sidecar_unready_and_denying() {
-    let dir = TempDir::new("snapshot-integrity");
-    let d = dir.path();
-    let ca = Ca::new("example.org");
-    let alice = write_identity(d, "alice", &ca, ALICE, &[&ca]);
-    let fa = write_identity(d, "a", &ca, A, &[&ca]);
-    let fb = write_identity(d, "b", &ca, B, &[&ca]);
-    let (_web, web_port) = start_workload("b", false);
-    let cp = ControlPlane::start_in(d, &ca, CONTROL);
-    let b_web = free_port();
+    let (mut s, web) = PairSetup::web("snapshot-integrity");
+    let d = s.path().to_path_buf();
+    let alice = write_identity(&d, "alice", &s.ca, ALICE, &[&s.ca]);
+    let mut cp = ControlPlane::start_in(&d, &s.ca, CONTROL);
     // A may GET /orders on B's web port; nothing else is allowed.
     cp.apply(
         &alice,
         &d.join("resources.yaml"),
-        &web_resources(&[A], B, b_web, web_port, false),
+        &web_resources(&[A], B, web.b_in, web.workload, false),
     );
     let state = d.join("state-b");
-    let mut b = Sidecar::new("sidecar-b", B);
-    b.inbound = vec![(b_web, web_port)];
-    b.control_plane = Some((cp.sidecar_port, CONTROL.into(), state.clone()));
-    let pb = b.start(d, &fb);
-    let a_web = free_port();
-    let mut a = Sidecar::new("sidecar-a", A);
-    a.outbound = vec![(a_web, b_web, B.into())];
-    let _pa = a.start(d, &fa);
-    assert_eq!(get_once(a_web, "/orders/1"), Some(200), "{}", pb.log());
+    s.b.control_plane = Some((cp.sidecar_port, CONTROL.into(), state.clone()));
+    let mut p = s.start();
+    let a_web = web.a_out;
+    p.assert_reaches(web, "/orders/1");
     assert_eq!(get_once(a_web, "/nope"), Some(403));
 
     // The control plane goes away; B keeps its sealed copy.
-    let mut cp = cp;
     assert_eq!(cp.proc.terminate(Duration::from_secs(10)), Some(0));
-    drop(pb);
+    p.pb.terminate(Duration::from_secs(5));
     let file = state.join("snapshot.pb");
     let good = std::fs::read(&file).expect("B persisted its snapshot");
-    let payload = sigil_filters::snapshot::unseal(&good)
+    for (case, content, says) in unusable_copies(&good) {
+        match &content {
+            Some(bytes) => std::fs::write(&file, bytes).unwrap(),
+            None => std::fs::remove_file(&file).unwrap(),
+        }
+        let rejected = if content.is_some() { 1.0 } else { 0.0 };
+        unready_and_denying(&p, web, case, says, rejected);
+    }
+
+    // An intact copy: served with the control plane still down.
+    std::fs::write(&file, &good).unwrap();
+    let pb = p.b.start(&d, &p.fb);
+    assert!(
+        pb.log().contains("serving the last snapshot"),
+        "{}",
+        pb.log()
+    );
+    assert_eq!(get_once(a_web, "/orders/2"), Some(200), "{}", pb.log());
+    assert_eq!(get_once(a_web, "/nope"), Some(403));
+    drop(pb);
+
+    // A damaged copy, then the control plane returns: its snapshot puts B in service.
+    std::fs::write(&file, &good[..10]).unwrap();
+    let pb = spawn_b(&p, web);
+    assert_eq!(ready(&p.b).0, 503);
+    assert_eq!(get_once(a_web, "/orders/3"), Some(403));
+    let cp = cp.start_again();
+    wait_until(
+        "B ready on the control plane's snapshot",
+        Duration::from_secs(15),
+        || ready(&p.b).0 == 200,
+    );
+    assert_eq!(get_once(a_web, "/orders/4"), Some(200), "{}", pb.log());
+    assert_eq!(get_once(a_web, "/nope"), Some(403));
+    // And it kept a sealed copy again.
+    let kept = std::fs::read(&file).unwrap();
+    assert!(sigil_filters::snapshot::unseal(&kept).is_ok());
+    drop((pb, cp));
+}
+
+/// What the persisted copy is replaced with (None: deleted), named, with what the log must
+/// say about it.
+fn unusable_copies(good: &[u8]) -> Vec<(&'static str, Option<Vec<u8>>, &'static str)> {
+    let payload = sigil_filters::snapshot::unseal(good)
         .expect("sealed")
         .to_vec();
     let random: Vec<u8> = (0..4096u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
-    let cases: Vec<(&str, Option<Vec<u8>>, &str)> = vec![
+    vec![
         (
             "truncated",
             Some(good[..good.len() / 2].to_vec()),
@@ -79,79 +106,53 @@ fn an_unusable_persisted_snapshot_leaves_the_sidecar_unready_and_denying() {
         ),
         // A valid snapshot without its seal: length and digest unknown, so not trusted.
         ("bare protobuf", Some(payload), "not a sealed snapshot"),
-        ("last byte changed", Some(flip_last(&good)), "SHA-256"),
+        ("last byte changed", Some(flip_last(good)), "SHA-256"),
         ("deleted", None, "no snapshot kept from an earlier run"),
-    ];
-    for (case, content, says) in cases {
-        match &content {
-            Some(bytes) => std::fs::write(&file, bytes).unwrap(),
-            None => std::fs::remove_file(&file).unwrap(),
-        }
-        let pb = b.spawn(d, &fb);
-        wait_for_port(([127, 0, 0, 1], b_web).into(), Duration::from_secs(10));
-        let (code, body) = ready(&b);
-        assert_eq!(code, 503, "{case}: {body}\n{}", pb.log());
-        assert!(
-            body.contains("no snapshot from the control plane"),
-            "{case}: {body}"
-        );
-        // What pushed policy would govern is denied, the route A may use included.
-        assert_eq!(
-            get_once(a_web, "/orders/1"),
-            Some(403),
-            "{case}\n{}",
-            pb.log()
-        );
-        assert_eq!(get_once(a_web, "/nope"), Some(403), "{case}");
-        let denied = count(
-            &b,
-            "sigil_requests_total{",
-            &["direction=\"inbound\"", "route=\"awaiting_snapshot\""],
-        );
-        assert_eq!(denied, 2.0, "{case}: {}", b.metrics());
-        let rejected = count(
-            &b,
-            "sigil_snapshot_rejections_total{",
-            &["reason=\"persisted_unusable\""],
-        );
-        let want = if content.is_some() { 1.0 } else { 0.0 };
-        assert_eq!(rejected, want, "{case}: {}", b.metrics());
-        let log = pb.log();
-        assert!(log.contains(says), "{case}: no {says:?} in the log:\n{log}");
-        assert!(!log.contains("serving the last snapshot"), "{case}:\n{log}");
-        drop(pb);
-    }
+    ]
+}
 
-    // An intact copy: served with the control plane still down.
-    std::fs::write(&file, &good).unwrap();
-    let pb = b.start(d, &fb);
+/// Starts B (not waiting for /ready: it must not become ready) and waits for its inbound
+/// listener.
+fn spawn_b(p: &Pair, web: Ports) -> Proc {
+    let pb = p.b.spawn(p.path(), &p.fb);
+    wait_for_port(([127, 0, 0, 1], web.b_in).into(), Duration::from_secs(10));
+    pb
+}
+
+/// B started on an unusable copy (`case`) with the control plane down: not ready, denying
+/// what pushed policy would govern, the route A may use included; the copy counted as
+/// rejected `rejected` times and the log saying `says`.
+fn unready_and_denying(p: &Pair, web: Ports, case: &str, says: &str, rejected: f64) {
+    let (b, a_web) = (&p.b, web.a_out);
+    let pb = spawn_b(p, web);
+    let (code, body) = ready(b);
+    assert_eq!(code, 503, "{case}: {body}\n{}", pb.log());
     assert!(
-        pb.log().contains("serving the last snapshot"),
-        "{}",
+        body.contains("no snapshot from the control plane"),
+        "{case}: {body}"
+    );
+    assert_eq!(
+        get_once(a_web, "/orders/1"),
+        Some(403),
+        "{case}\n{}",
         pb.log()
     );
-    assert_eq!(get_once(a_web, "/orders/2"), Some(200), "{}", pb.log());
-    assert_eq!(get_once(a_web, "/nope"), Some(403));
-    drop(pb);
-
-    // A damaged copy, then the control plane returns: its snapshot puts B in service.
-    std::fs::write(&file, &good[..10]).unwrap();
-    let pb = b.spawn(d, &fb);
-    wait_for_port(([127, 0, 0, 1], b_web).into(), Duration::from_secs(10));
-    assert_eq!(ready(&b).0, 503);
-    assert_eq!(get_once(a_web, "/orders/3"), Some(403));
-    let cp = cp.start_again();
-    wait_until(
-        "B ready on the control plane's snapshot",
-        Duration::from_secs(15),
-        || ready(&b).0 == 200,
+    assert_eq!(get_once(a_web, "/nope"), Some(403), "{case}");
+    let denied = count(
+        b,
+        "sigil_requests_total{",
+        &["direction=\"inbound\"", "route=\"awaiting_snapshot\""],
     );
-    assert_eq!(get_once(a_web, "/orders/4"), Some(200), "{}", pb.log());
-    assert_eq!(get_once(a_web, "/nope"), Some(403));
-    // And it kept a sealed copy again.
-    let kept = std::fs::read(&file).unwrap();
-    assert!(sigil_filters::snapshot::unseal(&kept).is_ok());
-    drop((pb, cp));
+    assert_eq!(denied, 2.0, "{case}: {}", b.metrics());
+    let got = count(
+        b,
+        "sigil_snapshot_rejections_total{",
+        &["reason=\"persisted_unusable\""],
+    );
+    assert_eq!(got, rejected, "{case}: {}", b.metrics());
+    let log = pb.log();
+    assert!(log.contains(says), "{case}: no {says:?} in the log:\n{log}");
+    assert!(!log.contains("serving the last snapshot"), "{case}:\n{log}");
 }
 
 fn flip_last(bytes: &[u8]) -> Vec<u8> {
@@ -226,7 +227,6 @@ impl tonic::server::StreamingService<Ack> for Scripted {
 
 #[test]
 fn a_sidecar_refuses_older_and_epochless_snapshots_whoever_sends_them() {
-    const C: &str = "spiffe://example.org/ns/demo/sa/c";
     let dir = TempDir::new("snapshot-rollback");
     let d = dir.path();
     let ca = Ca::new("example.org");
@@ -235,9 +235,7 @@ fn a_sidecar_refuses_older_and_epochless_snapshots_whoever_sends_them() {
     let (_web, web_port) = start_workload("b", false);
     let revocation = Document {
         name: "revoke-c".into(),
-        yaml: format!(
-            "apiVersion: sigil.dev/v1\nkind: Revocation\nmetadata: {{name: revoke-c, owner: security}}\nspec:\n  spiffeId: {C}\n  reason: incident 12\n"
-        ),
+        yaml: revocation("revoke-c", C, "incident 12", None),
     };
     let snapshot = |epoch: &str, version: u64, revoked: bool| Snapshot {
         version,

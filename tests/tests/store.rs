@@ -11,25 +11,12 @@ use std::time::Duration;
 use sigil_e2e::*;
 use sigil_testkit::Ca;
 
-const CONTROL: &str = "spiffe://example.org/sigil/control";
-const ALICE: &str = "spiffe://example.org/ops/alice";
-
 /// `sigil-control` with `store` and the control plane's own files, expected to exit: its
 /// exit code and output.
 fn control_exits(d: &Path, ca: &Ca, store: &StoreAt) -> (Option<i32>, String) {
     let files = write_identity(d, "control-x", ca, CONTROL, &[ca]);
     run_status(
-        Command::new(bin("sigil-control"))
-            .args(store.args())
-            .arg("--cert")
-            .arg(&files.cert)
-            .arg("--key")
-            .arg(&files.key)
-            .arg("--bundle-dir")
-            .arg(&files.bundle_dir)
-            .args(["--operator", "spiffe://example.org/ops/*"])
-            .args(["--operator-listen", &format!("127.0.0.1:{}", free_port())])
-            .args(["--sidecar-listen", &format!("127.0.0.1:{}", free_port())]),
+        &mut ControlPlane::command(CONTROL, &files, store, free_port(), free_port()),
         Duration::from_secs(30),
     )
 }
@@ -53,21 +40,11 @@ fn etcd_is_reached_over_tls_with_a_client_certificate_and_plaintext_only_when_as
     let good = etcd.client.clone().expect("a TLS etcd");
 
     // The right CA, a client certificate etcd's CA signed: it works.
-    let cp = ControlPlane::start_with(
-        CONTROL,
-        write_identity(d, "control", &ca, CONTROL, &[&ca]),
-        etcd.store_at(etcd.client_port),
-        free_port(),
-        free_port(),
-    );
+    let cp = ControlPlane::start_named(d, &ca, CONTROL, "control", etcd.store_at(etcd.client_port));
     let out = cp.apply(
         &alice,
         &d.join("w.yaml"),
-        "apiVersion: sigil.dev/v1
-kind: Workload
-metadata: {name: w, owner: team-w, purpose: store test}
-spec: {spiffeId: spiffe://example.org/ns/demo/sa/w, environment: test}
-",
+        &workload("w", "store test", "spiffe://example.org/ns/demo/sa/w", &[]),
     );
     assert!(out.contains("created Workload/w"), "{out}");
     assert!(
@@ -141,21 +118,22 @@ spec: {spiffeId: spiffe://example.org/ns/demo/sa/w, environment: test}
     let plain_dir = d.join("plain");
     std::fs::create_dir_all(&plain_dir).unwrap();
     let plain = EtcdServer::start_plaintext(&plain_dir);
-    let cp = ControlPlane::start_with(
+    let cp = ControlPlane::start_named(
+        d,
+        &ca,
         CONTROL,
-        write_identity(d, "control-plain", &ca, CONTROL, &[&ca]),
+        "control-plain",
         plain.store_at(plain.client_port),
-        free_port(),
-        free_port(),
     );
     cp.apply(
         &alice,
         &d.join("w2.yaml"),
-        "apiVersion: sigil.dev/v1
-kind: Workload
-metadata: {name: w2, owner: team-w, purpose: store test}
-spec: {spiffeId: spiffe://example.org/ns/demo/sa/w2, environment: test}
-",
+        &workload(
+            "w2",
+            "store test",
+            "spiffe://example.org/ns/demo/sa/w2",
+            &[],
+        ),
     );
     assert!(warns_of_plaintext(&cp.proc.log()), "{}", cp.proc.log());
     drop((cp, plain));
@@ -167,13 +145,7 @@ fn a_second_control_plane_on_one_data_dir_is_refused() {
     let d = dir.path();
     let ca = Ca::new("example.org");
     let data = d.join("control-data");
-    let cp = ControlPlane::start(
-        CONTROL,
-        write_identity(d, "control", &ca, CONTROL, &[&ca]),
-        data.clone(),
-        free_port(),
-        free_port(),
-    );
+    let cp = ControlPlane::start_in(d, &ca, CONTROL);
     let (code, out) = control_exits(d, &ca, &StoreAt::Dir(data.clone()));
     assert_eq!(code, Some(1), "{out}");
     assert!(

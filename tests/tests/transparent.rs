@@ -17,15 +17,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use sigil_e2e::{bin, metric, require_root, require_tool, run, write_identity, Proc, TempDir};
+use sigil_e2e::{
+    bin, metric, poll, require_root, require_tool, run, write_identity, Proc, TempDir,
+};
+use sigil_e2e::{A as ID_A, B as ID_B, C as ID_C};
 use sigil_testkit::Ca;
 
 const TEST: &str = "transparent";
 const PROXY_UID: u32 = 1337;
 const SUBNET_PREFIX: u8 = 24;
-const ID_A: &str = "spiffe://example.org/ns/demo/sa/a";
-const ID_B: &str = "spiffe://example.org/ns/demo/sa/b";
-const ID_C: &str = "spiffe://example.org/ns/demo/sa/c";
 const WORKLOAD_PORT: u16 = 8080;
 const OUTSIDE_IP: &str = "10.77.0.1";
 const ADMIN: &str = "http://127.0.0.1:15000";
@@ -167,22 +167,19 @@ impl Host {
 
     /// Waits until `series{labels}` exceeds `above`; panics with the page and the proxy log.
     fn wait_metric_above(&self, series: &str, labels: &[&str], above: f64) -> f64 {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
+        poll(Duration::from_secs(10), Duration::from_millis(100), || {
             let page = self.metrics();
             let v = metric(&page, series, labels).unwrap_or(0.0);
             if v > above {
-                return v;
+                return Ok(v);
             }
-            assert!(
-                Instant::now() < deadline,
+            Err(format!(
                 "{}: {series} with {labels:?} stayed at {v} (expected > {above}).\n\
                  --- /metrics ---\n{page}\n--- proxy log ---\n{}",
                 self.name,
                 self.proxy_log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            ))
+        })
     }
 }
 
@@ -282,8 +279,7 @@ fn write_config(dir: &Path, me: &Host, hosts: &[Host], ca: &Ca) -> PathBuf {
 }
 
 fn wait_ready(h: &mut Host) {
-    let deadline = Instant::now() + STEP;
-    loop {
+    poll(STEP, Duration::from_millis(100), || {
         if let Some(st) = h.proxy().try_wait() {
             panic!(
                 "{}: sigil-proxy exited ({st}) before it was ready:\n{}",
@@ -309,16 +305,14 @@ fn wait_ready(h: &mut Host) {
             STEP,
         );
         if ok && body.trim() == "200" {
-            return;
+            return Ok(());
         }
-        assert!(
-            Instant::now() < deadline,
+        Err(format!(
             "{}: {ADMIN}/ready not 200 after {STEP:?} (last: {body:?}):\n{}",
             h.name,
             h.proxy_log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        ))
+    })
 }
 
 #[test]
@@ -331,17 +325,50 @@ fn transparent_mode_mtls_between_namespaces() {
             return;
         }
     }
-    let proxy_bin = bin("sigil-proxy");
-    let workload_bin = bin("sigil-toy-workload");
     let script = script();
     assert!(script.exists(), "{} missing", script.display());
+    let script = script.to_str().expect("utf-8 path").to_string();
 
     // Declared first so it is dropped last: processes end before their namespaces go.
     let mut netns = Namespaces::new();
     let dir = TempDir::new(TEST);
+    let (hub, hosts) = topology(&mut netns);
+    let mut mesh = start_mesh(dir.path(), hosts, &script);
 
-    // Topology: a hub namespace holding a bridge, one veth pair per host. Both veth ends are
-    // created inside namespaces, so nothing is added to the root namespace.
+    a_calls_b_over_mtls(&mesh);
+    c_is_denied_by_bs_policy(&mesh);
+    plaintext_bypassing_cs_sidecar_is_refused(&mesh);
+    destinations_outside_the_mesh(&mesh, &hub);
+
+    // Undo: the init script's uninstall leaves no Sigil rule behind.
+    for h in &mesh.hosts {
+        sh(&["ip", "netns", "exec", &h.ns, "bash", &script, "uninstall"]);
+        let save = sh(&["ip", "netns", "exec", &h.ns, "iptables-save", "-t", "nat"]);
+        assert!(
+            !save.contains("SIGIL"),
+            "{}: rules left after uninstall:\n{save}",
+            h.name
+        );
+    }
+
+    // Every process still alive at the end: nothing crashed along the way.
+    for h in mesh.hosts.iter_mut() {
+        assert!(
+            h.proxy().try_wait().is_none(),
+            "{}: sigil-proxy exited during the test:\n{}",
+            h.name,
+            h.proxy_log()
+        );
+    }
+    drop(mesh);
+    drop(dir);
+    drop(netns);
+}
+
+/// A hub namespace holding a bridge, one veth pair per host. Both veth ends are created
+/// inside namespaces, so nothing is added to the root namespace. Returns the hub's name and
+/// the hosts A, B and C, nothing started on them yet.
+fn topology(netns: &mut Namespaces) -> (String, Vec<Host>) {
     let hub = netns.add("hub");
     sh(&["ip", "-n", &hub, "link", "add", "br0", "type", "bridge"]);
     sh(&["ip", "-n", &hub, "link", "set", "br0", "up"]);
@@ -391,26 +418,49 @@ fn transparent_mode_mtls_between_namespaces() {
             proxy: None,
         });
     }
+    (hub, hosts)
+}
 
-    // Identities: one CA; C's SVID is perfectly valid, it is just not allowed on B.
+/// The toy workload `name` listening on `listen` inside namespace `ns`.
+fn workload_in(ns: &str, name: &str, listen: &str) -> Proc {
+    let workload_bin = bin("sigil-toy-workload");
+    let workload = Proc::spawn(
+        &format!("workload-{name}"),
+        &mut in_ns(
+            ns,
+            &[
+                workload_bin.to_str().expect("utf-8 path"),
+                "--listen",
+                listen,
+                "--name",
+                name,
+            ],
+        ),
+    );
+    workload.wait_log("listening on", STEP);
+    workload
+}
+
+/// On each host: identities from one CA (C's SVID is perfectly valid, it is just not allowed
+/// on B), the iptables rules installed before any process starts (as an init container
+/// would), the workload, and the sidecar as the proxy UID; then waits for every sidecar.
+fn start_mesh(dir: &Path, hosts: Vec<Host>, script: &str) -> Mesh {
+    let proxy_bin = bin("sigil-proxy");
     let ca = Ca::new("example.org");
     let configs: Vec<PathBuf> = hosts
         .iter()
-        .map(|h| write_config(dir.path(), h, &hosts, &ca))
+        .map(|h| write_config(dir, h, &hosts, &ca))
         .collect();
     let mut mesh = Mesh { hosts };
-
-    let script_s = script.to_str().expect("utf-8 path").to_string();
     let uid_s = PROXY_UID.to_string();
     for (h, config) in mesh.hosts.iter_mut().zip(&configs) {
-        // Before any process starts, as an init container would.
         let out = sh(&[
             "ip",
             "netns",
             "exec",
             &h.ns,
             "bash",
-            &script_s,
+            script,
             "install",
             "--proxy-uid",
             &uid_s,
@@ -422,22 +472,11 @@ fn transparent_mode_mtls_between_namespaces() {
             "{}: install said:\n{out}",
             h.name
         );
-        let listen = format!("0.0.0.0:{WORKLOAD_PORT}");
-        let workload = Proc::spawn(
-            &format!("workload-{}", h.name),
-            &mut in_ns(
-                &h.ns,
-                &[
-                    workload_bin.to_str().expect("utf-8 path"),
-                    "--listen",
-                    &listen,
-                    "--name",
-                    h.name,
-                ],
-            ),
-        );
-        workload.wait_log("listening on", STEP);
-        h.workload = Some(workload);
+        h.workload = Some(workload_in(
+            &h.ns,
+            h.name,
+            &format!("0.0.0.0:{WORKLOAD_PORT}"),
+        ));
         h.proxy = Some(Proc::spawn(
             &format!("sigil-proxy-{}", h.name),
             &mut in_ns_as_proxy(
@@ -453,12 +492,17 @@ fn transparent_mode_mtls_between_namespaces() {
     for h in mesh.hosts.iter_mut() {
         wait_ready(h);
     }
+    mesh
+}
 
-    let (a, b, c) = (mesh.host("a"), mesh.host("b"), mesh.host("c"));
-    let b_url = format!("http://{}:{WORKLOAD_PORT}/", b.ip);
+fn b_url(mesh: &Mesh) -> String {
+    format!("http://{}:{WORKLOAD_PORT}/", mesh.host("b").ip)
+}
 
-    // (a) A's workload calls B in plaintext; both sidecars carry it over mTLS.
-    let (ok, out) = run(&mut in_ns(&a.ns, &curl_args(&b_url)), STEP);
+/// (a) A's workload calls B in plaintext; both sidecars carry it over mTLS.
+fn a_calls_b_over_mtls(mesh: &Mesh) {
+    let (a, b) = (mesh.host("a"), mesh.host("b"));
+    let (ok, out) = run(&mut in_ns(&a.ns, &curl_args(&b_url(mesh))), STEP);
     assert!(ok && out.contains("hello from b"), "A -> B failed: {out}");
     // B's workload saw the connection come from its own sidecar over loopback.
     assert!(
@@ -476,53 +520,49 @@ fn transparent_mode_mtls_between_namespaces() {
         &["direction=\"outbound\"", &format!("peer_id=\"{ID_B}\"")],
         0.0,
     );
+}
 
-    // (b) C has a valid SVID from the same CA, but B's policy allows only A on 8080. C's
-    // sidecar detects HTTP and pools it; B answers each request with 403 naming the rule,
-    // and nothing reaches B's workload.
+/// (b) C has a valid SVID from the same CA, but B's policy allows only A on 8080. C's
+/// sidecar detects HTTP and pools it; B answers each request with 403 naming the rule, and
+/// nothing reaches B's workload.
+fn c_is_denied_by_bs_policy(mesh: &Mesh) {
+    let (b, c) = (mesh.host("b"), mesh.host("c"));
     let peer_c = format!("peer_id=\"{ID_C}\"");
     let denied_labels = ["direction=\"inbound\"", &peer_c, "decision=\"deny\""];
     let denied_before = b.metric("sigil_requests_total", &denied_labels);
-    let (ok, out) = run(&mut in_ns(&c.ns, &curl_args(&b_url)), STEP);
+    let (ok, out) = run(&mut in_ns(&c.ns, &curl_args(&b_url(mesh))), STEP);
     assert!(
         ok && out.contains("sigil: denied by port 8080") && !out.contains("hello from"),
         "C -> B should get 403 from B's sidecar, got: {out}"
     );
     b.wait_metric_above("sigil_requests_total", &denied_labels, denied_before);
     eprintln!("{TEST}: (b) C -> B denied ({})", out.trim());
+}
 
-    // (c) Plaintext from C straight to B:8080, bypassing C's sidecar: curl runs as the proxy
-    // UID, which C's OUTPUT rules leave alone. B's PREROUTING still sends it to B's inbound
-    // listener, which wants a TLS handshake.
+/// (c) Plaintext from C straight to B:8080, bypassing C's sidecar: curl runs as the proxy
+/// UID, which C's OUTPUT rules leave alone. B's PREROUTING still sends it to B's inbound
+/// listener, which wants a TLS handshake.
+fn plaintext_bypassing_cs_sidecar_is_refused(mesh: &Mesh) {
+    let (b, c) = (mesh.host("b"), mesh.host("c"));
     let hs_labels = ["direction=\"inbound\""];
     let hs_before = b.metric("sigil_handshake_failures_total", &hs_labels);
     let out = assert_refused(
         "plaintext C -> B",
-        &mut in_ns_as_proxy(&c.ns, &curl_args(&b_url)),
+        &mut in_ns_as_proxy(&c.ns, &curl_args(&b_url(mesh))),
     );
     b.wait_metric_above("sigil_handshake_failures_total", &hs_labels, hs_before);
     eprintln!(
         "{TEST}: (c) plaintext C -> B refused (curl: {})",
         out.trim()
     );
+}
 
-    // (d) A destination outside the mesh registry: A's sidecar passes it through in
-    // plaintext; C's is configured to deny it.
+/// (d) A destination outside the mesh registry: A's sidecar passes it through in plaintext;
+/// C's is configured to deny it.
+fn destinations_outside_the_mesh(mesh: &Mesh, hub: &str) {
+    let (a, c) = (mesh.host("a"), mesh.host("c"));
     let outside_listen = format!("{OUTSIDE_IP}:{WORKLOAD_PORT}");
-    let outside = Proc::spawn(
-        "workload-outside",
-        &mut in_ns(
-            &hub,
-            &[
-                workload_bin.to_str().expect("utf-8 path"),
-                "--listen",
-                &outside_listen,
-                "--name",
-                "outside",
-            ],
-        ),
-    );
-    outside.wait_log("listening on", STEP);
+    let _outside = workload_in(hub, "outside", &outside_listen);
     let outside_url = format!("http://{outside_listen}/");
     let (ok, out) = run(&mut in_ns(&a.ns, &curl_args(&outside_url)), STEP);
     assert!(
@@ -547,29 +587,4 @@ fn transparent_mode_mtls_between_namespaces() {
         "{TEST}: (d) passthrough from A ok; C denied the unknown destination ({})",
         out.trim()
     );
-    drop(outside);
-
-    // Undo: the init script's uninstall leaves no Sigil rule behind.
-    for h in &mesh.hosts {
-        sh(&["ip", "netns", "exec", &h.ns, "bash", &script_s, "uninstall"]);
-        let save = sh(&["ip", "netns", "exec", &h.ns, "iptables-save", "-t", "nat"]);
-        assert!(
-            !save.contains("SIGIL"),
-            "{}: rules left after uninstall:\n{save}",
-            h.name
-        );
-    }
-
-    // Every process still alive at the end: nothing crashed along the way.
-    for h in mesh.hosts.iter_mut() {
-        assert!(
-            h.proxy().try_wait().is_none(),
-            "{}: sigil-proxy exited during the test:\n{}",
-            h.name,
-            h.proxy_log()
-        );
-    }
-    drop(mesh);
-    drop(dir);
-    drop(netns);
 }
