@@ -334,3 +334,47 @@ fn sigil_control_help_and_usage_errors() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("cannot be used with"), "{err}");
 }
+
+#[test]
+fn ca_init_makes_a_private_key_and_a_bundle_and_never_overwrites_them() {
+    use std::os::unix::fs::PermissionsExt;
+    let base = tempdir("ca-init");
+    let dir = base.join("ca");
+    let d = dir.to_string_lossy().into_owned();
+    let (code, out, err) = sigil(&["ca", "init", "--dir", &d, "--trust-domain", "example.org"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir.join("ca.key")), 0o600);
+    assert_eq!(mode(&dir), 0o700);
+    let key = std::fs::read_to_string(dir.join("ca.key")).unwrap();
+    assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"));
+    assert!(
+        !out.contains("PRIVATE KEY") && !err.contains("PRIVATE KEY"),
+        "the key is never printed: {out}{err}"
+    );
+    assert!(
+        out.contains(&dir.join("ca.crt").display().to_string()),
+        "{out}"
+    );
+    // The certificate is a trust bundle `sigil validate` accepts.
+    let bundle = std::fs::read_to_string(dir.join("ca.crt")).unwrap();
+    let indented: String = bundle.lines().map(|l| format!("    {l}\n")).collect();
+    let tb = write(
+        &base,
+        "tb.yaml",
+        &format!(
+            "apiVersion: sigil.dev/v1\nkind: TrustBundle\nmetadata: {{name: example, owner: sec, purpose: test}}\nspec:\n  trustDomain: example.org\n  pem: |\n{indented}"
+        ),
+    );
+    let (code, out, err) = sigil(&["validate", "-f", &tb]);
+    assert_eq!(code, Some(0), "{out}{err}");
+
+    let (code, _, err) = sigil(&["ca", "init", "--dir", &d, "--trust-domain", "example.org"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("never overwritten"), "{err}");
+    assert_eq!(std::fs::read_to_string(dir.join("ca.key")).unwrap(), key);
+
+    let (code, _, err) = sigil(&["ca", "init", "--dir", &d, "--trust-domain", "Not A Domain"]);
+    assert_eq!(code, Some(2), "{err}");
+    std::fs::remove_dir_all(&base).unwrap();
+}

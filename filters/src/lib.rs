@@ -7,6 +7,7 @@ pub mod bundle;
 pub mod detect;
 pub mod headers;
 pub mod identity;
+pub mod issuance;
 pub mod limits;
 pub mod normalize;
 pub mod policy;

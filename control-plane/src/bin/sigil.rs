@@ -12,7 +12,7 @@ use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use hyper::{Method, StatusCode};
 use sigil_config::policy::Timestamp;
-use sigil_config::{Policy, Resource, SpiffeId};
+use sigil_config::{Policy, Resource, SpiffeId, TrustDomain};
 use sigil_control::client::{Client, ClientError};
 use sigil_control::policy_test::{decide, Question};
 use sigil_control::{files, identity, revoke};
@@ -72,8 +72,36 @@ enum Command {
     Revoke(RevokeArgs),
     /// Delete the Revocations of an identity
     Unrevoke(UnrevokeArgs),
+    /// The control plane's certificate authority
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Print sigil's version
     Version,
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    #[command(
+        about = "Make a root CA for one trust domain in a directory",
+        after_help = "Writes DIR/ca.key (an ECDSA P-256 key, mode 0600, never printed) and \
+                      DIR/ca.crt (the certificate: the trust bundle of the domain). DIR is \
+                      created with mode 0700; a CA already there is never overwritten."
+    )]
+    Init(CaInitArgs),
+}
+
+#[derive(Args)]
+struct CaInitArgs {
+    /// Where the CA's key and certificate go
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// The trust domain whose SVIDs it signs, e.g. example.org
+    #[arg(long, value_name = "NAME", value_parser = TrustDomain::parse)]
+    trust_domain: TrustDomain,
+    /// How long the CA certificate is valid (250ms, 5s, 2m, 1h)
+    #[arg(long, value_name = "DURATION", default_value = "8760h",
+        value_parser = sigil_config::proxy_config::duration::parse)]
+    lifetime: std::time::Duration,
 }
 
 #[derive(Subcommand)]
@@ -301,6 +329,29 @@ fn main() -> ExitCode {
         Some(Command::Metrics(c)) => simple_get(&c, &["metrics"], "/metrics"),
         Some(Command::Revoke(a)) => revoke(&a),
         Some(Command::Unrevoke(a)) => unrevoke(&a),
+        Some(Command::Ca(CaCommand::Init(a))) => ca_init(&a),
+    }
+}
+
+fn ca_init(a: &CaInitArgs) -> ExitCode {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    match sigil_control::ca::init(&a.dir, &a.trust_domain, now, a.lifetime) {
+        Ok(files) => {
+            println!(
+                "CA for {} made:\n  key (keep it here; mode 0600): {}\n  certificate (the trust bundle of {}): {}",
+                a.trust_domain,
+                files.key.display(),
+                a.trust_domain,
+                files.cert.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sigil ca init: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

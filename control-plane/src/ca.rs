@@ -1,0 +1,377 @@
+//! The control plane's certificate authority: a root made by `sigil ca init` (an ECDSA P-256
+//! key and a self-signed certificate for one trust domain), loaded by `sigil-control`, which
+//! signs X.509-SVIDs from checked CSRs (`sigil_filters::issuance`). The CA takes only the
+//! CSR's public key; every field of the SVID is set here, per the X.509-SVID profile: one URI
+//! SAN, a random 128-bit serial, digitalSignature, serverAuth and clientAuth, not a CA.
+//!
+//! The private key stays in its file (mode 0600, in a 0700 directory) and in this process; it
+//! is never logged, and a key file others can read is refused at load.
+
+use std::fmt;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
+};
+use ring::rand::SecureRandom;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use sigil_config::{SpiffeId, TrustDomain};
+use sigil_filters::issuance::{CheckedCsr, Validity};
+
+const CERT_FILE: &str = "ca.crt";
+const KEY_FILE: &str = "ca.key";
+
+/// Why the CA could not be made, loaded or used.
+#[derive(Debug)]
+pub enum CaError {
+    /// `sigil ca init` into a directory that already holds a CA: it is never overwritten.
+    Exists(PathBuf),
+    Io(PathBuf, std::io::Error),
+    /// A key file that others than its owner can read (its mode).
+    KeyReadable(PathBuf, u32),
+    /// A file that is not what it should be (a PEM certificate, a P-256 key, the key of the
+    /// certificate, a CA certificate).
+    Invalid(PathBuf, String),
+    /// Signing failed (rcgen's words).
+    Sign(String),
+}
+
+impl fmt::Display for CaError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exists(p) => write!(
+                f,
+                "{}: a CA is already there; it is never overwritten (move it away first)",
+                p.display()
+            ),
+            Self::Io(p, e) => write!(f, "{}: {e}", p.display()),
+            Self::KeyReadable(p, mode) => write!(
+                f,
+                "{}: the CA key is readable by others (mode {mode:o}); chmod 600 it",
+                p.display()
+            ),
+            Self::Invalid(p, why) => write!(f, "{}: {why}", p.display()),
+            Self::Sign(e) => write!(f, "signing: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for CaError {}
+
+/// Where a CA directory keeps its certificate (public: the trust bundle) and key.
+#[derive(Debug)]
+pub struct CaFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl CaFiles {
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            cert: dir.join(CERT_FILE),
+            key: dir.join(KEY_FILE),
+        }
+    }
+}
+
+/// Makes a root CA for `td` in `dir` (created 0700 if missing), valid from `now` (Unix
+/// seconds) for `lifetime`. Refuses a directory that already holds one.
+pub fn init(
+    dir: &Path,
+    td: &TrustDomain,
+    now: i64,
+    lifetime: Duration,
+) -> Result<CaFiles, CaError> {
+    let files = CaFiles::in_dir(dir);
+    for p in [&files.cert, &files.key] {
+        if p.exists() {
+            return Err(CaError::Exists(p.clone()));
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|e| CaError::Io(dir.to_path_buf(), e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| CaError::Io(dir.to_path_buf(), e))?;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| CaError::Sign(e.to_string()))?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Sigil");
+    dn.push(DnType::CommonName, format!("{td} root CA"));
+    params.distinguished_name = dn;
+    // It signs SVIDs directly: no CA below it.
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.serial_number = Some(random_serial()?);
+    params.not_before = offset(now)?;
+    params.not_after = offset(now.saturating_add(secs(lifetime)))?;
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| CaError::Sign(e.to_string()))?;
+    // The key first, so that a failure leaves no certificate without its key.
+    write_new(&files.key, key.serialize_pem().as_bytes(), 0o600)?;
+    write_new(&files.cert, cert.pem().as_bytes(), 0o644)?;
+    Ok(files)
+}
+
+/// A loaded CA, ready to sign.
+pub struct Authority {
+    issuer: Issuer<'static, KeyPair>,
+    cert: CertificateDer<'static>,
+    /// Unix seconds.
+    not_after: i64,
+}
+
+impl Authority {
+    /// Loads the CA of `dir` (see `init`).
+    pub fn load(dir: &Path) -> Result<Self, CaError> {
+        let files = CaFiles::in_dir(dir);
+        let mode = std::fs::metadata(&files.key)
+            .map_err(|e| CaError::Io(files.key.clone(), e))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(CaError::KeyReadable(files.key.clone(), mode & 0o777));
+        }
+        let key_pem =
+            std::fs::read_to_string(&files.key).map_err(|e| CaError::Io(files.key.clone(), e))?;
+        let key = KeyPair::from_pem(&key_pem)
+            .map_err(|e| CaError::Invalid(files.key.clone(), format!("not a private key: {e}")))?;
+        if key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
+            return Err(CaError::Invalid(
+                files.key.clone(),
+                "not an ECDSA P-256 key".into(),
+            ));
+        }
+        let cert = CertificateDer::from_pem_file(&files.cert).map_err(|e| {
+            CaError::Invalid(files.cert.clone(), format!("no PEM certificate: {e}"))
+        })?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&cert)
+            .map_err(|e| CaError::Invalid(files.cert.clone(), e.to_string()))?;
+        if !parsed.is_ca() {
+            return Err(CaError::Invalid(
+                files.cert.clone(),
+                "not a CA certificate".into(),
+            ));
+        }
+        if parsed.public_key().raw != key.subject_public_key_info().as_slice() {
+            return Err(CaError::Invalid(
+                files.key.clone(),
+                format!("not the key of {}", files.cert.display()),
+            ));
+        }
+        let not_after = parsed.validity().not_after.timestamp();
+        let issuer = Issuer::from_ca_cert_der(&cert, key)
+            .map_err(|e| CaError::Invalid(files.cert.clone(), e.to_string()))?;
+        Ok(Self {
+            issuer,
+            cert,
+            not_after,
+        })
+    }
+
+    /// Unix seconds after which the CA signs nothing valid.
+    pub fn not_after(&self) -> i64 {
+        self.not_after
+    }
+
+    /// The CA certificate: what trust bundles of its domain must hold.
+    pub fn cert(&self) -> &CertificateDer<'static> {
+        &self.cert
+    }
+
+    /// Signs an X.509-SVID for `id` over `csr`'s key, valid over `v`. Returns the chain, leaf
+    /// first (the root is not part of it: peers have it in their bundle).
+    pub fn issue(
+        &self,
+        csr: &CheckedCsr,
+        id: &SpiffeId,
+        v: Validity,
+    ) -> Result<Vec<CertificateDer<'static>>, CaError> {
+        let public_key = rcgen::SubjectPublicKeyInfo::from_der(&csr.public_key_der)
+            .map_err(|e| CaError::Sign(format!("the CSR's key: {e}")))?;
+        let mut params = CertificateParams::default();
+        // A Subject, so that the SAN need not be critical (RFC 5280 §4.2.1.6).
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Sigil");
+        params.distinguished_name = dn;
+        let uri = id
+            .as_str()
+            .try_into()
+            .map_err(|_| CaError::Sign(format!("{id} is not an IA5 string")))?;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.serial_number = Some(random_serial()?);
+        params.not_before = offset(v.not_before)?;
+        params.not_after = offset(v.not_after)?;
+        params.use_authority_key_identifier_extension = true;
+        let leaf = params
+            .signed_by(&public_key, &self.issuer)
+            .map_err(|e| CaError::Sign(e.to_string()))?;
+        Ok(vec![leaf.der().clone()])
+    }
+}
+
+/// A random positive 128-bit serial, as the SPIFFE X.509-SVID profile and RFC 5280 ask.
+fn random_serial() -> Result<SerialNumber, CaError> {
+    let mut bytes = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| CaError::Sign("no system randomness".into()))?;
+    // Keep the DER INTEGER positive, and never zero.
+    bytes[0] = (bytes[0] & 0x7f) | 0x01;
+    Ok(SerialNumber::from(bytes.to_vec()))
+}
+
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+fn offset(unix: i64) -> Result<time::OffsetDateTime, CaError> {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .map_err(|e| CaError::Sign(format!("time {unix}: {e}")))
+}
+
+/// Creates `path` with `mode`, failing if it exists.
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CaError> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| CaError::Io(path.to_path_buf(), e))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| CaError::Io(path.to_path_buf(), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::UnixTime;
+    use sigil_filters::issuance::{check_csr, validity};
+    use sigil_filters::svid::{verify_svid, Usage};
+    use sigil_filters::{LocalIdentity, TrustBundles};
+    use sigil_testkit::pem;
+
+    const API: &str = "spiffe://example.org/api";
+
+    /// A directory of this test's own, removed when dropped.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(name: &str) -> Self {
+            let d = std::env::temp_dir().join(format!("sigil-ca-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            Self(d)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn now() -> i64 {
+        UnixTime::now().as_secs() as i64
+    }
+
+    /// A sidecar's side: a P-256 key made here and a CSR for `id` over it.
+    fn key_and_csr(id: &str) -> (KeyPair, Vec<u8>) {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+        let csr = params.serialize_request(&key).unwrap().der().to_vec();
+        (key, csr)
+    }
+
+    #[test]
+    fn an_issued_svid_passes_the_strict_checks_with_the_callers_own_key() {
+        let dir = Dir::new("issue");
+        let td = TrustDomain::parse("example.org").unwrap();
+        let files = init(&dir.0, &td, now(), Duration::from_secs(86_400)).unwrap();
+        let key_mode = std::fs::metadata(&files.key).unwrap().permissions().mode();
+        assert_eq!(key_mode & 0o777, 0o600);
+        let ca = Authority::load(&dir.0).unwrap();
+
+        let id = SpiffeId::parse(API).unwrap();
+        let (key, csr) = key_and_csr(API);
+        let checked = check_csr(&csr, &id).unwrap();
+        let v = validity(now(), Duration::from_secs(3600), ca.not_after()).unwrap();
+        let chain = ca.issue(&checked, &id, v).unwrap();
+
+        let mut bundles = TrustBundles::new();
+        bundles
+            .insert_pem(&td, pem("CERTIFICATE", ca.cert()).as_bytes())
+            .unwrap();
+        let provider = sigil_filters::tls::provider();
+        let algs = &provider.signature_verification_algorithms;
+        for usage in [Usage::Client, Usage::Server] {
+            let verified = verify_svid(&bundles, algs, &chain[0], &[], UnixTime::now(), usage);
+            assert_eq!(verified.unwrap(), id, "{usage:?}");
+        }
+        // The sidecar's own check of what it will present: the chain with its own key.
+        let chain_pem: String = chain.iter().map(|c| pem("CERTIFICATE", c)).collect();
+        let local = LocalIdentity::from_pem(
+            chain_pem.as_bytes(),
+            key.serialize_pem().as_bytes(),
+            UnixTime::now(),
+            Some(&id),
+            &provider,
+        )
+        .unwrap();
+        assert_eq!(local.not_after() as i64, v.not_after);
+
+        let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+        let lifetime =
+            leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
+        assert_eq!(lifetime, 3600, "exactly the configured lifetime");
+        let other = ca.issue(&checked, &id, v).unwrap();
+        let (_, second) = x509_parser::parse_x509_certificate(&other[0]).unwrap();
+        assert_ne!(leaf.raw_serial(), second.raw_serial(), "random serials");
+        assert!(leaf.raw_serial().len() >= 16);
+    }
+
+    #[test]
+    fn a_ca_is_never_overwritten_and_a_readable_key_is_refused() {
+        let dir = Dir::new("guard");
+        let td = TrustDomain::parse("example.org").unwrap();
+        init(&dir.0, &td, now(), Duration::from_secs(86_400)).unwrap();
+        let again = init(&dir.0, &td, now(), Duration::from_secs(86_400)).unwrap_err();
+        assert!(matches!(again, CaError::Exists(_)), "{again}");
+        let key = CaFiles::in_dir(&dir.0).key;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Authority::load(&dir.0).err().expect("refused");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}: the CA key is readable by others (mode 644); chmod 600 it",
+                key.display()
+            )
+        );
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_certificates_is_refused() {
+        let (a, b) = (Dir::new("mix-a"), Dir::new("mix-b"));
+        let td = TrustDomain::parse("example.org").unwrap();
+        init(&a.0, &td, now(), Duration::from_secs(86_400)).unwrap();
+        init(&b.0, &td, now(), Duration::from_secs(86_400)).unwrap();
+        let (ka, kb) = (CaFiles::in_dir(&a.0).key, CaFiles::in_dir(&b.0).key);
+        std::fs::remove_file(&ka).unwrap();
+        std::fs::copy(&kb, &ka).unwrap();
+        std::fs::set_permissions(&ka, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let e = Authority::load(&a.0).err().expect("refused");
+        assert!(e.to_string().contains("not the key of"), "{e}");
+    }
+}
