@@ -10,7 +10,7 @@ use hyper::http;
 use tokio::sync::mpsc;
 use tonic::Streaming;
 
-use crate::{Ack, Snapshot, SUBSCRIBE_PATH};
+use crate::{Ack, IssueRequest, IssueResponse, Snapshot, ISSUE_PATH, SUBSCRIBE_PATH};
 
 /// Opens the stream on `sender` (whose connection reaches `origin`, e.g. `https://10.0.0.5:15012`)
 /// and sends `hello` first. Returns where to send acknowledgements and the snapshots.
@@ -35,6 +35,27 @@ pub async fn subscribe(
         )
         .await?;
     Ok((tx, response.into_inner()))
+}
+
+/// Asks for an SVID (`sigil.v1.Identity/Issue`) on `sender`, whose connection reaches
+/// `origin`. A refusal is the control plane's status, its message naming the reason.
+pub async fn issue(
+    sender: SendRequest<tonic::body::Body>,
+    origin: http::Uri,
+    request: IssueRequest,
+) -> Result<IssueResponse, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::with_origin(H2(sender), origin);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let response = grpc
+        .unary(
+            tonic::Request::new(request),
+            http::uri::PathAndQuery::from_static(ISSUE_PATH),
+            crate::issue_client_codec(),
+        )
+        .await?;
+    Ok(response.into_inner())
 }
 
 /// hyper's HTTP/2 sender as the tower service tonic's client drives.

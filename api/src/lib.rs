@@ -1,13 +1,20 @@
-//! The gRPC API between `sigil-control` and the sidecars (port 15012, mutual TLS, HTTP/2 with
-//! ALPN `sigil/h2`). One method, a stream both ways:
+//! The gRPC API between `sigil-control` and the sidecars (port 15012, TLS 1.3, HTTP/2 with
+//! ALPN `sigil/h2`):
 //!
 //! ```proto
 //! package sigil.v1;
 //! service Mesh {
 //!   // The sidecar opens it and keeps it open. The control plane sends a snapshot at once and
 //!   // again whenever what concerns the sidecar's identity changes; the sidecar answers each
-//!   // with an acknowledgement (accepted, or rejected with the reason).
+//!   // with an acknowledgement (accepted, or rejected with the reason). Mutual TLS: the
+//!   // caller presents its SVID.
 //!   rpc Subscribe(stream Ack) returns (stream Snapshot);
+//! }
+//! service Identity {
+//!   // An X.509-SVID for the key of a CSR the caller made. Authenticated by the SVID the
+//!   // caller presents (a renewal), or, on first contact, without one, by a one-time join
+//!   // token bound to one Workload. Refusals are gRPC errors whose message names the reason.
+//!   rpc Issue(IssueRequest) returns (IssueResponse);
 //! }
 //! ```
 //!
@@ -118,6 +125,50 @@ pub struct Bundle {
     pub trust_domain: String,
     #[prost(string, tag = "2")]
     pub pem: String,
+}
+
+/// The gRPC path of `sigil.v1.Identity/Issue`.
+pub const ISSUE_PATH: &str = "/sigil.v1.Identity/Issue";
+
+/// ```proto
+/// message IssueRequest {
+///   bytes csr = 1;          // PKCS#10, DER; an ECDSA P-256 key
+///   string join_token = 2;  // first contact only; empty when renewing
+///   string node = 3;        // the sidecar's name, for logs and `sigil status`
+/// }
+/// ```
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct IssueRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    pub csr: Vec<u8>,
+    #[prost(string, tag = "2")]
+    pub join_token: String,
+    #[prost(string, tag = "3")]
+    pub node: String,
+}
+
+/// ```proto
+/// message IssueResponse {
+///   repeated bytes chain = 1;    // DER, leaf first
+///   repeated Bundle bundles = 2; // the trust bundle of the SVID's own domain
+/// }
+/// ```
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct IssueResponse {
+    #[prost(bytes = "vec", repeated, tag = "1")]
+    pub chain: Vec<Vec<u8>>,
+    #[prost(message, repeated, tag = "2")]
+    pub bundles: Vec<Bundle>,
+}
+
+/// The control plane's codec for `Issue`.
+pub fn issue_server_codec() -> ProstCodec<IssueResponse, IssueRequest> {
+    ProstCodec::default()
+}
+
+/// The sidecar's codec for `Issue`.
+pub fn issue_client_codec() -> ProstCodec<IssueRequest, IssueResponse> {
+    ProstCodec::default()
 }
 
 /// The control plane's codec: sends snapshots, reads acknowledgements.

@@ -26,6 +26,35 @@ pub struct WorkloadSpec {
     /// `ip:port`, or a bare `ip` for every port.
     #[serde(default)]
     pub addresses: Vec<Destination>,
+    /// The lifetime of the SVIDs the control plane issues this workload (`1m` at least);
+    /// `1h` when unset.
+    #[serde(
+        default,
+        with = "optional_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub svid_ttl: Option<std::time::Duration>,
+}
+
+/// The shortest `svidTtl`: renewal, at half the lifetime, must not outpace the network.
+pub const MIN_SVID_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `svidTtl`: a duration as `proxy_config::duration` reads it, or absent.
+mod optional_duration {
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        crate::proxy_config::duration::deserialize(d).map(Some)
+    }
+
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => crate::proxy_config::duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
 }
 
 impl Workload {
@@ -60,6 +89,16 @@ impl Workload {
                     meta_at,
                     format!(
                         "workload {:?}: metadata.{field} is required: every identity has an owner and a purpose",
+                        w.metadata.name
+                    ),
+                ));
+            }
+            if w.spec.svid_ttl.is_some_and(|t| t < MIN_SVID_TTL) {
+                return Err(ConfigError::new(
+                    path,
+                    Some(doc.referenced),
+                    format!(
+                        "workload {:?}: spec.svidTtl must be at least 1m (SVIDs are renewed at half their lifetime)",
                         w.metadata.name
                     ),
                 ));
@@ -99,6 +138,13 @@ mod tests {
         );
         assert_eq!(w.spec.addresses.len(), 2);
         assert!(matches!(w.spec.addresses[1], Destination::Host(_)));
+        assert_eq!(w.spec.svid_ttl, None);
+        let short = GOOD.replace(
+            "  environment: prod\n",
+            "  environment: prod\n  svidTtl: 5m\n",
+        );
+        let w = &parse(&short).unwrap()[0];
+        assert_eq!(w.spec.svid_ttl, Some(std::time::Duration::from_secs(300)));
     }
 
     #[test]
@@ -112,6 +158,20 @@ mod tests {
             (GOOD.replace("10.1.2.4", "10.1.2"), "invalid address"),
             (GOOD.replace("  environment: prod\n", ""), "environment"),
             (GOOD.replace("environment:", "env:"), "env"),
+            (
+                GOOD.replace(
+                    "  environment: prod\n",
+                    "  environment: prod\n  svidTtl: 30s\n",
+                ),
+                "spec.svidTtl must be at least 1m",
+            ),
+            (
+                GOOD.replace(
+                    "  environment: prod\n",
+                    "  environment: prod\n  svidTtl: soon\n",
+                ),
+                "invalid duration \"soon\"",
+            ),
         ];
         for (text, want) in cases {
             let e = parse(&text).unwrap_err();

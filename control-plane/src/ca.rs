@@ -103,6 +103,12 @@ pub fn init(
     dn.push(DnType::OrganizationName, "Sigil");
     dn.push(DnType::CommonName, format!("{td} root CA"));
     params.distinguished_name = dn;
+    // The trust domain's own SPIFFE ID, as the X.509-SVID profile allows on signing
+    // certificates: `load` reads which domain this CA signs for from it.
+    let td_id = format!("spiffe://{td}")
+        .try_into()
+        .map_err(|_| CaError::Sign(format!("{td} is not an IA5 string")))?;
+    params.subject_alt_names = vec![SanType::URI(td_id)];
     // It signs SVIDs directly: no CA below it.
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
@@ -124,6 +130,8 @@ pub struct Authority {
     cert: CertificateDer<'static>,
     /// Unix seconds.
     not_after: i64,
+    /// The domain whose SVIDs it signs.
+    trust_domain: TrustDomain,
 }
 
 impl Authority {
@@ -165,13 +173,25 @@ impl Authority {
             ));
         }
         let not_after = parsed.validity().not_after.timestamp();
+        let trust_domain = ca_trust_domain(&parsed).ok_or_else(|| {
+            CaError::Invalid(
+                files.cert.clone(),
+                "no URI SAN naming its trust domain (spiffe://<trust domain>)".into(),
+            )
+        })?;
         let issuer = Issuer::from_ca_cert_der(&cert, key)
             .map_err(|e| CaError::Invalid(files.cert.clone(), e.to_string()))?;
         Ok(Self {
             issuer,
             cert,
             not_after,
+            trust_domain,
         })
+    }
+
+    /// The domain whose SVIDs this CA signs.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
     }
 
     /// Unix seconds after which the CA signs nothing valid.
@@ -219,6 +239,15 @@ impl Authority {
             .map_err(|e| CaError::Sign(e.to_string()))?;
         Ok(vec![leaf.der().clone()])
     }
+}
+
+/// The trust domain a CA certificate names in its URI SAN.
+fn ca_trust_domain(cert: &x509_parser::certificate::X509Certificate<'_>) -> Option<TrustDomain> {
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(uri) => TrustDomain::parse(uri).ok(),
+        _ => None,
+    })
 }
 
 /// A random positive 128-bit serial, as the SPIFFE X.509-SVID profile and RFC 5280 ask.
@@ -303,6 +332,7 @@ mod tests {
         let key_mode = std::fs::metadata(&files.key).unwrap().permissions().mode();
         assert_eq!(key_mode & 0o777, 0o600);
         let ca = Authority::load(&dir.0).unwrap();
+        assert_eq!(ca.trust_domain(), &td);
 
         let id = SpiffeId::parse(API).unwrap();
         let (key, csr) = key_and_csr(API);

@@ -29,7 +29,7 @@ use etcd_client::{
 
 use tracing::warn;
 
-use crate::stored::{Change, StoreError, Stored};
+use crate::stored::{take, Change, StoreError, Stored, TokenRecord, TokenUse};
 
 /// Attempts of an optimistic transaction before giving up (another replica kept winning).
 const ATTEMPTS: usize = 8;
@@ -230,6 +230,70 @@ impl Etcd {
                 return Ok((changes, revision));
             }
             // Another replica changed one of these resources in between: read again.
+        }
+        Err(StoreError::Conflicts(ATTEMPTS))
+    }
+
+    fn token_key(&self, hash: &str) -> String {
+        format!("{}tokens/{hash}", self.prefix)
+    }
+
+    /// Keeps a new join token (by its hash), leased to expire from etcd a day after it does.
+    pub async fn create_token(
+        &self,
+        hash: &str,
+        record: &TokenRecord,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mut client = self.client.clone();
+        let ttl = (record.expires_at - now).max(0) + 86_400;
+        let lease = client.lease_grant(ttl, None).await?;
+        let key = self.token_key(hash);
+        let put = TxnOp::put(
+            key.as_str(),
+            record.encode(),
+            Some(PutOptions::new().with_lease(lease.id())),
+        );
+        let created = Compare::create_revision(key.as_str(), CompareOp::Equal, 0);
+        client
+            .txn(Txn::new().when([created]).and_then([put]))
+            .await?;
+        Ok(())
+    }
+
+    /// Takes a join token at `now`, at most once ever across every replica: the record is
+    /// rewritten only if nobody changed it since it was read.
+    pub async fn use_token(&self, hash: &str, now: i64) -> Result<TokenUse, StoreError> {
+        let mut client = self.client.clone();
+        let key = self.token_key(hash);
+        for _ in 0..ATTEMPTS {
+            let r = client.get(key.as_str(), None).await?;
+            let Some(kv) = r.kvs().first() else {
+                return Ok(TokenUse::Unknown);
+            };
+            let record = std::str::from_utf8(kv.value())
+                .ok()
+                .and_then(TokenRecord::decode)
+                .ok_or_else(|| StoreError::Corrupt(key.clone()))?;
+            let (outcome, after) = take(&record, now);
+            let Some(after) = after else {
+                return Ok(outcome);
+            };
+            let unchanged =
+                Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision());
+            // Kept under the same lease, so it still leaves etcd in time.
+            let put = TxnOp::put(
+                key.as_str(),
+                after.encode(),
+                Some(PutOptions::new().with_lease(kv.lease())),
+            );
+            let r = client
+                .txn(Txn::new().when([unchanged]).and_then([put]))
+                .await?;
+            if r.succeeded() {
+                return Ok(outcome);
+            }
+            // Another replica wrote it in between: read what it did.
         }
         Err(StoreError::Conflicts(ATTEMPTS))
     }

@@ -112,6 +112,56 @@ pub fn load(cert: &Path, key: &Path, bundle_dir: &Path) -> Result<Identity, Load
     })
 }
 
+/// A TLS handshake on an accepted connection whose client may present no certificate (the
+/// sidecar API), and who it is: its verified SVID's ID and leaf, or anonymous. None, logged:
+/// the handshake failed or timed out.
+pub async fn accept_any(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    client: std::net::SocketAddr,
+    what: &str,
+) -> Option<(
+    tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    crate::issuer::Caller,
+)> {
+    let tls = handshake(acceptor, tcp, client, what).await?;
+    let leaf = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.clone().into_owned());
+    let caller = match leaf {
+        None => crate::issuer::Caller::Anonymous,
+        // The verifier accepted the chain; a leaf without a readable ID cannot get here.
+        Some(leaf) => {
+            let id = sigil_filters::svid::leaf_spiffe_id(&leaf, None).ok()?;
+            crate::issuer::Caller::Svid(id, leaf)
+        }
+    };
+    Some((tls, caller))
+}
+
+async fn handshake(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    client: std::net::SocketAddr,
+    what: &str,
+) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    let timeout = std::time::Duration::from_secs(10);
+    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            info!("{what} handshake from {client} refused: {e}");
+            None
+        }
+        Err(_) => {
+            info!("{what} handshake from {client} timed out");
+            None
+        }
+    }
+}
+
 /// A TLS handshake on an accepted connection, and the client's SPIFFE ID (verified by the
 /// acceptor's configuration). None, logged: the handshake failed or timed out.
 pub async fn accept(
@@ -123,18 +173,7 @@ pub async fn accept(
     tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     sigil_config::SpiffeId,
 )> {
-    let timeout = std::time::Duration::from_secs(10);
-    let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            info!("{what} handshake from {client} refused: {e}");
-            return None;
-        }
-        Err(_) => {
-            info!("{what} handshake from {client} timed out");
-            return None;
-        }
-    };
+    let tls = handshake(acceptor, tcp, client, what).await?;
     let peer = tls
         .get_ref()
         .1

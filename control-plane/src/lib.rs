@@ -10,6 +10,7 @@ pub mod demo;
 pub mod etcd;
 pub mod files;
 pub mod identity;
+pub mod issuer;
 pub mod metrics;
 pub mod operator;
 pub mod policy_test;

@@ -1,6 +1,6 @@
 //! Metrics of `sigil-control` (OpenMetrics, `GET /metrics` on the operator port): connected
-//! sidecars, the store version, snapshots sent, acknowledged and rejected, push latency, and
-//! revocations in force.
+//! sidecars, the store version, snapshots sent, acknowledged and rejected, push latency,
+//! revocations in force, and SVIDs issued and refused.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -14,8 +14,16 @@ pub struct SidecarLabels {
     pub spiffe_id: String,
 }
 
+/// `result`: `first` (a join token), `renewal`, or `refused` with its `reason`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssuanceLabels {
+    pub result: &'static str,
+    pub reason: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub issuance: Family<IssuanceLabels, Counter>,
     pub connected: Gauge,
     pub version: Gauge,
     pub revocations: Gauge,
@@ -39,8 +47,14 @@ impl Default for Metrics {
             rejected: Family::default(),
             // 0.5 ms .. ~8 s
             push_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
+            issuance: Family::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "svid_issuance",
+            "SVIDs issued (result first or renewal) and refused (result refused, by reason)",
+            m.issuance.clone(),
+        );
         registry.register(
             "sidecars_connected",
             "Sidecar streams open on this replica",

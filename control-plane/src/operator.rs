@@ -7,7 +7,11 @@
 //!   resource: `created|updated|unchanged Kind/name`, then the set's version.
 //! - `GET /v1/resources[/KIND[/NAME]]`: the stored documents, `---`-separated.
 //! - `DELETE /v1/resources/KIND/NAME`.
-//! - `GET /v1/status`: the store version and every connected sidecar, one line each.
+//! - `GET /v1/status`: the store version and every connected sidecar, one line each; then the
+//!   latest SVID issuance refusals.
+//! - `POST /v1/tokens` with a body `workload=NAME ttl=DURATION`: a one-time join token for a
+//!   sidecar's first SVID, bound to that Workload. The token is in the answer and nowhere
+//!   else: the store keeps its SHA-256.
 //! - `GET /metrics`: OpenMetrics, for any client with a verified SVID (a Prometheus with its
 //!   own SVID need not be an operator).
 
@@ -33,7 +37,8 @@ use crate::store::Store;
 const MAX_BODY: usize = 4 << 20;
 
 pub struct Api {
-    pub store: Store,
+    /// Shared with the CA, which keeps join tokens in it.
+    pub store: Arc<Store>,
     pub operators: Vec<IdPattern>,
     /// Told of every change, to push snapshots.
     pub hub: Arc<Hub>,
@@ -107,6 +112,7 @@ async fn handle(api: &Api, peer: &SpiffeId, req: Request<Incoming>) -> Response<
         (Method::GET, ["v1", "resources", rest @ ..]) if rest.len() <= 2 => get(api, rest).await,
         (Method::DELETE, ["v1", "resources", kind, name]) => delete(api, peer, kind, name).await,
         (Method::GET, ["v1", "status"]) => Ok(status(api).await),
+        (Method::POST, ["v1", "tokens"]) => create_token(api, peer, req).await,
         _ => Err(Refusal(
             StatusCode::NOT_FOUND,
             format!("no such endpoint: {path}\n"),
@@ -218,12 +224,78 @@ async fn delete(api: &Api, peer: &SpiffeId, kind: &str, name: &str) -> Reply {
     ))
 }
 
+/// The longest a join token may live: it stands for an identity until used.
+const MAX_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+async fn create_token(api: &Api, peer: &SpiffeId, req: Request<Incoming>) -> Reply {
+    let body = Limited::new(req.into_body(), 1024)
+        .collect()
+        .await
+        .map_err(|e| {
+            Refusal(
+                StatusCode::BAD_REQUEST,
+                format!("reading the request: {e}\n"),
+            )
+        })?
+        .to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    let (mut workload, mut ttl) = (None, None);
+    for field in body.split_whitespace() {
+        match field.split_once('=') {
+            Some(("workload", v)) => workload = Some(v.to_string()),
+            Some(("ttl", v)) => {
+                let d = sigil_config::proxy_config::duration::parse(v)
+                    .map_err(|e| Refusal(StatusCode::BAD_REQUEST, format!("ttl: {e}\n")))?;
+                ttl = Some(d);
+            }
+            _ => {
+                return Err(Refusal(
+                    StatusCode::BAD_REQUEST,
+                    format!("unexpected {field:?}: expected workload=NAME ttl=DURATION\n"),
+                ))
+            }
+        }
+    }
+    let Some(workload) = workload else {
+        return Err(Refusal(
+            StatusCode::BAD_REQUEST,
+            "workload=NAME is required\n".into(),
+        ));
+    };
+    let ttl = ttl.unwrap_or(Duration::from_secs(600));
+    if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
+        return Err(Refusal(
+            StatusCode::BAD_REQUEST,
+            "ttl must be longer than 0 and at most 24h\n".into(),
+        ));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let catalog = api.hub.catalog().borrow().clone();
+    let token = crate::issuer::create_token(&api.store, &catalog, &workload, ttl, now)
+        .await
+        .map_err(|e| match e {
+            crate::issuer::Refused::UnknownWorkload(_) => {
+                Refusal(StatusCode::NOT_FOUND, format!("{e}\n"))
+            }
+            other => internal(other),
+        })?;
+    let expires = crate::issuer::rfc3339(now + ttl.as_secs() as i64);
+    // Who made a token for which identity is worth an audit line; the token itself is not.
+    info!("{peer} made a join token for Workload {workload}, valid until {expires}");
+    Ok(text(
+        StatusCode::OK,
+        format!("{token}\nworkload {workload}\nexpires {expires}\n"),
+    ))
+}
+
 /// `version N` then one line per connected sidecar: name, SPIFFE ID, address, the version it
 /// was sent, and whether it acknowledged it. With an etcd store, the sidecars of every replica
 /// (each line names its replica), as last refreshed (every 2 s).
 async fn status(api: &Api) -> Response<Full<Bytes>> {
     let version = api.hub.version();
-    let lines = match &api.store {
+    let lines = match &*api.store {
         crate::store::Store::Etcd(e) => match e.statuses().await {
             Ok(all) => all
                 .into_iter()
@@ -242,10 +314,19 @@ async fn status(api: &Api) -> Response<Full<Bytes>> {
         },
         crate::store::Store::Sqlite(_) => api.hub.status_lines(),
     };
-    let mut out = format!("version {version}\nsidecars {}\n", lines.len());
-    for l in lines {
+    let (refusals, sidecars): (Vec<String>, Vec<String>) =
+        lines.into_iter().partition(|l| l.starts_with("issuance "));
+    let mut out = format!("version {version}\nsidecars {}\n", sidecars.len());
+    for l in sidecars {
         out += &l;
         out.push('\n');
+    }
+    if !refusals.is_empty() {
+        out += &format!("issuance refusals {}\n", refusals.len());
+        for l in refusals {
+            out += &l;
+            out.push('\n');
+        }
     }
     text(StatusCode::OK, out)
 }

@@ -1,8 +1,11 @@
-//! The sidecar API of `sigil-control` (15012): gRPC `sigil.v1.Mesh/Subscribe` over HTTP/2
-//! and mutual TLS. The verified SPIFFE ID of the client decides what it gets: the snapshot
-//! for that identity and nothing else. Each stream gets a snapshot at once and again
-//! whenever a store change alters what its identity gets; acknowledgements are recorded
-//! per stream for `sigil status`.
+//! The sidecar API of `sigil-control` (15012), gRPC over HTTP/2 and TLS 1.3:
+//! - `sigil.v1.Mesh/Subscribe`, mutual TLS: the verified SPIFFE ID of the client decides what
+//!   it gets, the snapshot for that identity and nothing else. Each stream gets a snapshot at
+//!   once and again whenever a store change alters what its identity gets; acknowledgements
+//!   are recorded per stream for `sigil status`.
+//! - `sigil.v1.Identity/Issue` (`issuer`): an SVID for a CSR, to a caller authenticated by its
+//!   SVID or, on first contact, without one, by a join token. So the listener lets clients in
+//!   without a certificate, and `Subscribe` refuses them (Unauthenticated).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -23,7 +26,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 use tracing::{error, info, warn};
 
-use crate::metrics::{Metrics, SidecarLabels};
+use crate::issuer::{Caller, Issuer};
+use crate::metrics::{IssuanceLabels, Metrics, SidecarLabels};
 use crate::snapshot::Catalog;
 use crate::store::Store;
 use crate::stored::StoreError;
@@ -39,7 +43,12 @@ pub struct Hub {
     reload: tokio::sync::Notify,
     sidecars: Mutex<HashMap<u64, SidecarStatus>>,
     next: AtomicU64,
+    /// The latest SVID issuance refusals on this replica, oldest first (`sigil status`).
+    refusals: Mutex<std::collections::VecDeque<String>>,
 }
+
+/// How many issuance refusals `sigil status` shows per replica.
+const REFUSALS_KEPT: usize = 20;
 
 /// One connected stream, as `sigil status` shows it.
 #[derive(Debug, Clone)]
@@ -74,6 +83,7 @@ impl Hub {
             catalog: watch::Sender::new(Arc::new(catalog)),
             sidecars: Mutex::new(HashMap::new()),
             next: AtomicU64::new(0),
+            refusals: Mutex::default(),
         }
     }
 
@@ -135,6 +145,11 @@ impl Hub {
         self.catalog.borrow().version
     }
 
+    /// The catalog in force, followed: the CA reads Workloads and revocations from it.
+    pub fn catalog(&self) -> watch::Receiver<Arc<Catalog>> {
+        self.catalog.subscribe()
+    }
+
     /// Every connected stream, oldest first.
     pub fn status(&self) -> Vec<SidecarStatus> {
         let sidecars = self.sidecars.lock().expect("sidecars lock");
@@ -144,8 +159,26 @@ impl Hub {
     }
 
     /// One line per connected stream: name, SPIFFE ID, address, the version sent, and
-    /// whether it was acknowledged.
+    /// whether it was acknowledged; then one per recent issuance refusal, starting with
+    /// `issuance `.
     pub fn status_lines(&self) -> Vec<String> {
+        let refusals = self.refusals.lock().expect("refusals lock").clone();
+        self.sidecar_lines()
+            .into_iter()
+            .chain(refusals.into_iter().map(|r| format!("issuance {r}")))
+            .collect()
+    }
+
+    /// Keeps a refusal for `sigil status`, dropping the oldest past `REFUSALS_KEPT`.
+    fn record_refusal(&self, line: String) {
+        let mut refusals = self.refusals.lock().expect("refusals lock");
+        if refusals.len() == REFUSALS_KEPT {
+            refusals.pop_front();
+        }
+        refusals.push_back(line);
+    }
+
+    fn sidecar_lines(&self) -> Vec<String> {
         self.status()
             .into_iter()
             .map(|s| {
@@ -172,8 +205,15 @@ impl Hub {
     }
 }
 
-/// Accepts sidecar connections until the listener fails.
-pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, hub: Arc<Hub>) {
+/// Accepts sidecar connections until the listener fails. `acceptor` lets clients in without
+/// a certificate (`sigil_filters::tls::server_config_client_optional`); `issuer`: None
+/// without a CA (`--ca-dir`), when `Issue` is refused.
+pub async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    hub: Arc<Hub>,
+    issuer: Option<Arc<Issuer>>,
+) {
     loop {
         let (tcp, addr) = match listener.accept().await {
             Ok(c) => c,
@@ -184,15 +224,16 @@ pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, hub: Arc<Hub>) 
             }
         };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, hub) = (acceptor.clone(), hub.clone());
+        let (acceptor, hub, issuer) = (acceptor.clone(), hub.clone(), issuer.clone());
         tokio::spawn(async move {
-            let Some((tls, peer)) = crate::identity::accept(&acceptor, tcp, addr, "sidecar").await
+            let Some((tls, caller)) =
+                crate::identity::accept_any(&acceptor, tcp, addr, "sidecar").await
             else {
                 return;
             };
             let service = hyper::service::service_fn(move |req| {
-                let (hub, peer) = (hub.clone(), peer.clone());
-                async move { Ok::<_, Infallible>(route(hub, peer, addr, req).await) }
+                let (hub, caller, issuer) = (hub.clone(), caller.clone(), issuer.clone());
+                async move { Ok::<_, Infallible>(route(hub, issuer, caller, addr, req).await) }
             });
             // PINGs notice a sidecar host gone without a FIN (its stream, status line and
             // gauge would otherwise stay forever).
@@ -208,15 +249,120 @@ pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, hub: Arc<Hub>) 
 
 async fn route(
     hub: Arc<Hub>,
-    peer: SpiffeId,
+    issuer: Option<Arc<Issuer>>,
+    caller: Caller,
     addr: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<tonic::body::Body> {
-    if req.uri().path() != sigil_api::SUBSCRIBE_PATH {
-        return Status::unimplemented(format!("no method {}", req.uri().path())).into_http();
+    match req.uri().path() {
+        sigil_api::SUBSCRIBE_PATH => {
+            let Caller::Svid(peer, _) = caller else {
+                return Status::unauthenticated(
+                    "Subscribe needs an SVID: ask for one first (sigil.v1.Identity/Issue)",
+                )
+                .into_http();
+            };
+            let mut grpc = tonic::server::Grpc::new(sigil_api::server_codec());
+            grpc.streaming(Subscribe { hub, peer, addr }, req).await
+        }
+        sigil_api::ISSUE_PATH => {
+            let Some(issuer) = issuer else {
+                return Status::unimplemented(
+                    "this control plane issues no SVIDs: it runs without a CA (--ca-dir)",
+                )
+                .into_http();
+            };
+            let mut grpc = tonic::server::Grpc::new(sigil_api::issue_server_codec());
+            let issue = Issue {
+                hub,
+                issuer,
+                caller,
+                addr,
+            };
+            grpc.unary(issue, req).await
+        }
+        other => Status::unimplemented(format!("no method {other}")).into_http(),
     }
-    let mut grpc = tonic::server::Grpc::new(sigil_api::server_codec());
-    grpc.streaming(Subscribe { hub, peer, addr }, req).await
+}
+
+/// One `Issue` call.
+struct Issue {
+    hub: Arc<Hub>,
+    issuer: Arc<Issuer>,
+    caller: Caller,
+    addr: SocketAddr,
+}
+
+impl tonic::server::UnaryService<sigil_api::IssueRequest> for Issue {
+    type Response = sigil_api::IssueResponse;
+    type Future = std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<tonic::Response<Self::Response>, Status>>
+                + Send,
+        >,
+    >;
+
+    fn call(&mut self, req: tonic::Request<sigil_api::IssueRequest>) -> Self::Future {
+        let (hub, issuer, caller, addr) = (
+            self.hub.clone(),
+            self.issuer.clone(),
+            self.caller.clone(),
+            self.addr,
+        );
+        Box::pin(async move { issue(&hub, &issuer, &caller, addr, req.into_inner()).await })
+    }
+}
+
+/// Issues, or refuses; either way logged and counted, a refusal also kept for `sigil status`.
+async fn issue(
+    hub: &Hub,
+    issuer: &Issuer,
+    caller: &Caller,
+    addr: SocketAddr,
+    req: sigil_api::IssueRequest,
+) -> Result<tonic::Response<sigil_api::IssueResponse>, Status> {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let node = if req.node.is_empty() {
+        "-".to_string()
+    } else {
+        clean(&req.node)
+    };
+    let who = match caller {
+        Caller::Svid(id, _) => id.to_string(),
+        Caller::Anonymous => "(join token)".to_string(),
+    };
+    match issuer.issue(caller, &req, now).await {
+        Ok(issued) => {
+            let kind = if issued.renewal { "renewal" } else { "first" };
+            info!(
+                node = %node, %addr, id = %issued.id, workload = %issued.workload,
+                serial = %issued.serial, not_after = %crate::issuer::rfc3339(issued.not_after),
+                kind, "SVID issued"
+            );
+            let labels = IssuanceLabels {
+                result: kind,
+                reason: "",
+            };
+            hub.metrics.issuance.get_or_create(&labels).inc();
+            Ok(tonic::Response::new(issued.response))
+        }
+        Err(refused) => {
+            let reason = refused.label();
+            warn!(node = %node, %addr, caller = %who, reason, "SVID refused: {refused}");
+            let labels = IssuanceLabels {
+                result: "refused",
+                reason,
+            };
+            hub.metrics.issuance.get_or_create(&labels).inc();
+            hub.record_refusal(format!(
+                "REFUSED {} {node} {addr} {who} {reason}: {refused}",
+                crate::issuer::rfc3339(now)
+            ));
+            Err(Status::new(refused.code(), format!("{reason}: {refused}")))
+        }
+    }
 }
 
 struct Subscribe {

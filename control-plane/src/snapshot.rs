@@ -37,6 +37,8 @@ pub struct Catalog {
     pub loaded_at: Option<std::time::Instant>,
     /// Who may reach each Workload's SPIFFE ID, compiled once per catalog.
     reach: HashMap<SpiffeId, Reach>,
+    /// The revocations in force, for the CA: no SVID for a revoked identity.
+    revoked: sigil_filters::Revocations,
 }
 
 impl Catalog {
@@ -50,6 +52,7 @@ impl Catalog {
             loaded_at: Some(std::time::Instant::now()),
             ..Catalog::default()
         };
+        let mut revoked = Vec::new();
         for s in store.list(None).await? {
             let origin = format!("store:{}/{}", s.kind, s.name);
             let parsed = match Resource::parse_docs(Path::new(&origin), &s.yaml) {
@@ -66,7 +69,10 @@ impl Catalog {
                 };
                 match r {
                     Resource::Policy(p) => c.policies.push((p, doc)),
-                    Resource::Revocation(_) => c.revocations.push(doc),
+                    Resource::Revocation(r) => {
+                        revoked.push(r);
+                        c.revocations.push(doc)
+                    }
                     Resource::Workload(w) => c.workloads.push(w),
                     Resource::TrustBundle(b) => c.bundles.push(Bundle {
                         trust_domain: b.spec.trust_domain.to_string(),
@@ -75,6 +81,7 @@ impl Catalog {
                 }
             }
         }
+        c.revoked = sigil_filters::Revocations::new(&revoked);
         for w in &c.workloads {
             let target = &w.spec.spiffe_id;
             if !c.reach.contains_key(target) {
@@ -88,6 +95,21 @@ impl Catalog {
 
     pub fn revocation_count(&self) -> usize {
         self.revocations.len()
+    }
+
+    /// The Workload named `name`.
+    pub fn workload_named(&self, name: &str) -> Option<&Workload> {
+        self.workloads.iter().find(|w| w.metadata.name == name)
+    }
+
+    /// The Workload whose identity is `id`.
+    pub fn workload_for(&self, id: &SpiffeId) -> Option<&Workload> {
+        self.workloads.iter().find(|w| w.spec.spiffe_id == *id)
+    }
+
+    /// The revocations in force.
+    pub fn revoked(&self) -> &sigil_filters::Revocations {
+        &self.revoked
     }
 
     pub fn snapshot_for(&self, id: &SpiffeId) -> Snapshot {

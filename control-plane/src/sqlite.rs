@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::stored::{Change, StoreError, Stored};
+use crate::stored::{take, Change, StoreError, Stored, TokenRecord, TokenUse};
 
 pub struct Sqlite {
     db: Mutex<Connection>,
@@ -42,7 +42,10 @@ impl Sqlite {
                  version INTEGER NOT NULL, PRIMARY KEY (kind, name));
              CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
              INSERT OR IGNORE INTO meta (key, value) VALUES ('version', 0);
-             CREATE TABLE IF NOT EXISTS epoch (id TEXT NOT NULL);",
+             CREATE TABLE IF NOT EXISTS epoch (id TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS join_tokens (
+                 hash TEXT PRIMARY KEY, workload TEXT NOT NULL,
+                 expires_at INTEGER NOT NULL, used_at INTEGER);",
         )?;
         let fresh = format!("sqlite-{}", crate::stored::random_hex(16));
         db.execute(
@@ -123,6 +126,56 @@ impl Sqlite {
         }
         tx.commit()?;
         Ok((changes, if changed { next } else { version }))
+    }
+
+    /// Keeps a new join token (by its hash). Tokens expired a day ago are dropped meanwhile.
+    pub fn create_token(
+        &self,
+        hash: &str,
+        record: &TokenRecord,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let db = self.db.lock().expect("store lock");
+        db.execute(
+            "DELETE FROM join_tokens WHERE expires_at < ?1",
+            [now - 86_400],
+        )?;
+        db.execute(
+            "INSERT INTO join_tokens (hash, workload, expires_at, used_at) VALUES (?1, ?2, ?3, NULL)",
+            params![hash, record.workload, record.expires_at],
+        )?;
+        Ok(())
+    }
+
+    /// Takes a join token at `now`, at most once ever (`stored::take`), in one transaction.
+    pub fn use_token(&self, hash: &str, now: i64) -> Result<TokenUse, StoreError> {
+        let mut db = self.db.lock().expect("store lock");
+        let tx = db.transaction()?;
+        let record = tx
+            .query_row(
+                "SELECT workload, expires_at, used_at FROM join_tokens WHERE hash = ?1",
+                [hash],
+                |r| {
+                    Ok(TokenRecord {
+                        workload: r.get(0)?,
+                        expires_at: r.get(1)?,
+                        used_at: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?;
+        let Some(record) = record else {
+            return Ok(TokenUse::Unknown);
+        };
+        let (outcome, after) = take(&record, now);
+        if let Some(after) = after {
+            tx.execute(
+                "UPDATE join_tokens SET used_at = ?1 WHERE hash = ?2",
+                params![after.used_at, hash],
+            )?;
+            tx.commit()?;
+        }
+        Ok(outcome)
     }
 
     pub fn list(&self, kind: Option<&str>) -> Result<Vec<Stored>, StoreError> {

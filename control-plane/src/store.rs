@@ -5,7 +5,7 @@
 
 use crate::etcd::Etcd;
 use crate::sqlite::Sqlite;
-use crate::stored::{Change, StoreError, Stored};
+use crate::stored::{Change, StoreError, Stored, TokenRecord, TokenUse};
 
 pub enum Store {
     Sqlite(Sqlite),
@@ -48,6 +48,27 @@ impl Store {
         match self {
             Self::Sqlite(s) => s.delete(kind, name),
             Self::Etcd(e) => e.delete(kind, name).await,
+        }
+    }
+
+    /// Keeps a new join token under `hash` (its SHA-256, hex).
+    pub async fn create_token(
+        &self,
+        hash: &str,
+        record: &TokenRecord,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        match self {
+            Self::Sqlite(s) => s.create_token(hash, record, now),
+            Self::Etcd(e) => e.create_token(hash, record, now).await,
+        }
+    }
+
+    /// Takes the join token of `hash` at `now`: at most once ever, whichever replica asks.
+    pub async fn use_token(&self, hash: &str, now: i64) -> Result<TokenUse, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.use_token(hash, now),
+            Self::Etcd(e) => e.use_token(hash, now).await,
         }
     }
 

@@ -33,6 +33,69 @@ pub struct Stored {
     pub version: i64,
 }
 
+/// A join token as the store keeps it, under the SHA-256 of the token (the token itself is
+/// never stored): the Workload it is bound to, when it expires and whether it was used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub workload: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+    /// Unix seconds; None while unused.
+    pub used_at: Option<i64>,
+}
+
+impl TokenRecord {
+    /// The form kept in etcd: `workload`, `expires_at`, `used_at` (empty while unused) on
+    /// three lines. Workload names have no newline (they are resource names).
+    pub fn encode(&self) -> String {
+        let used = self.used_at.map(|t| t.to_string()).unwrap_or_default();
+        format!("{}\n{}\n{used}", self.workload, self.expires_at)
+    }
+
+    pub fn decode(text: &str) -> Option<Self> {
+        let mut lines = text.split('\n');
+        let workload = lines.next()?.to_string();
+        let expires_at = lines.next()?.parse().ok()?;
+        let used_at = match lines.next()? {
+            "" => None,
+            t => Some(t.parse().ok()?),
+        };
+        Some(Self {
+            workload,
+            expires_at,
+            used_at,
+        })
+    }
+}
+
+/// What presenting a join token came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenUse {
+    /// Taken now: bound to this Workload (by name). It can never be taken again.
+    Taken(String),
+    /// No such token (never made, or mistyped).
+    Unknown,
+    /// Already taken, at this time (Unix seconds).
+    Reused(i64),
+    /// Expired at this time (Unix seconds).
+    Expired(i64),
+}
+
+/// What a token record says to a use at `now`, and the record after it.
+pub fn take(record: &TokenRecord, now: i64) -> (TokenUse, Option<TokenRecord>) {
+    if let Some(at) = record.used_at {
+        return (TokenUse::Reused(at), None);
+    }
+    if now >= record.expires_at {
+        return (TokenUse::Expired(record.expires_at), None);
+    }
+    let used = TokenRecord {
+        used_at: Some(now),
+        ..record.clone()
+    };
+    (TokenUse::Taken(record.workload.clone()), Some(used))
+}
+
 /// Why a store could not do what was asked. Shown as `store: <what>`, naming the file,
 /// flag or etcd endpoint at fault.
 #[derive(Debug)]
@@ -80,6 +143,8 @@ pub enum StoreError {
     EpochVanished(String),
     /// Every attempt of an optimistic transaction lost to a concurrent change.
     Conflicts(usize),
+    /// A stored record that is not in the form this version writes (its key).
+    Corrupt(String),
 }
 
 impl fmt::Display for StoreError {
@@ -121,6 +186,7 @@ impl fmt::Display for StoreError {
                 f,
                 "etcd: gave up after {attempts} conflicting concurrent changes"
             ),
+            Self::Corrupt(key) => write!(f, "{key}: not a record this sigil-control wrote"),
         }
     }
 }

@@ -72,6 +72,10 @@ pub struct SpiffeClientVerifier {
     bundles: Arc<TrustBundles>,
     revocations: Arc<Revocations>,
     provider: Arc<CryptoProvider>,
+    /// Whether a client must present an SVID. Only the control plane's sidecar API lets one
+    /// in without (first contact with a join token); a certificate presented is verified
+    /// all the same.
+    mandatory: bool,
 }
 
 impl std::fmt::Debug for TrustBundles {
@@ -83,6 +87,10 @@ impl std::fmt::Debug for TrustBundles {
 impl ClientCertVerifier for SpiffeClientVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         &[]
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
     }
 
     fn verify_client_cert(
@@ -203,10 +211,33 @@ pub fn server_config(
     revocations: Arc<Revocations>,
     provider: Arc<CryptoProvider>,
 ) -> Arc<ServerConfig> {
+    build_server_config(identity, bundles, revocations, provider, true)
+}
+
+/// `server_config`, but a client may present no certificate: the control plane's sidecar API,
+/// where a sidecar without an SVID asks for its first one with a join token. Whether a
+/// request needs a verified caller is then the handler's to enforce.
+pub fn server_config_client_optional(
+    identity: &LocalIdentity,
+    bundles: Arc<TrustBundles>,
+    revocations: Arc<Revocations>,
+    provider: Arc<CryptoProvider>,
+) -> Arc<ServerConfig> {
+    build_server_config(identity, bundles, revocations, provider, false)
+}
+
+fn build_server_config(
+    identity: &LocalIdentity,
+    bundles: Arc<TrustBundles>,
+    revocations: Arc<Revocations>,
+    provider: Arc<CryptoProvider>,
+    mandatory: bool,
+) -> Arc<ServerConfig> {
     let verifier = Arc::new(SpiffeClientVerifier {
         bundles,
         revocations,
         provider: provider.clone(),
+        mandatory,
     });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -246,6 +277,32 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(identity.certified_key())));
+    config.alpn_protocols = vec![carries.alpn().to_vec()];
+    config.resumption = Resumption::disabled();
+    config.enable_early_data = false;
+    Arc::new(config)
+}
+
+/// A client without an SVID of its own (a sidecar before its first one), towards a server
+/// that must present `expected`: the control plane, for `Issue` with a join token.
+pub fn client_config_anonymous(
+    bundles: Arc<TrustBundles>,
+    provider: Arc<CryptoProvider>,
+    expected: SpiffeId,
+    carries: Carries,
+) -> Arc<ClientConfig> {
+    let verifier = Arc::new(SpiffeServerVerifier {
+        bundles,
+        revocations: Arc::default(),
+        provider: provider.clone(),
+        expected,
+    });
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("ring supports TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
     config.alpn_protocols = vec![carries.alpn().to_vec()];
     config.resumption = Resumption::disabled();
     config.enable_early_data = false;

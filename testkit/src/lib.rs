@@ -345,3 +345,16 @@ fn to_offset(t: SystemTime) -> time::OffsetDateTime {
     let secs = t.duration_since(UNIX_EPOCH).expect("after 1970").as_secs();
     time::OffsetDateTime::from_unix_timestamp(secs as i64).expect("representable time")
 }
+
+/// What a sidecar asking for an SVID makes: a key of `alg` (PKCS#8 PEM, to keep) and a CSR
+/// over it naming `uris` (DER, to send).
+pub fn key_and_csr(alg: &'static rcgen::SignatureAlgorithm, uris: &[&str]) -> (String, Vec<u8>) {
+    let key = KeyPair::generate_for(alg).expect("generate key");
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = uris
+        .iter()
+        .map(|u| SanType::URI((*u).try_into().expect("URI SAN is IA5")))
+        .collect();
+    let csr = params.serialize_request(&key).expect("make a CSR");
+    (key.serialize_pem(), csr.der().to_vec())
+}

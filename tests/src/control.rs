@@ -153,6 +153,8 @@ pub struct ControlPlane {
     pub sidecar_port: u16,
     pub store: StoreAt,
     pub files: IdentityFiles,
+    /// More `sigil-control` arguments (`--ca-dir DIR`), kept across restarts.
+    pub extra: Vec<String>,
 }
 
 impl ControlPlane {
@@ -204,10 +206,21 @@ impl ControlPlane {
         operator_port: u16,
         sidecar_port: u16,
     ) -> Self {
-        let proc = Proc::spawn(
-            "sigil-control",
-            &mut Self::command(id, &files, &store, operator_port, sidecar_port),
-        );
+        Self::start_with_args(id, files, store, operator_port, sidecar_port, Vec::new())
+    }
+
+    /// `start_with`, with more arguments (`--ca-dir DIR`).
+    pub fn start_with_args(
+        id: &str,
+        files: IdentityFiles,
+        store: StoreAt,
+        operator_port: u16,
+        sidecar_port: u16,
+        extra: Vec<String>,
+    ) -> Self {
+        let mut cmd = Self::command(id, &files, &store, operator_port, sidecar_port);
+        cmd.args(&extra);
+        let proc = Proc::spawn("sigil-control", &mut cmd);
         for port in [operator_port, sidecar_port] {
             wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(10));
         }
@@ -218,6 +231,7 @@ impl ControlPlane {
             sidecar_port,
             store,
             files,
+            extra,
         }
     }
 
@@ -279,9 +293,10 @@ impl ControlPlane {
             sidecar_port,
             store,
             files,
+            extra,
         } = self;
         stop(&mut proc);
-        Self::start_with(&id, files, store, operator_port, sidecar_port)
+        Self::start_with_args(&id, files, store, operator_port, sidecar_port, extra)
     }
 
     /// Runs `sigil ARGS` as the operator `who`: (exit code, stdout, stderr).

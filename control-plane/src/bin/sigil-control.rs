@@ -9,7 +9,9 @@ use std::sync::Arc;
 use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser};
 use sigil_config::IdPattern;
+use sigil_control::ca::Authority;
 use sigil_control::etcd::{Etcd, EtcdTls};
+use sigil_control::issuer::Issuer;
 use sigil_control::operator::{self, Api};
 use sigil_control::sidecars::{self, Hub};
 use sigil_control::snapshot::Catalog;
@@ -77,9 +79,12 @@ struct Cli {
     /// Operator API (HTTPS, mutual TLS)
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15014")]
     operator_listen: SocketAddr,
-    /// Sidecar API (gRPC, mutual TLS)
+    /// Sidecar API (gRPC, TLS; mutual but for a first SVID asked with a join token)
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15012")]
     sidecar_listen: SocketAddr,
+    /// The CA that signs SVIDs (made with `sigil ca init`); without it no SVID is issued
+    #[arg(long, value_name = "DIR")]
+    ca_dir: Option<PathBuf>,
 }
 
 /// A `--store` value that is not `etcd://…`.
@@ -108,6 +113,7 @@ struct Config {
     operators: Vec<IdPattern>,
     operator_listen: SocketAddr,
     sidecar_listen: SocketAddr,
+    ca_dir: Option<PathBuf>,
 }
 
 enum StoreSpec {
@@ -171,6 +177,7 @@ fn check(cli: Cli) -> Result<Config, &'static str> {
         operators: cli.operators,
         operator_listen: cli.operator_listen,
         sidecar_listen: cli.sidecar_listen,
+        ca_dir: cli.ca_dir,
     })
 }
 
@@ -179,6 +186,7 @@ fn check(cli: Cli) -> Result<Config, &'static str> {
 enum StartError {
     Identity(identity::LoadError),
     Store(StoreError),
+    Ca(sigil_control::ca::CaError),
     Listen {
         addr: SocketAddr,
         api: &'static str,
@@ -191,6 +199,7 @@ impl fmt::Display for StartError {
         match self {
             Self::Identity(e) => write!(f, "{e}"),
             Self::Store(e) => write!(f, "{e}"),
+            Self::Ca(e) => write!(f, "CA: {e}"),
             Self::Listen { addr, api, source } => {
                 write!(f, "cannot listen on {addr} ({api}): {source}")
             }
@@ -213,7 +222,11 @@ impl From<StoreError> for StartError {
 /// Loads the identity, opens the store, listens, and serves until SIGTERM or SIGINT.
 async fn run(config: Config) -> Result<(), StartError> {
     let id = identity::load(&config.cert, &config.key, &config.bundle_dir)?;
-    let store = open_store(config.store).await?;
+    let ca = match &config.ca_dir {
+        Some(dir) => Some(Authority::load(dir).map_err(StartError::Ca)?),
+        None => None,
+    };
+    let store = Arc::new(open_store(config.store).await?);
     let version = store.version().await?;
     let server = sigil_filters::tls::server_config(
         &id.local,
@@ -240,17 +253,33 @@ async fn run(config: Config) -> Result<(), StartError> {
         operators: config.operators,
         hub: hub.clone(),
     });
-    if let Store::Etcd(etcd) = &api.store {
+    if let Store::Etcd(etcd) = &*api.store {
         follow_etcd(etcd, &api);
     }
     let retrying = api.clone();
     tokio::spawn(async move { retrying.hub.retry_publishes(&retrying.store).await });
     let reloading = api.clone();
     tokio::spawn(async move { reloading.hub.reload_on_request(&reloading.store).await });
+    let issuer = ca.map(|ca| {
+        info!(trust_domain = %ca.trust_domain(), not_after = %sigil_control::issuer::rfc3339(ca.not_after()), "CA loaded: issuing SVIDs");
+        Arc::new(Issuer {
+            ca,
+            store: api.store.clone(),
+            catalog: hub.catalog(),
+        })
+    });
+    // Sidecars without an SVID yet reach `Issue` with a join token: no client certificate
+    // required at the handshake; `Subscribe` refuses them.
+    let sidecar_tls = sigil_filters::tls::server_config_client_optional(
+        &id.local,
+        id.bundles.clone(),
+        Arc::default(),
+        id.provider.clone(),
+    );
     let acceptor = TlsAcceptor::from(server);
     tokio::select! {
-        _ = operator::serve(operator_listener, acceptor.clone(), api) => {}
-        _ = sidecars::serve(sidecar_listener, acceptor, hub) => {}
+        _ = operator::serve(operator_listener, acceptor, api) => {}
+        _ = sidecars::serve(sidecar_listener, TlsAcceptor::from(sidecar_tls), hub, issuer) => {}
         _ = shutdown() => info!("stopping"),
     }
     Ok(())

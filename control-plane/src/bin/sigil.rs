@@ -75,6 +75,9 @@ enum Command {
     /// The control plane's certificate authority
     #[command(subcommand)]
     Ca(CaCommand),
+    /// One-time join tokens for sidecars' first SVIDs
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Print sigil's version
     Version,
 }
@@ -88,6 +91,29 @@ enum CaCommand {
                       created with mode 0700; a CA already there is never overwritten."
     )]
     Init(CaInitArgs),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    #[command(
+        about = "A one-time join token for a Workload's sidecar",
+        after_help = "The sidecar presents it once, with its first CSR, and gets an SVID for \
+                      the Workload's identity; then it renews with that SVID. The token is \
+                      printed once and stored only as its SHA-256."
+    )]
+    Create(TokenCreateArgs),
+}
+
+#[derive(Args)]
+struct TokenCreateArgs {
+    /// The Workload (its metadata.name) the token is for
+    #[arg(long, value_name = "NAME")]
+    workload: String,
+    /// How long the token can be used (at most 24h)
+    #[arg(long, value_name = "DURATION", default_value = "10m")]
+    ttl: String,
+    #[command(flatten)]
+    connection: Connection,
 }
 
 #[derive(Args)]
@@ -330,7 +356,24 @@ fn main() -> ExitCode {
         Some(Command::Revoke(a)) => revoke(&a),
         Some(Command::Unrevoke(a)) => unrevoke(&a),
         Some(Command::Ca(CaCommand::Init(a))) => ca_init(&a),
+        Some(Command::Token(TokenCommand::Create(a))) => token_create(&a),
     }
+}
+
+fn token_create(a: &TokenCreateArgs) -> ExitCode {
+    if let Err(e) = sigil_config::proxy_config::duration::parse(&a.ttl) {
+        return usage_error(
+            &["token", "create"],
+            ErrorKind::ValueValidation,
+            &format!("--ttl: {e}"),
+        );
+    }
+    let c = match client(&a.connection, &["token", "create"], "") {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let body = format!("workload={} ttl={}", a.workload, a.ttl);
+    report(c.send(Method::POST, "/v1/tokens", &[], body))
 }
 
 fn ca_init(a: &CaInitArgs) -> ExitCode {

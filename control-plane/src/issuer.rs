@@ -1,0 +1,301 @@
+//! Issuing SVIDs (`sigil.v1.Identity/Issue`): who the caller is, whether it may have an SVID
+//! now, and the SVID. The caller is authenticated by the SVID it presented (a renewal: the
+//! same identity again) or, without one, by a one-time join token bound to one Workload
+//! (first contact). Then the Workload must exist (and so have an owner and a purpose, which
+//! its loader requires), its identity must not be revoked (a renewal also not with an SVID
+//! issued before an `issuedBefore` cut-off), and the CSR must pass
+//! `sigil_filters::issuance::check_csr` for that identity. The SVID lives exactly the
+//! Workload's `svidTtl` (1 h by default).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::CertificateDer;
+use sigil_api::{Bundle, IssueRequest, IssueResponse};
+use sigil_config::SpiffeId;
+use sigil_filters::issuance::{check_csr, validity, CsrRefusal, LifetimeRefusal, DEFAULT_TTL};
+use tokio::sync::watch;
+
+use crate::ca::{Authority, CaError};
+use crate::snapshot::Catalog;
+use crate::store::Store;
+use crate::stored::{StoreError, TokenRecord, TokenUse};
+
+/// A join token's length in bytes (hex on the wire): 256 bits, not guessable.
+const TOKEN_BYTES: usize = 32;
+
+pub struct Issuer {
+    pub ca: Authority,
+    pub store: Arc<Store>,
+    /// The catalog in force (`Hub::catalog`): Workloads and revocations.
+    pub catalog: watch::Receiver<Arc<Catalog>>,
+}
+
+/// How the caller proved who it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// It presented a verified SVID (the leaf, for the revocation check).
+    Svid(SpiffeId, CertificateDer<'static>),
+    /// It presented none: only a join token can say who it is.
+    Anonymous,
+}
+
+/// An SVID issued: for whom, under which Workload, its serial (hex) and validity.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub id: SpiffeId,
+    pub workload: String,
+    pub serial: String,
+    pub not_after: i64,
+    /// Whether it renewed an SVID (else first contact with a join token).
+    pub renewal: bool,
+    pub response: IssueResponse,
+}
+
+/// Why no SVID was issued. `label()` is the metric's reason; `Display` goes to the caller
+/// and the log.
+#[derive(Debug)]
+pub enum Refused {
+    /// No SVID presented and no join token.
+    NoCredential,
+    /// A join token and an SVID both: one or the other.
+    TokenWithSvid,
+    Token(TokenUse),
+    /// A token bound to a Workload that is no longer stored.
+    UnknownWorkload(String),
+    /// An SVID whose identity no Workload has.
+    NoWorkloadFor(SpiffeId),
+    /// An identity of another trust domain than the CA's.
+    OtherDomain(SpiffeId),
+    Revoked {
+        id: SpiffeId,
+        revocation: String,
+        reason: String,
+    },
+    Csr(CsrRefusal),
+    Lifetime(LifetimeRefusal),
+    Store(StoreError),
+    Sign(CaError),
+}
+
+impl Refused {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::NoCredential => "no_credential",
+            Self::TokenWithSvid => "token_with_svid",
+            Self::Token(TokenUse::Unknown) => "token_unknown",
+            Self::Token(TokenUse::Reused(_)) => "token_reused",
+            Self::Token(TokenUse::Expired(_)) => "token_expired",
+            Self::Token(TokenUse::Taken(_)) => "token_taken",
+            Self::UnknownWorkload(_) | Self::NoWorkloadFor(_) => "unknown_workload",
+            Self::OtherDomain(_) => "other_trust_domain",
+            Self::Revoked { .. } => "revoked",
+            Self::Csr(e) => e.label(),
+            Self::Lifetime(_) => "lifetime",
+            Self::Store(_) => "store_error",
+            Self::Sign(_) => "sign_error",
+        }
+    }
+
+    /// The gRPC status code: the caller's fault, or ours (worth a retry).
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            Self::Store(_) | Self::Sign(_) => tonic::Code::Unavailable,
+            Self::Csr(_) => tonic::Code::InvalidArgument,
+            Self::Lifetime(_) => tonic::Code::FailedPrecondition,
+            Self::NoCredential => tonic::Code::Unauthenticated,
+            _ => tonic::Code::PermissionDenied,
+        }
+    }
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoCredential => f.write_str(
+                "no SVID presented and no join token: first contact needs a token (sigil token create)",
+            ),
+            Self::TokenWithSvid => {
+                f.write_str("a join token with an SVID: renewals are authenticated by the SVID alone")
+            }
+            Self::Token(TokenUse::Unknown) => f.write_str("the join token is not known"),
+            Self::Token(TokenUse::Reused(at)) => write!(
+                f,
+                "the join token was already used, at {}; make a new one (sigil token create)",
+                rfc3339(*at)
+            ),
+            Self::Token(TokenUse::Expired(at)) => write!(
+                f,
+                "the join token expired at {}; make a new one (sigil token create)",
+                rfc3339(*at)
+            ),
+            Self::Token(TokenUse::Taken(w)) => write!(f, "the join token for {w} was taken"),
+            Self::UnknownWorkload(name) => write!(
+                f,
+                "the join token is for Workload {name:?}, which is not stored (any more)"
+            ),
+            Self::NoWorkloadFor(id) => write!(f, "no Workload has the identity {id}"),
+            Self::OtherDomain(id) => {
+                write!(f, "{id} is not of the trust domain this CA signs for")
+            }
+            Self::Revoked {
+                id,
+                revocation,
+                reason,
+            } => write!(f, "{id} is revoked (Revocation {revocation}: {reason})"),
+            Self::Csr(e) => write!(f, "{e}"),
+            Self::Lifetime(e) => write!(f, "{e}"),
+            Self::Store(e) => write!(f, "{e}"),
+            Self::Sign(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// A new join token: the token (shown once, to the operator) and the hash the store keeps.
+pub fn new_token() -> (String, String) {
+    let token = crate::stored::random_hex(TOKEN_BYTES);
+    let hash = token_hash(&token);
+    (token, hash)
+}
+
+/// What the store keeps of a token: its SHA-256, hex. A stolen store copy gives no token.
+pub fn token_hash(token: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Makes a join token for the Workload `workload`, valid for `ttl` from `now`.
+pub async fn create_token(
+    store: &Store,
+    catalog: &Catalog,
+    workload: &str,
+    ttl: Duration,
+    now: i64,
+) -> Result<String, Refused> {
+    if catalog.workload_named(workload).is_none() {
+        return Err(Refused::UnknownWorkload(workload.to_string()));
+    }
+    let (token, hash) = new_token();
+    let record = TokenRecord {
+        workload: workload.to_string(),
+        expires_at: now.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)),
+        used_at: None,
+    };
+    store
+        .create_token(&hash, &record, now)
+        .await
+        .map_err(Refused::Store)?;
+    Ok(token)
+}
+
+impl Issuer {
+    /// Decides and, if allowed, signs. `now`: Unix seconds.
+    pub async fn issue(
+        &self,
+        caller: &Caller,
+        req: &IssueRequest,
+        now: i64,
+    ) -> Result<Issued, Refused> {
+        // The catalog is read after the token is taken, so that a Workload deleted meanwhile
+        // is seen gone.
+        let (workload_name, renewal) = self.authenticate(caller, req, now).await?;
+        let catalog = self.catalog.borrow().clone();
+        let workload = match &workload_name {
+            Some(name) => catalog
+                .workload_named(name)
+                .ok_or_else(|| Refused::UnknownWorkload(name.clone()))?,
+            None => {
+                let Caller::Svid(id, _) = caller else {
+                    return Err(Refused::NoCredential);
+                };
+                catalog
+                    .workload_for(id)
+                    .ok_or_else(|| Refused::NoWorkloadFor(id.clone()))?
+            }
+        };
+        let id = &workload.spec.spiffe_id;
+        if id.trust_domain_name() != self.ca.trust_domain().as_str() {
+            return Err(Refused::OtherDomain(id.clone()));
+        }
+        check_revoked(&catalog, caller, id)?;
+        let csr = check_csr(&req.csr, id).map_err(Refused::Csr)?;
+        let ttl = workload.spec.svid_ttl.unwrap_or(DEFAULT_TTL);
+        let v = validity(now, ttl, self.ca.not_after()).map_err(Refused::Lifetime)?;
+        let chain = self.ca.issue(&csr, id, v).map_err(Refused::Sign)?;
+        let serial = x509_parser::parse_x509_certificate(&chain[0])
+            .map(|(_, c)| c.raw_serial_as_string())
+            .unwrap_or_default();
+        let bundle = Bundle {
+            trust_domain: self.ca.trust_domain().to_string(),
+            pem: sigil_testkit::pem("CERTIFICATE", self.ca.cert()),
+        };
+        Ok(Issued {
+            id: id.clone(),
+            workload: workload.metadata.name.clone(),
+            serial,
+            not_after: v.not_after,
+            renewal,
+            response: IssueResponse {
+                chain: chain.iter().map(|c| c.to_vec()).collect(),
+                bundles: vec![bundle],
+            },
+        })
+    }
+
+    /// The Workload a join token names (taking the token), or None for an SVID's caller,
+    /// whose Workload is found by identity; and whether this is a renewal.
+    async fn authenticate(
+        &self,
+        caller: &Caller,
+        req: &IssueRequest,
+        now: i64,
+    ) -> Result<(Option<String>, bool), Refused> {
+        match (caller, req.join_token.is_empty()) {
+            (Caller::Svid(..), true) => Ok((None, true)),
+            (Caller::Svid(..), false) => Err(Refused::TokenWithSvid),
+            (Caller::Anonymous, true) => Err(Refused::NoCredential),
+            (Caller::Anonymous, false) => {
+                let used = self
+                    .store
+                    .use_token(&token_hash(req.join_token.trim()), now)
+                    .await
+                    .map_err(Refused::Store)?;
+                match used {
+                    TokenUse::Taken(workload) => Ok((Some(workload), false)),
+                    other => Err(Refused::Token(other)),
+                }
+            }
+        }
+    }
+}
+
+/// No SVID for a revoked identity. A revocation with `issuedBefore` refuses renewals by an
+/// SVID issued before the cut-off, and lets a new SVID be issued (that is how a compromised
+/// key is replaced); one without refuses every issuance until `sigil unrevoke`.
+fn check_revoked(catalog: &Catalog, caller: &Caller, id: &SpiffeId) -> Result<(), Refused> {
+    let revoked = catalog.revoked();
+    let refused = |r: &sigil_config::Revocation| Refused::Revoked {
+        id: id.clone(),
+        revocation: r.metadata.name.clone(),
+        reason: r.spec.reason.clone(),
+    };
+    // An SVID issued now is after any cut-off in the past.
+    if let Some(r) = revoked.covering(id, i64::MAX) {
+        return Err(refused(r));
+    }
+    if let Caller::Svid(presented, leaf) = caller {
+        let not_before = x509_parser::parse_x509_certificate(leaf)
+            .map(|(_, c)| c.validity().not_before.timestamp())
+            .unwrap_or(i64::MIN);
+        if let Some(r) = revoked.covering(presented, not_before) {
+            return Err(refused(r));
+        }
+    }
+    Ok(())
+}
+
+/// Unix seconds as RFC 3339 (UTC), for messages.
+pub fn rfc3339(unix: i64) -> String {
+    sigil_config::policy::Timestamp(unix).to_string()
+}

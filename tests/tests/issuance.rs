@@ -1,0 +1,432 @@
+//! The control plane issues SVIDs (`sigil.v1.Identity/Issue`), with the real `sigil-control`
+//! and `sigil` binaries and a CA made by `sigil ca init`. This test plays the sidecar: it makes
+//! its key and CSR, asks with a join token first, then renews with the SVID it got; every
+//! refusal the issue names is provoked and must be said to the caller, in the metrics and in
+//! `sigil status`; a used token stays used across a restart.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, UnixTime};
+use sigil_api::{IssueRequest, IssueResponse};
+use sigil_config::{SpiffeId, TrustDomain};
+use sigil_e2e::*;
+use sigil_filters::svid::{verify_svid, Usage};
+use sigil_filters::tls::Carries;
+use sigil_filters::{LocalIdentity, TrustBundles};
+use sigil_testkit::{key_and_csr, pem, rcgen, Ca};
+
+const API: &str = "spiffe://example.org/api";
+
+/// The test's sidecar end: TLS to the control plane's sidecar API, anonymously or with an SVID.
+struct Asker {
+    rt: tokio::runtime::Runtime,
+    port: u16,
+    control: SpiffeId,
+    bundles: Arc<TrustBundles>,
+}
+
+impl Asker {
+    fn new(port: u16, control: &str, bundle_pems: &[String]) -> Self {
+        let mut bundles = TrustBundles::new();
+        let td = TrustDomain::parse("example.org").unwrap();
+        bundles
+            .insert_pem(&td, bundle_pems.concat().as_bytes())
+            .unwrap();
+        Self {
+            rt: tokio::runtime::Runtime::new().unwrap(),
+            port,
+            control: SpiffeId::parse(control).unwrap(),
+            bundles: Arc::new(bundles),
+        }
+    }
+
+    /// `Issue` as a caller without an SVID (first contact) or with `svid` (chain PEM, key
+    /// PEM): the response, or the refusal's code and message.
+    fn issue(
+        &self,
+        svid: Option<(&str, &str)>,
+        csr: Vec<u8>,
+        token: &str,
+    ) -> Result<IssueResponse, (tonic::Code, String)> {
+        let provider = sigil_filters::tls::provider();
+        let config = match svid {
+            None => sigil_filters::tls::client_config_anonymous(
+                self.bundles.clone(),
+                provider,
+                self.control.clone(),
+                Carries::Http2,
+            ),
+            Some((chain, key)) => {
+                let identity = LocalIdentity::from_pem(
+                    chain.as_bytes(),
+                    key.as_bytes(),
+                    UnixTime::now(),
+                    None,
+                    &provider,
+                )
+                .expect("the SVID the control plane issued");
+                sigil_filters::tls::client_config(
+                    &identity,
+                    self.bundles.clone(),
+                    Arc::default(),
+                    provider,
+                    self.control.clone(),
+                    Carries::Http2,
+                )
+            }
+        };
+        let request = IssueRequest {
+            csr,
+            join_token: token.to_string(),
+            node: "test-sidecar".into(),
+        };
+        let port = self.port;
+        self.rt.block_on(async move {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connect");
+            let name = rustls::pki_types::ServerName::IpAddress(
+                std::net::IpAddr::from([127, 0, 0, 1]).into(),
+            );
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .expect("TLS to the control plane");
+            let (sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                    .await
+                    .expect("HTTP/2");
+            tokio::spawn(conn);
+            let origin = format!("https://127.0.0.1:{port}").parse().unwrap();
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                sigil_api::client::issue(sender, origin, request),
+            )
+            .await
+            .expect("an answer within 10 s")
+            .map_err(|s| (s.code(), s.message().to_string()))
+        })
+    }
+}
+
+fn chain_pem(r: &IssueResponse) -> String {
+    r.chain.iter().map(|c| pem("CERTIFICATE", c)).collect()
+}
+
+/// `sigil token create` for `workload`; the token (the first line printed).
+fn token(cp: &ControlPlane, ops: &IdentityFiles, workload: &str, ttl: &str) -> String {
+    let (code, out, err) = cp.sigil(
+        ops,
+        &["token", "create", "--workload", workload, "--ttl", ttl],
+    );
+    assert_eq!(code, Some(0), "sigil token create: {out}{err}");
+    out.lines().next().expect("the token").to_string()
+}
+
+fn refused(
+    result: Result<IssueResponse, (tonic::Code, String)>,
+    code: tonic::Code,
+    reason: &str,
+) -> String {
+    match result {
+        Ok(_) => panic!("issued, but {reason} was expected"),
+        Err((got, message)) => {
+            assert_eq!(got, code, "{message}");
+            assert!(message.starts_with(&format!("{reason}: ")), "{message}");
+            message
+        }
+    }
+}
+
+/// The issued chain verifies for `id` both ways with the returned bundle, and lives `secs`.
+fn check_svid(r: &IssueResponse, id: &str, secs: i64) {
+    let leaf = CertificateDer::from(r.chain[0].clone());
+    let mut bundles = TrustBundles::new();
+    let td = TrustDomain::parse(&r.bundles[0].trust_domain).unwrap();
+    bundles
+        .insert_pem(&td, r.bundles[0].pem.as_bytes())
+        .unwrap();
+    let provider = sigil_filters::tls::provider();
+    for usage in [Usage::Client, Usage::Server] {
+        let got = verify_svid(
+            &bundles,
+            &provider.signature_verification_algorithms,
+            &leaf,
+            &[],
+            UnixTime::now(),
+            usage,
+        )
+        .expect("the issued SVID verifies");
+        assert_eq!(got.as_str(), id);
+    }
+    let (_, cert) = x509_lifetime(&leaf);
+    assert_eq!(cert, secs, "the lifetime is exactly svidTtl");
+}
+
+/// (notBefore, lifetime in seconds) of a certificate, read with openssl as a user would.
+fn x509_lifetime(leaf: &CertificateDer<'_>) -> (String, i64) {
+    let dir = std::env::temp_dir().join(format!("sigil-issued-{}.pem", std::process::id()));
+    std::fs::write(&dir, pem("CERTIFICATE", leaf)).unwrap();
+    let out = std::process::Command::new("openssl")
+        .args([
+            "x509",
+            "-noout",
+            "-startdate",
+            "-enddate",
+            "-dateopt",
+            "iso_8601",
+            "-in",
+        ])
+        .arg(&dir)
+        .output()
+        .expect("openssl");
+    let _ = std::fs::remove_file(&dir);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .to_string()
+    };
+    let (start, end) = (field("notBefore="), field("notAfter="));
+    let secs = |t: &str| {
+        sigil_config::policy::Timestamp::parse(&t.replace(' ', "T"))
+            .unwrap_or_else(|e| panic!("{t}: {e}"))
+            .0
+    };
+    (start.clone(), secs(&end) - secs(&start))
+}
+
+#[test]
+fn the_control_plane_issues_svids_to_token_holders_and_renews_them() {
+    if !require_tool("openssl", "issuance") {
+        return;
+    }
+    let dir = TempDir::new("issuance");
+    let d = dir.path();
+    let boot = Ca::new("example.org");
+    let ca_dir = d.join("ca");
+    let (code, out) = run_status(
+        std::process::Command::new(bin("sigil"))
+            .args(["ca", "init", "--trust-domain", "example.org", "--dir"])
+            .arg(&ca_dir),
+        Duration::from_secs(30),
+    );
+    assert_eq!(code, Some(0), "{out}");
+    let issuing_ca = std::fs::read_to_string(ca_dir.join("ca.crt")).unwrap();
+    // The control plane trusts SVIDs of both CAs: the bootstrap one (its own, the operator's)
+    // and the one that issues.
+    let files = write_identity(d, "control", &boot, CONTROL, &[&boot]);
+    std::fs::write(
+        files.bundle_dir.join("example.org.pem"),
+        boot.bundle_pem() + &issuing_ca,
+    )
+    .unwrap();
+    let ops = write_identity(d, "ops", &boot, "spiffe://example.org/ops/alice", &[&boot]);
+    let store = StoreAt::Dir(d.join("control-data"));
+    let ca_arg = vec!["--ca-dir".to_string(), ca_dir.display().to_string()];
+    let cp = ControlPlane::start_with_args(CONTROL, files, store, free_port(), free_port(), ca_arg);
+    cp.apply(
+        &ops,
+        &d.join("workloads.yaml"),
+        &format!(
+            "{}---\n{}",
+            workload_yaml("api", API, "  svidTtl: 2m\n"),
+            workload_yaml("gone", "spiffe://example.org/gone", ""),
+        ),
+    );
+    let asker = Asker::new(cp.sidecar_port, CONTROL, &[boot.bundle_pem(), issuing_ca]);
+
+    // First contact: a token, a CSR for the Workload's own ID; an SVID of exactly svidTtl.
+    let t = token(&cp, &ops, "api", "10m");
+    let (key, csr) = key_and_csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[API]);
+    let first = asker.issue(None, csr.clone(), &t).expect("first SVID");
+    check_svid(&first, API, 120);
+    // The token is spent, whatever the CSR.
+    let m = refused(
+        asker.issue(None, csr, &t),
+        tonic::Code::PermissionDenied,
+        "token_reused",
+    );
+    assert!(m.contains("already used, at 20"), "{m}");
+
+    // Renewal: authenticated by the SVID alone, same identity, a new serial.
+    let chain = chain_pem(&first);
+    let (_, csr2) = key_and_csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[API]);
+    let renewed = asker
+        .issue(Some((&chain, &key)), csr2, "")
+        .expect("renewal");
+    check_svid(&renewed, API, 120);
+    assert_ne!(renewed.chain[0], first.chain[0]);
+
+    refusals(&cp, &ops, &asker, (&chain, &key));
+    revocation_stops_issuance(&cp, &ops, &asker, (&chain, &key));
+
+    // The CA's state survives a restart: the spent token is still spent.
+    let cp = cp.restart();
+    let (_, csr) = key_and_csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[API]);
+    refused(
+        asker.issue(None, csr, &t),
+        tonic::Code::PermissionDenied,
+        "token_reused",
+    );
+    let metrics = cp.sigil(&ops, &["metrics"]).1;
+    assert!(
+        metric(
+            &metrics,
+            "sigil_control_svid_issuance_total{",
+            &["result=\"refused\"", "reason=\"token_reused\""]
+        )
+        .is_some(),
+        "{metrics}"
+    );
+}
+
+/// Each refusal the issue lists, by a caller that could otherwise get an SVID.
+fn refusals(cp: &ControlPlane, ops: &IdentityFiles, asker: &Asker, svid: (&str, &str)) {
+    let p256 = || key_and_csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[API]).1;
+    refused(
+        asker.issue(None, p256(), "0123456789abcdef"),
+        tonic::Code::PermissionDenied,
+        "token_unknown",
+    );
+    refused(
+        asker.issue(None, p256(), ""),
+        tonic::Code::Unauthenticated,
+        "no_credential",
+    );
+    // A CSR naming another identity, a key the CA does not sign, a forged signature.
+    let t = token(cp, ops, "api", "10m");
+    let other = key_and_csr(
+        &rcgen::PKCS_ECDSA_P256_SHA256,
+        &["spiffe://example.org/admin"],
+    )
+    .1;
+    let m = refused(
+        asker.issue(None, other, &t),
+        tonic::Code::InvalidArgument,
+        "csr_foreign_id",
+    );
+    assert!(m.contains("spiffe://example.org/admin"), "{m}");
+    let ed = key_and_csr(&rcgen::PKCS_ED25519, &[API]).1;
+    refused(
+        asker.issue(Some(svid), ed, ""),
+        tonic::Code::InvalidArgument,
+        "csr_key_type",
+    );
+    let mut forged = p256();
+    let n = forged.len();
+    forged[n - 2] ^= 1;
+    refused(
+        asker.issue(Some(svid), forged, ""),
+        tonic::Code::InvalidArgument,
+        "csr_bad_signature",
+    );
+    refused(
+        asker.issue(Some(svid), vec![0u8; 5000], ""),
+        tonic::Code::InvalidArgument,
+        "csr_too_large",
+    );
+    // An expired token.
+    let t = token(cp, ops, "api", "1s");
+    std::thread::sleep(Duration::from_millis(2100));
+    let m = refused(
+        asker.issue(None, p256(), &t),
+        tonic::Code::PermissionDenied,
+        "token_expired",
+    );
+    assert!(m.contains("expired at 20"), "{m}");
+    // A token for a Workload deleted since.
+    let t = token(cp, ops, "gone", "10m");
+    let (code, out, err) = cp.sigil(ops, &["delete", "Workload", "gone"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let gone = key_and_csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]).1;
+    refused(
+        asker.issue(None, gone, &t),
+        tonic::Code::PermissionDenied,
+        "unknown_workload",
+    );
+    // And a token for a Workload that does not exist is not made at all.
+    let (code, _, err) = cp.sigil(ops, &["token", "create", "--workload", "nobody"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("\"nobody\""), "{err}");
+    // The operator sees each refusal, with its reason.
+    let status = cp.sigil(ops, &["status"]).1;
+    for reason in [
+        "token_unknown",
+        "csr_foreign_id",
+        "csr_key_type",
+        "token_expired",
+        "unknown_workload",
+    ] {
+        assert!(
+            status
+                .lines()
+                .any(|l| l.starts_with("issuance REFUSED") && l.contains(reason)),
+            "{reason} not in sigil status:\n{status}"
+        );
+    }
+}
+
+/// A revoked identity gets no SVID, by renewal or by token; an `issuedBefore` revocation
+/// refuses the old SVID's renewal but lets a new SVID be issued with a token.
+fn revocation_stops_issuance(
+    cp: &ControlPlane,
+    ops: &IdentityFiles,
+    asker: &Asker,
+    svid: (&str, &str),
+) {
+    let p256 = || key_and_csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[API]).1;
+    let t = token(cp, ops, "api", "10m");
+    let (code, out, err) = cp.sigil(
+        ops,
+        &[
+            "revoke",
+            API,
+            "--reason",
+            "key leaked",
+            "--issued-before",
+            "now",
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    wait_until(
+        "the revocation reaches the CA",
+        Duration::from_secs(10),
+        || asker.issue(Some(svid), p256(), "").is_err(),
+    );
+    let m = refused(
+        asker.issue(Some(svid), p256(), ""),
+        tonic::Code::PermissionDenied,
+        "revoked",
+    );
+    assert!(m.contains("key leaked"), "{m}");
+    // Issued now is after the cut-off: the replacement SVID is allowed.
+    std::thread::sleep(Duration::from_millis(1100));
+    let fresh = asker
+        .issue(None, p256(), &t)
+        .expect("a replacement SVID after issuedBefore");
+    check_svid(&fresh, API, 120);
+    // Without a cut-off, nothing at all.
+    let (code, out, err) = cp.sigil(ops, &["unrevoke", API]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, out, err) = cp.sigil(ops, &["revoke", API, "--reason", "decommissioned"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let t = token(cp, ops, "api", "10m");
+    wait_until(
+        "the second revocation reaches the CA",
+        Duration::from_secs(10),
+        || matches!(asker.issue(None, p256(), &t), Err((_, m)) if m.starts_with("revoked")),
+    );
+    let (code, out, err) = cp.sigil(ops, &["unrevoke", API]);
+    assert_eq!(code, Some(0), "{out}{err}");
+}
+
+fn workload_yaml(name: &str, id: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: sigil.dev/v1\nkind: Workload\nmetadata: {{name: {name}, owner: team-{name}, purpose: test}}\n\
+         spec:\n  spiffeId: {id}\n  environment: test\n{extra}"
+    )
+}
