@@ -24,6 +24,8 @@ use crate::stored::{StoreError, TokenRecord, TokenUse};
 
 /// A join token's length in bytes (hex on the wire): 256 bits, not guessable.
 const TOKEN_BYTES: usize = 32;
+/// How long an issuance waits for this replica's catalog to learn of a token's Workload.
+const CATALOG_LAG: Duration = Duration::from_secs(2);
 
 pub struct Issuer {
     pub ca: Authority,
@@ -200,7 +202,10 @@ impl Issuer {
         // The catalog is read after the token is taken, so that a Workload deleted meanwhile
         // is seen gone.
         let (workload_name, renewal) = self.authenticate(caller, req, now).await?;
-        let catalog = self.catalog.borrow().clone();
+        let catalog = match &workload_name {
+            Some(name) => self.catalog_knowing(name).await,
+            None => self.catalog.borrow().clone(),
+        };
         let workload = match &workload_name {
             Some(name) => catalog
                 .workload_named(name)
@@ -241,6 +246,24 @@ impl Issuer {
                 bundles: vec![bundle],
             },
         })
+    }
+
+    /// The catalog in force, once it knows the Workload `name`, waiting up to `CATALOG_LAG`:
+    /// a token made at another replica just after its Workload was applied may arrive before
+    /// this replica's catalog has that Workload, and the token is already spent.
+    async fn catalog_knowing(&self, name: &str) -> Arc<Catalog> {
+        let mut rx = self.catalog.clone();
+        let deadline = tokio::time::Instant::now() + CATALOG_LAG;
+        loop {
+            let catalog = rx.borrow_and_update().clone();
+            if catalog.workload_named(name).is_some() {
+                return catalog;
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return catalog,
+            }
+        }
     }
 
     /// The Workload a join token names (taking the token), or None for an SVID's caller,

@@ -199,6 +199,58 @@ fn x509_lifetime(leaf: &CertificateDer<'_>) -> (String, i64) {
     (start.clone(), secs(&end) - secs(&start))
 }
 
+/// A CA made by `sigil ca init` in `d/ca`, a bootstrap CA for the control plane's and the
+/// operator's own SVIDs, and the control plane's SVID files trusting both; the issuing CA's
+/// certificate (PEM).
+struct Setup {
+    boot: Ca,
+    ca_dir: std::path::PathBuf,
+    issuing_ca: String,
+    ops: IdentityFiles,
+}
+
+impl Setup {
+    fn new(d: &std::path::Path) -> Self {
+        let boot = Ca::new("example.org");
+        let ca_dir = d.join("ca");
+        let (code, out) = run_status(
+            std::process::Command::new(bin("sigil"))
+                .args(["ca", "init", "--trust-domain", "example.org", "--dir"])
+                .arg(&ca_dir),
+            Duration::from_secs(30),
+        );
+        assert_eq!(code, Some(0), "{out}");
+        let issuing_ca = std::fs::read_to_string(ca_dir.join("ca.crt")).unwrap();
+        let ops = write_identity(d, "ops", &boot, "spiffe://example.org/ops/alice", &[&boot]);
+        Self {
+            boot,
+            ca_dir,
+            issuing_ca,
+            ops,
+        }
+    }
+
+    /// A control plane `name` on `store` issuing with the CA, trusting SVIDs of both CAs.
+    fn control_plane(&self, d: &std::path::Path, name: &str, store: StoreAt) -> ControlPlane {
+        let files = write_identity(d, name, &self.boot, CONTROL, &[&self.boot]);
+        std::fs::write(
+            files.bundle_dir.join("example.org.pem"),
+            self.boot.bundle_pem() + &self.issuing_ca,
+        )
+        .unwrap();
+        let ca_arg = vec!["--ca-dir".to_string(), self.ca_dir.display().to_string()];
+        ControlPlane::start_with_args(CONTROL, files, store, free_port(), free_port(), ca_arg)
+    }
+
+    fn asker(&self, cp: &ControlPlane) -> Asker {
+        Asker::new(
+            cp.sidecar_port,
+            CONTROL,
+            &[self.boot.bundle_pem(), self.issuing_ca.clone()],
+        )
+    }
+}
+
 #[test]
 fn the_control_plane_issues_svids_to_token_holders_and_renews_them() {
     if !require_tool("openssl", "issuance") {
@@ -206,30 +258,11 @@ fn the_control_plane_issues_svids_to_token_holders_and_renews_them() {
     }
     let dir = TempDir::new("issuance");
     let d = dir.path();
-    let boot = Ca::new("example.org");
-    let ca_dir = d.join("ca");
-    let (code, out) = run_status(
-        std::process::Command::new(bin("sigil"))
-            .args(["ca", "init", "--trust-domain", "example.org", "--dir"])
-            .arg(&ca_dir),
-        Duration::from_secs(30),
-    );
-    assert_eq!(code, Some(0), "{out}");
-    let issuing_ca = std::fs::read_to_string(ca_dir.join("ca.crt")).unwrap();
-    // The control plane trusts SVIDs of both CAs: the bootstrap one (its own, the operator's)
-    // and the one that issues.
-    let files = write_identity(d, "control", &boot, CONTROL, &[&boot]);
-    std::fs::write(
-        files.bundle_dir.join("example.org.pem"),
-        boot.bundle_pem() + &issuing_ca,
-    )
-    .unwrap();
-    let ops = write_identity(d, "ops", &boot, "spiffe://example.org/ops/alice", &[&boot]);
-    let store = StoreAt::Dir(d.join("control-data"));
-    let ca_arg = vec!["--ca-dir".to_string(), ca_dir.display().to_string()];
-    let cp = ControlPlane::start_with_args(CONTROL, files, store, free_port(), free_port(), ca_arg);
+    let setup = Setup::new(d);
+    let ops = &setup.ops;
+    let cp = setup.control_plane(d, "control", StoreAt::Dir(d.join("control-data")));
     cp.apply(
-        &ops,
+        ops,
         &d.join("workloads.yaml"),
         &format!(
             "{}---\n{}",
@@ -237,10 +270,10 @@ fn the_control_plane_issues_svids_to_token_holders_and_renews_them() {
             workload_yaml("gone", "spiffe://example.org/gone", ""),
         ),
     );
-    let asker = Asker::new(cp.sidecar_port, CONTROL, &[boot.bundle_pem(), issuing_ca]);
+    let asker = setup.asker(&cp);
 
     // First contact: a token, a CSR for the Workload's own ID; an SVID of exactly svidTtl.
-    let t = token(&cp, &ops, "api", "10m");
+    let t = token(&cp, ops, "api", "10m");
     let (key, csr) = key_and_csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[API]);
     let first = asker.issue(None, csr.clone(), &t).expect("first SVID");
     check_svid(&first, API, 120);
@@ -261,8 +294,8 @@ fn the_control_plane_issues_svids_to_token_holders_and_renews_them() {
     check_svid(&renewed, API, 120);
     assert_ne!(renewed.chain[0], first.chain[0]);
 
-    refusals(&cp, &ops, &asker, (&chain, &key));
-    revocation_stops_issuance(&cp, &ops, &asker, (&chain, &key));
+    refusals(&cp, ops, &asker, (&chain, &key));
+    revocation_stops_issuance(&cp, ops, &asker, (&chain, &key));
 
     // The CA's state survives a restart: the spent token is still spent.
     let cp = cp.restart();
@@ -272,7 +305,7 @@ fn the_control_plane_issues_svids_to_token_holders_and_renews_them() {
         tonic::Code::PermissionDenied,
         "token_reused",
     );
-    let metrics = cp.sigil(&ops, &["metrics"]).1;
+    let metrics = cp.sigil(ops, &["metrics"]).1;
     assert!(
         metric(
             &metrics,
@@ -422,6 +455,40 @@ fn revocation_stops_issuance(
     );
     let (code, out, err) = cp.sigil(ops, &["unrevoke", API]);
     assert_eq!(code, Some(0), "{out}{err}");
+}
+
+#[test]
+fn replicas_on_one_etcd_share_the_tokens_a_token_is_taken_once_across_them() {
+    if !require_tool("etcd", "issuance") || !require_tool("openssl", "issuance") {
+        return;
+    }
+    let dir = TempDir::new("issuance-etcd");
+    let d = dir.path();
+    let setup = Setup::new(d);
+    let etcd = EtcdServer::start(d);
+    let cp1 = setup.control_plane(d, "control-1", etcd.store_at(etcd.client_port));
+    let cp2 = setup.control_plane(d, "control-2", etcd.store_at(etcd.client_port));
+    cp1.apply(
+        &setup.ops,
+        &d.join("workloads.yaml"),
+        &workload_yaml("api", API, ""),
+    );
+    let (asker1, asker2) = (setup.asker(&cp1), setup.asker(&cp2));
+    // Made at replica 1 right after the Workload was applied there, taken at replica 2 at
+    // once (which waits for its catalog to learn of the Workload rather than burn the
+    // token), refused again at replica 1.
+    let t = token(&cp1, &setup.ops, "api", "10m");
+    let p256 = || key_and_csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[API]).1;
+    let first = asker2
+        .issue(None, p256(), &t)
+        .unwrap_or_else(|(_, m)| panic!("replica 2 did not issue: {m}"));
+    check_svid(&first, API, 3600);
+    refused(
+        asker1.issue(None, p256(), &t),
+        tonic::Code::PermissionDenied,
+        "token_reused",
+    );
+    drop((cp1, cp2));
 }
 
 fn workload_yaml(name: &str, id: &str, extra: &str) -> String {
