@@ -109,8 +109,17 @@ pub struct ControlPlaneSpec {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct IdentitySpec {
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
+    /// The SVID chain and its key, from files someone else keeps fresh. Both, or neither
+    /// and `joinTokenFile`.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// The control plane issues the SVID: the sidecar makes its own key, sends a CSR with
+    /// the one-time join token this file holds (`sigil token create`), renews with its SVID,
+    /// and keeps both in `controlPlane.stateDir` (the key mode 0600).
+    #[serde(default)]
+    pub join_token_file: Option<PathBuf>,
     /// One PEM file per trust domain, named `<trust domain>.pem`.
     pub bundle_dir: PathBuf,
     /// If set, the SVID must carry exactly this ID; a file with another is refused.
@@ -122,6 +131,35 @@ pub struct IdentitySpec {
     /// valid SVID must not move the sidecar's workload out from under its policies.
     #[serde(default)]
     pub allow_identity_change: bool,
+}
+
+/// Where a sidecar's SVID comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SvidSource {
+    /// Files, re-read when they change.
+    Files { cert: PathBuf, key: PathBuf },
+    /// The control plane, first with the join token of this file.
+    Issued { join_token_file: PathBuf },
+}
+
+impl IdentitySpec {
+    /// Where the SVID comes from (the config was validated: exactly one source is set).
+    pub fn source(&self) -> SvidSource {
+        match (&self.cert_file, &self.key_file, &self.join_token_file) {
+            (Some(cert), Some(key), None) => SvidSource::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            (_, _, Some(token)) => SvidSource::Issued {
+                join_token_file: token.clone(),
+            },
+            // `validate` refuses every other combination.
+            _ => SvidSource::Files {
+                cert: self.cert_file.clone().unwrap_or_default(),
+                key: self.key_file.clone().unwrap_or_default(),
+            },
+        }
+    }
 }
 
 /// `transparent`: the 15001/15006 listeners take iptables-redirected traffic and read the
@@ -656,6 +694,29 @@ impl ProxyConfig {
                 ));
             }
         }
+        let id = &spec.identity;
+        match (&id.cert_file, &id.key_file, &id.join_token_file) {
+            (Some(_), Some(_), None) => {}
+            (None, None, Some(_)) if spec.control_plane.is_none() => {
+                return refuse(
+                    Key::JoinTokenFile,
+                    "identity.joinTokenFile needs controlPlane: the control plane issues the SVID",
+                );
+            }
+            (None, None, Some(_)) => {}
+            (_, _, Some(_)) => {
+                return refuse(
+                    Key::JoinTokenFile,
+                    "identity.joinTokenFile and identity.certFile/keyFile exclude each other: the SVID comes from the control plane or from files",
+                );
+            }
+            _ => {
+                return refuse(
+                    Key::Identity,
+                    "identity needs certFile and keyFile (an SVID kept by someone else), or joinTokenFile (the control plane issues it)",
+                );
+            }
+        }
         if spec.workers == Some(0) {
             return refuse(Key::Workers, "workers must be at least 1");
         }
@@ -711,6 +772,8 @@ enum Claim {
 #[derive(Clone, Copy)]
 enum Key {
     Mode,
+    Identity,
+    JoinTokenFile,
     Workers,
     PoolIdle,
     PeerIdCap,
@@ -731,6 +794,8 @@ impl Key {
     fn name(self) -> &'static str {
         match self {
             Key::Mode => "mode",
+            Key::Identity => "identity",
+            Key::JoinTokenFile => "identity.joinTokenFile",
             Key::Workers => "workers",
             Key::PoolIdle => "timeouts.poolIdle",
             Key::PeerIdCap => "metrics.peerIdCap",
@@ -766,7 +831,7 @@ type Line = Option<Spanned<IgnoredAny>>;
 struct SpecLines {
     mode: Line,
     workers: Line,
-    identity: IdentityLines,
+    identity: Option<Spanned<IdentityLines>>,
     inbound: ListenLine,
     outbound: ListenLine,
     admin: ListenLine,
@@ -789,6 +854,7 @@ struct LimitLines {
 struct IdentityLines {
     spiffe_id: Line,
     allow_identity_change: Line,
+    join_token_file: Line,
 }
 
 #[derive(Default, Deserialize)]
@@ -822,13 +888,17 @@ impl KeyLines {
     /// Where the file sets `key`; None when it leaves it to its default.
     fn at(&self, key: Key) -> Option<serde_saphyr::Location> {
         let s = &self.spec;
+        let no_identity = IdentityLines::default();
+        let identity = s.identity.as_ref().map_or(&no_identity, |i| &i.value);
         let line = match key {
             Key::Mode => &s.mode,
+            Key::Identity => return s.identity.as_ref().map(|i| i.referenced),
+            Key::JoinTokenFile => &identity.join_token_file,
             Key::Workers => &s.workers,
             Key::PoolIdle => &s.timeouts.pool_idle,
             Key::PeerIdCap => &s.metrics.peer_id_cap,
-            Key::AllowIdentityChange => &s.identity.allow_identity_change,
-            Key::SpiffeId => &s.identity.spiffe_id,
+            Key::AllowIdentityChange => &identity.allow_identity_change,
+            Key::SpiffeId => &identity.spiffe_id,
             Key::AdminListen => &s.admin.listen,
             Key::InboundListen => &s.inbound.listen,
             Key::OutboundListen => &s.outbound.listen,

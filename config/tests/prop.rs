@@ -1245,8 +1245,8 @@ fn assert_proxy_is(got: &ProxyConfig, want: &GenProxy, file: &Path) {
     assert_eq!(got.metadata.name, want.name);
     assert_eq!(got.base_dir, file.parent().unwrap());
     assert_eq!(s.mode, Mode::Transparent);
-    assert_eq!(s.identity.cert_file, Path::new(&want.cert));
-    assert_eq!(s.identity.key_file, Path::new(&want.key));
+    assert_eq!(s.identity.cert_file.as_deref(), Some(Path::new(&want.cert)));
+    assert_eq!(s.identity.key_file.as_deref(), Some(Path::new(&want.key)));
     assert_eq!(s.identity.bundle_dir, Path::new(&want.bundles));
     assert_eq!(
         s.identity.spiffe_id.as_ref().map(SpiffeId::as_str),
@@ -1911,6 +1911,40 @@ fn proxy_config_spec_errors_name_the_line_of_their_key() {
         "p.yaml:10:26: identity.allowIdentityChange: true contradicts identity.spiffeId \
          spiffe://example.org/w (line 9), which pins the identity; remove one of them"
     );
+}
+
+/// The SVID comes from files or from the control plane (a join token), never both or none;
+/// a join token needs a control plane to present it to.
+#[test]
+fn the_svid_comes_from_files_or_from_the_control_plane() {
+    let head = "apiVersion: sigil.dev/v1\nkind: ProxyConfig\nmetadata: {name: p}\nspec:\n";
+    let cp = "  controlPlane: {address: \"127.0.0.1:15012\", spiffeId: spiffe://example.org/c, stateDir: s}\n";
+    let issued = format!("{head}  identity:\n    joinTokenFile: t\n    bundleDir: b\n{cp}");
+    let cfg = ProxyConfig::parse(Path::new("p.yaml"), &issued).unwrap();
+    assert_eq!(
+        cfg.spec.identity.source(),
+        sigil_config::proxy_config::SvidSource::Issued {
+            join_token_file: "t".into()
+        }
+    );
+    let cases = [
+        (
+            format!("{head}  identity:\n    joinTokenFile: t\n    bundleDir: b\n"),
+            "p.yaml:6:20: identity.joinTokenFile needs controlPlane: the control plane issues the SVID",
+        ),
+        (
+            format!("{head}  identity:\n    certFile: c\n    keyFile: k\n    joinTokenFile: t\n    bundleDir: b\n{cp}"),
+            "p.yaml:8:20: identity.joinTokenFile and identity.certFile/keyFile exclude each other: the SVID comes from the control plane or from files",
+        ),
+        (
+            format!("{head}  identity:\n    certFile: c\n    bundleDir: b\n"),
+            "p.yaml:6:5: identity needs certFile and keyFile (an SVID kept by someone else), or joinTokenFile (the control plane issues it)",
+        ),
+    ];
+    for (text, want) in cases {
+        let e = ProxyConfig::parse(Path::new("p.yaml"), &text).unwrap_err();
+        assert_eq!(e.to_string(), want, "{text}");
+    }
 }
 
 /// config/src/proxy_config.rs + yaml.rs: a ProxyConfig file whose document is empty or null

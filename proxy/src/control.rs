@@ -291,9 +291,46 @@ fn jitter(max: Duration) -> Duration {
         .max(Duration::from_millis(10))
 }
 
-/// Why the stream to the control plane ended; said in the log before the next attempt.
+/// An HTTP/2 connection to the control plane over TLS with `client` (mutual, or anonymous
+/// for a first SVID); the connection runs on its task until the handle is aborted.
+pub async fn connect(
+    cp: &ControlPlaneSpec,
+    timeouts: &sigil_config::proxy_config::Timeouts,
+    client: Arc<rustls::ClientConfig>,
+) -> Result<
+    (
+        SendRequest<tonic::body::Body>,
+        tokio::task::JoinHandle<Result<(), hyper::Error>>,
+    ),
+    StreamError,
+> {
+    let tcp = tokio::time::timeout(timeouts.connect, TcpStream::connect(cp.address))
+        .await
+        .map_err(|_| StreamError::ConnectTimeout)?
+        .map_err(StreamError::Connect)?;
+    let _ = tcp.set_nodelay(true);
+    let connector = TlsConnector::from(client);
+    let name = ServerName::IpAddress(cp.address.ip().into());
+    let stream = tokio::time::timeout(timeouts.handshake, connector.connect(name, tcp))
+        .await
+        .map_err(|_| StreamError::HandshakeTimeout)?
+        .map_err(StreamError::Handshake)?;
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        // A control plane that vanishes without a FIN is noticed within 15 s.
+        .keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(StreamError::Http2)?;
+    Ok((sender, tokio::spawn(conn)))
+}
+
+/// Why a connection or stream to the control plane ended; said in the log before the next
+/// attempt.
 #[derive(Debug)]
-enum StreamError {
+pub enum StreamError {
     /// The control plane ended the stream itself.
     Ended,
     ConnectTimeout,
@@ -343,28 +380,7 @@ async fn session(
         cp.spiffe_id.clone(),
         Carries::Http2,
     );
-    let timeouts = &p.cfg.spec.timeouts;
-    let tcp = tokio::time::timeout(timeouts.connect, TcpStream::connect(cp.address))
-        .await
-        .map_err(|_| StreamError::ConnectTimeout)?
-        .map_err(StreamError::Connect)?;
-    let _ = tcp.set_nodelay(true);
-    let connector = TlsConnector::from(client);
-    let name = ServerName::IpAddress(cp.address.ip().into());
-    let stream = tokio::time::timeout(timeouts.handshake, connector.connect(name, tcp))
-        .await
-        .map_err(|_| StreamError::HandshakeTimeout)?
-        .map_err(StreamError::Handshake)?;
-    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        // A control plane that vanishes without a FIN is noticed within 15 s.
-        .keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true)
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(StreamError::Http2)?;
-    let conn = tokio::spawn(conn);
+    let (sender, conn) = connect(cp, &p.cfg.spec.timeouts, client).await?;
     let result = subscribe(p, cp, sender, state_dir, received).await;
     conn.abort();
     result

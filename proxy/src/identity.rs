@@ -14,6 +14,7 @@ use std::time::Duration;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::UnixTime;
 use rustls::{ClientConfig, ServerConfig};
+use sigil_config::proxy_config::SvidSource;
 use sigil_config::{ProxyConfig, Revocation, SpiffeId, TrustDomain};
 use sigil_filters::tls::{self, Carries};
 use sigil_filters::{LocalIdentity, Revocations, TrustBundles};
@@ -96,8 +97,9 @@ impl TlsState {
 
 /// The files one proxy reads its identity from.
 pub struct IdentityFiles {
-    cert: PathBuf,
-    key: PathBuf,
+    /// The SVID's files, or None when the control plane issues it (`issuance`), which puts
+    /// each new one in force itself.
+    svid: Option<(PathBuf, PathBuf)>,
     bundle_dir: PathBuf,
     /// `identity.spiffeId`: every SVID must carry it.
     expected: Option<SpiffeId>,
@@ -191,9 +193,12 @@ impl std::fmt::Display for FileProblem {
 impl IdentityFiles {
     pub fn from_config(cfg: &ProxyConfig) -> Self {
         let id = &cfg.spec.identity;
+        let svid = match id.source() {
+            SvidSource::Files { cert, key } => Some((cfg.resolve(&cert), cfg.resolve(&key))),
+            SvidSource::Issued { .. } => None,
+        };
         Self {
-            cert: cfg.resolve(&id.cert_file),
-            key: cfg.resolve(&id.key_file),
+            svid,
             bundle_dir: cfg.resolve(&id.bundle_dir),
             expected: id.spiffe_id.clone(),
             pinned: None,
@@ -213,6 +218,17 @@ impl IdentityFiles {
             Some(Err(e)) => return Err(e),
             None => return Err(FileProblem::NoSvid),
         };
+        self.load_with(identity, seen, provider)
+    }
+
+    /// Initial load with an SVID the control plane issued: the bundle files must be valid.
+    /// Pins the identity as `load` does.
+    pub fn load_with(
+        &mut self,
+        identity: LocalIdentity,
+        seen: &mut Seen,
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<TlsState, FileProblem> {
         if self.expected.is_none() && !self.allow_change {
             self.pinned = Some(identity.id().clone());
         }
@@ -232,6 +248,24 @@ impl IdentityFiles {
         ))
     }
 
+    /// The trust bundles of the bundle directory as they are now, read on their own (a first
+    /// SVID is asked for before the rest is loaded).
+    pub fn bundles_now(&self) -> Result<Arc<TrustBundles>, FileProblem> {
+        let (bundles, problems) = self.poll_bundles(&mut Seen::default()).unwrap_or_default();
+        if let Some(p) = problems.into_iter().next() {
+            return Err(p);
+        }
+        match bundles {
+            Some(b) if !b.is_empty() => Ok(b),
+            _ => Err(FileProblem::NoBundle(self.bundle_dir.clone())),
+        }
+    }
+
+    /// The ID every SVID must carry (`identity.spiffeId`), if the config names one.
+    pub fn expected(&self) -> Option<&SpiffeId> {
+        self.expected.as_ref()
+    }
+
     /// Re-reads the files; returns what changed since the last call.
     pub fn poll(&self, seen: &mut Seen, provider: &Arc<CryptoProvider>) -> Vec<Change> {
         let mut changes = Vec::new();
@@ -249,8 +283,9 @@ impl IdentityFiles {
         seen: &mut Seen,
         provider: &Arc<CryptoProvider>,
     ) -> Option<Result<LocalIdentity, FileProblem>> {
-        let cert = read(&self.cert);
-        let key = read(&self.key);
+        let (cert_path, key_path) = self.svid.as_ref()?;
+        let cert = read(cert_path);
+        let key = read(key_path);
         let (cert, key) = match (cert, key) {
             (Ok(c), Ok(k)) => (c, k),
             (Err(e), _) | (_, Err(e)) => {
@@ -278,13 +313,13 @@ impl IdentityFiles {
             provider,
         )
         .map_err(|error| FileProblem::Svid {
-            cert: self.cert.clone(),
-            key: self.key.clone(),
+            cert: cert_path.clone(),
+            key: key_path.clone(),
             error,
         })
         .and_then(|identity| match &self.pinned {
             Some(pinned) if identity.id() != pinned => Err(FileProblem::NotPinned {
-                cert: self.cert.clone(),
+                cert: cert_path.clone(),
                 id: identity.id().clone(),
                 pinned: pinned.clone(),
             }),

@@ -13,6 +13,7 @@ pub mod identity;
 pub mod inbound;
 pub mod inbound_http;
 pub mod install;
+pub mod issuance;
 pub mod ledger;
 pub mod listeners;
 pub mod logs;

@@ -204,6 +204,12 @@ impl Metrics {
         self.peers.label(id)
     }
 
+    /// An SVID asked of the control plane: `sigil_reloads_total{resource="svid_issuance"}`,
+    /// by result. (The SVID put in force counts as `resource="svid"` too.)
+    pub fn renewed(&self, ok: bool) {
+        self.reload("svid_issuance", ok);
+    }
+
     pub fn reload(&self, resource: &'static str, ok: bool) {
         let result = if ok { "success" } else { "failure" };
         self.reloads

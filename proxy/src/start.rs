@@ -5,6 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sigil_config::proxy_config::SvidSource;
 use sigil_config::ProxyConfig;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -34,6 +35,8 @@ pub enum StartError {
     },
     Workers(std::io::Error),
     Bind(BindError),
+    /// No SVID from the control plane (a refusal; an unreachable one is waited for).
+    Issue(crate::issuance::IssueError),
 }
 
 impl fmt::Display for StartError {
@@ -49,6 +52,7 @@ impl fmt::Display for StartError {
             }
             Self::Workers(e) => write!(f, "cannot start worker threads: {e}"),
             Self::Bind(e) => write!(f, "{e}"),
+            Self::Issue(e) => write!(f, "cannot get an SVID: {e}"),
         }
     }
 }
@@ -59,9 +63,28 @@ impl From<BindError> for StartError {
     }
 }
 
-/// `--check`: the config parsed; loads the identity files and says what they hold.
+/// `--check`: the config parsed; loads the identity files and says what they hold. An SVID
+/// the control plane issues is not asked for: the bundles are checked, and the join token
+/// file must be readable.
 pub fn check(cfg: &ProxyConfig) -> Result<String, StartError> {
     let provider = sigil_filters::tls::provider();
+    if let SvidSource::Issued { join_token_file } = cfg.spec.identity.source() {
+        let files = IdentityFiles::from_config(cfg);
+        let bundles = files.bundles_now().map_err(StartError::Identity)?;
+        let token = cfg.resolve(&join_token_file);
+        std::fs::metadata(&token).map_err(|e| {
+            StartError::Issue(crate::issuance::IssueError::Token(
+                token.clone(),
+                e.to_string(),
+            ))
+        })?;
+        return Ok(format!(
+            "config OK: {} (SVID from the control plane, first with the join token in {}; trust domains {:?})",
+            cfg.metadata.name,
+            token.display(),
+            bundles.domains()
+        ));
+    }
     let state = IdentityFiles::from_config(cfg)
         .load(&mut Seen::default(), &provider)
         .map_err(StartError::Identity)?;
@@ -76,13 +99,26 @@ pub fn check(cfg: &ProxyConfig) -> Result<String, StartError> {
 
 /// Runs the sidecar until SIGTERM or SIGINT, then drains.
 pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
-    let (p, watched) = load(cfg)?;
+    let issued = match cfg.spec.identity.source() {
+        SvidSource::Issued { .. } => {
+            let files = IdentityFiles::from_config(&cfg);
+            let bootstrap = files.bundles_now().map_err(StartError::Identity)?;
+            let expected = files.expected().cloned();
+            let identity = crate::issuance::at_start(&cfg, bootstrap, expected.as_ref())
+                .await
+                .map_err(StartError::Issue)?;
+            Some(identity)
+        }
+        SvidSource::Files { .. } => None,
+    };
+    let (p, watched) = load(cfg, issued)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     listeners::start(&p, &shutdown_rx).await?;
     if let Some(cp) = p.cfg.spec.control_plane.clone() {
         tokio::spawn(control::run(p.clone(), cp));
     }
     watcher::spawn(p.clone(), watched);
+    tokio::spawn(crate::issuance::renew(p.clone()));
     info!(name = %p.cfg.metadata.name, mode = ?p.cfg.spec.mode, "sigil-proxy ready");
     wait_for_signal().await;
     let _ = shutdown_tx.send(true);
@@ -93,13 +129,20 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
 
 /// Loads the identity and every source and builds the shared state, with the sources' state
 /// in force; returns it and what the file watcher is to poll.
-pub fn load(cfg: ProxyConfig) -> Result<(Arc<Proxy>, Watched), StartError> {
+/// `issued`: the SVID the control plane issued (`identity.joinTokenFile`); None for SVID
+/// files.
+pub fn load(
+    cfg: ProxyConfig,
+    issued: Option<sigil_filters::LocalIdentity>,
+) -> Result<(Arc<Proxy>, Watched), StartError> {
     let provider = sigil_filters::tls::provider();
     let mut identity = IdentityFiles::from_config(&cfg);
     let mut seen = Seen::default();
-    let state = identity
-        .load(&mut seen, &provider)
-        .map_err(StartError::Identity)?;
+    let state = match issued {
+        Some(svid) => identity.load_with(svid, &mut seen, &provider),
+        None => identity.load(&mut seen, &provider),
+    }
+    .map_err(StartError::Identity)?;
     let metrics = Metrics::new(cfg.spec.metrics.peer_id_cap);
     set_expiry(&metrics, &state.local_label, state.identity.not_after());
     metrics.reload("svid", true);

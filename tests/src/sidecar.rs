@@ -40,6 +40,9 @@ pub struct Sidecar {
     pub limits: Option<String>,
     /// RLIMIT_NOFILE (soft and hard) to start the process with.
     pub fd_limit: Option<u64>,
+    /// `identity.joinTokenFile`: the control plane issues the SVID (the files' cert and key
+    /// are then not in the config; their bundle directory is).
+    pub join_token_file: Option<PathBuf>,
 }
 
 impl Sidecar {
@@ -62,6 +65,7 @@ impl Sidecar {
             timeouts: Vec::new(),
             limits: None,
             fd_limit: None,
+            join_token_file: None,
         }
     }
 
@@ -110,6 +114,17 @@ impl Sidecar {
         }
         if let Some(limits) = &self.limits {
             y += &format!("  limits: {limits}\n");
+        }
+        if let Some(token) = &self.join_token_file {
+            let files_lines = format!(
+                "    certFile: {}\n    keyFile: {}\n",
+                files.cert.display(),
+                files.key.display()
+            );
+            y = y.replace(
+                &files_lines,
+                &format!("    joinTokenFile: {}\n", token.display()),
+            );
         }
         if self.allow_identity_change {
             y = y.replace(

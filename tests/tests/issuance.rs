@@ -497,3 +497,108 @@ fn workload_yaml(name: &str, id: &str, extra: &str) -> String {
          spec:\n  spiffeId: {id}\n  environment: test\n{extra}"
     )
 }
+
+/// A sidecar whose SVID the control plane issues (`identity.joinTokenFile`): it starts with
+/// a join token, serves mTLS with the issued SVID, renews it at half its one-minute lifetime
+/// without closing a live connection, and after a restart uses the SVID it kept instead of
+/// the spent token.
+#[test]
+fn a_sidecar_gets_its_svid_from_the_control_plane_and_renews_it_in_place() {
+    if !require_tool("openssl", "issuance") {
+        return;
+    }
+    let dir = TempDir::new("issuance-sidecar");
+    let d = dir.path();
+    let setup = Setup::new(d);
+    let cp = setup.control_plane(d, "control", StoreAt::Dir(d.join("control-data")));
+    cp.apply(
+        &setup.ops,
+        &d.join("b.yaml"),
+        &workload_yaml("b", B, "  svidTtl: 1m\n"),
+    );
+    let both = setup.boot.bundle_pem() + &setup.issuing_ca;
+    // A keeps a file SVID of the bootstrap CA; both trust both CAs.
+    let fa = write_identity(d, "a", &setup.boot, A, &[&setup.boot]);
+    let fb = write_identity(d, "b", &setup.boot, B, &[&setup.boot]);
+    for f in [&fa, &fb] {
+        std::fs::write(f.bundle_dir.join("example.org.pem"), &both).unwrap();
+    }
+    let token_file = d.join("b.token");
+    std::fs::write(&token_file, token(&cp, &setup.ops, "b", "10m")).unwrap();
+
+    let (_web, web_port) = start_workload("b", false);
+    let (_echo, echo_port) = start_workload("b-echo", true);
+    let (b_web, b_echo, a_web, a_echo) = (free_port(), free_port(), free_port(), free_port());
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.join_token_file = Some(token_file.clone());
+    b.control_plane = Some((cp.sidecar_port, CONTROL.into(), d.join("state-b")));
+    b.inbound = vec![(b_web, web_port), (b_echo, echo_port)];
+    b.allow = vec![(web_port, vec![A.into()]), (echo_port, vec![A.into()])];
+    let mut a = Sidecar::new("sidecar-a", A);
+    a.outbound = vec![(a_web, b_web, B.into()), (a_echo, b_echo, B.into())];
+    let mut pb = b.start(d, &fb);
+    let _pa = a.start(d, &fa);
+    assert_eq!(get_once(a_web, "/"), Some(200), "{}", pb.log());
+    let key_mode = {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(d.join("state-b/svid.key"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(key_mode, 0o600, "the kept key is the sidecar's alone");
+    let expiry = |s: &Sidecar| metric(&s.metrics(), "sigil_svid_expiry_timestamp_seconds{", &[]);
+    let first_expiry = expiry(&b).expect("B reports its SVID's expiry");
+    assert!(
+        first_expiry - (now_unix() as f64) <= 60.0,
+        "a one-minute SVID"
+    );
+
+    // A relayed connection opened now lives across the renewal (due at 30 s ± 6 s).
+    let mut live = echo_stream(a_echo, b"before\n");
+    let renewed = |s: &Sidecar| {
+        metric(
+            &s.metrics(),
+            "sigil_reloads_total{",
+            &["resource=\"svid_issuance\"", "result=\"success\""],
+        )
+        .unwrap_or(0.0)
+    };
+    poll(Duration::from_secs(60), Duration::from_millis(500), || {
+        (renewed(&b) >= 1.0)
+            .then_some(())
+            .ok_or_else(|| format!("no renewal within 60 s:\n{}", pb.log()))
+    });
+    assert!(
+        expiry(&b).unwrap() > first_expiry,
+        "the renewed SVID lives longer"
+    );
+    assert!(
+        echoes(&mut live, b"after\n"),
+        "the live connection was cut by the renewal"
+    );
+    assert_eq!(get_once(a_web, "/"), Some(200), "{}", pb.log());
+    let issued = cp.sigil(&setup.ops, &["metrics"]).1;
+    assert!(
+        metric(
+            &issued,
+            "sigil_control_svid_issuance_total{",
+            &["result=\"renewal\""]
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{issued}"
+    );
+
+    // Restarted, B renews from the SVID it kept; the token in the file is spent.
+    assert_eq!(
+        pb.terminate(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        pb.log()
+    );
+    let pb = b.start(d, &fb);
+    assert!(pb.log().contains("using the SVID kept"), "{}", pb.log());
+    assert_eq!(get_once(a_web, "/"), Some(200), "{}", pb.log());
+}
