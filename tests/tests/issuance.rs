@@ -602,3 +602,113 @@ fn a_sidecar_gets_its_svid_from_the_control_plane_and_renews_it_in_place() {
     assert!(pb.log().contains("using the SVID kept"), "{}", pb.log());
     assert_eq!(get_once(a_web, "/"), Some(200), "{}", pb.log());
 }
+
+/// The outage budget: with the control plane gone, a sidecar keeps serving on its SVID and
+/// retries; it goes not ready only when the SVID expires. A new join token in its file then
+/// brings it back once the control plane is.
+#[test]
+fn a_sidecar_serves_through_a_control_plane_outage_until_its_svid_expires() {
+    if !require_tool("openssl", "issuance") {
+        return;
+    }
+    let dir = TempDir::new("issuance-outage");
+    let d = dir.path();
+    let setup = Setup::new(d);
+    let cp = setup.control_plane(d, "control", StoreAt::Dir(d.join("control-data")));
+    cp.apply(
+        &setup.ops,
+        &d.join("b.yaml"),
+        &workload_yaml("b", B, "  svidTtl: 1m\n"),
+    );
+    let both = setup.boot.bundle_pem() + &setup.issuing_ca;
+    let fa = write_identity(d, "a", &setup.boot, A, &[&setup.boot]);
+    let fb = write_identity(d, "b", &setup.boot, B, &[&setup.boot]);
+    for f in [&fa, &fb] {
+        std::fs::write(f.bundle_dir.join("example.org.pem"), &both).unwrap();
+    }
+    let token_file = d.join("b.token");
+    std::fs::write(&token_file, token(&cp, &setup.ops, "b", "10m")).unwrap();
+    let (_web, web_port) = start_workload("b", false);
+    let (b_web, a_web) = (free_port(), free_port());
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.join_token_file = Some(token_file.clone());
+    b.control_plane = Some((cp.sidecar_port, CONTROL.into(), d.join("state-b")));
+    b.inbound = vec![(b_web, web_port)];
+    b.allow = vec![(web_port, vec![A.into()])];
+    let mut a = Sidecar::new("sidecar-a", A);
+    a.outbound = vec![(a_web, b_web, B.into())];
+    let pb = b.start(d, &fb);
+    let _pa = a.start(d, &fa);
+    assert_eq!(get_once(a_web, "/"), Some(200), "{}", pb.log());
+    let expires = metric(&b.metrics(), "sigil_svid_expiry_timestamp_seconds{", &[]).unwrap() as i64;
+
+    // The control plane goes away; renewal (due at 30 s +- 6 s) fails and is retried.
+    let ControlPlane {
+        mut proc,
+        files,
+        store,
+        operator_port,
+        sidecar_port,
+        extra,
+        ..
+    } = cp;
+    assert_eq!(proc.terminate(Duration::from_secs(10)), Some(0));
+    let failed = |s: &Sidecar| {
+        metric(
+            &s.metrics(),
+            "sigil_reloads_total{",
+            &["resource=\"svid_issuance\"", "result=\"failure\""],
+        )
+        .unwrap_or(0.0)
+    };
+    poll(Duration::from_secs(60), Duration::from_millis(500), || {
+        (failed(&b) >= 1.0)
+            .then_some(())
+            .ok_or_else(|| format!("no failed renewal within 60 s:\n{}", pb.log()))
+    });
+    assert!(
+        now_unix() < expires,
+        "the renewal is due before the SVID expires"
+    );
+    assert_eq!(
+        b.admin_get("/ready").map(|r| r.0),
+        Some(200),
+        "still ready: {}",
+        pb.log()
+    );
+    assert_eq!(
+        get_once(a_web, "/"),
+        Some(200),
+        "still serving: {}",
+        pb.log()
+    );
+
+    // Expired: not ready (a peer's new handshakes meet the expired SVID and fail; a
+    // connection already open runs on, as with any certificate's expiry).
+    poll(
+        Duration::from_secs(75),
+        Duration::from_millis(500),
+        || match b.admin_get("/ready") {
+            Some((503, body)) if body.contains("no valid SVID") => Ok(()),
+            other => Err(format!(
+                "still {other:?} at {}, SVID until {expires}",
+                now_unix()
+            )),
+        },
+    );
+    assert!(now_unix() >= expires, "not ready before the SVID expired");
+
+    // Back: the control plane, and a new token in the file.
+    let cp =
+        ControlPlane::start_with_args(CONTROL, files, store, operator_port, sidecar_port, extra);
+    std::fs::write(&token_file, token(&cp, &setup.ops, "b", "10m")).unwrap();
+    poll(
+        Duration::from_secs(90),
+        Duration::from_millis(500),
+        || match b.admin_get("/ready") {
+            Some((200, _)) => Ok(()),
+            other => Err(format!("not back: {other:?}\n{}", pb.log())),
+        },
+    );
+    assert_eq!(get_once(a_web, "/"), Some(200), "{}", pb.log());
+}
