@@ -41,14 +41,18 @@ const A: &str = "spiffe://example.org/ns/load/sa/a";
 const B: &str = "spiffe://example.org/ns/load/sa/b";
 
 const USAGE: &str = "\
-sigil-control-load — revocation latency with many sidecar streams connected
+sigil-control-load — revocation latency with many sidecar streams connected, or many
+sidecars renewing their SVIDs at once
 
 USAGE:
     sigil-control-load [--streams N] [--rounds R] [--live K]
+    sigil-control-load --renewals N
 
     --streams N   simulated sidecars, each a gRPC stream with its own SVID   [1000]
     --rounds R    revoke/unrevoke rounds                                     [30]
     --live K      live connections through the real sidecar pair per round   [10]
+    --renewals N  instead: N simulated sidecars renew their SVIDs at once, each with
+                  its own key, CSR and mTLS connection; the time until all hold new ones
 
 Build first: cargo build --release -p sigil-proxy -p sigil-control -p sigil-e2e -p sigil-perf";
 
@@ -56,6 +60,7 @@ struct Opts {
     streams: usize,
     rounds: usize,
     live: usize,
+    renewals: Option<usize>,
 }
 
 /// When each simulated sidecar last received a snapshot, and whether it revoked A.
@@ -70,6 +75,7 @@ fn main() -> ExitCode {
         streams: 1000,
         rounds: 30,
         live: 10,
+        renewals: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -83,6 +89,7 @@ fn main() -> ExitCode {
             "--streams" => o.streams = num("--streams"),
             "--rounds" => o.rounds = num("--rounds"),
             "--live" => o.live = num("--live"),
+            "--renewals" => o.renewals = Some(num("--renewals")),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;
@@ -92,6 +99,19 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         }
+    }
+    if let Some(n) = o.renewals {
+        return match sigil_perf::renewals::run(n) {
+            Ok(storm) => {
+                println!("## SVID renewals at once\n\n`sigil-control-load --renewals {n}`\n");
+                print!("{}", sigil_perf::renewals::report(&storm));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("sigil-control-load: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     match run(&o) {
         Ok(()) => ExitCode::SUCCESS,
