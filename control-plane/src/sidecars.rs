@@ -45,10 +45,17 @@ pub struct Hub {
     next: AtomicU64,
     /// The latest SVID issuance refusals on this replica, oldest first (`sigil status`).
     refusals: Mutex<std::collections::VecDeque<String>>,
+    /// Join-token attempts in the current second, per source address.
+    anonymous: Mutex<(u64, HashMap<std::net::IpAddr, u32>)>,
 }
 
 /// How many issuance refusals `sigil status` shows per replica.
 const REFUSALS_KEPT: usize = 20;
+/// The largest `IssueRequest` read: a CSR of the 4 KiB `check_csr` reads, a token, a name.
+const MAX_ISSUE_REQUEST: usize = 8 * 1024;
+/// Join-token attempts (`Issue` without an SVID) per source address per second: guessing a
+/// 256-bit token is hopeless, but every attempt costs a store lookup.
+const ANONYMOUS_PER_SECOND: u32 = 10;
 
 /// One connected stream, as `sigil status` shows it.
 #[derive(Debug, Clone)]
@@ -84,6 +91,7 @@ impl Hub {
             sidecars: Mutex::new(HashMap::new()),
             next: AtomicU64::new(0),
             refusals: Mutex::default(),
+            anonymous: Mutex::default(),
         }
     }
 
@@ -176,6 +184,22 @@ impl Hub {
             refusals.pop_front();
         }
         refusals.push_back(line);
+    }
+
+    /// Whether another join-token attempt from `source` fits this second's budget.
+    fn anonymous_allowed(&self, source: std::net::IpAddr) -> bool {
+        let second = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut guard = self.anonymous.lock().expect("anonymous lock");
+        let (current, counts) = &mut *guard;
+        if *current != second {
+            *current = second;
+            counts.clear();
+        }
+        let n = counts.entry(source).or_insert(0);
+        *n += 1;
+        *n <= ANONYMOUS_PER_SECOND
     }
 
     fn sidecar_lines(&self) -> Vec<String> {
@@ -272,7 +296,10 @@ async fn route(
                 )
                 .into_http();
             };
-            let mut grpc = tonic::server::Grpc::new(sigil_api::issue_server_codec());
+            // A CSR is a few hundred bytes; the check refuses more than 4 KiB with a clear
+            // reason, and nothing larger is read at all.
+            let mut grpc = tonic::server::Grpc::new(sigil_api::issue_server_codec())
+                .max_decoding_message_size(MAX_ISSUE_REQUEST);
             let issue = Issue {
                 hub,
                 issuer,
@@ -333,6 +360,18 @@ async fn issue(
         Caller::Svid(id, _) => id.to_string(),
         Caller::Anonymous => "(join token)".to_string(),
     };
+    if *caller == Caller::Anonymous && !hub.anonymous_allowed(addr.ip()) {
+        // Not logged or kept one by one: a flood would flood the log and `sigil status`.
+        let labels = IssuanceLabels {
+            result: "refused",
+            reason: "too_many_attempts",
+        };
+        hub.metrics.issuance.get_or_create(&labels).inc();
+        return Err(Status::resource_exhausted(format!(
+            "too_many_attempts: more than {ANONYMOUS_PER_SECOND} join-token attempts from {} this second; try again",
+            addr.ip()
+        )));
+    }
     match issuer.issue(caller, &req, now).await {
         Ok(issued) => {
             let kind = if issued.renewal { "renewal" } else { "first" };

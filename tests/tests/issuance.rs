@@ -82,33 +82,69 @@ impl Asker {
             join_token: token.to_string(),
             node: "test-sidecar".into(),
         };
+        self.rt.block_on(call(self.port, config, request))
+    }
+
+    /// `n` first-contact calls at once with `token`: the refusal messages (or "issued").
+    fn flood(&self, n: usize, token: &str) -> Vec<String> {
+        let config = sigil_filters::tls::client_config_anonymous(
+            self.bundles.clone(),
+            sigil_filters::tls::provider(),
+            self.control.clone(),
+            Carries::Http2,
+        );
         let port = self.port;
         self.rt.block_on(async move {
-            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .expect("connect");
-            let name = rustls::pki_types::ServerName::IpAddress(
-                std::net::IpAddr::from([127, 0, 0, 1]).into(),
-            );
-            let tls = tokio_rustls::TlsConnector::from(config)
-                .connect(name, tcp)
-                .await
-                .expect("TLS to the control plane");
-            let (sender, conn) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-                    .await
-                    .expect("HTTP/2");
-            tokio::spawn(conn);
-            let origin = format!("https://127.0.0.1:{port}").parse().unwrap();
-            tokio::time::timeout(
-                Duration::from_secs(10),
-                sigil_api::client::issue(sender, origin, request),
-            )
-            .await
-            .expect("an answer within 10 s")
-            .map_err(|s| (s.code(), s.message().to_string()))
+            let calls: Vec<_> = (0..n)
+                .map(|_| {
+                    let request = IssueRequest {
+                        csr: key_and_csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[API]).1,
+                        join_token: token.to_string(),
+                        node: "flood".into(),
+                    };
+                    tokio::spawn(call(port, config.clone(), request))
+                })
+                .collect();
+            let mut out = Vec::new();
+            for c in calls {
+                out.push(match c.await.unwrap() {
+                    Ok(_) => "issued".to_string(),
+                    Err((_, m)) => m,
+                });
+            }
+            out
         })
     }
+}
+
+/// One `Issue` call on a connection of its own.
+async fn call(
+    port: u16,
+    config: Arc<rustls::ClientConfig>,
+    request: IssueRequest,
+) -> Result<IssueResponse, (tonic::Code, String)> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let name =
+        rustls::pki_types::ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into());
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .expect("TLS to the control plane");
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .expect("HTTP/2");
+    tokio::spawn(conn);
+    let origin = format!("https://127.0.0.1:{port}").parse().unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        sigil_api::client::issue(sender, origin, request),
+    )
+    .await
+    .expect("an answer within 10 s")
+    .map_err(|s| (s.code(), s.message().to_string()))
 }
 
 fn chain_pem(r: &IssueResponse) -> String {
@@ -401,6 +437,20 @@ fn refusals(cp: &ControlPlane, ops: &IdentityFiles, asker: &Asker, svid: (&str, 
             "{reason} not in sigil status:\n{status}"
         );
     }
+    // A flood of guesses from one address is cut to a budget per second: the guesses past it
+    // are refused before the store is asked (and without a log or status line each).
+    let answers = asker.flood(40, "ffffffffffffffff");
+    let limited = answers
+        .iter()
+        .filter(|m| m.starts_with("too_many_attempts: "))
+        .count();
+    let guessed = answers
+        .iter()
+        .filter(|m| m.starts_with("token_unknown: "))
+        .count();
+    assert!(limited >= 1 && limited + guessed == 40, "{answers:?}");
+    // The budget is per second: the next second has room again.
+    std::thread::sleep(Duration::from_millis(1100));
 }
 
 /// A revoked identity gets no SVID, by renewal or by token; an `issuedBefore` revocation
