@@ -34,6 +34,10 @@ pub enum CaError {
     Io(PathBuf, std::io::Error),
     /// A key file that others than its owner can read (its mode).
     KeyReadable(PathBuf, u32),
+    /// An existing directory for a new CA that others can enter (its mode).
+    DirOpen(PathBuf, u32),
+    /// The CA certificate is not valid now (expired, or not yet valid): its bounds.
+    NotValidNow(PathBuf, i64, i64),
     /// A file that is not what it should be (a PEM certificate, a P-256 key, the key of the
     /// certificate, a CA certificate).
     Invalid(PathBuf, String),
@@ -54,6 +58,18 @@ impl fmt::Display for CaError {
                 f,
                 "{}: the CA key is readable by others (mode {mode:o}); chmod 600 it",
                 p.display()
+            ),
+            Self::DirOpen(p, mode) => write!(
+                f,
+                "{}: others can enter this directory (mode {mode:o}); give the CA a directory of its own (it is made with mode 0700)",
+                p.display()
+            ),
+            Self::NotValidNow(p, from, to) => write!(
+                f,
+                "{}: the CA certificate is valid from {} to {}, not now; make a new CA (sigil ca init) and put it in the trust bundles",
+                p.display(),
+                sigil_config::policy::Timestamp(*from),
+                sigil_config::policy::Timestamp(*to)
             ),
             Self::Invalid(p, why) => write!(f, "{}: {why}", p.display()),
             Self::Sign(e) => write!(f, "signing: {e}"),
@@ -93,9 +109,21 @@ pub fn init(
             return Err(CaError::Exists(p.clone()));
         }
     }
-    std::fs::create_dir_all(dir).map_err(|e| CaError::Io(dir.to_path_buf(), e))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| CaError::Io(dir.to_path_buf(), e))?;
+    match std::fs::metadata(dir) {
+        // A directory of the operator's: used as it is if only its owner can enter it.
+        Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+            return Err(CaError::DirOpen(
+                dir.to_path_buf(),
+                m.permissions().mode() & 0o777,
+            ))
+        }
+        Ok(_) => {}
+        Err(_) => {
+            std::fs::create_dir_all(dir).map_err(|e| CaError::Io(dir.to_path_buf(), e))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| CaError::Io(dir.to_path_buf(), e))?;
+        }
+    }
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|e| CaError::Sign(e.to_string()))?;
     let mut params = CertificateParams::default();
@@ -173,6 +201,17 @@ impl Authority {
             ));
         }
         let not_after = parsed.validity().not_after.timestamp();
+        let not_before = parsed.validity().not_before.timestamp();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        if now < not_before || now >= not_after {
+            return Err(CaError::NotValidNow(
+                files.cert.clone(),
+                not_before,
+                not_after,
+            ));
+        }
         let trust_domain = ca_trust_domain(&parsed).ok_or_else(|| {
             CaError::Invalid(
                 files.cert.clone(),

@@ -261,6 +261,20 @@ impl Etcd {
         Ok(())
     }
 
+    /// What taking a join token at `now` would come to, taking nothing.
+    pub async fn peek_token(&self, hash: &str, now: i64) -> Result<TokenUse, StoreError> {
+        let key = self.token_key(hash);
+        let r = self.client.clone().get(key.as_str(), None).await?;
+        let Some(kv) = r.kvs().first() else {
+            return Ok(TokenUse::Unknown);
+        };
+        let record = std::str::from_utf8(kv.value())
+            .ok()
+            .and_then(TokenRecord::decode)
+            .ok_or(StoreError::Corrupt(key))?;
+        Ok(take(&record, now).0)
+    }
+
     /// Takes a join token at `now`, at most once ever across every replica: the record is
     /// rewritten only if nobody changed it since it was read.
     pub async fn use_token(&self, hash: &str, now: i64) -> Result<TokenUse, StoreError> {

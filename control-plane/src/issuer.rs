@@ -70,6 +70,8 @@ pub enum Refused {
     NoWorkloadFor(SpiffeId),
     /// An identity of another trust domain than the CA's.
     OtherDomain(SpiffeId),
+    /// The SVID presented for a renewal has expired (its connection outlived it).
+    ExpiredSvid(SpiffeId),
     Revoked {
         id: SpiffeId,
         revocation: String,
@@ -92,6 +94,7 @@ impl Refused {
             Self::Token(TokenUse::Taken(_)) => "token_taken",
             Self::UnknownWorkload(_) | Self::NoWorkloadFor(_) => "unknown_workload",
             Self::OtherDomain(_) => "other_trust_domain",
+            Self::ExpiredSvid(_) => "expired_svid",
             Self::Revoked { .. } => "revoked",
             Self::Csr(e) => e.label(),
             Self::Lifetime(_) => "lifetime",
@@ -141,6 +144,10 @@ impl fmt::Display for Refused {
             Self::OtherDomain(id) => {
                 write!(f, "{id} is not of the trust domain this CA signs for")
             }
+            Self::ExpiredSvid(id) => write!(
+                f,
+                "the SVID presented for {id} has expired; a new join token is needed"
+            ),
             Self::Revoked {
                 id,
                 revocation,
@@ -199,8 +206,8 @@ impl Issuer {
         req: &IssueRequest,
         now: i64,
     ) -> Result<Issued, Refused> {
-        // The catalog is read after the token is taken, so that a Workload deleted meanwhile
-        // is seen gone.
+        // A token is only looked at here; it is spent once everything else is known to be
+        // in order, so that a refused CSR or a misconfigured sidecar does not burn it.
         let (workload_name, renewal) = self.authenticate(caller, req, now).await?;
         let catalog = match &workload_name {
             Some(name) => self.catalog_knowing(name).await,
@@ -223,10 +230,23 @@ impl Issuer {
         if id.trust_domain_name() != self.ca.trust_domain().as_str() {
             return Err(Refused::OtherDomain(id.clone()));
         }
-        check_revoked(&catalog, caller, id)?;
         let csr = check_csr(&req.csr, id).map_err(Refused::Csr)?;
         let ttl = workload.spec.svid_ttl.unwrap_or(DEFAULT_TTL);
         let v = validity(now, ttl, self.ca.not_after()).map_err(Refused::Lifetime)?;
+        check_revoked(&catalog, caller, id, v.not_before, now)?;
+        if let Some(name) = &workload_name {
+            // Spent now, at most once across replicas; another caller may have been faster.
+            match self
+                .store
+                .use_token(&token_hash(req.join_token.trim()), now)
+                .await
+                .map_err(Refused::Store)?
+            {
+                TokenUse::Taken(w) if w == *name => {}
+                TokenUse::Taken(w) => return Err(Refused::UnknownWorkload(w)),
+                other => return Err(Refused::Token(other)),
+            }
+        }
         let chain = self.ca.issue(&csr, id, v).map_err(Refused::Sign)?;
         let serial = x509_parser::parse_x509_certificate(&chain[0])
             .map(|(_, c)| c.raw_serial_as_string())
@@ -266,8 +286,9 @@ impl Issuer {
         }
     }
 
-    /// The Workload a join token names (taking the token), or None for an SVID's caller,
-    /// whose Workload is found by identity; and whether this is a renewal.
+    /// The Workload a usable join token names (without spending it: `issue` spends it last),
+    /// or None for an SVID's caller, whose Workload is found by identity; and whether this is
+    /// a renewal.
     async fn authenticate(
         &self,
         caller: &Caller,
@@ -281,7 +302,7 @@ impl Issuer {
             (Caller::Anonymous, false) => {
                 let used = self
                     .store
-                    .use_token(&token_hash(req.join_token.trim()), now)
+                    .peek_token(&token_hash(req.join_token.trim()), now)
                     .await
                     .map_err(Refused::Store)?;
                 match used {
@@ -293,25 +314,41 @@ impl Issuer {
     }
 }
 
-/// No SVID for a revoked identity. A revocation with `issuedBefore` refuses renewals by an
-/// SVID issued before the cut-off, and lets a new SVID be issued (that is how a compromised
-/// key is replaced); one without refuses every issuance until `sigil unrevoke`.
-fn check_revoked(catalog: &Catalog, caller: &Caller, id: &SpiffeId) -> Result<(), Refused> {
+/// No SVID for a revoked identity: none that a revocation would cover from the moment it
+/// starts (`not_before`; a cut-off in the future covers it too). A revocation with
+/// `issuedBefore` in the past refuses renewals by an SVID issued before the cut-off, and lets
+/// a new SVID be issued (that is how a compromised key is replaced); one without refuses
+/// every issuance until `sigil unrevoke`. A presented SVID that has expired (a long-lived
+/// connection outliving it) renews nothing.
+fn check_revoked(
+    catalog: &Catalog,
+    caller: &Caller,
+    id: &SpiffeId,
+    not_before: i64,
+    now: i64,
+) -> Result<(), Refused> {
     let revoked = catalog.revoked();
     let refused = |r: &sigil_config::Revocation| Refused::Revoked {
         id: id.clone(),
         revocation: r.metadata.name.clone(),
         reason: r.spec.reason.clone(),
     };
-    // An SVID issued now is after any cut-off in the past.
-    if let Some(r) = revoked.covering(id, i64::MAX) {
+    if let Some(r) = revoked.covering(id, not_before) {
         return Err(refused(r));
     }
     if let Caller::Svid(presented, leaf) = caller {
-        let not_before = x509_parser::parse_x509_certificate(leaf)
-            .map(|(_, c)| c.validity().not_before.timestamp())
-            .unwrap_or(i64::MIN);
-        if let Some(r) = revoked.covering(presented, not_before) {
+        let validity = x509_parser::parse_x509_certificate(leaf)
+            .map(|(_, c)| {
+                (
+                    c.validity().not_before.timestamp(),
+                    c.validity().not_after.timestamp(),
+                )
+            })
+            .unwrap_or((i64::MIN, i64::MIN));
+        if validity.1 <= now {
+            return Err(Refused::ExpiredSvid(presented.clone()));
+        }
+        if let Some(r) = revoked.covering(presented, validity.0) {
             return Err(refused(r));
         }
     }

@@ -389,17 +389,19 @@ async fn issue(
         }
         Err(refused) => {
             let reason = refused.label();
-            warn!(node = %node, %addr, caller = %who, reason, "SVID refused: {refused}");
+            // The message can carry text from the CSR (a URI SAN): one line, no forged ones.
+            let said = clean(&refused.to_string());
+            warn!(node = %node, %addr, caller = %who, reason, "SVID refused: {said}");
             let labels = IssuanceLabels {
                 result: "refused",
                 reason,
             };
             hub.metrics.issuance.get_or_create(&labels).inc();
             hub.record_refusal(format!(
-                "REFUSED {} {node} {addr} {who} {reason}: {refused}",
+                "REFUSED {} {node} {addr} {who} {reason}: {said}",
                 crate::issuer::rfc3339(now)
             ));
-            Err(Status::new(refused.code(), format!("{reason}: {refused}")))
+            Err(Status::new(refused.code(), format!("{reason}: {said}")))
         }
     }
 }

@@ -147,6 +147,25 @@ impl Sqlite {
         Ok(())
     }
 
+    /// What taking a join token at `now` would come to (`stored::take`), taking nothing.
+    pub fn peek_token(&self, hash: &str, now: i64) -> Result<TokenUse, StoreError> {
+        let db = self.db.lock().expect("store lock");
+        let record = db
+            .query_row(
+                "SELECT workload, expires_at, used_at FROM join_tokens WHERE hash = ?1",
+                [hash],
+                |r| {
+                    Ok(TokenRecord {
+                        workload: r.get(0)?,
+                        expires_at: r.get(1)?,
+                        used_at: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?;
+        Ok(record.map_or(TokenUse::Unknown, |r| take(&r, now).0))
+    }
+
     /// Takes a join token at `now`, at most once ever (`stored::take`), in one transaction.
     pub fn use_token(&self, hash: &str, now: i64) -> Result<TokenUse, StoreError> {
         let mut db = self.db.lock().expect("store lock");

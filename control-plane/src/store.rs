@@ -64,6 +64,14 @@ impl Store {
         }
     }
 
+    /// What taking the join token of `hash` at `now` would come to, without taking it.
+    pub async fn peek_token(&self, hash: &str, now: i64) -> Result<TokenUse, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.peek_token(hash, now),
+            Self::Etcd(e) => e.peek_token(hash, now).await,
+        }
+    }
+
     /// Takes the join token of `hash` at `now`: at most once ever, whichever replica asks.
     pub async fn use_token(&self, hash: &str, now: i64) -> Result<TokenUse, StoreError> {
         match self {

@@ -189,7 +189,7 @@ impl fmt::Display for LifetimeRefusal {
                 wanted,
             } => write!(
                 f,
-                "the CA's certificate expires at {} (Unix time), before the SVID would ({wanted}); rotate the CA (sigil ca rotate)",
+                "the CA's certificate expires at {} (Unix time), before the SVID would ({wanted}); make a new CA (sigil ca init) and put it in the trust bundles",
                 ca_not_after
             ),
         }

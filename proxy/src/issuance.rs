@@ -1,8 +1,14 @@
 //! The sidecar's SVID from the control plane (`identity.joinTokenFile`): it makes its own
 //! ECDSA P-256 key, which never leaves it, and sends a CSR (`sigil.v1.Identity/Issue`); the
 //! first time with the one-time join token of the file, after that authenticated by its
-//! current SVID. The SVID and key are kept in `controlPlane.stateDir` (`svid.crt`, `svid.key`
-//! with mode 0600), so a restarted sidecar renews with them instead of needing a new token.
+//! current SVID. The SVID and key are kept in `controlPlane.stateDir` (`svid.pem`, the key and
+//! the chain in one file of mode 0600, replaced whole), so a restarted sidecar renews with
+//! them instead of needing a new token.
+//!
+//! Clocks: an SVID starts at the control plane's second of issue. The sidecar accepts one up
+//! to `SKEW` before its start by its own clock, and puts a renewed one in force `SKEW` after
+//! receiving it (the current one is valid for long after), so that peers whose clocks are up
+//! to `SKEW` behind the control plane's accept it.
 //!
 //! Renewal is due at half the SVID's lifetime, ±10 % (`sigil_filters::issuance::renew_at`).
 //! A failed renewal is retried with backoff (1 s doubling to 60 s, jittered) while the
@@ -31,9 +37,10 @@ use crate::control::{connect, StreamError};
 use crate::identity::Change;
 use crate::proxy::Proxy;
 
-const CERT_FILE: &str = "svid.crt";
-const KEY_FILE: &str = "svid.key";
+const SVID_FILE: &str = "svid.pem";
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
+/// The clock difference with the control plane and peers that is tolerated (see above).
+const SKEW: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// Why no SVID came from the control plane.
@@ -79,10 +86,9 @@ impl fmt::Display for IssueError {
     }
 }
 
-/// Where the issued SVID is kept.
-fn files(cfg: &ProxyConfig, cp: &ControlPlaneSpec) -> (PathBuf, PathBuf) {
-    let dir = cfg.resolve(&cp.state_dir);
-    (dir.join(CERT_FILE), dir.join(KEY_FILE))
+/// Where the issued SVID is kept: its key and chain in one file.
+fn svid_file(cfg: &ProxyConfig, cp: &ControlPlaneSpec) -> PathBuf {
+    cfg.resolve(&cp.state_dir).join(SVID_FILE)
 }
 
 /// The SVID to start with: the kept one while it is valid, else a first one for the join
@@ -102,9 +108,9 @@ pub async fn at_start(
             "identity.joinTokenFile and controlPlane are required".into(),
         ));
     };
-    let (cert, key) = files(cfg, cp);
-    if let Some(kept) = kept(&cert, &key, expected, &provider) {
-        info!(id = %kept.id(), not_after = kept.not_after(), "using the SVID kept in {}", cert.display());
+    let file = svid_file(cfg, cp);
+    if let Some(kept) = kept(&file, expected, &provider) {
+        info!(id = %kept.id(), not_after = kept.not_after(), "using the SVID kept in {}", file.display());
         return Ok(kept);
     }
     let token_file = cfg.resolve(&join_token_file);
@@ -124,20 +130,20 @@ pub async fn at_start(
     }
 }
 
-/// The kept SVID, if both files are there and valid now.
+/// The kept SVID, if its file is there and it is valid now.
 fn kept(
-    cert: &Path,
-    key: &Path,
+    file: &Path,
     expected: Option<&SpiffeId>,
     provider: &Arc<CryptoProvider>,
 ) -> Option<LocalIdentity> {
-    let (c, k) = (std::fs::read(cert).ok()?, std::fs::read(key).ok()?);
-    match LocalIdentity::from_pem(&c, &k, UnixTime::now(), expected, provider) {
+    let pem = std::fs::read(file).ok()?;
+    // One file: the key block and the certificate blocks are each picked out of it.
+    match LocalIdentity::from_pem(&pem, &pem, UnixTime::now(), expected, provider) {
         Ok(identity) => Some(identity),
         Err(e) => {
             warn!(
                 "{}: the kept SVID is not usable ({e}); asking for a new one",
-                cert.display()
+                file.display()
             );
             None
         }
@@ -194,16 +200,26 @@ async fn ask(
         .iter()
         .map(|c| pem("CERTIFICATE", c))
         .collect();
+    // Accepted up to SKEW before its start by our clock (see the module's documentation).
+    let at = UnixTime::since_unix_epoch(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            + SKEW,
+    );
     let identity = LocalIdentity::from_pem(
         chain_pem.as_bytes(),
         key_pem.as_bytes(),
-        UnixTime::now(),
+        at,
         expected,
         provider,
     )
     .map_err(|e| IssueError::Unusable(e.to_string()))?;
-    let (cert, key) = files(cfg, cp);
-    keep(&cert, &key, &chain_pem, &key_pem)?;
+    // Not kept is not lost: the SVID serves from memory, and the next renewal keeps it again.
+    let file = svid_file(cfg, cp);
+    if let Err(e) = keep(&file, &format!("{key_pem}{chain_pem}")) {
+        error!("the new SVID is in force but not kept for a restart: {e}");
+    }
     Ok(identity)
 }
 
@@ -257,32 +273,29 @@ fn key_and_csr(id: Option<&SpiffeId>) -> Result<(String, Vec<u8>), IssueError> {
     Ok((key.serialize_pem(), csr.der().to_vec()))
 }
 
-/// Keeps the SVID: the key first (mode 0600), each file written whole and renamed over, so
-/// that a crash leaves the old pair or the new key beside the old certificate, which the next
-/// start refuses as a pair and replaces.
-fn keep(cert: &Path, key: &Path, chain_pem: &str, key_pem: &str) -> Result<(), IssueError> {
+/// Keeps the key and chain in one file (mode 0600), written whole, synced, renamed over, and
+/// the directory synced: a crash leaves the old pair or the new one, never half of each.
+fn keep(file: &Path, pem: &str) -> Result<(), IssueError> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt;
-    let write = |path: &Path, bytes: &[u8], mode: u32| -> Result<(), IssueError> {
-        let fail = |e| IssueError::Persist(path.to_path_buf(), e);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(fail)?;
-        }
-        let tmp = path.with_extension("tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(fail)?;
-        f.write_all(bytes)
-            .and_then(|()| f.sync_all())
-            .map_err(fail)?;
-        std::fs::rename(&tmp, path).map_err(fail)
-    };
-    write(key, key_pem.as_bytes(), 0o600)?;
-    write(cert, chain_pem.as_bytes(), 0o644)
+    let fail = |e| IssueError::Persist(file.to_path_buf(), e);
+    let dir = file.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    let tmp = file.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(fail)?;
+    f.write_all(pem.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(fail)?;
+    std::fs::rename(&tmp, file).map_err(fail)?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(fail)
 }
 
 /// Renews the SVID for as long as the sidecar runs (see the module's documentation).
@@ -294,8 +307,10 @@ pub async fn renew(p: Arc<Proxy>) {
         return;
     };
     let token_file = p.cfg.resolve(&join_token_file);
-    // The token used last: after an expiry only a different one is worth presenting.
-    let mut spent = std::fs::read_to_string(&token_file).unwrap_or_default();
+    // The last token the control plane answered about: only a different one is worth
+    // presenting again. (A sidecar that started from its kept SVID presents the file's token
+    // once if it needs one, and learns from the answer.)
+    let mut spent = String::new();
     loop {
         let current = p.tls.get();
         let v = Validity {
@@ -309,8 +324,11 @@ pub async fn renew(p: Arc<Proxy>) {
             match renew_once(&p, &cp, &token_file, &mut spent).await {
                 Ok(identity) => {
                     info!(id = %identity.id(), not_after = identity.not_after(), "SVID renewed by the control plane");
-                    p.apply_identity_change(Change::Svid(Ok(identity)));
                     p.ledger.metrics.renewed(true);
+                    // For peers whose clocks are behind (see the module's documentation);
+                    // also a floor between renewals should our clock run far ahead.
+                    tokio::time::sleep(SKEW).await;
+                    p.apply_identity_change(Change::Svid(Ok(identity)));
                     break;
                 }
                 Err(e) => {
@@ -334,8 +352,9 @@ pub async fn renew(p: Arc<Proxy>) {
     }
 }
 
-/// One renewal attempt: with the current SVID while it is valid; once it has expired, with a
-/// join token from the file that was not used before.
+/// One renewal attempt: with the current SVID while it is valid and not revoked; otherwise,
+/// or when the control plane refuses that SVID for good (its identity revoked with a cut-off,
+/// say), with a join token from the file that the control plane has not answered about.
 async fn renew_once(
     p: &Proxy,
     cp: &ControlPlaneSpec,
@@ -349,33 +368,37 @@ async fn renew_once(
         // Renewals keep the identity the sidecar was issued (it is pinned to it).
         (!p.cfg.spec.identity.allow_identity_change).then(|| current.identity.id().clone())
     });
-    if current.identity.not_after() as i64 > now_unix() {
+    let mut refused = None;
+    if current.identity.not_after() as i64 > now_unix() && current.self_revoked().is_none() {
         let client = tls::client_config(
             &current.identity,
-            bootstrap,
+            bootstrap.clone(),
             Default::default(),
             provider.clone(),
             cp.spiffe_id.clone(),
             Carries::Http2,
         );
-        return ask(&p.cfg, cp, client, "", expected.as_ref(), &provider).await;
+        match ask(&p.cfg, cp, client, "", expected.as_ref(), &provider).await {
+            Err(e) if !e.transient() => refused = Some(e),
+            other => return other,
+        }
     }
-    let token = std::fs::read_to_string(token_file)
-        .map_err(|e| IssueError::Token(token_file.to_path_buf(), e.to_string()))?;
+    let token = std::fs::read_to_string(token_file).unwrap_or_default();
     if token.trim().is_empty() || token == *spent {
-        return Err(IssueError::Token(
-            token_file.to_path_buf(),
-            "holds no new join token (sigil token create)".into(),
-        ));
+        return Err(refused.unwrap_or_else(|| {
+            IssueError::Token(
+                token_file.to_path_buf(),
+                "holds no new join token (sigil token create)".into(),
+            )
+        }));
     }
-    *spent = token.clone();
     let client = tls::client_config_anonymous(
         bootstrap,
         provider.clone(),
         cp.spiffe_id.clone(),
         Carries::Http2,
     );
-    ask(
+    let answer = ask(
         &p.cfg,
         cp,
         client,
@@ -383,7 +406,12 @@ async fn renew_once(
         expected.as_ref(),
         &provider,
     )
-    .await
+    .await;
+    // Spent once the control plane answered about it; not when it could not be reached.
+    if !matches!(&answer, Err(e) if e.transient()) {
+        *spent = token;
+    }
+    answer
 }
 
 fn now_unix() -> i64 {
