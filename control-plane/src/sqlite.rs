@@ -150,19 +150,7 @@ impl Sqlite {
     /// What taking a join token at `now` would come to (`stored::take`), taking nothing.
     pub fn peek_token(&self, hash: &str, now: i64) -> Result<TokenUse, StoreError> {
         let db = self.db.lock().expect("store lock");
-        let record = db
-            .query_row(
-                "SELECT workload, expires_at, used_at FROM join_tokens WHERE hash = ?1",
-                [hash],
-                |r| {
-                    Ok(TokenRecord {
-                        workload: r.get(0)?,
-                        expires_at: r.get(1)?,
-                        used_at: r.get(2)?,
-                    })
-                },
-            )
-            .optional()?;
+        let record = token_record(&db, hash)?;
         Ok(record.map_or(TokenUse::Unknown, |r| take(&r, now).0))
     }
 
@@ -170,19 +158,7 @@ impl Sqlite {
     pub fn use_token(&self, hash: &str, now: i64) -> Result<TokenUse, StoreError> {
         let mut db = self.db.lock().expect("store lock");
         let tx = db.transaction()?;
-        let record = tx
-            .query_row(
-                "SELECT workload, expires_at, used_at FROM join_tokens WHERE hash = ?1",
-                [hash],
-                |r| {
-                    Ok(TokenRecord {
-                        workload: r.get(0)?,
-                        expires_at: r.get(1)?,
-                        used_at: r.get(2)?,
-                    })
-                },
-            )
-            .optional()?;
+        let record = token_record(&tx, hash)?;
         let Some(record) = record else {
             return Ok(TokenUse::Unknown);
         };
@@ -265,6 +241,24 @@ fn lock_dir(dir: &Path) -> Result<File, StoreError> {
     let _ = f.rewind();
     let _ = write!(f, "{}", std::process::id());
     Ok(f)
+}
+
+/// The join token record under `hash`, if any (in a transaction or not).
+fn token_record(db: &Connection, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+    let record = db
+        .query_row(
+            "SELECT workload, expires_at, used_at FROM join_tokens WHERE hash = ?1",
+            [hash],
+            |r| {
+                Ok(TokenRecord {
+                    workload: r.get(0)?,
+                    expires_at: r.get(1)?,
+                    used_at: r.get(2)?,
+                })
+            },
+        )
+        .optional()?;
+    Ok(record)
 }
 
 #[cfg(test)]
