@@ -32,6 +32,10 @@ pub struct Issuer {
     pub store: Arc<Store>,
     /// The catalog in force (`Hub::catalog`): Workloads and revocations.
     pub catalog: watch::Receiver<Arc<Catalog>>,
+    /// Identities no Workload may be issued: the control plane's own, and what `--operator`
+    /// admits. A Workload carrying one would make a join token worth the control plane's
+    /// identity, or operator access.
+    pub reserved: Vec<sigil_config::IdPattern>,
 }
 
 /// How the caller proved who it is.
@@ -72,6 +76,8 @@ pub enum Refused {
     OtherDomain(SpiffeId),
     /// The SVID presented for a renewal has expired (its connection outlived it).
     ExpiredSvid(SpiffeId),
+    /// The control plane's own identity, or one the operator API admits.
+    Reserved(SpiffeId),
     Revoked {
         id: SpiffeId,
         revocation: String,
@@ -95,6 +101,7 @@ impl Refused {
             Self::UnknownWorkload(_) | Self::NoWorkloadFor(_) => "unknown_workload",
             Self::OtherDomain(_) => "other_trust_domain",
             Self::ExpiredSvid(_) => "expired_svid",
+            Self::Reserved(_) => "reserved_identity",
             Self::Revoked { .. } => "revoked",
             Self::Csr(e) => e.label(),
             Self::Lifetime(_) => "lifetime",
@@ -144,6 +151,10 @@ impl fmt::Display for Refused {
             Self::OtherDomain(id) => {
                 write!(f, "{id} is not of the trust domain this CA signs for")
             }
+            Self::Reserved(id) => write!(
+                f,
+                "{id} is the control plane's own identity or an operator's: no Workload may be issued it"
+            ),
             Self::ExpiredSvid(id) => write!(
                 f,
                 "the SVID presented for {id} has expired; a new join token is needed"
@@ -229,6 +240,9 @@ impl Issuer {
         let id = &workload.spec.spiffe_id;
         if id.trust_domain_name() != self.ca.trust_domain().as_str() {
             return Err(Refused::OtherDomain(id.clone()));
+        }
+        if self.reserved.iter().any(|p| p.matches(id)) {
+            return Err(Refused::Reserved(id.clone()));
         }
         let csr = check_csr(&req.csr, id).map_err(Refused::Csr)?;
         let ttl = workload.spec.svid_ttl.unwrap_or(DEFAULT_TTL);

@@ -301,9 +301,11 @@ fn the_control_plane_issues_svids_to_token_holders_and_renews_them() {
         ops,
         &d.join("workloads.yaml"),
         &format!(
-            "{}---\n{}",
+            "{}---\n{}---\n{}---\n{}",
             workload_yaml("api", API, "  svidTtl: 2m\n"),
             workload_yaml("gone", "spiffe://example.org/gone", ""),
+            workload_yaml("ops", "spiffe://example.org/ops/mallory", ""),
+            workload_yaml("control", CONTROL, ""),
         ),
     );
     let asker = setup.asker(&cp);
@@ -443,6 +445,20 @@ fn refusals(cp: &ControlPlane, ops: &IdentityFiles, asker: &Asker, svid: (&str, 
         tonic::Code::PermissionDenied,
         "unknown_workload",
     );
+    // Identities of the control plane and of its operators are never issued, whatever a
+    // Workload says.
+    for (workload, id) in [
+        ("ops", "spiffe://example.org/ops/mallory"),
+        ("control", CONTROL),
+    ] {
+        let t = token(cp, ops, workload, "10m");
+        let csr = key_and_csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[id]).1;
+        refused(
+            asker.issue(None, csr, &t),
+            tonic::Code::PermissionDenied,
+            "reserved_identity",
+        );
+    }
     // And a token for a Workload that does not exist is not made at all.
     let (code, _, err) = cp.sigil(ops, &["token", "create", "--workload", "nobody"]);
     assert_eq!(code, Some(1), "{err}");

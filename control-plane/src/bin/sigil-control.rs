@@ -262,10 +262,14 @@ async fn run(config: Config) -> Result<(), StartError> {
     tokio::spawn(async move { reloading.hub.reload_on_request(&reloading.store).await });
     let issuer = ca.map(|ca| {
         info!(trust_domain = %ca.trust_domain(), not_after = %sigil_control::issuer::rfc3339(ca.not_after()), "CA loaded: issuing SVIDs");
+        let own = IdPattern::parse(id.local.id().as_str()).expect("an SPIFFE ID is a pattern");
+        let mut reserved = api.operators.clone();
+        reserved.push(own);
         Arc::new(Issuer {
             ca,
             store: api.store.clone(),
             catalog: hub.catalog(),
+            reserved,
         })
     });
     // Sidecars without an SVID yet reach `Issue` with a join token: no client certificate
