@@ -47,6 +47,8 @@ pub struct Hub {
     refusals: Mutex<std::collections::VecDeque<String>>,
     /// Join-token attempts in the current second, per source address.
     anonymous: Mutex<(u64, HashMap<std::net::IpAddr, u32>)>,
+    /// Connections without a certificate open now, per source address (`AnonymousConn`).
+    anonymous_conns: Mutex<HashMap<std::net::IpAddr, u32>>,
 }
 
 /// How many issuance refusals `sigil status` shows per replica.
@@ -56,6 +58,50 @@ const MAX_ISSUE_REQUEST: usize = 8 * 1024;
 /// Join-token attempts (`Issue` without an SVID) per source address per second: guessing a
 /// 256-bit token is hopeless, but every attempt costs a store lookup.
 const ANONYMOUS_PER_SECOND: u32 = 10;
+/// Connections without a certificate open at once, per source address and in all: a first
+/// contact needs one, for one call. Those past either bound are closed at once.
+const ANONYMOUS_PER_SOURCE: u32 = 8;
+const ANONYMOUS_TOTAL: u32 = 1024;
+/// How long a connection without a certificate may stay open.
+const ANONYMOUS_LIFETIME: Duration = Duration::from_secs(30);
+
+/// A connection without a certificate, counted against `ANONYMOUS_PER_SOURCE` and
+/// `ANONYMOUS_TOTAL` while it lives.
+struct AnonymousConn {
+    hub: Arc<Hub>,
+    source: std::net::IpAddr,
+}
+
+impl AnonymousConn {
+    fn take(hub: &Arc<Hub>, source: std::net::IpAddr) -> Option<Self> {
+        let mut open = hub.anonymous_conns.lock().expect("anonymous lock");
+        let total: u32 = open.values().sum();
+        let here = open.entry(source).or_insert(0);
+        if *here >= ANONYMOUS_PER_SOURCE || total >= ANONYMOUS_TOTAL {
+            if *here == 0 {
+                open.remove(&source);
+            }
+            return None;
+        }
+        *here += 1;
+        Some(Self {
+            hub: hub.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for AnonymousConn {
+    fn drop(&mut self) {
+        let mut open = self.hub.anonymous_conns.lock().expect("anonymous lock");
+        if let Some(n) = open.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.source);
+            }
+        }
+    }
+}
 
 /// One connected stream, as `sigil status` shows it.
 #[derive(Debug, Clone)]
@@ -92,6 +138,7 @@ impl Hub {
             next: AtomicU64::new(0),
             refusals: Mutex::default(),
             anonymous: Mutex::default(),
+            anonymous_conns: Mutex::default(),
         }
     }
 
@@ -255,18 +302,41 @@ pub async fn serve(
             else {
                 return;
             };
+            // A client without a certificate is held to a few connections per address, and
+            // each for a short while: it is there for one first-contact `Issue` call.
+            let anonymous = match caller {
+                Caller::Anonymous => match AnonymousConn::take(&hub, addr.ip()) {
+                    Some(held) => Some(held),
+                    None => {
+                        let labels = IssuanceLabels {
+                            result: "refused",
+                            reason: "too_many_connections",
+                        };
+                        hub.metrics.issuance.get_or_create(&labels).inc();
+                        return;
+                    }
+                },
+                Caller::Svid(..) => None,
+            };
             let service = hyper::service::service_fn(move |req| {
                 let (hub, caller, issuer) = (hub.clone(), caller.clone(), issuer.clone());
                 async move { Ok::<_, Infallible>(route(hub, issuer, caller, addr, req).await) }
             });
             // PINGs notice a sidecar host gone without a FIN (its stream, status line and
             // gauge would otherwise stay forever).
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .keep_alive_interval(Duration::from_secs(10))
                 .keep_alive_timeout(Duration::from_secs(5))
-                .serve_connection(TokioIo::new(tls), service)
-                .await;
+                .serve_connection(TokioIo::new(tls), service);
+            match anonymous {
+                Some(_held) => {
+                    let _ = tokio::time::timeout(ANONYMOUS_LIFETIME, served).await;
+                }
+                None => {
+                    let _ = served.await;
+                }
+            }
         });
     }
 }

@@ -123,19 +123,21 @@ async fn call(
     config: Arc<rustls::ClientConfig>,
     request: IssueRequest,
 ) -> Result<IssueResponse, (tonic::Code, String)> {
+    // A connection the control plane closes (past its bounds) is an Unavailable answer.
+    let cut = |e: String| (tonic::Code::Unavailable, format!("connection: {e}"));
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
-        .expect("connect");
+        .map_err(|e| cut(e.to_string()))?;
     let name =
         rustls::pki_types::ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into());
     let tls = tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
         .await
-        .expect("TLS to the control plane");
+        .map_err(|e| cut(e.to_string()))?;
     let (sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
             .await
-            .expect("HTTP/2");
+            .map_err(|e| cut(e.to_string()))?;
     tokio::spawn(conn);
     let origin = format!("https://127.0.0.1:{port}").parse().unwrap();
     tokio::time::timeout(
@@ -479,18 +481,34 @@ fn refusals(cp: &ControlPlane, ops: &IdentityFiles, asker: &Asker, svid: (&str, 
             "{reason} not in sigil status:\n{status}"
         );
     }
-    // A flood of guesses from one address is cut to a budget per second: the guesses past it
-    // are refused before the store is asked (and without a log or status line each).
+    // A flood of guesses from one address is held to a few connections at once and a budget
+    // of attempts per second: the rest are cut or refused before the store is asked (and
+    // without a log or status line each).
     let answers = asker.flood(40, "ffffffffffffffff");
-    let limited = answers
+    let count = |prefix: &str| answers.iter().filter(|m| m.starts_with(prefix)).count();
+    let (limited, guessed) = (count("too_many_attempts: "), count("token_unknown: "));
+    let cut = answers
         .iter()
-        .filter(|m| m.starts_with("too_many_attempts: "))
+        .filter(|m| !m.starts_with("too_many_attempts: ") && !m.starts_with("token_unknown: "))
         .count();
-    let guessed = answers
-        .iter()
-        .filter(|m| m.starts_with("token_unknown: "))
-        .count();
-    assert!(limited >= 1 && limited + guessed == 40, "{answers:?}");
+    assert!(guessed >= 1 && limited + cut >= 1, "{answers:?}");
+    let metrics = cp.sigil(ops, &["metrics"]).1;
+    let held = metric(
+        &metrics,
+        "sigil_control_svid_issuance_total{",
+        &["reason=\"too_many_connections\""],
+    );
+    assert!(
+        held.unwrap_or(0.0) >= 1.0 && cut >= 1,
+        "no connection past the per-address bound was cut ({cut} cut):\n{metrics}"
+    );
+    assert!(
+        answers.iter().all(|m| m.starts_with("too_many_attempts: ")
+            || m.starts_with("token_unknown: ")
+            || m.starts_with("connection: ")
+            || m.contains("connection")),
+        "{answers:?}"
+    );
     // The budget is per second: the next second has room again.
     std::thread::sleep(Duration::from_millis(1100));
 }
