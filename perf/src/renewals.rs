@@ -134,7 +134,6 @@ struct Sim {
 }
 
 fn sims(boot: &Ca, n: usize, issuing: &str) -> Result<Vec<Sim>, String> {
-    let provider = tls::provider();
     let mut bundles = TrustBundles::new();
     let td = TrustDomain::parse(TD).map_err(|e| e.to_string())?;
     bundles
@@ -145,29 +144,41 @@ fn sims(boot: &Ca, n: usize, issuing: &str) -> Result<Vec<Sim>, String> {
     (0..n)
         .map(|i| {
             let id = format!("spiffe://{TD}/load/sim-{i}");
-            let svid = boot.svid(&id);
-            let identity = LocalIdentity::from_pem(
-                svid.chain_pem().as_bytes(),
-                svid.key_pem().as_bytes(),
-                UnixTime::now(),
-                None,
-                &provider,
-            )
-            .map_err(|e| e.to_string())?;
-            let config = tls::client_config(
-                &identity,
-                bundles.clone(),
-                Arc::default(),
-                provider.clone(),
-                control.clone(),
-                Carries::Http2,
-            );
+            let config = sim_tls(boot, &id, &bundles, &control)?;
             Ok(Sim {
                 id: SpiffeId::parse(&id).map_err(|e| e.to_string())?,
                 config,
             })
         })
         .collect()
+}
+
+/// The TLS config of a simulated sidecar `id` towards the control plane `control`: an SVID of
+/// `ca` made here, trusting `bundles`, as a sidecar's control-plane client is set up.
+pub fn sim_tls(
+    ca: &Ca,
+    id: &str,
+    bundles: &Arc<TrustBundles>,
+    control: &SpiffeId,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let provider = tls::provider();
+    let svid = ca.svid(id);
+    let identity = LocalIdentity::from_pem(
+        svid.chain_pem().as_bytes(),
+        svid.key_pem().as_bytes(),
+        UnixTime::now(),
+        None,
+        &provider,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(tls::client_config(
+        &identity,
+        bundles.clone(),
+        Arc::default(),
+        provider,
+        control.clone(),
+        Carries::Http2,
+    ))
 }
 
 /// One renewal as a sidecar makes it; ms from `start` to its new SVID checked with its key.

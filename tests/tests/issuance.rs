@@ -601,6 +601,30 @@ fn replicas_on_one_etcd_share_the_tokens_a_token_is_taken_once_across_them() {
     drop((cp1, cp2));
 }
 
+/// Workload B (one-minute SVIDs) applied; A's file SVID of the bootstrap CA and B's bundle
+/// directory, both trusting both CAs; a join token for B in `d/b.token`. Returns A's and B's
+/// identity files (B uses only its bundle directory) and the token file.
+fn b_with_token(
+    d: &std::path::Path,
+    setup: &Setup,
+    cp: &ControlPlane,
+) -> (IdentityFiles, IdentityFiles, std::path::PathBuf) {
+    cp.apply(
+        &setup.ops,
+        &d.join("b.yaml"),
+        &workload_yaml("b", B, "  svidTtl: 1m\n"),
+    );
+    let both = setup.boot.bundle_pem() + &setup.issuing_ca;
+    let fa = write_identity(d, "a", &setup.boot, A, &[&setup.boot]);
+    let fb = write_identity(d, "b", &setup.boot, B, &[&setup.boot]);
+    for f in [&fa, &fb] {
+        std::fs::write(f.bundle_dir.join("example.org.pem"), &both).unwrap();
+    }
+    let token_file = d.join("b.token");
+    std::fs::write(&token_file, token(cp, &setup.ops, "b", "10m")).unwrap();
+    (fa, fb, token_file)
+}
+
 fn workload_yaml(name: &str, id: &str, extra: &str) -> String {
     format!(
         "apiVersion: sigil.dev/v1\nkind: Workload\nmetadata: {{name: {name}, owner: team-{name}, purpose: test}}\n\
@@ -621,20 +645,7 @@ fn a_sidecar_gets_its_svid_from_the_control_plane_and_renews_it_in_place() {
     let d = dir.path();
     let setup = Setup::new(d);
     let cp = setup.control_plane(d, "control", StoreAt::Dir(d.join("control-data")));
-    cp.apply(
-        &setup.ops,
-        &d.join("b.yaml"),
-        &workload_yaml("b", B, "  svidTtl: 1m\n"),
-    );
-    let both = setup.boot.bundle_pem() + &setup.issuing_ca;
-    // A keeps a file SVID of the bootstrap CA; both trust both CAs.
-    let fa = write_identity(d, "a", &setup.boot, A, &[&setup.boot]);
-    let fb = write_identity(d, "b", &setup.boot, B, &[&setup.boot]);
-    for f in [&fa, &fb] {
-        std::fs::write(f.bundle_dir.join("example.org.pem"), &both).unwrap();
-    }
-    let token_file = d.join("b.token");
-    std::fs::write(&token_file, token(&cp, &setup.ops, "b", "10m")).unwrap();
+    let (fa, fb, token_file) = b_with_token(d, &setup, &cp);
 
     let (_web, web_port) = start_workload("b", false);
     let (_echo, echo_port) = start_workload("b-echo", true);
@@ -722,19 +733,7 @@ fn a_sidecar_serves_through_a_control_plane_outage_until_its_svid_expires() {
     let d = dir.path();
     let setup = Setup::new(d);
     let cp = setup.control_plane(d, "control", StoreAt::Dir(d.join("control-data")));
-    cp.apply(
-        &setup.ops,
-        &d.join("b.yaml"),
-        &workload_yaml("b", B, "  svidTtl: 1m\n"),
-    );
-    let both = setup.boot.bundle_pem() + &setup.issuing_ca;
-    let fa = write_identity(d, "a", &setup.boot, A, &[&setup.boot]);
-    let fb = write_identity(d, "b", &setup.boot, B, &[&setup.boot]);
-    for f in [&fa, &fb] {
-        std::fs::write(f.bundle_dir.join("example.org.pem"), &both).unwrap();
-    }
-    let token_file = d.join("b.token");
-    std::fs::write(&token_file, token(&cp, &setup.ops, "b", "10m")).unwrap();
+    let (fa, fb, token_file) = b_with_token(d, &setup, &cp);
     let (_web, web_port) = start_workload("b", false);
     let (b_web, a_web) = (free_port(), free_port());
     let mut b = Sidecar::new("sidecar-b", B);

@@ -21,14 +21,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls::pki_types::{ServerName, UnixTime};
+use rustls::pki_types::ServerName;
 use sigil_api::Ack;
 use sigil_config::{SpiffeId, TrustDomain};
 use sigil_e2e::{
     free_port, start_workload, write_identity, ControlPlane, IdentityFiles, Proc, Sidecar, TempDir,
 };
-use sigil_filters::tls::{self, Carries};
-use sigil_filters::{LocalIdentity, TrustBundles};
+use sigil_filters::TrustBundles;
 use sigil_perf::procfs;
 use sigil_perf::stats::percentile;
 use sigil_testkit::Ca;
@@ -452,7 +451,6 @@ fn start_sims(
     port: u16,
     sims: Arc<Sims>,
 ) -> Result<(), String> {
-    let provider = tls::provider();
     let mut bundles = TrustBundles::new();
     let td = TrustDomain::parse(TD).map_err(|e| e.to_string())?;
     bundles
@@ -464,23 +462,8 @@ fn start_sims(
     for chunk in (0..n).collect::<Vec<_>>().chunks(50) {
         let mut handles = Vec::new();
         for &i in chunk {
-            let svid = ca.svid(&format!("spiffe://{TD}/load/sim-{i}"));
-            let identity = LocalIdentity::from_pem(
-                svid.chain_pem().as_bytes(),
-                svid.key_pem().as_bytes(),
-                UnixTime::now(),
-                None,
-                &provider,
-            )
-            .map_err(|e| e.to_string())?;
-            let config = tls::client_config(
-                &identity,
-                bundles.clone(),
-                Arc::default(),
-                provider.clone(),
-                control.clone(),
-                Carries::Http2,
-            );
+            let id = format!("spiffe://{TD}/load/sim-{i}");
+            let config = sigil_perf::renewals::sim_tls(ca, &id, &bundles, &control)?;
             let (sims, a) = (sims.clone(), a.clone());
             handles.push(rt.spawn(async move {
                 let r = sim(i, port, config, &sims, &a).await;
