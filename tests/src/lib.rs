@@ -101,12 +101,24 @@ pub fn require_root(test: &str) -> bool {
     root
 }
 
-/// A free loopback port (bound then released; good enough for tests on one machine).
+/// A free loopback port, for a listener a test starts next. Taken below the kernel's
+/// ephemeral range (32768 and up by default, `ip_local_port_range`): a port bound and released
+/// there could be taken meanwhile as the source port of any outgoing connection of a test
+/// running alongside (seen: an issuance test's flood of connections took a sidecar's port).
+/// Each process walks its own slice of 20000–31999, and a port is handed out only if it binds.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind ephemeral port")
-        .port()
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = (std::process::id() % 60) * 200;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (start + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {LOW}..{}", LOW + SPAN)
 }
 
 /// A temporary directory removed on drop.
