@@ -173,12 +173,9 @@ pub async fn accept(
     tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     sigil_config::SpiffeId,
 )> {
-    let tls = handshake(acceptor, tcp, client, what).await?;
-    let peer = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(|leaf| sigil_filters::svid::leaf_spiffe_id(leaf, None).ok())?;
-    Some((tls, peer))
+    match accept_any(acceptor, tcp, client, what).await? {
+        (tls, crate::issuer::Caller::Svid(id, _)) => Some((tls, id)),
+        // The operator API's acceptor requires a certificate: cannot happen.
+        (_, crate::issuer::Caller::Anonymous) => None,
+    }
 }

@@ -265,22 +265,14 @@ pub fn client_config(
     expected: SpiffeId,
     carries: Carries,
 ) -> Arc<ClientConfig> {
-    let verifier = Arc::new(SpiffeServerVerifier {
+    build_client_config(
+        Some(identity),
         bundles,
         revocations,
-        provider: provider.clone(),
+        provider,
         expected,
-    });
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("ring supports TLS 1.3")
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(identity.certified_key())));
-    config.alpn_protocols = vec![carries.alpn().to_vec()];
-    config.resumption = Resumption::disabled();
-    config.enable_early_data = false;
-    Arc::new(config)
+        carries,
+    )
 }
 
 /// A client without an SVID of its own (a sidecar before its first one), towards a server
@@ -291,18 +283,34 @@ pub fn client_config_anonymous(
     expected: SpiffeId,
     carries: Carries,
 ) -> Arc<ClientConfig> {
+    build_client_config(None, bundles, Arc::default(), provider, expected, carries)
+}
+
+fn build_client_config(
+    identity: Option<&LocalIdentity>,
+    bundles: Arc<TrustBundles>,
+    revocations: Arc<Revocations>,
+    provider: Arc<CryptoProvider>,
+    expected: SpiffeId,
+    carries: Carries,
+) -> Arc<ClientConfig> {
     let verifier = Arc::new(SpiffeServerVerifier {
         bundles,
-        revocations: Arc::default(),
+        revocations,
         provider: provider.clone(),
         expected,
     });
-    let mut config = ClientConfig::builder_with_provider(provider)
+    let builder = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("ring supports TLS 1.3")
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match identity {
+        Some(id) => {
+            builder.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(id.certified_key())))
+        }
+        None => builder.with_no_client_auth(),
+    };
     config.alpn_protocols = vec![carries.alpn().to_vec()];
     config.resumption = Resumption::disabled();
     config.enable_early_data = false;

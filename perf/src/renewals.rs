@@ -181,15 +181,25 @@ pub fn sim_tls(
     ))
 }
 
-/// One renewal as a sidecar makes it; ms from `start` to its new SVID checked with its key.
-async fn renew(sim: Sim, port: u16, start: Instant) -> Result<f64, String> {
-    let (key, csr) = key_and_csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[sim.id.as_str()]);
+/// A simulated sidecar's own connection to the control plane's sidecar API on loopback
+/// `port`: TCP, TLS with `config`, HTTP/2; the sender, the connection's task, and the origin.
+pub async fn connect(
+    port: u16,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<
+    (
+        hyper::client::conn::http2::SendRequest<sigil_api::tonic::body::Body>,
+        tokio::task::JoinHandle<Result<(), hyper::Error>>,
+        hyper::http::Uri,
+    ),
+    String,
+> {
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .map_err(|e| e.to_string())?;
     let _ = tcp.set_nodelay(true);
     let name = ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into());
-    let stream = tokio_rustls::TlsConnector::from(sim.config)
+    let stream = tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
         .await
         .map_err(|e| format!("TLS: {e}"))?;
@@ -197,10 +207,16 @@ async fn renew(sim: Sim, port: u16, start: Instant) -> Result<f64, String> {
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|e| format!("HTTP/2: {e}"))?;
-    let conn = tokio::spawn(conn);
     let origin = format!("https://127.0.0.1:{port}")
         .parse()
         .map_err(|e| format!("{e}"))?;
+    Ok((sender, tokio::spawn(conn), origin))
+}
+
+/// One renewal as a sidecar makes it; ms from `start` to its new SVID checked with its key.
+async fn renew(sim: Sim, port: u16, start: Instant) -> Result<f64, String> {
+    let (key, csr) = key_and_csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[sim.id.as_str()]);
+    let (sender, conn, origin) = connect(port, sim.config).await?;
     let request = IssueRequest {
         csr,
         join_token: String::new(),

@@ -20,8 +20,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls::pki_types::ServerName;
 use sigil_api::Ack;
 use sigil_config::{SpiffeId, TrustDomain};
 use sigil_e2e::{
@@ -31,7 +29,6 @@ use sigil_filters::TrustBundles;
 use sigil_perf::procfs;
 use sigil_perf::stats::percentile;
 use sigil_testkit::Ca;
-use tokio_rustls::TlsConnector;
 
 const TD: &str = "example.org";
 const CONTROL: &str = "spiffe://example.org/sigil/control";
@@ -495,23 +492,8 @@ async fn sim(
     sims: &Sims,
     a: &SpiffeId,
 ) -> Result<(), String> {
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .map_err(|e| e.to_string())?;
-    let _ = tcp.set_nodelay(true);
-    let name = ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into());
-    let stream = TlsConnector::from(config)
-        .connect(name, tcp)
-        .await
-        .map_err(|e| format!("TLS: {e}"))?;
-    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("HTTP/2: {e}"))?;
-    tokio::spawn(conn);
-    let origin = format!("https://127.0.0.1:{port}")
-        .parse()
-        .map_err(|e| format!("{e}"))?;
+    // The connection's task runs until the stream ends.
+    let (sender, _conn, origin) = sigil_perf::renewals::connect(port, config).await?;
     let hello = Ack {
         node: format!("sim-{i}"),
         version: 0,
