@@ -4,6 +4,12 @@
 //! CSR's public key; every field of the SVID is set here, per the X.509-SVID profile: one URI
 //! SAN, a random 128-bit serial, digitalSignature, serverAuth and clientAuth, not a CA.
 //!
+//! Rotation (`sigil ca rotate`) makes the next CA beside the active one (`next.crt`,
+//! `next.key`); `sigil-control` publishes it in its trust domain's bundle, makes it active once
+//! every sidecar has that bundle, and keeps the previous certificate in the bundle
+//! (`retired.crt`, until `retired.until`) for as long as SVIDs it signed may be valid. The
+//! previous key is deleted when the next one becomes active.
+//!
 //! The private key stays in its file (mode 0600, in a 0700 directory) and in this process; it
 //! is never logged, and a key file others can read is refused at load.
 
@@ -25,6 +31,11 @@ use sigil_filters::issuance::{CheckedCsr, Validity};
 
 const CERT_FILE: &str = "ca.crt";
 const KEY_FILE: &str = "ca.key";
+const NEXT_CERT_FILE: &str = "next.crt";
+const NEXT_KEY_FILE: &str = "next.key";
+const RETIRED_CERT_FILE: &str = "retired.crt";
+/// When the retired CA leaves the bundle: one RFC 3339 time.
+const RETIRED_UNTIL_FILE: &str = "retired.until";
 
 /// Why the CA could not be made, loaded or used.
 #[derive(Debug)]
@@ -43,6 +54,8 @@ pub enum CaError {
     Invalid(PathBuf, String),
     /// Signing failed (rcgen's words).
     Sign(String),
+    /// `sigil ca rotate` while a rotation is under way: the file that says so.
+    Rotating(PathBuf),
 }
 
 impl fmt::Display for CaError {
@@ -73,6 +86,11 @@ impl fmt::Display for CaError {
             ),
             Self::Invalid(p, why) => write!(f, "{}: {why}", p.display()),
             Self::Sign(e) => write!(f, "signing: {e}"),
+            Self::Rotating(p) => write!(
+                f,
+                "{}: a rotation is under way; the next one can start once it has finished (sigil-control removes this file)",
+                p.display()
+            ),
         }
     }
 }
@@ -87,10 +105,19 @@ pub struct CaFiles {
 }
 
 impl CaFiles {
+    /// The active CA.
     pub fn in_dir(dir: &Path) -> Self {
         Self {
             cert: dir.join(CERT_FILE),
             key: dir.join(KEY_FILE),
+        }
+    }
+
+    /// The next CA, made by `rotate`.
+    pub fn next_in(dir: &Path) -> Self {
+        Self {
+            cert: dir.join(NEXT_CERT_FILE),
+            key: dir.join(NEXT_KEY_FILE),
         }
     }
 }
@@ -124,6 +151,31 @@ pub fn init(
                 .map_err(|e| CaError::Io(dir.to_path_buf(), e))?;
         }
     }
+    make_root(&files, td, now, lifetime)?;
+    Ok(files)
+}
+
+/// Makes the next CA of `dir` (`next.crt`, `next.key`), for the active CA's trust domain,
+/// valid from `now` for `lifetime`. Refuses while a rotation is under way.
+pub fn rotate(dir: &Path, now: i64, lifetime: Duration) -> Result<CaFiles, CaError> {
+    let active = Authority::load(dir)?;
+    let next = CaFiles::next_in(dir);
+    for p in [&next.cert, &next.key, &dir.join(RETIRED_CERT_FILE)] {
+        if p.exists() {
+            return Err(CaError::Rotating(p.clone()));
+        }
+    }
+    make_root(&next, active.trust_domain(), now, lifetime)?;
+    Ok(next)
+}
+
+/// A self-signed root for `td` in `files` (neither may exist yet).
+fn make_root(
+    files: &CaFiles,
+    td: &TrustDomain,
+    now: i64,
+    lifetime: Duration,
+) -> Result<(), CaError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|e| CaError::Sign(e.to_string()))?;
     let mut params = CertificateParams::default();
@@ -148,8 +200,7 @@ pub fn init(
         .map_err(|e| CaError::Sign(e.to_string()))?;
     // The key first, so that a failure leaves no certificate without its key.
     write_new(&files.key, key.serialize_pem().as_bytes(), 0o600)?;
-    write_new(&files.cert, cert.pem().as_bytes(), 0o644)?;
-    Ok(files)
+    write_new(&files.cert, cert.pem().as_bytes(), 0o644)
 }
 
 /// A loaded CA, ready to sign.
@@ -163,9 +214,13 @@ pub struct Authority {
 }
 
 impl Authority {
-    /// Loads the CA of `dir` (see `init`).
+    /// Loads the active CA of `dir` (see `init`).
     pub fn load(dir: &Path) -> Result<Self, CaError> {
-        let files = CaFiles::in_dir(dir);
+        Self::load_files(&CaFiles::in_dir(dir))
+    }
+
+    /// Loads the CA of `files`.
+    pub fn load_files(files: &CaFiles) -> Result<Self, CaError> {
         let mode = std::fs::metadata(&files.key)
             .map_err(|e| CaError::Io(files.key.clone(), e))?
             .permissions()
@@ -278,6 +333,130 @@ impl Authority {
             .map_err(|e| CaError::Sign(e.to_string()))?;
         Ok(vec![leaf.der().clone()])
     }
+}
+
+/// A CA certificate that signs no more but stays in the bundle until `until` (Unix seconds),
+/// when the last SVID it signed has expired.
+pub struct Retired {
+    pub cert: CertificateDer<'static>,
+    pub until: i64,
+}
+
+/// The CAs of a directory: the active one signs; the next one (after `sigil ca rotate`) and
+/// the retired one are only in the trust bundle.
+pub struct CaSet {
+    pub active: Authority,
+    pub next: Option<Authority>,
+    pub retired: Option<Retired>,
+}
+
+impl CaSet {
+    /// Loads every CA of `dir`, first finishing an activation that a crash interrupted.
+    pub fn load(dir: &Path) -> Result<Self, CaError> {
+        let next_files = CaFiles::next_in(dir);
+        let active_files = CaFiles::in_dir(dir);
+        // `activate` moves the next key before the next certificate: a key without its
+        // certificate in `next.*` means the move stopped half-way.
+        if next_files.cert.exists() && !next_files.key.exists() {
+            rename(&next_files.cert, &active_files.cert)?;
+        }
+        let active = Authority::load_files(&active_files)?;
+        let next = if next_files.cert.exists() {
+            let next = Authority::load_files(&next_files)?;
+            if next.trust_domain() != active.trust_domain() {
+                return Err(CaError::Invalid(
+                    next_files.cert,
+                    format!(
+                        "signs for {}, not for {} as {} does",
+                        next.trust_domain(),
+                        active.trust_domain(),
+                        active_files.cert.display()
+                    ),
+                ));
+            }
+            Some(next)
+        } else {
+            None
+        };
+        let retired_cert = dir.join(RETIRED_CERT_FILE);
+        let retired = if retired_cert.exists() {
+            let cert = CertificateDer::from_pem_file(&retired_cert).map_err(|e| {
+                CaError::Invalid(retired_cert.clone(), format!("no PEM certificate: {e}"))
+            })?;
+            let until_file = dir.join(RETIRED_UNTIL_FILE);
+            let text = std::fs::read_to_string(&until_file)
+                .map_err(|e| CaError::Io(until_file.clone(), e))?;
+            let until = sigil_config::policy::Timestamp::parse(text.trim())
+                .map_err(|e| CaError::Invalid(until_file, e))?
+                .0;
+            Some(Retired { cert, until })
+        } else {
+            None
+        };
+        Ok(Self {
+            active,
+            next,
+            retired,
+        })
+    }
+
+    /// Every certificate of the set (active, next, retired): the trust bundle's share of it.
+    pub fn certs(&self) -> Vec<CertificateDer<'static>> {
+        let mut certs = vec![self.active.cert().clone()];
+        certs.extend(self.next.iter().map(|n| n.cert().clone()));
+        certs.extend(self.retired.iter().map(|r| r.cert.clone()));
+        certs
+    }
+}
+
+/// Makes the next CA of `dir` the active one; the active one is retired, its certificate kept
+/// until `until` (Unix seconds) and its key deleted.
+pub fn activate(dir: &Path, until: i64) -> Result<(), CaError> {
+    let active = CaFiles::in_dir(dir);
+    let next = CaFiles::next_in(dir);
+    let until_file = dir.join(RETIRED_UNTIL_FILE);
+    let retired_cert = dir.join(RETIRED_CERT_FILE);
+    let until_text = format!("{}\n", sigil_config::policy::Timestamp(until));
+    replace(&until_file, until_text.as_bytes(), 0o644)?;
+    let cert = std::fs::read(&active.cert).map_err(|e| CaError::Io(active.cert.clone(), e))?;
+    replace(&retired_cert, &cert, 0o644)?;
+    // The key first (it replaces the old one, which is gone from here on), then the
+    // certificate; `CaSet::load` finishes the second move if a crash stopped between them.
+    rename(&next.key, &active.key)?;
+    rename(&next.cert, &active.cert)
+}
+
+/// Drops the retired CA of `dir` from the set.
+pub fn drop_retired(dir: &Path) -> Result<(), CaError> {
+    for f in [RETIRED_CERT_FILE, RETIRED_UNTIL_FILE] {
+        let p = dir.join(f);
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(CaError::Io(p, e)),
+        }
+    }
+    Ok(())
+}
+
+fn rename(from: &Path, to: &Path) -> Result<(), CaError> {
+    std::fs::rename(from, to).map_err(|e| CaError::Io(from.to_path_buf(), e))?;
+    if let Some(dir) = to.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| CaError::Io(dir.to_path_buf(), e))?;
+    }
+    Ok(())
+}
+
+/// Writes `path` whole through a temporary file beside it.
+fn replace(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CaError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    write_new(&tmp, bytes, mode)?;
+    rename(&tmp, path)
 }
 
 /// The trust domain a CA certificate names in its URI SAN.
@@ -442,5 +621,52 @@ mod tests {
         std::fs::set_permissions(&ka, std::fs::Permissions::from_mode(0o600)).unwrap();
         let e = Authority::load(&a.0).err().expect("refused");
         assert!(e.to_string().contains("not the key of"), "{e}");
+    }
+
+    #[test]
+    fn a_rotation_brings_the_next_ca_in_and_keeps_the_old_certificate_until_its_time() {
+        let dir = Dir::new("rotate");
+        let d = &dir.0;
+        let td = TrustDomain::parse("example.org").unwrap();
+        let hour = Duration::from_secs(3600);
+        assert!(
+            matches!(rotate(d, now(), hour), Err(CaError::Io(..))),
+            "no CA to rotate"
+        );
+        init(d, &td, now(), hour).unwrap();
+        let old = CaSet::load(d).unwrap().active.cert().clone();
+        let next = rotate(d, now(), hour).unwrap();
+        assert!(
+            matches!(rotate(d, now(), hour), Err(CaError::Rotating(p)) if p == next.cert),
+            "one rotation at a time"
+        );
+        let set = CaSet::load(d).unwrap();
+        let new = set.next.as_ref().expect("the next CA").cert().clone();
+        assert_eq!(set.certs(), [old.clone(), new.clone()]);
+        assert_eq!(set.active.cert(), &old, "the old CA signs until activation");
+
+        let until = now() + 70;
+        activate(d, until).unwrap();
+        let set = CaSet::load(d).unwrap();
+        assert_eq!(set.active.cert(), &new);
+        assert!(set.next.is_none());
+        let retired = set.retired.as_ref().expect("the retired CA");
+        assert_eq!((&retired.cert, retired.until), (&old, until));
+        assert_eq!(set.certs(), [new.clone(), old.clone()]);
+        assert!(
+            matches!(rotate(d, now(), hour), Err(CaError::Rotating(p)) if p.ends_with(RETIRED_CERT_FILE)),
+            "not while the retired CA is in the bundle"
+        );
+        drop_retired(d).unwrap();
+        assert_eq!(CaSet::load(d).unwrap().certs(), [new]);
+
+        // An activation stopped between moving the key and the certificate is finished at
+        // load, with the key and the certificate of the next CA together.
+        let third = rotate(d, now(), hour).unwrap();
+        let third_cert = CaSet::load(d).unwrap().next.unwrap().cert().clone();
+        std::fs::rename(&third.key, d.join(KEY_FILE)).unwrap();
+        let set = CaSet::load(d).unwrap();
+        assert_eq!(set.active.cert(), &third_cert);
+        assert!(set.next.is_none() && !third.cert.exists());
     }
 }

@@ -17,7 +17,7 @@ use sigil_config::SpiffeId;
 use sigil_filters::issuance::{check_csr, validity, CsrRefusal, LifetimeRefusal, DEFAULT_TTL};
 use tokio::sync::watch;
 
-use crate::ca::{Authority, CaError};
+use crate::ca::{CaError, CaSet};
 use crate::snapshot::Catalog;
 use crate::store::Store;
 use crate::stored::{StoreError, TokenRecord, TokenUse};
@@ -28,7 +28,8 @@ const TOKEN_BYTES: usize = 32;
 const CATALOG_LAG: Duration = Duration::from_secs(2);
 
 pub struct Issuer {
-    pub ca: Authority,
+    /// The CAs in force (`rotation::follow`): the active one signs.
+    pub cas: watch::Receiver<Arc<CaSet>>,
     pub store: Arc<Store>,
     /// The catalog in force (`Hub::catalog`): Workloads and revocations.
     pub catalog: watch::Receiver<Arc<Catalog>>,
@@ -238,7 +239,9 @@ impl Issuer {
             }
         };
         let id = &workload.spec.spiffe_id;
-        if id.trust_domain_name() != self.ca.trust_domain().as_str() {
+        let cas = self.cas.borrow().clone();
+        let ca = &cas.active;
+        if id.trust_domain_name() != ca.trust_domain().as_str() {
             return Err(Refused::OtherDomain(id.clone()));
         }
         if self.reserved.iter().any(|p| p.matches(id)) {
@@ -246,7 +249,7 @@ impl Issuer {
         }
         let csr = check_csr(&req.csr, id).map_err(Refused::Csr)?;
         let ttl = workload.spec.svid_ttl.unwrap_or(DEFAULT_TTL);
-        let v = validity(now, ttl, self.ca.not_after()).map_err(Refused::Lifetime)?;
+        let v = validity(now, ttl, ca.not_after()).map_err(Refused::Lifetime)?;
         check_revoked(&catalog, caller, id, v.not_before, now)?;
         if let Some(name) = &workload_name {
             // Spent now, at most once across replicas; another caller may have been faster.
@@ -261,13 +264,17 @@ impl Issuer {
                 other => return Err(Refused::Token(other)),
             }
         }
-        let chain = self.ca.issue(&csr, id, v).map_err(Refused::Sign)?;
+        let chain = ca.issue(&csr, id, v).map_err(Refused::Sign)?;
         let serial = x509_parser::parse_x509_certificate(&chain[0])
             .map(|(_, c)| c.raw_serial_as_string())
             .unwrap_or_default();
         let bundle = Bundle {
-            trust_domain: self.ca.trust_domain().to_string(),
-            pem: sigil_testkit::pem("CERTIFICATE", self.ca.cert()),
+            trust_domain: ca.trust_domain().to_string(),
+            pem: cas
+                .certs()
+                .iter()
+                .map(|c| sigil_testkit::pem("CERTIFICATE", c))
+                .collect(),
         };
         Ok(Issued {
             id: id.clone(),

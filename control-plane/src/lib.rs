@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod operator;
 pub mod policy_test;
 pub mod revoke;
+pub mod rotation;
 pub mod sidecars;
 pub mod snapshot;
 pub mod sqlite;

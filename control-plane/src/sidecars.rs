@@ -281,7 +281,7 @@ impl Hub {
 /// without a CA (`--ca-dir`), when `Issue` is refused.
 pub async fn serve(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    acceptor: watch::Receiver<TlsAcceptor>,
     hub: Arc<Hub>,
     issuer: Option<Arc<Issuer>>,
 ) {
@@ -295,7 +295,9 @@ pub async fn serve(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, hub, issuer) = (acceptor.clone(), hub.clone(), issuer.clone());
+        // The one in force now: its bundles follow the CA set (`rotation`).
+        let acceptor = acceptor.borrow().clone();
+        let (hub, issuer) = (hub.clone(), issuer.clone());
         tokio::spawn(async move {
             let Some((tls, caller)) =
                 crate::identity::accept_any(&acceptor, tcp, addr, "sidecar").await

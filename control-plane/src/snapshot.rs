@@ -107,6 +107,16 @@ impl Catalog {
         self.workloads.iter().find(|w| w.spec.spiffe_id == *id)
     }
 
+    /// The longest SVID lifetime of any Workload (`DEFAULT_TTL` if there is none).
+    pub fn max_svid_ttl(&self) -> std::time::Duration {
+        let default = sigil_filters::issuance::DEFAULT_TTL;
+        self.workloads
+            .iter()
+            .map(|w| w.spec.svid_ttl.unwrap_or(default))
+            .max()
+            .unwrap_or(default)
+    }
+
     /// The revocations in force.
     pub fn revoked(&self) -> &sigil_filters::Revocations {
         &self.revoked

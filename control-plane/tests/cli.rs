@@ -376,5 +376,22 @@ fn ca_init_makes_a_private_key_and_a_bundle_and_never_overwrites_them() {
 
     let (code, _, err) = sigil(&["ca", "init", "--dir", &d, "--trust-domain", "Not A Domain"]);
     assert_eq!(code, Some(2), "{err}");
+
+    // The next CA beside it, its key as private; one rotation at a time.
+    let (code, out, err) = sigil(&["ca", "rotate", "--dir", &d]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(mode(&dir.join("next.key")), 0o600);
+    assert!(!out.contains("PRIVATE KEY"), "{out}");
+    assert_eq!(std::fs::read_to_string(dir.join("ca.key")).unwrap(), key);
+    let (code, _, err) = sigil(&["ca", "rotate", "--dir", &d]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("next.crt") && err.contains("a rotation is under way"),
+        "{err}"
+    );
+    let missing = base.join("nothing").display().to_string();
+    let (code, _, err) = sigil(&["ca", "rotate", "--dir", &missing]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("nothing/ca.key"), "{err}");
     std::fs::remove_dir_all(&base).unwrap();
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{CertificateDer, UnixTime};
 use sigil_config::SpiffeId;
 use tokio::sync::watch;
 
@@ -70,6 +70,9 @@ pub struct ConnInfo {
     pub peer: SpiffeId,
     /// The peer's certificate chain as presented (leaf first), for re-verification.
     pub chain: Vec<CertificateDer<'static>>,
+    /// When the chain was verified (the handshake): a bundle change asks whether the chain
+    /// still chains to a trusted CA, not whether it has expired since.
+    pub verified_at: UnixTime,
     /// Workload port (inbound) or destination port (outbound).
     pub port: u16,
     close: watch::Sender<Option<CloseReason>>,
@@ -119,6 +122,7 @@ impl Conns {
                 kind,
                 peer,
                 chain,
+                verified_at: UnixTime::now(),
                 port,
                 close,
             },

@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use rustls::pki_types::UnixTime;
 use sigil_config::Revocation;
 use sigil_filters::svid::{verify_svid, Usage};
 use sigil_filters::{tls, Revocations};
@@ -26,7 +25,6 @@ impl Proxy {
         info!(trust_domains = ?bundles.domains(), "trust bundles in force");
         self.tls.set_bundles(bundles.clone());
         let provider = tls::provider();
-        let now = UnixTime::now();
         let algs = &provider.signature_verification_algorithms;
         let n = self
             .ledger
@@ -43,7 +41,9 @@ impl Proxy {
                 let Some((leaf, rest)) = c.chain.split_first() else {
                     return true;
                 };
-                verify_svid(&bundles, algs, leaf, rest, now, usage).is_err()
+                // At the handshake's time: a peer SVID that has expired since (its sidecar
+                // renewed) keeps its connection, as it would without a bundle change.
+                verify_svid(&bundles, algs, leaf, rest, c.verified_at, usage).is_err()
             });
         if n > 0 {
             warn!(

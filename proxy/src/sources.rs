@@ -167,15 +167,23 @@ fn check_ports(cfg: &ProxyConfig, origin: &Path, p: &Policy) -> Result<(), Inval
 /// SVID is refused: applying it would cut this sidecar off from its whole domain (push the new
 /// CA next to the old one first, rotate the SVIDs, then drop the old CA).
 fn parse_bundles(s: &Snapshot, own: &LocalIdentity) -> Result<TrustBundles, InvalidSnapshot> {
-    let mut bundles = TrustBundles::new();
+    // Several TrustBundles of one domain (the control plane's CA set and an operator's own)
+    // add up.
+    let mut pems: std::collections::BTreeMap<&str, String> = Default::default();
     for b in &s.bundles {
+        let pem = pems.entry(b.trust_domain.as_str()).or_default();
+        pem.push_str(&b.pem);
+        pem.push('\n');
+    }
+    let mut bundles = TrustBundles::new();
+    for (domain, pem) in pems {
         let bad = |problem: String| InvalidSnapshot::Bundle {
-            trust_domain: b.trust_domain.clone(),
+            trust_domain: domain.to_string(),
             problem,
         };
-        let td = TrustDomain::parse(&b.trust_domain).map_err(|e| bad(e.to_string()))?;
+        let td = TrustDomain::parse(domain).map_err(|e| bad(e.to_string()))?;
         bundles
-            .insert_pem(&td, b.pem.as_bytes())
+            .insert_pem(&td, pem.as_bytes())
             .map_err(|e| bad(e.to_string()))?;
     }
     let own_td = own.id().trust_domain_name();

@@ -270,12 +270,9 @@ impl Setup {
 
     /// A control plane `name` on `store` issuing with the CA, trusting SVIDs of both CAs.
     fn control_plane(&self, d: &std::path::Path, name: &str, store: StoreAt) -> ControlPlane {
+        // Its bundle file holds the bootstrap CA only: the issuing CAs come from the CA
+        // directory, and leave the bundle with a rotation.
         let files = write_identity(d, name, &self.boot, CONTROL, &[&self.boot]);
-        std::fs::write(
-            files.bundle_dir.join("example.org.pem"),
-            self.boot.bundle_pem() + &self.issuing_ca,
-        )
-        .unwrap();
         let ca_arg = vec!["--ca-dir".to_string(), self.ca_dir.display().to_string()];
         ControlPlane::start_with_args(CONTROL, files, store, free_port(), free_port(), ca_arg)
     }
@@ -817,4 +814,179 @@ fn a_sidecar_serves_through_a_control_plane_outage_until_its_svid_expires() {
         },
     );
     assert_eq!(get_once(a_web, "/"), Some(200), "{}", pb.log());
+}
+
+/// The certificates of a PEM text (indented too, as in a YAML block).
+fn certs_of(pem_text: &str) -> Vec<CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    let text: String = pem_text
+        .lines()
+        .map(|l| l.trim_start().to_string() + "\n")
+        .collect();
+    CertificateDer::pem_slice_iter(text.as_bytes())
+        .map(|c| c.expect("a PEM certificate"))
+        .collect()
+}
+
+/// Whether the SVID kept in `state/svid.pem` chains to the CA of `ca_pem` (and to it alone).
+fn kept_svid_signed_by(state: &std::path::Path, ca_pem: &str) -> bool {
+    let Ok(kept) = std::fs::read_to_string(state.join("svid.pem")) else {
+        return false;
+    };
+    let chain = certs_of(&kept);
+    let mut only = TrustBundles::new();
+    only.insert_pem(
+        &TrustDomain::parse("example.org").unwrap(),
+        ca_pem.as_bytes(),
+    )
+    .unwrap();
+    let provider = sigil_filters::tls::provider();
+    chain.split_first().is_some_and(|(leaf, rest)| {
+        verify_svid(
+            &only,
+            &provider.signature_verification_algorithms,
+            leaf,
+            rest,
+            UnixTime::now(),
+            Usage::Client,
+        )
+        .is_ok()
+    })
+}
+
+/// `sigil ca rotate` under steady traffic between two sidecars with issued one-minute SVIDs,
+/// one call a new connection (new handshakes all along) and one on a kept-alive connection:
+/// the next CA enters the pushed bundle, becomes active once both sidecars acknowledged it,
+/// both renew onto it, and the old CA leaves the bundle after the last SVID it signed
+/// expired. Not one call fails.
+#[test]
+fn a_ca_rotation_under_steady_traffic_fails_no_request() {
+    if !require_tool("openssl", "issuance") {
+        return;
+    }
+    let dir = TempDir::new("issuance-rotation");
+    let d = dir.path();
+    let setup = Setup::new(d);
+    let cp = setup.control_plane(d, "control", StoreAt::Dir(d.join("control-data")));
+    let (_, fb, token_b) = b_with_token(d, &setup, &cp);
+    cp.apply(
+        &setup.ops,
+        &d.join("a.yaml"),
+        &workload_yaml("a", A, "  svidTtl: 1m\n"),
+    );
+    let token_a = d.join("a.token");
+    std::fs::write(&token_a, token(&cp, &setup.ops, "a", "10m")).unwrap();
+    // A's bundle files as B's: the bootstrap CA and the issuing CA of `sigil ca init`.
+    let fa = write_identity(d, "a-issued", &setup.boot, A, &[&setup.boot]);
+    std::fs::copy(
+        fb.bundle_dir.join("example.org.pem"),
+        fa.bundle_dir.join("example.org.pem"),
+    )
+    .unwrap();
+
+    let (_web, web_port) = start_workload("b", false);
+    let (b_web, a_web) = (free_port(), free_port());
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.join_token_file = Some(token_b);
+    b.control_plane = Some((cp.sidecar_port, CONTROL.into(), d.join("state-b")));
+    b.inbound = vec![(b_web, web_port)];
+    b.allow = vec![(web_port, vec![A.into()])];
+    let mut a = Sidecar::new("sidecar-a", A);
+    a.join_token_file = Some(token_a);
+    a.control_plane = Some((cp.sidecar_port, CONTROL.into(), d.join("state-a")));
+    a.outbound = vec![(a_web, b_web, B.into())];
+    let pb = b.start(d, &fb);
+    let pa = a.start(d, &fa);
+    assert_eq!(get_once(a_web, "/"), Some(200), "{}", pa.log());
+    let logs = || format!("{}\n{}\n{}", cp.proc.log(), pa.log(), pb.log());
+    let old_ca = setup.issuing_ca.clone();
+    for state in ["state-a", "state-b"] {
+        assert!(kept_svid_signed_by(&d.join(state), &old_ca), "{}", logs());
+    }
+
+    let limit = Duration::from_secs(240);
+    let fresh = Steady {
+        pause: Duration::from_millis(50),
+        limit,
+        ..Steady::fresh(a_web, "/steady-fresh")
+    }
+    .start();
+    let kept = Steady {
+        pause: Duration::from_millis(50),
+        limit,
+        ..Steady::keep_alive(a_web, "/steady-kept")
+    }
+    .start();
+
+    let (code, out) = run_status(
+        std::process::Command::new(bin("sigil"))
+            .args(["ca", "rotate", "--dir"])
+            .arg(&setup.ca_dir),
+        Duration::from_secs(30),
+    );
+    assert_eq!(code, Some(0), "{out}");
+    let new_ca = std::fs::read_to_string(setup.ca_dir.join("next.crt")).unwrap();
+    let bundle = || {
+        let (_, out, _) = cp.sigil(&setup.ops, &["get", "TrustBundle", "ca-example.org"]);
+        certs_of(&out)
+    };
+    // The next CA in the bundle, then active once both sidecars have that bundle.
+    poll(Duration::from_secs(30), Duration::from_millis(250), || {
+        cp.proc
+            .log()
+            .contains("the next CA signs from now on")
+            .then_some(())
+            .ok_or_else(|| format!("the next CA is not active within 30 s:\n{}", logs()))
+    });
+    let during = bundle();
+    for ca in [&old_ca, &new_ca] {
+        assert!(during.contains(&certs_of(ca)[0]), "{during:?}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(setup.ca_dir.join("ca.crt")).unwrap(),
+        new_ca
+    );
+    assert!(
+        !setup.ca_dir.join("next.key").exists(),
+        "the old key is gone"
+    );
+
+    // Both sidecars renew onto the new CA (renewal due at 30 s +- 6 s, in force 5 s later).
+    poll(Duration::from_secs(60), Duration::from_millis(500), || {
+        ["state-a", "state-b"]
+            .iter()
+            .all(|s| kept_svid_signed_by(&d.join(s), &new_ca))
+            .then_some(())
+            .ok_or_else(|| format!("not both renewed onto the new CA in 60 s:\n{}", logs()))
+    });
+
+    // The old CA leaves the bundle once the last SVID it signed has expired (activation +
+    // one minute + a margin).
+    poll(Duration::from_secs(90), Duration::from_millis(500), || {
+        let now = bundle();
+        (!now.contains(&certs_of(&old_ca)[0]) && now.contains(&certs_of(&new_ca)[0]))
+            .then_some(())
+            .ok_or_else(|| format!("the old CA is still in the bundle after 90 s:\n{}", logs()))
+    });
+    assert!(!setup.ca_dir.join("retired.crt").exists());
+    // Calls go on after the last bundle change.
+    let after = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    let (fresh_calls, kept_calls) = (fresh.stop(), kept.stop());
+    for (what, calls) in [
+        ("new connections", &fresh_calls),
+        ("kept alive", &kept_calls),
+    ] {
+        let (ok, failed) = calls.tally();
+        assert!(
+            failed.is_empty() && ok > 100,
+            "{what}: failed calls {failed:?} ({ok} ok)\n{}",
+            logs()
+        );
+        assert!(
+            calls.after(after).tally().0 > 0,
+            "{what}: no call after the rotation"
+        );
+    }
+    assert_eq!(get_once(a_web, "/"), Some(200), "{}", logs());
 }

@@ -9,10 +9,11 @@ use std::sync::Arc;
 use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser};
 use sigil_config::IdPattern;
-use sigil_control::ca::Authority;
+use sigil_control::ca::CaSet;
 use sigil_control::etcd::{Etcd, EtcdTls};
 use sigil_control::issuer::Issuer;
 use sigil_control::operator::{self, Api};
+use sigil_control::rotation::{self, Rotation};
 use sigil_control::sidecars::{self, Hub};
 use sigil_control::snapshot::Catalog;
 use sigil_control::sqlite::Sqlite;
@@ -222,8 +223,8 @@ impl From<StoreError> for StartError {
 /// Loads the identity, opens the store, listens, and serves until SIGTERM or SIGINT.
 async fn run(config: Config) -> Result<(), StartError> {
     let id = identity::load(&config.cert, &config.key, &config.bundle_dir)?;
-    let ca = match &config.ca_dir {
-        Some(dir) => Some(Authority::load(dir).map_err(StartError::Ca)?),
+    let cas = match &config.ca_dir {
+        Some(dir) => Some((dir.clone(), CaSet::load(dir).map_err(StartError::Ca)?)),
         None => None,
     };
     let store = Arc::new(open_store(config.store).await?);
@@ -260,30 +261,58 @@ async fn run(config: Config) -> Result<(), StartError> {
     tokio::spawn(async move { retrying.hub.retry_publishes(&retrying.store).await });
     let reloading = api.clone();
     tokio::spawn(async move { reloading.hub.reload_on_request(&reloading.store).await });
-    let issuer = ca.map(|ca| {
+    // Sidecars without an SVID yet reach `Issue` with a join token: no client certificate
+    // required at the handshake; `Subscribe` refuses them.
+    let local = id.local.clone();
+    let provider = id.provider.clone();
+    let sidecar_acceptor = move |bundles: Arc<sigil_filters::TrustBundles>| {
+        TlsAcceptor::from(sigil_filters::tls::server_config_client_optional(
+            &local,
+            bundles,
+            Arc::default(),
+            provider.clone(),
+        ))
+    };
+    let (acceptor_tx, acceptor_rx) =
+        tokio::sync::watch::channel(sidecar_acceptor(id.bundles.clone()));
+    let issuer = cas.map(|(dir, set)| {
+        let ca = &set.active;
         info!(trust_domain = %ca.trust_domain(), not_after = %sigil_control::issuer::rfc3339(ca.not_after()), "CA loaded: issuing SVIDs");
+        let set = Arc::new(set);
         let own = IdPattern::parse(id.local.id().as_str()).expect("an SPIFFE ID is a pattern");
         let mut reserved = api.operators.clone();
         reserved.push(own);
+        let (cas_tx, cas_rx) = tokio::sync::watch::channel(set.clone());
+        // The sidecars' SVIDs verify against the CA set as it changes.
+        let verify = Arc::new(rotation::bundles_with(&id.bundles, &set));
+        acceptor_tx.send_replace(sidecar_acceptor(verify.clone()));
+        let (verify_tx, mut verify_rx) = tokio::sync::watch::channel(verify);
+        let make = sidecar_acceptor.clone();
+        tokio::spawn(async move {
+            while verify_rx.changed().await.is_ok() {
+                let bundles = verify_rx.borrow_and_update().clone();
+                acceptor_tx.send_replace(make(bundles));
+            }
+        });
+        tokio::spawn(rotation::follow(Rotation {
+            dir,
+            store: api.store.clone(),
+            hub: hub.clone(),
+            cas: cas_tx,
+            file_bundles: id.bundles.clone(),
+            verify_with: verify_tx,
+        }));
         Arc::new(Issuer {
-            ca,
+            cas: cas_rx,
             store: api.store.clone(),
             catalog: hub.catalog(),
             reserved,
         })
     });
-    // Sidecars without an SVID yet reach `Issue` with a join token: no client certificate
-    // required at the handshake; `Subscribe` refuses them.
-    let sidecar_tls = sigil_filters::tls::server_config_client_optional(
-        &id.local,
-        id.bundles.clone(),
-        Arc::default(),
-        id.provider.clone(),
-    );
     let acceptor = TlsAcceptor::from(server);
     tokio::select! {
         _ = operator::serve(operator_listener, acceptor, api) => {}
-        _ = sidecars::serve(sidecar_listener, TlsAcceptor::from(sidecar_tls), hub, issuer) => {}
+        _ = sidecars::serve(sidecar_listener, acceptor_rx, hub, issuer) => {}
         _ = shutdown() => info!("stopping"),
     }
     Ok(())

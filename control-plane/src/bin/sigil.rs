@@ -91,6 +91,16 @@ enum CaCommand {
                       created with mode 0700; a CA already there is never overwritten."
     )]
     Init(CaInitArgs),
+    #[command(
+        about = "Start a CA rotation: make the next CA beside the active one",
+        after_help = "Writes DIR/next.key and DIR/next.crt for the active CA's trust domain. \
+                      sigil-control --ca-dir DIR (each replica: copy DIR to them) then puts it \
+                      in the trust bundle, makes it active once every sidecar acknowledged that \
+                      bundle (sidecars move to it at their next renewal), and drops the old CA \
+                      from the bundle once every SVID it signed has expired. Refused while a \
+                      rotation is under way."
+    )]
+    Rotate(CaRotateArgs),
 }
 
 #[derive(Subcommand)]
@@ -125,6 +135,17 @@ struct CaInitArgs {
     #[arg(long, value_name = "NAME", value_parser = TrustDomain::parse)]
     trust_domain: TrustDomain,
     /// How long the CA certificate is valid (250ms, 5s, 2m, 1h)
+    #[arg(long, value_name = "DURATION", default_value = "8760h",
+        value_parser = sigil_config::proxy_config::duration::parse)]
+    lifetime: std::time::Duration,
+}
+
+#[derive(Args)]
+struct CaRotateArgs {
+    /// The CA directory (made by sigil ca init)
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// How long the next CA certificate is valid (250ms, 5s, 2m, 1h)
     #[arg(long, value_name = "DURATION", default_value = "8760h",
         value_parser = sigil_config::proxy_config::duration::parse)]
     lifetime: std::time::Duration,
@@ -356,6 +377,7 @@ fn main() -> ExitCode {
         Some(Command::Revoke(a)) => revoke(&a),
         Some(Command::Unrevoke(a)) => unrevoke(&a),
         Some(Command::Ca(CaCommand::Init(a))) => ca_init(&a),
+        Some(Command::Ca(CaCommand::Rotate(a))) => ca_rotate(&a),
         Some(Command::Token(TokenCommand::Create(a))) => token_create(&a),
     }
 }
@@ -374,6 +396,27 @@ fn token_create(a: &TokenCreateArgs) -> ExitCode {
     };
     let body = format!("workload={} ttl={}", a.workload, a.ttl);
     report(c.send(Method::POST, "/v1/tokens", &[], body))
+}
+
+fn ca_rotate(a: &CaRotateArgs) -> ExitCode {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    match sigil_control::ca::rotate(&a.dir, now, a.lifetime) {
+        Ok(files) => {
+            println!(
+                "next CA made:\n  key (mode 0600): {}\n  certificate: {}\nsigil-control --ca-dir {} puts it in the trust bundle within a second and makes it active once every sidecar has that bundle",
+                files.key.display(),
+                files.cert.display(),
+                a.dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sigil ca rotate: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn ca_init(a: &CaInitArgs) -> ExitCode {
