@@ -27,6 +27,7 @@
 use tonic_prost::ProstCodec;
 
 pub mod client;
+pub mod workload;
 
 /// The gRPC path of `sigil.v1.Mesh/Subscribe`.
 pub const SUBSCRIBE_PATH: &str = "/sigil.v1.Mesh/Subscribe";
@@ -70,6 +71,7 @@ pub struct Ack {
 ///   repeated RegistryEntry registry = 4; // destinations the sidecar may call
 ///   repeated Bundle bundles = 5;         // TrustBundle resources
 ///   string epoch = 6;                    // the store the versions count in
+///   repeated Child children = 7;         // workloads this sidecar's Workload API serves
 /// }
 /// ```
 /// Always the whole state for one identity, never a delta: a sidecar that applies it has
@@ -94,6 +96,33 @@ pub struct Snapshot {
     pub bundles: Vec<Bundle>,
     #[prost(string, tag = "6")]
     pub epoch: String,
+    #[prost(message, repeated, tag = "7")]
+    pub children: Vec<Child>,
+}
+
+/// ```proto
+/// message Child {
+///   string workload = 1;    // the Workload's metadata.name
+///   string spiffe_id = 2;
+///   optional uint32 uid = 3; // selectors: the caller's Unix user and group IDs and the
+///   optional uint32 gid = 4; // binary it runs; every one given must match
+///   string path = 5;         // empty: not a selector
+/// }
+/// ```
+/// A Workload whose `workloadApi.sidecar` is the sidecar's identity: the sidecar's Workload
+/// API hands its SVID to a local caller its selectors match.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct Child {
+    #[prost(string, tag = "1")]
+    pub workload: String,
+    #[prost(string, tag = "2")]
+    pub spiffe_id: String,
+    #[prost(uint32, optional, tag = "3")]
+    pub uid: Option<u32>,
+    #[prost(uint32, optional, tag = "4")]
+    pub gid: Option<u32>,
+    #[prost(string, tag = "5")]
+    pub path: String,
 }
 
 /// `message Document { string name = 1; string yaml = 2; }`: one resource as applied.
@@ -135,6 +164,8 @@ pub const ISSUE_PATH: &str = "/sigil.v1.Identity/Issue";
 ///   bytes csr = 1;          // PKCS#10, DER; an ECDSA P-256 key
 ///   string join_token = 2;  // first contact only; empty when renewing
 ///   string node = 3;        // the sidecar's name, for logs and `sigil status`
+///   string for_workload = 4; // a Workload (metadata.name) the caller's Workload API serves,
+///                            // whose workloadApi.sidecar is the caller; empty: the caller
 /// }
 /// ```
 #[derive(Clone, PartialEq, Eq, prost::Message)]
@@ -145,6 +176,8 @@ pub struct IssueRequest {
     pub join_token: String,
     #[prost(string, tag = "3")]
     pub node: String,
+    #[prost(string, tag = "4")]
+    pub for_workload: String,
 }
 
 /// ```proto
@@ -209,6 +242,7 @@ mod tests {
                 pem: "x".into(),
             }],
             epoch: "e".into(),
+            children: vec![],
         };
         let bytes = s.encode_to_vec();
         // 1:varint 7; 2:len [1:"p", 2:"y"]; 4:len [1:"a", 2:"s", 3:"w"]; 5:len [1:"t", 2:"x"];

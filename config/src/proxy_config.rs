@@ -90,6 +90,19 @@ pub struct ProxySpec {
     /// static sources above, which keep working.
     #[serde(default)]
     pub control_plane: Option<ControlPlaneSpec>,
+    /// Serve the SPIFFE Workload API to local processes (needs `controlPlane`, which issues
+    /// their SVIDs and names them: Workloads with `workloadApi.sidecar` set to this sidecar).
+    #[serde(default)]
+    pub workload_api: Option<WorkloadApiServe>,
+}
+
+/// `workloadApi`: where the sidecar serves the SPIFFE Workload API.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadApiServe {
+    /// The Unix socket (made by the sidecar, mode 0666: callers are told apart by their peer
+    /// credentials, not by who may open it).
+    pub socket: PathBuf,
 }
 
 /// The control plane's sidecar API (gRPC over mutual TLS).
@@ -717,6 +730,12 @@ impl ProxyConfig {
                 );
             }
         }
+        if spec.workload_api.is_some() && spec.control_plane.is_none() {
+            return refuse(
+                Key::WorkloadApi,
+                "workloadApi needs controlPlane: it names the workloads served and issues their SVIDs",
+            );
+        }
         if spec.workers == Some(0) {
             return refuse(Key::Workers, "workers must be at least 1");
         }
@@ -788,6 +807,7 @@ enum Key {
     MaxConnectionsPerSource,
     MaxPendingHandshakes,
     MaxPendingHandshakesPerSource,
+    WorkloadApi,
 }
 
 impl Key {
@@ -796,6 +816,7 @@ impl Key {
             Key::Mode => "mode",
             Key::Identity => "identity",
             Key::JoinTokenFile => "identity.joinTokenFile",
+            Key::WorkloadApi => "workloadApi",
             Key::Workers => "workers",
             Key::PoolIdle => "timeouts.poolIdle",
             Key::PeerIdCap => "metrics.peerIdCap",
@@ -830,6 +851,7 @@ type Line = Option<Spanned<IgnoredAny>>;
 #[serde(default, rename_all = "camelCase")]
 struct SpecLines {
     mode: Line,
+    workload_api: Line,
     workers: Line,
     identity: Option<Spanned<IdentityLines>>,
     inbound: ListenLine,
@@ -894,6 +916,7 @@ impl KeyLines {
             Key::Mode => &s.mode,
             Key::Identity => return s.identity.as_ref().map(|i| i.referenced),
             Key::JoinTokenFile => &identity.join_token_file,
+            Key::WorkloadApi => &s.workload_api,
             Key::Workers => &s.workers,
             Key::PoolIdle => &s.timeouts.pool_idle,
             Key::PeerIdCap => &s.metrics.peer_id_cap,

@@ -34,6 +34,26 @@ pub struct WorkloadSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub svid_ttl: Option<std::time::Duration>,
+    /// Served by a sidecar's SPIFFE Workload API rather than a sidecar of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_api: Option<WorkloadApiSelectors>,
+}
+
+/// `spec.workloadApi`: which sidecar's Workload API hands this workload its SVID, and how
+/// that sidecar tells the workload's processes from others on its machine (the caller's Unix
+/// peer credentials). Every selector given must match; at least one is required.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadApiSelectors {
+    /// The sidecar's SPIFFE ID: the control plane issues this workload's SVIDs to it alone.
+    pub sidecar: SpiffeId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+    /// The caller's binary (`/proc/<pid>/exe`), an absolute path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<std::path::PathBuf>,
 }
 
 /// The shortest `svidTtl`: renewal, at half the lifetime, must not outpace the network.
@@ -103,6 +123,16 @@ impl Workload {
                     ),
                 ));
             }
+            if let Some(problem) = w.spec.workload_api.as_ref().and_then(|s| s.problem(&w)) {
+                return Err(ConfigError::new(
+                    path,
+                    Some(doc.referenced),
+                    format!(
+                        "workload {:?}: spec.workloadApi: {problem}",
+                        w.metadata.name
+                    ),
+                ));
+            }
             if w.spec.spiffe_id.is_trust_domain_id() {
                 return Err(ConfigError::new(
                     path,
@@ -113,6 +143,26 @@ impl Workload {
             out.push(w);
         }
         Ok(out)
+    }
+}
+
+impl WorkloadApiSelectors {
+    fn problem(&self, w: &Workload) -> Option<&'static str> {
+        if self.uid.is_none() && self.gid.is_none() && self.path.is_none() {
+            return Some("give at least one selector (uid, gid, path): without one, any local process would get this identity");
+        }
+        if self.path.as_ref().is_some_and(|p| !p.is_absolute()) {
+            return Some(
+                "path must be absolute (the caller's binary, as /proc/<pid>/exe names it)",
+            );
+        }
+        if self.sidecar.trust_domain_name() != w.spec.spiffe_id.trust_domain_name() {
+            return Some("sidecar must be of the workload's own trust domain");
+        }
+        if self.sidecar == w.spec.spiffe_id {
+            return Some("sidecar is the workload's own identity");
+        }
+        None
     }
 }
 
@@ -145,6 +195,21 @@ mod tests {
         );
         let w = &parse(&short).unwrap()[0];
         assert_eq!(w.spec.svid_ttl, Some(std::time::Duration::from_secs(300)));
+        let served = GOOD.replace(
+            "  environment: prod\n",
+            "  environment: prod\n  workloadApi: {sidecar: \"spiffe://example.org/node\", uid: 1000, path: /usr/bin/pay}\n",
+        );
+        let w = &parse(&served).unwrap()[0];
+        let s = w.spec.workload_api.as_ref().expect("selectors");
+        assert_eq!(
+            (s.sidecar.as_str(), s.uid, s.gid, s.path.as_deref()),
+            (
+                "spiffe://example.org/node",
+                Some(1000),
+                None,
+                Some(Path::new("/usr/bin/pay"))
+            )
+        );
     }
 
     #[test]
@@ -171,6 +236,34 @@ mod tests {
                     "  environment: prod\n  svidTtl: soon\n",
                 ),
                 "invalid duration \"soon\"",
+            ),
+            (
+                GOOD.replace(
+                    "  environment: prod\n",
+                    "  environment: prod\n  workloadApi: {sidecar: \"spiffe://example.org/node\"}\n",
+                ),
+                "spec.workloadApi: give at least one selector",
+            ),
+            (
+                GOOD.replace(
+                    "  environment: prod\n",
+                    "  environment: prod\n  workloadApi: {sidecar: \"spiffe://example.org/node\", path: bin/pay}\n",
+                ),
+                "path must be absolute",
+            ),
+            (
+                GOOD.replace(
+                    "  environment: prod\n",
+                    "  environment: prod\n  workloadApi: {sidecar: \"spiffe://other.org/node\", uid: 0}\n",
+                ),
+                "of the workload's own trust domain",
+            ),
+            (
+                GOOD.replace(
+                    "  environment: prod\n",
+                    "  environment: prod\n  workloadApi: {sidecar: \"spiffe://example.org/node\", user: 0}\n",
+                ),
+                "user",
             ),
         ];
         for (text, want) in cases {

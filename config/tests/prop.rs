@@ -1940,6 +1940,10 @@ fn the_svid_comes_from_files_or_from_the_control_plane() {
             format!("{head}  identity:\n    certFile: c\n    bundleDir: b\n"),
             "p.yaml:6:5: identity needs certFile and keyFile (an SVID kept by someone else), or joinTokenFile (the control plane issues it)",
         ),
+        (
+            format!("{head}  identity:\n    certFile: c\n    keyFile: k\n    bundleDir: b\n  workloadApi: {{socket: /run/w.sock}}\n"),
+            "p.yaml:9:16: workloadApi needs controlPlane: it names the workloads served and issues their SVIDs",
+        ),
     ];
     for (text, want) in cases {
         let e = ProxyConfig::parse(Path::new("p.yaml"), &text).unwrap_err();

@@ -55,9 +55,31 @@ pub struct Issued {
     pub workload: String,
     pub serial: String,
     pub not_after: i64,
-    /// Whether it renewed an SVID (else first contact with a join token).
-    pub renewal: bool,
+    /// How the caller came by it.
+    pub basis: Basis,
     pub response: IssueResponse,
+}
+
+/// What an issuance rests on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Basis {
+    /// First contact: a join token bound to this Workload.
+    Token(String),
+    /// A renewal: the caller's own SVID, for its own identity.
+    Renewal,
+    /// For a workload the caller's Workload API serves (its `workloadApi.sidecar`): this one.
+    WorkloadApi(String),
+}
+
+impl Basis {
+    /// The metric's `result` for an SVID issued on this basis.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Token(_) => "first",
+            Self::Renewal => "renewal",
+            Self::WorkloadApi(_) => "workload_api",
+        }
+    }
 }
 
 /// Why no SVID was issued. `label()` is the metric's reason; `Display` goes to the caller
@@ -73,6 +95,11 @@ pub enum Refused {
     UnknownWorkload(String),
     /// An SVID whose identity no Workload has.
     NoWorkloadFor(SpiffeId),
+    /// A Workload the caller's Workload API does not serve (or none of that name).
+    NotServedBy {
+        workload: String,
+        caller: SpiffeId,
+    },
     /// An identity of another trust domain than the CA's.
     OtherDomain(SpiffeId),
     /// The SVID presented for a renewal has expired (its connection outlived it).
@@ -100,6 +127,7 @@ impl Refused {
             Self::Token(TokenUse::Expired(_)) => "token_expired",
             Self::Token(TokenUse::Taken(_)) => "token_taken",
             Self::UnknownWorkload(_) | Self::NoWorkloadFor(_) => "unknown_workload",
+            Self::NotServedBy { .. } => "not_served_by_caller",
             Self::OtherDomain(_) => "other_trust_domain",
             Self::ExpiredSvid(_) => "expired_svid",
             Self::Reserved(_) => "reserved_identity",
@@ -149,6 +177,10 @@ impl fmt::Display for Refused {
                 "the join token is for Workload {name:?}, which is not stored (any more)"
             ),
             Self::NoWorkloadFor(id) => write!(f, "no Workload has the identity {id}"),
+            Self::NotServedBy { workload, caller } => write!(
+                f,
+                "no Workload {workload:?} is served by the Workload API of {caller} (its spec.workloadApi.sidecar)"
+            ),
             Self::OtherDomain(id) => {
                 write!(f, "{id} is not of the trust domain this CA signs for")
             }
@@ -220,23 +252,26 @@ impl Issuer {
     ) -> Result<Issued, Refused> {
         // A token is only looked at here; it is spent once everything else is known to be
         // in order, so that a refused CSR or a misconfigured sidecar does not burn it.
-        let (workload_name, renewal) = self.authenticate(caller, req, now).await?;
-        let catalog = match &workload_name {
-            Some(name) => self.catalog_knowing(name).await,
-            None => self.catalog.borrow().clone(),
+        let basis = self.authenticate(caller, req, now).await?;
+        let catalog = match &basis {
+            Basis::Token(name) | Basis::WorkloadApi(name) => self.catalog_knowing(name).await,
+            Basis::Renewal => self.catalog.borrow().clone(),
         };
-        let workload = match &workload_name {
-            Some(name) => catalog
+        let workload = match (&basis, caller) {
+            (Basis::Token(name), _) => catalog
                 .workload_named(name)
                 .ok_or_else(|| Refused::UnknownWorkload(name.clone()))?,
-            None => {
-                let Caller::Svid(id, _) = caller else {
-                    return Err(Refused::NoCredential);
-                };
-                catalog
-                    .workload_for(id)
-                    .ok_or_else(|| Refused::NoWorkloadFor(id.clone()))?
-            }
+            (Basis::WorkloadApi(name), Caller::Svid(sidecar, _)) => catalog
+                .workload_named(name)
+                .filter(|w| w.spec.workload_api.as_ref().map(|s| &s.sidecar) == Some(sidecar))
+                .ok_or_else(|| Refused::NotServedBy {
+                    workload: name.clone(),
+                    caller: sidecar.clone(),
+                })?,
+            (Basis::Renewal, Caller::Svid(id, _)) => catalog
+                .workload_for(id)
+                .ok_or_else(|| Refused::NoWorkloadFor(id.clone()))?,
+            (_, Caller::Anonymous) => return Err(Refused::NoCredential),
         };
         let id = &workload.spec.spiffe_id;
         let cas = self.cas.borrow().clone();
@@ -251,7 +286,7 @@ impl Issuer {
         let ttl = workload.spec.svid_ttl.unwrap_or(DEFAULT_TTL);
         let v = validity(now, ttl, ca.not_after()).map_err(Refused::Lifetime)?;
         check_revoked(&catalog, caller, id, v.not_before, now)?;
-        if let Some(name) = &workload_name {
+        if let Basis::Token(name) = &basis {
             // Spent now, at most once across replicas; another caller may have been faster.
             match self
                 .store
@@ -281,7 +316,7 @@ impl Issuer {
             workload: workload.metadata.name.clone(),
             serial,
             not_after: v.not_after,
-            renewal,
+            basis,
             response: IssueResponse {
                 chain: chain.iter().map(|c| c.to_vec()).collect(),
                 bundles: vec![bundle],
@@ -307,19 +342,23 @@ impl Issuer {
         }
     }
 
-    /// The Workload a usable join token names (without spending it: `issue` spends it last),
-    /// or None for an SVID's caller, whose Workload is found by identity; and whether this is
-    /// a renewal.
+    /// What the caller may be issued on: a usable join token's Workload (not spent: `issue`
+    /// spends it last), its own identity again (an SVID), or a Workload its Workload API
+    /// serves (an SVID and `for_workload`).
     async fn authenticate(
         &self,
         caller: &Caller,
         req: &IssueRequest,
         now: i64,
-    ) -> Result<(Option<String>, bool), Refused> {
+    ) -> Result<Basis, Refused> {
+        let served = req.for_workload.trim();
         match (caller, req.join_token.is_empty()) {
-            (Caller::Svid(..), true) => Ok((None, true)),
+            (Caller::Svid(..), true) if served.is_empty() => Ok(Basis::Renewal),
+            (Caller::Svid(..), true) => Ok(Basis::WorkloadApi(served.to_string())),
             (Caller::Svid(..), false) => Err(Refused::TokenWithSvid),
+            // Only a sidecar with an SVID serves other workloads.
             (Caller::Anonymous, true) => Err(Refused::NoCredential),
+            (Caller::Anonymous, false) if !served.is_empty() => Err(Refused::NoCredential),
             (Caller::Anonymous, false) => {
                 let used = self
                     .store
@@ -327,7 +366,7 @@ impl Issuer {
                     .await
                     .map_err(Refused::Store)?;
                 match used {
-                    TokenUse::Taken(workload) => Ok((Some(workload), false)),
+                    TokenUse::Taken(workload) => Ok(Basis::Token(workload)),
                     other => Err(Refused::Token(other)),
                 }
             }

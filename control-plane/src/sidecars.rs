@@ -446,7 +446,7 @@ async fn issue(
     }
     match issuer.issue(caller, &req, now).await {
         Ok(issued) => {
-            let kind = if issued.renewal { "renewal" } else { "first" };
+            let kind = issued.basis.label();
             info!(
                 node = %node, %addr, id = %issued.id, workload = %issued.workload,
                 serial = %issued.serial, not_after = %crate::issuer::rfc3339(issued.not_after),

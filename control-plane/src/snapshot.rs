@@ -12,7 +12,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
-use sigil_api::{Bundle, Document, RegistryEntry, Snapshot};
+use sigil_api::{Bundle, Child, Document, RegistryEntry, Snapshot};
 use sigil_config::policy::{PathMatch, RouteMatch};
 use sigil_config::{ConfigError, Policy, Resource, SpiffeId, Workload};
 use sigil_filters::{HttpRequest, PolicyIndex};
@@ -143,7 +143,26 @@ impl Catalog {
                 });
             }
         }
+        let children = self
+            .workloads
+            .iter()
+            .filter_map(|w| {
+                let s = w.spec.workload_api.as_ref()?;
+                (s.sidecar == *id).then(|| Child {
+                    workload: w.metadata.name.clone(),
+                    spiffe_id: w.spec.spiffe_id.to_string(),
+                    uid: s.uid,
+                    gid: s.gid,
+                    path: s
+                        .path
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
+                })
+            })
+            .collect();
         Snapshot {
+            children,
             version: self.version,
             policies,
             revocations: self.revocations.clone(),

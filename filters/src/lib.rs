@@ -3,6 +3,7 @@
 //! detection and request normalization. Callers pass plain values and get a verdict that
 //! names the reason or rule.
 
+pub mod attest;
 pub mod bundle;
 pub mod detect;
 pub mod headers;

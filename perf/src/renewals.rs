@@ -221,6 +221,7 @@ async fn renew(sim: Sim, port: u16, start: Instant) -> Result<f64, String> {
         csr,
         join_token: String::new(),
         node: sim.id.to_string(),
+        for_workload: String::new(),
     };
     let answer = tokio::time::timeout(
         Duration::from_secs(30),

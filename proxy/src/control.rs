@@ -247,6 +247,7 @@ fn accept(p: &Proxy, s: &Snapshot, state_dir: &Path) -> Result<String, Rejected>
     if bundles_changed {
         p.install_bundles();
     }
+    p.sources_changed.send_modify(|n| *n += 1);
     p.refresh_policy();
     p.refresh_registry();
     p.install_revocations();
@@ -451,7 +452,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use proptest::test_runner::FileFailurePersistence;
-    use sigil_api::{Bundle, Document, RegistryEntry};
+    use sigil_api::{Bundle, Child, Document, RegistryEntry};
 
     const REGRESSIONS: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -484,6 +485,20 @@ mod tests {
                 workload,
             });
         let bundle = (text(), text()).prop_map(|(trust_domain, pem)| Bundle { trust_domain, pem });
+        let child = (
+            text(),
+            text(),
+            any::<Option<u32>>(),
+            any::<Option<u32>>(),
+            text(),
+        )
+            .prop_map(|(workload, spiffe_id, uid, gid, path)| Child {
+                workload,
+                spiffe_id,
+                uid,
+                gid,
+                path,
+            });
         (
             1..u64::MAX,
             text(),
@@ -491,15 +506,17 @@ mod tests {
             proptest::collection::vec(doc(), 0..4),
             proptest::collection::vec(entry, 0..4),
             proptest::collection::vec(bundle, 0..3),
+            proptest::collection::vec(child, 0..3),
         )
             .prop_map(
-                |(version, epoch, policies, revocations, registry, bundles)| Snapshot {
+                |(version, epoch, policies, revocations, registry, bundles, children)| Snapshot {
                     version,
                     epoch,
                     policies,
                     revocations,
                     registry,
                     bundles,
+                    children,
                 },
             )
     }

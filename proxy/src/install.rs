@@ -24,6 +24,7 @@ impl Proxy {
         let bundles = self.bundles();
         info!(trust_domains = ?bundles.domains(), "trust bundles in force");
         self.tls.set_bundles(bundles.clone());
+        self.sources_changed.send_modify(|n| *n += 1);
         let provider = tls::provider();
         let algs = &provider.signature_verification_algorithms;
         let n = self

@@ -38,10 +38,10 @@ use crate::identity::Change;
 use crate::proxy::Proxy;
 
 const SVID_FILE: &str = "svid.pem";
-const MIN_BACKOFF: Duration = Duration::from_secs(1);
+pub(crate) const MIN_BACKOFF: Duration = Duration::from_secs(1);
 /// The clock difference with the control plane and peers that is tolerated (see above).
-const SKEW: Duration = Duration::from_secs(5);
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
+pub(crate) const SKEW: Duration = Duration::from_secs(5);
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// Why no SVID came from the control plane.
 #[derive(Debug)]
@@ -193,6 +193,7 @@ async fn ask(
         csr,
         join_token: token.to_string(),
         node: cfg.metadata.name.clone(),
+        for_workload: String::new(),
     };
     let response = call(cp, &cfg.spec.timeouts, client, request).await?;
     let chain_pem: String = response
@@ -223,7 +224,7 @@ async fn ask(
     Ok(identity)
 }
 
-async fn call(
+pub(crate) async fn call(
     cp: &ControlPlaneSpec,
     timeouts: &Timeouts,
     client: Arc<rustls::ClientConfig>,
@@ -256,7 +257,7 @@ async fn call(
 
 /// A P-256 key (PKCS#8 PEM) made here, and a CSR over it naming `id` if the config pins one
 /// (else the control plane names the identity from the token's Workload).
-fn key_and_csr(id: Option<&SpiffeId>) -> Result<(String, Vec<u8>), IssueError> {
+pub(crate) fn key_and_csr(id: Option<&SpiffeId>) -> Result<(String, Vec<u8>), IssueError> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|e| IssueError::Key(e.to_string()))?;
     let mut params = rcgen::CertificateParams::default();
@@ -414,19 +415,19 @@ async fn renew_once(
     answer
 }
 
-fn now_unix() -> i64 {
+pub(crate) fn now_unix() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-async fn sleep_until_unix(at: i64) {
+pub(crate) async fn sleep_until_unix(at: i64) {
     let wait = (at - now_unix()).max(0) as u64;
     tokio::time::sleep(Duration::from_secs(wait)).await;
 }
 
 /// Uniform in [-1, 1], from the std hasher's per-instance random keys.
-fn unit_jitter() -> f64 {
+pub(crate) fn unit_jitter() -> f64 {
     let r = std::collections::hash_map::RandomState::new()
         .build_hasher()
         .finish();
@@ -434,10 +435,10 @@ fn unit_jitter() -> f64 {
 }
 
 /// Full jitter: uniform in [max/2, max], so that sidecars retrying together spread out.
-fn jitter(max: Duration) -> Duration {
+pub(crate) fn jitter(max: Duration) -> Duration {
     max.mul_f64(0.75 + unit_jitter() / 4.0)
 }
 
-fn pem(label: &str, der: &[u8]) -> String {
+pub(crate) fn pem(label: &str, der: &[u8]) -> String {
     pem::encode(&pem::Pem::new(label, der))
 }

@@ -30,3 +30,4 @@ pub mod start;
 pub mod watch;
 pub mod workers;
 pub mod workload;
+pub mod workload_api;

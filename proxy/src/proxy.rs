@@ -45,6 +45,9 @@ pub struct Proxy {
     pub workers: Arc<Workers>,
     /// What is open, against `spec.limits`.
     pub admission: Arc<Admission>,
+    /// Counts the trust bundles and pushed snapshots put in force, for the Workload API's
+    /// streams.
+    pub sources_changed: tokio::sync::watch::Sender<u64>,
 }
 
 /// Why the sidecar is not ready (`/ready`).
@@ -130,6 +133,7 @@ impl Proxy {
             ledger,
             dialer,
             admission,
+            sources_changed: tokio::sync::watch::Sender::new(0),
         };
         p.refresh_policy();
         p.refresh_registry();

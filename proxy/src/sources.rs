@@ -11,6 +11,7 @@ use sigil_api::Snapshot;
 use sigil_config::policy::Protocol;
 use sigil_config::proxy_config::Destination;
 use sigil_config::{ConfigError, Policy, ProxyConfig, Revocation, SpiffeId, TrustDomain};
+use sigil_filters::attest::Served;
 use sigil_filters::svid::{verify_svid, Usage};
 use sigil_filters::tls;
 use sigil_filters::{LocalIdentity, SvidError, TrustBundles};
@@ -36,6 +37,8 @@ pub struct Pushed {
     pub registry: Vec<(Destination, SpiffeId)>,
     /// TrustBundles, each replacing its domain's bundle file; None when none was pushed.
     pub bundles: Option<Arc<TrustBundles>>,
+    /// The workloads this sidecar's Workload API serves.
+    pub served: Vec<Served>,
     pub raw: Snapshot,
 }
 
@@ -121,6 +124,20 @@ impl Pushed {
                 .map_err(|err| bad(format!("spiffeId {:?}: {err}", e.spiffe_id)))?;
             registry.push((dest, id));
         }
+        let mut served = Vec::new();
+        for c in &s.children {
+            let id = SpiffeId::parse(&c.spiffe_id).map_err(|err| InvalidSnapshot::Registry {
+                workload: c.workload.clone(),
+                problem: format!("spiffeId {:?}: {err}", c.spiffe_id),
+            })?;
+            served.push(Served {
+                workload: c.workload.clone(),
+                id,
+                uid: c.uid,
+                gid: c.gid,
+                path: (!c.path.is_empty()).then(|| PathBuf::from(&c.path)),
+            });
+        }
         let bundles = if s.bundles.is_empty() {
             None
         } else {
@@ -133,6 +150,7 @@ impl Pushed {
             revocations,
             registry,
             bundles,
+            served,
             raw: s.clone(),
         })
     }

@@ -37,6 +37,8 @@ pub enum StartError {
     Bind(BindError),
     /// No SVID from the control plane (a refusal; an unreachable one is waited for).
     Issue(crate::issuance::IssueError),
+    /// The Workload API's socket cannot be made.
+    WorkloadApi(std::path::PathBuf, std::io::Error),
 }
 
 impl fmt::Display for StartError {
@@ -53,6 +55,11 @@ impl fmt::Display for StartError {
             Self::Workers(e) => write!(f, "cannot start worker threads: {e}"),
             Self::Bind(e) => write!(f, "{e}"),
             Self::Issue(e) => write!(f, "cannot get an SVID: {e}"),
+            Self::WorkloadApi(path, e) => write!(
+                f,
+                "cannot serve the Workload API on {} (workloadApi.socket): {e}",
+                path.display()
+            ),
         }
     }
 }
@@ -114,6 +121,11 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
     let (p, watched) = load(cfg, issued)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     listeners::start(&p, &shutdown_rx).await?;
+    if let Some(socket) = crate::workload_api::socket_path(&p) {
+        crate::workload_api::start(p.clone(), &socket)
+            .await
+            .map_err(|e| StartError::WorkloadApi(socket, e))?;
+    }
     if let Some(cp) = p.cfg.spec.control_plane.clone() {
         tokio::spawn(control::run(p.clone(), cp));
     }

@@ -43,6 +43,8 @@ pub struct Sidecar {
     /// `identity.joinTokenFile`: the control plane issues the SVID (the files' cert and key
     /// are then not in the config; their bundle directory is).
     pub join_token_file: Option<PathBuf>,
+    /// Serve the SPIFFE Workload API on this socket (`workloadApi.socket`).
+    pub workload_api: Option<PathBuf>,
 }
 
 impl Sidecar {
@@ -66,6 +68,7 @@ impl Sidecar {
             limits: None,
             fd_limit: None,
             join_token_file: None,
+            workload_api: None,
         }
     }
 
@@ -140,6 +143,9 @@ impl Sidecar {
         }
         if let Some(dir) = &self.revocation_dir {
             y += &format!("  revocationDir: {}\n", dir.display());
+        }
+        if let Some(socket) = &self.workload_api {
+            y += &format!("  workloadApi: {{socket: {}}}\n", socket.display());
         }
         if let Some((port, id, state)) = &self.control_plane {
             y += &format!(

@@ -15,7 +15,7 @@ use sigil_e2e::*;
 use sigil_filters::svid::{verify_svid, Usage};
 use sigil_filters::tls::Carries;
 use sigil_filters::{LocalIdentity, TrustBundles};
-use sigil_testkit::{key_and_csr, pem, rcgen, Ca};
+use sigil_testkit::{key_and_csr, pem, rcgen};
 
 const API: &str = "spiffe://example.org/api";
 
@@ -50,6 +50,17 @@ impl Asker {
         csr: Vec<u8>,
         token: &str,
     ) -> Result<IssueResponse, (tonic::Code, String)> {
+        self.issue_for(svid, csr, token, "")
+    }
+
+    /// `issue` for the Workload `for_workload` (as a Workload API serving it asks).
+    fn issue_for(
+        &self,
+        svid: Option<(&str, &str)>,
+        csr: Vec<u8>,
+        token: &str,
+        for_workload: &str,
+    ) -> Result<IssueResponse, (tonic::Code, String)> {
         let provider = sigil_filters::tls::provider();
         let config = match svid {
             None => sigil_filters::tls::client_config_anonymous(
@@ -81,6 +92,7 @@ impl Asker {
             csr,
             join_token: token.to_string(),
             node: "test-sidecar".into(),
+            for_workload: for_workload.to_string(),
         };
         self.rt.block_on(call(self.port, config, request))
     }
@@ -101,6 +113,7 @@ impl Asker {
                         csr: key_and_csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[API]).1,
                         join_token: token.to_string(),
                         node: "flood".into(),
+                        for_workload: String::new(),
                     };
                     tokio::spawn(call(port, config.clone(), request))
                 })
@@ -149,18 +162,17 @@ async fn call(
     .map_err(|s| (s.code(), s.message().to_string()))
 }
 
-fn chain_pem(r: &IssueResponse) -> String {
-    r.chain.iter().map(|c| pem("CERTIFICATE", c)).collect()
+/// The test's sidecar end towards `cp`, trusting both CAs.
+fn asker(setup: &Setup, cp: &ControlPlane) -> Asker {
+    Asker::new(
+        cp.sidecar_port,
+        CONTROL,
+        &[setup.boot.bundle_pem(), setup.issuing_ca.clone()],
+    )
 }
 
-/// `sigil token create` for `workload`; the token (the first line printed).
-fn token(cp: &ControlPlane, ops: &IdentityFiles, workload: &str, ttl: &str) -> String {
-    let (code, out, err) = cp.sigil(
-        ops,
-        &["token", "create", "--workload", workload, "--ttl", ttl],
-    );
-    assert_eq!(code, Some(0), "sigil token create: {out}{err}");
-    out.lines().next().expect("the token").to_string()
+fn chain_pem(r: &IssueResponse) -> String {
+    r.chain.iter().map(|c| pem("CERTIFICATE", c)).collect()
 }
 
 fn refused(
@@ -237,55 +249,6 @@ fn x509_lifetime(leaf: &CertificateDer<'_>) -> (String, i64) {
     (start.clone(), secs(&end) - secs(&start))
 }
 
-/// A CA made by `sigil ca init` in `d/ca`, a bootstrap CA for the control plane's and the
-/// operator's own SVIDs, and the control plane's SVID files trusting both; the issuing CA's
-/// certificate (PEM).
-struct Setup {
-    boot: Ca,
-    ca_dir: std::path::PathBuf,
-    issuing_ca: String,
-    ops: IdentityFiles,
-}
-
-impl Setup {
-    fn new(d: &std::path::Path) -> Self {
-        let boot = Ca::new("example.org");
-        let ca_dir = d.join("ca");
-        let (code, out) = run_status(
-            std::process::Command::new(bin("sigil"))
-                .args(["ca", "init", "--trust-domain", "example.org", "--dir"])
-                .arg(&ca_dir),
-            Duration::from_secs(30),
-        );
-        assert_eq!(code, Some(0), "{out}");
-        let issuing_ca = std::fs::read_to_string(ca_dir.join("ca.crt")).unwrap();
-        let ops = write_identity(d, "ops", &boot, "spiffe://example.org/ops/alice", &[&boot]);
-        Self {
-            boot,
-            ca_dir,
-            issuing_ca,
-            ops,
-        }
-    }
-
-    /// A control plane `name` on `store` issuing with the CA, trusting SVIDs of both CAs.
-    fn control_plane(&self, d: &std::path::Path, name: &str, store: StoreAt) -> ControlPlane {
-        // Its bundle file holds the bootstrap CA only: the issuing CAs come from the CA
-        // directory, and leave the bundle with a rotation.
-        let files = write_identity(d, name, &self.boot, CONTROL, &[&self.boot]);
-        let ca_arg = vec!["--ca-dir".to_string(), self.ca_dir.display().to_string()];
-        ControlPlane::start_with_args(CONTROL, files, store, free_port(), free_port(), ca_arg)
-    }
-
-    fn asker(&self, cp: &ControlPlane) -> Asker {
-        Asker::new(
-            cp.sidecar_port,
-            CONTROL,
-            &[self.boot.bundle_pem(), self.issuing_ca.clone()],
-        )
-    }
-}
-
 #[test]
 fn the_control_plane_issues_svids_to_token_holders_and_renews_them() {
     if !require_tool("openssl", "issuance") {
@@ -307,7 +270,7 @@ fn the_control_plane_issues_svids_to_token_holders_and_renews_them() {
             workload_yaml("control", CONTROL, ""),
         ),
     );
-    let asker = setup.asker(&cp);
+    let asker = asker(&setup, &cp);
 
     // First contact: a token, a CSR for the Workload's own ID; an SVID of exactly svidTtl.
     let t = token(&cp, ops, "api", "10m");
@@ -424,6 +387,22 @@ fn refusals(cp: &ControlPlane, ops: &IdentityFiles, asker: &Asker, svid: (&str, 
         asker.issue(Some(svid), vec![0u8; 5000], ""),
         tonic::Code::InvalidArgument,
         "csr_too_large",
+    );
+    // A Workload API asking for a Workload that does not name it (or for none stored); a
+    // caller without an SVID serves no Workload API.
+    for name in ["api", "ghost"] {
+        let m = refused(
+            asker.issue_for(Some(svid), p256(), "", name),
+            tonic::Code::PermissionDenied,
+            "not_served_by_caller",
+        );
+        assert!(m.contains("spec.workloadApi.sidecar"), "{m}");
+    }
+    let t = token(cp, ops, "api", "10m");
+    refused(
+        asker.issue_for(None, p256(), &t, "api"),
+        tonic::Code::Unauthenticated,
+        "no_credential",
     );
     // An expired token.
     let t = token(cp, ops, "api", "1s");
@@ -580,7 +559,7 @@ fn replicas_on_one_etcd_share_the_tokens_a_token_is_taken_once_across_them() {
         &d.join("workloads.yaml"),
         &workload_yaml("api", API, ""),
     );
-    let (asker1, asker2) = (setup.asker(&cp1), setup.asker(&cp2));
+    let (asker1, asker2) = (asker(&setup, &cp1), asker(&setup, &cp2));
     // Made at replica 1 right after the Workload was applied there, taken at replica 2 at
     // once (which waits for its catalog to learn of the Workload rather than burn the
     // token), refused again at replica 1.
@@ -620,13 +599,6 @@ fn b_with_token(
     let token_file = d.join("b.token");
     std::fs::write(&token_file, token(cp, &setup.ops, "b", "10m")).unwrap();
     (fa, fb, token_file)
-}
-
-fn workload_yaml(name: &str, id: &str, extra: &str) -> String {
-    format!(
-        "apiVersion: sigil.dev/v1\nkind: Workload\nmetadata: {{name: {name}, owner: team-{name}, purpose: test}}\n\
-         spec:\n  spiffeId: {id}\n  environment: test\n{extra}"
-    )
 }
 
 /// A sidecar whose SVID the control plane issues (`identity.joinTokenFile`): it starts with

@@ -1,0 +1,66 @@
+//! What the issuance tests share: a CA made by `sigil ca init`, a control plane issuing from
+//! it, join tokens and Workload documents.
+
+use std::time::Duration;
+
+use sigil_testkit::Ca;
+
+use crate::*;
+
+/// A CA made by `sigil ca init` in `d/ca`, a bootstrap CA for the control plane's and the
+/// operator's own SVIDs, and the operator's SVID files; the issuing CA's certificate (PEM).
+pub struct Setup {
+    pub boot: Ca,
+    pub ca_dir: std::path::PathBuf,
+    pub issuing_ca: String,
+    pub ops: IdentityFiles,
+}
+
+impl Setup {
+    pub fn new(d: &std::path::Path) -> Self {
+        let boot = Ca::new("example.org");
+        let ca_dir = d.join("ca");
+        let (code, out) = run_status(
+            std::process::Command::new(bin("sigil"))
+                .args(["ca", "init", "--trust-domain", "example.org", "--dir"])
+                .arg(&ca_dir),
+            Duration::from_secs(30),
+        );
+        assert_eq!(code, Some(0), "{out}");
+        let issuing_ca = std::fs::read_to_string(ca_dir.join("ca.crt")).unwrap();
+        let ops = write_identity(d, "ops", &boot, "spiffe://example.org/ops/alice", &[&boot]);
+        Self {
+            boot,
+            ca_dir,
+            issuing_ca,
+            ops,
+        }
+    }
+
+    /// A control plane `name` on `store` issuing with the CA, trusting SVIDs of both CAs.
+    pub fn control_plane(&self, d: &std::path::Path, name: &str, store: StoreAt) -> ControlPlane {
+        // Its bundle file holds the bootstrap CA only: the issuing CAs come from the CA
+        // directory, and leave the bundle with a rotation.
+        let files = write_identity(d, name, &self.boot, CONTROL, &[&self.boot]);
+        let ca_arg = vec!["--ca-dir".to_string(), self.ca_dir.display().to_string()];
+        ControlPlane::start_with_args(CONTROL, files, store, free_port(), free_port(), ca_arg)
+    }
+}
+
+/// `sigil token create` for `workload`; the token (the first line printed).
+pub fn token(cp: &ControlPlane, ops: &IdentityFiles, workload: &str, ttl: &str) -> String {
+    let (code, out, err) = cp.sigil(
+        ops,
+        &["token", "create", "--workload", workload, "--ttl", ttl],
+    );
+    assert_eq!(code, Some(0), "sigil token create: {out}{err}");
+    out.lines().next().expect("the token").to_string()
+}
+
+/// A Workload document: `name`, owned by team-`name`, with `extra` spec lines.
+pub fn workload_yaml(name: &str, id: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: sigil.dev/v1\nkind: Workload\nmetadata: {{name: {name}, owner: team-{name}, purpose: test}}\n\
+         spec:\n  spiffeId: {id}\n  environment: test\n{extra}"
+    )
+}

@@ -1,0 +1,264 @@
+//! The sidecar's SPIFFE Workload API, read by the public `spiffe` crate (an independent
+//! client) as a workload on the sidecar's machine would: this test process is the workload,
+//! told apart by its uid and its binary. The real `sigil-control` (with a CA from `sigil ca
+//! init`) and `sigil-proxy` binaries.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, UnixTime};
+use sigil_config::TrustDomain;
+use sigil_e2e::*;
+use sigil_filters::svid::{verify_svid, Usage};
+use sigil_filters::TrustBundles;
+use sigil_testkit::pem;
+use spiffe::{WorkloadApiClient, WorkloadApiError};
+
+const BATCH: &str = "spiffe://example.org/ns/demo/sa/batch";
+
+/// Applies `yaml` and waits until sidecar `node` has acknowledged the version it made.
+fn apply_and_wait(
+    cp: &ControlPlane,
+    ops: &IdentityFiles,
+    file: &std::path::Path,
+    yaml: &str,
+    node: &str,
+) {
+    let out = cp.apply(ops, file, yaml);
+    let version = out
+        .lines()
+        .find_map(|l| l.strip_prefix("version "))
+        .unwrap_or_else(|| panic!("no version in {out}"))
+        .trim()
+        .to_string();
+    poll(Duration::from_secs(15), Duration::from_millis(100), || {
+        let (_, status, _) = cp.sigil(ops, &["status"]);
+        status
+            .lines()
+            .any(|l| {
+                l.starts_with(&format!("{node} "))
+                    && l.contains(&format!("sent={version} acknowledged"))
+            })
+            .then_some(())
+            .ok_or_else(|| format!("{node} has not acknowledged version {version}:\n{status}"))
+    });
+}
+
+/// The Workload `batch`, served by B's Workload API to uid `uid` running `path`.
+fn batch(uid: u32, path: &str) -> String {
+    workload_yaml(
+        "batch",
+        BATCH,
+        &format!(
+            "  svidTtl: 1m\n  workloadApi: {{sidecar: \"{B}\", uid: {uid}, path: \"{path}\"}}\n"
+        ),
+    )
+}
+
+/// Checks `svid` (chain and key, PKCS#8) as the sidecar checks its own, and against the bundle
+/// of the Workload API; returns the leaf.
+fn check_svid(svid: &spiffe::X509Svid, bundle: &[u8]) -> CertificateDer<'static> {
+    assert_eq!(svid.spiffe_id().to_string(), BATCH);
+    let chain: Vec<CertificateDer<'static>> = svid
+        .cert_chain()
+        .iter()
+        .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
+        .collect();
+    let chain_pem: String = chain.iter().map(|c| pem("CERTIFICATE", c)).collect();
+    let key_pem = pem("PRIVATE KEY", svid.private_key().as_bytes());
+    let provider = sigil_filters::tls::provider();
+    sigil_filters::LocalIdentity::from_pem(
+        chain_pem.as_bytes(),
+        key_pem.as_bytes(),
+        UnixTime::now(),
+        Some(&sigil_config::SpiffeId::parse(BATCH).unwrap()),
+        &provider,
+    )
+    .expect("the chain and key make an SVID");
+    let mut bundles = TrustBundles::new();
+    let certs = x509_parser_free_split(bundle);
+    bundles
+        .insert_der(&TrustDomain::parse("example.org").unwrap(), certs)
+        .unwrap();
+    let (leaf, rest) = chain.split_first().unwrap();
+    verify_svid(
+        &bundles,
+        &provider.signature_verification_algorithms,
+        leaf,
+        rest,
+        UnixTime::now(),
+        Usage::Client,
+    )
+    .expect("the SVID verifies against the Workload API's bundle");
+    leaf.clone()
+}
+
+/// DER certificates one after another, split (each is a SEQUENCE with its length).
+fn x509_parser_free_split(mut der: &[u8]) -> Vec<CertificateDer<'static>> {
+    let mut out = Vec::new();
+    while der.len() >= 2 {
+        let len = match der[1] {
+            n if n < 0x80 => 2 + n as usize,
+            0x81 => 3 + der[2] as usize,
+            0x82 => 4 + ((der[2] as usize) << 8 | der[3] as usize),
+            other => panic!("a certificate longer than 64 KiB ({other:#x})"),
+        };
+        out.push(CertificateDer::from(der[..len].to_vec()));
+        der = &der[len..];
+    }
+    out
+}
+
+/// A gRPC call on the socket without `workload.spiffe.io: true`: its grpc-status.
+async fn call_without_header(socket: &std::path::Path) -> Option<String> {
+    let stream = tokio::net::UnixStream::connect(socket).await.ok()?;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .ok()?;
+    tokio::spawn(conn);
+    let req = hyper::Request::post("http://localhost/SpiffeWorkloadAPI/FetchX509SVID")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(String::from("\0\0\0\0\0"))
+        .ok()?;
+    let resp = sender.send_request(req).await.ok()?;
+    resp.headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+#[test]
+fn the_workload_api_hands_a_matching_caller_its_svid_and_refuses_others() {
+    if !require_tool("openssl", "workload API") {
+        return;
+    }
+    let dir = TempDir::new("workload-api");
+    let d = dir.path();
+    let setup = Setup::new(d);
+    let ops = &setup.ops;
+    let cp = setup.control_plane(d, "control", StoreAt::Dir(d.join("control-data")));
+    cp.apply(
+        ops,
+        &d.join("b.yaml"),
+        &workload_yaml("b", B, "  svidTtl: 1m\n"),
+    );
+    let fb = write_identity(d, "b", &setup.boot, B, &[&setup.boot]);
+    std::fs::write(
+        fb.bundle_dir.join("example.org.pem"),
+        setup.boot.bundle_pem() + &setup.issuing_ca,
+    )
+    .unwrap();
+    let token_file = d.join("b.token");
+    std::fs::write(&token_file, token(&cp, ops, "b", "10m")).unwrap();
+
+    let (_web, web_port) = start_workload("b", false);
+    let socket = d.join("agent.sock");
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.join_token_file = Some(token_file);
+    b.control_plane = Some((cp.sidecar_port, CONTROL.into(), d.join("state-b")));
+    b.inbound = vec![(free_port(), web_port)];
+    b.workload_api = Some(socket.clone());
+    let pb = b.start(d, &fb);
+    let logs = || format!("{}\n{}", cp.proc.log(), pb.log());
+
+    let me = std::env::current_exe().unwrap().display().to_string();
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let endpoint = format!("unix:{}", socket.display());
+
+    // A Workload served by B, but for another binary: this caller gets nothing.
+    apply_and_wait(
+        &cp,
+        ops,
+        &d.join("batch.yaml"),
+        &batch(uid, "/usr/bin/not-this-test"),
+        "sidecar-b",
+    );
+    let refused = rt.block_on(async {
+        let client = WorkloadApiClient::connect_to(&endpoint)
+            .await
+            .expect("connect");
+        client.fetch_x509_svid().await
+    });
+    assert!(
+        matches!(refused, Err(WorkloadApiError::NoIdentityIssued)),
+        "{refused:?}\n{}",
+        logs()
+    );
+
+    // Without the security header, the call is refused before anything else.
+    let status = rt.block_on(call_without_header(&socket));
+    assert_eq!(status.as_deref(), Some("3"), "InvalidArgument expected");
+
+    // The selectors match this test: its SVID, with a key made on this machine, and its
+    // bundle; then a renewed one on the same stream (one-minute SVIDs renew at ~30 s).
+    apply_and_wait(
+        &cp,
+        ops,
+        &d.join("batch.yaml"),
+        &batch(uid, &me),
+        "sidecar-b",
+    );
+    let (first, renewed) = rt.block_on(async {
+        let client = WorkloadApiClient::connect_to(&endpoint)
+            .await
+            .expect("connect");
+        let bundles = client.fetch_x509_bundles().await.expect("bundles");
+        let td = spiffe::TrustDomain::new("example.org").unwrap();
+        let bundle: Vec<u8> = bundles
+            .get(&td)
+            .expect("the bundle of example.org")
+            .authorities()
+            .iter()
+            .flat_map(|c| c.as_bytes().to_vec())
+            .collect();
+        let svid = client.fetch_x509_svid().await.expect("an SVID");
+        let first = check_svid(&svid, &bundle);
+        let mut stream = client.stream_x509_svids().await.expect("a stream");
+        let same = stream
+            .next()
+            .await
+            .expect("a first message")
+            .expect("an SVID");
+        assert_eq!(
+            check_svid(&same, &bundle),
+            first,
+            "the SVID held is handed out again"
+        );
+        let renewed = tokio::time::timeout(Duration::from_secs(60), stream.next())
+            .await
+            .expect("a renewed SVID on the stream within 60 s")
+            .expect("the stream goes on")
+            .expect("an SVID");
+        (first, check_svid(&renewed, &bundle))
+    });
+    assert_ne!(first, renewed, "{}", logs());
+    let (_, metrics, _) = cp.sigil(ops, &["metrics"]);
+    assert!(
+        metric(
+            &metrics,
+            "sigil_control_svid_issuance_total{",
+            &["result=\"workload_api\""]
+        )
+        .unwrap_or(0.0)
+            >= 2.0,
+        "{metrics}"
+    );
+    // The Workload leaves B: the stream ends, and nothing more is handed out.
+    cp.sigil(ops, &["delete", "Workload", "batch"]);
+    poll(Duration::from_secs(15), Duration::from_millis(200), || {
+        let again = rt.block_on(async {
+            let client = WorkloadApiClient::connect_to(&endpoint)
+                .await
+                .expect("connect");
+            client.fetch_x509_svid().await
+        });
+        matches!(again, Err(WorkloadApiError::NoIdentityIssued))
+            .then_some(())
+            .ok_or_else(|| format!("still served after its Workload was deleted: {again:?}"))
+    });
+}
