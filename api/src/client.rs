@@ -58,6 +58,31 @@ pub async fn issue(
     Ok(response.into_inner())
 }
 
+/// Opens `FetchX509SVID` of a SPIFFE Workload API on `sender` (an HTTP/2 connection over its
+/// Unix socket), with the `workload.spiffe.io: true` header the standard requires.
+pub async fn fetch_x509_svid(
+    sender: SendRequest<tonic::body::Body>,
+) -> Result<Streaming<crate::workload::X509SvidResponse>, tonic::Status> {
+    let origin = http::Uri::from_static("http://localhost");
+    let mut grpc = tonic::client::Grpc::with_origin(H2(sender), origin);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut request = tonic::Request::new(crate::workload::X509SvidRequest {});
+    request.metadata_mut().insert(
+        crate::workload::HEADER,
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    let response = grpc
+        .server_streaming(
+            request,
+            http::uri::PathAndQuery::from_static(crate::workload::FETCH_X509_SVID_PATH),
+            crate::workload::svid_client_codec(),
+        )
+        .await?;
+    Ok(response.into_inner())
+}
+
 /// hyper's HTTP/2 sender as the tower service tonic's client drives.
 #[derive(Clone)]
 struct H2(SendRequest<tonic::body::Body>);

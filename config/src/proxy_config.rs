@@ -133,6 +133,11 @@ pub struct IdentitySpec {
     /// and keeps both in `controlPlane.stateDir` (the key mode 0600).
     #[serde(default)]
     pub join_token_file: Option<PathBuf>,
+    /// The SVID and bundles come from a SPIFFE Workload API (a SPIRE agent, another Sigil
+    /// sidecar's `workloadApi`): `unix:///path/to/socket`. Its bundles replace, per trust
+    /// domain, those of `bundleDir`, which may then be empty.
+    #[serde(default)]
+    pub workload_api: Option<String>,
     /// One PEM file per trust domain, named `<trust domain>.pem`.
     pub bundle_dir: PathBuf,
     /// If set, the SVID must carry exactly this ID; a file with another is refused.
@@ -153,11 +158,28 @@ pub enum SvidSource {
     Files { cert: PathBuf, key: PathBuf },
     /// The control plane, first with the join token of this file.
     Issued { join_token_file: PathBuf },
+    /// A SPIFFE Workload API on this Unix socket.
+    WorkloadApi { socket: PathBuf },
+}
+
+/// The socket of a Workload API address (`unix:///path` or `unix:/path`), or why not.
+pub fn workload_api_socket(address: &str) -> Result<PathBuf, &'static str> {
+    let path = address
+        .strip_prefix("unix://")
+        .or_else(|| address.strip_prefix("unix:"))
+        .ok_or("a Workload API address is unix:///path/to/socket")?;
+    if !path.starts_with('/') {
+        return Err("a Workload API address is unix:///path/to/socket, with an absolute path");
+    }
+    Ok(PathBuf::from(path))
 }
 
 impl IdentitySpec {
     /// Where the SVID comes from (the config was validated: exactly one source is set).
     pub fn source(&self) -> SvidSource {
+        if let Some(Ok(socket)) = self.workload_api.as_deref().map(workload_api_socket) {
+            return SvidSource::WorkloadApi { socket };
+        }
         match (&self.cert_file, &self.key_file, &self.join_token_file) {
             (Some(cert), Some(key), None) => SvidSource::Files {
                 cert: cert.clone(),
@@ -708,7 +730,23 @@ impl ProxyConfig {
             }
         }
         let id = &spec.identity;
-        match (&id.cert_file, &id.key_file, &id.join_token_file) {
+        if let Some(address) = &id.workload_api {
+            if id.cert_file.is_some() || id.key_file.is_some() || id.join_token_file.is_some() {
+                return refuse(
+                    Key::WorkloadApiClient,
+                    "identity.workloadApi excludes certFile, keyFile and joinTokenFile: the SVID comes from one source",
+                );
+            }
+            if let Err(why) = workload_api_socket(address) {
+                return refuse(
+                    Key::WorkloadApiClient,
+                    &format!("identity.workloadApi {address:?}: {why}"),
+                );
+            }
+        }
+        let svid_files = (&id.cert_file, &id.key_file, &id.join_token_file);
+        match svid_files {
+            _ if id.workload_api.is_some() => {}
             (Some(_), Some(_), None) => {}
             (None, None, Some(_)) if spec.control_plane.is_none() => {
                 return refuse(
@@ -726,7 +764,7 @@ impl ProxyConfig {
             _ => {
                 return refuse(
                     Key::Identity,
-                    "identity needs certFile and keyFile (an SVID kept by someone else), or joinTokenFile (the control plane issues it)",
+                    "identity needs certFile and keyFile (an SVID kept by someone else), joinTokenFile (the control plane issues it), or workloadApi (a SPIFFE Workload API hands it out)",
                 );
             }
         }
@@ -808,6 +846,7 @@ enum Key {
     MaxPendingHandshakes,
     MaxPendingHandshakesPerSource,
     WorkloadApi,
+    WorkloadApiClient,
 }
 
 impl Key {
@@ -817,6 +856,7 @@ impl Key {
             Key::Identity => "identity",
             Key::JoinTokenFile => "identity.joinTokenFile",
             Key::WorkloadApi => "workloadApi",
+            Key::WorkloadApiClient => "identity.workloadApi",
             Key::Workers => "workers",
             Key::PoolIdle => "timeouts.poolIdle",
             Key::PeerIdCap => "metrics.peerIdCap",
@@ -877,6 +917,7 @@ struct IdentityLines {
     spiffe_id: Line,
     allow_identity_change: Line,
     join_token_file: Line,
+    workload_api: Line,
 }
 
 #[derive(Default, Deserialize)]
@@ -917,6 +958,7 @@ impl KeyLines {
             Key::Identity => return s.identity.as_ref().map(|i| i.referenced),
             Key::JoinTokenFile => &identity.join_token_file,
             Key::WorkloadApi => &s.workload_api,
+            Key::WorkloadApiClient => &identity.workload_api,
             Key::Workers => &s.workers,
             Key::PoolIdle => &s.timeouts.pool_idle,
             Key::PeerIdCap => &s.metrics.peer_id_cap,

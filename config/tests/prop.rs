@@ -1927,6 +1927,16 @@ fn the_svid_comes_from_files_or_from_the_control_plane() {
             join_token_file: "t".into()
         }
     );
+    let spire = format!(
+        "{head}  identity:\n    workloadApi: unix:///run/spire/agent.sock\n    bundleDir: b\n"
+    );
+    let cfg = ProxyConfig::parse(Path::new("p.yaml"), &spire).unwrap();
+    assert_eq!(
+        cfg.spec.identity.source(),
+        sigil_config::proxy_config::SvidSource::WorkloadApi {
+            socket: "/run/spire/agent.sock".into()
+        }
+    );
     let cases = [
         (
             format!("{head}  identity:\n    joinTokenFile: t\n    bundleDir: b\n"),
@@ -1938,7 +1948,19 @@ fn the_svid_comes_from_files_or_from_the_control_plane() {
         ),
         (
             format!("{head}  identity:\n    certFile: c\n    bundleDir: b\n"),
-            "p.yaml:6:5: identity needs certFile and keyFile (an SVID kept by someone else), or joinTokenFile (the control plane issues it)",
+            "p.yaml:6:5: identity needs certFile and keyFile (an SVID kept by someone else), joinTokenFile (the control plane issues it), or workloadApi (a SPIFFE Workload API hands it out)",
+        ),
+        (
+            format!("{head}  identity:\n    workloadApi: unix:///run/spire/agent.sock\n    joinTokenFile: t\n    bundleDir: b\n{cp}"),
+            "p.yaml:6:18: identity.workloadApi excludes certFile, keyFile and joinTokenFile: the SVID comes from one source",
+        ),
+        (
+            format!("{head}  identity:\n    workloadApi: /run/spire/agent.sock\n    bundleDir: b\n"),
+            "p.yaml:6:18: identity.workloadApi \"/run/spire/agent.sock\": a Workload API address is unix:///path/to/socket",
+        ),
+        (
+            format!("{head}  identity:\n    workloadApi: unix:agent.sock\n    bundleDir: b\n"),
+            "p.yaml:6:18: identity.workloadApi \"unix:agent.sock\": a Workload API address is unix:///path/to/socket, with an absolute path",
         ),
         (
             format!("{head}  identity:\n    certFile: c\n    keyFile: k\n    bundleDir: b\n  workloadApi: {{socket: /run/w.sock}}\n"),

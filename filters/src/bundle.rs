@@ -62,6 +62,35 @@ impl fmt::Display for BundleError {
 
 impl std::error::Error for BundleError {}
 
+/// DER certificates one after another (as the SPIFFE Workload API carries chains and
+/// bundles), split at each one's SEQUENCE header. None: the bytes do not split into whole
+/// DER SEQUENCEs.
+pub fn split_der(mut der: &[u8]) -> Option<Vec<CertificateDer<'static>>> {
+    let mut certs = Vec::new();
+    while !der.is_empty() {
+        // A SEQUENCE (0x30) with a short-form or 1..=4-byte long-form length.
+        if der.len() < 2 || der[0] != 0x30 {
+            return None;
+        }
+        let (header, len) = match der[1] {
+            n if n < 0x80 => (2, n as usize),
+            n @ 0x81..=0x84 => {
+                let bytes = (n - 0x80) as usize;
+                let len = der
+                    .get(2..2 + bytes)?
+                    .iter()
+                    .fold(0usize, |acc, b| (acc << 8) | *b as usize);
+                (2 + bytes, len)
+            }
+            _ => return None,
+        };
+        let end = header.checked_add(len)?;
+        certs.push(CertificateDer::from(der.get(..end)?.to_vec()));
+        der = &der[end..];
+    }
+    Some(certs)
+}
+
 impl TrustBundles {
     pub fn new() -> Self {
         Self::default()
@@ -161,5 +190,20 @@ mod tests {
         // The base is untouched.
         assert_eq!(base.get("a.org").unwrap().certs(), [a1.cert_der().clone()]);
         assert!(base.get("b.org").is_none());
+    }
+
+    #[test]
+    fn concatenated_der_splits_back_into_its_certificates() {
+        let a = vec![0x30, 0x03, 1, 2, 3];
+        let mut b = vec![0x30, 0x81, 0x80];
+        b.extend(std::iter::repeat_n(7u8, 0x80));
+        let mut c = vec![0x30, 0x82, 0x01, 0x00];
+        c.extend(std::iter::repeat_n(9u8, 0x100));
+        let joined = [a.clone(), b.clone(), c.clone()].concat();
+        let split = split_der(&joined).unwrap();
+        assert_eq!(split, [a.into(), b.into(), c.into()]);
+        assert_eq!(split_der(&[]), Some(vec![]));
+        assert_eq!(split_der(&[0x30, 0x05, 1, 2]), None, "cut short");
+        assert_eq!(split_der(&[0x04, 0x01, 0]), None, "not a SEQUENCE");
     }
 }

@@ -195,7 +195,7 @@ impl IdentityFiles {
         let id = &cfg.spec.identity;
         let svid = match id.source() {
             SvidSource::Files { cert, key } => Some((cfg.resolve(&cert), cfg.resolve(&key))),
-            SvidSource::Issued { .. } => None,
+            SvidSource::Issued { .. } | SvidSource::WorkloadApi { .. } => None,
         };
         Self {
             svid,
@@ -218,14 +218,16 @@ impl IdentityFiles {
             Some(Err(e)) => return Err(e),
             None => return Err(FileProblem::NoSvid),
         };
-        self.load_with(identity, seen, provider)
+        self.load_with(identity, false, seen, provider)
     }
 
-    /// Initial load with an SVID the control plane issued: the bundle files must be valid.
-    /// Pins the identity as `load` does.
+    /// Initial load with an SVID the control plane issued or a Workload API handed out: the
+    /// bundle files must be valid, and there must be some unless `bundles_elsewhere` (the
+    /// Workload API's). Pins the identity as `load` does.
     pub fn load_with(
         &mut self,
         identity: LocalIdentity,
+        bundles_elsewhere: bool,
         seen: &mut Seen,
         provider: &Arc<CryptoProvider>,
     ) -> Result<TlsState, FileProblem> {
@@ -237,7 +239,7 @@ impl IdentityFiles {
             return Err(p);
         }
         let bundles = bundles.unwrap_or_default();
-        if bundles.is_empty() {
+        if bundles.is_empty() && !bundles_elsewhere {
             return Err(FileProblem::NoBundle(self.bundle_dir.clone()));
         }
         Ok(TlsState::new(

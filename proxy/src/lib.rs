@@ -31,3 +31,4 @@ pub mod watch;
 pub mod workers;
 pub mod workload;
 pub mod workload_api;
+pub mod workload_client;

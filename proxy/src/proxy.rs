@@ -232,9 +232,13 @@ impl Proxy {
     /// pushed a TrustBundle for replaced by it.
     pub fn bundles(&self) -> Arc<sigil_filters::TrustBundles> {
         let sources = self.sources.lock().expect("sources lock");
-        match sources.pushed.as_ref().and_then(|p| p.bundles.as_ref()) {
-            Some(pushed) => Arc::new(sources.file_bundles.overlay(pushed)),
+        let local = match &sources.api_bundles {
+            Some(api) => Arc::new(sources.file_bundles.overlay(api)),
             None => sources.file_bundles.clone(),
+        };
+        match sources.pushed.as_ref().and_then(|p| p.bundles.as_ref()) {
+            Some(pushed) => Arc::new(local.overlay(pushed)),
+            None => local,
         }
     }
 

@@ -21,6 +21,9 @@ use crate::resources::FilePolicies;
 pub struct Sources {
     /// The bundles of the bundle directory (the last good set).
     pub file_bundles: Arc<TrustBundles>,
+    /// The bundles of the Workload API the SVID comes from (`identity.workloadApi`), each
+    /// replacing its domain's bundle file.
+    pub api_bundles: Option<Arc<TrustBundles>>,
     pub file_policies: FilePolicies,
     pub file_revocations: Vec<Revocation>,
     /// The snapshot from the control plane in force (received, or persisted).

@@ -92,6 +92,13 @@ pub fn check(cfg: &ProxyConfig) -> Result<String, StartError> {
             bundles.domains()
         ));
     }
+    if let SvidSource::WorkloadApi { socket } = cfg.spec.identity.source() {
+        return Ok(format!(
+            "config OK: {} (SVID and trust bundles from the Workload API at {})",
+            cfg.metadata.name,
+            socket.display()
+        ));
+    }
     let state = IdentityFiles::from_config(cfg)
         .load(&mut Seen::default(), &provider)
         .map_err(StartError::Identity)?;
@@ -116,9 +123,16 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
                 .map_err(StartError::Issue)?;
             Some(identity)
         }
-        SvidSource::Files { .. } => None,
+        SvidSource::Files { .. } | SvidSource::WorkloadApi { .. } => None,
     };
-    let (p, watched) = load(cfg, issued)?;
+    let from_api = match cfg.spec.identity.source() {
+        SvidSource::WorkloadApi { socket } => {
+            let expected = cfg.spec.identity.spiffe_id.clone();
+            Some(crate::workload_client::at_start(&socket, expected.as_ref()).await)
+        }
+        _ => None,
+    };
+    let (p, watched) = load(cfg, issued, from_api)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     listeners::start(&p, &shutdown_rx).await?;
     if let Some(socket) = crate::workload_api::socket_path(&p) {
@@ -131,6 +145,9 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
     }
     watcher::spawn(p.clone(), watched);
     tokio::spawn(crate::issuance::renew(p.clone()));
+    if let SvidSource::WorkloadApi { socket } = p.cfg.spec.identity.source() {
+        tokio::spawn(crate::workload_client::follow(p.clone(), socket));
+    }
     info!(name = %p.cfg.metadata.name, mode = ?p.cfg.spec.mode, "sigil-proxy ready");
     wait_for_signal().await;
     let _ = shutdown_tx.send(true);
@@ -141,18 +158,21 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
 
 /// Loads the identity and every source and builds the shared state, with the sources' state
 /// in force; returns it and what the file watcher is to poll.
-/// `issued`: the SVID the control plane issued (`identity.joinTokenFile`); None for SVID
-/// files.
+/// `issued`: the SVID the control plane issued (`identity.joinTokenFile`); `from_api`: the SVID
+/// and bundles a Workload API handed out (`identity.workloadApi`); neither for SVID files.
 pub fn load(
     cfg: ProxyConfig,
     issued: Option<sigil_filters::LocalIdentity>,
+    from_api: Option<crate::workload_client::FromApi>,
 ) -> Result<(Arc<Proxy>, Watched), StartError> {
     let provider = sigil_filters::tls::provider();
     let mut identity = IdentityFiles::from_config(&cfg);
     let mut seen = Seen::default();
-    let state = match issued {
-        Some(svid) => identity.load_with(svid, &mut seen, &provider),
-        None => identity.load(&mut seen, &provider),
+    let api_bundles = from_api.as_ref().map(|f| f.bundles.clone());
+    let state = match (issued, from_api) {
+        (Some(svid), _) => identity.load_with(svid, false, &mut seen, &provider),
+        (None, Some(f)) => identity.load_with(f.identity, true, &mut seen, &provider),
+        (None, None) => identity.load(&mut seen, &provider),
     }
     .map_err(StartError::Identity)?;
     let metrics = Metrics::new(cfg.spec.metrics.peer_id_cap);
@@ -167,8 +187,10 @@ pub fn load(
     );
     let mut policies = resources::policy_files(&cfg);
     let mut revocations = resources::revocation_files(&cfg);
-    let sources = sources(&cfg, &state, &metrics, &mut policies, &mut revocations)?;
+    let mut sources = sources(&cfg, &state, &metrics, &mut policies, &mut revocations)?;
     let pushed_bundles = sources.pushed.as_ref().is_some_and(|p| p.bundles.is_some());
+    let more_bundles = pushed_bundles || api_bundles.is_some();
+    sources.api_bundles = api_bundles;
     let threads = cfg
         .spec
         .workers
@@ -185,7 +207,7 @@ pub fn load(
     ));
     // Parsing the policy files peaked at several times what is kept.
     alloc::release_free_memory();
-    if pushed_bundles {
+    if more_bundles {
         p.install_bundles();
     }
     if revocations.is_configured() {
@@ -237,6 +259,7 @@ fn sources(
     });
     Ok(Sources {
         file_bundles: state.bundles.clone(),
+        api_bundles: None,
         file_policies,
         file_revocations,
         pushed,

@@ -68,7 +68,7 @@ fn sidecar(dir: &Path, ca: &Ca, name: &str, id: &str, port: u16, allow: &str) ->
     );
     let path = dir.join(format!("{name}.yaml"));
     let cfg = ProxyConfig::parse(&path, &yaml).expect("config");
-    let (p, _watched) = start::load(cfg, None).expect("sidecar loads");
+    let (p, _watched) = start::load(cfg, None, None).expect("sidecar loads");
     p
 }
 

@@ -45,6 +45,8 @@ pub struct Sidecar {
     pub join_token_file: Option<PathBuf>,
     /// Serve the SPIFFE Workload API on this socket (`workloadApi.socket`).
     pub workload_api: Option<PathBuf>,
+    /// Take the SVID from the Workload API on this socket (`identity.workloadApi`).
+    pub svid_from_api: Option<PathBuf>,
 }
 
 impl Sidecar {
@@ -69,6 +71,7 @@ impl Sidecar {
             fd_limit: None,
             join_token_file: None,
             workload_api: None,
+            svid_from_api: None,
         }
     }
 
@@ -127,6 +130,17 @@ impl Sidecar {
             y = y.replace(
                 &files_lines,
                 &format!("    joinTokenFile: {}\n", token.display()),
+            );
+        }
+        if let Some(socket) = &self.svid_from_api {
+            let files_lines = format!(
+                "    certFile: {}\n    keyFile: {}\n",
+                files.cert.display(),
+                files.key.display()
+            );
+            y = y.replace(
+                &files_lines,
+                &format!("    workloadApi: \"unix://{}\"\n", socket.display()),
             );
         }
         if self.allow_identity_change {

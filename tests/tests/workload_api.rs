@@ -77,7 +77,7 @@ fn check_svid(svid: &spiffe::X509Svid, bundle: &[u8]) -> CertificateDer<'static>
     )
     .expect("the chain and key make an SVID");
     let mut bundles = TrustBundles::new();
-    let certs = x509_parser_free_split(bundle);
+    let certs = sigil_filters::bundle::split_der(bundle).expect("DER certificates");
     bundles
         .insert_der(&TrustDomain::parse("example.org").unwrap(), certs)
         .unwrap();
@@ -92,22 +92,6 @@ fn check_svid(svid: &spiffe::X509Svid, bundle: &[u8]) -> CertificateDer<'static>
     )
     .expect("the SVID verifies against the Workload API's bundle");
     leaf.clone()
-}
-
-/// DER certificates one after another, split (each is a SEQUENCE with its length).
-fn x509_parser_free_split(mut der: &[u8]) -> Vec<CertificateDer<'static>> {
-    let mut out = Vec::new();
-    while der.len() >= 2 {
-        let len = match der[1] {
-            n if n < 0x80 => 2 + n as usize,
-            0x81 => 3 + der[2] as usize,
-            0x82 => 4 + ((der[2] as usize) << 8 | der[3] as usize),
-            other => panic!("a certificate longer than 64 KiB ({other:#x})"),
-        };
-        out.push(CertificateDer::from(der[..len].to_vec()));
-        der = &der[len..];
-    }
-    out
 }
 
 /// A gRPC call on the socket without `workload.spiffe.io: true`: its grpc-status.
@@ -261,4 +245,94 @@ fn the_workload_api_hands_a_matching_caller_its_svid_and_refuses_others() {
             .then_some(())
             .ok_or_else(|| format!("still served after its Workload was deleted: {again:?}"))
     });
+}
+
+/// A sidecar that takes its SVID and bundles from another sidecar's Workload API
+/// (`identity.workloadApi`, as it would from a SPIRE agent), with an empty bundle directory:
+/// it serves mTLS with them, and puts the renewed SVID the stream brings in force.
+#[test]
+fn a_sidecar_takes_its_svid_and_bundles_from_a_workload_api_and_follows_rotation() {
+    if !require_tool("openssl", "workload API") {
+        return;
+    }
+    let dir = TempDir::new("workload-api-client");
+    let d = dir.path();
+    let setup = Setup::new(d);
+    let ops = &setup.ops;
+    let cp = setup.control_plane(d, "control", StoreAt::Dir(d.join("control-data")));
+    cp.apply(
+        ops,
+        &d.join("b.yaml"),
+        &workload_yaml("b", B, "  svidTtl: 1m\n"),
+    );
+    let fb = write_identity(d, "b", &setup.boot, B, &[&setup.boot]);
+    std::fs::write(
+        fb.bundle_dir.join("example.org.pem"),
+        setup.boot.bundle_pem() + &setup.issuing_ca,
+    )
+    .unwrap();
+    let token_file = d.join("b.token");
+    std::fs::write(&token_file, token(&cp, ops, "b", "10m")).unwrap();
+    // C is served by B's Workload API to the sigil-proxy binary run by this uid.
+    let proxy_bin = std::fs::canonicalize(bin("sigil-proxy")).unwrap();
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    cp.apply(
+        ops,
+        &d.join("c.yaml"),
+        &workload_yaml(
+            "c",
+            C,
+            &format!(
+                "  svidTtl: 1m\n  workloadApi: {{sidecar: \"{B}\", uid: {uid}, path: \"{}\"}}\n",
+                proxy_bin.display()
+            ),
+        ),
+    );
+
+    let (_web, web_port) = start_workload("b", false);
+    let socket = d.join("agent.sock");
+    let b_web = free_port();
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.join_token_file = Some(token_file);
+    b.control_plane = Some((cp.sidecar_port, CONTROL.into(), d.join("state-b")));
+    b.inbound = vec![(b_web, web_port)];
+    b.allow = vec![(web_port, vec![C.into()])];
+    b.workload_api = Some(socket.clone());
+    let pb = b.start(d, &fb);
+
+    // C's bundle directory is empty: its trust comes from the Workload API alone.
+    let fc = write_identity(d, "c", &setup.boot, C, &[&setup.boot]);
+    std::fs::remove_file(fc.bundle_dir.join("example.org.pem")).unwrap();
+    let c_web = free_port();
+    let mut c = Sidecar::new("sidecar-c", C);
+    c.svid_from_api = Some(socket);
+    c.outbound = vec![(c_web, b_web, B.into())];
+    let pc = c.start(d, &fc);
+    let logs = || format!("{}\n{}\n{}", cp.proc.log(), pb.log(), pc.log());
+    poll(Duration::from_secs(20), Duration::from_millis(250), || {
+        (get_once(c_web, "/") == Some(200))
+            .then_some(())
+            .ok_or_else(|| format!("C does not reach B with the SVID from the API:\n{}", logs()))
+    });
+    assert!(
+        pc.log().contains("SVID from the Workload API"),
+        "{}",
+        logs()
+    );
+    let expiry = |s: &Sidecar| metric(&s.metrics(), "sigil_svid_expiry_timestamp_seconds{", &[]);
+    let first = expiry(&c).expect("C reports its SVID's expiry");
+    assert!(
+        first - (now_unix() as f64) <= 60.0,
+        "a one-minute SVID from B"
+    );
+
+    // B renews C's SVID at about half its lifetime and the stream brings it: C rotates in
+    // place and goes on serving.
+    poll(Duration::from_secs(60), Duration::from_millis(500), || {
+        (expiry(&c).unwrap_or(0.0) > first)
+            .then_some(())
+            .ok_or_else(|| format!("C has no renewed SVID within 60 s:\n{}", logs()))
+    });
+    assert_eq!(get_once(c_web, "/"), Some(200), "{}", logs());
 }
