@@ -129,6 +129,7 @@ pub fn init(
     td: &TrustDomain,
     now: i64,
     lifetime: Duration,
+    upstream: Option<&Upstream>,
 ) -> Result<CaFiles, CaError> {
     let files = CaFiles::in_dir(dir);
     for p in [&files.cert, &files.key] {
@@ -151,37 +152,182 @@ pub fn init(
                 .map_err(|e| CaError::Io(dir.to_path_buf(), e))?;
         }
     }
-    make_root(&files, td, now, lifetime)?;
+    make_ca(&files, td, now, lifetime, upstream)?;
     Ok(files)
 }
 
 /// Makes the next CA of `dir` (`next.crt`, `next.key`), for the active CA's trust domain,
-/// valid from `now` for `lifetime`. Refuses while a rotation is under way.
-pub fn rotate(dir: &Path, now: i64, lifetime: Duration) -> Result<CaFiles, CaError> {
+/// valid from `now` for `lifetime`, signed by `upstream` if the active one is. Refuses while a
+/// rotation is under way.
+pub fn rotate(
+    dir: &Path,
+    now: i64,
+    lifetime: Duration,
+    upstream: Option<&Upstream>,
+) -> Result<CaFiles, CaError> {
     let active = Authority::load(dir)?;
+    let files = CaFiles::in_dir(dir);
+    match (active.above.is_empty(), upstream) {
+        (true, Some(_)) => {
+            return Err(CaError::Invalid(
+                files.cert,
+                "is a root of its own; the next CA is one too (no upstream CA)".into(),
+            ))
+        }
+        (false, None) => {
+            return Err(CaError::Invalid(
+                files.cert,
+                "is signed by an upstream CA; the next one must be too (give the upstream CA)"
+                    .into(),
+            ))
+        }
+        _ => {}
+    }
     let next = CaFiles::next_in(dir);
     for p in [&next.cert, &next.key, &dir.join(RETIRED_CERT_FILE)] {
         if p.exists() {
             return Err(CaError::Rotating(p.clone()));
         }
     }
-    make_root(&next, active.trust_domain(), now, lifetime)?;
+    make_ca(&next, active.trust_domain(), now, lifetime, upstream)?;
     Ok(next)
 }
 
-/// A self-signed root for `td` in `files` (neither may exist yet).
-fn make_root(
+/// An operator's CA that signs this one (as SPIRE's disk UpstreamAuthority): its chain (its
+/// own certificate first, up to its root) and its key. Read by `sigil ca init` and `rotate`
+/// only: `sigil-control` never holds it.
+pub struct Upstream {
+    chain: Vec<CertificateDer<'static>>,
+    key: KeyPair,
+    not_after: i64,
+}
+
+impl Upstream {
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, CaError> {
+        let key_pem =
+            std::fs::read_to_string(key).map_err(|e| CaError::Io(key.to_path_buf(), e))?;
+        let key_pair = KeyPair::from_pem(&key_pem)
+            .map_err(|e| CaError::Invalid(key.to_path_buf(), format!("not a private key: {e}")))?;
+        let chain = read_chain(cert)?;
+        let parsed = parse_all(cert, &chain)?;
+        if !parsed[0].is_ca() {
+            return Err(CaError::Invalid(
+                cert.to_path_buf(),
+                "not a CA certificate".into(),
+            ));
+        }
+        if parsed[0].public_key().raw != key_pair.subject_public_key_info().as_slice() {
+            return Err(CaError::Invalid(
+                key.to_path_buf(),
+                format!("not the key of {}", cert.display()),
+            ));
+        }
+        let not_after = check_chain(cert, &parsed)?;
+        Ok(Self {
+            chain,
+            key: key_pair,
+            not_after,
+        })
+    }
+}
+
+/// The certificates of a PEM file, at least one.
+fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
+    let chain = CertificateDer::pem_file_iter(path)
+        .map_err(|e| CaError::Invalid(path.to_path_buf(), format!("no PEM certificate: {e}")))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CaError::Invalid(path.to_path_buf(), format!("bad PEM: {e}")))?;
+    if chain.is_empty() {
+        return Err(CaError::Invalid(
+            path.to_path_buf(),
+            "no PEM certificate".into(),
+        ));
+    }
+    Ok(chain)
+}
+
+fn parse_all<'a>(
+    path: &Path,
+    chain: &'a [CertificateDer<'static>],
+) -> Result<Vec<x509_parser::certificate::X509Certificate<'a>>, CaError> {
+    chain
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            x509_parser::parse_x509_certificate(c)
+                .map(|(_, parsed)| parsed)
+                .map_err(|e| {
+                    CaError::Invalid(path.to_path_buf(), format!("certificate #{}: {e}", i + 1))
+                })
+        })
+        .collect()
+}
+
+/// Each certificate of `chain` is signed by the next, the last by itself (a root), and all
+/// are valid now; the earliest end of validity.
+fn check_chain(
+    path: &Path,
+    chain: &[x509_parser::certificate::X509Certificate<'_>],
+) -> Result<i64, CaError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let mut not_after = i64::MAX;
+    for (i, c) in chain.iter().enumerate() {
+        let signer = chain.get(i + 1).unwrap_or(c);
+        if c.verify_signature(Some(signer.public_key())).is_err() {
+            let why = if i + 1 == chain.len() {
+                "is not self-signed: the chain must end with its root".to_string()
+            } else {
+                format!("is not signed by certificate #{}", i + 2)
+            };
+            return Err(CaError::Invalid(
+                path.to_path_buf(),
+                format!("certificate #{} {why}", i + 1),
+            ));
+        }
+        let (from, to) = (
+            c.validity().not_before.timestamp(),
+            c.validity().not_after.timestamp(),
+        );
+        if now < from || now >= to {
+            return Err(CaError::NotValidNow(path.to_path_buf(), from, to));
+        }
+        not_after = not_after.min(to);
+    }
+    Ok(not_after)
+}
+
+/// A CA for `td` in `files` (neither may exist yet): a self-signed root, or an intermediate
+/// that `upstream` signs, whose certificate file then carries the upstream chain after it.
+fn make_ca(
     files: &CaFiles,
     td: &TrustDomain,
     now: i64,
     lifetime: Duration,
+    upstream: Option<&Upstream>,
 ) -> Result<(), CaError> {
+    let until = now.saturating_add(secs(lifetime));
+    if let Some(up) = upstream {
+        if until > up.not_after {
+            return Err(CaError::Sign(format!(
+                "the upstream CA is valid until {}, before the end of the requested lifetime ({}); ask for a shorter --lifetime",
+                sigil_config::policy::Timestamp(up.not_after),
+                sigil_config::policy::Timestamp(until)
+            )));
+        }
+    }
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|e| CaError::Sign(e.to_string()))?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "Sigil");
-    dn.push(DnType::CommonName, format!("{td} root CA"));
+    let kind = if upstream.is_some() {
+        "intermediate CA"
+    } else {
+        "root CA"
+    };
+    dn.push(DnType::CommonName, format!("{td} {kind}"));
     params.distinguished_name = dn;
     // The trust domain's own SPIFFE ID, as the X.509-SVID profile allows on signing
     // certificates: `load` reads which domain this CA signs for from it.
@@ -194,19 +340,35 @@ fn make_root(
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     params.serial_number = Some(random_serial()?);
     params.not_before = offset(now)?;
-    params.not_after = offset(now.saturating_add(secs(lifetime)))?;
-    let cert = params
-        .self_signed(&key)
-        .map_err(|e| CaError::Sign(e.to_string()))?;
+    params.not_after = offset(until)?;
+    let mut pem = match upstream {
+        None => params.self_signed(&key),
+        Some(up) => {
+            params.use_authority_key_identifier_extension = true;
+            let issuer = Issuer::from_ca_cert_der(&up.chain[0], &up.key)
+                .map_err(|e| CaError::Sign(format!("the upstream CA: {e}")))?;
+            params.signed_by(&key, &issuer)
+        }
+    }
+    .map_err(|e| CaError::Sign(e.to_string()))?
+    .pem();
+    for c in upstream.map_or(&[][..], |up| &up.chain[..]) {
+        pem += &sigil_testkit::pem("CERTIFICATE", c);
+    }
     // The key first, so that a failure leaves no certificate without its key.
     write_new(&files.key, key.serialize_pem().as_bytes(), 0o600)?;
-    write_new(&files.cert, cert.pem().as_bytes(), 0o644)
+    write_new(&files.cert, pem.as_bytes(), 0o644)
 }
 
 /// A loaded CA, ready to sign.
 pub struct Authority {
     issuer: Issuer<'static, KeyPair>,
     cert: CertificateDer<'static>,
+    /// What follows the leaf in an SVID's chain: this CA's certificate and the upstream
+    /// intermediates, when an upstream CA signed it; empty for a root.
+    above: Vec<CertificateDer<'static>>,
+    /// The root of its chain (itself, or the upstream's): what trust bundles hold.
+    anchor: CertificateDer<'static>,
     /// Unix seconds.
     not_after: i64,
     /// The domain whose SVIDs it signs.
@@ -238,11 +400,10 @@ impl Authority {
                 "not an ECDSA P-256 key".into(),
             ));
         }
-        let cert = CertificateDer::from_pem_file(&files.cert).map_err(|e| {
-            CaError::Invalid(files.cert.clone(), format!("no PEM certificate: {e}"))
-        })?;
-        let (_, parsed) = x509_parser::parse_x509_certificate(&cert)
-            .map_err(|e| CaError::Invalid(files.cert.clone(), e.to_string()))?;
+        // Its own certificate, then (signed by an upstream CA) the chain up to the root.
+        let chain = read_chain(&files.cert)?;
+        let all = parse_all(&files.cert, &chain)?;
+        let parsed = &all[0];
         if !parsed.is_ca() {
             return Err(CaError::Invalid(
                 files.cert.clone(),
@@ -255,29 +416,29 @@ impl Authority {
                 format!("not the key of {}", files.cert.display()),
             ));
         }
-        let not_after = parsed.validity().not_after.timestamp();
-        let not_before = parsed.validity().not_before.timestamp();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        if now < not_before || now >= not_after {
-            return Err(CaError::NotValidNow(
-                files.cert.clone(),
-                not_before,
-                not_after,
-            ));
-        }
-        let trust_domain = ca_trust_domain(&parsed).ok_or_else(|| {
+        let not_after = check_chain(&files.cert, &all)?;
+        let trust_domain = ca_trust_domain(parsed).ok_or_else(|| {
             CaError::Invalid(
                 files.cert.clone(),
                 "no URI SAN naming its trust domain (spiffe://<trust domain>)".into(),
             )
         })?;
-        let issuer = Issuer::from_ca_cert_der(&cert, key)
+        let issuer = Issuer::from_ca_cert_der(&chain[0], key)
             .map_err(|e| CaError::Invalid(files.cert.clone(), e.to_string()))?;
+        drop(all);
+        let anchor = chain.last().expect("at least one").clone();
+        // Sent after the leaf: every certificate but the root, which peers have in their
+        // bundle (nothing for a CA that is its own root).
+        let above = if chain.len() > 1 {
+            chain[..chain.len() - 1].to_vec()
+        } else {
+            Vec::new()
+        };
         Ok(Self {
             issuer,
-            cert,
+            cert: chain[0].clone(),
+            above,
+            anchor,
             not_after,
             trust_domain,
         })
@@ -293,13 +454,19 @@ impl Authority {
         self.not_after
     }
 
-    /// The CA certificate: what trust bundles of its domain must hold.
+    /// The CA's own certificate.
     pub fn cert(&self) -> &CertificateDer<'static> {
         &self.cert
     }
 
+    /// The root its SVIDs chain to: what trust bundles of its domain must hold.
+    pub fn anchor(&self) -> &CertificateDer<'static> {
+        &self.anchor
+    }
+
     /// Signs an X.509-SVID for `id` over `csr`'s key, valid over `v`. Returns the chain, leaf
-    /// first (the root is not part of it: peers have it in their bundle).
+    /// first, then the CA and upstream intermediates if any (the root is not part of it:
+    /// peers have it in their bundle).
     pub fn issue(
         &self,
         csr: &CheckedCsr,
@@ -331,11 +498,13 @@ impl Authority {
         let leaf = params
             .signed_by(&public_key, &self.issuer)
             .map_err(|e| CaError::Sign(e.to_string()))?;
-        Ok(vec![leaf.der().clone()])
+        let mut chain = vec![leaf.der().clone()];
+        chain.extend(self.above.iter().cloned());
+        Ok(chain)
     }
 }
 
-/// A CA certificate that signs no more but stays in the bundle until `until` (Unix seconds),
+/// The root of a CA that signs no more, kept in the bundle until `until` (Unix seconds),
 /// when the last SVID it signed has expired.
 pub struct Retired {
     pub cert: CertificateDer<'static>,
@@ -400,12 +569,28 @@ impl CaSet {
         })
     }
 
-    /// Every certificate of the set (active, next, retired): the trust bundle's share of it.
+    /// The CAs' own certificates (active, next) and the retired anchor: what tells one set
+    /// from another.
     pub fn certs(&self) -> Vec<CertificateDer<'static>> {
         let mut certs = vec![self.active.cert().clone()];
         certs.extend(self.next.iter().map(|n| n.cert().clone()));
         certs.extend(self.retired.iter().map(|r| r.cert.clone()));
         certs
+    }
+
+    /// The roots the set's SVIDs chain to (active, next, retired), each once: the trust
+    /// bundle's share of it. CAs an upstream CA signs share its root.
+    pub fn anchors(&self) -> Vec<CertificateDer<'static>> {
+        let mut anchors: Vec<CertificateDer<'static>> = Vec::new();
+        let all = std::iter::once(self.active.anchor())
+            .chain(self.next.iter().map(|n| n.anchor()))
+            .chain(self.retired.iter().map(|r| &r.cert));
+        for a in all {
+            if !anchors.contains(a) {
+                anchors.push(a.clone());
+            }
+        }
+        anchors
     }
 }
 
@@ -418,8 +603,14 @@ pub fn activate(dir: &Path, until: i64) -> Result<(), CaError> {
     let retired_cert = dir.join(RETIRED_CERT_FILE);
     let until_text = format!("{}\n", sigil_config::policy::Timestamp(until));
     replace(&until_file, until_text.as_bytes(), 0o644)?;
-    let cert = std::fs::read(&active.cert).map_err(|e| CaError::Io(active.cert.clone(), e))?;
-    replace(&retired_cert, &cert, 0o644)?;
+    // Its root is what stays in the bundle (its own certificate, or the upstream's root).
+    let chain = read_chain(&active.cert)?;
+    let root = chain.last().expect("at least one");
+    replace(
+        &retired_cert,
+        sigil_testkit::pem("CERTIFICATE", root).as_bytes(),
+        0o644,
+    )?;
     // The key first (it replaces the old one, which is gone from here on), then the
     // certificate; `CaSet::load` finishes the second move if a crash stopped between them.
     rename(&next.key, &active.key)?;
@@ -546,7 +737,7 @@ mod tests {
     fn an_issued_svid_passes_the_strict_checks_with_the_callers_own_key() {
         let dir = Dir::new("issue");
         let td = TrustDomain::parse("example.org").unwrap();
-        let files = init(&dir.0, &td, now(), Duration::from_secs(86_400)).unwrap();
+        let files = init(&dir.0, &td, now(), Duration::from_secs(86_400), None).unwrap();
         let key_mode = std::fs::metadata(&files.key).unwrap().permissions().mode();
         assert_eq!(key_mode & 0o777, 0o600);
         let ca = Authority::load(&dir.0).unwrap();
@@ -594,8 +785,8 @@ mod tests {
     fn a_ca_is_never_overwritten_and_a_readable_key_is_refused() {
         let dir = Dir::new("guard");
         let td = TrustDomain::parse("example.org").unwrap();
-        init(&dir.0, &td, now(), Duration::from_secs(86_400)).unwrap();
-        let again = init(&dir.0, &td, now(), Duration::from_secs(86_400)).unwrap_err();
+        init(&dir.0, &td, now(), Duration::from_secs(86_400), None).unwrap();
+        let again = init(&dir.0, &td, now(), Duration::from_secs(86_400), None).unwrap_err();
         assert!(matches!(again, CaError::Exists(_)), "{again}");
         let key = CaFiles::in_dir(&dir.0).key;
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -613,8 +804,8 @@ mod tests {
     fn a_key_that_is_not_the_certificates_is_refused() {
         let (a, b) = (Dir::new("mix-a"), Dir::new("mix-b"));
         let td = TrustDomain::parse("example.org").unwrap();
-        init(&a.0, &td, now(), Duration::from_secs(86_400)).unwrap();
-        init(&b.0, &td, now(), Duration::from_secs(86_400)).unwrap();
+        init(&a.0, &td, now(), Duration::from_secs(86_400), None).unwrap();
+        init(&b.0, &td, now(), Duration::from_secs(86_400), None).unwrap();
         let (ka, kb) = (CaFiles::in_dir(&a.0).key, CaFiles::in_dir(&b.0).key);
         std::fs::remove_file(&ka).unwrap();
         std::fs::copy(&kb, &ka).unwrap();
@@ -630,14 +821,14 @@ mod tests {
         let td = TrustDomain::parse("example.org").unwrap();
         let hour = Duration::from_secs(3600);
         assert!(
-            matches!(rotate(d, now(), hour), Err(CaError::Io(..))),
+            matches!(rotate(d, now(), hour, None), Err(CaError::Io(..))),
             "no CA to rotate"
         );
-        init(d, &td, now(), hour).unwrap();
+        init(d, &td, now(), hour, None).unwrap();
         let old = CaSet::load(d).unwrap().active.cert().clone();
-        let next = rotate(d, now(), hour).unwrap();
+        let next = rotate(d, now(), hour, None).unwrap();
         assert!(
-            matches!(rotate(d, now(), hour), Err(CaError::Rotating(p)) if p == next.cert),
+            matches!(rotate(d, now(), hour, None), Err(CaError::Rotating(p)) if p == next.cert),
             "one rotation at a time"
         );
         let set = CaSet::load(d).unwrap();
@@ -654,7 +845,7 @@ mod tests {
         assert_eq!((&retired.cert, retired.until), (&old, until));
         assert_eq!(set.certs(), [new.clone(), old.clone()]);
         assert!(
-            matches!(rotate(d, now(), hour), Err(CaError::Rotating(p)) if p.ends_with(RETIRED_CERT_FILE)),
+            matches!(rotate(d, now(), hour, None), Err(CaError::Rotating(p)) if p.ends_with(RETIRED_CERT_FILE)),
             "not while the retired CA is in the bundle"
         );
         drop_retired(d).unwrap();
@@ -662,11 +853,105 @@ mod tests {
 
         // An activation stopped between moving the key and the certificate is finished at
         // load, with the key and the certificate of the next CA together.
-        let third = rotate(d, now(), hour).unwrap();
+        let third = rotate(d, now(), hour, None).unwrap();
         let third_cert = CaSet::load(d).unwrap().next.unwrap().cert().clone();
         std::fs::rename(&third.key, d.join(KEY_FILE)).unwrap();
         let set = CaSet::load(d).unwrap();
         assert_eq!(set.active.cert(), &third_cert);
         assert!(set.next.is_none() && !third.cert.exists());
+    }
+
+    /// An operator's root (no SPIFFE URI SAN, as an enterprise PKI's would be) in `dir`:
+    /// its certificate and key files.
+    fn upstream_root(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("{name} corporate root"));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.not_before = offset(now() - 60).unwrap();
+        params.not_after = offset(now() + 10 * 86_400).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::create_dir_all(dir).unwrap();
+        let (c, k) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    #[test]
+    fn an_intermediate_signed_by_an_upstream_ca_issues_svids_that_chain_to_its_root() {
+        let up = Dir::new("upstream");
+        let dir = Dir::new("intermediate");
+        let d = &dir.0;
+        let td = TrustDomain::parse("example.org").unwrap();
+        let (up_cert, up_key) = upstream_root(&up.0, "corp");
+        let upstream = Upstream::load(&up_cert, &up_key).unwrap();
+        let day = Duration::from_secs(86_400);
+        let e = init(d, &td, now(), 20 * day, Some(&upstream)).unwrap_err();
+        assert!(e.to_string().contains("shorter --lifetime"), "{e}");
+        init(d, &td, now(), day, Some(&upstream)).unwrap();
+        let ca = Authority::load(d).unwrap();
+        let root = read_chain(&up_cert).unwrap().remove(0);
+        assert_eq!(ca.anchor(), &root);
+        assert_ne!(ca.cert(), &root);
+
+        let id = SpiffeId::parse(API).unwrap();
+        let (_key, csr) = key_and_csr(API);
+        let checked = check_csr(&csr, &id).unwrap();
+        let v = validity(now(), Duration::from_secs(3600), ca.not_after()).unwrap();
+        let chain = ca.issue(&checked, &id, v).unwrap();
+        assert_eq!(
+            chain.len(),
+            2,
+            "the leaf and the intermediate; not the root"
+        );
+        assert_eq!(&chain[1], ca.cert());
+        // Peers trust the upstream root alone.
+        let mut bundles = TrustBundles::new();
+        bundles
+            .insert_pem(&td, pem("CERTIFICATE", &root).as_bytes())
+            .unwrap();
+        let provider = sigil_filters::tls::provider();
+        let algs = &provider.signature_verification_algorithms;
+        let verified = verify_svid(
+            &bundles,
+            algs,
+            &chain[0],
+            &chain[1..],
+            UnixTime::now(),
+            Usage::Client,
+        );
+        assert_eq!(verified.unwrap(), id);
+
+        // The next CA must come from the upstream too; both share its root in the bundle.
+        let e = rotate(d, now(), day, None).unwrap_err();
+        assert!(e.to_string().contains("signed by an upstream CA"), "{e}");
+        rotate(d, now(), day, Some(&upstream)).unwrap();
+        let set = CaSet::load(d).unwrap();
+        assert_eq!(set.anchors(), std::slice::from_ref(&root));
+        assert_eq!(set.certs().len(), 2);
+        activate(d, now() + 60).unwrap();
+        let set = CaSet::load(d).unwrap();
+        assert_eq!(set.retired.as_ref().unwrap().cert, root, "the retired root");
+        assert_eq!(set.anchors(), [root]);
+
+        // A key that is not the upstream certificate's; a chain that stops short of its root.
+        let (other_cert, _) = upstream_root(&up.0, "other");
+        let e = Upstream::load(&other_cert, &up_key).err().expect("refused");
+        assert!(e.to_string().contains("not the key of"), "{e}");
+        let inter = CaSet::load(d).unwrap().active.cert().clone();
+        let inter_file = up.0.join("inter.crt");
+        std::fs::write(&inter_file, pem("CERTIFICATE", &inter)).unwrap();
+        std::fs::copy(d.join(KEY_FILE), up.0.join("inter.key")).unwrap();
+        let e = Upstream::load(&inter_file, &up.0.join("inter.key"))
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("must end with its root"), "{e}");
     }
 }

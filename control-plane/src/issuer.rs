@@ -306,7 +306,7 @@ impl Issuer {
         let bundle = Bundle {
             trust_domain: ca.trust_domain().to_string(),
             pem: cas
-                .certs()
+                .anchors()
                 .iter()
                 .map(|c| sigil_testkit::pem("CERTIFICATE", c))
                 .collect(),

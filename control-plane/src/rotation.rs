@@ -52,7 +52,7 @@ pub struct Rotation {
 /// The certificates of the CA's trust domain bundle: the CA set, then those of the bundle
 /// file for that domain, each once.
 pub fn domain_certs(file_bundles: &TrustBundles, cas: &CaSet) -> Vec<CertificateDer<'static>> {
-    let mut certs = cas.certs();
+    let mut certs = cas.anchors();
     let td = cas.active.trust_domain();
     for c in file_bundles.get(td.as_str()).map_or(&[][..], |b| b.certs()) {
         if !certs.contains(c) {

@@ -33,7 +33,7 @@ fn issuance(c: &mut Criterion) {
     let dir = std::env::temp_dir().join(format!("sigil-bench-ca-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let td = TrustDomain::parse("example.org").expect("trust domain");
-    init(&dir, &td, now(), Duration::from_secs(86_400)).expect("make a CA");
+    init(&dir, &td, now(), Duration::from_secs(86_400), None).expect("make a CA");
     let ca = Authority::load(&dir).expect("load the CA");
     let id = SpiffeId::parse(ID).expect("SPIFFE ID");
     let (_key, csr) = key_and_csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[ID]);

@@ -8,7 +8,8 @@ use sigil_testkit::Ca;
 use crate::*;
 
 /// A CA made by `sigil ca init` in `d/ca`, a bootstrap CA for the control plane's and the
-/// operator's own SVIDs, and the operator's SVID files; the issuing CA's certificate (PEM).
+/// operator's own SVIDs, and the operator's SVID files; the root the issued SVIDs chain to
+/// (PEM): the CA's own certificate, or its upstream root.
 pub struct Setup {
     pub boot: Ca,
     pub ca_dir: std::path::PathBuf,
@@ -18,12 +19,62 @@ pub struct Setup {
 
 impl Setup {
     pub fn new(d: &std::path::Path) -> Self {
+        Self::made_with(d, &[])
+    }
+
+    /// The issuing CA an intermediate signed by an operator's root that openssl makes
+    /// (`up.crt`, `up.key`); `issuing_ca` is then that root.
+    pub fn with_upstream(d: &std::path::Path) -> Self {
+        let (cert, key) = (d.join("up.crt"), d.join("up.key"));
+        let (code, out) = run_status(
+            std::process::Command::new("openssl")
+                .args([
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-384",
+                ])
+                .args([
+                    "-nodes",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/O=Example Corp/CN=Example Corp Root",
+                ])
+                .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+                .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+                .arg("-keyout")
+                .arg(&key)
+                .arg("-out")
+                .arg(&cert),
+            Duration::from_secs(30),
+        );
+        assert_eq!(code, Some(0), "openssl: {out}");
+        let mut setup = Self::made_with(
+            d,
+            &[
+                "--lifetime".as_ref(),
+                "24h".as_ref(),
+                "--upstream-cert".as_ref(),
+                cert.as_os_str(),
+                "--upstream-key".as_ref(),
+                key.as_os_str(),
+            ],
+        );
+        setup.issuing_ca = std::fs::read_to_string(&cert).unwrap();
+        setup
+    }
+
+    fn made_with(d: &std::path::Path, init_args: &[&std::ffi::OsStr]) -> Self {
         let boot = Ca::new("example.org");
         let ca_dir = d.join("ca");
         let (code, out) = run_status(
             std::process::Command::new(bin("sigil"))
                 .args(["ca", "init", "--trust-domain", "example.org", "--dir"])
-                .arg(&ca_dir),
+                .arg(&ca_dir)
+                .args(init_args),
             Duration::from_secs(30),
         );
         assert_eq!(code, Some(0), "{out}");

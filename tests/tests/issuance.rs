@@ -962,3 +962,69 @@ fn a_ca_rotation_under_steady_traffic_fails_no_request() {
     }
     assert_eq!(get_once(a_web, "/"), Some(200), "{}", logs());
 }
+
+/// `sigil ca init --upstream-cert --upstream-key`: the control plane's CA is an intermediate
+/// signed by an operator's root (made by openssl); SVIDs carry the intermediate and verify
+/// for peers that trust the operator's root alone.
+#[test]
+fn an_intermediate_ca_signed_by_an_upstream_root_issues_svids_chaining_to_it() {
+    if !require_tool("openssl", "issuance") {
+        return;
+    }
+    let dir = TempDir::new("issuance-upstream");
+    let d = dir.path();
+    let setup = Setup::with_upstream(d);
+    let cp = setup.control_plane(d, "control", StoreAt::Dir(d.join("control-data")));
+    cp.apply(
+        &setup.ops,
+        &d.join("api.yaml"),
+        &workload_yaml("api", API, ""),
+    );
+    let t = token(&cp, &setup.ops, "api", "10m");
+    let (key, csr) = key_and_csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[API]);
+    let issued = asker(&setup, &cp)
+        .issue(None, csr, &t)
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", cp.proc.log()));
+    assert_eq!(issued.chain.len(), 2, "the SVID and the intermediate");
+    let root = certs_of(&setup.issuing_ca);
+    assert_eq!(root.len(), 1);
+    let mut only_root = TrustBundles::new();
+    only_root
+        .insert_der(&TrustDomain::parse("example.org").unwrap(), root.clone())
+        .unwrap();
+    let chain: Vec<CertificateDer<'static>> = issued
+        .chain
+        .iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .collect();
+    let provider = sigil_filters::tls::provider();
+    let verified = verify_svid(
+        &only_root,
+        &provider.signature_verification_algorithms,
+        &chain[0],
+        &chain[1..],
+        UnixTime::now(),
+        Usage::Server,
+    );
+    assert_eq!(verified.unwrap().as_str(), API);
+    // The sidecar's own check of its chain and key; the bundle handed back is the root.
+    LocalIdentity::from_pem(
+        chain_pem(&issued).as_bytes(),
+        key.as_bytes(),
+        UnixTime::now(),
+        None,
+        &provider,
+    )
+    .expect("a usable SVID");
+    assert!(
+        issued.bundles[0].pem.contains(setup.issuing_ca.trim()),
+        "{:?}",
+        issued.bundles
+    );
+    // The operator's key never went near the control plane's CA directory.
+    let up_key = std::fs::read_to_string(d.join("up.key")).unwrap();
+    for f in std::fs::read_dir(&setup.ca_dir).unwrap() {
+        let text = std::fs::read_to_string(f.unwrap().path()).unwrap_or_default();
+        assert!(!text.contains(up_key.trim()), "the upstream key was copied");
+    }
+}

@@ -85,7 +85,7 @@ enum Command {
 #[derive(Subcommand)]
 enum CaCommand {
     #[command(
-        about = "Make a root CA for one trust domain in a directory",
+        about = "Make a root CA for one trust domain in a directory, or an intermediate signed by an upstream CA",
         after_help = "Writes DIR/ca.key (an ECDSA P-256 key, mode 0600, never printed) and \
                       DIR/ca.crt (the certificate: the trust bundle of the domain). DIR is \
                       created with mode 0700; a CA already there is never overwritten."
@@ -138,6 +138,13 @@ struct CaInitArgs {
     #[arg(long, value_name = "DURATION", default_value = "8760h",
         value_parser = sigil_config::proxy_config::duration::parse)]
     lifetime: std::time::Duration,
+    /// An operator's CA to sign this one (its certificate, then any intermediates up to its
+    /// root, PEM); the CA made is then an intermediate, and the root is the trust bundle
+    #[arg(long, value_name = "FILE", requires = "upstream_key")]
+    upstream_cert: Option<PathBuf>,
+    /// The upstream CA's private key (read here only; sigil-control never sees it)
+    #[arg(long, value_name = "FILE", requires = "upstream_cert")]
+    upstream_key: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -149,6 +156,13 @@ struct CaRotateArgs {
     #[arg(long, value_name = "DURATION", default_value = "8760h",
         value_parser = sigil_config::proxy_config::duration::parse)]
     lifetime: std::time::Duration,
+    /// An operator's CA to sign the next one, as it signed the active one (its certificate, then any intermediates up to its
+    /// root, PEM); the CA made is then an intermediate, and the root is the trust bundle
+    #[arg(long, value_name = "FILE", requires = "upstream_key")]
+    upstream_cert: Option<PathBuf>,
+    /// The upstream CA's private key (read here only; sigil-control never sees it)
+    #[arg(long, value_name = "FILE", requires = "upstream_cert")]
+    upstream_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -398,11 +412,29 @@ fn token_create(a: &TokenCreateArgs) -> ExitCode {
     report(c.send(Method::POST, "/v1/tokens", &[], body))
 }
 
+/// The upstream CA of `--upstream-cert` and `--upstream-key` (clap requires both or neither).
+fn load_upstream(
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+) -> Result<Option<sigil_control::ca::Upstream>, sigil_control::ca::CaError> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => sigil_control::ca::Upstream::load(cert, key).map(Some),
+        _ => Ok(None),
+    }
+}
+
 fn ca_rotate(a: &CaRotateArgs) -> ExitCode {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
-    match sigil_control::ca::rotate(&a.dir, now, a.lifetime) {
+    let upstream = match load_upstream(&a.upstream_cert, &a.upstream_key) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("sigil ca rotate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match sigil_control::ca::rotate(&a.dir, now, a.lifetime, upstream.as_ref()) {
         Ok(files) => {
             println!(
                 "next CA made:\n  key (mode 0600): {}\n  certificate: {}\nsigil-control --ca-dir {} puts it in the trust bundle within a second and makes it active once every sidecar has that bundle",
@@ -423,7 +455,25 @@ fn ca_init(a: &CaInitArgs) -> ExitCode {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
-    match sigil_control::ca::init(&a.dir, &a.trust_domain, now, a.lifetime) {
+    let upstream = match load_upstream(&a.upstream_cert, &a.upstream_key) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("sigil ca init: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match sigil_control::ca::init(&a.dir, &a.trust_domain, now, a.lifetime, upstream.as_ref()) {
+        Ok(files) if upstream.is_some() => {
+            println!(
+                "intermediate CA for {} made, signed by {}:\n  key (keep it here; mode 0600): {}\n  certificate and the upstream chain: {}\nthe trust bundle of {} is the upstream CA's root (the last certificate there)",
+                a.trust_domain,
+                a.upstream_cert.as_deref().unwrap_or(Path::new("")).display(),
+                files.key.display(),
+                files.cert.display(),
+                a.trust_domain,
+            );
+            ExitCode::SUCCESS
+        }
         Ok(files) => {
             println!(
                 "CA for {} made:\n  key (keep it here; mode 0600): {}\n  certificate (the trust bundle of {}): {}",
