@@ -24,12 +24,15 @@ use std::time::Duration;
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, PutOptions,
-    TlsOptions, Txn, TxnOp,
+    SortOrder, SortTarget, TlsOptions, Txn, TxnOp,
 };
 
 use tracing::warn;
 
-use crate::stored::{take, Change, StoreError, Stored, TokenRecord, TokenUse};
+use crate::stored::{
+    take, Change, IssuanceRecord, StoreError, Stored, TokenRecord, TokenUse,
+    ISSUANCE_RETENTION_SECS,
+};
 
 /// Attempts of an optimistic transaction before giving up (another replica kept winning).
 const ATTEMPTS: usize = 8;
@@ -259,6 +262,78 @@ impl Etcd {
             .txn(Txn::new().when([created]).and_then([put]))
             .await?;
         Ok(())
+    }
+
+    /// Keeps issuance records under `issuances/<at, 12 digits>-<random>`, leased to leave
+    /// etcd after the retention; one lease for the lot, one transaction per 100 (etcd takes
+    /// 128 operations in one by default).
+    pub async fn append_issuances(
+        &self,
+        records: &[IssuanceRecord],
+        _now: i64,
+    ) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut client = self.client.clone();
+        let lease = client.lease_grant(ISSUANCE_RETENTION_SECS, None).await?;
+        for chunk in records.chunks(100) {
+            let puts: Vec<TxnOp> = chunk
+                .iter()
+                .map(|r| {
+                    let key = format!(
+                        "{}issuances/{:012}-{}",
+                        self.prefix,
+                        r.at.max(0),
+                        crate::stored::random_hex(6)
+                    );
+                    TxnOp::put(
+                        key.as_str(),
+                        r.encode(),
+                        Some(PutOptions::new().with_lease(lease.id())),
+                    )
+                })
+                .collect();
+            client.txn(Txn::new().and_then(puts)).await?;
+        }
+        Ok(())
+    }
+
+    /// Issuance records from `since` (Unix seconds) on, oldest first, at most `limit`.
+    pub async fn list_issuances(
+        &self,
+        since: i64,
+        limit: usize,
+    ) -> Result<Vec<IssuanceRecord>, StoreError> {
+        let base = format!("{}issuances/", self.prefix);
+        let from = format!("{base}{:012}", since.max(0));
+        // Everything from `from` to the end of the `issuances/` keys.
+        let mut end = base.into_bytes();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let r = self
+            .client
+            .clone()
+            .get(
+                from.as_str(),
+                Some(
+                    GetOptions::new()
+                        .with_range(end)
+                        .with_limit(limit as i64)
+                        .with_sort(SortTarget::Key, SortOrder::Ascend),
+                ),
+            )
+            .await?;
+        r.kvs()
+            .iter()
+            .map(|kv| {
+                std::str::from_utf8(kv.value())
+                    .ok()
+                    .and_then(IssuanceRecord::decode)
+                    .ok_or_else(|| StoreError::Corrupt(String::from_utf8_lossy(kv.key()).into()))
+            })
+            .collect()
     }
 
     /// What taking a join token at `now` would come to, taking nothing.

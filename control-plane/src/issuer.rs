@@ -37,6 +37,8 @@ pub struct Issuer {
     /// admits. A Workload carrying one would make a join token worth the control plane's
     /// identity, or operator access.
     pub reserved: Vec<sigil_config::IdPattern>,
+    /// Where every decision goes, for the audit stream.
+    pub records: crate::records::Recorder,
 }
 
 /// How the caller proved who it is.

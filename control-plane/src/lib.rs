@@ -14,6 +14,7 @@ pub mod issuer;
 pub mod metrics;
 pub mod operator;
 pub mod policy_test;
+pub mod records;
 pub mod revoke;
 pub mod rotation;
 pub mod sidecars;

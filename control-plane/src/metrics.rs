@@ -33,6 +33,8 @@ pub struct Metrics {
     /// From the store change (or, for a stream's first snapshot, from sending it) to the
     /// sidecar's acknowledgement.
     pub push_latency: Histogram,
+    /// Issuance records that could not wait for the store (`records`).
+    pub records_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -48,11 +50,12 @@ impl Default for Metrics {
             // 0.5 ms .. ~8 s
             push_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
             issuance: Family::default(),
+            records_dropped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
             "svid_issuance",
-            "SVIDs issued (result first or renewal) and refused (result refused, by reason)",
+            "SVIDs issued (result first, renewal or workload_api) and refused (result refused, by reason)",
             m.issuance.clone(),
         );
         registry.register(
@@ -85,6 +88,11 @@ impl Default for Metrics {
             "push_latency_seconds",
             "From a store change to a sidecar's acknowledgement of it",
             m.push_latency.clone(),
+        );
+        registry.register(
+            "issuance_records_dropped",
+            "Issuance records not kept: more were waiting for the store than it holds in memory",
+            m.records_dropped.clone(),
         );
         Self { registry, ..m }
     }

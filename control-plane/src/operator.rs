@@ -113,6 +113,7 @@ async fn handle(api: &Api, peer: &SpiffeId, req: Request<Incoming>) -> Response<
         (Method::DELETE, ["v1", "resources", kind, name]) => delete(api, peer, kind, name).await,
         (Method::GET, ["v1", "status"]) => Ok(status(api).await),
         (Method::POST, ["v1", "tokens"]) => create_token(api, peer, req).await,
+        (Method::GET, ["v1", "issuances"]) => issuances(api, req.uri().query()).await,
         _ => Err(Refusal(
             StatusCode::NOT_FOUND,
             format!("no such endpoint: {path}\n"),
@@ -293,6 +294,32 @@ async fn create_token(api: &Api, peer: &SpiffeId, req: Request<Incoming>) -> Rep
 /// `version N` then one line per connected sidecar: name, SPIFFE ID, address, the version it
 /// was sent, and whether it acknowledged it. With an etcd store, the sidecars of every replica
 /// (each line names its replica), as last refreshed (every 2 s).
+/// The issuance records (`records`) from `since` (Unix seconds, default 0) on, oldest first,
+/// at most `limit` (default 1,000, at most 100,000), one line each.
+async fn issuances(api: &Api, query: Option<&str>) -> Reply {
+    let (mut since, mut limit) = (0i64, 1_000usize);
+    for kv in query.unwrap_or("").split('&').filter(|kv| !kv.is_empty()) {
+        let bad = || {
+            Refusal(
+                StatusCode::BAD_REQUEST,
+                format!("{kv:?}: expected since=<Unix seconds> or limit=<count>\n"),
+            )
+        };
+        match kv.split_once('=') {
+            Some(("since", v)) => since = v.parse().map_err(|_| bad())?,
+            Some(("limit", v)) => limit = v.parse::<usize>().map_err(|_| bad())?.min(100_000),
+            _ => return Err(bad()),
+        }
+    }
+    let records = api
+        .store
+        .list_issuances(since, limit)
+        .await
+        .map_err(internal)?;
+    let out: String = records.iter().map(|r| r.line() + "\n").collect();
+    Ok(text(StatusCode::OK, out))
+}
+
 async fn status(api: &Api) -> Response<Full<Bytes>> {
     let version = api.hub.version();
     let lines = match &*api.store {

@@ -30,7 +30,7 @@ use crate::issuer::{Caller, Issuer};
 use crate::metrics::{IssuanceLabels, Metrics, SidecarLabels};
 use crate::snapshot::Catalog;
 use crate::store::Store;
-use crate::stored::StoreError;
+use crate::stored::{IssuanceRecord, StoreError};
 
 /// The published catalog and the sidecars connected to this replica.
 pub struct Hub {
@@ -412,7 +412,8 @@ impl tonic::server::UnaryService<sigil_api::IssueRequest> for Issue {
     }
 }
 
-/// Issues, or refuses; either way logged and counted, a refusal also kept for `sigil status`.
+/// Issues, or refuses; either way logged, counted and recorded in the store (`records`), a
+/// refusal also kept for `sigil status`.
 async fn issue(
     hub: &Hub,
     issuer: &Issuer,
@@ -430,7 +431,7 @@ async fn issue(
     };
     let who = match caller {
         Caller::Svid(id, _) => id.to_string(),
-        Caller::Anonymous => "(join token)".to_string(),
+        Caller::Anonymous => "anonymous".to_string(),
     };
     if *caller == Caller::Anonymous && !hub.anonymous_allowed(addr.ip()) {
         // Not logged or kept one by one: a flood would flood the log and `sigil status`.
@@ -457,6 +458,18 @@ async fn issue(
                 reason: "",
             };
             hub.metrics.issuance.get_or_create(&labels).inc();
+            issuer.records.record(IssuanceRecord {
+                at: now,
+                result: kind.to_string(),
+                caller: who,
+                node,
+                addr: addr.to_string(),
+                id: issued.id.to_string(),
+                workload: issued.workload.clone(),
+                serial: issued.serial.clone(),
+                not_after: issued.not_after,
+                ..IssuanceRecord::default()
+            });
             Ok(tonic::Response::new(issued.response))
         }
         Err(refused) => {
@@ -473,7 +486,19 @@ async fn issue(
                 "REFUSED {} {node} {addr} {who} {reason}: {said}",
                 crate::issuer::rfc3339(now)
             ));
-            Err(Status::new(refused.code(), format!("{reason}: {said}")))
+            let message = format!("{reason}: {said}");
+            issuer.records.record(IssuanceRecord {
+                at: now,
+                result: "refused".into(),
+                reason: reason.into(),
+                caller: who,
+                node,
+                addr: addr.to_string(),
+                workload: clean(&req.for_workload),
+                message: message.clone(),
+                ..IssuanceRecord::default()
+            });
+            Err(Status::new(refused.code(), message))
         }
     }
 }

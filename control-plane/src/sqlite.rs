@@ -15,7 +15,10 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::stored::{take, Change, StoreError, Stored, TokenRecord, TokenUse};
+use crate::stored::{
+    take, Change, IssuanceRecord, StoreError, Stored, TokenRecord, TokenUse,
+    ISSUANCE_RETENTION_SECS,
+};
 
 pub struct Sqlite {
     db: Mutex<Connection>,
@@ -45,7 +48,10 @@ impl Sqlite {
              CREATE TABLE IF NOT EXISTS epoch (id TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS join_tokens (
                  hash TEXT PRIMARY KEY, workload TEXT NOT NULL,
-                 expires_at INTEGER NOT NULL, used_at INTEGER);",
+                 expires_at INTEGER NOT NULL, used_at INTEGER);
+             CREATE TABLE IF NOT EXISTS issuances (
+                 seq INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, record TEXT NOT NULL);
+             CREATE INDEX IF NOT EXISTS issuances_at ON issuances (at);",
         )?;
         let fresh = format!("sqlite-{}", crate::stored::random_hex(16));
         db.execute(
@@ -145,6 +151,46 @@ impl Sqlite {
             params![hash, record.workload, record.expires_at],
         )?;
         Ok(())
+    }
+
+    /// Keeps issuance records, all in one transaction; those past the retention leave.
+    pub fn append_issuances(&self, records: &[IssuanceRecord], now: i64) -> Result<(), StoreError> {
+        let mut db = self.db.lock().expect("store lock");
+        let tx = db.transaction()?;
+        tx.execute(
+            "DELETE FROM issuances WHERE at < ?1",
+            [now - ISSUANCE_RETENTION_SECS],
+        )?;
+        {
+            let mut insert =
+                tx.prepare_cached("INSERT INTO issuances (at, record) VALUES (?1, ?2)")?;
+            for r in records {
+                insert.execute(params![r.at, r.encode()])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Issuance records from `since` (Unix seconds) on, oldest first, at most `limit`.
+    pub fn list_issuances(
+        &self,
+        since: i64,
+        limit: usize,
+    ) -> Result<Vec<IssuanceRecord>, StoreError> {
+        let db = self.db.lock().expect("store lock");
+        let mut q =
+            db.prepare("SELECT record FROM issuances WHERE at >= ?1 ORDER BY seq LIMIT ?2")?;
+        let rows = q.query_map(params![since, limit as i64], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let line = row?;
+            out.push(
+                IssuanceRecord::decode(&line)
+                    .ok_or_else(|| StoreError::Corrupt(format!("issuances: {line}")))?,
+            );
+        }
+        Ok(out)
     }
 
     /// What taking a join token at `now` would come to (`stored::take`), taking nothing.

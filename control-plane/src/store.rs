@@ -5,7 +5,7 @@
 
 use crate::etcd::Etcd;
 use crate::sqlite::Sqlite;
-use crate::stored::{Change, StoreError, Stored, TokenRecord, TokenUse};
+use crate::stored::{Change, IssuanceRecord, StoreError, Stored, TokenRecord, TokenUse};
 
 pub enum Store {
     Sqlite(Sqlite),
@@ -48,6 +48,30 @@ impl Store {
         match self {
             Self::Sqlite(s) => s.delete(kind, name),
             Self::Etcd(e) => e.delete(kind, name).await,
+        }
+    }
+
+    /// Keeps issuance records for the audit stream (`IssuanceRecord`); old ones leave.
+    pub async fn append_issuances(
+        &self,
+        records: &[IssuanceRecord],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        match self {
+            Self::Sqlite(s) => s.append_issuances(records, now),
+            Self::Etcd(e) => e.append_issuances(records, now).await,
+        }
+    }
+
+    /// Issuance records from `since` (Unix seconds) on, oldest first, at most `limit`.
+    pub async fn list_issuances(
+        &self,
+        since: i64,
+        limit: usize,
+    ) -> Result<Vec<IssuanceRecord>, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.list_issuances(since, limit),
+            Self::Etcd(e) => e.list_issuances(since, limit).await,
         }
     }
 

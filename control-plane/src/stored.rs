@@ -214,3 +214,142 @@ pub fn random_hex(bytes: usize) -> String {
         .expect("the system random generator works");
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// One issuance decision as the store keeps it for the audit stream: when, who asked and from
+/// where, for which identity, what came of it and why.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct IssuanceRecord {
+    /// Unix seconds.
+    pub at: i64,
+    /// `first`, `renewal`, `workload_api` (issued) or `refused`.
+    pub result: String,
+    /// The refusal's reason (the metric's label); empty when issued.
+    pub reason: String,
+    /// The SPIFFE ID the caller presented, or `anonymous` (a join token).
+    pub caller: String,
+    /// The sidecar's name, as it gave it.
+    pub node: String,
+    /// Its address.
+    pub addr: String,
+    /// The identity issued; empty if refused before one was known.
+    pub id: String,
+    pub workload: String,
+    /// The SVID's serial, hex; empty if refused.
+    pub serial: String,
+    /// Unix seconds; 0 if refused.
+    pub not_after: i64,
+    /// What the caller was told, when refused.
+    pub message: String,
+}
+
+impl IssuanceRecord {
+    /// One line of tab-separated fields, in the order of the struct. Tabs and line breaks in
+    /// a field (a CSR can carry any text) become spaces.
+    pub fn encode(&self) -> String {
+        let clean = |s: &str| s.replace(['\t', '\n', '\r'], " ");
+        [
+            self.at.to_string(),
+            clean(&self.result),
+            clean(&self.reason),
+            clean(&self.caller),
+            clean(&self.node),
+            clean(&self.addr),
+            clean(&self.id),
+            clean(&self.workload),
+            clean(&self.serial),
+            self.not_after.to_string(),
+            clean(&self.message),
+        ]
+        .join("\t")
+    }
+
+    pub fn decode(line: &str) -> Option<Self> {
+        let f: Vec<&str> = line.split('\t').collect();
+        let [at, result, reason, caller, node, addr, id, workload, serial, not_after, message] =
+            f.as_slice()
+        else {
+            return None;
+        };
+        Some(Self {
+            at: at.parse().ok()?,
+            result: result.to_string(),
+            reason: reason.to_string(),
+            caller: caller.to_string(),
+            node: node.to_string(),
+            addr: addr.to_string(),
+            id: id.to_string(),
+            workload: workload.to_string(),
+            serial: serial.to_string(),
+            not_after: not_after.parse().ok()?,
+            message: message.to_string(),
+        })
+    }
+}
+
+impl IssuanceRecord {
+    /// One line for people (`sigil issuances`): the time (RFC 3339), the result, then what
+    /// is known as key=value; a refusal ends with what the caller was told.
+    pub fn line(&self) -> String {
+        let t = |unix: i64| sigil_config::policy::Timestamp(unix).to_string();
+        let mut out = format!("{} {}", t(self.at), self.result);
+        let mut field = |k: &str, v: &str| {
+            if !v.is_empty() {
+                out += &format!(" {k}={v}");
+            }
+        };
+        field("reason", &self.reason);
+        field("id", &self.id);
+        field("workload", &self.workload);
+        field("serial", &self.serial);
+        if self.not_after != 0 {
+            field("not_after", &t(self.not_after));
+        }
+        field("caller", &self.caller);
+        field("node", &self.node);
+        field("addr", &self.addr);
+        if !self.message.is_empty() {
+            out += &format!(" -- {}", self.message);
+        }
+        out
+    }
+}
+
+/// How long issuance records are kept in the store.
+pub const ISSUANCE_RETENTION_SECS: i64 = 30 * 86_400;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_issuance_record_survives_its_line_and_a_forged_one_stays_one_line() {
+        let r = IssuanceRecord {
+            at: 1_800_000_000,
+            result: "refused".into(),
+            reason: "csr_foreign_id".into(),
+            caller: "anonymous".into(),
+            node: "web-1".into(),
+            addr: "10.0.0.7:40112".into(),
+            id: String::new(),
+            workload: "web".into(),
+            serial: String::new(),
+            not_after: 0,
+            message: "csr_foreign_id: names spiffe://x\n1800000000\tfirst\tforged".into(),
+        };
+        let line = r.encode();
+        assert!(!line.contains('\n'));
+        let back = IssuanceRecord::decode(&line).unwrap();
+        assert_eq!(
+            back.message,
+            "csr_foreign_id: names spiffe://x 1800000000 first forged"
+        );
+        assert_eq!(
+            IssuanceRecord {
+                message: back.message.clone(),
+                ..r
+            },
+            back
+        );
+        assert_eq!(IssuanceRecord::decode("1\tfirst"), None);
+    }
+}

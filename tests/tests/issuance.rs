@@ -315,6 +315,65 @@ fn the_control_plane_issues_svids_to_token_holders_and_renews_them() {
         .is_some(),
         "{metrics}"
     );
+    // Every decision is in the store, with who, which serial and why, across the restart.
+    let serial = |r: &IssueResponse| {
+        x509_parser::parse_x509_certificate(&r.chain[0])
+            .unwrap()
+            .1
+            .raw_serial_as_string()
+    };
+    let lines = issuance_lines(&cp, ops);
+    let line = |result: &str, serial: &str| {
+        lines
+            .iter()
+            .find(|l| {
+                l.contains(&format!(" {result} ")) && l.contains(&format!("serial={serial} "))
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "no {result} record with serial {serial}:\n{}",
+                    lines.join("\n")
+                )
+            })
+            .clone()
+    };
+    let l = line("first", &serial(&first));
+    assert!(
+        l.contains(&format!("id={API} workload=api"))
+            && l.contains("caller=anonymous node=test-sidecar"),
+        "{l}"
+    );
+    let l = line("renewal", &serial(&renewed));
+    assert!(l.contains(&format!("caller={API}")), "{l}");
+    for reason in [
+        "token_unknown",
+        "csr_foreign_id",
+        "token_expired",
+        "revoked",
+        "not_served_by_caller",
+    ] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(&format!(" refused reason={reason} ")) && l.contains(" -- ")),
+            "no refusal {reason} recorded:\n{}",
+            lines.join("\n")
+        );
+    }
+    // A record is one line, whatever the CSR carried.
+    assert!(
+        !lines.iter().any(|l| l.starts_with("sidecar-x forged")),
+        "{}",
+        lines.join("\n")
+    );
+}
+
+/// `sigil issuances --since 1h`: the recorded decisions, one line each (polled: the writer
+/// keeps them a moment after the answer).
+fn issuance_lines(cp: &ControlPlane, ops: &IdentityFiles) -> Vec<String> {
+    let (code, out, err) = cp.sigil(ops, &["issuances", "--since", "1h"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    out.lines().map(str::to_string).collect()
 }
 
 /// Each refusal the issue lists, by a caller that could otherwise get an SVID.
@@ -574,6 +633,19 @@ fn replicas_on_one_etcd_share_the_tokens_a_token_is_taken_once_across_them() {
         tonic::Code::PermissionDenied,
         "token_reused",
     );
+    // Both replicas' records are in etcd, read at either.
+    poll(Duration::from_secs(10), Duration::from_millis(200), || {
+        let lines = issuance_lines(&cp1, &setup.ops);
+        let first = lines
+            .iter()
+            .any(|l| l.contains(" first ") && l.contains(&format!("id={API}")));
+        let reused = lines
+            .iter()
+            .any(|l| l.contains(" refused reason=token_reused "));
+        (first && reused)
+            .then_some(())
+            .ok_or_else(|| format!("both replicas' records expected:\n{}", lines.join("\n")))
+    });
     drop((cp1, cp2));
 }
 

@@ -13,6 +13,7 @@ use sigil_control::ca::CaSet;
 use sigil_control::etcd::{Etcd, EtcdTls};
 use sigil_control::issuer::Issuer;
 use sigil_control::operator::{self, Api};
+use sigil_control::records::Recorder;
 use sigil_control::rotation::{self, Rotation};
 use sigil_control::sidecars::{self, Hub};
 use sigil_control::snapshot::Catalog;
@@ -307,13 +308,22 @@ async fn run(config: Config) -> Result<(), StartError> {
             store: api.store.clone(),
             catalog: hub.catalog(),
             reserved,
+            records: Recorder::start(api.store.clone(), hub.metrics.records_dropped.clone()),
         })
     });
     let acceptor = TlsAcceptor::from(server);
+    let issuing = issuer.clone();
     tokio::select! {
         _ = operator::serve(operator_listener, acceptor, api) => {}
         _ = sidecars::serve(sidecar_listener, acceptor_rx, hub, issuer) => {}
         _ = shutdown() => info!("stopping"),
+    }
+    if let Some(issuer) = issuing {
+        let flushed = issuer
+            .records
+            .flush(std::time::Duration::from_secs(3))
+            .await;
+        sigil_control::records::report_unflushed(flushed);
     }
     Ok(())
 }

@@ -65,6 +65,13 @@ enum Command {
     /// The control plane's own metrics (OpenMetrics text)
     Metrics(Connection),
     #[command(
+        about = "The SVIDs issued and refused, as the control plane recorded them",
+        after_help = "One line each, oldest first: the time, first/renewal/workload_api or \
+                      refused (with the reason), the identity, Workload, serial and expiry, and \
+                      who asked from where. Kept 30 days."
+    )]
+    Issuances(IssuancesArgs),
+    #[command(
         about = "Take an identity off the mesh now",
         after_help = "Every sidecar refuses it and cuts its live connections. Stores a \
                       Revocation resource named after the ID (or --name)."
@@ -145,6 +152,18 @@ struct CaInitArgs {
     /// The upstream CA's private key (read here only; sigil-control never sees it)
     #[arg(long, value_name = "FILE", requires = "upstream_cert")]
     upstream_key: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct IssuancesArgs {
+    /// From when: a duration back from now (90m, 24h) or an RFC 3339 time
+    #[arg(long, value_name = "WHEN", default_value = "24h")]
+    since: String,
+    /// At most this many lines
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    limit: usize,
+    #[command(flatten)]
+    connection: Connection,
 }
 
 #[derive(Args)]
@@ -387,6 +406,7 @@ fn main() -> ExitCode {
         Some(Command::Get(a)) => get(&a),
         Some(Command::Delete(a)) => delete(&a),
         Some(Command::Status(c)) => simple_get(&c, &["status"], "/v1/status"),
+        Some(Command::Issuances(a)) => issuances(&a),
         Some(Command::Metrics(c)) => simple_get(&c, &["metrics"], "/metrics"),
         Some(Command::Revoke(a)) => revoke(&a),
         Some(Command::Unrevoke(a)) => unrevoke(&a),
@@ -619,6 +639,24 @@ fn delete(a: &DeleteArgs) -> ExitCode {
 }
 
 /// A command that is one GET without arguments.
+fn issuances(a: &IssuancesArgs) -> ExitCode {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let since = match sigil_config::proxy_config::duration::parse(&a.since) {
+        Ok(back) => now - back.as_secs() as i64,
+        Err(_) => match sigil_config::policy::Timestamp::parse(&a.since) {
+            Ok(t) => t.0,
+            Err(e) => {
+                eprintln!("sigil issuances: --since {:?}: neither a duration (24h) nor an RFC 3339 time: {e}", a.since);
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let path = format!("/v1/issuances?since={since}&limit={}", a.limit);
+    simple_get(&a.connection, &["issuances"], &path)
+}
+
 fn simple_get(connection: &Connection, command: &[&str], path: &str) -> ExitCode {
     let c = match client(connection, command, "") {
         Ok(c) => c,
