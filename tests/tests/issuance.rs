@@ -294,6 +294,7 @@ fn the_control_plane_issues_svids_to_token_holders_and_renews_them() {
     check_svid(&renewed, API, 120);
     assert_ne!(renewed.chain[0], first.chain[0]);
 
+    a_greedy_csr_gets_a_plain_svid(&cp, ops, &asker);
     refusals(&cp, ops, &asker, (&chain, &key));
     revocation_stops_issuance(&cp, ops, &asker, (&chain, &key));
 
@@ -1099,4 +1100,59 @@ fn an_intermediate_ca_signed_by_an_upstream_root_issues_svids_chaining_to_it() {
         let text = std::fs::read_to_string(f.unwrap().path()).unwrap_or_default();
         assert!(!text.contains(up_key.trim()), "the upstream key was copied");
     }
+}
+
+/// A CSR asking for more than an SVID (CA:true, a DNS name, keyCertSign, codeSigning) gets a
+/// plain SVID: the CA copies nothing it was asked for but the key.
+fn a_greedy_csr_gets_a_plain_svid(cp: &ControlPlane, ops: &IdentityFiles, asker: &Asker) {
+    use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509CertificationRequest};
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![
+        rcgen::SanType::URI(API.try_into().unwrap()),
+        rcgen::SanType::DnsName("evil.example".try_into().unwrap()),
+    ];
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::CodeSigning];
+    let csr = params.serialize_request(&key).unwrap().der().to_vec();
+    // The CSR does ask for them.
+    let (_, parsed) = X509CertificationRequest::from_der(&csr).unwrap();
+    let asked: Vec<String> = parsed
+        .requested_extensions()
+        .into_iter()
+        .flatten()
+        .map(|e| match e {
+            ParsedExtension::SubjectAlternativeName(_) => "san".to_string(),
+            ParsedExtension::BasicConstraints(b) if b.ca => "ca".to_string(),
+            ParsedExtension::KeyUsage(k) if k.key_cert_sign() => "keyCertSign".to_string(),
+            ParsedExtension::ExtendedKeyUsage(e) if e.code_signing => "codeSigning".to_string(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    for want in ["san", "ca", "keyCertSign", "codeSigning"] {
+        assert!(
+            asked.iter().any(|a| a == want),
+            "the CSR asks for {want}: {asked:?}"
+        );
+    }
+    let t = token(cp, ops, "api", "10m");
+    let issued = asker
+        .issue(None, csr, &t)
+        .expect("an SVID for the greedy CSR");
+    let (_, cert) = x509_parser::parse_x509_certificate(&issued.chain[0]).unwrap();
+    assert!(!cert.is_ca(), "not a CA");
+    let san = cert.subject_alternative_name().unwrap().expect("a SAN");
+    assert_eq!(
+        san.value.general_names,
+        [GeneralName::URI(API)],
+        "one URI SAN, no DNS name"
+    );
+    let ku = cert.key_usage().unwrap().expect("key usage").value;
+    assert!(ku.digital_signature() && !ku.key_cert_sign(), "{ku:?}");
+    let eku = cert.extended_key_usage().unwrap().expect("EKU").value;
+    assert!(
+        eku.server_auth && eku.client_auth && !eku.code_signing,
+        "{eku:?}"
+    );
 }
