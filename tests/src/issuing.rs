@@ -115,3 +115,27 @@ pub fn workload_yaml(name: &str, id: &str, extra: &str) -> String {
          spec:\n  spiffeId: {id}\n  environment: test\n{extra}"
     )
 }
+
+/// Workload B (one-minute SVIDs) applied; A's file SVID of the bootstrap CA and B's bundle
+/// directory, both trusting both CAs; a join token for B in `d/b.token`. Returns A's and B's
+/// identity files (B uses only its bundle directory) and the token file.
+pub fn b_with_token(
+    d: &std::path::Path,
+    setup: &Setup,
+    cp: &ControlPlane,
+) -> (IdentityFiles, IdentityFiles, std::path::PathBuf) {
+    cp.apply(
+        &setup.ops,
+        &d.join("b.yaml"),
+        &workload_yaml("b", B, "  svidTtl: 1m\n"),
+    );
+    let both = setup.boot.bundle_pem() + &setup.issuing_ca;
+    let fa = write_identity(d, "a", &setup.boot, A, &[&setup.boot]);
+    let fb = write_identity(d, "b", &setup.boot, B, &[&setup.boot]);
+    for f in [&fa, &fb] {
+        std::fs::write(f.bundle_dir.join("example.org.pem"), &both).unwrap();
+    }
+    let token_file = d.join("b.token");
+    std::fs::write(&token_file, token(cp, &setup.ops, "b", "10m")).unwrap();
+    (fa, fb, token_file)
+}

@@ -121,23 +121,19 @@ impl Sidecar {
         if let Some(limits) = &self.limits {
             y += &format!("  limits: {limits}\n");
         }
+        // The SVID from the control plane or a Workload API instead of the files.
+        let files_lines = format!(
+            "    certFile: {}\n    keyFile: {}\n",
+            files.cert.display(),
+            files.key.display()
+        );
         if let Some(token) = &self.join_token_file {
-            let files_lines = format!(
-                "    certFile: {}\n    keyFile: {}\n",
-                files.cert.display(),
-                files.key.display()
-            );
             y = y.replace(
                 &files_lines,
                 &format!("    joinTokenFile: {}\n", token.display()),
             );
         }
         if let Some(socket) = &self.svid_from_api {
-            let files_lines = format!(
-                "    certFile: {}\n    keyFile: {}\n",
-                files.cert.display(),
-                files.key.display()
-            );
             y = y.replace(
                 &files_lines,
                 &format!("    workloadApi: \"unix://{}\"\n", socket.display()),

@@ -124,19 +124,7 @@ fn the_workload_api_hands_a_matching_caller_its_svid_and_refuses_others() {
     let setup = Setup::new(d);
     let ops = &setup.ops;
     let cp = setup.control_plane(d, "control", StoreAt::Dir(d.join("control-data")));
-    cp.apply(
-        ops,
-        &d.join("b.yaml"),
-        &workload_yaml("b", B, "  svidTtl: 1m\n"),
-    );
-    let fb = write_identity(d, "b", &setup.boot, B, &[&setup.boot]);
-    std::fs::write(
-        fb.bundle_dir.join("example.org.pem"),
-        setup.boot.bundle_pem() + &setup.issuing_ca,
-    )
-    .unwrap();
-    let token_file = d.join("b.token");
-    std::fs::write(&token_file, token(&cp, ops, "b", "10m")).unwrap();
+    let (_, fb, token_file) = b_with_token(d, &setup, &cp);
 
     let (_web, web_port) = start_workload("b", false);
     let socket = d.join("agent.sock");
@@ -221,6 +209,52 @@ fn the_workload_api_hands_a_matching_caller_its_svid_and_refuses_others() {
         (first, check_svid(&renewed, &bundle))
     });
     assert_ne!(first, renewed, "{}", logs());
+
+    // A trust bundle pushed to B reaches the bundle stream at once.
+    let partner = sigil_testkit::Ca::new("partner.org");
+    let indented: String = partner
+        .bundle_pem()
+        .lines()
+        .map(|l| format!("    {l}\n"))
+        .collect();
+    let mut bundles = rt.block_on(async {
+        let client = WorkloadApiClient::connect_to(&endpoint)
+            .await
+            .expect("connect");
+        let mut stream = client.stream_x509_bundles().await.expect("a bundle stream");
+        let now = stream
+            .next()
+            .await
+            .expect("a first message")
+            .expect("bundles");
+        (client, stream, now)
+    });
+    let partner_td = spiffe::TrustDomain::new("partner.org").unwrap();
+    assert!(bundles.2.get(&partner_td).is_none());
+    cp.apply(
+        ops,
+        &d.join("partner.yaml"),
+        &format!(
+            "apiVersion: sigil.dev/v1\nkind: TrustBundle\nmetadata: {{name: partner, owner: sec, purpose: federation}}\nspec:\n  trustDomain: partner.org\n  pem: |\n{indented}"
+        ),
+    );
+    let pushed = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(15), bundles.1.next())
+            .await
+            .expect("a bundle update within 15 s")
+            .expect("the stream goes on")
+            .expect("bundles")
+    });
+    let got: Vec<Vec<u8>> = pushed
+        .get(&partner_td)
+        .expect("partner.org's bundle pushed")
+        .authorities()
+        .iter()
+        .map(|c| c.as_bytes().to_vec())
+        .collect();
+    assert_eq!(got, [partner.cert_der().to_vec()]);
+    drop(bundles);
+
     let (_, metrics, _) = cp.sigil(ops, &["metrics"]);
     assert!(
         metric(
@@ -260,19 +294,7 @@ fn a_sidecar_takes_its_svid_and_bundles_from_a_workload_api_and_follows_rotation
     let setup = Setup::new(d);
     let ops = &setup.ops;
     let cp = setup.control_plane(d, "control", StoreAt::Dir(d.join("control-data")));
-    cp.apply(
-        ops,
-        &d.join("b.yaml"),
-        &workload_yaml("b", B, "  svidTtl: 1m\n"),
-    );
-    let fb = write_identity(d, "b", &setup.boot, B, &[&setup.boot]);
-    std::fs::write(
-        fb.bundle_dir.join("example.org.pem"),
-        setup.boot.bundle_pem() + &setup.issuing_ca,
-    )
-    .unwrap();
-    let token_file = d.join("b.token");
-    std::fs::write(&token_file, token(&cp, ops, "b", "10m")).unwrap();
+    let (_, fb, token_file) = b_with_token(d, &setup, &cp);
     // C is served by B's Workload API to the sigil-proxy binary run by this uid.
     let proxy_bin = std::fs::canonicalize(bin("sigil-proxy")).unwrap();
     // SAFETY: geteuid has no preconditions.

@@ -145,8 +145,14 @@ struct CaInitArgs {
     #[arg(long, value_name = "DURATION", default_value = "8760h",
         value_parser = sigil_config::proxy_config::duration::parse)]
     lifetime: std::time::Duration,
-    /// An operator's CA to sign this one (its certificate, then any intermediates up to its
-    /// root, PEM); the CA made is then an intermediate, and the root is the trust bundle
+    #[command(flatten)]
+    upstream: UpstreamArgs,
+}
+
+#[derive(Args)]
+struct UpstreamArgs {
+    /// An operator's CA to sign the CA (its certificate, then any intermediates up to its
+    /// root, PEM): the CA is then an intermediate, and the root is the trust bundle
     #[arg(long, value_name = "FILE", requires = "upstream_key")]
     upstream_cert: Option<PathBuf>,
     /// The upstream CA's private key (read here only; sigil-control never sees it)
@@ -175,13 +181,8 @@ struct CaRotateArgs {
     #[arg(long, value_name = "DURATION", default_value = "8760h",
         value_parser = sigil_config::proxy_config::duration::parse)]
     lifetime: std::time::Duration,
-    /// An operator's CA to sign the next one, as it signed the active one (its certificate, then any intermediates up to its
-    /// root, PEM); the CA made is then an intermediate, and the root is the trust bundle
-    #[arg(long, value_name = "FILE", requires = "upstream_key")]
-    upstream_cert: Option<PathBuf>,
-    /// The upstream CA's private key (read here only; sigil-control never sees it)
-    #[arg(long, value_name = "FILE", requires = "upstream_cert")]
-    upstream_key: Option<PathBuf>,
+    #[command(flatten)]
+    upstream: UpstreamArgs,
 }
 
 #[derive(Subcommand)]
@@ -434,10 +435,9 @@ fn token_create(a: &TokenCreateArgs) -> ExitCode {
 
 /// The upstream CA of `--upstream-cert` and `--upstream-key` (clap requires both or neither).
 fn load_upstream(
-    cert: &Option<PathBuf>,
-    key: &Option<PathBuf>,
+    a: &UpstreamArgs,
 ) -> Result<Option<sigil_control::ca::Upstream>, sigil_control::ca::CaError> {
-    match (cert, key) {
+    match (&a.upstream_cert, &a.upstream_key) {
         (Some(cert), Some(key)) => sigil_control::ca::Upstream::load(cert, key).map(Some),
         _ => Ok(None),
     }
@@ -447,7 +447,7 @@ fn ca_rotate(a: &CaRotateArgs) -> ExitCode {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
-    let upstream = match load_upstream(&a.upstream_cert, &a.upstream_key) {
+    let upstream = match load_upstream(&a.upstream) {
         Ok(u) => u,
         Err(e) => {
             eprintln!("sigil ca rotate: {e}");
@@ -475,7 +475,7 @@ fn ca_init(a: &CaInitArgs) -> ExitCode {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
-    let upstream = match load_upstream(&a.upstream_cert, &a.upstream_key) {
+    let upstream = match load_upstream(&a.upstream) {
         Ok(u) => u,
         Err(e) => {
             eprintln!("sigil ca init: {e}");
@@ -487,7 +487,7 @@ fn ca_init(a: &CaInitArgs) -> ExitCode {
             println!(
                 "intermediate CA for {} made, signed by {}:\n  key (keep it here; mode 0600): {}\n  certificate and the upstream chain: {}\nthe trust bundle of {} is the upstream CA's root (the last certificate there)",
                 a.trust_domain,
-                a.upstream_cert.as_deref().unwrap_or(Path::new("")).display(),
+                a.upstream.upstream_cert.as_deref().unwrap_or(Path::new("")).display(),
                 files.key.display(),
                 files.cert.display(),
                 a.trust_domain,
