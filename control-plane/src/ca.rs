@@ -88,7 +88,7 @@ impl fmt::Display for CaError {
             Self::Sign(e) => write!(f, "signing: {e}"),
             Self::Rotating(p) => write!(
                 f,
-                "{}: a rotation is under way; the next one can start once it has finished (sigil-control removes this file)",
+                "{}: a rotation is under way; the next one can start once it has finished (sigil-control moves or removes this file; remove next.crt and next.key yourself to cancel one not yet active)",
                 p.display()
             ),
         }
@@ -341,7 +341,7 @@ fn make_ca(
     params.serial_number = Some(random_serial()?);
     params.not_before = offset(now)?;
     params.not_after = offset(until)?;
-    let mut pem = match upstream {
+    let cert = match upstream {
         None => params.self_signed(&key),
         Some(up) => {
             params.use_authority_key_identifier_extension = true;
@@ -350,14 +350,69 @@ fn make_ca(
             params.signed_by(&key, &issuer)
         }
     }
-    .map_err(|e| CaError::Sign(e.to_string()))?
-    .pem();
+    .map_err(|e| CaError::Sign(e.to_string()))?;
+    if let Some(up) = upstream {
+        check_under_upstream(td, cert.der(), &key, up, now)?;
+    }
+    let mut pem = cert.pem();
     for c in upstream.map_or(&[][..], |up| &up.chain[..]) {
         pem += &sigil_testkit::pem("CERTIFICATE", c);
     }
     // The key first, so that a failure leaves no certificate without its key.
     write_new(&files.key, key.serialize_pem().as_bytes(), 0o600)?;
     write_new(&files.cert, pem.as_bytes(), 0o644)
+}
+
+/// An SVID the new intermediate `cert` would sign must verify, with the sidecars' own
+/// checks, against the upstream root alone: an upstream whose constraints (path length, key
+/// usage) forbid it is refused here rather than after the rotation that would bring it in.
+fn check_under_upstream(
+    td: &TrustDomain,
+    cert: &CertificateDer<'static>,
+    key: &KeyPair,
+    up: &Upstream,
+    now: i64,
+) -> Result<(), CaError> {
+    use rustls::pki_types::UnixTime;
+    let sign = |e: rcgen::Error| CaError::Sign(e.to_string());
+    let issuer = Issuer::from_ca_cert_der(cert, key).map_err(sign)?;
+    let leaf_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(sign)?;
+    let mut params = CertificateParams::default();
+    let id = format!("spiffe://{td}/sigil/ca-check")
+        .try_into()
+        .map_err(|_| CaError::Sign(format!("{td} is not an IA5 string")))?;
+    params.subject_alt_names = vec![SanType::URI(id)];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.not_before = offset(now)?;
+    params.not_after = offset(now + 60)?;
+    let leaf = params.signed_by(&leaf_key, &issuer).map_err(sign)?;
+    let root = up.chain.last().expect("at least one");
+    let mut rest = vec![cert.clone()];
+    rest.extend(up.chain[..up.chain.len() - 1].iter().cloned());
+    let mut bundles = sigil_filters::TrustBundles::new();
+    bundles
+        .insert_der(td, vec![root.clone()])
+        .map_err(|e| CaError::Sign(format!("the upstream root: {e}")))?;
+    let provider = sigil_filters::tls::provider();
+    sigil_filters::svid::verify_svid(
+        &bundles,
+        &provider.signature_verification_algorithms,
+        leaf.der(),
+        &rest,
+        UnixTime::since_unix_epoch(std::time::Duration::from_secs(now.max(0) as u64 + 1)),
+        sigil_filters::svid::Usage::Client,
+    )
+    .map(|_| ())
+    .map_err(|e| {
+        CaError::Sign(format!(
+            "an SVID this CA would sign does not verify against the upstream root: {e}"
+        ))
+    })
 }
 
 /// A loaded CA, ready to sign.
@@ -524,10 +579,21 @@ impl CaSet {
     pub fn load(dir: &Path) -> Result<Self, CaError> {
         let next_files = CaFiles::next_in(dir);
         let active_files = CaFiles::in_dir(dir);
-        // `activate` moves the next key before the next certificate: a key without its
-        // certificate in `next.*` means the move stopped half-way.
+        // `activate` moves the next key before the next certificate: `next.crt` alone, with
+        // `ca.key` its key, means the move stopped half-way. Alone otherwise, it is a copy in
+        // progress or a removed key: refused (the set loaded before stays in force).
         if next_files.cert.exists() && !next_files.key.exists() {
-            rename(&next_files.cert, &active_files.cert)?;
+            if key_matches(&active_files.key, &next_files.cert) {
+                rename(&next_files.cert, &active_files.cert)?;
+            } else {
+                return Err(CaError::Invalid(
+                    next_files.cert,
+                    format!(
+                        "has no {} beside it (a copy still under way, or a removed key); copy both, or remove both to cancel the rotation",
+                        next_files.key.display()
+                    ),
+                ));
+            }
         }
         let active = Authority::load_files(&active_files)?;
         let next = if next_files.cert.exists() {
@@ -628,6 +694,21 @@ pub fn drop_retired(dir: &Path) -> Result<(), CaError> {
         }
     }
     Ok(())
+}
+
+/// Whether the key in `key` is the key of the (first) certificate in `cert`.
+fn key_matches(key: &Path, cert: &Path) -> bool {
+    let Ok(pem) = std::fs::read_to_string(key) else {
+        return false;
+    };
+    let Ok(key) = KeyPair::from_pem(&pem) else {
+        return false;
+    };
+    let Ok(chain) = read_chain(cert) else {
+        return false;
+    };
+    x509_parser::parse_x509_certificate(&chain[0])
+        .is_ok_and(|(_, c)| c.public_key().raw == key.subject_public_key_info().as_slice())
 }
 
 fn rename(from: &Path, to: &Path) -> Result<(), CaError> {
@@ -849,7 +930,16 @@ mod tests {
             "not while the retired CA is in the bundle"
         );
         drop_retired(d).unwrap();
-        assert_eq!(CaSet::load(d).unwrap().certs(), [new]);
+        assert_eq!(CaSet::load(d).unwrap().certs(), std::slice::from_ref(&new));
+
+        // `next.crt` copied before `next.key`: refused, nothing moved.
+        let copying = rotate(d, now(), hour, None).unwrap();
+        std::fs::remove_file(&copying.key).unwrap();
+        let e = CaSet::load(d).err().expect("refused");
+        assert!(e.to_string().contains("a copy still under way"), "{e}");
+        assert!(copying.cert.exists());
+        assert_eq!(Authority::load(d).unwrap().cert(), &new);
+        std::fs::remove_file(&copying.cert).unwrap();
 
         // An activation stopped between moving the key and the certificate is finished at
         // load, with the key and the certificate of the next CA together.
@@ -863,6 +953,32 @@ mod tests {
 
     /// An operator's root (no SPIFFE URI SAN, as an enterprise PKI's would be) in `dir`:
     /// its certificate and key files.
+    /// An operator's intermediate with path length 0 under a root: its chain (itself, then
+    /// the root) and its key.
+    fn upstream_intermediate(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let (root_cert, root_key) = upstream_root(dir, &format!("{name}-root"));
+        let root_der = read_chain(&root_cert).unwrap().remove(0);
+        let root_key = KeyPair::from_pem(&std::fs::read_to_string(root_key).unwrap()).unwrap();
+        let issuer = Issuer::from_ca_cert_der(&root_der, root_key).unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("{name} issuing CA"));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.not_before = offset(now() - 60).unwrap();
+        params.not_after = offset(now() + 9 * 86_400).unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let (c, k) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert.pem() + &pem("CERTIFICATE", &root_der)).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
     fn upstream_root(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
         let mut params = CertificateParams::default();
@@ -895,6 +1011,17 @@ mod tests {
         let day = Duration::from_secs(86_400);
         let e = init(d, &td, now(), 20 * day, Some(&upstream)).unwrap_err();
         assert!(e.to_string().contains("shorter --lifetime"), "{e}");
+        // An upstream intermediate that allows no CA below it: refused at init, nothing
+        // written (peers would refuse every SVID of such a CA).
+        let (tight_cert, tight_key) = upstream_intermediate(&up.0, "tight");
+        let tight = Upstream::load(&tight_cert, &tight_key).unwrap();
+        let e = init(d, &td, now(), day, Some(&tight)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("does not verify against the upstream root"),
+            "{e}"
+        );
+        assert!(!d.join(CERT_FILE).exists() && !d.join(KEY_FILE).exists());
         init(d, &td, now(), day, Some(&upstream)).unwrap();
         let ca = Authority::load(d).unwrap();
         let root = read_chain(&up_cert).unwrap().remove(0);

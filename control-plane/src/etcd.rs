@@ -43,6 +43,9 @@ pub struct Etcd {
     endpoints: Vec<String>,
     prefix: String,
     epoch: String,
+    /// The lease issuance records are put under, and when it was granted (Unix seconds):
+    /// one a day rather than one a batch.
+    records_lease: std::sync::Arc<tokio::sync::Mutex<Option<(i64, i64)>>>,
 }
 
 /// How `sigil-control` reaches etcd.
@@ -132,6 +135,7 @@ impl Etcd {
             endpoints,
             prefix,
             epoch: String::new(),
+            records_lease: Default::default(),
         };
         // Fail at start, not at the first request, if etcd does not answer.
         e.version().await?;
@@ -270,13 +274,25 @@ impl Etcd {
     pub async fn append_issuances(
         &self,
         records: &[IssuanceRecord],
-        _now: i64,
+        now: i64,
     ) -> Result<(), StoreError> {
         if records.is_empty() {
             return Ok(());
         }
         let mut client = self.client.clone();
-        let lease = client.lease_grant(ISSUANCE_RETENTION_SECS, None).await?;
+        // A record lives at least the retention, at most a day longer.
+        let lease = {
+            let mut held = self.records_lease.lock().await;
+            match *held {
+                Some((id, granted)) if now - granted < 86_400 => id,
+                _ => {
+                    let ttl = ISSUANCE_RETENTION_SECS + 86_400;
+                    let id = client.lease_grant(ttl, None).await?.id();
+                    *held = Some((id, now));
+                    id
+                }
+            }
+        };
         for chunk in records.chunks(100) {
             let puts: Vec<TxnOp> = chunk
                 .iter()
@@ -290,11 +306,15 @@ impl Etcd {
                     TxnOp::put(
                         key.as_str(),
                         r.encode(),
-                        Some(PutOptions::new().with_lease(lease.id())),
+                        Some(PutOptions::new().with_lease(lease)),
                     )
                 })
                 .collect();
-            client.txn(Txn::new().and_then(puts)).await?;
+            if let Err(e) = client.txn(Txn::new().and_then(puts)).await {
+                // The lease may be what failed (gone from etcd): a new one next time.
+                *self.records_lease.lock().await = None;
+                return Err(e.into());
+            }
         }
         Ok(())
     }

@@ -39,6 +39,8 @@ pub struct Issuer {
     pub reserved: Vec<sigil_config::IdPattern>,
     /// Where every decision goes, for the audit stream.
     pub records: crate::records::Recorder,
+    /// The latest expiry signed by the active CA (Unix seconds), for its retirement.
+    pub issued_until: Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// How the caller proved who it is.
@@ -102,6 +104,11 @@ pub enum Refused {
         workload: String,
         caller: SpiffeId,
     },
+    /// A renewal by a Workload that a sidecar's Workload API serves: only that sidecar asks.
+    ServedByWorkloadApi {
+        id: SpiffeId,
+        sidecar: SpiffeId,
+    },
     /// An identity of another trust domain than the CA's.
     OtherDomain(SpiffeId),
     /// The SVID presented for a renewal has expired (its connection outlived it).
@@ -130,6 +137,7 @@ impl Refused {
             Self::Token(TokenUse::Taken(_)) => "token_taken",
             Self::UnknownWorkload(_) | Self::NoWorkloadFor(_) => "unknown_workload",
             Self::NotServedBy { .. } => "not_served_by_caller",
+            Self::ServedByWorkloadApi { .. } => "served_by_workload_api",
             Self::OtherDomain(_) => "other_trust_domain",
             Self::ExpiredSvid(_) => "expired_svid",
             Self::Reserved(_) => "reserved_identity",
@@ -179,6 +187,10 @@ impl fmt::Display for Refused {
                 "the join token is for Workload {name:?}, which is not stored (any more)"
             ),
             Self::NoWorkloadFor(id) => write!(f, "no Workload has the identity {id}"),
+            Self::ServedByWorkloadApi { id, sidecar } => write!(
+                f,
+                "{id} gets its SVIDs from the Workload API of {sidecar} only; it does not renew them itself"
+            ),
             Self::NotServedBy { workload, caller } => write!(
                 f,
                 "no Workload {workload:?} is served by the Workload API of {caller} (its spec.workloadApi.sidecar)"
@@ -270,9 +282,20 @@ impl Issuer {
                     workload: name.clone(),
                     caller: sidecar.clone(),
                 })?,
-            (Basis::Renewal, Caller::Svid(id, _)) => catalog
-                .workload_for(id)
-                .ok_or_else(|| Refused::NoWorkloadFor(id.clone()))?,
+            (Basis::Renewal, Caller::Svid(id, _)) => {
+                let w = catalog
+                    .workload_for(id)
+                    .ok_or_else(|| Refused::NoWorkloadFor(id.clone()))?;
+                // Its SVIDs go through its sidecar's Workload API alone, so that moving it to
+                // another sidecar or changing its selectors takes effect.
+                if let Some(served) = &w.spec.workload_api {
+                    return Err(Refused::ServedByWorkloadApi {
+                        id: id.clone(),
+                        sidecar: served.sidecar.clone(),
+                    });
+                }
+                w
+            }
             (_, Caller::Anonymous) => return Err(Refused::NoCredential),
         };
         let id = &workload.spec.spiffe_id;
@@ -302,6 +325,8 @@ impl Issuer {
             }
         }
         let chain = ca.issue(&csr, id, v).map_err(Refused::Sign)?;
+        self.issued_until
+            .fetch_max(v.not_after, std::sync::atomic::Ordering::Relaxed);
         let serial = x509_parser::parse_x509_certificate(&chain[0])
             .map(|(_, c)| c.raw_serial_as_string())
             .unwrap_or_default();

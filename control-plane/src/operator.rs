@@ -307,7 +307,7 @@ async fn issuances(api: &Api, query: Option<&str>) -> Reply {
         };
         match kv.split_once('=') {
             Some(("since", v)) => since = v.parse().map_err(|_| bad())?,
-            Some(("limit", v)) => limit = v.parse::<usize>().map_err(|_| bad())?.min(100_000),
+            Some(("limit", v)) => limit = v.parse::<usize>().map_err(|_| bad())?.clamp(1, 100_000),
             _ => return Err(bad()),
         }
     }

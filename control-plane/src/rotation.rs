@@ -1,23 +1,26 @@
 //! The CA set in force and its rotation, driven by the CA directory (`ca.rs`).
 //!
 //! The control plane owns its trust domain's bundle: it keeps a `TrustBundle` resource named
-//! `ca-<trust domain>` in the store holding every CA of the set (active, next, retired) and the
-//! certificates of its own bundle file for that domain (anchors of SVIDs it does not issue,
-//! such as its own). The store pushes it to every sidecar like any other change, and the
-//! sidecars acknowledge its version. A rotation (`sigil ca rotate`) then runs by itself:
+//! `ca-<trust domain>` in the store holding the roots of its CA set (active, next, retired)
+//! and the certificates of its own bundle file for that domain (anchors of SVIDs it does not
+//! issue, such as its own). Replicas share it: each adds what its set needs and takes out only
+//! the root it retired itself. The store pushes it to every sidecar like any other change, and
+//! the sidecars acknowledge its version. A rotation (`sigil ca rotate`) then runs by itself:
 //!
 //! 1. the next CA appears in the directory: it enters the bundle;
-//! 2. once every sidecar connected here has acknowledged that bundle, the next CA becomes the
-//!    active one (it signs every SVID from then on) and the previous one is retired: it stays
-//!    in the bundle until every SVID it signed has expired (now + the longest `svidTtl`);
+//! 2. once every sidecar connected here has acknowledged that bundle, and 30 s at the least
+//!    after it entered, the next CA becomes the active one (it signs every SVID from then on)
+//!    and the previous one is retired: it stays in the bundle until every SVID it signed has
+//!    expired (now + the longest `svidTtl`, or the latest expiry it signed if later);
 //! 3. then it leaves the bundle.
 //!
 //! Sidecars move to the new CA at their next renewal (half their SVID's lifetime), so no
 //! peer ever sees an SVID whose CA it does not trust.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls::pki_types::CertificateDer;
 use sigil_config::TrustDomain;
@@ -32,6 +35,9 @@ use crate::store::Store;
 
 /// How often the CA directory is read.
 const POLL: Duration = Duration::from_secs(1);
+/// The next CA is in the stored bundle this long at the least before it signs: longer than
+/// a sidecar's reconnection backoff (15 s) and a handshake.
+const ACTIVATION_GRACE: Duration = Duration::from_secs(30);
 /// Kept beyond the last expiry of an SVID the retired CA signed, for peers whose clocks are
 /// behind.
 const RETIRE_MARGIN: i64 = 10;
@@ -47,6 +53,8 @@ pub struct Rotation {
     pub file_bundles: Arc<TrustBundles>,
     /// What the sidecar API verifies SVIDs with: the files and the CA set.
     pub verify_with: watch::Sender<Arc<TrustBundles>>,
+    /// The latest expiry the active CA signed (the issuer's `issued_until`).
+    pub issued_until: Arc<AtomicI64>,
 }
 
 /// The certificates of the CA's trust domain bundle: the CA set, then those of the bundle
@@ -91,7 +99,7 @@ fn bundle_yaml(td: &TrustDomain, certs: &[CertificateDer<'static>]) -> String {
         }
     }
     format!(
-        "apiVersion: sigil.dev/v1\nkind: TrustBundle\nmetadata:\n  name: {}\n  owner: sigil-control\n  purpose: the CAs that sign this trust domain's SVIDs (kept by sigil-control from --ca-dir; edits are replaced)\nspec:\n  trustDomain: {td}\n  pem: |\n{pem}",
+        "apiVersion: sigil.dev/v1\nkind: TrustBundle\nmetadata:\n  name: {}\n  owner: sigil-control\n  purpose: the CAs that sign this trust domain's SVIDs (kept by sigil-control from --ca-dir; a CA a replica signs with is put back if removed)\nspec:\n  trustDomain: {td}\n  pem: |\n{pem}",
         resource_name(td)
     )
 }
@@ -99,12 +107,13 @@ fn bundle_yaml(td: &TrustDomain, certs: &[CertificateDer<'static>]) -> String {
 /// Where a rotation stands, between two looks at the directory.
 #[derive(Default)]
 struct Progress {
-    /// The certificates last written to the store, and the version that holds them.
-    written: Option<(Vec<CertificateDer<'static>>, u64)>,
     /// The last problem logged, so that one that persists is logged once.
     problem: String,
     /// How many sidecars were last said to be behind the bundle with the next CA.
     waiting_for: usize,
+    /// The next CA's root, when this replica first saw it in the stored bundle, and the
+    /// catalog version it saw it at.
+    next_seen: Option<(CertificateDer<'static>, Instant, u64)>,
 }
 
 /// Reads the CA directory every second and keeps the CA set, the verifier's bundles and the
@@ -124,55 +133,104 @@ pub async fn follow(r: Rotation) {
     }
 }
 
-async fn step(r: &Rotation, p: &mut Progress) -> Result<(), String> {
+/// The certificates of the stored `ca-<td>` TrustBundle, as the catalog in force has it.
+fn stored_certs(r: &Rotation, td: &TrustDomain) -> Vec<CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    let catalog = r.hub.catalog().borrow().clone();
+    let pem = catalog
+        .trust_bundle_pem(&resource_name(td))
+        .unwrap_or_default();
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .filter_map(Result::ok)
+        .collect()
+}
+
+fn load(r: &Rotation) -> Result<Arc<CaSet>, String> {
     let set =
         CaSet::load(&r.dir).map_err(|e| format!("{e}; the CAs loaded before stay in force"))?;
-    let now = now_unix();
-    if let Some(retired) = &set.retired {
-        if now >= retired.until {
-            ca::drop_retired(&r.dir).map_err(|e| e.to_string())?;
-            info!("CA rotation: the retired CA leaves the trust bundle (every SVID it signed has expired)");
-            return Ok(());
-        }
-    }
-    let changed = {
-        let current = r.cas.borrow();
-        current.certs() != set.certs()
-    };
     let set = Arc::new(set);
+    let changed = r.cas.borrow().certs() != set.certs();
     if changed {
         r.cas.send_replace(set.clone());
         r.verify_with
             .send_replace(Arc::new(bundles_with(&r.file_bundles, &set)));
     }
-    let certs = domain_certs(&r.file_bundles, &set);
-    let version = match &p.written {
-        Some((written, version)) if *written == certs => *version,
-        _ => {
-            let version = write_bundle(r, set.active.trust_domain(), &certs).await?;
-            p.written = Some((certs, version));
-            if set.next.is_some() {
-                info!("CA rotation: the next CA is in the trust bundle (version {version}); it becomes active once every sidecar here has acknowledged it");
+    Ok(set)
+}
+
+async fn step(r: &Rotation, p: &mut Progress) -> Result<(), String> {
+    let set = load(r)?;
+    let td = set.active.trust_domain().clone();
+    let now = now_unix();
+    if let Some(retired) = &set.retired {
+        if now >= retired.until {
+            let gone = retired.cert.clone();
+            ca::drop_retired(&r.dir).map_err(|e| e.to_string())?;
+            let set = load(r)?;
+            // Out of the stored bundle, unless this replica's set or bundle file still has it.
+            if !domain_certs(&r.file_bundles, &set).contains(&gone) {
+                let stored = stored_certs(r, &td);
+                let kept: Vec<_> = stored.into_iter().filter(|c| *c != gone).collect();
+                write_bundle(r, &td, &kept).await?;
             }
-            version
+            info!("CA rotation: the retired CA leaves the trust bundle (every SVID it signed has expired)");
+            return Ok(());
         }
-    };
-    if set.next.is_none() {
+    }
+    // The stored bundle is shared by the replicas: each adds what its own set needs and
+    // never takes out another's (a replica still signing with an older CA keeps it there).
+    let stored = stored_certs(r, &td);
+    let own = domain_certs(&r.file_bundles, &set);
+    let missing: Vec<_> = own
+        .iter()
+        .filter(|c| !stored.contains(c))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        let mut all = stored;
+        all.extend(missing);
+        let version = write_bundle(r, &td, &all).await?;
+        info!(
+            version,
+            "CA rotation: this replica's CAs are in the stored trust bundle"
+        );
         return Ok(());
     }
+    let Some(next) = &set.next else {
+        p.next_seen = None;
+        return Ok(());
+    };
+    let version = r.hub.catalog().borrow().version;
+    let (_, since, version) = match &p.next_seen {
+        Some(seen) if seen.0 == *next.cert() => seen.clone(),
+        _ => {
+            info!(version, "CA rotation: the next CA is in the trust bundle; it becomes active once every sidecar here has acknowledged it, and {} s at the least", ACTIVATION_GRACE.as_secs());
+            let seen = (next.cert().clone(), Instant::now(), version);
+            p.next_seen = Some(seen.clone());
+            seen
+        }
+    };
     // Every sidecar connected here must have the bundle with the next CA before any peer
-    // presents an SVID it signed.
+    // presents an SVID it signed; the grace lets sidecars that are reconnecting (after a
+    // control-plane restart, say) come back and acknowledge it first.
     let behind = r.hub.status().iter().filter(|s| s.acked < version).count();
-    if r.hub.version() < version || behind > 0 {
+    if behind > 0 || since.elapsed() < ACTIVATION_GRACE {
         if behind != p.waiting_for {
             info!("CA rotation: waiting for {behind} sidecar(s) to acknowledge trust bundle version {version}");
             p.waiting_for = behind;
         }
         return Ok(());
     }
+    // Every SVID the active CA signed has expired by then: the longest lifetime the
+    // Workloads now have, and the latest expiry it actually signed (a lifetime shortened
+    // since does not cut it short).
     let max_ttl = r.hub.catalog().borrow().max_svid_ttl();
-    let until = now + i64::try_from(max_ttl.as_secs()).unwrap_or(i64::MAX / 2) + RETIRE_MARGIN;
+    let by_ttl = now + i64::try_from(max_ttl.as_secs()).unwrap_or(i64::MAX / 2);
+    let signed = r.issued_until.swap(0, Ordering::Relaxed);
+    let until = by_ttl.max(signed) + RETIRE_MARGIN;
     ca::activate(&r.dir, until).map_err(|e| e.to_string())?;
+    load(r)?;
+    p.next_seen = None;
     info!(
         "CA rotation: the next CA signs from now on; the previous one stays in the trust bundle until {}",
         rfc3339(until)

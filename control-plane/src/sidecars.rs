@@ -424,10 +424,11 @@ async fn issue(
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
+    // One word: it goes into `sigil status` and the issuance records between other fields.
     let node = if req.node.is_empty() {
         "-".to_string()
     } else {
-        clean(&req.node)
+        clean(&req.node).replace(' ', "_")
     };
     let who = match caller {
         Caller::Svid(id, _) => id.to_string(),

@@ -30,6 +30,8 @@ pub struct Catalog {
     revocations: Vec<Document>,
     workloads: Vec<Workload>,
     bundles: Vec<Bundle>,
+    /// The PEM of each TrustBundle, by resource name.
+    bundle_pems: HashMap<String, String>,
     /// Stored documents that no longer parse (written by another version of sigil-control):
     /// sent to nobody, reported in the log.
     pub unreadable: Vec<ConfigError>,
@@ -74,10 +76,14 @@ impl Catalog {
                         c.revocations.push(doc)
                     }
                     Resource::Workload(w) => c.workloads.push(w),
-                    Resource::TrustBundle(b) => c.bundles.push(Bundle {
-                        trust_domain: b.spec.trust_domain.to_string(),
-                        pem: b.spec.pem,
-                    }),
+                    Resource::TrustBundle(b) => {
+                        c.bundle_pems
+                            .insert(b.metadata.name.clone(), b.spec.pem.clone());
+                        c.bundles.push(Bundle {
+                            trust_domain: b.spec.trust_domain.to_string(),
+                            pem: b.spec.pem,
+                        })
+                    }
                 }
             }
         }
@@ -105,6 +111,11 @@ impl Catalog {
     /// The Workload whose identity is `id`.
     pub fn workload_for(&self, id: &SpiffeId) -> Option<&Workload> {
         self.workloads.iter().find(|w| w.spec.spiffe_id == *id)
+    }
+
+    /// The PEM of the TrustBundle resource `name`.
+    pub fn trust_bundle_pem(&self, name: &str) -> Option<&str> {
+        self.bundle_pems.get(name).map(String::as_str)
     }
 
     /// The longest SVID lifetime of any Workload (`DEFAULT_TTL` if there is none).

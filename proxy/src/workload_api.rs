@@ -76,17 +76,29 @@ pub async fn start(p: Arc<Proxy>, socket: &Path) -> std::io::Result<()> {
         // The config loader refuses workloadApi without controlPlane.
         return Ok(());
     };
+    let refuse = |why: String| std::io::Error::other(why);
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir)?;
+        // Others who could write there could swap the socket for a link between its bind
+        // and its chmod, or serve a socket of their own in its place.
+        let mode = std::fs::metadata(dir)?.permissions().mode();
+        if mode & 0o022 != 0 {
+            return Err(refuse(format!(
+                "{} is writable by others (mode {:o}); give the socket a directory of its own",
+                dir.display(),
+                mode & 0o777
+            )));
+        }
     }
     match std::fs::symlink_metadata(socket) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(socket)?,
-        Ok(_) => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "a file that is not a socket is there",
-            ))
+        Ok(m) if m.file_type().is_socket() => {
+            // A stale socket of a sidecar that is gone is replaced; a live one is not taken.
+            if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+                return Err(refuse("another process serves on this socket".to_string()));
+            }
+            std::fs::remove_file(socket)?
         }
+        Ok(_) => return Err(refuse("a file that is not a socket is there".to_string())),
         Err(_) => {}
     }
     let listener = UnixListener::bind(socket)?;

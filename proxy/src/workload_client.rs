@@ -135,7 +135,7 @@ async fn open(socket: &Path) -> Result<tonic::Streaming<X509SvidResponse>, Strin
 }
 
 fn status_text(s: &tonic::Status) -> String {
-    format!("{:?}: {}", s.code(), s.message())
+    format!("{}: {}", s.code().description(), s.message())
 }
 
 /// The answer's SVID for this sidecar (the one with the `expected` ID, else the first), with

@@ -295,6 +295,7 @@ fn the_control_plane_issues_svids_to_token_holders_and_renews_them() {
     assert_ne!(renewed.chain[0], first.chain[0]);
 
     a_greedy_csr_gets_a_plain_svid(&cp, ops, &asker);
+    a_serving_sidecar_gets_svids_for_its_workloads_which_never_renew_alone(d, &cp, ops, &asker);
     refusals(&cp, ops, &asker, (&chain, &key));
     revocation_stops_issuance(&cp, ops, &asker, (&chain, &key));
 
@@ -951,13 +952,14 @@ fn a_ca_rotation_under_steady_traffic_fails_no_request() {
         let (_, out, _) = cp.sigil(&setup.ops, &["get", "TrustBundle", "ca-example.org"]);
         certs_of(&out)
     };
-    // The next CA in the bundle, then active once both sidecars have that bundle.
-    poll(Duration::from_secs(30), Duration::from_millis(250), || {
+    // The next CA in the bundle, then active once both sidecars have that bundle (and 30 s
+    // have passed for sidecars that could be reconnecting).
+    poll(Duration::from_secs(60), Duration::from_millis(250), || {
         cp.proc
             .log()
             .contains("the next CA signs from now on")
             .then_some(())
-            .ok_or_else(|| format!("the next CA is not active within 30 s:\n{}", logs()))
+            .ok_or_else(|| format!("the next CA is not active within 60 s:\n{}", logs()))
     });
     let during = bundle();
     for ca in [&old_ca, &new_ca] {
@@ -1130,5 +1132,51 @@ fn a_greedy_csr_gets_a_plain_svid(cp: &ControlPlane, ops: &IdentityFiles, asker:
     assert!(
         eku.server_auth && eku.client_auth && !eku.code_signing,
         "{eku:?}"
+    );
+}
+
+/// A sidecar (B, with its own SVID) asks for the Workload its Workload API serves and gets its
+/// SVID; that SVID cannot renew itself (only B may ask), and B cannot ask for another one.
+fn a_serving_sidecar_gets_svids_for_its_workloads_which_never_renew_alone(
+    d: &std::path::Path,
+    cp: &ControlPlane,
+    ops: &IdentityFiles,
+    asker: &Asker,
+) {
+    const SERVED: &str = "spiffe://example.org/ns/demo/sa/batch";
+    cp.apply(
+        ops,
+        &d.join("served.yaml"),
+        &format!(
+            "{}---\n{}",
+            workload_yaml("b", B, ""),
+            workload_yaml(
+                "batch",
+                SERVED,
+                &format!("  workloadApi: {{sidecar: \"{B}\", uid: 1000}}\n")
+            )
+        ),
+    );
+    let t = token(cp, ops, "b", "10m");
+    let (b_key, b_csr) = key_and_csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[B]);
+    let b = asker.issue(None, b_csr, &t).expect("B's SVID");
+    let b_chain = chain_pem(&b);
+    let (served_key, served_csr) = key_and_csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[SERVED]);
+    let served = asker
+        .issue_for(Some((&b_chain, &b_key)), served_csr, "", "batch")
+        .expect("the served Workload's SVID, asked by B");
+    check_svid(&served, SERVED, 3600);
+    let (_, csr) = key_and_csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[SERVED]);
+    let m = refused(
+        asker.issue(Some((&chain_pem(&served), &served_key)), csr, ""),
+        tonic::Code::PermissionDenied,
+        "served_by_workload_api",
+    );
+    assert!(m.contains(B), "{m}");
+    let (_, csr) = key_and_csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[API]);
+    refused(
+        asker.issue_for(Some((&b_chain, &b_key)), csr, "", "api"),
+        tonic::Code::PermissionDenied,
+        "not_served_by_caller",
     );
 }

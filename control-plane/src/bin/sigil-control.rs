@@ -289,6 +289,7 @@ async fn run(config: Config) -> Result<(), StartError> {
         acceptor_tx.send_replace(sidecar_acceptor(verify.clone()));
         let (verify_tx, mut verify_rx) = tokio::sync::watch::channel(verify);
         let make = sidecar_acceptor.clone();
+        let issued_until = Arc::new(std::sync::atomic::AtomicI64::new(0));
         tokio::spawn(async move {
             while verify_rx.changed().await.is_ok() {
                 let bundles = verify_rx.borrow_and_update().clone();
@@ -302,6 +303,7 @@ async fn run(config: Config) -> Result<(), StartError> {
             cas: cas_tx,
             file_bundles: id.bundles.clone(),
             verify_with: verify_tx,
+            issued_until: issued_until.clone(),
         }));
         Arc::new(Issuer {
             cas: cas_rx,
@@ -309,6 +311,7 @@ async fn run(config: Config) -> Result<(), StartError> {
             catalog: hub.catalog(),
             reserved,
             records: Recorder::start(api.store.clone(), hub.metrics.records_dropped.clone()),
+            issued_until,
         })
     });
     let acceptor = TlsAcceptor::from(server);
