@@ -26,6 +26,7 @@
 
 use tonic_prost::ProstCodec;
 
+pub mod audit;
 pub mod client;
 pub mod workload;
 

@@ -4,6 +4,7 @@
 //! names the reason or rule.
 
 pub mod attest;
+pub mod audit;
 pub mod bundle;
 pub mod detect;
 pub mod headers;
