@@ -26,6 +26,7 @@ pub mod reasons;
 pub mod relay;
 pub mod resources;
 pub mod sources;
+pub mod spool;
 pub mod start;
 pub mod watch;
 pub mod workers;

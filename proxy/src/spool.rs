@@ -1,0 +1,529 @@
+//! The sidecar's audit spool (issue 16): records wait here, on disk and in order, until the
+//! control plane says they are durable. Records are chained as they are written
+//! (`sigil_filters::audit`): the spool hands out each record's sequence number and the link of
+//! the record before it, and keeps the chain's head across restarts.
+//!
+//! On disk: segment files `<first seq, 20 digits>.seg` in the spool directory, each a run of
+//! frames `len (u32) | seq (u64) | prev (32 bytes) | record | check (the first 8 bytes of the
+//! record's link)`, integers big-endian, and `acked` (the sequence number the control plane
+//! acknowledged last). A frame is written with one `write` before `append` returns, so a
+//! process killed at any point loses no record it appended (the kernel holds it); a torn
+//! frame at the tail (power loss mid-write) fails its check and is cut off at open. `sync`
+//! bounds what a power loss can take.
+//!
+//! Bounded: when a record would take the spool past its size, `FailOpen` drops the oldest
+//! segment (its records not yet acknowledged are counted, for a record saying how many were
+//! lost) and `FailClosed` refuses the record (the caller refuses the connection).
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use sigil_filters::audit::{link, Hash, GENESIS};
+
+const SEGMENT_SUFFIX: &str = ".seg";
+const ACKED_FILE: &str = "acked";
+/// len + seq + prev + check.
+const FRAME_OVERHEAD: u64 = 4 + 8 + 32 + 8;
+/// A record larger than this is not a record this sidecar wrote.
+const MAX_RECORD: usize = 1 << 20;
+
+/// What to do when the spool is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Keep serving: drop the oldest records, counted.
+    FailOpen,
+    /// Refuse new records (and so new connections) until the control plane acknowledges.
+    FailClosed,
+}
+
+/// Why a record was not spooled.
+#[derive(Debug)]
+pub enum SpoolError {
+    /// `FailClosed`, and the spool is full.
+    Full {
+        max_bytes: u64,
+    },
+    Io(PathBuf, io::Error),
+}
+
+impl fmt::Display for SpoolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Full { max_bytes } => write!(
+                f,
+                "the audit spool is full ({max_bytes} bytes) and fail-closed: waiting for the control plane to acknowledge"
+            ),
+            Self::Io(path, e) => write!(f, "{}: {e}", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for SpoolError {}
+
+struct Segment {
+    path: PathBuf,
+    first: u64,
+    /// The last record in it (first - 1 while empty).
+    last: u64,
+    bytes: u64,
+}
+
+pub struct Spool {
+    dir: PathBuf,
+    max_bytes: u64,
+    segment_bytes: u64,
+    when_full: WhenFull,
+    segments: VecDeque<Segment>,
+    /// The newest segment, open for appending.
+    current: File,
+    next_seq: u64,
+    head: Hash,
+    acked: u64,
+    /// Records dropped (fail-open) and not yet reported.
+    dropped: u64,
+}
+
+/// A spooled record: its sequence number, the link of the record before it, and its bytes.
+pub type Spooled = (u64, Hash, Vec<u8>);
+
+impl Spool {
+    /// Opens the spool in `dir` (made if missing), recovering its records, chain head and
+    /// acknowledged position; a torn frame at the tail is cut off.
+    pub fn open(dir: &Path, max_bytes: u64, when_full: WhenFull) -> Result<Self, SpoolError> {
+        let io_err = |p: &Path| {
+            let p = p.to_path_buf();
+            move |e| SpoolError::Io(p, e)
+        };
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let acked_path = dir.join(ACKED_FILE);
+        let acked = match std::fs::read_to_string(&acked_path) {
+            Ok(text) => text.trim().parse().unwrap_or(0),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(SpoolError::Io(acked_path, e)),
+        };
+        let mut firsts: Vec<(u64, PathBuf)> = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+            let path = entry.map_err(io_err(dir))?.path();
+            let first = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(SEGMENT_SUFFIX))
+                .and_then(|n| n.parse::<u64>().ok());
+            if let Some(first) = first {
+                firsts.push((first, path));
+            }
+        }
+        firsts.sort();
+        let mut segments = VecDeque::new();
+        let (mut next_seq, mut head) = (acked + 1, GENESIS);
+        let count = firsts.len();
+        for (i, (first, path)) in firsts.into_iter().enumerate() {
+            let scan = scan(&path).map_err(io_err(&path))?;
+            if scan.valid_bytes < scan.file_bytes {
+                // A torn tail: only the newest segment can have one honestly; cut it off
+                // wherever it is, and drop what follows (it no longer chains).
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(io_err(&path))?;
+                f.set_len(scan.valid_bytes).map_err(io_err(&path))?;
+                f.sync_all().map_err(io_err(&path))?;
+            }
+            if let Some((seq, link_of_last)) = scan.last {
+                next_seq = seq + 1;
+                head = link_of_last;
+            }
+            segments.push_back(Segment {
+                path,
+                first,
+                last: scan.last.map_or(first - 1, |(seq, _)| seq),
+                bytes: scan.valid_bytes,
+            });
+            if scan.valid_bytes < scan.file_bytes && i + 1 < count {
+                break;
+            }
+        }
+        // Segments after a cut were dropped from the list; remove their files.
+        for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+            let path = entry.map_err(io_err(dir))?.path();
+            let is_segment = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(SEGMENT_SUFFIX));
+            if is_segment && !segments.iter().any(|s| s.path == path) {
+                std::fs::remove_file(&path).map_err(io_err(&path))?;
+            }
+        }
+        if segments.is_empty() {
+            segments.push_back(new_segment(dir, next_seq).map_err(io_err(dir))?);
+        }
+        let last = segments.back().expect("one at least");
+        let current = OpenOptions::new()
+            .append(true)
+            .open(&last.path)
+            .map_err(io_err(&last.path))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            max_bytes,
+            segment_bytes: (max_bytes / 8).max(64 * 1024),
+            when_full,
+            segments,
+            current,
+            next_seq,
+            head,
+            acked,
+            dropped: 0,
+        })
+    }
+
+    /// Appends the record `make` encodes for its sequence number and the link of the record
+    /// before it; returns its sequence number once the kernel holds it.
+    pub fn append(&mut self, make: impl FnOnce(u64, &Hash) -> Vec<u8>) -> Result<u64, SpoolError> {
+        let seq = self.next_seq;
+        let record = make(seq, &self.head);
+        let frame_len = FRAME_OVERHEAD + record.len() as u64;
+        while self.bytes() + frame_len > self.max_bytes {
+            match self.when_full {
+                WhenFull::FailClosed => {
+                    return Err(SpoolError::Full {
+                        max_bytes: self.max_bytes,
+                    })
+                }
+                WhenFull::FailOpen => {
+                    if !self.drop_oldest()? {
+                        break;
+                    }
+                }
+            }
+        }
+        if self
+            .segments
+            .back()
+            .is_some_and(|s| s.bytes > 0 && s.bytes + frame_len > self.segment_bytes)
+        {
+            let segment =
+                new_segment(&self.dir, seq).map_err(|e| SpoolError::Io(self.dir.clone(), e))?;
+            self.current = OpenOptions::new()
+                .append(true)
+                .open(&segment.path)
+                .map_err(|e| SpoolError::Io(segment.path.clone(), e))?;
+            self.segments.push_back(segment);
+        }
+        let link = link(seq, &self.head, &record);
+        let mut frame = Vec::with_capacity(frame_len as usize);
+        frame.extend_from_slice(&(record.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&seq.to_be_bytes());
+        frame.extend_from_slice(&self.head);
+        frame.extend_from_slice(&record);
+        frame.extend_from_slice(&link[..8]);
+        let segment = self.segments.back_mut().expect("one at least");
+        self.current
+            .write_all(&frame)
+            .map_err(|e| SpoolError::Io(segment.path.clone(), e))?;
+        segment.bytes += frame_len;
+        segment.last = seq;
+        self.head = link;
+        self.next_seq = seq + 1;
+        Ok(seq)
+    }
+
+    /// Drops the oldest segment (never the one being written); false if there is none to
+    /// drop. Its records not yet acknowledged are counted as dropped.
+    fn drop_oldest(&mut self) -> Result<bool, SpoolError> {
+        if self.segments.len() < 2 {
+            return Ok(false);
+        }
+        let oldest = self.segments.pop_front().expect("two at least");
+        let unacked_from = oldest.first.max(self.acked + 1);
+        self.dropped += (oldest.last + 1).saturating_sub(unacked_from);
+        std::fs::remove_file(&oldest.path).map_err(|e| SpoolError::Io(oldest.path.clone(), e))?;
+        Ok(true)
+    }
+
+    /// Makes what was appended survive a power loss.
+    pub fn sync(&mut self) -> Result<(), SpoolError> {
+        let path = &self.segments.back().expect("one at least").path;
+        self.current
+            .sync_data()
+            .map_err(|e| SpoolError::Io(path.clone(), e))
+    }
+
+    /// Up to `max` records from `seq` on, in order (for shipping).
+    pub fn read_from(&self, seq: u64, max: usize) -> Result<Vec<Spooled>, SpoolError> {
+        let mut out = Vec::new();
+        for s in self.segments.iter().filter(|s| s.last >= seq) {
+            let frames =
+                read_frames(&s.path, s.bytes).map_err(|e| SpoolError::Io(s.path.clone(), e))?;
+            for f in frames.into_iter().filter(|f| f.0 >= seq) {
+                if out.len() == max {
+                    return Ok(out);
+                }
+                out.push(f);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The control plane holds every record up to `through`: it is noted (durably) and the
+    /// segments it covers leave.
+    pub fn ack(&mut self, through: u64) -> Result<(), SpoolError> {
+        if through <= self.acked {
+            return Ok(());
+        }
+        self.acked = through.min(self.next_seq - 1);
+        let path = self.dir.join(ACKED_FILE);
+        let tmp = self.dir.join(format!("{ACKED_FILE}.tmp"));
+        std::fs::write(&tmp, format!("{}\n", self.acked))
+            .and_then(|()| File::open(&tmp).and_then(|f| f.sync_all()))
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| SpoolError::Io(path.clone(), e))?;
+        while self.segments.len() > 1 && self.segments[0].last <= self.acked {
+            let s = self.segments.pop_front().expect("checked");
+            std::fs::remove_file(&s.path).map_err(|e| SpoolError::Io(s.path.clone(), e))?;
+        }
+        Ok(())
+    }
+
+    /// How many records were dropped since the last call (fail-open, spool full).
+    pub fn take_dropped(&mut self) -> u64 {
+        std::mem::take(&mut self.dropped)
+    }
+
+    /// The next record's sequence number, and the chain's head.
+    pub fn position(&self) -> (u64, Hash) {
+        (self.next_seq, self.head)
+    }
+
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+
+    /// Bytes on disk.
+    pub fn bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.bytes).sum()
+    }
+}
+
+fn new_segment(dir: &Path, first: u64) -> io::Result<Segment> {
+    let path = dir.join(format!("{first:020}{SEGMENT_SUFFIX}"));
+    OpenOptions::new().create(true).append(true).open(&path)?;
+    if let Ok(d) = File::open(dir) {
+        d.sync_all()?;
+    }
+    Ok(Segment {
+        path,
+        first,
+        last: first - 1,
+        bytes: 0,
+    })
+}
+
+struct Scan {
+    file_bytes: u64,
+    /// Up to the end of the last whole, checked frame.
+    valid_bytes: u64,
+    /// The last frame's sequence number and link.
+    last: Option<(u64, Hash)>,
+}
+
+fn scan(path: &Path) -> io::Result<Scan> {
+    let mut bytes = Vec::new();
+    File::open(path)?.read_to_end(&mut bytes)?;
+    let mut at = 0usize;
+    let mut last = None;
+    while let Some((frame, end)) = parse_frame(&bytes, at) {
+        last = Some((frame.0, link(frame.0, &frame.1, &frame.2)));
+        at = end;
+    }
+    Ok(Scan {
+        file_bytes: bytes.len() as u64,
+        valid_bytes: at as u64,
+        last,
+    })
+}
+
+fn read_frames(path: &Path, valid: u64) -> io::Result<Vec<Spooled>> {
+    let mut bytes = Vec::new();
+    File::open(path)?.read_to_end(&mut bytes)?;
+    bytes.truncate(valid as usize);
+    let mut out = Vec::new();
+    let mut at = 0;
+    while let Some((frame, end)) = parse_frame(&bytes, at) {
+        out.push(frame);
+        at = end;
+    }
+    Ok(out)
+}
+
+/// The frame at `at` and where it ends, if it is whole and its check holds.
+fn parse_frame(bytes: &[u8], at: usize) -> Option<(Spooled, usize)> {
+    let len = u32::from_be_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize;
+    if len > MAX_RECORD {
+        return None;
+    }
+    let seq = u64::from_be_bytes(bytes.get(at + 4..at + 12)?.try_into().ok()?);
+    let prev: Hash = bytes.get(at + 12..at + 44)?.try_into().ok()?;
+    let record = bytes.get(at + 44..at + 44 + len)?;
+    let check = bytes.get(at + 44 + len..at + 52 + len)?;
+    if link(seq, &prev, record)[..8] != *check {
+        return None;
+    }
+    Some(((seq, prev, record.to_vec()), at + 52 + len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sigil_config::SpiffeId;
+    use sigil_filters::audit::{verify, Entry};
+
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(name: &str) -> Self {
+            let d = std::env::temp_dir().join(format!("sigil-spool-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            Self(d)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn record(seq: u64) -> Vec<u8> {
+        format!("connection {seq} closed normally after {} bytes", seq * 100).into_bytes()
+    }
+
+    fn append_n(s: &mut Spool, n: u64) {
+        for _ in 0..n {
+            s.append(|seq, _| record(seq)).unwrap();
+        }
+    }
+
+    /// The records in order and whole as a chain from `start`.
+    fn assert_chain(records: &[Spooled], start: Option<(u64, Hash)>) {
+        let id = SpiffeId::parse("spiffe://example.org/web").unwrap();
+        let entries: Vec<Entry<'_>> = records
+            .iter()
+            .map(|(seq, prev, r)| Entry {
+                seq: *seq,
+                prev: *prev,
+                record: r,
+            })
+            .collect();
+        assert_eq!(verify(&id, &entries, &[], start), []);
+    }
+
+    #[test]
+    fn records_survive_a_reopen_in_order_and_the_chain_goes_on() {
+        let dir = Dir::new("reopen");
+        let mut s = Spool::open(&dir.0, 1 << 20, WhenFull::FailOpen).unwrap();
+        append_n(&mut s, 3000);
+        let position = s.position();
+        drop(s);
+        let mut s = Spool::open(&dir.0, 1 << 20, WhenFull::FailOpen).unwrap();
+        assert_eq!(s.position(), position);
+        append_n(&mut s, 10);
+        let all = s.read_from(1, usize::MAX).unwrap();
+        assert_eq!(all.len(), 3010);
+        assert_chain(&all, None);
+        assert!(s.segments.len() > 1, "segments rolled over");
+        assert_eq!(
+            s.read_from(3005, 3)
+                .unwrap()
+                .iter()
+                .map(|r| r.0)
+                .collect::<Vec<_>>(),
+            [3005, 3006, 3007]
+        );
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_off_and_the_chain_resumes_from_the_last_whole_record() {
+        let dir = Dir::new("torn");
+        let mut s = Spool::open(&dir.0, 1 << 20, WhenFull::FailOpen).unwrap();
+        append_n(&mut s, 5);
+        let path = s.segments.back().unwrap().path.clone();
+        drop(s);
+        // A frame cut short, as a power loss mid-write leaves it.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&[0, 0, 0, 40, 0, 0, 0, 0, 0, 0, 0, 6, 1, 2, 3])
+            .unwrap();
+        drop(f);
+        let mut s = Spool::open(&dir.0, 1 << 20, WhenFull::FailOpen).unwrap();
+        assert_eq!(s.position().0, 6);
+        append_n(&mut s, 2);
+        let all = s.read_from(1, usize::MAX).unwrap();
+        assert_eq!(
+            all.iter().map(|r| r.0).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5, 6, 7]
+        );
+        assert_chain(&all, None);
+    }
+
+    #[test]
+    fn acknowledged_segments_leave_and_the_position_is_kept() {
+        let dir = Dir::new("ack");
+        let mut s = Spool::open(&dir.0, 1 << 20, WhenFull::FailOpen).unwrap();
+        append_n(&mut s, 3000);
+        let before = s.bytes();
+        s.ack(2500).unwrap();
+        assert!(s.bytes() < before, "acknowledged segments removed");
+        drop(s);
+        let s = Spool::open(&dir.0, 1 << 20, WhenFull::FailOpen).unwrap();
+        assert_eq!(s.acked(), 2500);
+        assert_eq!(s.position().0, 3001);
+        let rest = s.read_from(2501, usize::MAX).unwrap();
+        assert_eq!(rest.len(), 500);
+        assert_eq!(rest[0].0, 2501);
+    }
+
+    #[test]
+    fn full_fail_open_drops_the_oldest_and_counts_them_exactly() {
+        let dir = Dir::new("open");
+        let max = 600 * 1024;
+        let mut s = Spool::open(&dir.0, max, WhenFull::FailOpen).unwrap();
+        append_n(&mut s, 20_000);
+        assert!(s.bytes() <= max);
+        let kept = s.read_from(1, usize::MAX).unwrap();
+        let dropped = s.take_dropped();
+        assert_eq!(
+            dropped + kept.len() as u64,
+            20_000,
+            "every record kept or counted"
+        );
+        assert!(dropped > 0);
+        assert_eq!(kept.last().unwrap().0, 20_000);
+        let start = kept[0].0 - 1;
+        assert_chain(&kept, Some((start, kept[0].1)));
+        assert_eq!(s.take_dropped(), 0, "reported once");
+    }
+
+    #[test]
+    fn full_fail_closed_refuses_until_acknowledged() {
+        let dir = Dir::new("closed");
+        let max = 600 * 1024;
+        let mut s = Spool::open(&dir.0, max, WhenFull::FailClosed).unwrap();
+        let mut appended = 0u64;
+        let refused = loop {
+            match s.append(|seq, _| record(seq)) {
+                Ok(_) => appended += 1,
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(refused, SpoolError::Full { .. }), "{refused}");
+        assert!(refused.to_string().contains("fail-closed"));
+        assert_eq!(s.position().0, appended + 1, "nothing skipped");
+        s.ack(appended / 2).unwrap();
+        s.append(|seq, _| record(seq)).expect("room again");
+        assert_eq!(s.take_dropped(), 0);
+        let all = s.read_from(1, usize::MAX).unwrap();
+        assert_eq!(all.last().unwrap().0, appended + 1);
+    }
+}
