@@ -202,6 +202,16 @@ pub struct Ack {
     pub error: String,
 }
 
+/// The control plane's codec for `Ship`: sends acknowledgements, reads batches.
+pub fn server_codec() -> tonic_prost::ProstCodec<Ack, Batch> {
+    tonic_prost::ProstCodec::default()
+}
+
+/// The sidecar's codec for `Ship`.
+pub fn client_codec() -> tonic_prost::ProstCodec<Batch, Ack> {
+    tonic_prost::ProstCodec::default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

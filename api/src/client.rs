@@ -83,6 +83,33 @@ pub async fn fetch_x509_svid(
     Ok(response.into_inner())
 }
 
+/// Opens `sigil.audit.v1.Audit/Ship` on `sender` (whose connection reaches `origin`): where to
+/// send batches, and the acknowledgements.
+pub async fn ship(
+    sender: SendRequest<tonic::body::Body>,
+    origin: http::Uri,
+) -> Result<
+    (
+        mpsc::Sender<crate::audit::Batch>,
+        Streaming<crate::audit::Ack>,
+    ),
+    tonic::Status,
+> {
+    let mut grpc = tonic::client::Grpc::with_origin(H2(sender), origin);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let (tx, rx) = mpsc::channel(4);
+    let response = grpc
+        .streaming(
+            tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx)),
+            http::uri::PathAndQuery::from_static(crate::audit::SHIP_PATH),
+            crate::audit::client_codec(),
+        )
+        .await?;
+    Ok((tx, response.into_inner()))
+}
+
 /// hyper's HTTP/2 sender as the tower service tonic's client drives.
 #[derive(Clone)]
 struct H2(SendRequest<tonic::body::Body>);

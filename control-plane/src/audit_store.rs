@@ -32,6 +32,21 @@ pub enum Break {
     Chain(Damage),
 }
 
+impl Break {
+    /// The metric's label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Undecodable { .. } => "undecodable",
+            Self::Fork { .. } => "fork",
+            Self::Chain(Damage::OutOfSequence { .. }) => "out_of_sequence",
+            Self::Chain(Damage::Unlinked { .. }) => "unlinked",
+            Self::Chain(Damage::HeadMismatch { .. }) => "head_mismatch",
+            Self::Chain(Damage::BadSignature { .. }) => "bad_signature",
+            Self::Chain(Damage::Truncated { .. }) => "truncated",
+        }
+    }
+}
+
 impl std::fmt::Display for Break {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -35,6 +35,15 @@ pub struct Metrics {
     pub push_latency: Histogram,
     /// Issuance records that could not wait for the store (`records`).
     pub records_dropped: Counter,
+    /// Audit records ingested, by result (stored, duplicate).
+    pub audit_records: Family<AuditLabels, Counter>,
+    /// Breaks found in sidecars' audit chains on ingest, by kind.
+    pub audit_breaks: Family<AuditLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuditLabels {
+    pub result: &'static str,
 }
 
 impl Default for Metrics {
@@ -51,6 +60,8 @@ impl Default for Metrics {
             push_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
             issuance: Family::default(),
             records_dropped: Counter::default(),
+            audit_records: Family::default(),
+            audit_breaks: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -93,6 +104,16 @@ impl Default for Metrics {
             "issuance_records_dropped",
             "Issuance records not kept: more were waiting for the store than it holds in memory",
             m.records_dropped.clone(),
+        );
+        registry.register(
+            "audit_records",
+            "Sidecars' audit records ingested (result stored or duplicate)",
+            m.audit_records.clone(),
+        );
+        registry.register(
+            "audit_chain_breaks",
+            "Breaks found in sidecars' audit chains on ingest, by kind (result)",
+            m.audit_breaks.clone(),
         );
         Self { registry, ..m }
     }

@@ -26,8 +26,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 use tracing::{error, info, warn};
 
+use crate::audit_store::AuditStore;
 use crate::issuer::{Caller, Issuer};
-use crate::metrics::{IssuanceLabels, Metrics, SidecarLabels};
+use crate::metrics::{AuditLabels, IssuanceLabels, Metrics, SidecarLabels};
 use crate::snapshot::Catalog;
 use crate::store::Store;
 use crate::stored::{IssuanceRecord, StoreError};
@@ -284,6 +285,7 @@ pub async fn serve(
     acceptor: watch::Receiver<TlsAcceptor>,
     hub: Arc<Hub>,
     issuer: Option<Arc<Issuer>>,
+    audit: Option<Arc<AuditStore>>,
 ) {
     loop {
         let (tcp, addr) = match listener.accept().await {
@@ -297,7 +299,7 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         // The one in force now: its bundles follow the CA set (`rotation`).
         let acceptor = acceptor.borrow().clone();
-        let (hub, issuer) = (hub.clone(), issuer.clone());
+        let (hub, issuer, audit) = (hub.clone(), issuer.clone(), audit.clone());
         tokio::spawn(async move {
             let Some((tls, caller)) =
                 crate::identity::accept_any(&acceptor, tcp, addr, "sidecar").await
@@ -321,8 +323,9 @@ pub async fn serve(
                 Caller::Svid(..) => None,
             };
             let service = hyper::service::service_fn(move |req| {
-                let (hub, caller, issuer) = (hub.clone(), caller.clone(), issuer.clone());
-                async move { Ok::<_, Infallible>(route(hub, issuer, caller, addr, req).await) }
+                let (hub, caller, issuer, audit) =
+                    (hub.clone(), caller.clone(), issuer.clone(), audit.clone());
+                async move { Ok::<_, Infallible>(route(hub, issuer, audit, caller, addr, req).await) }
             });
             // PINGs notice a sidecar host gone without a FIN (its stream, status line and
             // gauge would otherwise stay forever).
@@ -346,6 +349,7 @@ pub async fn serve(
 async fn route(
     hub: Arc<Hub>,
     issuer: Option<Arc<Issuer>>,
+    audit: Option<Arc<AuditStore>>,
     caller: Caller,
     addr: SocketAddr,
     req: Request<Incoming>,
@@ -380,7 +384,83 @@ async fn route(
             };
             grpc.unary(issue, req).await
         }
+        sigil_api::audit::SHIP_PATH => {
+            let Caller::Svid(peer, _) = caller else {
+                return Status::unauthenticated("Ship needs an SVID").into_http();
+            };
+            let Some(store) = audit else {
+                return Status::unimplemented(
+                    "this control plane keeps no audit records (see --audit-db)",
+                )
+                .into_http();
+            };
+            let mut grpc = tonic::server::Grpc::new(sigil_api::audit::server_codec());
+            grpc.streaming(Ship { hub, store, peer }, req).await
+        }
         other => Status::unimplemented(format!("no method {other}")).into_http(),
+    }
+}
+
+/// One sidecar's `Ship` stream: each batch ingested (in order) and acknowledged once durable.
+struct Ship {
+    hub: Arc<Hub>,
+    store: Arc<AuditStore>,
+    peer: SpiffeId,
+}
+
+impl tonic::server::StreamingService<sigil_api::audit::Batch> for Ship {
+    type Response = sigil_api::audit::Ack;
+    type ResponseStream = ReceiverStream<Result<sigil_api::audit::Ack, Status>>;
+    type Future = std::future::Ready<Result<tonic::Response<Self::ResponseStream>, Status>>;
+
+    fn call(&mut self, req: tonic::Request<Streaming<sigil_api::audit::Batch>>) -> Self::Future {
+        let (tx, rx) = mpsc::channel(4);
+        let (hub, store, peer) = (self.hub.clone(), self.store.clone(), self.peer.clone());
+        let mut batches = req.into_inner();
+        tokio::spawn(async move {
+            while let Ok(Some(batch)) = batches.message().await {
+                let (s, p) = (store.clone(), peer.clone());
+                let ingested = tokio::task::spawn_blocking(move || s.ingest(&p, &batch)).await;
+                let ack = match ingested {
+                    Ok(Ok(got)) => {
+                        let m = &hub.metrics;
+                        let stored = AuditLabels { result: "stored" };
+                        let duplicate = AuditLabels {
+                            result: "duplicate",
+                        };
+                        m.audit_records
+                            .get_or_create(&stored)
+                            .inc_by(got.stored as u64);
+                        m.audit_records
+                            .get_or_create(&duplicate)
+                            .inc_by(got.duplicates as u64);
+                        for b in &got.breaks {
+                            warn!(sidecar = %peer, "audit chain: {b}");
+                            let kind = AuditLabels { result: b.label() };
+                            m.audit_breaks.get_or_create(&kind).inc();
+                        }
+                        sigil_api::audit::Ack {
+                            durable_through: got.durable_through,
+                            error: String::new(),
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        error!(sidecar = %peer, "audit records not stored: {e}");
+                        let _ = tx.send(Err(Status::unavailable(e.to_string()))).await;
+                        return;
+                    }
+                    Err(e) => {
+                        error!(sidecar = %peer, "audit ingest failed: {e}");
+                        let _ = tx.send(Err(Status::internal("audit ingest failed"))).await;
+                        return;
+                    }
+                };
+                if tx.send(Ok(ack)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        std::future::ready(Ok(tonic::Response::new(ReceiverStream::new(rx))))
     }
 }
 

@@ -87,6 +87,10 @@ struct Cli {
     /// The CA that signs SVIDs (made with `sigil ca init`); without it no SVID is issued
     #[arg(long, value_name = "DIR")]
     ca_dir: Option<PathBuf>,
+    /// Where sidecars' audit records are kept (SQLite; DIR/audit.db with --data-dir by
+    /// default); without it, with --store, none are taken
+    #[arg(long, value_name = "FILE")]
+    audit_db: Option<PathBuf>,
 }
 
 /// A `--store` value that is not `etcd://…`.
@@ -116,6 +120,7 @@ struct Config {
     operator_listen: SocketAddr,
     sidecar_listen: SocketAddr,
     ca_dir: Option<PathBuf>,
+    audit_db: Option<PathBuf>,
 }
 
 enum StoreSpec {
@@ -151,6 +156,9 @@ fn main() -> ExitCode {
 /// What clap's per-flag rules cannot say: which store, and how etcd is reached. Checked in
 /// this order so that the store's message comes first, naming both ways to reach etcd.
 fn check(cli: Cli) -> Result<Config, &'static str> {
+    let audit_db = cli
+        .audit_db
+        .or_else(|| cli.data_dir.as_ref().map(|d| d.join("audit.db")));
     let store = match (cli.data_dir, cli.store) {
         (Some(d), None) => StoreSpec::Sqlite(d),
         (None, Some(e)) => {
@@ -180,6 +188,7 @@ fn check(cli: Cli) -> Result<Config, &'static str> {
         operator_listen: cli.operator_listen,
         sidecar_listen: cli.sidecar_listen,
         ca_dir: cli.ca_dir,
+        audit_db,
     })
 }
 
@@ -189,6 +198,7 @@ enum StartError {
     Identity(identity::LoadError),
     Store(StoreError),
     Ca(sigil_control::ca::CaError),
+    Audit(sigil_control::audit_store::AuditStoreError),
     Listen {
         addr: SocketAddr,
         api: &'static str,
@@ -202,6 +212,7 @@ impl fmt::Display for StartError {
             Self::Identity(e) => write!(f, "{e}"),
             Self::Store(e) => write!(f, "{e}"),
             Self::Ca(e) => write!(f, "CA: {e}"),
+            Self::Audit(e) => write!(f, "{e}"),
             Self::Listen { addr, api, source } => {
                 write!(f, "cannot listen on {addr} ({api}): {source}")
             }
@@ -229,6 +240,12 @@ async fn run(config: Config) -> Result<(), StartError> {
         None => None,
     };
     let store = Arc::new(open_store(config.store).await?);
+    let audit = match &config.audit_db {
+        Some(path) => Some(Arc::new(
+            sigil_control::audit_store::AuditStore::open(path).map_err(StartError::Audit)?,
+        )),
+        None => None,
+    };
     let version = store.version().await?;
     let server = sigil_filters::tls::server_config(
         &id.local,
@@ -318,7 +335,7 @@ async fn run(config: Config) -> Result<(), StartError> {
     let issuing = issuer.clone();
     tokio::select! {
         _ = operator::serve(operator_listener, acceptor, api) => {}
-        _ = sidecars::serve(sidecar_listener, acceptor_rx, hub, issuer) => {}
+        _ = sidecars::serve(sidecar_listener, acceptor_rx, hub, issuer, audit) => {}
         _ = shutdown() => info!("stopping"),
     }
     if let Some(issuer) = issuing {
