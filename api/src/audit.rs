@@ -78,6 +78,7 @@ pub enum Kind {
 ///   string actor = 29;             // control plane: the operator's or caller's SPIFFE ID
 ///   string subject = 30;           // control plane: what it was about (Policy/web, an identity)
 ///   string detail = 31;            // a reason or message, one line
+///   uint32 port = 32;              // the workload port (inbound) or destination port (outbound)
 /// }
 /// ```
 #[derive(Clone, PartialEq, Eq, prost::Message)]
@@ -144,6 +145,8 @@ pub struct Record {
     pub subject: String,
     #[prost(string, tag = "31")]
     pub detail: String,
+    #[prost(uint32, tag = "32")]
+    pub port: u32,
 }
 
 /// `message RouteCount { string route = 1; string method = 2; uint64 count = 3; }`

@@ -94,6 +94,37 @@ pub struct ProxySpec {
     /// their SVIDs and names them: Workloads with `workloadApi.sidecar` set to this sidecar).
     #[serde(default)]
     pub workload_api: Option<WorkloadApiServe>,
+    /// The connection-level audit stream to the control plane (needs `controlPlane`).
+    #[serde(default)]
+    pub audit: Option<AuditSpec>,
+}
+
+/// `audit`: records of every connection and refusal, spooled on disk until the control plane
+/// holds them.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuditSpec {
+    /// Where records wait for the control plane.
+    pub spool_dir: PathBuf,
+    /// The spool's size at most, in bytes (256 MiB by default).
+    #[serde(default = "default_spool_bytes")]
+    pub max_bytes: u64,
+    /// When the spool is full: `fail-open` (serve on, drop the oldest records, counted) or
+    /// `fail-closed` (refuse new connections until records can be kept).
+    #[serde(default)]
+    pub when_full: WhenFull,
+}
+
+fn default_spool_bytes() -> u64 {
+    256 << 20
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WhenFull {
+    #[default]
+    FailOpen,
+    FailClosed,
 }
 
 /// `workloadApi`: where the sidecar serves the SPIFFE Workload API.
@@ -768,6 +799,18 @@ impl ProxyConfig {
                 );
             }
         }
+        if spec.audit.is_some() && spec.control_plane.is_none() {
+            return refuse(
+                Key::Audit,
+                "audit needs controlPlane: the records are shipped to it",
+            );
+        }
+        if spec.audit.as_ref().is_some_and(|a| a.max_bytes < 1 << 20) {
+            return refuse(
+                Key::Audit,
+                "audit.maxBytes must be 1 MiB (1048576) at least",
+            );
+        }
         if spec.workload_api.is_some() && spec.control_plane.is_none() {
             return refuse(
                 Key::WorkloadApi,
@@ -847,6 +890,7 @@ enum Key {
     MaxPendingHandshakesPerSource,
     WorkloadApi,
     WorkloadApiClient,
+    Audit,
 }
 
 impl Key {
@@ -856,6 +900,7 @@ impl Key {
             Key::Identity => "identity",
             Key::JoinTokenFile => "identity.joinTokenFile",
             Key::WorkloadApi => "workloadApi",
+            Key::Audit => "audit",
             Key::WorkloadApiClient => "identity.workloadApi",
             Key::Workers => "workers",
             Key::PoolIdle => "timeouts.poolIdle",
@@ -892,6 +937,7 @@ type Line = Option<Spanned<IgnoredAny>>;
 struct SpecLines {
     mode: Line,
     workload_api: Line,
+    audit: Line,
     workers: Line,
     identity: Option<Spanned<IdentityLines>>,
     inbound: ListenLine,
@@ -958,6 +1004,7 @@ impl KeyLines {
             Key::Identity => return s.identity.as_ref().map(|i| i.referenced),
             Key::JoinTokenFile => &identity.join_token_file,
             Key::WorkloadApi => &s.workload_api,
+            Key::Audit => &s.audit,
             Key::WorkloadApiClient => &identity.workload_api,
             Key::Workers => &s.workers,
             Key::PoolIdle => &s.timeouts.pool_idle,

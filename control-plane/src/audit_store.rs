@@ -244,6 +244,25 @@ impl AuditStore {
         Ok(out)
     }
 
+    /// Every sidecar with stored records: its SPIFFE ID, how many, and the highest sequence
+    /// number.
+    pub fn sidecars(&self) -> Result<Vec<(String, u64, u64)>, AuditStoreError> {
+        let db = self.db.lock().expect("audit store lock");
+        let mut q = db.prepare(
+            "SELECT sidecar, COUNT(*), MAX(seq) FROM audit_records GROUP BY sidecar ORDER BY sidecar",
+        )?;
+        let rows = q
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, i64>(2)? as u64,
+                ))
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
     /// Checks `sidecar`'s stored records `from..=to` (all: 1..=u64::MAX) end to end against
     /// the stored checkpoints.
     pub fn verify_range(

@@ -42,6 +42,8 @@ pub struct Api {
     pub operators: Vec<IdPattern>,
     /// Told of every change, to push snapshots.
     pub hub: Arc<Hub>,
+    /// Sidecars' audit records (`--audit-db`), if kept here.
+    pub audit: Option<Arc<crate::audit_store::AuditStore>>,
 }
 
 impl Api {
@@ -114,6 +116,7 @@ async fn handle(api: &Api, peer: &SpiffeId, req: Request<Incoming>) -> Response<
         (Method::GET, ["v1", "status"]) => Ok(status(api).await),
         (Method::POST, ["v1", "tokens"]) => create_token(api, peer, req).await,
         (Method::GET, ["v1", "issuances"]) => issuances(api, req.uri().query()).await,
+        (Method::GET, ["v1", "audit", "verify"]) => audit_verify(api).await,
         _ => Err(Refusal(
             StatusCode::NOT_FOUND,
             format!("no such endpoint: {path}\n"),
@@ -318,6 +321,50 @@ async fn issuances(api: &Api, query: Option<&str>) -> Reply {
         .map_err(internal)?;
     let out: String = records.iter().map(|r| r.line() + "\n").collect();
     Ok(text(StatusCode::OK, out))
+}
+
+/// Every sidecar's stored audit chain checked end to end: one line per sidecar (its ID, how
+/// many records, the last sequence number, `ok` or how many breaks), then one per break.
+/// 409 if any break was found.
+async fn audit_verify(api: &Api) -> Reply {
+    let Some(store) = api.audit.clone() else {
+        return Err(Refusal(
+            StatusCode::NOT_FOUND,
+            "this control plane keeps no audit records (see --audit-db)\n".into(),
+        ));
+    };
+    let report = tokio::task::spawn_blocking(move || -> Result<(String, bool), String> {
+        let mut out = String::new();
+        let mut whole = true;
+        for (sidecar, count, last) in store.sidecars().map_err(|e| e.to_string())? {
+            let id = SpiffeId::parse(&sidecar).map_err(|e| format!("{sidecar}: {e}"))?;
+            let damage = store
+                .verify_range(&id, 1, u64::MAX)
+                .map_err(|e| e.to_string())?;
+            if damage.is_empty() {
+                out += &format!("{sidecar} records={count} last={last} ok\n");
+            } else {
+                whole = false;
+                out += &format!(
+                    "{sidecar} records={count} last={last} breaks={}\n",
+                    damage.len()
+                );
+                for d in damage {
+                    out += &format!("  {d}\n");
+                }
+            }
+        }
+        Ok((out, whole))
+    })
+    .await
+    .map_err(internal)?
+    .map_err(internal)?;
+    let status = if report.1 {
+        StatusCode::OK
+    } else {
+        StatusCode::CONFLICT
+    };
+    Ok(text(status, report.0))
 }
 
 async fn status(api: &Api) -> Response<Full<Bytes>> {

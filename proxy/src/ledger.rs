@@ -8,6 +8,9 @@ use rustls::pki_types::CertificateDer;
 use sigil_config::SpiffeId;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use sigil_api::audit::{Kind as AuditKind, Record};
+
+use crate::audit::Auditor;
 use crate::conns::{ConnGuard, Conns, Direction, Kind};
 use crate::metrics::{ConnLabels, HandshakeLabels, Metrics, ReasonLabels, UNAUTHENTICATED_PEER};
 use crate::reasons::{CloseReason, Refusal};
@@ -16,6 +19,8 @@ use crate::relay::{relay, Counters};
 pub struct Ledger {
     pub metrics: Metrics,
     pub conns: Arc<Conns>,
+    /// The audit stream (`audit`), if the config asks for it.
+    pub audit: Option<Arc<Auditor>>,
 }
 
 /// A connection that passed the handshake (and, for TCP ports, authorization).
@@ -31,10 +36,11 @@ pub struct Admitted {
 }
 
 impl Ledger {
-    pub fn new(metrics: Metrics) -> Self {
+    pub fn new(metrics: Metrics, audit: Option<Arc<Auditor>>) -> Self {
         Self {
             metrics,
             conns: Arc::new(Conns::default()),
+            audit,
         }
     }
 
@@ -57,6 +63,17 @@ impl Ledger {
     }
 
     pub fn refused(&self, direction: Direction, local: &Arc<str>, peer_id: Arc<str>, why: Refusal) {
+        if let Some(audit) = &self.audit {
+            audit.record(Record {
+                kind: AuditKind::ConnectionRefused as i32,
+                direction: direction.label().into(),
+                local_id: local.to_string(),
+                peer_id: peer_id.to_string(),
+                decision: "deny".into(),
+                detail: why.label().into(),
+                ..Record::default()
+            });
+        }
         self.metrics
             .refused
             .get_or_create(&ReasonLabels {
@@ -77,6 +94,17 @@ impl Ledger {
             peer_id: a.peer_label,
         };
         let counters = self.opened(&labels);
+        if let Some(audit) = &self.audit {
+            audit.record(Record {
+                kind: AuditKind::ConnectionOpen as i32,
+                direction: a.direction.label().into(),
+                local_id: labels.local_id.to_string(),
+                peer_id: a.peer.to_string(),
+                decision: "allow".into(),
+                port: a.port.into(),
+                ..Record::default()
+            });
+        }
         let guard = self
             .conns
             .register(a.direction, a.kind, a.peer, a.chain, a.port);
@@ -113,6 +141,16 @@ impl Ledger {
     }
 
     pub fn closed(&self, labels: &ConnLabels, reason: CloseReason) {
+        if let Some(audit) = &self.audit {
+            audit.record(Record {
+                kind: AuditKind::ConnectionClose as i32,
+                direction: labels.direction.into(),
+                local_id: labels.local_id.to_string(),
+                peer_id: labels.peer_id.to_string(),
+                close_reason: reason.label().into(),
+                ..Record::default()
+            });
+        }
         self.metrics.active.get_or_create(labels).dec();
         self.metrics
             .closed

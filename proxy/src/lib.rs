@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod admission;
 pub mod alloc;
+pub mod audit;
 pub mod conns;
 pub mod control;
 pub mod dial;

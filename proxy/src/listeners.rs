@@ -207,6 +207,9 @@ fn spawn_accept<F>(
 /// Room for an inbound connection from `peer` (`admission`), or None: refused, counted and
 /// logged (rate-limited), and the socket closed by the caller dropping it.
 fn admit_inbound(p: &Proxy, peer: SocketAddr) -> Option<(Slot, Handshake)> {
+    if audit_refusing(p, Direction::Inbound) {
+        return None;
+    }
     match p.admission.inbound(peer.ip()) {
         Ok(room) => Some(room),
         Err(why) => {
@@ -218,6 +221,9 @@ fn admit_inbound(p: &Proxy, peer: SocketAddr) -> Option<(Slot, Handshake)> {
 
 /// Room for an outbound connection from our workload, or None (see `admit_inbound`).
 fn admit_outbound(p: &Proxy, peer: SocketAddr) -> Option<Slot> {
+    if audit_refusing(p, Direction::Outbound) {
+        return None;
+    }
     match p.admission.total_only() {
         Ok(slot) => Some(slot),
         Err(why) => {
@@ -225,6 +231,26 @@ fn admit_outbound(p: &Proxy, peer: SocketAddr) -> Option<Slot> {
             None
         }
     }
+}
+
+/// A fail-closed audit spool that is full refuses new connections (counted, not audited: the
+/// spool has no room).
+fn audit_refusing(p: &Proxy, direction: Direction) -> bool {
+    if !p.ledger.audit.as_ref().is_some_and(|a| a.refusing()) {
+        return false;
+    }
+    let tls = p.tls.get();
+    p.ledger
+        .metrics
+        .refused
+        .get_or_create(&crate::metrics::ReasonLabels {
+            direction: direction.label(),
+            local_id: tls.local_label.clone(),
+            peer_id: UNAUTHENTICATED_PEER.into(),
+            reason: Refusal::AuditSpoolFull.label(),
+        })
+        .inc();
+    true
 }
 
 fn refuse_over_limit(

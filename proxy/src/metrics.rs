@@ -97,6 +97,10 @@ pub struct Metrics {
     pub request_duration: Family<DurationLabels, Histogram, fn() -> Histogram>,
     pub would_deny: Family<RuleLabels, Counter>,
     pub snapshot_rejections: Family<RejectionLabels, Counter>,
+    /// The audit stream: the last record spooled, the last acknowledged, records lost.
+    pub audit_spooled: Gauge,
+    pub audit_acknowledged: Gauge,
+    pub audit_lost: Counter,
     peers: PeerLabels,
 }
 
@@ -122,9 +126,27 @@ impl Metrics {
             request_duration: Family::new_with_constructor(duration_histogram),
             would_deny: Family::default(),
             snapshot_rejections: Family::default(),
+            audit_spooled: Gauge::default(),
+            audit_acknowledged: Gauge::default(),
+            audit_lost: Counter::default(),
             peers: PeerLabels::new(peer_id_cap),
             registry: Registry::default(),
         };
+        registry.register(
+            "sigil_audit_spooled_seq",
+            "Sequence number of the last audit record written to the spool",
+            m.audit_spooled.clone(),
+        );
+        registry.register(
+            "sigil_audit_acknowledged_seq",
+            "Sequence number up to which the control plane holds the audit records",
+            m.audit_acknowledged.clone(),
+        );
+        registry.register(
+            "sigil_audit_records_lost",
+            "Audit records dropped from a full spool (fail-open) or not spooled",
+            m.audit_lost.clone(),
+        );
         registry.register(
             "sigil_connections_opened",
             "Connections admitted and forwarded",

@@ -103,10 +103,11 @@ impl Proxy {
         sources: Sources,
         workers: Workers,
         admission: Arc<Admission>,
+        audit: Option<Arc<crate::audit::Auditor>>,
     ) -> Self {
         let local = tls.get().identity.id().clone();
         let tls = Arc::new(tls);
-        let ledger = Arc::new(Ledger::new(metrics));
+        let ledger = Arc::new(Ledger::new(metrics, audit));
         let timeouts = &cfg.spec.timeouts;
         let dialer = Arc::new(Dialer {
             tls: tls.clone(),

@@ -83,6 +83,8 @@ pub enum Refusal {
     /// The mTLS handshake failed; the label is `sigil_filters::tls::handshake_failure`'s (an
     /// SVID check's reason, `no_client_cert`, `handshake_timeout`, ...).
     Handshake(&'static str),
+    /// The audit spool is full and `audit.whenFull` is `fail-closed`.
+    AuditSpoolFull,
 }
 
 impl Refusal {
@@ -96,6 +98,7 @@ impl Refusal {
             Self::AdminLimit => "admin_limit",
             Self::OverLimit(why) => why.label(),
             Self::Handshake(reason) => reason,
+            Self::AuditSpoolFull => "audit_spool_full",
         }
     }
 }

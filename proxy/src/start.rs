@@ -39,6 +39,8 @@ pub enum StartError {
     Issue(crate::issuance::IssueError),
     /// The Workload API's socket cannot be made.
     WorkloadApi(std::path::PathBuf, std::io::Error),
+    /// The audit spool cannot be opened.
+    Audit(crate::spool::SpoolError),
 }
 
 impl fmt::Display for StartError {
@@ -55,6 +57,7 @@ impl fmt::Display for StartError {
             Self::Workers(e) => write!(f, "cannot start worker threads: {e}"),
             Self::Bind(e) => write!(f, "{e}"),
             Self::Issue(e) => write!(f, "cannot get an SVID: {e}"),
+            Self::Audit(e) => write!(f, "audit spool (audit.spoolDir): {e}"),
             Self::WorkloadApi(path, e) => write!(
                 f,
                 "cannot serve the Workload API on {} (workloadApi.socket): {e}",
@@ -141,7 +144,10 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
             .map_err(|e| StartError::WorkloadApi(socket, e))?;
     }
     if let Some(cp) = p.cfg.spec.control_plane.clone() {
-        tokio::spawn(control::run(p.clone(), cp));
+        tokio::spawn(control::run(p.clone(), cp.clone()));
+        if let Some(auditor) = p.ledger.audit.clone() {
+            tokio::spawn(crate::audit::ship(p.clone(), auditor, cp));
+        }
     }
     watcher::spawn(p.clone(), watched);
     tokio::spawn(crate::issuance::renew(p.clone()));
@@ -197,6 +203,15 @@ pub fn load(
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let serving = Workers::start(threads).map_err(StartError::Workers)?;
     let admission = Admission::new(admission::limits(&cfg));
+    let audit = match &cfg.spec.audit {
+        Some(spec) => {
+            let dir = cfg.resolve(&spec.spool_dir);
+            let auditor =
+                crate::audit::Auditor::open(spec, &dir, &metrics).map_err(StartError::Audit)?;
+            Some(Arc::new(auditor))
+        }
+        None => None,
+    };
     let p = Arc::new(Proxy::new(
         cfg,
         Current::new(state),
@@ -204,6 +219,7 @@ pub fn load(
         sources,
         serving,
         admission,
+        audit,
     ));
     // Parsing the policy files peaked at several times what is kept.
     alloc::release_free_memory();

@@ -47,6 +47,8 @@ pub struct Sidecar {
     pub workload_api: Option<PathBuf>,
     /// Take the SVID from the Workload API on this socket (`identity.workloadApi`).
     pub svid_from_api: Option<PathBuf>,
+    /// The audit stream: spool directory and `whenFull`.
+    pub audit: Option<(PathBuf, &'static str)>,
 }
 
 impl Sidecar {
@@ -72,6 +74,7 @@ impl Sidecar {
             join_token_file: None,
             workload_api: None,
             svid_from_api: None,
+            audit: None,
         }
     }
 
@@ -153,6 +156,12 @@ impl Sidecar {
         }
         if let Some(dir) = &self.revocation_dir {
             y += &format!("  revocationDir: {}\n", dir.display());
+        }
+        if let Some((spool, when_full)) = &self.audit {
+            y += &format!(
+                "  audit: {{spoolDir: {}, whenFull: {when_full}}}\n",
+                spool.display()
+            );
         }
         if let Some(socket) = &self.workload_api {
             y += &format!("  workloadApi: {{socket: {}}}\n", socket.display());

@@ -271,6 +271,7 @@ async fn run(config: Config) -> Result<(), StartError> {
         store,
         operators: config.operators,
         hub: hub.clone(),
+        audit: audit.clone(),
     });
     if let Store::Etcd(etcd) = &*api.store {
         follow_etcd(etcd, &api);

@@ -71,6 +71,9 @@ enum Command {
                       who asked from where. Kept 30 days."
     )]
     Issuances(IssuancesArgs),
+    /// Sidecars' audit records kept by the control plane
+    #[command(subcommand)]
+    Audit(AuditCommand),
     #[command(
         about = "Take an identity off the mesh now",
         after_help = "Every sidecar refuses it and cuts its live connections. Stores a \
@@ -147,6 +150,18 @@ struct CaInitArgs {
     lifetime: std::time::Duration,
     #[command(flatten)]
     upstream: UpstreamArgs,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    #[command(
+        about = "Check every sidecar's stored audit chain end to end",
+        after_help = "One line per sidecar (records, last sequence number, ok or the number of \
+                      breaks), then each break: an edited, deleted, inserted or reordered record, \
+                      a cut tail, a checkpoint that does not match or is not the sidecar's. \
+                      Exit code 1 if any break is found."
+    )]
+    Verify(Connection),
 }
 
 #[derive(Args)]
@@ -408,6 +423,9 @@ fn main() -> ExitCode {
         Some(Command::Delete(a)) => delete(&a),
         Some(Command::Status(c)) => simple_get(&c, &["status"], "/v1/status"),
         Some(Command::Issuances(a)) => issuances(&a),
+        Some(Command::Audit(AuditCommand::Verify(c))) => {
+            simple_get(&c, &["audit", "verify"], "/v1/audit/verify")
+        }
         Some(Command::Metrics(c)) => simple_get(&c, &["metrics"], "/metrics"),
         Some(Command::Revoke(a)) => revoke(&a),
         Some(Command::Unrevoke(a)) => unrevoke(&a),
