@@ -45,6 +45,31 @@ pub enum Kind {
     ChainBreak = 12,
 }
 
+impl Kind {
+    /// The name in exports and on the command line.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Unspecified => "unspecified",
+            Self::ConnectionOpen => "connection_open",
+            Self::ConnectionClose => "connection_close",
+            Self::ConnectionRefused => "connection_refused",
+            Self::RequestDenied => "request_denied",
+            Self::RequestAllowed => "request_allowed",
+            Self::Dropped => "dropped",
+            Self::Issuance => "issuance",
+            Self::Change => "change",
+            Self::ChainBreak => "chain_break",
+        }
+    }
+
+    /// The kind named `label`.
+    pub fn from_label(label: &str) -> Option<Self> {
+        (0..=12)
+            .filter_map(|n| Self::try_from(n).ok())
+            .find(|k| k.label() == label)
+    }
+}
+
 /// ```proto
 /// message Record {
 ///   uint32 schema = 1;             // 1

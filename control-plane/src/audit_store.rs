@@ -62,6 +62,39 @@ impl std::fmt::Display for Break {
     }
 }
 
+/// Which stored records a query wants.
+#[derive(Debug, Clone)]
+pub struct Filter {
+    /// Records of this sidecar or with this peer.
+    pub identity: Option<String>,
+    pub decision: Option<String>,
+    pub policy: Option<String>,
+    pub close_reason: Option<String>,
+    pub kind: Option<i32>,
+    /// Unix nanoseconds, from (inclusive) and to (exclusive).
+    pub since_nanos: i64,
+    pub until_nanos: i64,
+    /// Only rows stored after this one (following).
+    pub after: i64,
+    pub limit: usize,
+}
+
+impl Default for Filter {
+    fn default() -> Self {
+        Self {
+            identity: None,
+            decision: None,
+            policy: None,
+            close_reason: None,
+            kind: None,
+            since_nanos: 0,
+            until_nanos: i64::MAX,
+            after: 0,
+            limit: 1_000,
+        }
+    }
+}
+
 /// What an ingest did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Ingested {
@@ -116,6 +149,8 @@ impl AuditStore {
             "CREATE TABLE IF NOT EXISTS audit_records (
                  sidecar TEXT NOT NULL, seq INTEGER NOT NULL, prev BLOB NOT NULL,
                  link BLOB NOT NULL, time INTEGER NOT NULL, kind INTEGER NOT NULL,
+                 peer TEXT NOT NULL DEFAULT '', decision TEXT NOT NULL DEFAULT '',
+                 policy TEXT NOT NULL DEFAULT '', close_reason TEXT NOT NULL DEFAULT '',
                  record BLOB NOT NULL, PRIMARY KEY (sidecar, seq));
              CREATE INDEX IF NOT EXISTS audit_records_time ON audit_records (time);
              CREATE TABLE IF NOT EXISTS audit_checkpoints (
@@ -186,8 +221,9 @@ impl AuditStore {
                     .map(Break::Chain),
             );
             tx.execute(
-                "INSERT INTO audit_records (sidecar, seq, prev, link, time, kind, record)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO audit_records
+                   (sidecar, seq, prev, link, time, kind, peer, decision, policy, close_reason, record)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 params![
                     id,
                     record.seq as i64,
@@ -195,6 +231,10 @@ impl AuditStore {
                     &this[..],
                     record.time_unix_nanos,
                     record.kind,
+                    record.peer_id,
+                    record.decision,
+                    record.policy,
+                    record.close_reason,
                     bytes
                 ],
             )?;
@@ -241,6 +281,56 @@ impl AuditStore {
         )?;
         tx.commit()?;
         out.durable_through = head_seq;
+        Ok(out)
+    }
+
+    /// Stored records that pass `filter`, oldest first (by arrival), with their row number
+    /// (for following: `after`).
+    pub fn query(&self, filter: &Filter) -> Result<Vec<(i64, String, Record)>, AuditStoreError> {
+        let db = self.db.lock().expect("audit store lock");
+        let mut sql = String::from(
+            "SELECT rowid, sidecar, record FROM audit_records WHERE rowid > ?1 AND time >= ?2 AND time < ?3",
+        );
+        let mut args: Vec<rusqlite::types::Value> = vec![
+            filter.after.into(),
+            filter.since_nanos.into(),
+            filter.until_nanos.into(),
+        ];
+        if let Some(id) = &filter.identity {
+            args.push(id.clone().into());
+            let n = args.len();
+            sql += &format!(" AND (sidecar = ?{n} OR peer = ?{n})");
+        }
+        let mut add = |clause: &str, value: &Option<String>| {
+            if let Some(v) = value {
+                args.push(v.clone().into());
+                sql += &clause.replace('?', &format!("?{}", args.len()));
+            }
+        };
+        add(" AND decision = ?", &filter.decision);
+        add(" AND policy = ?", &filter.policy);
+        add(" AND close_reason = ?", &filter.close_reason);
+        if let Some(kind) = filter.kind {
+            args.push((kind as i64).into());
+            sql += &format!(" AND kind = ?{}", args.len());
+        }
+        args.push((filter.limit as i64).into());
+        sql += &format!(" ORDER BY rowid LIMIT ?{}", args.len());
+        let mut q = db.prepare(&sql)?;
+        let rows = q.query_map(rusqlite::params_from_iter(args), |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (rowid, sidecar, bytes) = row?;
+            let record = Record::decode(&bytes[..])
+                .map_err(|e| AuditStoreError(format!("stored record {sidecar}/{rowid}: {e}")))?;
+            out.push((rowid, sidecar, record));
+        }
         Ok(out)
     }
 

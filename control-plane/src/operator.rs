@@ -117,6 +117,7 @@ async fn handle(api: &Api, peer: &SpiffeId, req: Request<Incoming>) -> Response<
         (Method::POST, ["v1", "tokens"]) => create_token(api, peer, req).await,
         (Method::GET, ["v1", "issuances"]) => issuances(api, req.uri().query()).await,
         (Method::GET, ["v1", "audit", "verify"]) => audit_verify(api).await,
+        (Method::GET, ["v1", "audit", "records"]) => audit_records(api, req.uri().query()).await,
         _ => Err(Refusal(
             StatusCode::NOT_FOUND,
             format!("no such endpoint: {path}\n"),
@@ -321,6 +322,171 @@ async fn issuances(api: &Api, query: Option<&str>) -> Reply {
         .map_err(internal)?;
     let out: String = records.iter().map(|r| r.line() + "\n").collect();
     Ok(text(StatusCode::OK, out))
+}
+
+/// Stored audit records that pass the query's filters (`identity`, `decision`, `policy`,
+/// `close_reason`, `kind`, `since` and `until` in Unix nanoseconds, `after` a row, `limit`),
+/// one line each, oldest first; `format=json` for JSON lines. Each line starts with its row
+/// number (`row` in JSON), for following with `after`.
+async fn audit_records(api: &Api, query: Option<&str>) -> Reply {
+    use crate::audit_store::Filter;
+    let Some(store) = api.audit.clone() else {
+        return Err(Refusal(
+            StatusCode::NOT_FOUND,
+            "this control plane keeps no audit records (see --audit-db)\n".into(),
+        ));
+    };
+    let mut f = Filter::default();
+    let mut json = false;
+    for kv in query.unwrap_or("").split('&').filter(|kv| !kv.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        let v = percent_decode(v);
+        let bad = |why: &str| Refusal(StatusCode::BAD_REQUEST, format!("{k}={v:?}: {why}\n"));
+        let number = |v: &str| v.parse::<i64>().map_err(|_| bad("not a number"));
+        match k {
+            "identity" => f.identity = Some(v.clone()),
+            "decision" => f.decision = Some(v.clone()),
+            "policy" => f.policy = Some(v.clone()),
+            "close_reason" => f.close_reason = Some(v.clone()),
+            "kind" => {
+                let kind = sigil_api::audit::Kind::from_label(&v)
+                    .ok_or_else(|| bad("not a record kind (connection_open, connection_close, connection_refused, request_denied, request_allowed, dropped, ...)"))?;
+                f.kind = Some(kind as i32);
+            }
+            "since" => f.since_nanos = number(&v)?,
+            "until" => f.until_nanos = number(&v)?,
+            "after" => f.after = number(&v)?,
+            "limit" => f.limit = number(&v)?.clamp(1, 100_000) as usize,
+            "format" => json = v == "json",
+            _ => return Err(bad("unknown filter")),
+        }
+    }
+    let rows = tokio::task::spawn_blocking(move || store.query(&f))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+    let out: String = rows
+        .iter()
+        .map(|(row, sidecar, r)| {
+            if json {
+                audit_json(*row, sidecar, r) + "\n"
+            } else {
+                audit_line(*row, sidecar, r) + "\n"
+            }
+        })
+        .collect();
+    Ok(text(StatusCode::OK, out))
+}
+
+fn kind_label(r: &sigil_api::audit::Record) -> &'static str {
+    sigil_api::audit::Kind::try_from(r.kind).map_or("unknown", |k| k.label())
+}
+
+fn nanos_rfc3339(nanos: i64) -> String {
+    let secs = nanos.div_euclid(1_000_000_000);
+    let sub = nanos.rem_euclid(1_000_000_000);
+    let t = sigil_config::policy::Timestamp(secs).to_string();
+    // 2026-12-06T05:31:02Z -> 2026-12-06T05:31:02.123456789Z
+    match t.strip_suffix('Z') {
+        Some(base) => format!("{base}.{sub:09}Z"),
+        None => t,
+    }
+}
+
+/// One record for people: row, time, sidecar, sequence number, kind, then what it says.
+fn audit_line(row: i64, sidecar: &str, r: &sigil_api::audit::Record) -> String {
+    let mut out = format!(
+        "{row} {} {sidecar} #{} {}",
+        nanos_rfc3339(r.time_unix_nanos),
+        r.seq,
+        kind_label(r)
+    );
+    let fields = [
+        ("direction", r.direction.as_str()),
+        ("peer", &r.peer_id),
+        ("decision", &r.decision),
+        ("policy", &r.policy),
+        ("rule", &r.rule),
+        ("close_reason", &r.close_reason),
+        ("detail", &r.detail),
+    ];
+    for (k, v) in fields {
+        if !v.is_empty() {
+            out += &format!(" {k}={}", v.replace(' ', "_"));
+        }
+    }
+    if r.port != 0 {
+        out += &format!(" port={}", r.port);
+    }
+    if r.dropped != 0 {
+        out += &format!(" dropped={}", r.dropped);
+    }
+    out
+}
+
+/// One record as a JSON object, with the schema's field names.
+fn audit_json(row: i64, sidecar: &str, r: &sigil_api::audit::Record) -> String {
+    serde_json::json!({
+        "row": row,
+        "sidecar": sidecar,
+        "schema": r.schema,
+        "seq": r.seq,
+        "time": nanos_rfc3339(r.time_unix_nanos),
+        "time_unix_nanos": r.time_unix_nanos,
+        "kind": kind_label(r),
+        "direction": r.direction,
+        "local_addr": r.local_addr,
+        "peer_addr": r.peer_addr,
+        "local_id": r.local_id,
+        "peer_id": r.peer_id,
+        "peer_serial": r.peer_serial,
+        "tls_version": r.tls_version,
+        "cipher": r.cipher,
+        "protocol": r.protocol,
+        "decision": r.decision,
+        "policy": r.policy,
+        "rule": r.rule,
+        "mode": r.mode,
+        "policy_version": r.policy_version,
+        "bundle_version": r.bundle_version,
+        "bytes_in": r.bytes_in,
+        "bytes_out": r.bytes_out,
+        "duration_ms": r.duration_ms,
+        "close_reason": r.close_reason,
+        "route": r.route,
+        "method": r.method,
+        "allowed": r.allowed.iter().map(|c| serde_json::json!({"route": c.route, "method": c.method, "count": c.count})).collect::<Vec<_>>(),
+        "dropped": r.dropped,
+        "actor": r.actor,
+        "subject": r.subject,
+        "detail": r.detail,
+        "port": r.port,
+    })
+    .to_string()
+}
+
+/// `%XX` escapes and `+` (a space) undone; anything malformed kept as it is.
+fn percent_decode(v: &str) -> String {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%' && i + 2 < bytes.len())
+            .then(|| Some(hex(bytes[i + 1])? << 4 | hex(bytes[i + 2])?))
+            .flatten();
+        match (escaped, bytes[i]) {
+            (Some(b), _) => {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+            (None, b'+') => out.push(b' '),
+            (None, b) => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Every sidecar's stored audit chain checked end to end: one line per sidecar (its ID, how

@@ -230,7 +230,10 @@ fn every_connection_record_reaches_the_control_plane_across_an_outage() {
     let calls = |n: usize| {
         for i in 0..n {
             let mut s = echo_stream(a_out, format!("call {i}\n").as_bytes());
-            assert!(echoes(&mut s, b"again\n"), "call {i} through A and B failed");
+            assert!(
+                echoes(&mut s, b"again\n"),
+                "call {i} through A and B failed"
+            );
         }
     };
     calls(20);
@@ -272,7 +275,9 @@ fn every_connection_record_reaches_the_control_plane_across_an_outage() {
     let before_kill = seq(&a, "sigil_audit_spooled_seq");
     pa.signal(libc::SIGKILL);
     poll(Duration::from_secs(10), Duration::from_millis(50), || {
-        pa.try_wait().map(|_| ()).ok_or_else(|| "still running".to_string())
+        pa.try_wait()
+            .map(|_| ())
+            .ok_or_else(|| "still running".to_string())
     });
     let pa = a.start(d, &fa);
     assert_eq!(
@@ -299,4 +304,98 @@ fn every_connection_record_reaches_the_control_plane_across_an_outage() {
         let want = format!("{id} records={spooled} last={spooled} ok");
         assert!(out.lines().any(|l| l == want), "{want:?} in:\n{out}");
     }
+
+    // Queried: A's own connection opens (55 calls), as text and as JSON lines.
+    let query = |extra: &[&str]| {
+        let mut args = vec![
+            "audit",
+            "query",
+            "--identity",
+            A,
+            "--kind",
+            "connection_open",
+        ];
+        args.extend_from_slice(extra);
+        let (code, out, err) = cp.sigil(&ops, &args);
+        assert_eq!(code, Some(0), "{out}{err}");
+        out
+    };
+    let text = query(&[]);
+    let mine: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(&format!(" {A} #")))
+        .collect();
+    assert_eq!(mine.len(), 55, "{text}");
+    assert!(
+        mine.iter().all(|l| l.contains(&format!("peer={B}"))),
+        "{text}"
+    );
+    let json = query(&["--json", "--limit", "3"]);
+    let rows: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(rows.len(), 3, "{json}");
+    assert_eq!(rows[0]["kind"], "connection_open");
+    assert!(rows[0]["time"].as_str().unwrap().ends_with('Z'), "{json}");
+    // Exported: every open with A on either side, as JSON lines, page after page.
+    let (code, out, err) = cp.sigil(
+        &ops,
+        &[
+            "audit",
+            "export",
+            "--identity",
+            A,
+            "--kind",
+            "connection_open",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        out.lines().count(),
+        110,
+        "A's 55 and B's 55 with peer A:\n{out}"
+    );
+    assert!(out
+        .lines()
+        .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
+
+    // Followed: a tail started now prints the records of connections made after it.
+    let mut tail = Proc::spawn(
+        "sigil audit tail",
+        std::process::Command::new(bin("sigil"))
+            .args([
+                "audit",
+                "tail",
+                "--identity",
+                A,
+                "--kind",
+                "connection_close",
+                "--since",
+                "1s",
+            ])
+            .env("SIGIL_SERVER", format!("127.0.0.1:{}", cp.operator_port))
+            .env("SIGIL_CONTROL_ID", CONTROL)
+            .env("SIGIL_CERT", &ops.cert)
+            .env("SIGIL_KEY", &ops.key)
+            .env("SIGIL_BUNDLE_DIR", &ops.bundle_dir),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    calls(3);
+    poll(Duration::from_secs(15), Duration::from_millis(200), || {
+        let closes = tail
+            .log()
+            .lines()
+            .filter(|l| l.contains(&format!(" {A} #")) && l.contains("connection_close"))
+            .count();
+        (closes >= 3)
+            .then_some(())
+            .ok_or_else(|| format!("{closes} closes followed:\n{}", tail.log()))
+    });
+    tail.terminate(Duration::from_secs(5));
+
+    // A filter that is not one is refused, naming it.
+    let (code, _, err) = cp.sigil(&ops, &["audit", "query", "--kind", "connection_lost"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not a record kind"), "{err}");
 }

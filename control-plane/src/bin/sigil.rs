@@ -162,6 +162,50 @@ enum AuditCommand {
                       Exit code 1 if any break is found."
     )]
     Verify(Connection),
+    #[command(
+        about = "Stored audit records, filtered, oldest first",
+        after_help = "One line each (row, time, sidecar, sequence number, kind, then what the \
+                      record says), or JSON lines with --json. --identity matches the sidecar \
+                      or the peer."
+    )]
+    Query(AuditQueryArgs),
+    /// Follow new audit records as they are stored (until interrupted)
+    Tail(AuditQueryArgs),
+    /// Every record that passes the filters, as JSON lines (for a SIEM), page by page
+    Export(AuditQueryArgs),
+}
+
+#[derive(Args)]
+struct AuditQueryArgs {
+    /// Records of this sidecar, or with this peer (a SPIFFE ID)
+    #[arg(long, value_name = "ID")]
+    identity: Option<String>,
+    /// allow or deny
+    #[arg(long, value_name = "DECISION")]
+    decision: Option<String>,
+    /// The Policy that decided
+    #[arg(long, value_name = "NAME")]
+    policy: Option<String>,
+    /// normal (done), peer_closed, io_error, idle_timeout, bundle_change, policy_change, revoked, shutdown, ...
+    #[arg(long, value_name = "REASON")]
+    close_reason: Option<String>,
+    /// connection_open, connection_close, connection_refused, request_denied, dropped, ...
+    #[arg(long, value_name = "KIND")]
+    kind: Option<String>,
+    /// From when: a duration back from now (90m, 24h) or an RFC 3339 time
+    #[arg(long, value_name = "WHEN")]
+    since: Option<String>,
+    /// Until when (exclusive), as --since
+    #[arg(long, value_name = "WHEN")]
+    until: Option<String>,
+    /// At most this many records (query)
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    limit: usize,
+    /// JSON lines instead of one line of text each
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    connection: Connection,
 }
 
 #[derive(Args)]
@@ -426,6 +470,9 @@ fn main() -> ExitCode {
         Some(Command::Audit(AuditCommand::Verify(c))) => {
             simple_get(&c, &["audit", "verify"], "/v1/audit/verify")
         }
+        Some(Command::Audit(AuditCommand::Query(a))) => audit_query(&a, AuditMode::Query),
+        Some(Command::Audit(AuditCommand::Tail(a))) => audit_query(&a, AuditMode::Tail),
+        Some(Command::Audit(AuditCommand::Export(a))) => audit_query(&a, AuditMode::Export),
         Some(Command::Metrics(c)) => simple_get(&c, &["metrics"], "/metrics"),
         Some(Command::Revoke(a)) => revoke(&a),
         Some(Command::Unrevoke(a)) => unrevoke(&a),
@@ -657,6 +704,111 @@ fn delete(a: &DeleteArgs) -> ExitCode {
 }
 
 /// A command that is one GET without arguments.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AuditMode {
+    Query,
+    Tail,
+    Export,
+}
+
+/// Unix seconds of a --since/--until value: a duration back from now, or an RFC 3339 time.
+fn when(flag: &str, v: &str, now: i64) -> Result<i64, String> {
+    match sigil_config::proxy_config::duration::parse(v) {
+        Ok(back) => Ok(now - back.as_secs() as i64),
+        Err(_) => sigil_config::policy::Timestamp::parse(v)
+            .map(|t| t.0)
+            .map_err(|e| {
+                format!("{flag} {v:?}: neither a duration (24h) nor an RFC 3339 time: {e}")
+            }),
+    }
+}
+
+/// Percent-encodes a query value (everything but unreserved characters).
+fn encode(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn audit_query(a: &AuditQueryArgs, mode: AuditMode) -> ExitCode {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let mut query = Vec::new();
+    for (k, v) in [
+        ("identity", &a.identity),
+        ("decision", &a.decision),
+        ("policy", &a.policy),
+        ("close_reason", &a.close_reason),
+        ("kind", &a.kind),
+    ] {
+        if let Some(v) = v {
+            query.push(format!("{k}={}", encode(v)));
+        }
+    }
+    for (flag, k, v) in [
+        ("--since", "since", &a.since),
+        ("--until", "until", &a.until),
+    ] {
+        if let Some(v) = v {
+            match when(flag, v, now) {
+                Ok(secs) => query.push(format!("{k}={}", secs.saturating_mul(1_000_000_000))),
+                Err(e) => {
+                    eprintln!("sigil audit: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    }
+    if a.json || mode == AuditMode::Export {
+        query.push("format=json".into());
+    }
+    let c = match client(&a.connection, &["audit"], "") {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let page = match mode {
+        AuditMode::Query => a.limit,
+        AuditMode::Tail | AuditMode::Export => 10_000,
+    };
+    let mut after = 0i64;
+    loop {
+        let path = format!(
+            "/v1/audit/records?{}&after={after}&limit={page}",
+            query.join("&")
+        );
+        let body = match c.send(Method::GET, &path, &[], String::new()) {
+            Ok((status, body)) if status.is_success() => body,
+            other => return report(other),
+        };
+        print!("{body}");
+        let lines = body.lines().count();
+        if let Some(last) = body.lines().last() {
+            // The row number leads each line of text, and is `row` in JSON.
+            let row = match serde_json::from_str::<serde_json::Value>(last) {
+                Ok(v) => v["row"].as_i64(),
+                Err(_) => last.split(' ').next().and_then(|n| n.parse().ok()),
+            };
+            after = row.unwrap_or(after);
+        }
+        match mode {
+            AuditMode::Query => return ExitCode::SUCCESS,
+            AuditMode::Export if lines < page => return ExitCode::SUCCESS,
+            AuditMode::Export => {}
+            AuditMode::Tail => {
+                if lines < page {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
+
 fn issuances(a: &IssuancesArgs) -> ExitCode {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
