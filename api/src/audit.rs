@@ -104,6 +104,7 @@ impl Kind {
 ///   string subject = 30;           // control plane: what it was about (Policy/web, an identity)
 ///   string detail = 31;            // a reason or message, one line
 ///   uint32 port = 32;              // the workload port (inbound) or destination port (outbound)
+///   uint64 conn = 33;              // the connection's number in the sidecar: joins open and close
 /// }
 /// ```
 #[derive(Clone, PartialEq, Eq, prost::Message)]
@@ -172,6 +173,8 @@ pub struct Record {
     pub detail: String,
     #[prost(uint32, tag = "32")]
     pub port: u32,
+    #[prost(uint64, tag = "33")]
+    pub conn: u64,
 }
 
 /// `message RouteCount { string route = 1; string method = 2; uint64 count = 3; }`

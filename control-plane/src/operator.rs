@@ -418,6 +418,12 @@ fn audit_line(row: i64, sidecar: &str, r: &sigil_api::audit::Record) -> String {
     if r.port != 0 {
         out += &format!(" port={}", r.port);
     }
+    if r.conn != 0 {
+        out += &format!(" conn={}", r.conn);
+    }
+    if r.duration_ms != 0 {
+        out += &format!(" duration_ms={}", r.duration_ms);
+    }
     if r.dropped != 0 {
         out += &format!(" dropped={}", r.dropped);
     }
@@ -461,6 +467,7 @@ fn audit_json(row: i64, sidecar: &str, r: &sigil_api::audit::Record) -> String {
         "subject": r.subject,
         "detail": r.detail,
         "port": r.port,
+        "conn": r.conn,
     })
     .to_string()
 }

@@ -93,8 +93,23 @@ pub struct Conns {
 pub struct ConnGuard {
     id: u64,
     conns: Arc<Conns>,
+    /// When it was admitted, for the audit record of its close.
+    pub opened_at: std::time::Instant,
     /// Becomes `Some(reason)` when something asks the connection to close.
     pub close_rx: watch::Receiver<Option<CloseReason>>,
+}
+
+impl ConnGuard {
+    /// The connection's number in this sidecar's registry (audit records carry it).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The peer's SPIFFE ID as registered.
+    pub fn peer(&self) -> Option<SpiffeId> {
+        let live = self.conns.live.lock().expect("conns lock");
+        live.get(&self.id).map(|c| c.peer.clone())
+    }
 }
 
 impl Drop for ConnGuard {
@@ -113,7 +128,8 @@ impl Conns {
         chain: Vec<CertificateDer<'static>>,
         port: u16,
     ) -> ConnGuard {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        // From 1: 0 means "no connection" in audit records.
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let (close, close_rx) = watch::channel(None);
         self.live.lock().expect("conns lock").insert(
             id,
@@ -130,6 +146,7 @@ impl Conns {
         ConnGuard {
             id,
             conns: self.clone(),
+            opened_at: std::time::Instant::now(),
             close_rx,
         }
     }

@@ -90,7 +90,7 @@ where
     };
     let conns = &p.ledger.conns;
     let reason = serve_until_closed(conns, stream, speaks, service, &mut guard.close_rx).await;
-    p.ledger.closed(&labels, reason);
+    p.ledger.closed(&labels, Some(&guard), reason);
     reason
 }
 

@@ -94,20 +94,24 @@ impl Ledger {
             peer_id: a.peer_label,
         };
         let counters = self.opened(&labels);
-        if let Some(audit) = &self.audit {
-            audit.record(Record {
-                kind: AuditKind::ConnectionOpen as i32,
-                direction: a.direction.label().into(),
-                local_id: labels.local_id.to_string(),
-                peer_id: a.peer.to_string(),
-                decision: "allow".into(),
-                port: a.port.into(),
-                ..Record::default()
-            });
-        }
+        let open = self.audit.as_ref().map(|_| Record {
+            kind: AuditKind::ConnectionOpen as i32,
+            direction: a.direction.label().into(),
+            local_id: labels.local_id.to_string(),
+            peer_id: a.peer.to_string(),
+            decision: "allow".into(),
+            port: a.port.into(),
+            ..Record::default()
+        });
         let guard = self
             .conns
             .register(a.direction, a.kind, a.peer, a.chain, a.port);
+        if let (Some(audit), Some(open)) = (&self.audit, open) {
+            audit.record(Record {
+                conn: guard.id(),
+                ..open
+            });
+        }
         (labels, counters, guard)
     }
 
@@ -126,7 +130,7 @@ impl Ledger {
     {
         let (labels, counters, mut guard) = self.admit(a);
         let reason = relay(peer_io, local_io, &counters, &mut guard.close_rx, idle).await;
-        self.closed(&labels, reason);
+        self.closed(&labels, Some(&guard), reason);
         reason
     }
 
@@ -140,14 +144,19 @@ impl Ledger {
         }
     }
 
-    pub fn closed(&self, labels: &ConnLabels, reason: CloseReason) {
+    /// Counts the close; `guard` (the connection's registration, if it has one) gives the
+    /// audit record its connection number, exact peer and duration.
+    pub fn closed(&self, labels: &ConnLabels, guard: Option<&ConnGuard>, reason: CloseReason) {
         if let Some(audit) = &self.audit {
+            let peer = guard.and_then(ConnGuard::peer);
             audit.record(Record {
                 kind: AuditKind::ConnectionClose as i32,
                 direction: labels.direction.into(),
                 local_id: labels.local_id.to_string(),
-                peer_id: labels.peer_id.to_string(),
+                peer_id: peer.map_or_else(|| labels.peer_id.to_string(), |p| p.to_string()),
                 close_reason: reason.label().into(),
+                conn: guard.map_or(0, ConnGuard::id),
+                duration_ms: guard.map_or(0, |g| g.opened_at.elapsed().as_millis() as u64),
                 ..Record::default()
             });
         }

@@ -108,5 +108,5 @@ async fn unknown_destination(p: Arc<Proxy>, workload: TcpStream, dest: SocketAdd
     let (_tx, mut rx) = tokio::sync::watch::channel(None);
     let idle = p.cfg.spec.timeouts.idle;
     let reason = relay(upstream, workload, &counters, &mut rx, idle).await;
-    p.ledger.closed(&labels, reason);
+    p.ledger.closed(&labels, None, reason);
 }

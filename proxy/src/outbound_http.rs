@@ -212,7 +212,8 @@ async fn via_own_connection(
     let (mut sender, conn) = match hyper::client::conn::http1::handshake(io).await {
         Ok(x) => x,
         Err(e) => {
-            c.p.ledger.closed(&labels, CloseReason::IoError);
+            c.p.ledger
+                .closed(&labels, Some(&guard), CloseReason::IoError);
             return Err(Answer::error(StatusCode::BAD_GATEWAY, e));
         }
     };
@@ -235,7 +236,7 @@ async fn via_own_connection(
                 Err(_) => CloseReason::Done,
             },
         };
-        p.ledger.closed(&labels, reason);
+        p.ledger.closed(&labels, Some(&guard), reason);
     });
     let limit = c.p.cfg.spec.timeouts.request;
     let mut resp = tokio::time::timeout(limit, sender.send_request(req))

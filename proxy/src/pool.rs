@@ -479,7 +479,8 @@ impl Pool {
             Ok(c) => c,
             Err(e) => {
                 limited!(info, %dest, peer = %expected, "pooled connection failed at the HTTP/2 handshake: {e}");
-                self.ledger.closed(&labels, CloseReason::IoError);
+                self.ledger
+                    .closed(&labels, Some(&guard), CloseReason::IoError);
                 return None;
             }
         };
@@ -487,11 +488,12 @@ impl Pool {
         let pool = self.clone();
         let probe = sender.clone();
         tokio::spawn(async move {
-            let reason = pool.hold(conn, probe, &slot, id, guard).await;
+            let mut guard = guard;
+            let reason = pool.hold(conn, probe, &slot, id, &mut guard).await;
             if reason != CloseReason::Done {
                 limited!(info, %dest, peer = %labels.peer_id, reason = reason.label(), "pooled connection closed");
             }
-            pool.ledger.closed(&labels, reason);
+            pool.ledger.closed(&labels, Some(&guard), reason);
             pool.forget(&slot);
         });
         Some(sender)
@@ -506,7 +508,7 @@ impl Pool {
         probe: SendRequest<Bytes>,
         slot: &Arc<Slot>,
         id: u64,
-        mut guard: crate::conns::ConnGuard,
+        guard: &mut crate::conns::ConnGuard,
     ) -> CloseReason
     where
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,

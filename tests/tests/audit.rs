@@ -330,6 +330,36 @@ fn every_connection_record_reaches_the_control_plane_across_an_outage() {
         mine.iter().all(|l| l.contains(&format!("peer={B}"))),
         "{text}"
     );
+    // Each of A's closes names its peer exactly and the connection its open named.
+    let conn_of = |l: &str| {
+        l.split(' ')
+            .find_map(|f| f.strip_prefix("conn="))
+            .map(str::to_string)
+    };
+    let opened: Vec<String> = mine.iter().filter_map(|l| conn_of(l)).collect();
+    assert_eq!(opened.len(), 55, "{text}");
+    let (code, closes, err) = cp.sigil(
+        &ops,
+        &[
+            "audit",
+            "query",
+            "--identity",
+            A,
+            "--kind",
+            "connection_close",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let closes: Vec<&str> = closes
+        .lines()
+        .filter(|l| l.contains(&format!(" {A} #")))
+        .collect();
+    assert_eq!(closes.len(), 55, "{closes:?}");
+    for l in &closes {
+        assert!(l.contains(&format!("peer={B}")), "{l}");
+        let conn = conn_of(l).unwrap_or_else(|| panic!("no conn in {l}"));
+        assert!(opened.contains(&conn), "{l}: no open with conn={conn}");
+    }
     let json = query(&["--json", "--limit", "3"]);
     let rows: Vec<serde_json::Value> = json
         .lines()
