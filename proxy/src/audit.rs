@@ -14,7 +14,7 @@ use sigil_config::proxy_config::{AuditSpec, ControlPlaneSpec, WhenFull};
 use sigil_filters::audit::sign_checkpoint;
 use sigil_filters::tls::{self, Carries};
 use tokio::sync::Notify;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::control::connect;
 use crate::logs::limited;
@@ -93,11 +93,20 @@ impl Auditor {
         match append(&mut spool, r) {
             Ok(seq) => {
                 self.spooled.set(seq as i64);
+                // Fail-closed refuses new connections from 90 % on, so that the records of
+                // the connections already open (their closes) still find room.
+                if self.when_full == WhenFull::FailClosed
+                    && spool.bytes() > spool.max_bytes() / 10 * 9
+                    && !self.full.swap(true, Ordering::Relaxed)
+                {
+                    warn!("audit spool 90 % full (fail-closed): refusing new connections until the control plane acknowledges records");
+                }
             }
             Err(SpoolError::Full { .. }) => {
+                // Past the 10 % kept for connections already open: this one is lost, counted.
                 self.full.store(true, Ordering::Relaxed);
                 self.lost.inc();
-                limited!(warn, "audit spool full (fail-closed): refusing new connections until the control plane acknowledges records");
+                limited!(warn, "audit spool full (fail-closed): a record was lost; refusing new connections until the control plane acknowledges records");
             }
             Err(e) => {
                 self.lost.inc();
@@ -219,7 +228,7 @@ async fn ship_once(
             let mut spool = auditor.spool.lock().expect("spool lock");
             spool.ack(ack.durable_through).map_err(|e| e.to_string())?;
             auditor.acknowledged.set(spool.acked() as i64);
-            if auditor.when_full == WhenFull::FailClosed && auditor.full.load(Ordering::Relaxed) {
+            if auditor.full.load(Ordering::Relaxed) && spool.bytes() <= spool.max_bytes() / 10 * 9 {
                 auditor.full.store(false, Ordering::Relaxed);
                 info!("audit spool has room again: accepting connections");
             }

@@ -301,6 +301,11 @@ impl Spool {
         self.acked
     }
 
+    /// The size it keeps to.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
     /// Bytes on disk.
     pub fn bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.bytes).sum()

@@ -47,8 +47,8 @@ pub struct Sidecar {
     pub workload_api: Option<PathBuf>,
     /// Take the SVID from the Workload API on this socket (`identity.workloadApi`).
     pub svid_from_api: Option<PathBuf>,
-    /// The audit stream: spool directory and `whenFull`.
-    pub audit: Option<(PathBuf, &'static str)>,
+    /// The audit stream: spool directory, `whenFull` and `maxBytes` (0: the default).
+    pub audit: Option<(PathBuf, &'static str, u64)>,
 }
 
 impl Sidecar {
@@ -157,9 +157,13 @@ impl Sidecar {
         if let Some(dir) = &self.revocation_dir {
             y += &format!("  revocationDir: {}\n", dir.display());
         }
-        if let Some((spool, when_full)) = &self.audit {
+        if let Some((spool, when_full, max_bytes)) = &self.audit {
+            let max = match max_bytes {
+                0 => String::new(),
+                n => format!(", maxBytes: {n}"),
+            };
             y += &format!(
-                "  audit: {{spoolDir: {}, whenFull: {when_full}}}\n",
+                "  audit: {{spoolDir: {}, whenFull: {when_full}{max}}}\n",
                 spool.display()
             );
         }

@@ -220,11 +220,11 @@ fn every_connection_record_reaches_the_control_plane_across_an_outage() {
     b.inbound = vec![(b_in, echo_port)];
     b.allow = vec![(echo_port, vec![A.into()])];
     b.control_plane = Some((cp.sidecar_port, CONTROL.into(), d.join("state-b")));
-    b.audit = Some((d.join("spool-b"), "fail-open"));
+    b.audit = Some((d.join("spool-b"), "fail-open", 0));
     let mut a = Sidecar::new("sidecar-a", A);
     a.outbound = vec![(a_out, b_in, B.into())];
     a.control_plane = Some((cp.sidecar_port, CONTROL.into(), d.join("state-a")));
-    a.audit = Some((d.join("spool-a"), "fail-open"));
+    a.audit = Some((d.join("spool-a"), "fail-open", 0));
     let _pb = b.start(d, &fb);
     let mut pa = a.start(d, &fa);
     let calls = |n: usize| {
@@ -428,4 +428,97 @@ fn every_connection_record_reaches_the_control_plane_across_an_outage() {
     let (code, _, err) = cp.sigil(&ops, &["audit", "query", "--kind", "connection_lost"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("not a record kind"), "{err}");
+}
+
+/// `whenFull: fail-closed`: with the control plane away, A's spool fills up, and from 90 %
+/// on A refuses new connections rather than lose their records; once the control plane is
+/// back and acknowledges, A serves again, and not one record was lost.
+#[test]
+fn a_full_fail_closed_spool_refuses_connections_and_loses_no_record() {
+    let dir = TempDir::new("audit-full");
+    let d = dir.path();
+    let ca = Ca::new("example.org");
+    let cp = ControlPlane::start_in(d, &ca, CONTROL);
+    let ops = write_identity(d, "ops", &ca, ALICE, &[&ca]);
+    let (fa, fb) = (
+        write_identity(d, "a", &ca, A, &[&ca]),
+        write_identity(d, "b", &ca, B, &[&ca]),
+    );
+    let (_echo, echo_port) = start_workload("b-echo", true);
+    let (b_in, a_out) = (free_port(), free_port());
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.inbound = vec![(b_in, echo_port)];
+    b.allow = vec![(echo_port, vec![A.into()])];
+    let mut a = Sidecar::new("sidecar-a", A);
+    a.outbound = vec![(a_out, b_in, B.into())];
+    a.control_plane = Some((cp.sidecar_port, CONTROL.into(), d.join("state-a")));
+    a.audit = Some((d.join("spool-a"), "fail-closed", 1 << 20));
+    let _pb = b.start(d, &fb);
+    let pa = a.start(d, &fa);
+    let call = || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", a_out)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        echoes(&mut s, b"call\n").then_some(())
+    };
+    assert_eq!(call(), Some(()), "{}", pa.log());
+
+    let ControlPlane {
+        mut proc,
+        files,
+        store,
+        operator_port,
+        sidecar_port,
+        extra,
+        ..
+    } = cp;
+    assert_eq!(proc.terminate(Duration::from_secs(10)), Some(0));
+    // Bounded: a 1 MiB spool holds a few thousand records.
+    let mut served = 0;
+    let refused_at = (0..20_000).find(|_| {
+        let ok = call().is_some();
+        served += usize::from(ok);
+        !ok
+    });
+    assert!(
+        refused_at.is_some(),
+        "never refused after {served} calls:\n{}",
+        pa.log()
+    );
+    let refused = metric(
+        &a.metrics(),
+        "sigil_connections_refused_total{",
+        &["reason=\"audit_spool_full\""],
+    )
+    .unwrap_or(0.0);
+    assert!(refused >= 1.0, "{}", a.metrics());
+    assert_eq!(
+        call(),
+        None,
+        "still refused while the control plane is away"
+    );
+
+    let cp =
+        ControlPlane::start_with_args(CONTROL, files, store, operator_port, sidecar_port, extra);
+    poll(Duration::from_secs(30), Duration::from_millis(200), || {
+        call().ok_or_else(|| format!("A does not serve again:\n{}", pa.log()))
+    });
+    assert_eq!(
+        metric(&a.metrics(), "sigil_audit_records_lost_total ", &[]),
+        Some(0.0),
+        "{}",
+        a.metrics()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let spooled = poll(Duration::from_secs(30), Duration::from_millis(200), || {
+        let m = a.metrics();
+        let s = metric(&m, "sigil_audit_spooled_seq ", &[]).unwrap_or(0.0);
+        let k = metric(&m, "sigil_audit_acknowledged_seq ", &[]).unwrap_or(-1.0);
+        (s == k)
+            .then_some(s)
+            .ok_or_else(|| format!("spooled {s}, acknowledged {k}"))
+    });
+    let (code, out, err) = cp.sigil(&ops, &["audit", "verify"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let want = format!("{A} records={spooled} last={spooled} ok");
+    assert!(out.lines().any(|l| l == want), "{want:?} in:\n{out}");
 }
