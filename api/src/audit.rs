@@ -212,19 +212,26 @@ pub struct Checkpoint {
 /// message Batch {
 ///   repeated bytes records = 1;         // encoded Records, in sequence order, as chained
 ///   repeated Checkpoint checkpoints = 2;
+///   string chain = 3;                   // the spool's ID (32 hex digits, made with it)
 /// }
 /// ```
-/// Records travel encoded, so that the bytes the chain covers are the bytes stored.
+/// Records travel encoded, so that the bytes the chain covers are the bytes stored. They are
+/// kept under (the sidecar's SPIFFE ID, `chain`, seq): replicas that share one identity, or a
+/// spool made anew, have chains of their own.
 #[derive(Clone, PartialEq, Eq, prost::Message)]
 pub struct Batch {
     #[prost(bytes = "vec", repeated, tag = "1")]
     pub records: Vec<Vec<u8>>,
     #[prost(message, repeated, tag = "2")]
     pub checkpoints: Vec<Checkpoint>,
+    #[prost(string, tag = "3")]
+    pub chain: String,
 }
 
-/// `message Ack { uint64 durable_through = 1; string error = 2; }`: every record up to
-/// `durable_through` is stored and may leave the sidecar's spool.
+/// `message Ack { uint64 durable_through = 1; string error = 2; }`: every record of the batch
+/// up to `durable_through` is stored and may leave the sidecar's spool; a record the control
+/// plane could not store (a fork, one that does not decode) stops it short, and `error` says
+/// why.
 #[derive(Clone, PartialEq, Eq, prost::Message)]
 pub struct Ack {
     #[prost(uint64, tag = "1")]

@@ -6,11 +6,14 @@
 //!   again after a reconnection); with other bytes it is a fork, reported and not stored;
 //! - every other record is stored, whatever its place: one that does not follow the stored
 //!   head (a gap, a wrong link) is stored too, so nothing is lost, and the break is reported;
-//! - a checkpoint must be signed by an SVID of X (`sigil_filters::audit`) and match the
-//!   stored chain; a bad one is reported and kept apart from the good ones.
+//! - a checkpoint must be signed with the SVID X presented on this stream and match the
+//!   stored chain; a bad one is reported and not kept.
 //!
-//! The batch is one transaction; `durable_through` (the acknowledgement) is the head after
-//! its commit.
+//! Records are kept under (sidecar, chain, seq): each spool has a chain of its own, so
+//! replicas sharing one identity never collide. The batch is one transaction;
+//! `durable_through` (the acknowledgement, after the commit) is the batch's last record, or
+//! the one before its first record that could not be stored (a fork, one that does not
+//! decode): the sidecar keeps everything after that.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -147,30 +150,43 @@ impl AuditStore {
         db.pragma_update(None, "synchronous", "FULL")?;
         db.execute_batch(
             "CREATE TABLE IF NOT EXISTS audit_records (
-                 sidecar TEXT NOT NULL, seq INTEGER NOT NULL, prev BLOB NOT NULL,
+                 sidecar TEXT NOT NULL, chain TEXT NOT NULL, seq INTEGER NOT NULL, prev BLOB NOT NULL,
                  link BLOB NOT NULL, time INTEGER NOT NULL, kind INTEGER NOT NULL,
                  peer TEXT NOT NULL DEFAULT '', decision TEXT NOT NULL DEFAULT '',
                  policy TEXT NOT NULL DEFAULT '', close_reason TEXT NOT NULL DEFAULT '',
-                 record BLOB NOT NULL, PRIMARY KEY (sidecar, seq));
+                 record BLOB NOT NULL, PRIMARY KEY (sidecar, chain, seq));
              CREATE INDEX IF NOT EXISTS audit_records_time ON audit_records (time);
              CREATE TABLE IF NOT EXISTS audit_checkpoints (
-                 sidecar TEXT NOT NULL, seq INTEGER NOT NULL, head BLOB NOT NULL,
-                 signature BLOB NOT NULL, signer BLOB NOT NULL, PRIMARY KEY (sidecar, seq));
+                 sidecar TEXT NOT NULL, chain TEXT NOT NULL, seq INTEGER NOT NULL, head BLOB NOT NULL,
+                 signature BLOB NOT NULL, signer BLOB NOT NULL, PRIMARY KEY (sidecar, chain, seq));
              CREATE TABLE IF NOT EXISTS audit_heads (
-                 sidecar TEXT PRIMARY KEY, seq INTEGER NOT NULL, link BLOB NOT NULL);",
+                 sidecar TEXT NOT NULL, chain TEXT NOT NULL, seq INTEGER NOT NULL,
+                 link BLOB NOT NULL, PRIMARY KEY (sidecar, chain));",
         )?;
         Ok(Self { db: Mutex::new(db) })
     }
 
-    /// Ingests one batch of `sidecar`'s records and checkpoints (see the module).
-    pub fn ingest(&self, sidecar: &SpiffeId, batch: &Batch) -> Result<Ingested, AuditStoreError> {
+    /// Ingests one batch of `sidecar`'s records and checkpoints (see the module). `peer_leaf`:
+    /// the SVID the sidecar presented on this stream; checkpoints must be signed with it.
+    pub fn ingest(
+        &self,
+        sidecar: &SpiffeId,
+        peer_leaf: &[u8],
+        batch: &Batch,
+    ) -> Result<Ingested, AuditStoreError> {
+        let chain = batch.chain.as_str();
+        if chain.is_empty() || chain.len() > 64 || !chain.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(AuditStoreError(format!(
+                "batch chain {chain:?}: not a chain ID (hex digits)"
+            )));
+        }
         let mut db = self.db.lock().expect("audit store lock");
         let tx = db.transaction()?;
         let id = sidecar.as_str();
         let (mut head_seq, mut head): (u64, Hash) = tx
             .query_row(
-                "SELECT seq, link FROM audit_heads WHERE sidecar = ?1",
-                [id],
+                "SELECT seq, link FROM audit_heads WHERE sidecar = ?1 AND chain = ?2",
+                params![id, chain],
                 |r| {
                     Ok((
                         r.get::<_, i64>(0)? as u64,
@@ -181,14 +197,25 @@ impl AuditStore {
             .optional()?
             .unwrap_or((0, GENESIS));
         let mut out = Ingested::default();
+        // The batch is acknowledged up to its first record that could not be stored.
+        let mut stopped = false;
         for (index, bytes) in batch.records.iter().enumerate() {
             let record = match Record::decode(&bytes[..]) {
+                Ok(r) if r.seq == 0 || r.seq > i64::MAX as u64 => {
+                    out.breaks.push(Break::Undecodable {
+                        index,
+                        why: format!("sequence number {} out of range", r.seq),
+                    });
+                    stopped = true;
+                    continue;
+                }
                 Ok(r) => r,
                 Err(e) => {
                     out.breaks.push(Break::Undecodable {
                         index,
                         why: e.to_string(),
                     });
+                    stopped = true;
                     continue;
                 }
             };
@@ -196,52 +223,64 @@ impl AuditStore {
             let this = link(record.seq, &prev, bytes);
             let stored: Option<Vec<u8>> = tx
                 .query_row(
-                    "SELECT link FROM audit_records WHERE sidecar = ?1 AND seq = ?2",
-                    params![id, record.seq as i64],
+                    "SELECT link FROM audit_records WHERE sidecar = ?1 AND chain = ?2 AND seq = ?3",
+                    params![id, chain, record.seq as i64],
                     |r| r.get(0),
                 )
                 .optional()?;
-            if let Some(stored) = stored {
-                if hash_of(&stored) == this {
+            let kept = match stored {
+                Some(stored) if hash_of(&stored) == this => {
                     out.duplicates += 1;
-                } else {
-                    out.breaks.push(Break::Fork { seq: record.seq });
+                    true
                 }
-                continue;
+                Some(_) => {
+                    out.breaks.push(Break::Fork { seq: record.seq });
+                    false
+                }
+                None => {
+                    let entry = [Entry {
+                        seq: record.seq,
+                        prev,
+                        record: bytes,
+                    }];
+                    let start = (head_seq > 0 || record.seq > 1).then_some((head_seq, head));
+                    out.breaks.extend(
+                        verify(sidecar, &entry, &[], start)
+                            .into_iter()
+                            .map(Break::Chain),
+                    );
+                    tx.execute(
+                        "INSERT INTO audit_records
+                           (sidecar, chain, seq, prev, link, time, kind, peer, decision, policy, close_reason, record)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                        params![
+                            id,
+                            chain,
+                            record.seq as i64,
+                            &prev[..],
+                            &this[..],
+                            record.time_unix_nanos,
+                            record.kind,
+                            record.peer_id,
+                            record.decision,
+                            record.policy,
+                            record.close_reason,
+                            bytes
+                        ],
+                    )?;
+                    out.stored += 1;
+                    if record.seq > head_seq {
+                        head_seq = record.seq;
+                        head = this;
+                    }
+                    true
+                }
+            };
+            if !kept {
+                stopped = true;
             }
-            let entry = [Entry {
-                seq: record.seq,
-                prev,
-                record: bytes,
-            }];
-            let start = (head_seq > 0 || record.seq > 1).then_some((head_seq, head));
-            out.breaks.extend(
-                verify(sidecar, &entry, &[], start)
-                    .into_iter()
-                    .map(Break::Chain),
-            );
-            tx.execute(
-                "INSERT INTO audit_records
-                   (sidecar, seq, prev, link, time, kind, peer, decision, policy, close_reason, record)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-                params![
-                    id,
-                    record.seq as i64,
-                    &prev[..],
-                    &this[..],
-                    record.time_unix_nanos,
-                    record.kind,
-                    record.peer_id,
-                    record.decision,
-                    record.policy,
-                    record.close_reason,
-                    bytes
-                ],
-            )?;
-            out.stored += 1;
-            if record.seq > head_seq {
-                head_seq = record.seq;
-                head = this;
+            if !stopped {
+                out.durable_through = record.seq;
             }
         }
         for c in &batch.checkpoints {
@@ -254,33 +293,45 @@ impl AuditStore {
             };
             let at: Option<Vec<u8>> = tx
                 .query_row(
-                    "SELECT link FROM audit_records WHERE sidecar = ?1 AND seq = ?2",
-                    params![id, c.seq as i64],
+                    "SELECT link FROM audit_records WHERE sidecar = ?1 AND chain = ?2 AND seq = ?3",
+                    params![id, chain, c.seq as i64],
                     |r| r.get(0),
                 )
                 .optional()?;
-            // The signature first (verify with the range starting at the checkpoint checks
-            // nothing else), then the stored record's link at its sequence number, which
-            // stands for the chain up to it.
-            let mut damage = verify(sidecar, &[], &[checkpoint], Some((c.seq, checkpoint.head)));
-            if damage.is_empty() && at.is_some_and(|l| hash_of(&l) != checkpoint.head) {
-                damage.push(Damage::HeadMismatch { seq: c.seq });
+            // Signed with the SVID this stream was opened with (so not with a certificate
+            // made up for the same ID); then the signature (verify, with the range starting
+            // at the checkpoint, checks nothing else); then the stored record's link at its
+            // sequence number, which stands for the chain up to it.
+            let mut damage = if c.signer != peer_leaf {
+                vec![Damage::BadSignature {
+                    seq: c.seq,
+                    why: "not signed with the SVID this stream was opened with".into(),
+                }]
+            } else {
+                verify(sidecar, &[], &[checkpoint], Some((c.seq, checkpoint.head)))
+            };
+            match at {
+                Some(l) if damage.is_empty() && hash_of(&l) != checkpoint.head => {
+                    damage.push(Damage::HeadMismatch { seq: c.seq })
+                }
+                // A checkpoint for a record not stored vouches for nothing here.
+                None if damage.is_empty() => continue,
+                _ => {}
             }
             if damage.is_empty() {
                 tx.execute(
-                    "INSERT OR REPLACE INTO audit_checkpoints (sidecar, seq, head, signature, signer)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![id, c.seq as i64, &c.head, &c.signature, &c.signer],
+                    "INSERT OR REPLACE INTO audit_checkpoints (sidecar, chain, seq, head, signature, signer)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![id, chain, c.seq as i64, &c.head, &c.signature, &c.signer],
                 )?;
             }
             out.breaks.extend(damage.into_iter().map(Break::Chain));
         }
         tx.execute(
-            "INSERT OR REPLACE INTO audit_heads (sidecar, seq, link) VALUES (?1, ?2, ?3)",
-            params![id, head_seq as i64, &head[..]],
+            "INSERT OR REPLACE INTO audit_heads (sidecar, chain, seq, link) VALUES (?1, ?2, ?3, ?4)",
+            params![id, chain, head_seq as i64, &head[..]],
         )?;
         tx.commit()?;
-        out.durable_through = head_seq;
         Ok(out)
     }
 
@@ -334,19 +385,21 @@ impl AuditStore {
         Ok(out)
     }
 
-    /// Every sidecar with stored records: its SPIFFE ID, how many, and the highest sequence
-    /// number.
-    pub fn sidecars(&self) -> Result<Vec<(String, u64, u64)>, AuditStoreError> {
+    /// Every chain with stored records: the sidecar's SPIFFE ID, the chain, how many
+    /// records, and the highest sequence number.
+    pub fn chains(&self) -> Result<Vec<(String, String, u64, u64)>, AuditStoreError> {
         let db = self.db.lock().expect("audit store lock");
         let mut q = db.prepare(
-            "SELECT sidecar, COUNT(*), MAX(seq) FROM audit_records GROUP BY sidecar ORDER BY sidecar",
+            "SELECT sidecar, chain, COUNT(*), MAX(seq) FROM audit_records
+             GROUP BY sidecar, chain ORDER BY sidecar, chain",
         )?;
         let rows = q
             .query_map([], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
-                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, String>(1)?,
                     r.get::<_, i64>(2)? as u64,
+                    r.get::<_, i64>(3)? as u64,
                 ))
             })?
             .collect::<Result<_, _>>()?;
@@ -358,6 +411,7 @@ impl AuditStore {
     pub fn verify_range(
         &self,
         sidecar: &SpiffeId,
+        chain: &str,
         from: u64,
         to: u64,
     ) -> Result<Vec<Damage>, AuditStoreError> {
@@ -366,10 +420,10 @@ impl AuditStore {
         let to = to.min(i64::MAX as u64) as i64;
         let mut q = db.prepare(
             "SELECT seq, prev, record FROM audit_records
-             WHERE sidecar = ?1 AND seq >= ?2 AND seq <= ?3 ORDER BY rowid",
+             WHERE sidecar = ?1 AND chain = ?4 AND seq >= ?2 AND seq <= ?3 ORDER BY rowid",
         )?;
         let rows: Vec<(u64, Hash, Vec<u8>)> = q
-            .query_map(params![id, from as i64, to], |r| {
+            .query_map(params![id, from as i64, to, chain], |r| {
                 Ok((
                     r.get::<_, i64>(0)? as u64,
                     hash_of(&r.get::<_, Vec<u8>>(1)?),
@@ -379,11 +433,11 @@ impl AuditStore {
             .collect::<Result<_, _>>()?;
         let mut q = db.prepare(
             "SELECT seq, head, signature, signer FROM audit_checkpoints
-             WHERE sidecar = ?1 AND seq >= ?2 ORDER BY seq",
+             WHERE sidecar = ?1 AND chain = ?3 AND seq >= ?2 ORDER BY seq",
         )?;
         type Row = (u64, Hash, Vec<u8>, Vec<u8>);
         let cps: Vec<Row> = q
-            .query_map(params![id, from as i64], |r| {
+            .query_map(params![id, from as i64, chain], |r| {
                 Ok((
                     r.get::<_, i64>(0)? as u64,
                     hash_of(&r.get::<_, Vec<u8>>(1)?),
@@ -392,12 +446,11 @@ impl AuditStore {
                 ))
             })?
             .collect::<Result<_, _>>()?;
-        // The latest checkpoint of the whole chain vouches for the tail, even when the range
-        // asked for ends before it: a cut tail shows only against it.
+        // Checkpoints up to the end of the range (from the start on) vouch for it.
         let start = if from > 1 {
             db.query_row(
-                "SELECT link FROM audit_records WHERE sidecar = ?1 AND seq = ?2",
-                params![id, from as i64 - 1],
+                "SELECT link FROM audit_records WHERE sidecar = ?1 AND chain = ?3 AND seq = ?2",
+                params![id, from as i64 - 1, chain],
                 |r| r.get::<_, Vec<u8>>(0),
             )
             .optional()?
@@ -442,6 +495,7 @@ mod tests {
     use sigil_testkit::Ca;
 
     const WEB: &str = "spiffe://example.org/ns/demo/sa/web";
+    const CHAIN: &str = "0123456789abcdef0123456789abcdef";
 
     struct Sidecar {
         identity: LocalIdentity,
@@ -498,6 +552,7 @@ mod tests {
             Batch {
                 records,
                 checkpoints,
+                chain: CHAIN.into(),
             }
         }
     }
@@ -510,29 +565,33 @@ mod tests {
         let ca = Ca::new("example.org");
         let mut web = Sidecar::new(&ca);
         let id = SpiffeId::parse(WEB).unwrap();
+        let leaf = web.identity.chain()[0].to_vec();
         let first = web.batch(100);
-        let got = store.ingest(&id, &first).unwrap();
+        let got = store.ingest(&id, &leaf, &first).unwrap();
         assert_eq!(
             (got.stored, got.duplicates, got.durable_through),
             (100, 0, 100)
         );
         assert_eq!(got.breaks, []);
         // Sent again after a reconnection: stored once.
-        let again = store.ingest(&id, &first).unwrap();
+        let again = store.ingest(&id, &leaf, &first).unwrap();
         assert_eq!(
             (again.stored, again.duplicates, again.durable_through),
             (0, 100, 100)
         );
         let second = web.batch(50);
-        assert_eq!(store.ingest(&id, &second).unwrap().durable_through, 150);
-        assert_eq!(store.verify_range(&id, 1, u64::MAX).unwrap(), []);
-        assert_eq!(store.verify_range(&id, 40, 120).unwrap(), []);
+        assert_eq!(
+            store.ingest(&id, &leaf, &second).unwrap().durable_through,
+            150
+        );
+        assert_eq!(store.verify_range(&id, CHAIN, 1, u64::MAX).unwrap(), []);
+        assert_eq!(store.verify_range(&id, CHAIN, 40, 120).unwrap(), []);
 
         // A fork (other bytes under a stored number) is refused and named.
         let mut forked = second.clone();
         forked.records[0][10] ^= 1;
         forked.checkpoints.clear();
-        let got = store.ingest(&id, &forked).unwrap();
+        let got = store.ingest(&id, &leaf, &forked).unwrap();
         assert!(
             got.breaks.contains(&Break::Fork { seq: 101 }),
             "{:?}",
@@ -542,7 +601,7 @@ mod tests {
         // A gap on ingest (records lost on the way) is stored and named.
         web.seq += 5;
         let after_gap = web.batch(1);
-        let got = store.ingest(&id, &after_gap).unwrap();
+        let got = store.ingest(&id, &leaf, &after_gap).unwrap();
         assert_eq!(got.stored, 1);
         assert!(
             got.breaks.contains(&Break::Chain(Damage::OutOfSequence {
@@ -557,6 +616,7 @@ mod tests {
         // named, and not kept.
         let wrong = [7u8; 32];
         let bad = Batch {
+            chain: CHAIN.into(),
             records: vec![],
             checkpoints: vec![WireCheckpoint {
                 seq: 100,
@@ -566,12 +626,12 @@ mod tests {
             }],
         };
         assert_eq!(
-            store.ingest(&id, &bad).unwrap().breaks,
+            store.ingest(&id, &leaf, &bad).unwrap().breaks,
             [Break::Chain(Damage::HeadMismatch { seq: 100 })]
         );
         let mut forged = bad.clone();
         forged.checkpoints[0].head = web.head.to_vec();
-        let got = store.ingest(&id, &forged).unwrap();
+        let got = store.ingest(&id, &leaf, &forged).unwrap();
         assert!(
             matches!(
                 &got.breaks[..],
@@ -595,7 +655,7 @@ mod tests {
             )
             .unwrap();
         }
-        let damage = store.verify_range(&id, 1, 150).unwrap();
+        let damage = store.verify_range(&id, CHAIN, 1, 150).unwrap();
         assert!(damage.contains(&Damage::Unlinked { seq: 43 }), "{damage:?}");
         assert!(
             damage.contains(&Damage::Truncated {

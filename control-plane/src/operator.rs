@@ -496,8 +496,9 @@ fn percent_decode(v: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Every sidecar's stored audit chain checked end to end: one line per sidecar (its ID, how
-/// many records, the last sequence number, `ok` or how many breaks), then one per break.
+/// Every stored audit chain checked end to end: one line per chain (the sidecar's ID, the
+/// chain, how many records, the last sequence number, `ok` or how many breaks), then one per
+/// break.
 /// 409 if any break was found.
 async fn audit_verify(api: &Api) -> Reply {
     let Some(store) = api.audit.clone() else {
@@ -509,17 +510,17 @@ async fn audit_verify(api: &Api) -> Reply {
     let report = tokio::task::spawn_blocking(move || -> Result<(String, bool), String> {
         let mut out = String::new();
         let mut whole = true;
-        for (sidecar, count, last) in store.sidecars().map_err(|e| e.to_string())? {
+        for (sidecar, chain, count, last) in store.chains().map_err(|e| e.to_string())? {
             let id = SpiffeId::parse(&sidecar).map_err(|e| format!("{sidecar}: {e}"))?;
             let damage = store
-                .verify_range(&id, 1, u64::MAX)
+                .verify_range(&id, &chain, 1, u64::MAX)
                 .map_err(|e| e.to_string())?;
             if damage.is_empty() {
-                out += &format!("{sidecar} records={count} last={last} ok\n");
+                out += &format!("{sidecar} chain={chain} records={count} last={last} ok\n");
             } else {
                 whole = false;
                 out += &format!(
-                    "{sidecar} records={count} last={last} breaks={}\n",
+                    "{sidecar} chain={chain} records={count} last={last} breaks={}\n",
                     damage.len()
                 );
                 for d in damage {

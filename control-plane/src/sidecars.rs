@@ -26,7 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 use tracing::{error, info, warn};
 
-use crate::audit_store::AuditStore;
+use crate::audit_store::{AuditStore, Break};
 use crate::issuer::{Caller, Issuer};
 use crate::metrics::{AuditLabels, IssuanceLabels, Metrics, SidecarLabels};
 use crate::snapshot::Catalog;
@@ -385,7 +385,7 @@ async fn route(
             grpc.unary(issue, req).await
         }
         sigil_api::audit::SHIP_PATH => {
-            let Caller::Svid(peer, _) = caller else {
+            let Caller::Svid(peer, leaf) = caller else {
                 return Status::unauthenticated("Ship needs an SVID").into_http();
             };
             let Some(store) = audit else {
@@ -395,7 +395,17 @@ async fn route(
                 .into_http();
             };
             let mut grpc = tonic::server::Grpc::new(sigil_api::audit::server_codec());
-            grpc.streaming(Ship { hub, store, peer }, req).await
+            let leaf = leaf.to_vec();
+            grpc.streaming(
+                Ship {
+                    hub,
+                    store,
+                    peer,
+                    leaf,
+                },
+                req,
+            )
+            .await
         }
         other => Status::unimplemented(format!("no method {other}")).into_http(),
     }
@@ -406,6 +416,8 @@ struct Ship {
     hub: Arc<Hub>,
     store: Arc<AuditStore>,
     peer: SpiffeId,
+    /// The SVID the sidecar presented: its checkpoints must be signed with it.
+    leaf: Vec<u8>,
 }
 
 impl tonic::server::StreamingService<sigil_api::audit::Batch> for Ship {
@@ -416,11 +428,12 @@ impl tonic::server::StreamingService<sigil_api::audit::Batch> for Ship {
     fn call(&mut self, req: tonic::Request<Streaming<sigil_api::audit::Batch>>) -> Self::Future {
         let (tx, rx) = mpsc::channel(4);
         let (hub, store, peer) = (self.hub.clone(), self.store.clone(), self.peer.clone());
+        let leaf = Arc::new(self.leaf.clone());
         let mut batches = req.into_inner();
         tokio::spawn(async move {
             while let Ok(Some(batch)) = batches.message().await {
-                let (s, p) = (store.clone(), peer.clone());
-                let ingested = tokio::task::spawn_blocking(move || s.ingest(&p, &batch)).await;
+                let (s, p, l) = (store.clone(), peer.clone(), leaf.clone());
+                let ingested = tokio::task::spawn_blocking(move || s.ingest(&p, &l, &batch)).await;
                 let ack = match ingested {
                     Ok(Ok(got)) => {
                         let m = &hub.metrics;
@@ -439,9 +452,15 @@ impl tonic::server::StreamingService<sigil_api::audit::Batch> for Ship {
                             let kind = AuditLabels { result: b.label() };
                             m.audit_breaks.get_or_create(&kind).inc();
                         }
+                        let error = got
+                            .breaks
+                            .iter()
+                            .find(|b| matches!(b, Break::Fork { .. } | Break::Undecodable { .. }))
+                            .map(|b| format!("not stored past record {}: {b}", got.durable_through))
+                            .unwrap_or_default();
                         sigil_api::audit::Ack {
                             durable_through: got.durable_through,
-                            error: String::new(),
+                            error,
                         }
                     }
                     Ok(Err(e)) => {

@@ -146,7 +146,7 @@ pub fn verify(
     start: Option<(u64, Hash)>,
 ) -> Vec<Damage> {
     let mut damage = Vec::new();
-    let (first, mut head) = start.map_or((1, GENESIS), |(seq, head)| (seq + 1, head));
+    let (first, mut head) = start.map_or((1, GENESIS), |(seq, head)| (seq.saturating_add(1), head));
     let mut expected = first;
     let mut heads = std::collections::BTreeMap::new();
     for e in entries {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use sigil_api::audit::{Batch, Checkpoint, Kind, Record, SCHEMA};
 use sigil_api::Message;
 use sigil_config::proxy_config::{AuditSpec, ControlPlaneSpec, WhenFull};
-use sigil_filters::audit::sign_checkpoint;
+use sigil_filters::audit::{link, sign_checkpoint};
 use sigil_filters::tls::{self, Carries};
 use tokio::sync::Notify;
 use tracing::{info, warn};
@@ -177,45 +177,43 @@ async fn ship_once(
         let mut checkpointed = 0u64;
         let mut last_checkpoint = tokio::time::Instant::now();
         loop {
-            let (acked, (next, head)) = {
+            let (records, chain) = {
                 let spool = auditor.spool.lock().expect("spool lock");
-                (spool.acked(), spool.position())
+                let records = spool
+                    .read_from(spool.acked() + 1, BATCH)
+                    .map_err(|e| e.to_string())?;
+                (records, spool.chain().to_string())
             };
-            let records = {
-                let spool = auditor.spool.lock().expect("spool lock");
-                spool
-                    .read_from(acked + 1, BATCH)
-                    .map_err(|e| e.to_string())?
-            };
-            let last = next - 1;
-            let due = last > checkpointed
-                && (records.len() < BATCH || last_checkpoint.elapsed() >= CHECKPOINT_EVERY);
-            if records.is_empty() && !due {
+            let Some(last) = records.last() else {
                 tokio::select! {
                     _ = auditor.appended.notified() => {}
                     _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
                 }
                 continue;
-            }
-            // The checkpoint vouches for the head after the last record sent.
-            let batch_last = records.last().map_or(last, |r| r.0);
+            };
+            // A checkpoint over the batch's last record when the batch drains the spool, and
+            // at least every CHECKPOINT_EVERY during a backlog.
+            let batch_last = last.0;
+            let head = link(last.0, &last.1, &last.2);
+            let due = records.len() < BATCH || last_checkpoint.elapsed() >= CHECKPOINT_EVERY;
             let mut checkpoints = Vec::new();
-            if due && batch_last == last {
+            if due && batch_last > checkpointed {
                 let identity = &p.tls.get().identity;
-                if let Some(signature) = sign_checkpoint(identity, last, &head) {
+                if let Some(signature) = sign_checkpoint(identity, batch_last, &head) {
                     checkpoints.push(Checkpoint {
-                        seq: last,
+                        seq: batch_last,
                         head: head.to_vec(),
                         signature,
                         signer: identity.chain()[0].to_vec(),
                     });
-                    checkpointed = last;
+                    checkpointed = batch_last;
                     last_checkpoint = tokio::time::Instant::now();
                 }
             }
             let batch = Batch {
                 records: records.into_iter().map(|r| r.2).collect(),
                 checkpoints,
+                chain,
             };
             tx.send(batch)
                 .await
@@ -225,8 +223,13 @@ async fn ship_once(
                 .map_err(|_| "no acknowledgement within 30 s".to_string())?
                 .map_err(|s| format!("{}: {}", s.code().description(), s.message()))?
                 .ok_or("the control plane ended the stream")?;
+            if !ack.error.is_empty() {
+                limited!(error, "the control plane did not store every audit record sent; they stay in the spool: {}", ack.error);
+            }
+            // Never past what was sent: an acknowledgement covers this batch only.
+            let through = ack.durable_through.min(batch_last);
             let mut spool = auditor.spool.lock().expect("spool lock");
-            spool.ack(ack.durable_through).map_err(|e| e.to_string())?;
+            spool.ack(through).map_err(|e| e.to_string())?;
             auditor.acknowledged.set(spool.acked() as i64);
             if auditor.full.load(Ordering::Relaxed) && spool.bytes() <= spool.max_bytes() / 10 * 9 {
                 auditor.full.store(false, Ordering::Relaxed);

@@ -63,7 +63,13 @@ impl Ledger {
     }
 
     pub fn refused(&self, direction: Direction, local: &Arc<str>, peer_id: Arc<str>, why: Refusal) {
-        if let Some(audit) = &self.audit {
+        // Refusals of peers that proved no identity (failed handshakes, limits) are counted,
+        // not recorded one by one: a flood must not be able to fill the spool.
+        if let Some(audit) = self
+            .audit
+            .as_ref()
+            .filter(|_| &*peer_id != UNAUTHENTICATED_PEER)
+        {
             audit.record(Record {
                 kind: AuditKind::ConnectionRefused as i32,
                 direction: direction.label().into(),

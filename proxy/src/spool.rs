@@ -25,6 +25,8 @@ use sigil_filters::audit::{link, Hash, GENESIS};
 
 const SEGMENT_SUFFIX: &str = ".seg";
 const ACKED_FILE: &str = "acked";
+/// The chain's ID, made with the spool.
+const CHAIN_FILE: &str = "chain";
 /// len + seq + prev + check.
 const FRAME_OVERHEAD: u64 = 4 + 8 + 32 + 8;
 /// A record larger than this is not a record this sidecar wrote.
@@ -84,6 +86,8 @@ pub struct Spool {
     acked: u64,
     /// Records dropped (fail-open) and not yet reported.
     dropped: u64,
+    /// This spool's chain ID (32 hex digits).
+    chain: String,
 }
 
 /// A spooled record: its sequence number, the link of the record before it, and its bytes.
@@ -98,6 +102,18 @@ impl Spool {
             move |e| SpoolError::Io(p, e)
         };
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let chain_path = dir.join(CHAIN_FILE);
+        let chain = match std::fs::read_to_string(&chain_path) {
+            Ok(text) => text.trim().to_string(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let chain = new_chain_id();
+                std::fs::write(&chain_path, format!("{chain}\n"))
+                    .and_then(|()| File::open(&chain_path).and_then(|f| f.sync_all()))
+                    .map_err(io_err(&chain_path))?;
+                chain
+            }
+            Err(e) => return Err(SpoolError::Io(chain_path, e)),
+        };
         let acked_path = dir.join(ACKED_FILE);
         let acked = match std::fs::read_to_string(&acked_path) {
             Ok(text) => text.trim().parse().unwrap_or(0),
@@ -176,7 +192,13 @@ impl Spool {
             head,
             acked,
             dropped: 0,
+            chain,
         })
+    }
+
+    /// This spool's chain ID.
+    pub fn chain(&self) -> &str {
+        &self.chain
     }
 
     /// Appends the record `make` encodes for its sequence number and the link of the record
@@ -220,9 +242,11 @@ impl Spool {
         frame.extend_from_slice(&record);
         frame.extend_from_slice(&link[..8]);
         let segment = self.segments.back_mut().expect("one at least");
-        self.current
-            .write_all(&frame)
-            .map_err(|e| SpoolError::Io(segment.path.clone(), e))?;
+        if let Err(e) = self.current.write_all(&frame) {
+            // A frame half written (a full disk) must not stay in front of the next ones.
+            let _ = self.current.set_len(segment.bytes);
+            return Err(SpoolError::Io(segment.path.clone(), e));
+        }
         segment.bytes += frame_len;
         segment.last = seq;
         self.head = link;
@@ -310,6 +334,24 @@ impl Spool {
     pub fn bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.bytes).sum()
     }
+}
+
+/// 128 bits that no other spool has: the time, the process and the std hasher's random keys.
+fn new_chain_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = String::new();
+    for salt in 0..2u64 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(salt);
+        h.write_u32(std::process::id());
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        out += &format!("{:016x}", h.finish());
+    }
+    out
 }
 
 fn new_segment(dir: &Path, first: u64) -> io::Result<Segment> {
@@ -432,8 +474,11 @@ mod tests {
         append_n(&mut s, 3000);
         let position = s.position();
         drop(s);
+        let chain = std::fs::read_to_string(dir.0.join(CHAIN_FILE)).unwrap();
         let mut s = Spool::open(&dir.0, 1 << 20, WhenFull::FailOpen).unwrap();
         assert_eq!(s.position(), position);
+        assert_eq!(s.chain(), chain.trim(), "the chain keeps its ID");
+        assert_eq!(s.chain().len(), 32);
         append_n(&mut s, 10);
         let all = s.read_from(1, usize::MAX).unwrap();
         assert_eq!(all.len(), 3010);

@@ -46,6 +46,7 @@ impl Chain {
             records.push(r);
         }
         Batch {
+            chain: "5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e".into(),
             records,
             checkpoints: vec![Checkpoint {
                 seq: self.seq,
@@ -300,8 +301,12 @@ fn every_connection_record_reaches_the_control_plane_across_an_outage() {
     // Every record is stored, each sidecar's chain whole.
     let (code, out, err) = cp.sigil(&ops, &["audit", "verify"]);
     assert_eq!(code, Some(0), "{out}{err}");
-    for (id, spooled) in [(A, spooled_a), (B, spooled_b)] {
-        let want = format!("{id} records={spooled} last={spooled} ok");
+    for (id, spool, spooled) in [(A, "spool-a", spooled_a), (B, "spool-b", spooled_b)] {
+        let chain = std::fs::read_to_string(d.join(spool).join("chain")).unwrap();
+        let want = format!(
+            "{id} chain={} records={spooled} last={spooled} ok",
+            chain.trim()
+        );
         assert!(out.lines().any(|l| l == want), "{want:?} in:\n{out}");
     }
 
@@ -519,6 +524,10 @@ fn a_full_fail_closed_spool_refuses_connections_and_loses_no_record() {
     });
     let (code, out, err) = cp.sigil(&ops, &["audit", "verify"]);
     assert_eq!(code, Some(0), "{out}{err}");
-    let want = format!("{A} records={spooled} last={spooled} ok");
+    let chain = std::fs::read_to_string(d.join("spool-a").join("chain")).unwrap();
+    let want = format!(
+        "{A} chain={} records={spooled} last={spooled} ok",
+        chain.trim()
+    );
     assert!(out.lines().any(|l| l == want), "{want:?} in:\n{out}");
 }
