@@ -200,6 +200,60 @@ fn shipped_records_are_stored_once_and_survive_a_sigkill_of_the_control_plane() 
     );
 }
 
+/// A control plane, and A calling an echo workload behind B: A's audit spool with `when_full`
+/// and `max_bytes` (0: the default); B audited too (fail-open) if `b_audited`. A is not
+/// started (a test may kill and restart it).
+struct Mesh {
+    cp: ControlPlane,
+    ops: IdentityFiles,
+    a: Sidecar,
+    fa: IdentityFiles,
+    b: Sidecar,
+    a_out: u16,
+    _echo: Proc,
+    _pb: Proc,
+}
+
+impl Mesh {
+    fn start(
+        d: &std::path::Path,
+        (when_full, max_bytes): (&'static str, u64),
+        b_audited: bool,
+    ) -> Self {
+        let ca = Ca::new("example.org");
+        let cp = ControlPlane::start_in(d, &ca, CONTROL);
+        let ops = write_identity(d, "ops", &ca, ALICE, &[&ca]);
+        let (fa, fb) = (
+            write_identity(d, "a", &ca, A, &[&ca]),
+            write_identity(d, "b", &ca, B, &[&ca]),
+        );
+        let (echo, echo_port) = start_workload("b-echo", true);
+        let (b_in, a_out) = (free_port(), free_port());
+        let mut b = Sidecar::new("sidecar-b", B);
+        b.inbound = vec![(b_in, echo_port)];
+        b.allow = vec![(echo_port, vec![A.into()])];
+        if b_audited {
+            b.control_plane = Some((cp.sidecar_port, CONTROL.into(), d.join("state-b")));
+            b.audit = Some((d.join("spool-b"), "fail-open", 0));
+        }
+        let mut a = Sidecar::new("sidecar-a", A);
+        a.outbound = vec![(a_out, b_in, B.into())];
+        a.control_plane = Some((cp.sidecar_port, CONTROL.into(), d.join("state-a")));
+        a.audit = Some((d.join("spool-a"), when_full, max_bytes));
+        let pb = b.start(d, &fb);
+        Self {
+            cp,
+            ops,
+            a,
+            fa,
+            b,
+            a_out,
+            _echo: echo,
+            _pb: pb,
+        }
+    }
+}
+
 /// The sidecars' audit stream end to end: A calls B through both sidecars, each spooling a
 /// record per connection open and close; the control plane goes away for a while (records
 /// wait in the spools), A is SIGKILLed and restarted meanwhile, the control plane comes back;
@@ -208,25 +262,16 @@ fn shipped_records_are_stored_once_and_survive_a_sigkill_of_the_control_plane() 
 fn every_connection_record_reaches_the_control_plane_across_an_outage() {
     let dir = TempDir::new("audit-sidecars");
     let d = dir.path();
-    let ca = Ca::new("example.org");
-    let cp = ControlPlane::start_in(d, &ca, CONTROL);
-    let ops = write_identity(d, "ops", &ca, ALICE, &[&ca]);
-    let (fa, fb) = (
-        write_identity(d, "a", &ca, A, &[&ca]),
-        write_identity(d, "b", &ca, B, &[&ca]),
-    );
-    let (_echo, echo_port) = start_workload("b-echo", true);
-    let (b_in, a_out) = (free_port(), free_port());
-    let mut b = Sidecar::new("sidecar-b", B);
-    b.inbound = vec![(b_in, echo_port)];
-    b.allow = vec![(echo_port, vec![A.into()])];
-    b.control_plane = Some((cp.sidecar_port, CONTROL.into(), d.join("state-b")));
-    b.audit = Some((d.join("spool-b"), "fail-open", 0));
-    let mut a = Sidecar::new("sidecar-a", A);
-    a.outbound = vec![(a_out, b_in, B.into())];
-    a.control_plane = Some((cp.sidecar_port, CONTROL.into(), d.join("state-a")));
-    a.audit = Some((d.join("spool-a"), "fail-open", 0));
-    let _pb = b.start(d, &fb);
+    let Mesh {
+        cp,
+        ops,
+        a,
+        fa,
+        b,
+        a_out,
+        _echo,
+        _pb,
+    } = Mesh::start(d, ("fail-open", 0), true);
     let mut pa = a.start(d, &fa);
     let calls = |n: usize| {
         for i in 0..n {
@@ -442,23 +487,16 @@ fn every_connection_record_reaches_the_control_plane_across_an_outage() {
 fn a_full_fail_closed_spool_refuses_connections_and_loses_no_record() {
     let dir = TempDir::new("audit-full");
     let d = dir.path();
-    let ca = Ca::new("example.org");
-    let cp = ControlPlane::start_in(d, &ca, CONTROL);
-    let ops = write_identity(d, "ops", &ca, ALICE, &[&ca]);
-    let (fa, fb) = (
-        write_identity(d, "a", &ca, A, &[&ca]),
-        write_identity(d, "b", &ca, B, &[&ca]),
-    );
-    let (_echo, echo_port) = start_workload("b-echo", true);
-    let (b_in, a_out) = (free_port(), free_port());
-    let mut b = Sidecar::new("sidecar-b", B);
-    b.inbound = vec![(b_in, echo_port)];
-    b.allow = vec![(echo_port, vec![A.into()])];
-    let mut a = Sidecar::new("sidecar-a", A);
-    a.outbound = vec![(a_out, b_in, B.into())];
-    a.control_plane = Some((cp.sidecar_port, CONTROL.into(), d.join("state-a")));
-    a.audit = Some((d.join("spool-a"), "fail-closed", 1 << 20));
-    let _pb = b.start(d, &fb);
+    let Mesh {
+        cp,
+        ops,
+        a,
+        fa,
+        a_out,
+        _echo,
+        _pb,
+        ..
+    } = Mesh::start(d, ("fail-closed", 1 << 20), false);
     let pa = a.start(d, &fa);
     let call = || {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", a_out)).ok()?;
