@@ -137,6 +137,23 @@ fn hash_of(bytes: &[u8]) -> Hash {
     h
 }
 
+/// The link of the stored record (sidecar, chain, seq), if there is one.
+fn stored_link(
+    db: &Connection,
+    sidecar: &str,
+    chain: &str,
+    seq: u64,
+) -> Result<Option<Hash>, AuditStoreError> {
+    let link: Option<Vec<u8>> = db
+        .query_row(
+            "SELECT link FROM audit_records WHERE sidecar = ?1 AND chain = ?2 AND seq = ?3",
+            params![sidecar, chain, seq as i64],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(link.map(|l| hash_of(&l)))
+}
+
 impl AuditStore {
     pub fn open(path: &Path) -> Result<Self, AuditStoreError> {
         if let Some(dir) = path.parent() {
@@ -221,15 +238,8 @@ impl AuditStore {
             };
             let prev = hash_of(&record.prev);
             let this = link(record.seq, &prev, bytes);
-            let stored: Option<Vec<u8>> = tx
-                .query_row(
-                    "SELECT link FROM audit_records WHERE sidecar = ?1 AND chain = ?2 AND seq = ?3",
-                    params![id, chain, record.seq as i64],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            let kept = match stored {
-                Some(stored) if hash_of(&stored) == this => {
+            let kept = match stored_link(&tx, id, chain, record.seq)? {
+                Some(stored) if stored == this => {
                     out.duplicates += 1;
                     true
                 }
@@ -291,13 +301,7 @@ impl AuditStore {
                 signature: &c.signature,
                 signer: &signer,
             };
-            let at: Option<Vec<u8>> = tx
-                .query_row(
-                    "SELECT link FROM audit_records WHERE sidecar = ?1 AND chain = ?2 AND seq = ?3",
-                    params![id, chain, c.seq as i64],
-                    |r| r.get(0),
-                )
-                .optional()?;
+            let at = stored_link(&tx, id, chain, c.seq)?;
             // Signed with the SVID this stream was opened with (so not with a certificate
             // made up for the same ID); then the signature (verify, with the range starting
             // at the checkpoint, checks nothing else); then the stored record's link at its
@@ -311,7 +315,7 @@ impl AuditStore {
                 verify(sidecar, &[], &[checkpoint], Some((c.seq, checkpoint.head)))
             };
             match at {
-                Some(l) if damage.is_empty() && hash_of(&l) != checkpoint.head => {
+                Some(l) if damage.is_empty() && l != checkpoint.head => {
                     damage.push(Damage::HeadMismatch { seq: c.seq })
                 }
                 // A checkpoint for a record not stored vouches for nothing here.
@@ -448,13 +452,7 @@ impl AuditStore {
             .collect::<Result<_, _>>()?;
         // Checkpoints up to the end of the range (from the start on) vouch for it.
         let start = if from > 1 {
-            db.query_row(
-                "SELECT link FROM audit_records WHERE sidecar = ?1 AND chain = ?3 AND seq = ?2",
-                params![id, from as i64 - 1, chain],
-                |r| r.get::<_, Vec<u8>>(0),
-            )
-            .optional()?
-            .map(|l| (from - 1, hash_of(&l)))
+            stored_link(&db, id, chain, from - 1)?.map(|l| (from - 1, l))
         } else {
             None
         };

@@ -22,9 +22,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::{CertificateDer, UnixTime};
-use sigil_api::workload::{
-    X509BundlesRequest, X509BundlesResponse, X509Svid, X509SvidRequest, X509SvidResponse,
-};
+use sigil_api::workload::{X509BundlesResponse, X509Svid, X509SvidResponse};
 use sigil_api::IssueRequest;
 use sigil_config::proxy_config::ControlPlaneSpec;
 use sigil_config::SpiffeId;
@@ -173,12 +171,21 @@ async fn route(
     match req.uri().path() {
         sigil_api::workload::FETCH_X509_SVID_PATH => {
             let mut grpc = tonic::server::Grpc::new(sigil_api::workload::svid_server_codec());
-            grpc.server_streaming(FetchSvid { api, caller }, req).await
+            let fetch = Fetch {
+                api,
+                caller,
+                answer: svids_answer,
+            };
+            grpc.server_streaming(fetch, req).await
         }
         sigil_api::workload::FETCH_X509_BUNDLES_PATH => {
             let mut grpc = tonic::server::Grpc::new(sigil_api::workload::bundles_server_codec());
-            grpc.server_streaming(FetchBundles { api, caller }, req)
-                .await
+            let fetch = Fetch {
+                api,
+                caller,
+                answer: bundles_answer,
+            };
+            grpc.server_streaming(fetch, req).await
         }
         other => Status::unimplemented(format!(
             "{other}: this Workload API serves FetchX509SVID and FetchX509Bundles"
@@ -195,46 +202,86 @@ type StreamFuture<T> = std::pin::Pin<
     >,
 >;
 
-struct FetchSvid {
+type AnswerFuture<T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, Status>> + Send>>;
+
+/// One of the API's streams: what `answer` gives the caller now, and again whenever the
+/// sources or the SVIDs change, sent only when it differs; an error ends it.
+struct Fetch<T> {
     api: Arc<WorkloadApi>,
     caller: Arc<Caller>,
+    answer: fn(Arc<WorkloadApi>, Arc<Caller>) -> AnswerFuture<T>,
 }
 
-impl tonic::server::ServerStreamingService<X509SvidRequest> for FetchSvid {
-    type Response = X509SvidResponse;
-    type ResponseStream = ReceiverStream<Result<X509SvidResponse, Status>>;
-    type Future = StreamFuture<X509SvidResponse>;
+impl<R, T> tonic::server::ServerStreamingService<R> for Fetch<T>
+where
+    T: PartialEq + Clone + Send + 'static,
+{
+    type Response = T;
+    type ResponseStream = ReceiverStream<Result<T, Status>>;
+    type Future = StreamFuture<T>;
 
-    fn call(&mut self, _: tonic::Request<X509SvidRequest>) -> Self::Future {
-        let (api, caller) = (self.api.clone(), self.caller.clone());
+    fn call(&mut self, _: tonic::Request<R>) -> Self::Future {
+        let (api, caller, answer) = (self.api.clone(), self.caller.clone(), self.answer);
         Box::pin(async move {
             api.admit(&caller)?;
             let (tx, rx) = mpsc::channel(2);
-            tokio::spawn(async move { api.stream_svids(&caller, tx).await });
+            tokio::spawn(follow(api, caller, tx, answer));
             Ok(tonic::Response::new(ReceiverStream::new(rx)))
         })
     }
 }
 
-struct FetchBundles {
+async fn follow<T: PartialEq + Clone>(
     api: Arc<WorkloadApi>,
     caller: Arc<Caller>,
+    tx: mpsc::Sender<Result<T, Status>>,
+    answer: fn(Arc<WorkloadApi>, Arc<Caller>) -> AnswerFuture<T>,
+) {
+    let mut sources = api.p.sources_changed.subscribe();
+    let mut svids = api.changed.subscribe();
+    let mut last = None;
+    loop {
+        sources.borrow_and_update();
+        svids.borrow_and_update();
+        match answer(api.clone(), caller.clone()).await {
+            Err(status) => {
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+            Ok(r) if last.as_ref() == Some(&r) => {}
+            Ok(r) => {
+                if tx.send(Ok(r.clone())).await.is_err() {
+                    return;
+                }
+                last = Some(r);
+            }
+        }
+        tokio::select! {
+            _ = sources.changed() => {}
+            _ = svids.changed() => {}
+            _ = tx.closed() => return,
+        }
+    }
 }
 
-impl tonic::server::ServerStreamingService<X509BundlesRequest> for FetchBundles {
-    type Response = X509BundlesResponse;
-    type ResponseStream = ReceiverStream<Result<X509BundlesResponse, Status>>;
-    type Future = StreamFuture<X509BundlesResponse>;
+/// `FetchX509SVID`: the caller's SVIDs.
+fn svids_answer(api: Arc<WorkloadApi>, caller: Arc<Caller>) -> AnswerFuture<X509SvidResponse> {
+    Box::pin(async move {
+        let mine = api.admit(&caller)?;
+        api.svid_response(&mine).await
+    })
+}
 
-    fn call(&mut self, _: tonic::Request<X509BundlesRequest>) -> Self::Future {
-        let (api, caller) = (self.api.clone(), self.caller.clone());
-        Box::pin(async move {
-            api.admit(&caller)?;
-            let (tx, rx) = mpsc::channel(2);
-            tokio::spawn(async move { api.stream_bundles(&caller, tx).await });
-            Ok(tonic::Response::new(ReceiverStream::new(rx)))
+/// `FetchX509Bundles`: every trust bundle in force.
+fn bundles_answer(api: Arc<WorkloadApi>, caller: Arc<Caller>) -> AnswerFuture<X509BundlesResponse> {
+    Box::pin(async move {
+        api.admit(&caller)?;
+        Ok(X509BundlesResponse {
+            crl: vec![],
+            bundles: bundle_map(&api.p.bundles(), None),
         })
-    }
+    })
 }
 
 impl WorkloadApi {
@@ -269,76 +316,6 @@ impl WorkloadApi {
             ));
         }
         Ok(mine)
-    }
-
-    async fn stream_svids(
-        self: Arc<Self>,
-        caller: &Caller,
-        tx: mpsc::Sender<Result<X509SvidResponse, Status>>,
-    ) {
-        let mut sources = self.p.sources_changed.subscribe();
-        let mut svids = self.changed.subscribe();
-        let mut last = None;
-        loop {
-            sources.borrow_and_update();
-            svids.borrow_and_update();
-            let answer = match self.admit(caller) {
-                Ok(mine) => self.svid_response(&mine).await,
-                Err(status) => Err(status),
-            };
-            // An error ends the stream; an unchanged answer is not sent again.
-            match answer {
-                Err(status) => {
-                    let _ = tx.send(Err(status)).await;
-                    return;
-                }
-                Ok(r) if last.as_ref() == Some(&r) => {}
-                Ok(r) => {
-                    if tx.send(Ok(r.clone())).await.is_err() {
-                        return;
-                    }
-                    last = Some(r);
-                }
-            }
-            tokio::select! {
-                _ = sources.changed() => {}
-                _ = svids.changed() => {}
-                _ = tx.closed() => return,
-            }
-        }
-    }
-
-    async fn stream_bundles(
-        self: Arc<Self>,
-        caller: &Caller,
-        tx: mpsc::Sender<Result<X509BundlesResponse, Status>>,
-    ) {
-        let mut sources = self.p.sources_changed.subscribe();
-        let mut last = None;
-        loop {
-            sources.borrow_and_update();
-            let answer = self.admit(caller).map(|_| X509BundlesResponse {
-                crl: vec![],
-                bundles: bundle_map(&self.p.bundles(), None),
-            });
-            match answer {
-                Err(status) => {
-                    let _ = tx.send(Err(status)).await;
-                    return;
-                }
-                Ok(r) if last.as_ref() == Some(&r) => {}
-                Ok(r) => {
-                    if tx.send(Ok(r.clone())).await.is_err() {
-                        return;
-                    }
-                    last = Some(r);
-                }
-            }
-            tokio::select! {
-                _ = sources.changed() => {}
-                _ = tx.closed() => return,
-            }
-        }
     }
 
     /// The SVIDs of `mine` (issued now if need be) with their bundles.

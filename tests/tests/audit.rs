@@ -200,6 +200,34 @@ fn shipped_records_are_stored_once_and_survive_a_sigkill_of_the_control_plane() 
     );
 }
 
+/// `name` (a gauge of the audit spool) on `s`'s /metrics.
+fn audit_seq(s: &Sidecar, name: &str) -> f64 {
+    metric(&s.metrics(), &format!("{name} "), &[]).unwrap_or(0.0)
+}
+
+/// Waits until the control plane has acknowledged every record `s` spooled; how many.
+fn all_acknowledged(s: &Sidecar) -> f64 {
+    poll(Duration::from_secs(30), Duration::from_millis(200), || {
+        let (spooled, acked) = (
+            audit_seq(s, "sigil_audit_spooled_seq"),
+            audit_seq(s, "sigil_audit_acknowledged_seq"),
+        );
+        (spooled > 0.0 && spooled == acked)
+            .then_some(spooled)
+            .ok_or_else(|| format!("spooled {spooled}, acknowledged {acked}"))
+    })
+}
+
+/// The `sigil audit verify` line of a whole chain of `spooled` records from the spool in
+/// `d/spool`.
+fn whole_chain(d: &std::path::Path, spool: &str, id: &str, spooled: f64) -> String {
+    let chain = std::fs::read_to_string(d.join(spool).join("chain")).unwrap();
+    format!(
+        "{id} chain={} records={spooled} last={spooled} ok",
+        chain.trim()
+    )
+}
+
 /// A control plane, and A calling an echo workload behind B: A's audit spool with `when_full`
 /// and `max_bytes` (0: the default); B audited too (fail-open) if `b_audited`. A is not
 /// started (a test may kill and restart it).
@@ -285,40 +313,20 @@ fn every_connection_record_reaches_the_control_plane_across_an_outage() {
     calls(20);
     // The last closes are recorded as the connections wind down.
     std::thread::sleep(Duration::from_secs(1));
-    let seq =
-        |s: &Sidecar, name: &str| metric(&s.metrics(), &format!("{name} "), &[]).unwrap_or(0.0);
-    let all_acknowledged = |s: &Sidecar| {
-        poll(Duration::from_secs(20), Duration::from_millis(200), || {
-            let (spooled, acked) = (
-                seq(s, "sigil_audit_spooled_seq"),
-                seq(s, "sigil_audit_acknowledged_seq"),
-            );
-            (spooled > 0.0 && spooled == acked)
-                .then_some(spooled)
-                .ok_or_else(|| format!("spooled {spooled}, acknowledged {acked}"))
-        })
-    };
     all_acknowledged(&a);
     all_acknowledged(&b);
 
     // The control plane away: the sidecars serve on, their records wait in the spools.
-    let ControlPlane {
-        mut proc,
-        files,
-        store,
-        operator_port,
-        sidecar_port,
-        extra,
-        ..
-    } = cp;
-    assert_eq!(proc.terminate(Duration::from_secs(10)), Some(0));
+    let mut cp = cp;
+    assert_eq!(cp.proc.terminate(Duration::from_secs(10)), Some(0));
     calls(30);
     std::thread::sleep(Duration::from_secs(1));
-    let waiting = seq(&a, "sigil_audit_spooled_seq") - seq(&a, "sigil_audit_acknowledged_seq");
+    let waiting =
+        audit_seq(&a, "sigil_audit_spooled_seq") - audit_seq(&a, "sigil_audit_acknowledged_seq");
     assert!(waiting >= 60.0, "A's records wait in its spool: {waiting}");
     // A killed outright with its spool full of unshipped records, and started again: they
     // are still there, and its chain goes on.
-    let before_kill = seq(&a, "sigil_audit_spooled_seq");
+    let before_kill = audit_seq(&a, "sigil_audit_spooled_seq");
     pa.signal(libc::SIGKILL);
     poll(Duration::from_secs(10), Duration::from_millis(50), || {
         pa.try_wait()
@@ -327,15 +335,14 @@ fn every_connection_record_reaches_the_control_plane_across_an_outage() {
     });
     let pa = a.start(d, &fa);
     assert_eq!(
-        seq(&a, "sigil_audit_spooled_seq"),
+        audit_seq(&a, "sigil_audit_spooled_seq"),
         before_kill,
         "{}",
         pa.log()
     );
     calls(5);
     std::thread::sleep(Duration::from_secs(1));
-    let cp =
-        ControlPlane::start_with_args(CONTROL, files, store, operator_port, sidecar_port, extra);
+    let cp = cp.start_again();
     let spooled_a = all_acknowledged(&a);
     let spooled_b = all_acknowledged(&b);
     assert_eq!(
@@ -347,11 +354,7 @@ fn every_connection_record_reaches_the_control_plane_across_an_outage() {
     let (code, out, err) = cp.sigil(&ops, &["audit", "verify"]);
     assert_eq!(code, Some(0), "{out}{err}");
     for (id, spool, spooled) in [(A, "spool-a", spooled_a), (B, "spool-b", spooled_b)] {
-        let chain = std::fs::read_to_string(d.join(spool).join("chain")).unwrap();
-        let want = format!(
-            "{id} chain={} records={spooled} last={spooled} ok",
-            chain.trim()
-        );
+        let want = whole_chain(d, spool, id, spooled);
         assert!(out.lines().any(|l| l == want), "{want:?} in:\n{out}");
     }
 
@@ -505,16 +508,8 @@ fn a_full_fail_closed_spool_refuses_connections_and_loses_no_record() {
     };
     assert_eq!(call(), Some(()), "{}", pa.log());
 
-    let ControlPlane {
-        mut proc,
-        files,
-        store,
-        operator_port,
-        sidecar_port,
-        extra,
-        ..
-    } = cp;
-    assert_eq!(proc.terminate(Duration::from_secs(10)), Some(0));
+    let mut cp = cp;
+    assert_eq!(cp.proc.terminate(Duration::from_secs(10)), Some(0));
     // Bounded: a 1 MiB spool holds a few thousand records.
     let mut served = 0;
     let refused_at = (0..20_000).find(|_| {
@@ -540,8 +535,7 @@ fn a_full_fail_closed_spool_refuses_connections_and_loses_no_record() {
         "still refused while the control plane is away"
     );
 
-    let cp =
-        ControlPlane::start_with_args(CONTROL, files, store, operator_port, sidecar_port, extra);
+    let cp = cp.start_again();
     poll(Duration::from_secs(30), Duration::from_millis(200), || {
         call().ok_or_else(|| format!("A does not serve again:\n{}", pa.log()))
     });
@@ -552,20 +546,9 @@ fn a_full_fail_closed_spool_refuses_connections_and_loses_no_record() {
         a.metrics()
     );
     std::thread::sleep(Duration::from_secs(1));
-    let spooled = poll(Duration::from_secs(30), Duration::from_millis(200), || {
-        let m = a.metrics();
-        let s = metric(&m, "sigil_audit_spooled_seq ", &[]).unwrap_or(0.0);
-        let k = metric(&m, "sigil_audit_acknowledged_seq ", &[]).unwrap_or(-1.0);
-        (s == k)
-            .then_some(s)
-            .ok_or_else(|| format!("spooled {s}, acknowledged {k}"))
-    });
+    let spooled = all_acknowledged(&a);
     let (code, out, err) = cp.sigil(&ops, &["audit", "verify"]);
     assert_eq!(code, Some(0), "{out}{err}");
-    let chain = std::fs::read_to_string(d.join("spool-a").join("chain")).unwrap();
-    let want = format!(
-        "{A} chain={} records={spooled} last={spooled} ok",
-        chain.trim()
-    );
+    let want = whole_chain(d, "spool-a", A, spooled);
     assert!(out.lines().any(|l| l == want), "{want:?} in:\n{out}");
 }

@@ -768,16 +768,8 @@ fn a_sidecar_serves_through_a_control_plane_outage_until_its_svid_expires() {
     let expires = metric(&b.metrics(), "sigil_svid_expiry_timestamp_seconds{", &[]).unwrap() as i64;
 
     // The control plane goes away; renewal (due at 30 s +- 6 s) fails and is retried.
-    let ControlPlane {
-        mut proc,
-        files,
-        store,
-        operator_port,
-        sidecar_port,
-        extra,
-        ..
-    } = cp;
-    assert_eq!(proc.terminate(Duration::from_secs(10)), Some(0));
+    let mut cp = cp;
+    assert_eq!(cp.proc.terminate(Duration::from_secs(10)), Some(0));
     let failed = |s: &Sidecar| {
         metric(
             &s.metrics(),
@@ -824,8 +816,7 @@ fn a_sidecar_serves_through_a_control_plane_outage_until_its_svid_expires() {
     assert!(now_unix() >= expires, "not ready before the SVID expired");
 
     // Back: the control plane, and a new token in the file.
-    let cp =
-        ControlPlane::start_with_args(CONTROL, files, store, operator_port, sidecar_port, extra);
+    let cp = cp.start_again();
     std::fs::write(&token_file, token(&cp, &setup.ops, "b", "10m")).unwrap();
     poll(
         Duration::from_secs(90),

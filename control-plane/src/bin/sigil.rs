@@ -509,9 +509,7 @@ fn load_upstream(
 }
 
 fn ca_rotate(a: &CaRotateArgs) -> ExitCode {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let now = now_unix();
     let upstream = match load_upstream(&a.upstream) {
         Ok(u) => u,
         Err(e) => {
@@ -537,9 +535,7 @@ fn ca_rotate(a: &CaRotateArgs) -> ExitCode {
 }
 
 fn ca_init(a: &CaInitArgs) -> ExitCode {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let now = now_unix();
     let upstream = match load_upstream(&a.upstream) {
         Ok(u) => u,
         Err(e) => {
@@ -711,6 +707,13 @@ enum AuditMode {
     Export,
 }
 
+/// Unix seconds now.
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 /// Unix seconds of a --since/--until value: a duration back from now, or an RFC 3339 time.
 fn when(flag: &str, v: &str, now: i64) -> Result<i64, String> {
     match sigil_config::proxy_config::duration::parse(v) {
@@ -736,9 +739,7 @@ fn encode(v: &str) -> String {
 }
 
 fn audit_query(a: &AuditQueryArgs, mode: AuditMode) -> ExitCode {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let now = now_unix();
     let mut query = Vec::new();
     for (k, v) in [
         ("identity", &a.identity),
@@ -810,18 +811,12 @@ fn audit_query(a: &AuditQueryArgs, mode: AuditMode) -> ExitCode {
 }
 
 fn issuances(a: &IssuancesArgs) -> ExitCode {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    let since = match sigil_config::proxy_config::duration::parse(&a.since) {
-        Ok(back) => now - back.as_secs() as i64,
-        Err(_) => match sigil_config::policy::Timestamp::parse(&a.since) {
-            Ok(t) => t.0,
-            Err(e) => {
-                eprintln!("sigil issuances: --since {:?}: neither a duration (24h) nor an RFC 3339 time: {e}", a.since);
-                return ExitCode::from(2);
-            }
-        },
+    let since = match when("--since", &a.since, now_unix()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("sigil issuances: {e}");
+            return ExitCode::from(2);
+        }
     };
     let path = format!("/v1/issuances?since={since}&limit={}", a.limit);
     simple_get(&a.connection, &["issuances"], &path)
