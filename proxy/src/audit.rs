@@ -1,30 +1,20 @@
-//! The sidecar's audit stream (issue 16): a record per connection at open and close and per
-//! refusal, chained and appended to the on-disk spool (`spool.rs`) before the call returns,
-//! then shipped to the control plane (`Ship`), which acknowledges what it has made durable;
-//! only then do records leave the spool. A checkpoint (the chain's head, signed with the SVID
-//! key) goes with each batch and at least every `CHECKPOINT_EVERY` while records come.
+//! The sidecar's audit records (issue 16): a record per connection at open and close and per
+//! refusal, chained and appended to the on-disk spool (`spool.rs`) before the call returns.
+//! `shipper.rs` sends them to the control plane; they leave the spool once it acknowledges
+//! them. Connections take the spool's lock for one `write`; the shipper takes it only to plan
+//! a read and to trim, and reads and waits for the disk without it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Mutex;
 
-use sigil_api::audit::{Batch, Checkpoint, Kind, Record, SCHEMA};
+use sigil_api::audit::{Kind, Record, SCHEMA};
 use sigil_api::Message;
-use sigil_config::proxy_config::{AuditSpec, ControlPlaneSpec, WhenFull};
-use sigil_filters::audit::{link, sign_checkpoint};
-use sigil_filters::tls::{self, Carries};
+use sigil_config::proxy_config::{AuditSpec, WhenFull};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use crate::control::connect;
 use crate::logs::limited;
-use crate::proxy::Proxy;
-use crate::spool::{Spool, SpoolError};
-
-/// Records per batch at most.
-const BATCH: usize = 1_000;
-/// A checkpoint at least this often while records come.
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
+use crate::spool::{self, Cursor, Spool, SpoolError, Spooled};
 
 pub struct Auditor {
     spool: Mutex<Spool>,
@@ -116,6 +106,64 @@ impl Auditor {
         drop(spool);
         self.appended.notify_one();
     }
+
+    /// Where shipping starts: the first record not acknowledged.
+    pub fn cursor(&self) -> Cursor {
+        self.spool.lock().expect("spool lock").cursor()
+    }
+
+    /// The spool's chain ID.
+    pub fn chain(&self) -> String {
+        self.spool.lock().expect("spool lock").chain().to_string()
+    }
+
+    /// Up to `max` records from `cursor` on, read off the connections' path.
+    pub async fn read(&self, cursor: &mut Cursor, max: usize) -> Result<Vec<Spooled>, SpoolError> {
+        let parts = self.spool.lock().expect("spool lock").plan(cursor);
+        if parts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut at = *cursor;
+        let (records, at) = tokio::task::spawn_blocking(move || {
+            spool::read(&parts, &mut at, max).map(|records| (records, at))
+        })
+        .await
+        .expect("the spool read does not panic")?;
+        *cursor = at;
+        Ok(records)
+    }
+
+    /// The control plane holds every record up to `through`: noted on disk, then the segments
+    /// it covers leave; a fail-closed spool with room again accepts connections.
+    pub async fn acknowledge(&self, through: u64) -> Result<(), SpoolError> {
+        let dir = self.spool.lock().expect("spool lock").dir().to_path_buf();
+        tokio::task::spawn_blocking(move || spool::write_acked(&dir, through))
+            .await
+            .expect("the acked write does not panic")?;
+        let gone = {
+            let mut spool = self.spool.lock().expect("spool lock");
+            let gone = spool.trim(through);
+            self.acknowledged.set(spool.acked() as i64);
+            if self.full.load(Ordering::Relaxed) && spool.bytes() <= spool.max_bytes() / 10 * 9 {
+                self.full.store(false, Ordering::Relaxed);
+                info!("audit spool has room again: accepting connections");
+            }
+            gone
+        };
+        tokio::task::spawn_blocking(move || {
+            for path in gone {
+                std::fs::remove_file(&path).map_err(|e| SpoolError::Io(path, e))?;
+            }
+            Ok(())
+        })
+        .await
+        .expect("the segment removal does not panic")
+    }
+
+    /// Waits for the next record appended.
+    pub async fn appended(&self) {
+        self.appended.notified().await
+    }
 }
 
 fn append(spool: &mut Spool, mut r: Record) -> Result<u64, SpoolError> {
@@ -130,114 +178,4 @@ fn now_nanos() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as i64)
-}
-
-/// Ships the spool to the control plane for as long as the sidecar runs: from the first record
-/// not acknowledged, in batches, reconnecting with backoff.
-pub async fn ship(p: Arc<Proxy>, auditor: Arc<Auditor>, cp: ControlPlaneSpec) {
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        match ship_once(&p, &auditor, &cp).await {
-            Ok(()) => backoff = Duration::from_millis(200),
-            Err(why) => {
-                limited!(warn, control_plane = %cp.address, retry_in_ms = backoff.as_millis() as u64, "audit stream: {why}; records wait in the spool");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-}
-
-async fn ship_once(
-    p: &Arc<Proxy>,
-    auditor: &Arc<Auditor>,
-    cp: &ControlPlaneSpec,
-) -> Result<(), String> {
-    let tls_state = p.tls.get();
-    let bootstrap = p.sources.lock().expect("sources lock").file_bundles.clone();
-    let client = tls::client_config(
-        &tls_state.identity,
-        bootstrap,
-        Default::default(),
-        tls::provider(),
-        cp.spiffe_id.clone(),
-        Carries::Http2,
-    );
-    let (sender, conn) = connect(cp, &p.cfg.spec.timeouts, client)
-        .await
-        .map_err(|e| e.to_string())?;
-    let origin = format!("https://{}", cp.address)
-        .parse()
-        .expect("a socket address is a URI authority");
-    let result = async {
-        let (tx, mut acks) = sigil_api::client::ship(sender, origin)
-            .await
-            .map_err(|s| format!("Ship: {}", s.message()))?;
-        info!(control_plane = %cp.address, "audit stream open");
-        let mut checkpointed = 0u64;
-        let mut last_checkpoint = tokio::time::Instant::now();
-        loop {
-            let (records, chain) = {
-                let spool = auditor.spool.lock().expect("spool lock");
-                let records = spool
-                    .read_from(spool.acked() + 1, BATCH)
-                    .map_err(|e| e.to_string())?;
-                (records, spool.chain().to_string())
-            };
-            let Some(last) = records.last() else {
-                tokio::select! {
-                    _ = auditor.appended.notified() => {}
-                    _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
-                }
-                continue;
-            };
-            // A checkpoint over the batch's last record when the batch drains the spool, and
-            // at least every CHECKPOINT_EVERY during a backlog.
-            let batch_last = last.0;
-            let head = link(last.0, &last.1, &last.2);
-            let due = records.len() < BATCH || last_checkpoint.elapsed() >= CHECKPOINT_EVERY;
-            let mut checkpoints = Vec::new();
-            if due && batch_last > checkpointed {
-                let identity = &p.tls.get().identity;
-                if let Some(signature) = sign_checkpoint(identity, batch_last, &head) {
-                    checkpoints.push(Checkpoint {
-                        seq: batch_last,
-                        head: head.to_vec(),
-                        signature,
-                        signer: identity.chain()[0].to_vec(),
-                    });
-                    checkpointed = batch_last;
-                    last_checkpoint = tokio::time::Instant::now();
-                }
-            }
-            let batch = Batch {
-                records: records.into_iter().map(|r| r.2).collect(),
-                checkpoints,
-                chain,
-            };
-            tx.send(batch)
-                .await
-                .map_err(|_| "the stream closed".to_string())?;
-            let ack = tokio::time::timeout(Duration::from_secs(30), acks.message())
-                .await
-                .map_err(|_| "no acknowledgement within 30 s".to_string())?
-                .map_err(|s| format!("{}: {}", s.code().description(), s.message()))?
-                .ok_or("the control plane ended the stream")?;
-            if !ack.error.is_empty() {
-                limited!(error, "the control plane did not store every audit record sent; they stay in the spool: {}", ack.error);
-            }
-            // Never past what was sent: an acknowledgement covers this batch only.
-            let through = ack.durable_through.min(batch_last);
-            let mut spool = auditor.spool.lock().expect("spool lock");
-            spool.ack(through).map_err(|e| e.to_string())?;
-            auditor.acknowledged.set(spool.acked() as i64);
-            if auditor.full.load(Ordering::Relaxed) && spool.bytes() <= spool.max_bytes() / 10 * 9 {
-                auditor.full.store(false, Ordering::Relaxed);
-                info!("audit spool has room again: accepting connections");
-            }
-        }
-    }
-    .await;
-    conn.abort();
-    result
 }

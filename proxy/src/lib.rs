@@ -26,6 +26,7 @@ pub mod proxy;
 pub mod reasons;
 pub mod relay;
 pub mod resources;
+pub mod shipper;
 pub mod sources;
 pub mod spool;
 pub mod start;

@@ -275,40 +275,53 @@ impl Spool {
             .map_err(|e| SpoolError::Io(path.clone(), e))
     }
 
-    /// Up to `max` records from `seq` on, in order (for shipping).
-    pub fn read_from(&self, seq: u64, max: usize) -> Result<Vec<Spooled>, SpoolError> {
-        let mut out = Vec::new();
-        for s in self.segments.iter().filter(|s| s.last >= seq) {
-            let frames =
-                read_frames(&s.path, s.bytes).map_err(|e| SpoolError::Io(s.path.clone(), e))?;
-            for f in frames.into_iter().filter(|f| f.0 >= seq) {
-                if out.len() == max {
-                    return Ok(out);
-                }
-                out.push(f);
-            }
+    /// Where shipping starts: the first record not acknowledged.
+    pub fn cursor(&self) -> Cursor {
+        Cursor {
+            seq: self.acked + 1,
+            segment: 0,
+            offset: 0,
         }
-        Ok(out)
     }
 
-    /// The control plane holds every record up to `through`: it is noted (durably) and the
-    /// segments it covers leave.
-    pub fn ack(&mut self, through: u64) -> Result<(), SpoolError> {
-        if through <= self.acked {
-            return Ok(());
+    /// The byte ranges that hold the records from `cursor` on, for `read` to read without
+    /// the spool's lock: appends go past them and never change them.
+    pub fn plan(&self, cursor: &Cursor) -> Vec<Part> {
+        self.segments
+            .iter()
+            .filter(|s| s.last >= cursor.seq)
+            .map(|s| Part {
+                path: s.path.clone(),
+                segment: s.first,
+                from: if s.first == cursor.segment {
+                    cursor.offset
+                } else {
+                    0
+                },
+                to: s.bytes,
+            })
+            .filter(|p| p.from < p.to)
+            .collect()
+    }
+
+    /// The control plane holds every record up to `through`, and `write_acked` has noted it:
+    /// the segments it covers leave the list, and their files are returned for removal. The
+    /// segment holding the newest record stays, so that the chain's head survives a restart.
+    pub fn trim(&mut self, through: u64) -> Vec<PathBuf> {
+        self.acked = self.acked.max(through.min(self.next_seq - 1));
+        let mut gone = Vec::new();
+        while self.segments.len() > 1
+            && self.segments[0].last <= self.acked
+            && self.segments[1].last >= self.segments[1].first
+        {
+            gone.push(self.segments.pop_front().expect("checked").path);
         }
-        self.acked = through.min(self.next_seq - 1);
-        let path = self.dir.join(ACKED_FILE);
-        let tmp = self.dir.join(format!("{ACKED_FILE}.tmp"));
-        std::fs::write(&tmp, format!("{}\n", self.acked))
-            .and_then(|()| File::open(&tmp).and_then(|f| f.sync_all()))
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| SpoolError::Io(path.clone(), e))?;
-        while self.segments.len() > 1 && self.segments[0].last <= self.acked {
-            let s = self.segments.pop_front().expect("checked");
-            std::fs::remove_file(&s.path).map_err(|e| SpoolError::Io(s.path.clone(), e))?;
-        }
-        Ok(())
+        gone
+    }
+
+    /// The spool's directory (for `write_acked`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// How many records were dropped since the last call (fail-open, spool full).
@@ -354,6 +367,67 @@ fn new_chain_id() -> String {
     out
 }
 
+/// Where the shipper is: the next record to read, and the segment (by its first sequence
+/// number) and byte offset it stopped at, so that no frame is read twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub seq: u64,
+    segment: u64,
+    offset: u64,
+}
+
+/// A byte range of one segment file.
+pub struct Part {
+    path: PathBuf,
+    segment: u64,
+    from: u64,
+    to: u64,
+}
+
+/// Up to `max` records from `cursor` on, in order, from the ranges `Spool::plan` gave; moves
+/// the cursor past them. A segment removed meanwhile (fail-open, full) is skipped: its records
+/// are the ones a `Dropped` record counts.
+pub fn read(parts: &[Part], cursor: &mut Cursor, max: usize) -> Result<Vec<Spooled>, SpoolError> {
+    use std::io::{Seek, SeekFrom};
+    let mut out = Vec::new();
+    for part in parts {
+        let io_err = |e| SpoolError::Io(part.path.clone(), e);
+        let mut file = match File::open(&part.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err(e)),
+        };
+        file.seek(SeekFrom::Start(part.from)).map_err(io_err)?;
+        let mut bytes = vec![0; (part.to - part.from) as usize];
+        file.read_exact(&mut bytes).map_err(io_err)?;
+        let mut at = 0;
+        while let Some((frame, end)) = parse_frame(&bytes, at) {
+            if out.len() == max {
+                return Ok(out);
+            }
+            at = end;
+            cursor.segment = part.segment;
+            cursor.offset = part.from + end as u64;
+            if frame.0 >= cursor.seq {
+                cursor.seq = frame.0 + 1;
+                out.push(frame);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Notes durably that the control plane holds every record up to `through`; done before
+/// `Spool::trim` and without the spool's lock (it waits for the disk).
+pub fn write_acked(dir: &Path, through: u64) -> Result<(), SpoolError> {
+    let path = dir.join(ACKED_FILE);
+    let tmp = dir.join(format!("{ACKED_FILE}.tmp"));
+    std::fs::write(&tmp, format!("{through}\n"))
+        .and_then(|()| File::open(&tmp).and_then(|f| f.sync_all()))
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| SpoolError::Io(path, e))
+}
+
 fn new_segment(dir: &Path, first: u64) -> io::Result<Segment> {
     let path = dir.join(format!("{first:020}{SEGMENT_SUFFIX}"));
     OpenOptions::new().create(true).append(true).open(&path)?;
@@ -390,19 +464,6 @@ fn scan(path: &Path) -> io::Result<Scan> {
         valid_bytes: at as u64,
         last,
     })
-}
-
-fn read_frames(path: &Path, valid: u64) -> io::Result<Vec<Spooled>> {
-    let mut bytes = Vec::new();
-    File::open(path)?.read_to_end(&mut bytes)?;
-    bytes.truncate(valid as usize);
-    let mut out = Vec::new();
-    let mut at = 0;
-    while let Some((frame, end)) = parse_frame(&bytes, at) {
-        out.push(frame);
-        at = end;
-    }
-    Ok(out)
 }
 
 /// The frame at `at` and where it ends, if it is whole and its check holds.
@@ -445,6 +506,25 @@ mod tests {
 
     fn record(seq: u64) -> Vec<u8> {
         format!("connection {seq} closed normally after {} bytes", seq * 100).into_bytes()
+    }
+
+    impl Spool {
+        fn read_from(&self, seq: u64, max: usize) -> Result<Vec<Spooled>, SpoolError> {
+            let mut cursor = Cursor {
+                seq,
+                segment: 0,
+                offset: 0,
+            };
+            read(&self.plan(&cursor), &mut cursor, max)
+        }
+
+        fn ack(&mut self, through: u64) -> Result<(), SpoolError> {
+            write_acked(&self.dir, through)?;
+            for path in self.trim(through) {
+                std::fs::remove_file(&path).map_err(|e| SpoolError::Io(path, e))?;
+            }
+            Ok(())
+        }
     }
 
     fn append_n(s: &mut Spool, n: u64) {
@@ -532,6 +612,45 @@ mod tests {
         let rest = s.read_from(2501, usize::MAX).unwrap();
         assert_eq!(rest.len(), 500);
         assert_eq!(rest[0].0, 2501);
+    }
+
+    #[test]
+    fn a_cursor_reads_each_record_once_while_appends_go_on() {
+        let dir = Dir::new("cursor");
+        let mut s = Spool::open(&dir.0, 1 << 20, WhenFull::FailOpen).unwrap();
+        let mut cursor = s.cursor();
+        let mut seen = Vec::new();
+        for round in 0..40u64 {
+            append_n(&mut s, 97 + round);
+            let parts = s.plan(&cursor);
+            // Appended after the plan: not in this read, in the next.
+            append_n(&mut s, 3);
+            seen.extend(read(&parts, &mut cursor, 150).unwrap());
+        }
+        seen.extend(read(&s.plan(&cursor), &mut cursor, usize::MAX).unwrap());
+        let total = s.position().0 - 1;
+        assert!(s.segments.len() > 1, "segments rolled over");
+        assert_eq!(
+            seen.iter().map(|r| r.0).collect::<Vec<_>>(),
+            (1..=total).collect::<Vec<_>>()
+        );
+        assert_chain(&seen, None);
+        assert!(s.plan(&cursor).is_empty(), "nothing left to read");
+    }
+
+    #[test]
+    fn trimming_keeps_the_chain_head_across_a_restart() {
+        let dir = Dir::new("head");
+        let mut s = Spool::open(&dir.0, 1 << 20, WhenFull::FailOpen).unwrap();
+        append_n(&mut s, 2000);
+        // A newest segment with no record yet (its first write failed).
+        let empty = new_segment(&s.dir, s.next_seq).unwrap();
+        s.segments.push_back(empty);
+        s.ack(2000).unwrap();
+        let position = s.position();
+        drop(s);
+        let s = Spool::open(&dir.0, 1 << 20, WhenFull::FailOpen).unwrap();
+        assert_eq!(s.position(), position, "the head is not lost");
     }
 
     #[test]

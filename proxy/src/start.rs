@@ -146,7 +146,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
     if let Some(cp) = p.cfg.spec.control_plane.clone() {
         tokio::spawn(control::run(p.clone(), cp.clone()));
         if let Some(auditor) = p.ledger.audit.clone() {
-            tokio::spawn(crate::audit::ship(p.clone(), auditor, cp));
+            tokio::spawn(crate::shipper::ship(p.clone(), auditor, cp));
         }
     }
     watcher::spawn(p.clone(), watched);
