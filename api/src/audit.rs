@@ -99,12 +99,13 @@ impl Kind {
 ///   string route = 25;             // HTTP: the route (path) and method
 ///   string method = 26;
 ///   repeated RouteCount allowed = 27; // ConnectionClose: allowed requests by route
-///   uint64 dropped = 28;           // Dropped: how many records
+///   uint64 dropped = 28;           // Dropped: how many records (seq dropped_from on)
 ///   string actor = 29;             // control plane: the operator's or caller's SPIFFE ID
 ///   string subject = 30;           // control plane: what it was about (Policy/web, an identity)
 ///   string detail = 31;            // a reason or message, one line
 ///   uint32 port = 32;              // the workload port (inbound) or destination port (outbound)
 ///   uint64 conn = 33;              // the connection's number in the sidecar: joins open and close
+///   uint64 dropped_from = 34;      // Dropped: the first sequence number lost
 /// }
 /// ```
 #[derive(Clone, PartialEq, Eq, prost::Message)]
@@ -175,6 +176,8 @@ pub struct Record {
     pub port: u32,
     #[prost(uint64, tag = "33")]
     pub conn: u64,
+    #[prost(uint64, tag = "34")]
+    pub dropped_from: u64,
 }
 
 /// `message RouteCount { string route = 1; string method = 2; uint64 count = 3; }`

@@ -724,8 +724,8 @@ impl ProxyConfig {
         Ok(())
     }
 
-    /// The checks of the whole spec: each names the key it is about, found in the text.
-    fn check_whole_spec(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
+    /// Where the SVID comes from: one source, and what that source needs.
+    fn check_identity(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
         let spec = &self.spec;
         let refuse = |key: Key, message: &str| {
             Err(ConfigError::new(
@@ -734,15 +734,6 @@ impl ProxyConfig {
                 message,
             ))
         };
-        if spec.mode == Mode::Explicit
-            && spec.inbound.explicit.is_empty()
-            && spec.outbound.explicit.is_empty()
-        {
-            return refuse(
-                Key::Mode,
-                "mode is explicit but no inbound.explicit or outbound.explicit listener is set",
-            );
-        }
         if spec.identity.allow_identity_change {
             if let Some(id) = &spec.identity.spiffe_id {
                 let lines = KeyLines::read(path, text);
@@ -799,6 +790,29 @@ impl ProxyConfig {
                 );
             }
         }
+        Ok(())
+    }
+
+    /// The checks of the whole spec: each names the key it is about, found in the text.
+    fn check_whole_spec(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        let spec = &self.spec;
+        let refuse = |key: Key, message: &str| {
+            Err(ConfigError::new(
+                path,
+                KeyLines::read(path, text).at(key),
+                message,
+            ))
+        };
+        if spec.mode == Mode::Explicit
+            && spec.inbound.explicit.is_empty()
+            && spec.outbound.explicit.is_empty()
+        {
+            return refuse(
+                Key::Mode,
+                "mode is explicit but no inbound.explicit or outbound.explicit listener is set",
+            );
+        }
+        self.check_identity(path, text)?;
         if spec.audit.is_some() && spec.control_plane.is_none() {
             return refuse(
                 Key::Audit,

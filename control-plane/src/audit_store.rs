@@ -15,11 +15,13 @@
 //! the one before its first record that could not be stored (a fork, one that does not
 //! decode): the sidecar keeps everything after that.
 
-use std::path::Path;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
-use sigil_api::audit::{Batch, Record};
+use rustls::pki_types::CertificateDer;
+use sigil_api::audit::{Batch, Checkpoint as WireCheckpoint, Kind, Record};
 use sigil_api::Message;
 use sigil_config::SpiffeId;
 use sigil_filters::audit::{link, verify, Checkpoint, Damage, Entry, Hash, GENESIS};
@@ -109,15 +111,42 @@ pub struct Ingested {
 }
 
 pub struct AuditStore {
+    /// Ingest: one writer.
     db: Mutex<Connection>,
+    /// Queries and verification, on a connection of their own: with the write-ahead log
+    /// they read what was committed and never hold ingest up.
+    reader: Mutex<Connection>,
 }
 
 #[derive(Debug)]
-pub struct AuditStoreError(String);
+pub enum AuditStoreError {
+    Dir(PathBuf, std::io::Error),
+    Db(rusqlite::Error),
+    /// A batch whose chain ID is not 1 to 64 hex digits.
+    BadChainId(String),
+    /// A stored record that no longer decodes.
+    StoredRecord {
+        sidecar: String,
+        seq: u64,
+        why: sigil_api::DecodeError,
+    },
+}
 
 impl std::fmt::Display for AuditStoreError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "audit store: {}", self.0)
+        match self {
+            Self::Dir(dir, e) => write!(f, "audit store: {}: {e}", dir.display()),
+            Self::Db(e) => write!(f, "audit store: {e}"),
+            Self::BadChainId(chain) => {
+                write!(
+                    f,
+                    "audit store: batch chain {chain:?}: not a chain ID (1 to 64 hex digits)"
+                )
+            }
+            Self::StoredRecord { sidecar, seq, why } => {
+                write!(f, "audit store: stored record {seq} of {sidecar}: {why}")
+            }
+        }
     }
 }
 
@@ -125,9 +154,12 @@ impl std::error::Error for AuditStoreError {}
 
 impl From<rusqlite::Error> for AuditStoreError {
     fn from(e: rusqlite::Error) -> Self {
-        Self(e.to_string())
+        Self::Db(e)
     }
 }
+
+/// Records verified per read (small in unit tests, so that they cross chunks).
+const VERIFY_CHUNK: i64 = if cfg!(test) { 64 } else { 10_000 };
 
 fn hash_of(bytes: &[u8]) -> Hash {
     let mut h = GENESIS;
@@ -154,11 +186,253 @@ fn stored_link(
     Ok(link.map(|l| hash_of(&l)))
 }
 
+/// The chain's stored head: the highest sequence number stored and its link.
+fn stored_head(
+    db: &Connection,
+    sidecar: &str,
+    chain: &str,
+) -> Result<(u64, Hash), AuditStoreError> {
+    let head = db
+        .query_row(
+            "SELECT seq, link FROM audit_heads WHERE sidecar = ?1 AND chain = ?2",
+            params![sidecar, chain],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    hash_of(&r.get::<_, Vec<u8>>(1)?),
+                ))
+            },
+        )
+        .optional()?;
+    Ok(head.unwrap_or((0, GENESIS)))
+}
+
+/// The ranges the chain's stored `Dropped` records say the sidecar lost.
+fn lost_ranges(
+    db: &Connection,
+    sidecar: &str,
+    chain: &str,
+) -> Result<Vec<RangeInclusive<u64>>, AuditStoreError> {
+    let mut q = db.prepare(
+        "SELECT seq, record FROM audit_records WHERE sidecar = ?1 AND chain = ?2 AND kind = ?3",
+    )?;
+    let rows = q.query_map(params![sidecar, chain, Kind::Dropped as i32], |r| {
+        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (seq, bytes) = row?;
+        let r = Record::decode(&bytes[..]).map_err(|why| AuditStoreError::StoredRecord {
+            sidecar: sidecar.to_string(),
+            seq,
+            why,
+        })?;
+        if r.dropped_from > 0 && r.dropped > 0 {
+            out.push(r.dropped_from..=r.dropped_from.saturating_add(r.dropped - 1));
+        }
+    }
+    Ok(out)
+}
+
+type StoredCheckpoint = (u64, Hash, Vec<u8>, Vec<u8>);
+
+/// The chain's stored checkpoints with `after < seq <= through`.
+fn stored_checkpoints(
+    db: &Connection,
+    sidecar: &str,
+    chain: &str,
+    after: u64,
+    through: u64,
+) -> Result<Vec<StoredCheckpoint>, AuditStoreError> {
+    let mut q = db.prepare(
+        "SELECT seq, head, signature, signer FROM audit_checkpoints
+         WHERE sidecar = ?1 AND chain = ?2 AND seq > ?3 AND seq <= ?4 ORDER BY seq",
+    )?;
+    let rows = q
+        .query_map(
+            params![
+                sidecar,
+                chain,
+                after as i64,
+                through.min(i64::MAX as u64) as i64
+            ],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    hash_of(&r.get::<_, Vec<u8>>(1)?),
+                    r.get(2)?,
+                    r.get(3)?,
+                ))
+            },
+        )?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+/// `verify` over one chunk of stored records and the checkpoints that fall in it.
+fn verify_chunk(
+    sidecar: &SpiffeId,
+    rows: &[(u64, Hash, Vec<u8>)],
+    cps: &[StoredCheckpoint],
+    start: Option<(u64, Hash)>,
+    lost: &[RangeInclusive<u64>],
+) -> Vec<Damage> {
+    let signers: Vec<CertificateDer<'_>> = cps
+        .iter()
+        .map(|c| CertificateDer::from(c.3.as_slice()))
+        .collect();
+    let checkpoints: Vec<Checkpoint<'_>> = cps
+        .iter()
+        .zip(&signers)
+        .map(|(c, signer)| Checkpoint {
+            seq: c.0,
+            head: c.1,
+            signature: &c.2,
+            signer,
+        })
+        .collect();
+    let entries: Vec<Entry<'_>> = rows
+        .iter()
+        .map(|(seq, prev, record)| Entry {
+            seq: *seq,
+            prev: *prev,
+            record,
+        })
+        .collect();
+    verify(sidecar, &entries, &checkpoints, start, lost)
+}
+
+/// What one batch does to the chain it is ingested into.
+struct Ingest<'a> {
+    tx: &'a Connection,
+    sidecar: &'a SpiffeId,
+    chain: &'a str,
+    head: (u64, Hash),
+    out: Ingested,
+}
+
+impl Ingest<'_> {
+    /// Stores record `index` of the batch (see the module); its sequence number if it is
+    /// stored now or was already, None if it cannot be (undecodable, a fork).
+    fn record(&mut self, index: usize, bytes: &[u8]) -> Result<Option<u64>, AuditStoreError> {
+        let record = match Record::decode(bytes) {
+            Ok(r) if r.seq == 0 || r.seq > i64::MAX as u64 => {
+                self.out.breaks.push(Break::Undecodable {
+                    index,
+                    why: format!("sequence number {} out of range", r.seq),
+                });
+                return Ok(None);
+            }
+            Ok(r) => r,
+            Err(e) => {
+                self.out.breaks.push(Break::Undecodable {
+                    index,
+                    why: e.to_string(),
+                });
+                return Ok(None);
+            }
+        };
+        let id = self.sidecar.as_str();
+        let prev = hash_of(&record.prev);
+        let this = link(record.seq, &prev, bytes);
+        match stored_link(self.tx, id, self.chain, record.seq)? {
+            Some(stored) if stored == this => {
+                self.out.duplicates += 1;
+                return Ok(Some(record.seq));
+            }
+            Some(_) => {
+                self.out.breaks.push(Break::Fork { seq: record.seq });
+                return Ok(None);
+            }
+            None => {}
+        }
+        let entry = [Entry {
+            seq: record.seq,
+            prev,
+            record: bytes,
+        }];
+        let (head_seq, head) = self.head;
+        let start = (head_seq > 0 || record.seq > 1).then_some((head_seq, head));
+        let damage = verify(self.sidecar, &entry, &[], start, &[]);
+        self.out.breaks.extend(damage.into_iter().map(Break::Chain));
+        self.tx.execute(
+            "INSERT INTO audit_records
+               (sidecar, chain, seq, prev, link, time, kind, peer, decision, policy, close_reason, record)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![
+                id,
+                self.chain,
+                record.seq as i64,
+                &prev[..],
+                &this[..],
+                record.time_unix_nanos,
+                record.kind,
+                record.peer_id,
+                record.decision,
+                record.policy,
+                record.close_reason,
+                bytes
+            ],
+        )?;
+        self.out.stored += 1;
+        if record.seq > head_seq {
+            self.head = (record.seq, this);
+        }
+        Ok(Some(record.seq))
+    }
+
+    /// Checks a checkpoint and keeps it if it holds: signed with the SVID this stream was
+    /// opened with (so not with a certificate made up for the same ID), its signature, and
+    /// the stored record's link at its sequence number, which stands for the chain up to it.
+    fn checkpoint(&mut self, peer_leaf: &[u8], c: &WireCheckpoint) -> Result<(), AuditStoreError> {
+        let signer = CertificateDer::from(c.signer.as_slice());
+        let checkpoint = Checkpoint {
+            seq: c.seq,
+            head: hash_of(&c.head),
+            signature: &c.signature,
+            signer: &signer,
+        };
+        let id = self.sidecar.as_str();
+        let at = stored_link(self.tx, id, self.chain, c.seq)?;
+        let mut damage = if c.signer != peer_leaf {
+            vec![Damage::BadSignature {
+                seq: c.seq,
+                why: "not signed with the SVID this stream was opened with".into(),
+            }]
+        } else {
+            // With the range starting at the checkpoint, verify checks the signature only.
+            verify(
+                self.sidecar,
+                &[],
+                &[checkpoint],
+                Some((c.seq, checkpoint.head)),
+                &[],
+            )
+        };
+        match at {
+            Some(l) if damage.is_empty() && l != checkpoint.head => {
+                damage.push(Damage::HeadMismatch { seq: c.seq })
+            }
+            // A checkpoint for a record not stored vouches for nothing here.
+            None if damage.is_empty() => return Ok(()),
+            _ => {}
+        }
+        if damage.is_empty() {
+            self.tx.execute(
+                "INSERT OR REPLACE INTO audit_checkpoints (sidecar, chain, seq, head, signature, signer)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![id, self.chain, c.seq as i64, &c.head, &c.signature, &c.signer],
+            )?;
+        }
+        self.out.breaks.extend(damage.into_iter().map(Break::Chain));
+        Ok(())
+    }
+}
+
 impl AuditStore {
     pub fn open(path: &Path) -> Result<Self, AuditStoreError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| AuditStoreError(format!("{}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|e| AuditStoreError::Dir(dir.to_path_buf(), e))?;
         }
         let db = Connection::open(path)?;
         db.pragma_update(None, "journal_mode", "WAL")?;
@@ -180,7 +454,11 @@ impl AuditStore {
                  sidecar TEXT NOT NULL, chain TEXT NOT NULL, seq INTEGER NOT NULL,
                  link BLOB NOT NULL, PRIMARY KEY (sidecar, chain));",
         )?;
-        Ok(Self { db: Mutex::new(db) })
+        let reader = Connection::open(path)?;
+        Ok(Self {
+            db: Mutex::new(db),
+            reader: Mutex::new(reader),
+        })
     }
 
     /// Ingests one batch of `sidecar`'s records and checkpoints (see the module). `peer_leaf`:
@@ -193,147 +471,34 @@ impl AuditStore {
     ) -> Result<Ingested, AuditStoreError> {
         let chain = batch.chain.as_str();
         if chain.is_empty() || chain.len() > 64 || !chain.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(AuditStoreError(format!(
-                "batch chain {chain:?}: not a chain ID (hex digits)"
-            )));
+            return Err(AuditStoreError::BadChainId(chain.to_string()));
         }
         let mut db = self.db.lock().expect("audit store lock");
         let tx = db.transaction()?;
-        let id = sidecar.as_str();
-        let (mut head_seq, mut head): (u64, Hash) = tx
-            .query_row(
-                "SELECT seq, link FROM audit_heads WHERE sidecar = ?1 AND chain = ?2",
-                params![id, chain],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)? as u64,
-                        hash_of(&r.get::<_, Vec<u8>>(1)?),
-                    ))
-                },
-            )
-            .optional()?
-            .unwrap_or((0, GENESIS));
-        let mut out = Ingested::default();
+        let mut ingest = Ingest {
+            tx: &tx,
+            sidecar,
+            chain,
+            head: stored_head(&tx, sidecar.as_str(), chain)?,
+            out: Ingested::default(),
+        };
         // The batch is acknowledged up to its first record that could not be stored.
         let mut stopped = false;
         for (index, bytes) in batch.records.iter().enumerate() {
-            let record = match Record::decode(&bytes[..]) {
-                Ok(r) if r.seq == 0 || r.seq > i64::MAX as u64 => {
-                    out.breaks.push(Break::Undecodable {
-                        index,
-                        why: format!("sequence number {} out of range", r.seq),
-                    });
-                    stopped = true;
-                    continue;
-                }
-                Ok(r) => r,
-                Err(e) => {
-                    out.breaks.push(Break::Undecodable {
-                        index,
-                        why: e.to_string(),
-                    });
-                    stopped = true;
-                    continue;
-                }
-            };
-            let prev = hash_of(&record.prev);
-            let this = link(record.seq, &prev, bytes);
-            let kept = match stored_link(&tx, id, chain, record.seq)? {
-                Some(stored) if stored == this => {
-                    out.duplicates += 1;
-                    true
-                }
-                Some(_) => {
-                    out.breaks.push(Break::Fork { seq: record.seq });
-                    false
-                }
-                None => {
-                    let entry = [Entry {
-                        seq: record.seq,
-                        prev,
-                        record: bytes,
-                    }];
-                    let start = (head_seq > 0 || record.seq > 1).then_some((head_seq, head));
-                    out.breaks.extend(
-                        verify(sidecar, &entry, &[], start)
-                            .into_iter()
-                            .map(Break::Chain),
-                    );
-                    tx.execute(
-                        "INSERT INTO audit_records
-                           (sidecar, chain, seq, prev, link, time, kind, peer, decision, policy, close_reason, record)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-                        params![
-                            id,
-                            chain,
-                            record.seq as i64,
-                            &prev[..],
-                            &this[..],
-                            record.time_unix_nanos,
-                            record.kind,
-                            record.peer_id,
-                            record.decision,
-                            record.policy,
-                            record.close_reason,
-                            bytes
-                        ],
-                    )?;
-                    out.stored += 1;
-                    if record.seq > head_seq {
-                        head_seq = record.seq;
-                        head = this;
-                    }
-                    true
-                }
-            };
-            if !kept {
-                stopped = true;
-            }
-            if !stopped {
-                out.durable_through = record.seq;
+            match ingest.record(index, bytes)? {
+                Some(seq) if !stopped => ingest.out.durable_through = seq,
+                Some(_) => {}
+                None => stopped = true,
             }
         }
         for c in &batch.checkpoints {
-            let signer = rustls::pki_types::CertificateDer::from(c.signer.as_slice());
-            let checkpoint = Checkpoint {
-                seq: c.seq,
-                head: hash_of(&c.head),
-                signature: &c.signature,
-                signer: &signer,
-            };
-            let at = stored_link(&tx, id, chain, c.seq)?;
-            // Signed with the SVID this stream was opened with (so not with a certificate
-            // made up for the same ID); then the signature (verify, with the range starting
-            // at the checkpoint, checks nothing else); then the stored record's link at its
-            // sequence number, which stands for the chain up to it.
-            let mut damage = if c.signer != peer_leaf {
-                vec![Damage::BadSignature {
-                    seq: c.seq,
-                    why: "not signed with the SVID this stream was opened with".into(),
-                }]
-            } else {
-                verify(sidecar, &[], &[checkpoint], Some((c.seq, checkpoint.head)))
-            };
-            match at {
-                Some(l) if damage.is_empty() && l != checkpoint.head => {
-                    damage.push(Damage::HeadMismatch { seq: c.seq })
-                }
-                // A checkpoint for a record not stored vouches for nothing here.
-                None if damage.is_empty() => continue,
-                _ => {}
-            }
-            if damage.is_empty() {
-                tx.execute(
-                    "INSERT OR REPLACE INTO audit_checkpoints (sidecar, chain, seq, head, signature, signer)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![id, chain, c.seq as i64, &c.head, &c.signature, &c.signer],
-                )?;
-            }
-            out.breaks.extend(damage.into_iter().map(Break::Chain));
+            ingest.checkpoint(peer_leaf, c)?;
         }
+        let (head_seq, head) = ingest.head;
+        let out = ingest.out;
         tx.execute(
             "INSERT OR REPLACE INTO audit_heads (sidecar, chain, seq, link) VALUES (?1, ?2, ?3, ?4)",
-            params![id, chain, head_seq as i64, &head[..]],
+            params![sidecar.as_str(), chain, head_seq as i64, &head[..]],
         )?;
         tx.commit()?;
         Ok(out)
@@ -342,9 +507,9 @@ impl AuditStore {
     /// Stored records that pass `filter`, oldest first (by arrival), with their row number
     /// (for following: `after`).
     pub fn query(&self, filter: &Filter) -> Result<Vec<(i64, String, Record)>, AuditStoreError> {
-        let db = self.db.lock().expect("audit store lock");
+        let db = self.reader.lock().expect("audit store lock");
         let mut sql = String::from(
-            "SELECT rowid, sidecar, record FROM audit_records WHERE rowid > ?1 AND time >= ?2 AND time < ?3",
+            "SELECT rowid, sidecar, seq, record FROM audit_records WHERE rowid > ?1 AND time >= ?2 AND time < ?3",
         );
         let mut args: Vec<rusqlite::types::Value> = vec![
             filter.after.into(),
@@ -376,14 +541,19 @@ impl AuditStore {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, String>(1)?,
-                r.get::<_, Vec<u8>>(2)?,
+                r.get::<_, i64>(2)? as u64,
+                r.get::<_, Vec<u8>>(3)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (rowid, sidecar, bytes) = row?;
-            let record = Record::decode(&bytes[..])
-                .map_err(|e| AuditStoreError(format!("stored record {sidecar}/{rowid}: {e}")))?;
+            let (rowid, sidecar, seq, bytes) = row?;
+            let record =
+                Record::decode(&bytes[..]).map_err(|why| AuditStoreError::StoredRecord {
+                    sidecar: sidecar.clone(),
+                    seq,
+                    why,
+                })?;
             out.push((rowid, sidecar, record));
         }
         Ok(out)
@@ -392,7 +562,7 @@ impl AuditStore {
     /// Every chain with stored records: the sidecar's SPIFFE ID, the chain, how many
     /// records, and the highest sequence number.
     pub fn chains(&self) -> Result<Vec<(String, String, u64, u64)>, AuditStoreError> {
-        let db = self.db.lock().expect("audit store lock");
+        let db = self.reader.lock().expect("audit store lock");
         let mut q = db.prepare(
             "SELECT sidecar, chain, COUNT(*), MAX(seq) FROM audit_records
              GROUP BY sidecar, chain ORDER BY sidecar, chain",
@@ -410,8 +580,22 @@ impl AuditStore {
         Ok(rows)
     }
 
-    /// Checks `sidecar`'s stored records `from..=to` (all: 1..=u64::MAX) end to end against
-    /// the stored checkpoints.
+    /// The ranges of `sidecar`'s chain that its `Dropped` records say were lost.
+    pub fn lost(
+        &self,
+        sidecar: &str,
+        chain: &str,
+    ) -> Result<Vec<RangeInclusive<u64>>, AuditStoreError> {
+        lost_ranges(
+            &self.reader.lock().expect("audit store lock"),
+            sidecar,
+            chain,
+        )
+    }
+
+    /// Checks `sidecar`'s stored records `from..=to` (all: 1..=u64::MAX) end to end, in
+    /// sequence order, against the stored checkpoints; gaps the chain's own `Dropped` records
+    /// account for are not breaks. Reads `VERIFY_CHUNK` records at a time.
     pub fn verify_range(
         &self,
         sidecar: &SpiffeId,
@@ -419,67 +603,52 @@ impl AuditStore {
         from: u64,
         to: u64,
     ) -> Result<Vec<Damage>, AuditStoreError> {
-        let db = self.db.lock().expect("audit store lock");
+        let db = self.reader.lock().expect("audit store lock");
         let id = sidecar.as_str();
-        let to = to.min(i64::MAX as u64) as i64;
-        let mut q = db.prepare(
-            "SELECT seq, prev, record FROM audit_records
-             WHERE sidecar = ?1 AND chain = ?4 AND seq >= ?2 AND seq <= ?3 ORDER BY rowid",
-        )?;
-        let rows: Vec<(u64, Hash, Vec<u8>)> = q
-            .query_map(params![id, from as i64, to, chain], |r| {
-                Ok((
-                    r.get::<_, i64>(0)? as u64,
-                    hash_of(&r.get::<_, Vec<u8>>(1)?),
-                    r.get::<_, Vec<u8>>(2)?,
-                ))
-            })?
-            .collect::<Result<_, _>>()?;
-        let mut q = db.prepare(
-            "SELECT seq, head, signature, signer FROM audit_checkpoints
-             WHERE sidecar = ?1 AND chain = ?3 AND seq >= ?2 ORDER BY seq",
-        )?;
-        type Row = (u64, Hash, Vec<u8>, Vec<u8>);
-        let cps: Vec<Row> = q
-            .query_map(params![id, from as i64, chain], |r| {
-                Ok((
-                    r.get::<_, i64>(0)? as u64,
-                    hash_of(&r.get::<_, Vec<u8>>(1)?),
-                    r.get(2)?,
-                    r.get(3)?,
-                ))
-            })?
-            .collect::<Result<_, _>>()?;
-        // Checkpoints up to the end of the range (from the start on) vouch for it.
-        let start = if from > 1 {
+        let to = to.min(i64::MAX as u64);
+        let lost = lost_ranges(&db, id, chain)?;
+        let mut start = if from > 1 {
             stored_link(&db, id, chain, from - 1)?.map(|l| (from - 1, l))
         } else {
             None
         };
-        let signers: Vec<rustls::pki_types::CertificateDer<'_>> = cps
-            .iter()
-            .map(|c| rustls::pki_types::CertificateDer::from(c.3.as_slice()))
-            .collect();
-        let checkpoints: Vec<Checkpoint<'_>> = cps
-            .iter()
-            .zip(&signers)
-            .filter(|(c, _)| c.0 <= to as u64)
-            .map(|(c, signer)| Checkpoint {
-                seq: c.0,
-                head: c.1,
-                signature: &c.2,
-                signer,
-            })
-            .collect();
-        let entries: Vec<Entry<'_>> = rows
-            .iter()
-            .map(|(seq, prev, record)| Entry {
-                seq: *seq,
-                prev: *prev,
-                record,
-            })
-            .collect();
-        Ok(verify(sidecar, &entries, &checkpoints, start))
+        let mut after = from.saturating_sub(1);
+        let mut damage = Vec::new();
+        let mut q = db.prepare(
+            "SELECT seq, prev, record FROM audit_records
+             WHERE sidecar = ?1 AND chain = ?2 AND seq > ?3 AND seq <= ?4 ORDER BY seq LIMIT ?5",
+        )?;
+        loop {
+            let rows: Vec<(u64, Hash, Vec<u8>)> = q
+                .query_map(
+                    params![id, chain, after as i64, to as i64, VERIFY_CHUNK],
+                    |r| {
+                        Ok((
+                            r.get::<_, i64>(0)? as u64,
+                            hash_of(&r.get::<_, Vec<u8>>(1)?),
+                            r.get::<_, Vec<u8>>(2)?,
+                        ))
+                    },
+                )?
+                .collect::<Result<_, _>>()?;
+            // The last chunk takes every checkpoint up to `to`: those past the last record
+            // stored vouch for a tail that is gone.
+            let through = match rows.last() {
+                Some(last) if rows.len() as i64 == VERIFY_CHUNK => last.0,
+                _ => to,
+            };
+            let cps = stored_checkpoints(&db, id, chain, after, through)?;
+            damage.extend(verify_chunk(sidecar, &rows, &cps, start, &lost));
+            let Some((seq, prev, record)) = rows.last() else {
+                break;
+            };
+            start = Some((*seq, link(*seq, prev, record)));
+            after = *seq;
+            if through == to {
+                break;
+            }
+        }
+        Ok(damage)
     }
 }
 
@@ -523,23 +692,33 @@ mod tests {
 
         /// `n` more records, and a checkpoint after them.
         fn batch(&mut self, n: u64) -> Batch {
-            let mut records = Vec::new();
-            for _ in 0..n {
-                self.seq += 1;
-                let r = Record {
-                    schema: SCHEMA,
-                    seq: self.seq,
-                    prev: self.head.to_vec(),
-                    time_unix_nanos: 1_800_000_000_000_000_000 + self.seq as i64,
-                    kind: Kind::ConnectionClose as i32,
-                    peer_id: "spiffe://example.org/ns/demo/sa/a".into(),
-                    close_reason: "normal".into(),
-                    ..Record::default()
-                }
-                .encode_to_vec();
-                self.head = link(self.seq, &self.head, &r);
-                records.push(r);
-            }
+            let close = Record {
+                kind: Kind::ConnectionClose as i32,
+                peer_id: "spiffe://example.org/ns/demo/sa/a".into(),
+                close_reason: "normal".into(),
+                ..Record::default()
+            };
+            self.batch_of(vec![close; n as usize])
+        }
+
+        /// `records`, chained, and a checkpoint after them.
+        fn batch_of(&mut self, records: Vec<Record>) -> Batch {
+            let records: Vec<Vec<u8>> = records
+                .into_iter()
+                .map(|r| {
+                    self.seq += 1;
+                    let r = Record {
+                        schema: SCHEMA,
+                        seq: self.seq,
+                        prev: self.head.to_vec(),
+                        time_unix_nanos: 1_800_000_000_000_000_000 + self.seq as i64,
+                        ..r
+                    }
+                    .encode_to_vec();
+                    self.head = link(self.seq, &self.head, &r);
+                    r
+                })
+                .collect();
             self.sent.extend(records.iter().cloned());
             let checkpoints = vec![WireCheckpoint {
                 seq: self.seq,
@@ -661,6 +840,61 @@ mod tests {
                 checkpoint: 150
             }),
             "{damage:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_gap_the_sidecar_accounts_for_is_not_a_break_and_one_it_does_not_is() {
+        let dir = std::env::temp_dir().join(format!("sigil-audit-lost-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = AuditStore::open(&dir.join("audit.db")).unwrap();
+        let ca = Ca::new("example.org");
+        let mut web = Sidecar::new(&ca);
+        let id = SpiffeId::parse(WEB).unwrap();
+        let leaf = web.identity.chain()[0].to_vec();
+        store.ingest(&id, &leaf, &web.batch(100)).unwrap();
+        // Records 101 to 180 lost in a full fail-open spool; the sidecar says so later.
+        web.seq += 80;
+        web.head = [9; 32];
+        store.ingest(&id, &leaf, &web.batch(20)).unwrap();
+        let damage = store.verify_range(&id, CHAIN, 1, u64::MAX).unwrap();
+        assert_eq!(
+            damage,
+            [
+                Damage::OutOfSequence {
+                    expected: 101,
+                    found: 181
+                },
+                Damage::Unlinked { seq: 181 }
+            ]
+        );
+        let note = Record {
+            kind: Kind::Dropped as i32,
+            dropped: 80,
+            dropped_from: 101,
+            ..Record::default()
+        };
+        store.ingest(&id, &leaf, &web.batch_of(vec![note])).unwrap();
+        store.ingest(&id, &leaf, &web.batch(100)).unwrap();
+        assert_eq!(store.lost(WEB, CHAIN).unwrap(), [101..=180]);
+        assert_eq!(store.verify_range(&id, CHAIN, 1, u64::MAX).unwrap(), []);
+        // A record deleted elsewhere is still a break, across the verifier's chunks.
+        store
+            .db
+            .lock()
+            .unwrap()
+            .execute("DELETE FROM audit_records WHERE seq = 250", [])
+            .unwrap();
+        assert_eq!(
+            store.verify_range(&id, CHAIN, 1, u64::MAX).unwrap(),
+            [
+                Damage::OutOfSequence {
+                    expected: 250,
+                    found: 251
+                },
+                Damage::Unlinked { seq: 251 }
+            ]
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }

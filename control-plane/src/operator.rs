@@ -497,8 +497,8 @@ fn percent_decode(v: &str) -> String {
 }
 
 /// Every stored audit chain checked end to end: one line per chain (the sidecar's ID, the
-/// chain, how many records, the last sequence number, `ok` or how many breaks), then one per
-/// break.
+/// chain, how many records, the last sequence number, how many records the sidecar's own
+/// `Dropped` records say it lost if any, `ok` or how many breaks), then one per break.
 /// 409 if any break was found.
 async fn audit_verify(api: &Api) -> Reply {
     let Some(store) = api.audit.clone() else {
@@ -507,38 +507,54 @@ async fn audit_verify(api: &Api) -> Reply {
             "this control plane keeps no audit records (see --audit-db)\n".into(),
         ));
     };
-    let report = tokio::task::spawn_blocking(move || -> Result<(String, bool), String> {
-        let mut out = String::new();
-        let mut whole = true;
-        for (sidecar, chain, count, last) in store.chains().map_err(|e| e.to_string())? {
-            let id = SpiffeId::parse(&sidecar).map_err(|e| format!("{sidecar}: {e}"))?;
-            let damage = store
-                .verify_range(&id, &chain, 1, u64::MAX)
-                .map_err(|e| e.to_string())?;
-            if damage.is_empty() {
-                out += &format!("{sidecar} chain={chain} records={count} last={last} ok\n");
-            } else {
-                whole = false;
-                out += &format!(
-                    "{sidecar} chain={chain} records={count} last={last} breaks={}\n",
-                    damage.len()
-                );
-                for d in damage {
-                    out += &format!("  {d}\n");
-                }
-            }
-        }
-        Ok((out, whole))
-    })
-    .await
-    .map_err(internal)?
-    .map_err(internal)?;
+    let report = tokio::task::spawn_blocking(move || verify_report(&store))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
     let status = if report.1 {
         StatusCode::OK
     } else {
         StatusCode::CONFLICT
     };
     Ok(text(status, report.0))
+}
+
+/// The report of `audit_verify`, and whether every chain is whole.
+fn verify_report(
+    store: &crate::audit_store::AuditStore,
+) -> Result<(String, bool), crate::audit_store::AuditStoreError> {
+    let mut out = String::new();
+    let mut whole = true;
+    for (sidecar, chain, count, last) in store.chains()? {
+        let line = format!("{sidecar} chain={chain} records={count} last={last}");
+        // Stored under the ID of the SVID the sidecar presented, so it parses.
+        let Ok(id) = SpiffeId::parse(&sidecar) else {
+            whole = false;
+            out += &format!("{line} breaks=1\n  the stored sidecar ID is not a SPIFFE ID\n");
+            continue;
+        };
+        let damage = store.verify_range(&id, &chain, 1, u64::MAX)?;
+        let lost: u64 = store
+            .lost(&sidecar, &chain)?
+            .iter()
+            .map(|r| r.end() - r.start() + 1)
+            .sum();
+        let lost = if lost > 0 {
+            format!(" lost_by_sidecar={lost}")
+        } else {
+            String::new()
+        };
+        if damage.is_empty() {
+            out += &format!("{line}{lost} ok\n");
+        } else {
+            whole = false;
+            out += &format!("{line}{lost} breaks={}\n", damage.len());
+            for d in damage {
+                out += &format!("  {d}\n");
+            }
+        }
+    }
+    Ok((out, whole))
 }
 
 async fn status(api: &Api) -> Response<Full<Bytes>> {

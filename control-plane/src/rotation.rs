@@ -42,6 +42,32 @@ const ACTIVATION_GRACE: Duration = Duration::from_secs(30);
 /// behind.
 const RETIRE_MARGIN: i64 = 10;
 
+/// Why a look at the CA directory did not go through; retried at the next.
+#[derive(Debug)]
+pub enum RotationError {
+    /// The CA directory does not load; the CAs loaded before stay in force.
+    Load(ca::CaError),
+    /// The retired CA could not be dropped, or the next one activated.
+    Ca(ca::CaError),
+    /// The trust bundle could not be stored.
+    Store {
+        name: String,
+        source: crate::stored::StoreError,
+    },
+}
+
+impl std::fmt::Display for RotationError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Load(e) => write!(f, "{e}; the CAs loaded before stay in force"),
+            Self::Ca(e) => write!(f, "{e}"),
+            Self::Store { name, source } => {
+                write!(f, "storing TrustBundle/{name}: {source}; retrying")
+            }
+        }
+    }
+}
+
 /// What `follow` needs.
 pub struct Rotation {
     pub dir: PathBuf,
@@ -122,6 +148,7 @@ pub async fn follow(r: Rotation) {
     let mut p = Progress::default();
     loop {
         if let Err(problem) = step(&r, &mut p).await {
+            let problem = problem.to_string();
             if problem != p.problem {
                 error!("CA rotation: {problem}");
                 p.problem = problem;
@@ -145,9 +172,8 @@ fn stored_certs(r: &Rotation, td: &TrustDomain) -> Vec<CertificateDer<'static>> 
         .collect()
 }
 
-fn load(r: &Rotation) -> Result<Arc<CaSet>, String> {
-    let set =
-        CaSet::load(&r.dir).map_err(|e| format!("{e}; the CAs loaded before stay in force"))?;
+fn load(r: &Rotation) -> Result<Arc<CaSet>, RotationError> {
+    let set = CaSet::load(&r.dir).map_err(RotationError::Load)?;
     let set = Arc::new(set);
     let changed = r.cas.borrow().certs() != set.certs();
     if changed {
@@ -158,14 +184,14 @@ fn load(r: &Rotation) -> Result<Arc<CaSet>, String> {
     Ok(set)
 }
 
-async fn step(r: &Rotation, p: &mut Progress) -> Result<(), String> {
+async fn step(r: &Rotation, p: &mut Progress) -> Result<(), RotationError> {
     let set = load(r)?;
     let td = set.active.trust_domain().clone();
     let now = now_unix();
     if let Some(retired) = &set.retired {
         if now >= retired.until {
             let gone = retired.cert.clone();
-            ca::drop_retired(&r.dir).map_err(|e| e.to_string())?;
+            ca::drop_retired(&r.dir).map_err(RotationError::Ca)?;
             let set = load(r)?;
             // Out of the stored bundle, unless this replica's set or bundle file still has it.
             if !domain_certs(&r.file_bundles, &set).contains(&gone) {
@@ -228,7 +254,7 @@ async fn step(r: &Rotation, p: &mut Progress) -> Result<(), String> {
     let by_ttl = now + i64::try_from(max_ttl.as_secs()).unwrap_or(i64::MAX / 2);
     let signed = r.issued_until.swap(0, Ordering::Relaxed);
     let until = by_ttl.max(signed) + RETIRE_MARGIN;
-    ca::activate(&r.dir, until).map_err(|e| e.to_string())?;
+    ca::activate(&r.dir, until).map_err(RotationError::Ca)?;
     load(r)?;
     p.next_seen = None;
     info!(
@@ -243,14 +269,17 @@ async fn write_bundle(
     r: &Rotation,
     td: &TrustDomain,
     certs: &[CertificateDer<'static>],
-) -> Result<u64, String> {
+) -> Result<u64, RotationError> {
     let yaml = bundle_yaml(td, certs);
     let name = resource_name(td);
     let (_, version) = r
         .store
         .apply(&[("TrustBundle", &name, &yaml)], false)
         .await
-        .map_err(|e| format!("storing TrustBundle/{name}: {e}; retrying"))?;
+        .map_err(|source| RotationError::Store {
+            name: name.clone(),
+            source,
+        })?;
     let version = version.max(0) as u64;
     // Pushed at once; the watch of another replica (etcd) pushes it there.
     let _ = r.hub.publish(&r.store).await;

@@ -139,24 +139,34 @@ impl fmt::Display for Damage {
 /// `id` and match the chain's head at its sequence number. Returns every break found; an empty
 /// list means the range is whole. (Whether the signer's SVID chains to the trust bundle is the
 /// caller's check, with the bundles it trusts.)
+///
+/// `lost`: the ranges of sequence numbers the sidecar's own `Dropped` records say it lost (a
+/// full fail-open spool). A gap inside one of them is accounted for, not damage: the record
+/// after it cannot be linked to the record before it, and the `Dropped` record, chained and
+/// checkpointed like any other, vouches for the gap instead.
 pub fn verify(
     id: &SpiffeId,
     entries: &[Entry<'_>],
     checkpoints: &[Checkpoint<'_>],
     start: Option<(u64, Hash)>,
+    lost: &[std::ops::RangeInclusive<u64>],
 ) -> Vec<Damage> {
     let mut damage = Vec::new();
     let (first, mut head) = start.map_or((1, GENESIS), |(seq, head)| (seq.saturating_add(1), head));
     let mut expected = first;
     let mut heads = std::collections::BTreeMap::new();
     for e in entries {
-        if e.seq != expected {
+        let accounted = e.seq > expected
+            && lost
+                .iter()
+                .any(|r| r.contains(&expected) && r.contains(&(e.seq - 1)));
+        if e.seq != expected && !accounted {
             damage.push(Damage::OutOfSequence {
                 expected,
                 found: e.seq,
             });
         }
-        if e.prev != head {
+        if e.prev != head && !accounted {
             damage.push(Damage::Unlinked { seq: e.seq });
         }
         head = link(e.seq, &e.prev, e.record);
@@ -282,8 +292,9 @@ mod tests {
         let id = SpiffeId::parse(SIDECAR).unwrap();
         let (records, heads) = chain(10);
         let checkpoints = [checkpoint(&me, 5, heads[4]), checkpoint(&me, 10, heads[9])];
-        let check =
-            |records: &[Stored], cps: &[Signed]| verify(&id, &entries(records), &view(cps), None);
+        let check = |records: &[Stored], cps: &[Signed]| {
+            verify(&id, &entries(records), &view(cps), None, &[])
+        };
         assert_eq!(check(&records, &checkpoints), [], "a whole chain");
 
         // An edited record: the next one no longer links to it.
@@ -368,9 +379,32 @@ mod tests {
                 &id,
                 &entries(&records[5..]),
                 &view(&checkpoints),
-                Some((5, heads[4]))
+                Some((5, heads[4])),
+                &[]
             ),
             []
+        );
+        // Records 4 to 6 lost: damage, unless a `Dropped` record accounts for exactly them.
+        let gap: Vec<Stored> = records[..3].iter().chain(&records[6..]).cloned().collect();
+        let damage = verify(&id, &entries(&gap), &view(&checkpoints), None, &[]);
+        assert_eq!(
+            damage,
+            [
+                Damage::OutOfSequence {
+                    expected: 4,
+                    found: 7
+                },
+                Damage::Unlinked { seq: 7 }
+            ]
+        );
+        assert_eq!(
+            verify(&id, &entries(&gap), &view(&checkpoints), None, &[4..=6]),
+            []
+        );
+        assert_eq!(
+            verify(&id, &entries(&gap), &view(&checkpoints), None, &[5..=6]).len(),
+            2,
+            "a range that does not cover the whole gap accounts for none of it"
         );
     }
 

@@ -65,17 +65,21 @@ impl Auditor {
         r.schema = SCHEMA;
         r.time_unix_nanos = now_nanos();
         let mut spool = self.spool.lock().expect("spool lock");
-        let dropped = spool.take_dropped();
-        if dropped > 0 {
-            self.lost.inc_by(dropped);
+        // Records lost since the last one (a full fail-open spool, a damaged segment): a
+        // record says which, so that the gap they leave in the chain is accounted for.
+        for lost in spool.take_dropped() {
+            self.lost.inc_by(lost.count());
             let note = Record {
                 schema: SCHEMA,
                 time_unix_nanos: r.time_unix_nanos,
                 kind: Kind::Dropped as i32,
                 local_id: r.local_id.clone(),
-                dropped,
-                detail: "the audit spool was full (fail-open): the oldest records were dropped"
-                    .into(),
+                dropped: lost.count(),
+                dropped_from: lost.from,
+                detail: format!(
+                    "records {} to {} were lost before the control plane had them (a full fail-open spool drops its oldest; a damaged spool segment loses what it held)",
+                    lost.from, lost.through
+                ),
                 ..Record::default()
             };
             let _ = append(&mut spool, note);

@@ -12,8 +12,10 @@
 //! bounds what a power loss can take.
 //!
 //! Bounded: when a record would take the spool past its size, `FailOpen` drops the oldest
-//! segment (its records not yet acknowledged are counted, for a record saying how many were
-//! lost) and `FailClosed` refuses the record (the caller refuses the connection).
+//! segment (its records not yet acknowledged are counted, for a record saying which were
+//! lost) and `FailClosed` refuses the record (the caller refuses the connection). A segment
+//! damaged in the middle is cut at the damage; the segments after it are kept, and the records
+//! between are counted lost the same way.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -84,10 +86,24 @@ pub struct Spool {
     next_seq: u64,
     head: Hash,
     acked: u64,
-    /// Records dropped (fail-open) and not yet reported.
-    dropped: u64,
+    /// Records lost (dropped when full in fail-open mode, or in a torn segment) and not yet
+    /// reported: ranges of sequence numbers, oldest first.
+    dropped: Vec<Lost>,
     /// This spool's chain ID (32 hex digits).
     chain: String,
+}
+
+/// Records `from..=through` that never reach the control plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lost {
+    pub from: u64,
+    pub through: u64,
+}
+
+impl Lost {
+    pub fn count(&self) -> u64 {
+        self.through - self.from + 1
+    }
 }
 
 /// A spooled record: its sequence number, the link of the record before it, and its bytes.
@@ -133,20 +149,31 @@ impl Spool {
             }
         }
         firsts.sort();
-        let mut segments = VecDeque::new();
+        let mut segments: VecDeque<Segment> = VecDeque::new();
+        let mut dropped = Vec::new();
         let (mut next_seq, mut head) = (acked + 1, GENESIS);
-        let count = firsts.len();
-        for (i, (first, path)) in firsts.into_iter().enumerate() {
+        for (first, path) in firsts {
             let scan = scan(&path).map_err(io_err(&path))?;
             if scan.valid_bytes < scan.file_bytes {
-                // A torn tail: only the newest segment can have one honestly; cut it off
-                // wherever it is, and drop what follows (it no longer chains).
+                // A torn frame: at the tail of the newest segment after a power loss, or
+                // anywhere after damage. What follows it in this segment cannot be read;
+                // the later segments are kept, and the records between are counted lost.
                 let f = OpenOptions::new()
                     .write(true)
                     .open(&path)
                     .map_err(io_err(&path))?;
                 f.set_len(scan.valid_bytes).map_err(io_err(&path))?;
                 f.sync_all().map_err(io_err(&path))?;
+            }
+            let last = scan.last.map_or(first - 1, |(seq, _)| seq);
+            if let Some(before) = segments.back() {
+                let from = (before.last + 1).max(acked + 1);
+                if first > from {
+                    dropped.push(Lost {
+                        from,
+                        through: first - 1,
+                    });
+                }
             }
             if let Some((seq, link_of_last)) = scan.last {
                 next_seq = seq + 1;
@@ -155,23 +182,9 @@ impl Spool {
             segments.push_back(Segment {
                 path,
                 first,
-                last: scan.last.map_or(first - 1, |(seq, _)| seq),
+                last,
                 bytes: scan.valid_bytes,
             });
-            if scan.valid_bytes < scan.file_bytes && i + 1 < count {
-                break;
-            }
-        }
-        // Segments after a cut were dropped from the list; remove their files.
-        for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
-            let path = entry.map_err(io_err(dir))?.path();
-            let is_segment = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.ends_with(SEGMENT_SUFFIX));
-            if is_segment && !segments.iter().any(|s| s.path == path) {
-                std::fs::remove_file(&path).map_err(io_err(&path))?;
-            }
         }
         if segments.is_empty() {
             segments.push_back(new_segment(dir, next_seq).map_err(io_err(dir))?);
@@ -191,7 +204,7 @@ impl Spool {
             next_seq,
             head,
             acked,
-            dropped: 0,
+            dropped,
             chain,
         })
     }
@@ -261,8 +274,7 @@ impl Spool {
             return Ok(false);
         }
         let oldest = self.segments.pop_front().expect("two at least");
-        let unacked_from = oldest.first.max(self.acked + 1);
-        self.dropped += (oldest.last + 1).saturating_sub(unacked_from);
+        self.lose(oldest.first.max(self.acked + 1), oldest.last);
         std::fs::remove_file(&oldest.path).map_err(|e| SpoolError::Io(oldest.path.clone(), e))?;
         Ok(true)
     }
@@ -312,7 +324,7 @@ impl Spool {
         let mut gone = Vec::new();
         while self.segments.len() > 1
             && self.segments[0].last <= self.acked
-            && self.segments[1].last >= self.segments[1].first
+            && self.segments.iter().skip(1).any(|s| s.last >= s.first)
         {
             gone.push(self.segments.pop_front().expect("checked").path);
         }
@@ -324,8 +336,19 @@ impl Spool {
         &self.dir
     }
 
-    /// How many records were dropped since the last call (fail-open, spool full).
-    pub fn take_dropped(&mut self) -> u64 {
+    /// Notes records `from..=through` as lost, joined to the range before if it adjoins.
+    fn lose(&mut self, from: u64, through: u64) {
+        if from > through {
+            return;
+        }
+        match self.dropped.last_mut() {
+            Some(last) if last.through + 1 == from => last.through = through,
+            _ => self.dropped.push(Lost { from, through }),
+        }
+    }
+
+    /// The records lost since the last call, for `Dropped` records to say so.
+    pub fn take_dropped(&mut self) -> Vec<Lost> {
         std::mem::take(&mut self.dropped)
     }
 
@@ -544,7 +567,7 @@ mod tests {
                 record: r,
             })
             .collect();
-        assert_eq!(verify(&id, &entries, &[], start), []);
+        assert_eq!(verify(&id, &entries, &[], start, &[]), []);
     }
 
     #[test]
@@ -595,6 +618,39 @@ mod tests {
             [1, 2, 3, 4, 5, 6, 7]
         );
         assert_chain(&all, None);
+    }
+
+    #[test]
+    fn a_segment_damaged_in_the_middle_keeps_the_later_ones_and_counts_what_is_lost() {
+        let dir = Dir::new("middle");
+        let mut s = Spool::open(&dir.0, 1 << 20, WhenFull::FailOpen).unwrap();
+        append_n(&mut s, 5000);
+        assert!(s.segments.len() >= 3);
+        let (first, middle, next) = {
+            let m = &s.segments[1];
+            (m.first, m.path.clone(), s.segments[2].first)
+        };
+        let position = s.position();
+        drop(s);
+        // One byte changed in the middle segment's 10th frame.
+        let mut bytes = std::fs::read(&middle).unwrap();
+        let at = (0..9).fold(0, |at, _| {
+            at + 52 + u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize
+        });
+        bytes[at + 50] ^= 1;
+        std::fs::write(&middle, bytes).unwrap();
+        let mut s = Spool::open(&dir.0, 1 << 20, WhenFull::FailOpen).unwrap();
+        assert_eq!(s.position(), position, "the later segments are kept");
+        assert_eq!(
+            s.take_dropped(),
+            [Lost {
+                from: first + 9,
+                through: next - 1
+            }]
+        );
+        let all = s.read_from(1, usize::MAX).unwrap();
+        assert_eq!(all.len() as u64, 5000 - (next - first - 9));
+        assert_eq!(all.last().unwrap().0, 5000);
     }
 
     #[test]
@@ -661,17 +717,18 @@ mod tests {
         append_n(&mut s, 20_000);
         assert!(s.bytes() <= max);
         let kept = s.read_from(1, usize::MAX).unwrap();
-        let dropped = s.take_dropped();
+        let lost = s.take_dropped();
+        assert_eq!(lost.len(), 1, "one range, joined: {lost:?}");
+        assert_eq!(lost[0].from, 1);
         assert_eq!(
-            dropped + kept.len() as u64,
-            20_000,
-            "every record kept or counted"
+            lost[0].through + 1,
+            kept[0].0,
+            "exactly the records not kept"
         );
-        assert!(dropped > 0);
         assert_eq!(kept.last().unwrap().0, 20_000);
         let start = kept[0].0 - 1;
         assert_chain(&kept, Some((start, kept[0].1)));
-        assert_eq!(s.take_dropped(), 0, "reported once");
+        assert_eq!(s.take_dropped(), [], "reported once");
     }
 
     #[test]
@@ -691,7 +748,7 @@ mod tests {
         assert_eq!(s.position().0, appended + 1, "nothing skipped");
         s.ack(appended / 2).unwrap();
         s.append(|seq, _| record(seq)).expect("room again");
-        assert_eq!(s.take_dropped(), 0);
+        assert_eq!(s.take_dropped(), []);
         let all = s.read_from(1, usize::MAX).unwrap();
         assert_eq!(all.last().unwrap().0, appended + 1);
     }

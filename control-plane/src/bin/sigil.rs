@@ -714,14 +714,33 @@ fn now_unix() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
+/// A --since/--until value that is no time.
+struct BadTime<'a> {
+    flag: &'a str,
+    value: &'a str,
+    why: String,
+}
+
+impl std::fmt::Display for BadTime<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {:?}: neither a duration (24h) nor an RFC 3339 time: {}",
+            self.flag, self.value, self.why
+        )
+    }
+}
+
 /// Unix seconds of a --since/--until value: a duration back from now, or an RFC 3339 time.
-fn when(flag: &str, v: &str, now: i64) -> Result<i64, String> {
-    match sigil_config::proxy_config::duration::parse(v) {
+fn when<'a>(flag: &'a str, value: &'a str, now: i64) -> Result<i64, BadTime<'a>> {
+    match sigil_config::proxy_config::duration::parse(value) {
         Ok(back) => Ok(now - back.as_secs() as i64),
-        Err(_) => sigil_config::policy::Timestamp::parse(v)
+        Err(_) => sigil_config::policy::Timestamp::parse(value)
             .map(|t| t.0)
-            .map_err(|e| {
-                format!("{flag} {v:?}: neither a duration (24h) nor an RFC 3339 time: {e}")
+            .map_err(|e| BadTime {
+                flag,
+                value,
+                why: e.to_string(),
             }),
     }
 }
