@@ -425,7 +425,7 @@ fn audit_line(row: i64, sidecar: &str, r: &sigil_api::audit::Record) -> String {
         out += &format!(" duration_ms={}", r.duration_ms);
     }
     if r.dropped != 0 {
-        out += &format!(" dropped={}", r.dropped);
+        out += &format!(" dropped={} dropped_from={}", r.dropped, r.dropped_from);
     }
     out
 }
@@ -463,6 +463,7 @@ fn audit_json(row: i64, sidecar: &str, r: &sigil_api::audit::Record) -> String {
         "method": r.method,
         "allowed": r.allowed.iter().map(|c| serde_json::json!({"route": c.route, "method": c.method, "count": c.count})).collect::<Vec<_>>(),
         "dropped": r.dropped,
+        "dropped_from": r.dropped_from,
         "actor": r.actor,
         "subject": r.subject,
         "detail": r.detail,

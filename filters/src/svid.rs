@@ -142,6 +142,18 @@ impl fmt::Display for SvidError {
 
 impl std::error::Error for SvidError {}
 
+/// The certificate's serial number in lowercase hex (as `openssl x509 -serial` prints it,
+/// but lowercase), for audit records; None if it does not parse.
+pub fn serial_hex(cert: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert).ok()?;
+    Some(
+        cert.raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
+}
+
 /// Checks the leaf's shape and returns its SPIFFE ID. No chain validation.
 pub fn leaf_spiffe_id(end_entity: &[u8], usage: Option<Usage>) -> Result<SpiffeId, SvidError> {
     let (_, cert) = x509_parser::parse_x509_certificate(end_entity)

@@ -60,33 +60,16 @@ impl Auditor {
     /// Appends `r` (its kind and fields set by the caller) to the spool: on disk, in the
     /// chain, before this returns. A full fail-closed spool refuses it (and new connections,
     /// until the control plane acknowledges); a full fail-open one drops its oldest records,
-    /// and a `Dropped` record says how many.
+    /// and a `Dropped` record after this one says which.
     pub fn record(&self, mut r: Record) {
         r.schema = SCHEMA;
         r.time_unix_nanos = now_nanos();
         let mut spool = self.spool.lock().expect("spool lock");
-        // Records lost since the last one (a full fail-open spool, a damaged segment): a
-        // record says which, so that the gap they leave in the chain is accounted for.
-        for lost in spool.take_dropped() {
-            self.lost.inc_by(lost.count());
-            let note = Record {
-                schema: SCHEMA,
-                time_unix_nanos: r.time_unix_nanos,
-                kind: Kind::Dropped as i32,
-                local_id: r.local_id.clone(),
-                dropped: lost.count(),
-                dropped_from: lost.from,
-                detail: format!(
-                    "records {} to {} were lost before the control plane had them (a full fail-open spool drops its oldest; a damaged spool segment loses what it held)",
-                    lost.from, lost.through
-                ),
-                ..Record::default()
-            };
-            let _ = append(&mut spool, note);
-        }
+        let (local_id, r_time) = (r.local_id.clone(), r.time_unix_nanos);
+        // Records lost at open (a damaged segment) are said before this one.
+        self.note_losses(&mut spool, &local_id, r_time);
         match append(&mut spool, r) {
-            Ok(seq) => {
-                self.spooled.set(seq as i64);
+            Ok(_) => {
                 // Fail-closed refuses new connections from 90 % on, so that the records of
                 // the connections already open (their closes) still find room.
                 if self.when_full == WhenFull::FailClosed
@@ -107,8 +90,43 @@ impl Auditor {
                 limited!(warn, "audit record not spooled: {e}");
             }
         }
+        // The records this one pushed out (fail-open) are said at once, so that no loss
+        // waits for a next record to be told.
+        self.note_losses(&mut spool, &local_id, r_time);
+        self.spooled.set(spool.position().0 as i64 - 1);
         drop(spool);
         self.appended.notify_one();
+    }
+
+    /// Appends a `Dropped` record for each range of records the spool lost (a full fail-open
+    /// spool, a damaged segment), so that the gap they leave in the chain is accounted for;
+    /// until none is left (a note can push out older records in turn).
+    fn note_losses(&self, spool: &mut Spool, local_id: &str, time_unix_nanos: i64) {
+        loop {
+            let losses = spool.take_dropped();
+            if losses.is_empty() {
+                return;
+            }
+            for lost in losses {
+                self.lost.inc_by(lost.count());
+                let note = Record {
+                    schema: SCHEMA,
+                    time_unix_nanos,
+                    kind: Kind::Dropped as i32,
+                    local_id: local_id.to_string(),
+                    dropped: lost.count(),
+                    dropped_from: lost.from,
+                    detail: format!(
+                        "records {} to {} were lost before the control plane had them (a full fail-open spool drops its oldest; a damaged spool segment loses what it held)",
+                        lost.from, lost.through
+                    ),
+                    ..Record::default()
+                };
+                if let Err(e) = append(spool, note) {
+                    limited!(warn, "audit record of lost records not spooled: {e}");
+                }
+            }
+        }
     }
 
     /// Where shipping starts: the first record not acknowledged.

@@ -90,9 +90,18 @@ pub struct Conns {
 }
 
 /// Held by the connection task; removes the entry when dropped.
+/// Bytes moved on one connection, for its audit record.
+#[derive(Debug, Default)]
+pub struct ConnBytes {
+    pub from_peer: AtomicU64,
+    pub to_peer: AtomicU64,
+}
+
 pub struct ConnGuard {
     id: u64,
     conns: Arc<Conns>,
+    /// What the connection moved, counted as it goes.
+    pub bytes: Arc<ConnBytes>,
     /// When it was admitted, for the audit record of its close.
     pub opened_at: std::time::Instant,
     /// Becomes `Some(reason)` when something asks the connection to close.
@@ -146,6 +155,7 @@ impl Conns {
         ConnGuard {
             id,
             conns: self.clone(),
+            bytes: Arc::default(),
             opened_at: std::time::Instant::now(),
             close_rx,
         }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use sigil_config::SpiffeId;
 use sigil_filters::tls::{handshake_failure, Carries};
 use tokio::net::TcpStream;
@@ -16,14 +16,14 @@ use tracing::debug;
 
 use crate::conns::Direction;
 use crate::identity::Current;
-use crate::ledger::{peer_chain, Ledger};
+use crate::ledger::{Ledger, Session};
 use crate::logs::limited;
 use crate::reasons::Refusal;
 
 const DIR: Direction = Direction::Outbound;
 
-/// An mTLS connection to a peer sidecar and the chain it presented (leaf first).
-pub type Dialed = (TlsStream<TcpStream>, Vec<CertificateDer<'static>>);
+/// An mTLS connection to a peer sidecar and what its handshake established.
+pub type Dialed = (TlsStream<TcpStream>, Session);
 
 pub struct Dialer {
     pub tls: Arc<Current>,
@@ -86,7 +86,7 @@ impl Dialer {
             }
         };
         debug!(%dest, peer = %expected, ?carries, "outbound mTLS established");
-        let chain = peer_chain(stream.get_ref().1);
-        Some((stream, chain))
+        let session = Session::of(stream.get_ref().0, stream.get_ref().1);
+        Some((stream, session))
     }
 }

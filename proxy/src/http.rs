@@ -189,10 +189,7 @@ pub async fn tunnel(
     let (Ok(down), Ok(up)) = (down.await, up.await) else {
         return CloseReason::IoError;
     };
-    let uncounted = Counters {
-        from_peer: Default::default(),
-        to_peer: Default::default(),
-    };
+    let uncounted = Counters::default();
     relay(
         TokioIo::new(down),
         TokioIo::new(up),

@@ -6,7 +6,6 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
-use rustls::pki_types::CertificateDer;
 use sigil_config::SpiffeId;
 use sigil_filters::detect::{inbound_serve, per_request, Serve, Speaks};
 use sigil_filters::svid::leaf_spiffe_id;
@@ -21,7 +20,7 @@ use tracing::debug;
 use crate::admission::{Handshake, Slot};
 use crate::conns::{Direction, Kind};
 use crate::inbound_http;
-use crate::ledger::{peer_chain, Admitted};
+use crate::ledger::{Admitted, Session};
 use crate::logs::limited;
 use crate::metrics::{RuleLabels, UNAUTHENTICATED_PEER};
 use crate::proxy::{now_unix, Proxy};
@@ -35,7 +34,7 @@ const DIR: Direction = Direction::Inbound;
 struct Peer {
     id: SpiffeId,
     label: Arc<str>,
-    chain: Vec<CertificateDer<'static>>,
+    session: Session,
     carries: Option<Carries>,
 }
 
@@ -90,8 +89,14 @@ pub async fn handle(
         local,
         peer_label: peer.label,
         peer: peer.id,
-        chain: peer.chain,
+        session: peer.session,
         port,
+        protocol: match http {
+            Some(Speaks::Http1) => "http1",
+            Some(Speaks::Http2) => "http2",
+            Some(Speaks::Either) => "http",
+            None => "tcp",
+        },
     };
     let reason = match http {
         Some(speaks) => inbound_http::serve(p, stream, speaks, a).await,
@@ -139,8 +144,9 @@ async fn accept(
         Ok(Ok(s)) => s,
     };
     // The verifier accepted the chain; take the identity from the same leaf, once.
-    let chain = peer_chain(stream.get_ref().1);
-    let Some(id) = chain
+    let session = Session::of(stream.get_ref().0, stream.get_ref().1);
+    let Some(id) = session
+        .chain
         .first()
         .and_then(|leaf| leaf_spiffe_id(leaf, None).ok())
     else {
@@ -152,7 +158,7 @@ async fn accept(
         label: p.ledger.metrics.peer_label(id.as_str()),
         carries: Carries::from_alpn(stream.get_ref().1.alpn_protocol()),
         id,
-        chain,
+        session,
     };
     Some((stream, peer))
 }

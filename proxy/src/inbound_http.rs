@@ -68,7 +68,7 @@ where
     let conn = Arc::new(Conn {
         p: p.clone(),
         peer: a.peer.clone(),
-        chain: a.chain.clone(),
+        chain: a.session.chain.clone(),
         peer_header,
         local: a.local.clone(),
         port: a.port,

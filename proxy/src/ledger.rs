@@ -2,10 +2,13 @@
 //! (so that a bundle change, a revocation or a policy change can close them), closes and
 //! refusals are counted by reason. The dial, the pool and both directions share one.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use rustls::pki_types::CertificateDer;
 use sigil_config::SpiffeId;
+use sigil_filters::svid::serial_hex;
+use std::sync::atomic::Ordering;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use sigil_api::audit::{Kind as AuditKind, Record};
@@ -30,9 +33,43 @@ pub struct Admitted {
     pub local: Arc<str>,
     pub peer_label: Arc<str>,
     pub peer: SpiffeId,
-    pub chain: Vec<CertificateDer<'static>>,
+    pub session: Session,
     /// The workload port (inbound) or destination port (outbound).
     pub port: u16,
+    /// What it carries, for its audit records: tcp, http1, http2 (or either), tunnel.
+    pub protocol: &'static str,
+}
+
+/// What an mTLS handshake established, for the registry and the connection's audit records.
+pub struct Session {
+    /// The peer's certificate chain as presented (leaf first).
+    pub chain: Vec<CertificateDer<'static>>,
+    pub local_addr: Option<SocketAddr>,
+    pub peer_addr: Option<SocketAddr>,
+    /// As rustls names them: TLSv1_3, TLS13_AES_128_GCM_SHA256.
+    pub tls_version: &'static str,
+    pub cipher: &'static str,
+}
+
+impl Session {
+    pub fn of(tcp: &tokio::net::TcpStream, tls: &rustls::CommonState) -> Self {
+        Self {
+            chain: tls
+                .peer_certificates()
+                .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                .unwrap_or_default(),
+            local_addr: tcp.local_addr().ok(),
+            peer_addr: tcp.peer_addr().ok(),
+            tls_version: tls
+                .protocol_version()
+                .and_then(|v| v.as_str())
+                .unwrap_or(""),
+            cipher: tls
+                .negotiated_cipher_suite()
+                .and_then(|s| s.suite().as_str())
+                .unwrap_or(""),
+        }
+    }
 }
 
 impl Ledger {
@@ -99,19 +136,31 @@ impl Ledger {
             local_id: a.local,
             peer_id: a.peer_label,
         };
-        let counters = self.opened(&labels);
+        let mut counters = self.opened(&labels);
+        let s = &a.session;
         let open = self.audit.as_ref().map(|_| Record {
             kind: AuditKind::ConnectionOpen as i32,
             direction: a.direction.label().into(),
+            local_addr: s.local_addr.map(|x| x.to_string()).unwrap_or_default(),
+            peer_addr: s.peer_addr.map(|x| x.to_string()).unwrap_or_default(),
             local_id: labels.local_id.to_string(),
             peer_id: a.peer.to_string(),
+            peer_serial: s
+                .chain
+                .first()
+                .and_then(|leaf| serial_hex(leaf))
+                .unwrap_or_default(),
+            tls_version: s.tls_version.into(),
+            cipher: s.cipher.into(),
+            protocol: a.protocol.into(),
             decision: "allow".into(),
             port: a.port.into(),
             ..Record::default()
         });
         let guard = self
             .conns
-            .register(a.direction, a.kind, a.peer, a.chain, a.port);
+            .register(a.direction, a.kind, a.peer, a.session.chain, a.port);
+        counters.conn = guard.bytes.clone();
         if let (Some(audit), Some(open)) = (&self.audit, open) {
             audit.record(Record {
                 conn: guard.id(),
@@ -147,6 +196,7 @@ impl Ledger {
         Counters {
             from_peer: self.metrics.bytes_received.get_or_create(labels).clone(),
             to_peer: self.metrics.bytes_sent.get_or_create(labels).clone(),
+            conn: Arc::default(),
         }
     }
 
@@ -163,6 +213,8 @@ impl Ledger {
                 close_reason: reason.label().into(),
                 conn: guard.map_or(0, ConnGuard::id),
                 duration_ms: guard.map_or(0, |g| g.opened_at.elapsed().as_millis() as u64),
+                bytes_in: guard.map_or(0, |g| g.bytes.from_peer.load(Ordering::Relaxed)),
+                bytes_out: guard.map_or(0, |g| g.bytes.to_peer.load(Ordering::Relaxed)),
                 ..Record::default()
             });
         }
@@ -177,11 +229,4 @@ impl Ledger {
             })
             .inc();
     }
-}
-
-/// The peer's certificate chain as presented (leaf first), owned for the registry.
-pub fn peer_chain(conn: &rustls::CommonState) -> Vec<CertificateDer<'static>> {
-    conn.peer_certificates()
-        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
-        .unwrap_or_default()
 }

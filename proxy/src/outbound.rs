@@ -53,7 +53,7 @@ pub async fn handle(
     if let Some(speaks) = Speaks::detected(detected) {
         return outbound_http::serve(p, workload, speaks, dest, expected).await;
     }
-    let Some((stream, chain)) = p.dialer.dial(dest, &expected, Carries::Tcp).await else {
+    let Some((stream, session)) = p.dialer.dial(dest, &expected, Carries::Tcp).await else {
         return;
     };
     let local = p.tls.get().local_label.clone();
@@ -64,8 +64,9 @@ pub async fn handle(
         local,
         peer_label: peer_label.clone(),
         peer: expected,
-        chain,
+        session,
         port: dest.port(),
+        protocol: "tcp",
     };
     let idle = p.cfg.spec.timeouts.idle;
     let reason = p.ledger.carry(a, stream, workload, idle).await;

@@ -192,7 +192,7 @@ async fn via_own_connection(
     crate::http::strip_identity(req.headers_mut());
     let req = req.map(crate::http::ScrubTrailers);
     let dialed = c.p.dialer.dial(c.dest, &c.expected, Carries::Http1).await;
-    let Some((stream, chain)) = dialed else {
+    let Some((stream, session)) = dialed else {
         return Err(Answer::error(
             StatusCode::BAD_GATEWAY,
             SendError::Unreachable,
@@ -204,8 +204,9 @@ async fn via_own_connection(
         local: c.local.clone(),
         peer_label: c.peer_label.clone(),
         peer: c.expected.clone(),
-        chain,
+        session,
         port: c.dest.port(),
+        protocol: "tunnel",
     };
     let (labels, counters, mut guard) = c.p.ledger.admit(a);
     let io = TokioIo::new(Counted::new(stream, counters));

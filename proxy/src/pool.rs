@@ -453,15 +453,16 @@ impl Pool {
     /// until the connection ends, is closed by the registry, or is let go.
     async fn connect(self: &Arc<Self>, slot: Arc<Slot>, id: u64) -> Option<SendRequest<Bytes>> {
         let (dest, expected) = (slot.dest, &slot.expected);
-        let (stream, chain) = self.dialer.dial(dest, expected, Carries::Http2).await?;
+        let (stream, session) = self.dialer.dial(dest, expected, Carries::Http2).await?;
         let a = Admitted {
             direction: Direction::Outbound,
             kind: Kind::Pooled,
             local: self.dialer.tls.get().local_label.clone(),
             peer_label: self.ledger.metrics.peer_label(expected.as_str()),
             peer: expected.clone(),
-            chain,
+            session,
             port: dest.port(),
+            protocol: "http2",
         };
         let (labels, counters, guard) = self.ledger.admit(a);
         let io = Counted::new(stream, counters);

@@ -6,6 +6,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -15,14 +16,40 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 
+use crate::conns::ConnBytes;
 use crate::reasons::CloseReason;
 
 /// One TLS record's worth of plaintext per read keeps TLS framing and syscalls balanced.
 const BUF: usize = 16 * 1024;
 
+/// Where a connection's bytes are counted: the metrics of its labels, and its own totals.
+#[derive(Clone, Default)]
 pub struct Counters {
     pub from_peer: Counter,
     pub to_peer: Counter,
+    pub conn: Arc<ConnBytes>,
+}
+
+/// Which way bytes went.
+#[derive(Clone, Copy)]
+enum Way {
+    FromPeer,
+    ToPeer,
+}
+
+impl Counters {
+    fn add(&self, way: Way, n: u64) {
+        match way {
+            Way::FromPeer => {
+                self.from_peer.inc_by(n);
+                self.conn.from_peer.fetch_add(n, Ordering::Relaxed);
+            }
+            Way::ToPeer => {
+                self.to_peer.inc_by(n);
+                self.conn.to_peer.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// Copies both ways until both sides finish, an error, a close request, or `idle` without a
@@ -42,8 +69,14 @@ where
     let (mut local_r, mut local_w) = tokio::io::split(local);
     let activity = Activity::new();
     let both = async {
-        let up = pump(&mut peer_r, &mut local_w, &counters.from_peer, &activity);
-        let down = pump(&mut local_r, &mut peer_w, &counters.to_peer, &activity);
+        let up = pump(
+            &mut peer_r,
+            &mut local_w,
+            counters,
+            Way::FromPeer,
+            &activity,
+        );
+        let down = pump(&mut local_r, &mut peer_w, counters, Way::ToPeer, &activity);
         tokio::pin!(up, down);
         // A clean EOF one way is a half-close: keep the other way running. An error either
         // way ends the connection, so both sockets close and neither end waits in vain.
@@ -103,7 +136,13 @@ enum Either {
     Down,
 }
 
-async fn pump<R, W>(r: &mut R, w: &mut W, counter: &Counter, activity: &Activity) -> io::Result<()>
+async fn pump<R, W>(
+    r: &mut R,
+    w: &mut W,
+    counters: &Counters,
+    way: Way,
+    activity: &Activity,
+) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -118,7 +157,7 @@ where
         }
         w.write_all(&buf[..n]).await?;
         w.flush().await?;
-        counter.inc_by(n as u64);
+        counters.add(way, n as u64);
     }
 }
 
@@ -240,17 +279,12 @@ pub async fn sniff<S: AsyncRead + Unpin>(
 /// Counts bytes read from and written to the peer side of a connection served at L7.
 pub struct Counted<S> {
     inner: S,
-    from_peer: Counter,
-    to_peer: Counter,
+    counters: Counters,
 }
 
 impl<S> Counted<S> {
     pub fn new(inner: S, counters: Counters) -> Self {
-        Self {
-            inner,
-            from_peer: counters.from_peer,
-            to_peer: counters.to_peer,
-        }
+        Self { inner, counters }
     }
 }
 
@@ -263,7 +297,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r {
-            self.from_peer.inc_by((buf.filled().len() - before) as u64);
+            let n = (buf.filled().len() - before) as u64;
+            self.counters.add(Way::FromPeer, n);
         }
         r
     }
@@ -277,7 +312,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {
-            self.to_peer.inc_by(n as u64);
+            self.counters.add(Way::ToPeer, n as u64);
         }
         r
     }

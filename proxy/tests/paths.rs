@@ -32,10 +32,7 @@ async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
 }
 
 fn uncounted() -> Counters {
-    Counters {
-        from_peer: Default::default(),
-        to_peer: Default::default(),
-    }
+    Counters::default()
 }
 
 async fn read_exactly(s: &mut DuplexStream, n: usize) -> Vec<u8> {

@@ -237,6 +237,7 @@ struct Mesh {
     a: Sidecar,
     fa: IdentityFiles,
     b: Sidecar,
+    fb: IdentityFiles,
     a_out: u16,
     _echo: Proc,
     _pb: Proc,
@@ -275,6 +276,7 @@ impl Mesh {
             a,
             fa,
             b,
+            fb,
             a_out,
             _echo: echo,
             _pb: pb,
@@ -296,6 +298,7 @@ fn every_connection_record_reaches_the_control_plane_across_an_outage() {
         a,
         fa,
         b,
+        fb,
         a_out,
         _echo,
         _pb,
@@ -421,6 +424,70 @@ fn every_connection_record_reaches_the_control_plane_across_an_outage() {
     assert_eq!(rows.len(), 3, "{json}");
     assert_eq!(rows[0]["kind"], "connection_open");
     assert!(rows[0]["time"].as_str().unwrap().ends_with('Z'), "{json}");
+    // An open carries the TLS session, both addresses and the serial of the SVID B presented.
+    let pem = std::fs::read(&fb.cert).unwrap();
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+    let serial: String = pem
+        .parse_x509()
+        .unwrap()
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let opens: Vec<serde_json::Value> = query(&["--json"])
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["local_id"] == A)
+        .collect();
+    assert_eq!(opens.len(), 55);
+    for r in &opens {
+        assert_eq!(r["peer_serial"], serial.as_str(), "{r}");
+        assert_eq!(r["tls_version"], "TLSv1_3", "{r}");
+        assert!(r["cipher"].as_str().unwrap().starts_with("TLS13_"), "{r}");
+        assert_eq!(r["protocol"], "tcp", "{r}");
+        let peer_addr = r["peer_addr"].as_str().unwrap();
+        assert!(peer_addr.starts_with("127.0.0.1:"), "{r}");
+        assert!(
+            r["local_addr"].as_str().unwrap().starts_with("127.0.0.1:"),
+            "{r}"
+        );
+    }
+    // A close, the bytes each way: "call i\n" out and back, then "again\n" out and back.
+    let (code, json, err) = cp.sigil(
+        &ops,
+        &[
+            "audit",
+            "query",
+            "--identity",
+            A,
+            "--kind",
+            "connection_close",
+            "--json",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let mut sizes: Vec<(u64, u64)> = json
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["local_id"] == A)
+        .map(|r| {
+            (
+                r["bytes_out"].as_u64().unwrap(),
+                r["bytes_in"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    sizes.sort();
+    let mut want: Vec<(u64, u64)> = (0..20)
+        .chain(0..30)
+        .chain(0..5)
+        .map(|i| {
+            let n = (format!("call {i}\n").len() + "again\n".len()) as u64;
+            (n, n)
+        })
+        .collect();
+    want.sort();
+    assert_eq!(sizes, want, "{json}");
     // Exported: every open with A on either side, as JSON lines, page after page.
     let (code, out, err) = cp.sigil(
         &ops,
@@ -551,4 +618,81 @@ fn a_full_fail_closed_spool_refuses_connections_and_loses_no_record() {
     assert_eq!(code, Some(0), "{out}{err}");
     let want = whole_chain(d, "spool-a", A, spooled);
     assert!(out.lines().any(|l| l == want), "{want:?} in:\n{out}");
+}
+
+/// Fail-open: with the control plane away, A's 1 MiB spool fills and A keeps serving; it drops
+/// its oldest records and a `Dropped` record says which. Once the control plane is back, the
+/// chain it holds is whole but for exactly those records, and `sigil audit verify` accounts
+/// for them instead of calling them a break.
+#[test]
+fn a_full_fail_open_spool_keeps_serving_and_accounts_for_every_record_it_drops() {
+    let dir = TempDir::new("audit-open");
+    let d = dir.path();
+    let Mesh {
+        cp,
+        ops,
+        a,
+        fa,
+        a_out,
+        _echo,
+        _pb,
+        ..
+    } = Mesh::start(d, ("fail-open", 1 << 20), false);
+    let pa = a.start(d, &fa);
+    let call = || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", a_out)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        echoes(&mut s, b"call\n").then_some(())
+    };
+    assert_eq!(call(), Some(()), "{}", pa.log());
+
+    let mut cp = cp;
+    assert_eq!(cp.proc.terminate(Duration::from_secs(10)), Some(0));
+    // Bounded: a 1 MiB spool holds a few thousand records; a call spools two.
+    let lost = || metric(&a.metrics(), "sigil_audit_records_lost_total ", &[]).unwrap_or(0.0);
+    let mut calls = 0;
+    while lost() == 0.0 && calls < 20_000 {
+        for _ in 0..200 {
+            assert_eq!(call(), Some(()), "fail-open refused a call:\n{}", pa.log());
+            calls += 1;
+        }
+    }
+    let dropped = lost();
+    assert!(dropped > 0.0, "nothing dropped after {calls} calls");
+
+    let cp = cp.start_again();
+    let spooled = all_acknowledged(&a);
+    assert_eq!(lost(), dropped, "no more lost once shipping");
+    let (code, out, err) = cp.sigil(&ops, &["audit", "verify"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let chain = std::fs::read_to_string(d.join("spool-a").join("chain")).unwrap();
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&format!("{A} chain={} ", chain.trim())))
+        .unwrap_or_else(|| panic!("no line for A's chain in:\n{out}"));
+    assert!(
+        line.ends_with(&format!(" last={spooled} lost_by_sidecar={dropped} ok")),
+        "{line}"
+    );
+    // Every record is stored but for those lost; a lost one may have reached the control
+    // plane before it went away (sent, not yet acknowledged).
+    let records: f64 = line
+        .split(' ')
+        .find_map(|f| f.strip_prefix("records="))
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(
+        records >= spooled - dropped && records < spooled,
+        "{records} stored of {spooled}, {dropped} lost: {line}"
+    );
+    let (code, out, err) = cp.sigil(&ops, &["audit", "query", "--kind", "dropped", "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let said: f64 = out
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["dropped"].as_f64().unwrap()
+        })
+        .sum();
+    assert_eq!(said, dropped, "the Dropped records say how many:\n{out}");
 }
