@@ -96,7 +96,7 @@ impl Kind {
 ///   uint64 bytes_out = 22;         // and to it
 ///   uint64 duration_ms = 23;
 ///   string close_reason = 24;      // normal | io_error | idle_timeout | policy_change | revoked | shutdown | ...
-///   string route = 25;             // HTTP: the route (path) and method
+///   string route = 25;             // HTTP: the route that decided (Policy/route, default_deny)
 ///   string method = 26;
 ///   repeated RouteCount allowed = 27; // ConnectionClose: allowed requests by route
 ///   uint64 dropped = 28;           // Dropped: how many records (seq dropped_from on)

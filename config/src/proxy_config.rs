@@ -113,6 +113,18 @@ pub struct AuditSpec {
     /// `fail-closed` (refuse new connections until records can be kept).
     #[serde(default)]
     pub when_full: WhenFull,
+    /// Which HTTP requests get a record of their own: `denied` (the default; allowed ones
+    /// are counted by route in their connection's close record) or `all`.
+    #[serde(default)]
+    pub requests: AuditRequests,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuditRequests {
+    #[default]
+    Denied,
+    All,
 }
 
 fn default_spool_bytes() -> u64 {

@@ -13,9 +13,10 @@
 //! refused by hyper before they reach us.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use http_body_util::BodyExt;
@@ -23,8 +24,10 @@ use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH, HOST, TRANSFER_ENCODING, UPGRADE};
 use hyper::http::uri::Parts as UriParts;
-use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use rustls::pki_types::CertificateDer;
+use sigil_api::audit::{Kind as AuditKind, Record, RouteCount};
+use sigil_config::proxy_config::AuditRequests;
 use sigil_config::SpiffeId;
 use sigil_filters::detect::Speaks;
 use sigil_filters::headers::PEER_ID_HEADER;
@@ -47,6 +50,10 @@ use crate::workload::Unanswered;
 
 struct Conn {
     p: Arc<Proxy>,
+    /// The registry's number of this connection, for audit records.
+    id: u64,
+    /// Requests allowed, by route and method, for the close record (with the audit stream).
+    allowed: Mutex<HashMap<(Arc<str>, Method), u64>>,
     peer: SpiffeId,
     /// For registering upgraded tunnels, which outlive the HTTP connection's registration.
     chain: Vec<CertificateDer<'static>>,
@@ -65,21 +72,31 @@ where
         // SPIFFE IDs are ASCII without controls, so this cannot happen; refuse if it does.
         return CloseReason::InvalidPeerId;
     };
+    let (peer, chain, local, port) = (
+        a.peer.clone(),
+        a.session.chain.clone(),
+        a.local.clone(),
+        a.port,
+    );
+    let metrics = RequestMetrics::new(
+        &p.ledger.metrics,
+        Direction::Inbound.label(),
+        a.local.clone(),
+        a.peer_label.clone(),
+    );
+    let (labels, counters, mut guard) = p.ledger.admit(a);
     let conn = Arc::new(Conn {
         p: p.clone(),
-        peer: a.peer.clone(),
-        chain: a.session.chain.clone(),
+        id: guard.id(),
+        allowed: Mutex::default(),
+        peer,
+        chain,
         peer_header,
-        local: a.local.clone(),
-        port: a.port,
-        metrics: RequestMetrics::new(
-            &p.ledger.metrics,
-            Direction::Inbound.label(),
-            a.local.clone(),
-            a.peer_label.clone(),
-        ),
+        local,
+        port,
+        metrics,
     });
-    let (labels, counters, mut guard) = p.ledger.admit(a);
+    let audited = conn.clone();
     let stream = Counted::new(stream, counters);
     // Boxed: the request's future is 2.7 KB, and hyper moves it several times on the way to
     // the task it spawns per HTTP/2 stream (server side: memmove 6.6–7.0% of the samples
@@ -90,8 +107,75 @@ where
     };
     let conns = &p.ledger.conns;
     let reason = serve_until_closed(conns, stream, speaks, service, &mut guard.close_rx).await;
-    p.ledger.closed(&labels, Some(&guard), reason);
+    let allowed = std::mem::take(&mut *audited.allowed.lock().expect("allowed lock"));
+    let allowed = allowed
+        .into_iter()
+        .map(|((route, method), count)| RouteCount {
+            route: route.to_string(),
+            method: method.to_string(),
+            count,
+        })
+        .collect();
+    p.ledger.closed_with(&labels, Some(&guard), reason, allowed);
     reason
+}
+
+/// Distinct (route, method) pairs counted per connection at most; beyond, under method
+/// `OTHER` (a client can send any method name).
+const MAX_COUNTED: usize = 256;
+
+impl Conn {
+    /// The request's audit: a record of its own if it was denied (or if every request is
+    /// recorded), else a count in the connection's close record.
+    fn audit(&self, method: &Method, path: &str, route: &Arc<str>, decision: &str, why: &str) {
+        let Some(audit) = &self.p.ledger.audit else {
+            return;
+        };
+        let every = self.p.cfg.spec.audit.as_ref().map(|a| a.requests) == Some(AuditRequests::All);
+        if decision == "allow" {
+            let mut allowed = self.allowed.lock().expect("allowed lock");
+            let mut key = (route.clone(), method.clone());
+            if allowed.len() >= MAX_COUNTED && !allowed.contains_key(&key) {
+                key.1 = Method::from_bytes(b"OTHER").expect("a method name");
+            }
+            *allowed.entry(key).or_default() += 1;
+            if !every {
+                return;
+            }
+        }
+        // A route label is `Policy/route`, or a reason no route decided (default_deny).
+        let (policy, rule) = route.split_once('/').unwrap_or(("", route));
+        audit.record(Record {
+            kind: if decision == "allow" {
+                AuditKind::RequestAllowed
+            } else {
+                AuditKind::RequestDenied
+            } as i32,
+            direction: Direction::Inbound.label().into(),
+            local_id: self.local.to_string(),
+            peer_id: self.peer.to_string(),
+            protocol: "http".into(),
+            decision: if decision == "allow" { "allow" } else { "deny" }.into(),
+            policy: policy.into(),
+            rule: rule.into(),
+            mode: "enforce".into(),
+            route: route.to_string(),
+            method: method.to_string(),
+            detail: format!("{why}path {}", truncated(path, 1024)),
+            port: self.port.into(),
+            conn: self.id,
+            ..Record::default()
+        });
+    }
+}
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+fn truncated(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 async fn handle(c: &Conn, mut req: Request<Incoming>) -> Response<ResponseBody> {
@@ -100,18 +184,39 @@ async fn handle(c: &Conn, mut req: Request<Incoming>) -> Response<ResponseBody> 
     // removed before the route's header matches see them, set again when forwarding.
     crate::http::strip_identity(req.headers_mut());
     let grpc = is_grpc(&req);
+    // What the request asked, for its audit record (taken only with the audit stream on).
+    let asked =
+        c.p.ledger
+            .audit
+            .as_ref()
+            .map(|_| (req.method().clone(), req.uri().path().to_string()));
     let (route, decision, resp) = match authorize(c, &req) {
         Err(why) => {
             limited!(info, peer = %c.peer, port = c.port, method = %req.method(), "request refused: {why}");
             let r = local_response(StatusCode::BAD_REQUEST, grpc, &why.to_string());
+            if let Some((method, path)) = &asked {
+                c.audit(
+                    method,
+                    path,
+                    &Arc::from("invalid_request"),
+                    "invalid",
+                    &format!("{why}; "),
+                );
+            }
             (Arc::from("invalid_request"), "invalid", r)
         }
         Ok((route, Verdict::Deny(why))) => {
             limited!(info, peer = %c.peer, port = c.port, method = %req.method(), path = %req.uri().path(), rule = %why, "request denied");
             let r = local_response(StatusCode::FORBIDDEN, grpc, &format!("denied by {why}"));
+            if let Some((method, path)) = &asked {
+                c.audit(method, path, &route, "deny", "");
+            }
             (route, "deny", r)
         }
         Ok((route, Verdict::Allow { target })) => {
+            if let Some((method, path)) = &asked {
+                c.audit(method, path, &route, "allow", "");
+            }
             debug!(peer = %c.peer, port = c.port, method = %req.method(), path = %req.uri().path(), "request allowed");
             let r = match forward(c, req, target, grpc).await {
                 Ok(r) => r,

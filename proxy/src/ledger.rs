@@ -11,7 +11,7 @@ use sigil_filters::svid::serial_hex;
 use std::sync::atomic::Ordering;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use sigil_api::audit::{Kind as AuditKind, Record};
+use sigil_api::audit::{Kind as AuditKind, Record, RouteCount};
 
 use crate::audit::Auditor;
 use crate::conns::{ConnGuard, Conns, Direction, Kind};
@@ -203,6 +203,18 @@ impl Ledger {
     /// Counts the close; `guard` (the connection's registration, if it has one) gives the
     /// audit record its connection number, exact peer and duration.
     pub fn closed(&self, labels: &ConnLabels, guard: Option<&ConnGuard>, reason: CloseReason) {
+        self.closed_with(labels, guard, reason, Vec::new())
+    }
+
+    /// `closed`, with the HTTP requests allowed on the connection, counted by route and
+    /// method, for its audit record.
+    pub fn closed_with(
+        &self,
+        labels: &ConnLabels,
+        guard: Option<&ConnGuard>,
+        reason: CloseReason,
+        allowed: Vec<RouteCount>,
+    ) {
         if let Some(audit) = &self.audit {
             let peer = guard.and_then(ConnGuard::peer);
             audit.record(Record {
@@ -215,6 +227,7 @@ impl Ledger {
                 duration_ms: guard.map_or(0, |g| g.opened_at.elapsed().as_millis() as u64),
                 bytes_in: guard.map_or(0, |g| g.bytes.from_peer.load(Ordering::Relaxed)),
                 bytes_out: guard.map_or(0, |g| g.bytes.to_peer.load(Ordering::Relaxed)),
+                allowed,
                 ..Record::default()
             });
         }

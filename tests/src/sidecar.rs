@@ -49,6 +49,8 @@ pub struct Sidecar {
     pub svid_from_api: Option<PathBuf>,
     /// The audit stream: spool directory, `whenFull` and `maxBytes` (0: the default).
     pub audit: Option<(PathBuf, &'static str, u64)>,
+    /// `audit.requests: all`: a record per allowed HTTP request too.
+    pub audit_every_request: bool,
 }
 
 impl Sidecar {
@@ -75,6 +77,7 @@ impl Sidecar {
             workload_api: None,
             svid_from_api: None,
             audit: None,
+            audit_every_request: false,
         }
     }
 
@@ -162,8 +165,13 @@ impl Sidecar {
                 0 => String::new(),
                 n => format!(", maxBytes: {n}"),
             };
+            let requests = if self.audit_every_request {
+                ", requests: all"
+            } else {
+                ""
+            };
             y += &format!(
-                "  audit: {{spoolDir: {}, whenFull: {when_full}{max}}}\n",
+                "  audit: {{spoolDir: {}, whenFull: {when_full}{max}{requests}}}\n",
                 spool.display()
             );
         }

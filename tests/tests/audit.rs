@@ -696,3 +696,120 @@ fn a_full_fail_open_spool_keeps_serving_and_accounts_for_every_record_it_drops()
         .sum();
     assert_eq!(said, dropped, "the Dropped records say how many:\n{out}");
 }
+
+/// HTTP: B records each request it denies (the route that decided, the method and the path)
+/// and counts those it allows by route in the close record of the connection they came on.
+#[test]
+fn denied_requests_are_recorded_one_by_one_and_allowed_ones_counted_by_route() {
+    let dir = TempDir::new("audit-http");
+    let d = dir.path();
+    let ca = Ca::new("example.org");
+    let cp = ControlPlane::start_in(d, &ca, CONTROL);
+    let ops = write_identity(d, "ops", &ca, ALICE, &[&ca]);
+    let (fa, fb) = (
+        write_identity(d, "a", &ca, A, &[&ca]),
+        write_identity(d, "b", &ca, B, &[&ca]),
+    );
+    let (_web, web_port) = start_workload("b-web", false);
+    let ports = format!(
+        "    - port: {web_port}\n      protocol: http\n      routes: [{{name: orders, match: {{methods: [GET], path: {{prefix: /orders}}}}, allow: [{A}]}}]\n"
+    );
+    cp.apply(
+        &ops,
+        &d.join("policy.yaml"),
+        &policy("b-web", "a reads orders", B, &ports),
+    );
+    let (b_in, a_out) = (free_port(), free_port());
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.inbound = vec![(b_in, web_port)];
+    b.control_plane = Some((cp.sidecar_port, CONTROL.into(), d.join("state-b")));
+    b.audit = Some((d.join("spool-b"), "fail-open", 0));
+    let mut a = Sidecar::new("sidecar-a", A);
+    a.outbound = vec![(a_out, b_in, B.into())];
+    // The pooled connection to B closes soon after the last request: its close record comes.
+    a.pool_idle = "1s";
+    let mut pb = b.start(d, &fb);
+    let pa = a.start(d, &fa);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], a_out));
+    let mut allowed = 0u64;
+    poll(Duration::from_secs(20), Duration::from_millis(200), || {
+        let got = sigil_testkit::http::get_close(addr, "/orders/0").map(|r| r.0);
+        allowed += u64::from(got == Some(200));
+        (got == Some(200))
+            .then_some(())
+            .ok_or_else(|| format!("GET /orders/0: {got:?}\n{}", pa.log()))
+    });
+    for i in 1..=4 {
+        let got = sigil_testkit::http::get_close(addr, &format!("/orders/{i}")).map(|r| r.0);
+        assert_eq!(got, Some(200));
+        allowed += 1;
+    }
+    for _ in 0..3 {
+        let got = sigil_testkit::http::get_close(addr, "/admin/users").map(|r| r.0);
+        assert_eq!(got, Some(403));
+    }
+    let query = |kind: &str| -> Vec<serde_json::Value> {
+        let args = ["audit", "query", "--identity", B, "--kind", kind, "--json"];
+        let (code, out, err) = cp.sigil(&ops, &args);
+        assert_eq!(code, Some(0), "{err}");
+        out.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r["local_id"] == B)
+            .collect()
+    };
+    let counted = poll(Duration::from_secs(30), Duration::from_millis(300), || {
+        let counted: u64 = query("connection_close")
+            .iter()
+            .flat_map(|r| r["allowed"].as_array().cloned().unwrap_or_default())
+            .filter(|c| c["route"] == "b-web/orders" && c["method"] == "GET")
+            .map(|c| c["count"].as_u64().unwrap())
+            .sum();
+        (counted == allowed)
+            .then_some(counted)
+            .ok_or_else(|| format!("{counted} of {allowed} allowed requests counted"))
+    });
+    assert_eq!(counted, allowed);
+    let denied: Vec<serde_json::Value> = query("request_denied")
+        .into_iter()
+        .filter(|r| r["detail"] == "path /admin/users")
+        .collect();
+    assert_eq!(denied.len(), 3, "{denied:?}");
+    for r in &denied {
+        assert_eq!(r["peer_id"], A, "{r}");
+        assert_eq!(r["decision"], "deny", "{r}");
+        assert_eq!(r["route"], "default_deny", "{r}");
+        assert_eq!(r["method"], "GET", "{r}");
+        assert_eq!(r["port"], web_port, "{r}");
+        assert!(r["conn"].as_u64().unwrap() > 0, "{r}");
+    }
+    assert!(
+        query("request_allowed").is_empty(),
+        "allowed requests get no record of their own by default"
+    );
+
+    // With `requests: all`, each allowed request gets its record too.
+    assert_eq!(pb.terminate(Duration::from_secs(10)), Some(0));
+    b.audit_every_request = true;
+    let _pb = b.start(d, &fb);
+    poll(Duration::from_secs(20), Duration::from_millis(200), || {
+        let got = sigil_testkit::http::get_close(addr, "/orders/77").map(|r| r.0);
+        (got == Some(200))
+            .then_some(())
+            .ok_or_else(|| format!("GET /orders/77 after B's restart: {got:?}"))
+    });
+    let records = poll(Duration::from_secs(30), Duration::from_millis(300), || {
+        let records = query("request_allowed");
+        (!records.is_empty())
+            .then_some(records)
+            .ok_or_else(|| "no request_allowed record".to_string())
+    });
+    assert!(
+        records.iter().all(|r| r["detail"] == "path /orders/77"
+            && r["route"] == "b-web/orders"
+            && r["policy"] == "b-web"
+            && r["rule"] == "orders"
+            && r["decision"] == "allow"
+            && r["mode"] == "enforce"),
+        "{records:?}"
+    );
+}
