@@ -106,6 +106,7 @@ impl Kind {
 ///   uint32 port = 32;              // the workload port (inbound) or destination port (outbound)
 ///   uint64 conn = 33;              // the connection's number in the sidecar: joins open and close
 ///   uint64 dropped_from = 34;      // Dropped: the first sequence number lost
+///   repeated RouteCount denied = 35; // ConnectionClose: denied requests past those recorded one by one
 /// }
 /// ```
 #[derive(Clone, PartialEq, Eq, prost::Message)]
@@ -178,6 +179,8 @@ pub struct Record {
     pub conn: u64,
     #[prost(uint64, tag = "34")]
     pub dropped_from: u64,
+    #[prost(message, repeated, tag = "35")]
+    pub denied: Vec<RouteCount>,
 }
 
 /// `message RouteCount { string route = 1; string method = 2; uint64 count = 3; }`

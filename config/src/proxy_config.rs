@@ -739,13 +739,7 @@ impl ProxyConfig {
     /// Where the SVID comes from: one source, and what that source needs.
     fn check_identity(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
         let spec = &self.spec;
-        let refuse = |key: Key, message: &str| {
-            Err(ConfigError::new(
-                path,
-                KeyLines::read(path, text).at(key),
-                message,
-            ))
-        };
+        let refuse = |key: Key, message: &str| refusal(path, text, key, message);
         if spec.identity.allow_identity_change {
             if let Some(id) = &spec.identity.spiffe_id {
                 let lines = KeyLines::read(path, text);
@@ -808,13 +802,7 @@ impl ProxyConfig {
     /// The checks of the whole spec: each names the key it is about, found in the text.
     fn check_whole_spec(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
         let spec = &self.spec;
-        let refuse = |key: Key, message: &str| {
-            Err(ConfigError::new(
-                path,
-                KeyLines::read(path, text).at(key),
-                message,
-            ))
-        };
+        let refuse = |key: Key, message: &str| refusal(path, text, key, message);
         if spec.mode == Mode::Explicit
             && spec.inbound.explicit.is_empty()
             && spec.outbound.explicit.is_empty()
@@ -885,6 +873,15 @@ impl ProxyConfig {
         }
         Ok(())
     }
+}
+
+/// A whole-spec check's refusal, at the line of `key` in the text.
+fn refusal(path: &Path, text: &str, key: Key, message: &str) -> Result<(), ConfigError> {
+    Err(ConfigError::new(
+        path,
+        KeyLines::read(path, text).at(key),
+        message,
+    ))
 }
 
 /// Who holds an address, for the message when another listener wants it too.

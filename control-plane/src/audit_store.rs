@@ -207,7 +207,11 @@ fn stored_head(
     Ok(head.unwrap_or((0, GENESIS)))
 }
 
-/// The ranges the chain's stored `Dropped` records say the sidecar lost.
+/// The ranges the chain's stored `Dropped` records say the sidecar lost, merged where they
+/// meet. Only a `Dropped` record that comes after the range it names, and that a stored
+/// checkpoint vouches for (one at its sequence number or later: `verify` then checks that
+/// the chain up to that checkpoint is whole), counts: a record rewritten into a `Dropped`
+/// one, or one appended after the last checkpoint, accounts for nothing.
 fn lost_ranges(
     db: &Connection,
     sidecar: &str,
@@ -219,7 +223,13 @@ fn lost_ranges(
     let rows = q.query_map(params![sidecar, chain, Kind::Dropped as i32], |r| {
         Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?))
     })?;
-    let mut out = Vec::new();
+    let vouched_through: Option<i64> = db.query_row(
+        "SELECT MAX(seq) FROM audit_checkpoints WHERE sidecar = ?1 AND chain = ?2",
+        params![sidecar, chain],
+        |r| r.get(0),
+    )?;
+    let vouched_through = vouched_through.unwrap_or(0) as u64;
+    let mut ranges = Vec::new();
     for row in rows {
         let (seq, bytes) = row?;
         let r = Record::decode(&bytes[..]).map_err(|why| AuditStoreError::StoredRecord {
@@ -227,11 +237,20 @@ fn lost_ranges(
             seq,
             why,
         })?;
-        if r.dropped_from > 0 && r.dropped > 0 {
-            out.push(r.dropped_from..=r.dropped_from.saturating_add(r.dropped - 1));
+        let through = r.dropped_from.saturating_add(r.dropped.saturating_sub(1));
+        if r.dropped_from > 0 && r.dropped > 0 && through < seq && seq <= vouched_through {
+            ranges.push((r.dropped_from, through));
         }
     }
-    Ok(out)
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (from, through) in ranges {
+        match merged.last_mut() {
+            Some(last) if from <= last.1.saturating_add(1) => last.1 = last.1.max(through),
+            _ => merged.push((from, through)),
+        }
+    }
+    Ok(merged.into_iter().map(|(f, t)| f..=t).collect())
 }
 
 type StoredCheckpoint = (u64, Hash, Vec<u8>, Vec<u8>);
@@ -603,7 +622,10 @@ impl AuditStore {
         from: u64,
         to: u64,
     ) -> Result<Vec<Damage>, AuditStoreError> {
-        let db = self.reader.lock().expect("audit store lock");
+        let mut reader = self.reader.lock().expect("audit store lock");
+        // One snapshot of the store throughout: records and checkpoints committed meanwhile
+        // would otherwise show as a checkpoint past the last record read (a false truncation).
+        let db = reader.transaction()?;
         let id = sidecar.as_str();
         let to = to.min(i64::MAX as u64);
         let lost = lost_ranges(&db, id, chain)?;
@@ -734,13 +756,17 @@ mod tests {
         }
     }
 
-    #[test]
-    fn batches_are_stored_once_in_order_and_a_stored_range_verifies() {
-        let dir = std::env::temp_dir().join(format!("sigil-audit-store-{}", std::process::id()));
+    /// A fresh store in a directory of its own, and sidecar web with an SVID of a new CA.
+    fn setup(name: &str) -> (std::path::PathBuf, AuditStore, Sidecar) {
+        let dir = std::env::temp_dir().join(format!("sigil-audit-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let store = AuditStore::open(&dir.join("audit.db")).unwrap();
-        let ca = Ca::new("example.org");
-        let mut web = Sidecar::new(&ca);
+        (dir, store, Sidecar::new(&Ca::new("example.org")))
+    }
+
+    #[test]
+    fn batches_are_stored_once_in_order_and_a_stored_range_verifies() {
+        let (dir, store, mut web) = setup("store");
         let id = SpiffeId::parse(WEB).unwrap();
         let leaf = web.identity.chain()[0].to_vec();
         let first = web.batch(100);
@@ -846,11 +872,7 @@ mod tests {
 
     #[test]
     fn a_gap_the_sidecar_accounts_for_is_not_a_break_and_one_it_does_not_is() {
-        let dir = std::env::temp_dir().join(format!("sigil-audit-lost-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let store = AuditStore::open(&dir.join("audit.db")).unwrap();
-        let ca = Ca::new("example.org");
-        let mut web = Sidecar::new(&ca);
+        let (dir, store, mut web) = setup("lost");
         let id = SpiffeId::parse(WEB).unwrap();
         let leaf = web.identity.chain()[0].to_vec();
         store.ingest(&id, &leaf, &web.batch(100)).unwrap();
@@ -869,13 +891,15 @@ mod tests {
                 Damage::Unlinked { seq: 181 }
             ]
         );
-        let note = Record {
+        // Two drops that meet, each said in a record of its own.
+        let note = |from: u64, n: u64| Record {
             kind: Kind::Dropped as i32,
-            dropped: 80,
-            dropped_from: 101,
+            dropped: n,
+            dropped_from: from,
             ..Record::default()
         };
-        store.ingest(&id, &leaf, &web.batch_of(vec![note])).unwrap();
+        let notes = web.batch_of(vec![note(141, 40), note(101, 40)]);
+        store.ingest(&id, &leaf, &notes).unwrap();
         store.ingest(&id, &leaf, &web.batch(100)).unwrap();
         assert_eq!(store.lost(WEB, CHAIN).unwrap(), [101..=180]);
         assert_eq!(store.verify_range(&id, CHAIN, 1, u64::MAX).unwrap(), []);
@@ -886,16 +910,33 @@ mod tests {
             .unwrap()
             .execute("DELETE FROM audit_records WHERE seq = 250", [])
             .unwrap();
-        assert_eq!(
-            store.verify_range(&id, CHAIN, 1, u64::MAX).unwrap(),
-            [
-                Damage::OutOfSequence {
-                    expected: 250,
-                    found: 251
-                },
-                Damage::Unlinked { seq: 251 }
-            ]
-        );
+        let broken = [
+            Damage::OutOfSequence {
+                expected: 250,
+                found: 251,
+            },
+            Damage::Unlinked { seq: 251 },
+        ];
+        assert_eq!(store.verify_range(&id, CHAIN, 1, u64::MAX).unwrap(), broken);
+        // A Dropped record no checkpoint vouches for (appended after the last one) accounts
+        // for nothing; nor does one that comes before the range it names.
+        let mut unvouched = web.batch_of(vec![note(250, 1)]);
+        unvouched.checkpoints.clear();
+        store.ingest(&id, &leaf, &unvouched).unwrap();
+        let early = Record {
+            seq: 249,
+            ..note(250, 1)
+        };
+        store
+            .db
+            .lock()
+            .unwrap()
+            .execute(
+                "UPDATE audit_records SET kind = ?1, record = ?2 WHERE seq = 249",
+                rusqlite::params![Kind::Dropped as i32, early.encode_to_vec()],
+            )
+            .unwrap();
+        assert_eq!(store.lost(WEB, CHAIN).unwrap(), [101..=180]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

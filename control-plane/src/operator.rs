@@ -462,6 +462,7 @@ fn audit_json(row: i64, sidecar: &str, r: &sigil_api::audit::Record) -> String {
         "route": r.route,
         "method": r.method,
         "allowed": r.allowed.iter().map(|c| serde_json::json!({"route": c.route, "method": c.method, "count": c.count})).collect::<Vec<_>>(),
+        "denied": r.denied.iter().map(|c| serde_json::json!({"route": c.route, "method": c.method, "count": c.count})).collect::<Vec<_>>(),
         "dropped": r.dropped,
         "dropped_from": r.dropped_from,
         "actor": r.actor,

@@ -142,8 +142,10 @@ impl fmt::Display for Damage {
 ///
 /// `lost`: the ranges of sequence numbers the sidecar's own `Dropped` records say it lost (a
 /// full fail-open spool). A gap inside one of them is accounted for, not damage: the record
-/// after it cannot be linked to the record before it, and the `Dropped` record, chained and
-/// checkpointed like any other, vouches for the gap instead.
+/// after it cannot be linked to the record before it, and the `Dropped` record vouches for
+/// the gap instead. The caller passes only ranges of `Dropped` records that come after the
+/// range they name and that a checkpoint covers (so that the chain walk proves they are the
+/// sidecar's, unedited); any other would let a deletion pass as a loss.
 pub fn verify(
     id: &SpiffeId,
     entries: &[Entry<'_>],

@@ -107,8 +107,7 @@ impl Auditor {
             if losses.is_empty() {
                 return;
             }
-            for lost in losses {
-                self.lost.inc_by(lost.count());
+            for (i, &lost) in losses.iter().enumerate() {
                 let note = Record {
                     schema: SCHEMA,
                     time_unix_nanos,
@@ -122,8 +121,18 @@ impl Auditor {
                     ),
                     ..Record::default()
                 };
-                if let Err(e) = append(spool, note) {
-                    limited!(warn, "audit record of lost records not spooled: {e}");
+                match append(spool, note) {
+                    Ok(_) => {
+                        self.lost.inc_by(lost.count());
+                    }
+                    Err(e) => {
+                        // Kept to be said with the next record that finds room (fail-closed).
+                        limited!(warn, "audit record of lost records not spooled yet: {e}");
+                        for l in &losses[i..] {
+                            spool.lose(l.from, l.through);
+                        }
+                        return;
+                    }
                 }
             }
         }
@@ -158,7 +167,15 @@ impl Auditor {
     /// The control plane holds every record up to `through`: noted on disk, then the segments
     /// it covers leave; a fail-closed spool with room again accepts connections.
     pub async fn acknowledge(&self, through: u64) -> Result<(), SpoolError> {
-        let dir = self.spool.lock().expect("spool lock").dir().to_path_buf();
+        let dir = {
+            let spool = self.spool.lock().expect("spool lock");
+            // Never backwards: a batch whose first record was not stored acknowledges less
+            // than is already noted.
+            if through <= spool.acked() {
+                return Ok(());
+            }
+            spool.dir().to_path_buf()
+        };
         tokio::task::spawn_blocking(move || spool::write_acked(&dir, through))
             .await
             .expect("the acked write does not panic")?;

@@ -52,8 +52,8 @@ struct Conn {
     p: Arc<Proxy>,
     /// The registry's number of this connection, for audit records.
     id: u64,
-    /// Requests allowed, by route and method, for the close record (with the audit stream).
-    allowed: Mutex<HashMap<(Arc<str>, Method), u64>>,
+    /// Requests counted for the close record (with the audit stream).
+    counts: Mutex<Counts>,
     peer: SpiffeId,
     /// For registering upgraded tunnels, which outlive the HTTP connection's registration.
     chain: Vec<CertificateDer<'static>>,
@@ -88,7 +88,7 @@ where
     let conn = Arc::new(Conn {
         p: p.clone(),
         id: guard.id(),
-        allowed: Mutex::default(),
+        counts: Mutex::default(),
         peer,
         chain,
         peer_header,
@@ -107,22 +107,45 @@ where
     };
     let conns = &p.ledger.conns;
     let reason = serve_until_closed(conns, stream, speaks, service, &mut guard.close_rx).await;
-    let allowed = std::mem::take(&mut *audited.allowed.lock().expect("allowed lock"));
-    let allowed = allowed
-        .into_iter()
-        .map(|((route, method), count)| RouteCount {
-            route: route.to_string(),
-            method: method.to_string(),
-            count,
-        })
-        .collect();
-    p.ledger.closed_with(&labels, Some(&guard), reason, allowed);
+    let counts = std::mem::take(&mut *audited.counts.lock().expect("counts lock"));
+    let list = |map: HashMap<(Arc<str>, Method), u64>| {
+        map.into_iter()
+            .map(|((route, method), count)| RouteCount {
+                route: route.to_string(),
+                method: method.to_string(),
+                count,
+            })
+            .collect()
+    };
+    let counted = (list(counts.allowed), list(counts.denied));
+    p.ledger.closed_with(&labels, Some(&guard), reason, counted);
     reason
 }
 
 /// Distinct (route, method) pairs counted per connection at most; beyond, under method
 /// `OTHER` (a client can send any method name).
 const MAX_COUNTED: usize = 256;
+/// Request records one connection writes at most; past them, denied requests are counted in
+/// its close record, so that a peer cannot fill the spool with requests it knows are denied.
+const MAX_RECORDED: u32 = 1_000;
+
+/// A connection's requests, by (route, method), for its close record.
+#[derive(Default)]
+struct Counts {
+    allowed: HashMap<(Arc<str>, Method), u64>,
+    /// Denied past `MAX_RECORDED`.
+    denied: HashMap<(Arc<str>, Method), u64>,
+    /// Request records written.
+    recorded: u32,
+}
+
+fn count(map: &mut HashMap<(Arc<str>, Method), u64>, route: &Arc<str>, method: &Method) {
+    let mut key = (route.clone(), method.clone());
+    if map.len() >= MAX_COUNTED && !map.contains_key(&key) {
+        key.1 = Method::from_bytes(b"OTHER").expect("a method name");
+    }
+    *map.entry(key).or_default() += 1;
+}
 
 impl Conn {
     /// The request's audit: a record of its own if it was denied (or if every request is
@@ -132,21 +155,27 @@ impl Conn {
             return;
         };
         let every = self.p.cfg.spec.audit.as_ref().map(|a| a.requests) == Some(AuditRequests::All);
-        if decision == "allow" {
-            let mut allowed = self.allowed.lock().expect("allowed lock");
-            let mut key = (route.clone(), method.clone());
-            if allowed.len() >= MAX_COUNTED && !allowed.contains_key(&key) {
-                key.1 = Method::from_bytes(b"OTHER").expect("a method name");
+        let allow = decision == "allow";
+        {
+            let mut counts = self.counts.lock().expect("counts lock");
+            if allow {
+                count(&mut counts.allowed, route, method);
+                if !every {
+                    return;
+                }
             }
-            *allowed.entry(key).or_default() += 1;
-            if !every {
+            if counts.recorded >= MAX_RECORDED {
+                if !allow {
+                    count(&mut counts.denied, route, method);
+                }
                 return;
             }
+            counts.recorded += 1;
         }
         // A route label is `Policy/route`, or a reason no route decided (default_deny).
         let (policy, rule) = route.split_once('/').unwrap_or(("", route));
         audit.record(Record {
-            kind: if decision == "allow" {
+            kind: if allow {
                 AuditKind::RequestAllowed
             } else {
                 AuditKind::RequestDenied
@@ -155,7 +184,7 @@ impl Conn {
             local_id: self.local.to_string(),
             peer_id: self.peer.to_string(),
             protocol: "http".into(),
-            decision: if decision == "allow" { "allow" } else { "deny" }.into(),
+            decision: if allow { "allow" } else { "deny" }.into(),
             policy: policy.into(),
             rule: rule.into(),
             mode: "enforce".into(),

@@ -203,17 +203,17 @@ impl Ledger {
     /// Counts the close; `guard` (the connection's registration, if it has one) gives the
     /// audit record its connection number, exact peer and duration.
     pub fn closed(&self, labels: &ConnLabels, guard: Option<&ConnGuard>, reason: CloseReason) {
-        self.closed_with(labels, guard, reason, Vec::new())
+        self.closed_with(labels, guard, reason, (Vec::new(), Vec::new()))
     }
 
-    /// `closed`, with the HTTP requests allowed on the connection, counted by route and
-    /// method, for its audit record.
+    /// `closed`, with the HTTP requests counted on the connection by route and method, for
+    /// its audit record: those allowed, and those denied past the ones recorded one by one.
     pub fn closed_with(
         &self,
         labels: &ConnLabels,
         guard: Option<&ConnGuard>,
         reason: CloseReason,
-        allowed: Vec<RouteCount>,
+        (allowed, denied): (Vec<RouteCount>, Vec<RouteCount>),
     ) {
         if let Some(audit) = &self.audit {
             let peer = guard.and_then(ConnGuard::peer);
@@ -228,6 +228,7 @@ impl Ledger {
                 bytes_in: guard.map_or(0, |g| g.bytes.from_peer.load(Ordering::Relaxed)),
                 bytes_out: guard.map_or(0, |g| g.bytes.to_peer.load(Ordering::Relaxed)),
                 allowed,
+                denied,
                 ..Record::default()
             });
         }

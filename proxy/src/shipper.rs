@@ -141,9 +141,15 @@ async fn stream(
             limited!(error, "the control plane did not store every audit record sent; they stay in the spool: {}", ack.error);
         }
         // Never past what was sent: an acknowledgement covers this batch only.
+        let through = ack.durable_through.min(batch_last);
         auditor
-            .acknowledge(ack.durable_through.min(batch_last))
+            .acknowledge(through)
             .await
             .map_err(ShipError::Spool)?;
+        if through < batch_last {
+            // The records after `through` were not stored: sent again from there, so that
+            // a later acknowledgement never covers them.
+            cursor = auditor.cursor();
+        }
     }
 }

@@ -186,6 +186,9 @@ impl Spool {
                 bytes: scan.valid_bytes,
             });
         }
+        // Never at or below what the control plane acknowledged (a tail cut after it was
+        // shipped): those numbers are taken there, and the cursor starts after them.
+        next_seq = next_seq.max(acked + 1);
         if segments.is_empty() {
             segments.push_back(new_segment(dir, next_seq).map_err(io_err(dir))?);
         }
@@ -336,8 +339,9 @@ impl Spool {
         &self.dir
     }
 
-    /// Notes records `from..=through` as lost, joined to the range before if it adjoins.
-    fn lose(&mut self, from: u64, through: u64) {
+    /// Notes records `from..=through` as lost, joined to the range before if it adjoins (and
+    /// again, a range whose `Dropped` record found no room).
+    pub fn lose(&mut self, from: u64, through: u64) {
         if from > through {
             return;
         }

@@ -200,6 +200,13 @@ fn shipped_records_are_stored_once_and_survive_a_sigkill_of_the_control_plane() 
     );
 }
 
+/// One connection through A's outbound port to B's echo workload; None if it failed.
+fn echo_call(a_out: u16) -> Option<()> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", a_out)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    echoes(&mut s, b"call\n").then_some(())
+}
+
 /// `name` (a gauge of the audit spool) on `s`'s /metrics.
 fn audit_seq(s: &Sidecar, name: &str) -> f64 {
     metric(&s.metrics(), &format!("{name} "), &[]).unwrap_or(0.0)
@@ -568,11 +575,7 @@ fn a_full_fail_closed_spool_refuses_connections_and_loses_no_record() {
         ..
     } = Mesh::start(d, ("fail-closed", 1 << 20), false);
     let pa = a.start(d, &fa);
-    let call = || {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", a_out)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        echoes(&mut s, b"call\n").then_some(())
-    };
+    let call = || echo_call(a_out);
     assert_eq!(call(), Some(()), "{}", pa.log());
 
     let mut cp = cp;
@@ -639,11 +642,7 @@ fn a_full_fail_open_spool_keeps_serving_and_accounts_for_every_record_it_drops()
         ..
     } = Mesh::start(d, ("fail-open", 1 << 20), false);
     let pa = a.start(d, &fa);
-    let call = || {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", a_out)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        echoes(&mut s, b"call\n").then_some(())
-    };
+    let call = || echo_call(a_out);
     assert_eq!(call(), Some(()), "{}", pa.log());
 
     let mut cp = cp;
@@ -727,7 +726,9 @@ fn denied_requests_are_recorded_one_by_one_and_allowed_ones_counted_by_route() {
     let mut a = Sidecar::new("sidecar-a", A);
     a.outbound = vec![(a_out, b_in, B.into())];
     // The pooled connection to B closes soon after the last request: its close record comes.
+    // One worker: one pooled connection carries every request.
     a.pool_idle = "1s";
+    a.workers = Some(1);
     let mut pb = b.start(d, &fb);
     let pa = a.start(d, &fa);
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], a_out));
@@ -749,7 +750,17 @@ fn denied_requests_are_recorded_one_by_one_and_allowed_ones_counted_by_route() {
         assert_eq!(got, Some(403));
     }
     let query = |kind: &str| -> Vec<serde_json::Value> {
-        let args = ["audit", "query", "--identity", B, "--kind", kind, "--json"];
+        let args = [
+            "audit",
+            "query",
+            "--identity",
+            B,
+            "--kind",
+            kind,
+            "--json",
+            "--limit",
+            "100000",
+        ];
         let (code, out, err) = cp.sigil(&ops, &args);
         assert_eq!(code, Some(0), "{err}");
         out.lines()
@@ -786,6 +797,29 @@ fn denied_requests_are_recorded_one_by_one_and_allowed_ones_counted_by_route() {
         query("request_allowed").is_empty(),
         "allowed requests get no record of their own by default"
     );
+
+    // A peer cannot fill the spool with requests it knows are denied: past 1,000 records on
+    // one connection, denied requests are counted in its close record instead.
+    for _ in 0..1_100 {
+        let got = sigil_testkit::http::get_close(addr, "/admin/users").map(|r| r.0);
+        assert_eq!(got, Some(403));
+    }
+    let (recorded, counted) = poll(Duration::from_secs(30), Duration::from_millis(300), || {
+        let recorded = query("request_denied")
+            .iter()
+            .filter(|r| r["detail"] == "path /admin/users")
+            .count() as u64;
+        let counted: u64 = query("connection_close")
+            .iter()
+            .flat_map(|r| r["denied"].as_array().cloned().unwrap_or_default())
+            .filter(|c| c["route"] == "default_deny" && c["method"] == "GET")
+            .map(|c| c["count"].as_u64().unwrap())
+            .sum();
+        (recorded + counted == 1_103)
+            .then_some((recorded, counted))
+            .ok_or_else(|| format!("{recorded} recorded and {counted} counted of 1103"))
+    });
+    assert!(counted > 0, "{recorded} recorded one by one, none counted");
 
     // With `requests: all`, each allowed request gets its record too.
     assert_eq!(pb.terminate(Duration::from_secs(10)), Some(0));
