@@ -38,7 +38,7 @@ pub struct Issuer {
     /// identity, or operator access.
     pub reserved: Vec<sigil_config::IdPattern>,
     /// Where every decision goes, for the audit stream.
-    pub records: crate::records::Recorder,
+    pub records: crate::records::Recorder<crate::stored::IssuanceRecord>,
     /// The latest expiry signed by the active CA (Unix seconds), for its retirement.
     pub issued_until: Arc<std::sync::atomic::AtomicI64>,
 }

@@ -14,6 +14,7 @@ pub mod identity;
 pub mod issuer;
 pub mod metrics;
 pub mod operator;
+pub mod own_audit;
 pub mod policy_test;
 pub mod records;
 pub mod revoke;

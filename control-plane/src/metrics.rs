@@ -35,6 +35,8 @@ pub struct Metrics {
     pub push_latency: Histogram,
     /// Issuance records that could not wait for the store (`records`).
     pub records_dropped: Counter,
+    /// The control plane's own audit records that could not wait for the audit store.
+    pub own_audit_dropped: Counter,
     /// Audit records ingested, by result (stored, duplicate).
     pub audit_records: Family<AuditLabels, Counter>,
     /// Breaks found in sidecars' audit chains on ingest, by kind.
@@ -60,6 +62,7 @@ impl Default for Metrics {
             push_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
             issuance: Family::default(),
             records_dropped: Counter::default(),
+            own_audit_dropped: Counter::default(),
             audit_records: Family::default(),
             audit_breaks: Family::default(),
             registry: Registry::default(),
@@ -104,6 +107,11 @@ impl Default for Metrics {
             "issuance_records_dropped",
             "Issuance records not kept: more were waiting for the store than it holds in memory",
             m.records_dropped.clone(),
+        );
+        registry.register(
+            "audit_own_records_dropped",
+            "The control plane's own audit records not kept: more were waiting for the audit store than it holds in memory",
+            m.own_audit_dropped.clone(),
         );
         registry.register(
             "audit_records",

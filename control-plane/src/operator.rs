@@ -30,6 +30,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{error, info, warn};
 
+use crate::own_audit::change as change_record;
 use crate::sidecars::Hub;
 use crate::store::Store;
 
@@ -175,6 +176,14 @@ async fn apply(api: &Api, peer: &SpiffeId, req: Request<Incoming>) -> Reply {
                 "{peer} {} {kind}/{name} (version {version})",
                 change.label()
             );
+            if let Some(own) = api.hub.own_audit.get() {
+                own.record(change_record(
+                    peer,
+                    change.label(),
+                    &format!("{kind}/{name}"),
+                    version,
+                ));
+            }
         }
     }
     if !dry_run && changes.iter().any(|c| c.label() != "unchanged") {
@@ -223,6 +232,14 @@ async fn delete(api: &Api, peer: &SpiffeId, kind: &str, name: &str) -> Reply {
     let version = api.store.version().await.map_err(internal)?;
     api.publish().await;
     info!("{peer} deleted {kind}/{name} (version {version})");
+    if let Some(own) = api.hub.own_audit.get() {
+        own.record(change_record(
+            peer,
+            "deleted",
+            &format!("{kind}/{name}"),
+            version,
+        ));
+    }
     Ok(text(
         StatusCode::OK,
         format!("deleted {kind}/{name}\nversion {version}\n"),

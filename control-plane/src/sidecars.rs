@@ -29,6 +29,7 @@ use tracing::{error, info, warn};
 use crate::audit_store::{AuditStore, Break};
 use crate::issuer::{Caller, Issuer};
 use crate::metrics::{AuditLabels, IssuanceLabels, Metrics, SidecarLabels};
+use crate::own_audit::{chain_break, OwnAudit};
 use crate::snapshot::Catalog;
 use crate::store::Store;
 use crate::stored::{IssuanceRecord, StoreError};
@@ -50,6 +51,8 @@ pub struct Hub {
     anonymous: Mutex<(u64, HashMap<std::net::IpAddr, u32>)>,
     /// Connections without a certificate open now, per source address (`AnonymousConn`).
     anonymous_conns: Mutex<HashMap<std::net::IpAddr, u32>>,
+    /// This control plane's own audit records, with an audit store (set once at start).
+    pub own_audit: std::sync::OnceLock<Arc<OwnAudit>>,
 }
 
 /// How many issuance refusals `sigil status` shows per replica.
@@ -140,6 +143,7 @@ impl Hub {
             refusals: Mutex::default(),
             anonymous: Mutex::default(),
             anonymous_conns: Mutex::default(),
+            own_audit: std::sync::OnceLock::new(),
         }
     }
 
@@ -432,6 +436,7 @@ impl tonic::server::StreamingService<sigil_api::audit::Batch> for Ship {
         let mut batches = req.into_inner();
         tokio::spawn(async move {
             while let Ok(Some(batch)) = batches.message().await {
+                let chain = batch.chain.clone();
                 let (s, p, l) = (store.clone(), peer.clone(), leaf.clone());
                 let ingested = tokio::task::spawn_blocking(move || s.ingest(&p, &l, &batch)).await;
                 let ack = match ingested {
@@ -451,6 +456,9 @@ impl tonic::server::StreamingService<sigil_api::audit::Batch> for Ship {
                             warn!(sidecar = %peer, "audit chain: {b}");
                             let kind = AuditLabels { result: b.label() };
                             m.audit_breaks.get_or_create(&kind).inc();
+                            if let Some(own) = hub.own_audit.get() {
+                                own.record(chain_break(&peer, &chain, &b.to_string(), b.label()));
+                            }
                         }
                         let error = got
                             .breaks

@@ -45,6 +45,16 @@ pub fn link(seq: u64, prev: &Hash, record: &[u8]) -> Hash {
     out
 }
 
+/// A new chain's ID: 128 random bits, 32 hex digits (a spool's, a control-plane run's).
+pub fn new_chain_id() -> String {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("the system's random source works");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The bytes a checkpoint signs.
 pub fn checkpoint_message(id: &SpiffeId, seq: u64, head: &Hash) -> Vec<u8> {
     let id = id.as_str().as_bytes();

@@ -122,7 +122,7 @@ impl Spool {
         let chain = match std::fs::read_to_string(&chain_path) {
             Ok(text) => text.trim().to_string(),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let chain = new_chain_id();
+                let chain = sigil_filters::audit::new_chain_id();
                 std::fs::write(&chain_path, format!("{chain}\n"))
                     .and_then(|()| File::open(&chain_path).and_then(|f| f.sync_all()))
                     .map_err(io_err(&chain_path))?;
@@ -374,24 +374,6 @@ impl Spool {
     pub fn bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.bytes).sum()
     }
-}
-
-/// 128 bits that no other spool has: the time, the process and the std hasher's random keys.
-fn new_chain_id() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut out = String::new();
-    for salt in 0..2u64 {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(salt);
-        h.write_u32(std::process::id());
-        h.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos()),
-        );
-        out += &format!("{:016x}", h.finish());
-    }
-    out
 }
 
 /// Where the shipper is: the next record to read, and the segment (by its first sequence

@@ -198,6 +198,28 @@ fn shipped_records_are_stored_once_and_survive_a_sigkill_of_the_control_plane() 
         "{}",
         cp.proc.log()
     );
+    // And a record of the control plane's own says so.
+    let breaks = poll(Duration::from_secs(10), Duration::from_millis(200), || {
+        let args = ["audit", "query", "--kind", "chain_break", "--json"];
+        let (code, out, err) = cp.sigil(&ops, &args);
+        assert_eq!(code, Some(0), "{err}");
+        (!out.is_empty())
+            .then_some(out)
+            .ok_or_else(|| "no chain_break record".to_string())
+    });
+    let r: serde_json::Value = serde_json::from_str(breaks.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (&r["sidecar"], &r["rule"]),
+        (&CONTROL.into(), &"unlinked".into()),
+        "{r}"
+    );
+    assert!(
+        r["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("record 179 does not link"),
+        "{r}"
+    );
 }
 
 /// One connection through A's outbound port to B's echo workload; None if it failed.
@@ -796,6 +818,15 @@ fn denied_requests_are_recorded_one_by_one_and_allowed_ones_counted_by_route() {
     assert!(
         query("request_allowed").is_empty(),
         "allowed requests get no record of their own by default"
+    );
+    // The policy applied is a record of the control plane's, with the operator who did it.
+    let (code, out, err) = cp.sigil(&ops, &["audit", "query", "--kind", "change", "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let change: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (&change["actor"], &change["subject"], &change["decision"]),
+        (&ALICE.into(), &"Policy/b-web".into(), &"created".into()),
+        "{change}"
     );
 
     // A peer cannot fill the spool with requests it knows are denied: past 1,000 records on

@@ -368,6 +368,71 @@ fn the_control_plane_issues_svids_to_token_holders_and_renews_them() {
         "{}",
         lines.join("\n")
     );
+    // The same decisions are audit records of the control plane's own chains (one per run),
+    // which verify end to end like a sidecar's.
+    let audit = poll(Duration::from_secs(10), Duration::from_millis(200), || {
+        let args = [
+            "audit", "query", "--kind", "issuance", "--json", "--limit", "10000",
+        ];
+        let (code, out, err) = cp.sigil(ops, &args);
+        assert_eq!(code, Some(0), "{err}");
+        let records: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (records.len() + 1 >= lines.len())
+            .then_some(records)
+            .ok_or_else(|| {
+                format!(
+                    "{} issuance audit records, {} lines",
+                    out.lines().count(),
+                    lines.len()
+                )
+            })
+    });
+    let plain = |r: &IssueResponse| serial(r).replace(':', "");
+    let of = |serial: &str| {
+        audit
+            .iter()
+            .find(|r| r["peer_serial"] == serial)
+            .unwrap_or_else(|| panic!("no audit record with serial {serial}: {audit:?}"))
+    };
+    let r = of(&plain(&first));
+    assert_eq!(
+        (&r["actor"], &r["peer_id"], &r["decision"], &r["sidecar"]),
+        (
+            &"anonymous".into(),
+            &API.into(),
+            &"allow".into(),
+            &CONTROL.into()
+        ),
+        "{r}"
+    );
+    assert_eq!(of(&plain(&renewed))["actor"], API);
+    for reason in [
+        "token_unknown",
+        "csr_foreign_id",
+        "token_expired",
+        "revoked",
+    ] {
+        assert!(
+            audit.iter().any(|r| r["decision"] == "deny"
+                && r["detail"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(&format!("{reason}: "))),
+            "no refusal {reason} in {audit:?}"
+        );
+    }
+    let (code, out, err) = cp.sigil(ops, &["audit", "verify"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.lines()
+            .filter(|l| l.starts_with(&format!("{CONTROL} chain=")))
+            .count()
+            >= 2,
+        "a chain per run of the control plane:\n{out}"
+    );
 }
 
 /// `sigil issuances --since 1h`: the recorded decisions, one line each (polled: the writer

@@ -13,6 +13,7 @@ use sigil_control::ca::CaSet;
 use sigil_control::etcd::{Etcd, EtcdTls};
 use sigil_control::issuer::Issuer;
 use sigil_control::operator::{self, Api};
+use sigil_control::own_audit;
 use sigil_control::records::Recorder;
 use sigil_control::rotation::{self, Rotation};
 use sigil_control::sidecars::{self, Hub};
@@ -260,6 +261,14 @@ async fn run(config: Config) -> Result<(), StartError> {
         error!("stored resource not sent to any sidecar: {problem}");
     }
     let hub = Arc::new(Hub::new(catalog));
+    if let Some(store) = &audit {
+        let own = own_audit::start(
+            store.clone(),
+            id.local.clone(),
+            hub.metrics.own_audit_dropped.clone(),
+        );
+        let _ = hub.own_audit.set(Arc::new(own));
+    }
     info!(
         "{} ready; operator API on {}; sidecar API on {}; store {} at version {version}",
         id.local.id(),
@@ -328,23 +337,32 @@ async fn run(config: Config) -> Result<(), StartError> {
             store: api.store.clone(),
             catalog: hub.catalog(),
             reserved,
-            records: Recorder::start(api.store.clone(), hub.metrics.records_dropped.clone()),
+            records: Recorder::start(
+                own_audit::Issuances {
+                    store: api.store.clone(),
+                    audit: hub.own_audit.get().cloned(),
+                },
+                hub.metrics.records_dropped.clone(),
+            ),
             issued_until,
         })
     });
     let acceptor = TlsAcceptor::from(server);
     let issuing = issuer.clone();
+    let own = hub.own_audit.get().cloned();
     tokio::select! {
         _ = operator::serve(operator_listener, acceptor, api) => {}
         _ = sidecars::serve(sidecar_listener, acceptor_rx, hub, issuer, audit) => {}
         _ = shutdown() => info!("stopping"),
     }
     if let Some(issuer) = issuing {
-        let flushed = issuer
+        issuer
             .records
             .flush(std::time::Duration::from_secs(3))
             .await;
-        sigil_control::records::report_unflushed(flushed);
+    }
+    if let Some(own) = own {
+        own.flush(std::time::Duration::from_secs(3)).await;
     }
     Ok(())
 }
