@@ -57,12 +57,16 @@ pub async fn handle(
     load.multiplexed(peer.carries == Some(Carries::Http2));
     let index = p.policy();
     let per_request = per_request(peer.carries, index.is_http(port));
-    if !per_request && !allowed(&p, &index, client, port, &local, &peer) {
+    let rule = if per_request {
+        None
+    } else if let Some(rule) = allowed(&p, &index, client, port, &local, &peer) {
+        Some(rule)
+    } else {
         // close_notify, so the peer sidecar sees a clean end rather than a truncation.
         let mut stream = stream;
         let _ = tokio::time::timeout(p.cfg.spec.timeouts.handshake, stream.shutdown()).await;
         return;
-    }
+    };
     // HTTP gets per-request handling (metrics, the peer header, route checks once a policy
     // declares the port); anything else is relayed as bytes.
     let may_be_http = !index.is_tcp(port) && !p.cfg.spec.inbound.opaque_ports.contains(&port);
@@ -97,6 +101,7 @@ pub async fn handle(
             Some(Speaks::Either) => "http",
             None => "tcp",
         },
+        rule,
     };
     let reason = match http {
         Some(speaks) => inbound_http::serve(p, stream, speaks, a).await,
@@ -164,7 +169,8 @@ async fn accept(
 }
 
 /// The port's connection-level rule for `peer` (a connection whose requests are not each
-/// checked); a refusal is logged and counted here. Dry-run rules that would deny are counted.
+/// checked): the label of the rule that allows it, or None if refused (logged and counted
+/// here). Dry-run rules that would deny are counted.
 fn allowed(
     p: &Proxy,
     index: &PolicyIndex,
@@ -172,7 +178,7 @@ fn allowed(
     port: u16,
     local: &Arc<str>,
     peer: &Peer,
-) -> bool {
+) -> Option<Arc<str>> {
     let verdict = index.decide_tcp(&peer.id, port, now_unix());
     if let Some(w) = verdict.would_deny {
         limited!(info, %client, peer = %peer.id, port, rule = %w, "dry-run: would deny connection");
@@ -189,10 +195,10 @@ fn allowed(
         limited!(info, %client, peer = %peer.id, port, rule = %verdict.rule, reason = "not_allowed", "inbound refused");
         let label = peer.label.clone();
         p.ledger.refused(DIR, local, label, Refusal::NotAllowed);
-        return false;
+        return None;
     }
     debug!(%client, peer = %peer.id, port, rule = %verdict.rule, "inbound allowed");
-    true
+    Some(index.label(&verdict.rule))
 }
 
 /// Relays an admitted connection's bytes to 127.0.0.1:<port>. None: the workload could not

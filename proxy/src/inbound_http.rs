@@ -16,6 +16,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -40,7 +41,7 @@ use crate::conns::{Direction, Kind};
 use crate::http::{
     host_header, is_grpc, local_response, serve_until_closed, status_class, tunnel, ResponseBody,
 };
-use crate::ledger::Admitted;
+use crate::ledger::{policy_of, Admitted};
 use crate::logs::limited;
 use crate::metrics::{RequestMetrics, RuleLabels};
 use crate::proxy::{now_unix, Proxy};
@@ -172,8 +173,8 @@ impl Conn {
             }
             counts.recorded += 1;
         }
-        // A route label is `Policy/route`, or a reason no route decided (default_deny).
-        let (policy, rule) = route.split_once('/').unwrap_or(("", route));
+        let (policy, rule) = policy_of(Some(route));
+        let versions = &self.p.ledger.versions;
         audit.record(Record {
             kind: if allow {
                 AuditKind::RequestAllowed
@@ -188,6 +189,8 @@ impl Conn {
             policy: policy.into(),
             rule: rule.into(),
             mode: "enforce".into(),
+            policy_version: versions.policies.load(Ordering::Relaxed),
+            bundle_version: versions.bundles.load(Ordering::Relaxed),
             route: route.to_string(),
             method: method.to_string(),
             detail: format!("{why}path {}", truncated(path, 1024)),

@@ -23,6 +23,10 @@ impl Proxy {
         let _installing = self.installing.lock().expect("install lock");
         let bundles = self.bundles();
         info!(trust_domains = ?bundles.domains(), "trust bundles in force");
+        self.ledger
+            .versions
+            .bundles
+            .store(self.pushed_version(), std::sync::atomic::Ordering::Relaxed);
         self.tls.set_bundles(bundles.clone());
         self.sources_changed.send_modify(|n| *n += 1);
         let provider = tls::provider();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use rustls::pki_types::CertificateDer;
 use sigil_config::SpiffeId;
 use sigil_filters::svid::serial_hex;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use sigil_api::audit::{Kind as AuditKind, Record, RouteCount};
@@ -22,8 +22,17 @@ use crate::relay::{relay, Counters};
 pub struct Ledger {
     pub metrics: Metrics,
     pub conns: Arc<Conns>,
+    /// The control-plane snapshot versions the policies and the trust bundles in force came
+    /// with (0: files only, or none yet), for audit records.
+    pub versions: Versions,
     /// The audit stream (`audit`), if the config asks for it.
     pub audit: Option<Arc<Auditor>>,
+}
+
+#[derive(Default)]
+pub struct Versions {
+    pub policies: AtomicU64,
+    pub bundles: AtomicU64,
 }
 
 /// A connection that passed the handshake (and, for TCP ports, authorization).
@@ -38,6 +47,9 @@ pub struct Admitted {
     pub port: u16,
     /// What it carries, for its audit records: tcp, http1, http2 (or either), tunnel.
     pub protocol: &'static str,
+    /// The rule that admitted it (`Policy/route`, as in metrics), where one decided for the
+    /// whole connection (inbound TCP); HTTP is decided per request.
+    pub rule: Option<Arc<str>>,
 }
 
 /// What an mTLS handshake established, for the registry and the connection's audit records.
@@ -77,6 +89,7 @@ impl Ledger {
         Self {
             metrics,
             conns: Arc::new(Conns::default()),
+            versions: Versions::default(),
             audit,
         }
     }
@@ -114,6 +127,8 @@ impl Ledger {
                 peer_id: peer_id.to_string(),
                 decision: "deny".into(),
                 detail: why.label().into(),
+                policy_version: self.versions.policies.load(Ordering::Relaxed),
+                bundle_version: self.versions.bundles.load(Ordering::Relaxed),
                 ..Record::default()
             });
         }
@@ -154,6 +169,11 @@ impl Ledger {
             cipher: s.cipher.into(),
             protocol: a.protocol.into(),
             decision: "allow".into(),
+            policy: policy_of(a.rule.as_deref()).0.into(),
+            rule: policy_of(a.rule.as_deref()).1.into(),
+            mode: if a.rule.is_some() { "enforce" } else { "" }.into(),
+            policy_version: self.versions.policies.load(Ordering::Relaxed),
+            bundle_version: self.versions.bundles.load(Ordering::Relaxed),
             port: a.port.into(),
             ..Record::default()
         });
@@ -242,5 +262,14 @@ impl Ledger {
                 reason: reason.label(),
             })
             .inc();
+    }
+}
+
+/// A rule label (`Policy/route`, or a reason no route decided, such as `default_deny`) as
+/// (policy, rule).
+pub fn policy_of(label: Option<&str>) -> (&str, &str) {
+    match label {
+        Some(l) => l.split_once('/').unwrap_or(("", l)),
+        None => ("", ""),
     }
 }

@@ -67,6 +67,7 @@ pub async fn handle(
         session,
         port: dest.port(),
         protocol: "tcp",
+        rule: None,
     };
     let idle = p.cfg.spec.timeouts.idle;
     let reason = p.ledger.carry(a, stream, workload, idle).await;

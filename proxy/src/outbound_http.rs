@@ -207,6 +207,7 @@ async fn via_own_connection(
         session,
         port: c.dest.port(),
         protocol: "tunnel",
+        rule: None,
     };
     let (labels, counters, mut guard) = c.p.ledger.admit(a);
     let io = TokioIo::new(Counted::new(stream, counters));

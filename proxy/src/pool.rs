@@ -463,6 +463,7 @@ impl Pool {
             session,
             port: dest.port(),
             protocol: "http2",
+            rule: None,
         };
         let (labels, counters, guard) = self.ledger.admit(a);
         let io = Counted::new(stream, counters);

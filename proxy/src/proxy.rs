@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 
 use rustls::pki_types::UnixTime;
@@ -166,6 +167,10 @@ impl Proxy {
                 crate::resources::compile_policies(&self.cfg, files.iter().chain(pushed), &local)
             }
         };
+        self.ledger
+            .versions
+            .policies
+            .store(self.pushed_version(), Ordering::Relaxed);
         self.set_policy(index);
     }
 

@@ -469,7 +469,21 @@ fn every_connection_record_reaches_the_control_plane_across_an_outage() {
         .filter(|r| r["local_id"] == A)
         .collect();
     assert_eq!(opens.len(), 55);
+    // B admitted each connection by its TCP rule (here from its config: nothing is applied
+    // to the control plane, whose snapshot is version 0), which its open names; A's outbound
+    // opens have no rule of their own (B decides).
+    let b_opens: Vec<serde_json::Value> = query(&["--json"])
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["local_id"] == B)
+        .collect();
+    assert_eq!(b_opens.len(), 55);
+    for r in &b_opens {
+        assert!(!r["rule"].as_str().unwrap().is_empty(), "{r}");
+        assert_eq!(r["mode"], "enforce", "{r}");
+    }
     for r in &opens {
+        assert_eq!((&r["rule"], &r["mode"]), (&"".into(), &"".into()), "{r}");
         assert_eq!(r["peer_serial"], serial.as_str(), "{r}");
         assert_eq!(r["tls_version"], "TLSv1_3", "{r}");
         assert!(r["cipher"].as_str().unwrap().starts_with("TLS13_"), "{r}");
@@ -813,6 +827,7 @@ fn denied_requests_are_recorded_one_by_one_and_allowed_ones_counted_by_route() {
         assert_eq!(r["route"], "default_deny", "{r}");
         assert_eq!(r["method"], "GET", "{r}");
         assert_eq!(r["port"], web_port, "{r}");
+        assert!(r["policy_version"].as_u64().unwrap() > 0, "{r}");
         assert!(r["conn"].as_u64().unwrap() > 0, "{r}");
     }
     assert!(
