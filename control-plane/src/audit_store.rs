@@ -161,6 +161,15 @@ impl From<rusqlite::Error> for AuditStoreError {
 /// Records verified per read (small in unit tests, so that they cross chunks).
 const VERIFY_CHUNK: i64 = if cfg!(test) { 64 } else { 10_000 };
 
+/// Column `i` as bytes, whatever type it was stored with (one edited by hand may have become
+/// text): a value that is no bytes at all reads as none, and the chain names the damage.
+fn bytes_at(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Vec<u8>> {
+    Ok(r.get_ref(i)?
+        .as_bytes()
+        .map(<[u8]>::to_vec)
+        .unwrap_or_default())
+}
+
 fn hash_of(bytes: &[u8]) -> Hash {
     let mut h = GENESIS;
     if bytes.len() == 32 {
@@ -180,7 +189,7 @@ fn stored_link(
         .query_row(
             "SELECT link FROM audit_records WHERE sidecar = ?1 AND chain = ?2 AND seq = ?3",
             params![sidecar, chain, seq as i64],
-            |r| r.get(0),
+            |r| bytes_at(r, 0),
         )
         .optional()?;
     Ok(link.map(|l| hash_of(&l)))
@@ -196,12 +205,7 @@ fn stored_head(
         .query_row(
             "SELECT seq, link FROM audit_heads WHERE sidecar = ?1 AND chain = ?2",
             params![sidecar, chain],
-            |r| {
-                Ok((
-                    r.get::<_, i64>(0)? as u64,
-                    hash_of(&r.get::<_, Vec<u8>>(1)?),
-                ))
-            },
+            |r| Ok((r.get::<_, i64>(0)? as u64, hash_of(&bytes_at(r, 1)?))),
         )
         .optional()?;
     Ok(head.unwrap_or((0, GENESIS)))
@@ -221,7 +225,7 @@ fn lost_ranges(
         "SELECT seq, record FROM audit_records WHERE sidecar = ?1 AND chain = ?2 AND kind = ?3",
     )?;
     let rows = q.query_map(params![sidecar, chain, Kind::Dropped as i32], |r| {
-        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?))
+        Ok((r.get::<_, i64>(0)? as u64, bytes_at(r, 1)?))
     })?;
     let vouched_through: Option<i64> = db.query_row(
         "SELECT MAX(seq) FROM audit_checkpoints WHERE sidecar = ?1 AND chain = ?2",
@@ -278,9 +282,9 @@ fn stored_checkpoints(
             |r| {
                 Ok((
                     r.get::<_, i64>(0)? as u64,
-                    hash_of(&r.get::<_, Vec<u8>>(1)?),
-                    r.get(2)?,
-                    r.get(3)?,
+                    hash_of(&bytes_at(r, 1)?),
+                    bytes_at(r, 2)?,
+                    bytes_at(r, 3)?,
                 ))
             },
         )?
@@ -647,8 +651,8 @@ impl AuditStore {
                     |r| {
                         Ok((
                             r.get::<_, i64>(0)? as u64,
-                            hash_of(&r.get::<_, Vec<u8>>(1)?),
-                            r.get::<_, Vec<u8>>(2)?,
+                            hash_of(&bytes_at(r, 1)?),
+                            bytes_at(r, 2)?,
                         ))
                     },
                 )?

@@ -893,3 +893,86 @@ fn denied_requests_are_recorded_one_by_one_and_allowed_ones_counted_by_route() {
         "{records:?}"
     );
 }
+
+/// Every kind of tampering with the stored records, each on its own copy of a store that
+/// verifies, is named by `sigil audit verify` (exit 1): an edited record, a deleted one, two
+/// swapped, a tail cut off, an edit of the last checkpointed record, a forged checkpoint.
+#[test]
+fn every_kind_of_tampering_with_the_stored_records_is_named_by_sigil_audit_verify() {
+    let dir = TempDir::new("audit-tamper");
+    let d = dir.path();
+    let Mesh {
+        cp,
+        ops,
+        a,
+        fa,
+        a_out,
+        _echo,
+        _pb,
+        ..
+    } = Mesh::start(d, ("fail-open", 0), false);
+    let _pa = a.start(d, &fa);
+    for _ in 0..20 {
+        assert_eq!(echo_call(a_out), Some(()));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let last = all_acknowledged(&a) as i64;
+    let (code, out, err) = cp.sigil(&ops, &["audit", "verify"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let mut cp = cp;
+    assert_eq!(cp.proc.terminate(Duration::from_secs(10)), Some(0));
+    let db = d.join("control-data").join("audit.db");
+    let pristine = d.join("audit.db.pristine");
+    std::fs::copy(&db, &pristine).unwrap();
+    let a_rows = format!("sidecar = '{A}'");
+    let cases: Vec<(String, String)> = vec![
+        (
+            format!("UPDATE audit_records SET record = CAST(record || X'00' AS BLOB) WHERE {a_rows} AND seq = 10"),
+            "record 11 does not link to the record before it".into(),
+        ),
+        (
+            format!("DELETE FROM audit_records WHERE {a_rows} AND seq = 20"),
+            "record 21 where 20 was due".into(),
+        ),
+        (
+            format!(
+                "UPDATE audit_records SET seq = -1 WHERE {a_rows} AND seq = 30;
+                 UPDATE audit_records SET seq = 30 WHERE {a_rows} AND seq = 31;
+                 UPDATE audit_records SET seq = 31 WHERE {a_rows} AND seq = -1;"
+            ),
+            "record 30 does not link to the record before it".into(),
+        ),
+        (
+            format!("DELETE FROM audit_records WHERE {a_rows} AND seq > {}", last - 3),
+            format!("the records end at {}, but a checkpoint vouches for records up to {last}", last - 3),
+        ),
+        (
+            // Made text on the way: still read as the bytes it holds.
+            format!("UPDATE audit_records SET record = record || X'00' WHERE {a_rows} AND seq = {last}"),
+            format!("the chain up to record {last} differs from the signed checkpoint"),
+        ),
+        (
+            format!("UPDATE audit_checkpoints SET head = zeroblob(32) WHERE {a_rows} AND seq = {last}"),
+            format!("the checkpoint at record {last} is not the sidecar's"),
+        ),
+    ];
+    for (sql, named) in cases {
+        // A clean stop leaves no write-ahead log; none from a run before may pass for this copy's.
+        for ext in ["audit.db-wal", "audit.db-shm"] {
+            assert!(!db.with_file_name(ext).exists(), "{ext} left behind");
+        }
+        std::fs::copy(&pristine, &db).unwrap();
+        let tamper = rusqlite::Connection::open(&db).unwrap();
+        tamper.execute_batch(&sql).unwrap();
+        assert!(tamper.changes() >= 1, "{sql}");
+        drop(tamper);
+        cp = cp.start_again();
+        let (code, out, err) = cp.sigil(&ops, &["audit", "verify"]);
+        assert_eq!(code, Some(1), "{sql}\n{out}{err}");
+        assert!(
+            out.contains(&named) || err.contains(&named),
+            "{sql}: {named:?} not in\n{out}{err}"
+        );
+        assert_eq!(cp.proc.terminate(Duration::from_secs(10)), Some(0));
+    }
+}
