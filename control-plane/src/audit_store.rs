@@ -185,12 +185,12 @@ fn stored_link(
     chain: &str,
     seq: u64,
 ) -> Result<Option<Hash>, AuditStoreError> {
+    // Cached: ingest asks this once per record.
     let link: Option<Vec<u8>> = db
-        .query_row(
+        .prepare_cached(
             "SELECT link FROM audit_records WHERE sidecar = ?1 AND chain = ?2 AND seq = ?3",
-            params![sidecar, chain, seq as i64],
-            |r| bytes_at(r, 0),
-        )
+        )?
+        .query_row(params![sidecar, chain, seq as i64], |r| bytes_at(r, 0))
         .optional()?;
     Ok(link.map(|l| hash_of(&l)))
 }
@@ -378,11 +378,13 @@ impl Ingest<'_> {
         let start = (head_seq > 0 || record.seq > 1).then_some((head_seq, head));
         let damage = verify(self.sidecar, &entry, &[], start, &[]);
         self.out.breaks.extend(damage.into_iter().map(Break::Chain));
-        self.tx.execute(
-            "INSERT INTO audit_records
+        self.tx
+            .prepare_cached(
+                "INSERT INTO audit_records
                (sidecar, chain, seq, prev, link, time, kind, peer, decision, policy, close_reason, record)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            params![
+            )?
+            .execute(params![
                 id,
                 self.chain,
                 record.seq as i64,
@@ -395,8 +397,7 @@ impl Ingest<'_> {
                 record.policy,
                 record.close_reason,
                 bytes
-            ],
-        )?;
+            ])?;
         self.out.stored += 1;
         if record.seq > head_seq {
             self.head = (record.seq, this);
