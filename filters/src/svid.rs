@@ -143,15 +143,42 @@ impl fmt::Display for SvidError {
 impl std::error::Error for SvidError {}
 
 /// The certificate's serial number in lowercase hex (as `openssl x509 -serial` prints it,
-/// but lowercase), for audit records; None if it does not parse.
+/// but lowercase), for audit records; None if the DER does not hold one where X.509 puts it.
+/// A walk of the first few DER headers (Certificate, TBSCertificate, the optional version,
+/// serialNumber), not a parse of the whole certificate: it runs for every connection a
+/// sidecar records, and the certificate was verified at the handshake already.
 pub fn serial_hex(cert: &[u8]) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(cert).ok()?;
-    Some(
-        cert.raw_serial()
+    let (_, certificate) = der_element(cert, 0x30)?;
+    let (_, mut tbs) = der_element(certificate, 0x30)?;
+    if tbs.first() == Some(&0xa0) {
+        let (after_version, _) = der_element(tbs, 0xa0)?;
+        tbs = after_version;
+    }
+    let (_, serial) = der_element(tbs, 0x02)?;
+    Some(serial.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The DER element of tag `tag` at the start of `der`: (what follows it, its contents).
+fn der_element(der: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    if *der.first()? != tag {
+        return None;
+    }
+    let first = *der.get(1)?;
+    let (len, at) = if first < 0x80 {
+        (first as usize, 2)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 {
+            return None;
+        }
+        let len = der
+            .get(2..2 + n)?
             .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
-    )
+            .fold(0usize, |acc, b| (acc << 8) | *b as usize);
+        (len, 2 + n)
+    };
+    let contents = der.get(at..at.checked_add(len)?)?;
+    Some((&der[at + len..], contents))
 }
 
 /// Checks the leaf's shape and returns its SPIFFE ID. No chain validation.
@@ -253,4 +280,29 @@ pub fn verify_svid(
         other => SvidError::Chain(format!("{other:?}")),
     })?;
     Ok(id)
+}
+
+#[cfg(test)]
+mod serial_tests {
+    use super::serial_hex;
+
+    #[test]
+    fn the_serial_is_the_one_a_full_parse_reads_and_junk_has_none() {
+        let ca = sigil_testkit::Ca::new("example.org");
+        for n in 0..20 {
+            let svid = ca.svid(&format!("spiffe://example.org/ns/t/sa/w{n}"));
+            let der = svid.chain[0].to_vec();
+            let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+            let want: String = cert
+                .raw_serial()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert_eq!(serial_hex(&der).as_deref(), Some(want.as_str()));
+            assert_eq!(serial_hex(&der[..40]), None, "cut short");
+        }
+        assert_eq!(serial_hex(b""), None);
+        assert_eq!(serial_hex(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
+        assert_eq!(serial_hex(&[0x02, 0x01, 0x05]), None, "not a certificate");
+    }
 }

@@ -24,6 +24,10 @@ use crate::spool::SpoolError;
 const BATCH: usize = 1_000;
 /// A checkpoint at least this often while records come.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
+/// After a batch that drained the spool, records gather this long before the next is sent:
+/// under a steady trickle, one batch (one commit at the control plane, one acknowledgement
+/// noted here) per this time instead of one per record. A backlog ships without pause.
+const LINGER: Duration = Duration::from_millis(200);
 /// How long an acknowledgement may take.
 const ACK_WITHIN: Duration = Duration::from_secs(30);
 
@@ -110,7 +114,8 @@ async fn stream(
             continue;
         };
         let batch_last = last.0;
-        let due = records.len() < BATCH || last_checkpoint.elapsed() >= CHECKPOINT_EVERY;
+        let drained = records.len() < BATCH;
+        let due = drained || last_checkpoint.elapsed() >= CHECKPOINT_EVERY;
         let mut checkpoints = Vec::new();
         if due && batch_last > checkpointed {
             let head = link(last.0, &last.1, &last.2);
@@ -150,6 +155,9 @@ async fn stream(
             // The records after `through` were not stored: sent again from there, so that
             // a later acknowledgement never covers them.
             cursor = auditor.cursor();
+        }
+        if drained {
+            tokio::time::sleep(LINGER).await;
         }
     }
 }
