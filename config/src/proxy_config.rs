@@ -552,11 +552,11 @@ fn default_peer_id_cap() -> usize {
     200
 }
 
-/// Durations as `250ms`, `5s`, `2m`, `1h`.
+/// Durations as `250ms`, `5s`, `2m`, `1h`, `90d`.
 pub mod duration {
     use std::time::Duration;
 
-    /// A whole number of milliseconds, seconds, minutes or hours. A value past what
+    /// A whole number of milliseconds, seconds, minutes, hours or days. A value past what
     /// `Duration` holds in whole seconds (u64) is refused, never wrapped.
     pub fn parse(s: &str) -> Result<Duration, String> {
         let s = s.trim();
@@ -564,12 +564,12 @@ pub mod duration {
         let (num, unit) = s.split_at(split);
         if num.is_empty() {
             return Err(format!(
-                "invalid duration {s:?}: expected a number and a unit, e.g. 500ms, 5s, 2m, 1h"
+                "invalid duration {s:?}: expected a number and a unit, e.g. 500ms, 5s, 2m, 1h, 7d"
             ));
         }
-        if !matches!(unit, "ms" | "s" | "m" | "h") {
+        if !matches!(unit, "ms" | "s" | "m" | "h" | "d") {
             return Err(format!(
-                "invalid duration {s:?}: unit must be ms, s, m or h"
+                "invalid duration {s:?}: unit must be ms, s, m, h or d"
             ));
         }
         let too_large = || format!("invalid duration {s:?}: too large");
@@ -579,7 +579,8 @@ pub mod duration {
             "ms" => Duration::from_millis(n),
             "s" => Duration::from_secs(n),
             "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(too_large)?),
-            _ => Duration::from_secs(n.checked_mul(3600).ok_or_else(too_large)?),
+            "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(too_large)?),
+            _ => Duration::from_secs(n.checked_mul(86_400).ok_or_else(too_large)?),
         })
     }
 

@@ -519,7 +519,7 @@ fn valid_timestamp() -> impl Strategy<Value = (String, i64)> {
         })
 }
 
-const UNITS: [(&str, u64); 4] = [("ms", 0), ("s", 1), ("m", 60), ("h", 3600)];
+const UNITS: [(&str, u64); 5] = [("ms", 0), ("s", 1), ("m", 60), ("h", 3600), ("d", 86_400)];
 
 fn oracle_duration(s: &str) -> Option<Duration> {
     let s = s.trim();

@@ -158,6 +158,25 @@ impl From<rusqlite::Error> for AuditStoreError {
     }
 }
 
+/// Where retention cut a chain: the last record removed and its link, from which the records
+/// kept verify. None: nothing removed.
+fn pruned_at(
+    db: &Connection,
+    sidecar: &str,
+    chain: &str,
+) -> Result<Option<(u64, Hash)>, AuditStoreError> {
+    Ok(db
+        .query_row(
+            "SELECT seq, link FROM audit_pruned WHERE sidecar = ?1 AND chain = ?2",
+            params![sidecar, chain],
+            |r| Ok((r.get::<_, i64>(0)? as u64, hash_of(&bytes_at(r, 1)?))),
+        )
+        .optional()?)
+}
+
+/// Records removed per transaction by retention.
+const PRUNE_CHUNK: i64 = 10_000;
+
 /// Records verified per read (small in unit tests, so that they cross chunks).
 const VERIFY_CHUNK: i64 = if cfg!(test) { 64 } else { 10_000 };
 
@@ -476,6 +495,9 @@ impl AuditStore {
                  signature BLOB NOT NULL, signer BLOB NOT NULL, PRIMARY KEY (sidecar, chain, seq));
              CREATE TABLE IF NOT EXISTS audit_heads (
                  sidecar TEXT NOT NULL, chain TEXT NOT NULL, seq INTEGER NOT NULL,
+                 link BLOB NOT NULL, PRIMARY KEY (sidecar, chain));
+             CREATE TABLE IF NOT EXISTS audit_pruned (
+                 sidecar TEXT NOT NULL, chain TEXT NOT NULL, seq INTEGER NOT NULL,
                  link BLOB NOT NULL, PRIMARY KEY (sidecar, chain));",
         )?;
         let reader = Connection::open(path)?;
@@ -604,6 +626,16 @@ impl AuditStore {
         Ok(rows)
     }
 
+    /// The last record of the chain that retention removed, if any.
+    pub fn pruned_through(
+        &self,
+        sidecar: &str,
+        chain: &str,
+    ) -> Result<Option<u64>, AuditStoreError> {
+        let db = self.reader.lock().expect("audit store lock");
+        Ok(pruned_at(&db, sidecar, chain)?.map(|(seq, _)| seq))
+    }
+
     /// The ranges of `sidecar`'s chain that its `Dropped` records say were lost.
     pub fn lost(
         &self,
@@ -615,6 +647,80 @@ impl AuditStore {
             sidecar,
             chain,
         )
+    }
+
+    /// Retention: removes, chain by chain, the records older than `cutoff_nanos` from the
+    /// start of each chain (never past a record that is kept, so the rest still verifies),
+    /// with the checkpoints they cover, and notes where each chain now starts. A chain whose
+    /// records are all older keeps its last one, whose link its next records continue from.
+    /// Runs in transactions of `PRUNE_CHUNK` records, on the ingest connection. Returns how
+    /// many records were removed.
+    pub fn prune(&self, cutoff_nanos: i64) -> Result<u64, AuditStoreError> {
+        let chains: Vec<(String, String)> = {
+            let db = self.reader.lock().expect("audit store lock");
+            let mut q =
+                db.prepare("SELECT DISTINCT sidecar, chain FROM audit_records WHERE time < ?1")?;
+            let rows = q
+                .query_map(params![cutoff_nanos], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            rows
+        };
+        let mut removed = 0;
+        for (sidecar, chain) in chains {
+            loop {
+                let mut db = self.db.lock().expect("audit store lock");
+                let tx = db.transaction()?;
+                // The first record kept: the oldest one at or after the cutoff, or the last.
+                let first_kept: Option<i64> = tx.query_row(
+                    "SELECT COALESCE(
+                         (SELECT MIN(seq) FROM audit_records
+                           WHERE sidecar = ?1 AND chain = ?2 AND time >= ?3),
+                         (SELECT MAX(seq) FROM audit_records WHERE sidecar = ?1 AND chain = ?2))",
+                    params![sidecar, chain, cutoff_nanos],
+                    |r| r.get(0),
+                )?;
+                let Some(first_kept) = first_kept else {
+                    break;
+                };
+                let last_gone: Option<(i64, Vec<u8>)> = tx
+                    .query_row(
+                        "SELECT seq, link FROM audit_records
+                          WHERE sidecar = ?1 AND chain = ?2 AND seq < ?3
+                          ORDER BY seq LIMIT 1 OFFSET ?4 - 1",
+                        params![sidecar, chain, first_kept, PRUNE_CHUNK],
+                        |r| Ok((r.get(0)?, bytes_at(r, 1)?)),
+                    )
+                    .optional()?
+                    .or(tx
+                        .query_row(
+                            "SELECT seq, link FROM audit_records
+                              WHERE sidecar = ?1 AND chain = ?2 AND seq < ?3
+                              ORDER BY seq DESC LIMIT 1",
+                            params![sidecar, chain, first_kept],
+                            |r| Ok((r.get(0)?, bytes_at(r, 1)?)),
+                        )
+                        .optional()?);
+                let Some((through, link)) = last_gone else {
+                    break;
+                };
+                let n = tx.execute(
+                    "DELETE FROM audit_records WHERE sidecar = ?1 AND chain = ?2 AND seq <= ?3",
+                    params![sidecar, chain, through],
+                )?;
+                tx.execute(
+                    "DELETE FROM audit_checkpoints WHERE sidecar = ?1 AND chain = ?2 AND seq <= ?3",
+                    params![sidecar, chain, through],
+                )?;
+                tx.execute(
+                    "INSERT OR REPLACE INTO audit_pruned (sidecar, chain, seq, link)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![sidecar, chain, through, link],
+                )?;
+                tx.commit()?;
+                removed += n as u64;
+            }
+        }
+        Ok(removed)
     }
 
     /// Checks `sidecar`'s stored records `from..=to` (all: 1..=u64::MAX) end to end, in
@@ -634,10 +740,16 @@ impl AuditStore {
         let id = sidecar.as_str();
         let to = to.min(i64::MAX as u64);
         let lost = lost_ranges(&db, id, chain)?;
-        let mut start = if from > 1 {
-            stored_link(&db, id, chain, from - 1)?.map(|l| (from - 1, l))
-        } else {
-            None
+        // Records removed by retention are not missing: the range starts after them.
+        let pruned = pruned_at(&db, id, chain)?;
+        let from = match pruned {
+            Some((seq, _)) => from.max(seq + 1),
+            None => from,
+        };
+        let mut start = match pruned {
+            Some((seq, link)) if from == seq + 1 => Some((seq, link)),
+            _ if from > 1 => stored_link(&db, id, chain, from - 1)?.map(|l| (from - 1, l)),
+            _ => None,
         };
         let mut after = from.saturating_sub(1);
         let mut damage = Vec::new();
@@ -943,5 +1055,49 @@ mod tests {
             .unwrap();
         assert_eq!(store.lost(WEB, CHAIN).unwrap(), [101..=180]);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn retention_removes_the_oldest_records_and_what_is_kept_still_verifies() {
+        let (dir, store, mut web) = setup("prune");
+        let id = SpiffeId::parse(WEB).unwrap();
+        let leaf = web.identity.chain()[0].to_vec();
+        store.ingest(&id, &leaf, &web.batch(100)).unwrap();
+        // Record n has time 1.8e18 + n: keep from record 40 on.
+        let cutoff = 1_800_000_000_000_000_000 + 40;
+        assert_eq!(store.prune(cutoff).unwrap(), 39);
+        assert_eq!(store.prune(cutoff).unwrap(), 0, "nothing more to remove");
+        assert_eq!(store.pruned_through(WEB, CHAIN).unwrap(), Some(39));
+        assert_eq!(store.verify_range(&id, CHAIN, 1, u64::MAX).unwrap(), []);
+        store.ingest(&id, &leaf, &web.batch(50)).unwrap();
+        assert_eq!(store.verify_range(&id, CHAIN, 1, u64::MAX).unwrap(), []);
+        assert_eq!(store.chains().unwrap()[0].2, 150 - 39);
+        // A record deleted among those kept is still a break.
+        store
+            .db
+            .lock()
+            .unwrap()
+            .execute("DELETE FROM audit_records WHERE seq = 60", [])
+            .unwrap();
+        let damage = store.verify_range(&id, CHAIN, 1, u64::MAX).unwrap();
+        assert!(
+            damage.contains(&Damage::OutOfSequence {
+                expected: 60,
+                found: 61
+            }),
+            "{damage:?}"
+        );
+        // Everything older: the last record stays, and the chain goes on from it.
+        let (dir2, store, mut web) = setup("prune-all");
+        store.ingest(&id, &leaf_of(&web), &web.batch(30)).unwrap();
+        assert_eq!(store.prune(i64::MAX).unwrap(), 29);
+        store.ingest(&id, &leaf_of(&web), &web.batch(5)).unwrap();
+        assert_eq!(store.verify_range(&id, CHAIN, 1, u64::MAX).unwrap(), []);
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&dir2).unwrap();
+    }
+
+    fn leaf_of(s: &Sidecar) -> Vec<u8> {
+        s.identity.chain()[0].to_vec()
     }
 }

@@ -558,11 +558,14 @@ fn verify_report(
             .iter()
             .map(|r| r.end() - r.start() + 1)
             .sum();
-        let lost = if lost > 0 {
+        let mut lost = if lost > 0 {
             format!(" lost_by_sidecar={lost}")
         } else {
             String::new()
         };
+        if let Some(seq) = store.pruned_through(&sidecar, &chain)? {
+            lost += &format!(" pruned_through={seq}");
+        }
         if damage.is_empty() {
             out += &format!("{line}{lost} ok\n");
         } else {

@@ -1057,3 +1057,61 @@ fn a_sixty_second_control_plane_outage_under_load_loses_no_record() {
         assert!(out.lines().any(|l| l == want), "{want:?} in:\n{out}");
     }
 }
+
+/// `--audit-retention`: records older than it leave from the start of their chain, and the
+/// records kept still verify from where the chain was cut.
+#[test]
+fn retention_removes_old_records_and_what_is_kept_verifies() {
+    let dir = TempDir::new("audit-retention");
+    let d = dir.path();
+    let ca = Ca::new("example.org");
+    let cp = ControlPlane::start_with_args(
+        CONTROL,
+        write_identity(d, "control", &ca, CONTROL, &[&ca]),
+        StoreAt::Dir(d.join("control-data")),
+        free_port(),
+        free_port(),
+        vec!["--audit-retention".into(), "2s".into()],
+    );
+    let ops = write_identity(d, "ops", &ca, ALICE, &[&ca]);
+    let files = write_identity(d, "web", &ca, A, &[&ca]);
+    let identity = LocalIdentity::from_pem(
+        &std::fs::read(&files.cert).unwrap(),
+        &std::fs::read(&files.key).unwrap(),
+        UnixTime::now(),
+        None,
+        &sigil_filters::tls::provider(),
+    )
+    .unwrap();
+    let mut bundles = TrustBundles::new();
+    bundles
+        .insert_pem(
+            &sigil_config::TrustDomain::parse("example.org").unwrap(),
+            ca.bundle_pem().as_bytes(),
+        )
+        .unwrap();
+    let bundles = Arc::new(bundles);
+    let mut chain = Chain {
+        identity: identity.clone(),
+        seq: 0,
+        head: GENESIS,
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let old = chain.batch(50);
+    rt.block_on(ship(cp.sidecar_port, &identity, bundles.clone(), vec![old]));
+    std::thread::sleep(Duration::from_secs(3));
+    let new = chain.batch(10);
+    rt.block_on(ship(cp.sidecar_port, &identity, bundles, vec![new]));
+    let line = poll(Duration::from_secs(10), Duration::from_millis(200), || {
+        let (code, out, err) = cp.sigil(&ops, &["audit", "verify"]);
+        assert_eq!(code, Some(0), "{out}{err}");
+        out.lines()
+            .find(|l| l.starts_with(A) && l.contains(" pruned_through=50 "))
+            .map(str::to_string)
+            .ok_or_else(|| format!("records 1 to 50 not removed yet:\n{out}"))
+    });
+    assert!(
+        line.contains(" records=10 last=60 ") && line.ends_with(" ok"),
+        "{line}"
+    );
+}

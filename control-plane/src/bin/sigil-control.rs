@@ -92,6 +92,19 @@ struct Cli {
     /// default); without it, with --store, none are taken
     #[arg(long, value_name = "FILE")]
     audit_db: Option<PathBuf>,
+    /// How long audit records are kept (90d, 2160h); older ones are removed from the start
+    /// of each chain. Without it, records are kept for good
+    #[arg(long, value_name = "DURATION", value_parser = retention)]
+    audit_retention: Option<std::time::Duration>,
+}
+
+/// `--audit-retention`: a duration of one second at least.
+fn retention(v: &str) -> Result<std::time::Duration, String> {
+    let d = sigil_config::proxy_config::duration::parse(v)?;
+    if d < std::time::Duration::from_secs(1) {
+        return Err(format!("{v:?}: one second at least"));
+    }
+    Ok(d)
 }
 
 /// A `--store` value that is not `etcd://…`.
@@ -122,6 +135,7 @@ struct Config {
     sidecar_listen: SocketAddr,
     ca_dir: Option<PathBuf>,
     audit_db: Option<PathBuf>,
+    audit_retention: Option<std::time::Duration>,
 }
 
 enum StoreSpec {
@@ -190,6 +204,7 @@ fn check(cli: Cli) -> Result<Config, &'static str> {
         sidecar_listen: cli.sidecar_listen,
         ca_dir: cli.ca_dir,
         audit_db,
+        audit_retention: cli.audit_retention,
     })
 }
 
@@ -261,6 +276,9 @@ async fn run(config: Config) -> Result<(), StartError> {
         error!("stored resource not sent to any sidecar: {problem}");
     }
     let hub = Arc::new(Hub::new(catalog));
+    if let (Some(store), Some(keep)) = (&audit, config.audit_retention) {
+        tokio::spawn(retain(store.clone(), keep));
+    }
     if let Some(store) = &audit {
         let own = own_audit::start(
             store.clone(),
@@ -365,6 +383,32 @@ async fn run(config: Config) -> Result<(), StartError> {
         own.flush(std::time::Duration::from_secs(3)).await;
     }
     Ok(())
+}
+
+/// Removes audit records older than `keep`, at start and then every quarter of `keep` (at
+/// most every 10 minutes), for as long as the control plane runs.
+async fn retain(store: Arc<sigil_control::audit_store::AuditStore>, keep: std::time::Duration) {
+    let every = (keep / 4).clamp(
+        std::time::Duration::from_millis(250),
+        std::time::Duration::from_secs(600),
+    );
+    loop {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let cutoff = now.saturating_sub(keep).as_nanos() as i64;
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.prune(cutoff)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => info!(
+                removed = n,
+                "audit records older than the retention removed"
+            ),
+            Ok(Err(e)) => error!("audit retention: {e}"),
+            Err(e) => error!("audit retention: {e}"),
+        }
+        tokio::time::sleep(every).await;
+    }
 }
 
 async fn open_store(spec: StoreSpec) -> Result<Store, StoreError> {
