@@ -116,6 +116,9 @@ pub struct AuditStore {
     /// Queries and verification, on a connection of their own: with the write-ahead log
     /// they read what was committed and never hold ingest up.
     reader: Mutex<Connection>,
+    /// Whether this control plane removes old records (`--audit-retention`): only then is a
+    /// chain's cut (`audit_pruned`) honoured by `verify_range`.
+    retention: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -350,6 +353,8 @@ struct Ingest<'a> {
     sidecar: &'a SpiffeId,
     chain: &'a str,
     head: (u64, Hash),
+    /// Where retention cut the chain: records up to it were stored and removed since.
+    pruned: u64,
     out: Ingested,
 }
 
@@ -375,6 +380,11 @@ impl Ingest<'_> {
             }
         };
         let id = self.sidecar.as_str();
+        if record.seq <= self.pruned {
+            // Sent again after retention removed it: stored once already.
+            self.out.duplicates += 1;
+            return Ok(Some(record.seq));
+        }
         let prev = hash_of(&record.prev);
         let this = link(record.seq, &prev, bytes);
         match stored_link(self.tx, id, self.chain, record.seq)? {
@@ -504,6 +514,7 @@ impl AuditStore {
         Ok(Self {
             db: Mutex::new(db),
             reader: Mutex::new(reader),
+            retention: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -526,6 +537,7 @@ impl AuditStore {
             sidecar,
             chain,
             head: stored_head(&tx, sidecar.as_str(), chain)?,
+            pruned: pruned_at(&tx, sidecar.as_str(), chain)?.map_or(0, |(seq, _)| seq),
             out: Ingested::default(),
         };
         // The batch is acknowledged up to its first record that could not be stored.
@@ -649,6 +661,13 @@ impl AuditStore {
         )
     }
 
+    /// Says that this control plane removes old records (`prune`), so that the cuts it makes
+    /// are honoured when chains are verified.
+    pub fn set_retention(&self) {
+        self.retention
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Retention: removes, chain by chain, the records older than `cutoff_nanos` from the
     /// start of each chain (never past a record that is kept, so the rest still verifies),
     /// with the checkpoints they cover, and notes where each chain now starts. A chain whose
@@ -740,8 +759,13 @@ impl AuditStore {
         let id = sidecar.as_str();
         let to = to.min(i64::MAX as u64);
         let lost = lost_ranges(&db, id, chain)?;
-        // Records removed by retention are not missing: the range starts after them.
-        let pruned = pruned_at(&db, id, chain)?;
+        // Records removed by retention are not missing: the range starts after them. Without
+        // retention, no cut is honoured (a deletion is not passed off as one).
+        let pruned = if self.retention.load(std::sync::atomic::Ordering::Relaxed) {
+            pruned_at(&db, id, chain)?
+        } else {
+            None
+        };
         let from = match pruned {
             Some((seq, _)) => from.max(seq + 1),
             None => from,
@@ -838,6 +862,15 @@ mod tests {
                 ..Record::default()
             };
             self.batch_of(vec![close; n as usize])
+        }
+
+        /// Records `from..=to` as they were sent, again, without a checkpoint.
+        fn sent_again(&self, from: u64, to: u64) -> Batch {
+            Batch {
+                records: self.sent[from as usize - 1..to as usize].to_vec(),
+                checkpoints: Vec::new(),
+                chain: CHAIN.into(),
+            }
         }
 
         /// `records`, chained, and a checkpoint after them.
@@ -1060,6 +1093,7 @@ mod tests {
     #[test]
     fn retention_removes_the_oldest_records_and_what_is_kept_still_verifies() {
         let (dir, store, mut web) = setup("prune");
+        store.set_retention();
         let id = SpiffeId::parse(WEB).unwrap();
         let leaf = web.identity.chain()[0].to_vec();
         store.ingest(&id, &leaf, &web.batch(100)).unwrap();
@@ -1069,9 +1103,22 @@ mod tests {
         assert_eq!(store.prune(cutoff).unwrap(), 0, "nothing more to remove");
         assert_eq!(store.pruned_through(WEB, CHAIN).unwrap(), Some(39));
         assert_eq!(store.verify_range(&id, CHAIN, 1, u64::MAX).unwrap(), []);
+        // A batch sent again after the cut: its removed records count as duplicates.
+        let again = web.sent_again(30, 45);
+        let got = store.ingest(&id, &leaf, &again).unwrap();
+        assert_eq!((got.stored, got.duplicates, got.breaks), (0, 16, vec![]));
         store.ingest(&id, &leaf, &web.batch(50)).unwrap();
         assert_eq!(store.verify_range(&id, CHAIN, 1, u64::MAX).unwrap(), []);
         assert_eq!(store.chains().unwrap()[0].2, 150 - 39);
+        // A control plane without retention honours no cut: the missing start is a break.
+        let without = AuditStore::open(&dir.join("audit.db")).unwrap();
+        assert_eq!(
+            without.verify_range(&id, CHAIN, 1, u64::MAX).unwrap()[0],
+            Damage::OutOfSequence {
+                expected: 1,
+                found: 40
+            }
+        );
         // A record deleted among those kept is still a break.
         store
             .db
@@ -1089,6 +1136,7 @@ mod tests {
         );
         // Everything older: the last record stays, and the chain goes on from it.
         let (dir2, store, mut web) = setup("prune-all");
+        store.set_retention();
         store.ingest(&id, &leaf_of(&web), &web.batch(30)).unwrap();
         assert_eq!(store.prune(i64::MAX).unwrap(), 29);
         store.ingest(&id, &leaf_of(&web), &web.batch(5)).unwrap();

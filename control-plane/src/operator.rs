@@ -306,6 +306,11 @@ async fn create_token(api: &Api, peer: &SpiffeId, req: Request<Incoming>) -> Rep
     let expires = crate::issuer::rfc3339(now + ttl.as_secs() as i64);
     // Who made a token for which identity is worth an audit line; the token itself is not.
     info!("{peer} made a join token for Workload {workload}, valid until {expires}");
+    if let Some(own) = api.hub.own_audit.get() {
+        let mut r = change_record(peer, "created", &format!("JoinToken/{workload}"), 0);
+        r.detail = format!("join token for Workload/{workload}, valid until {expires}");
+        own.record(r);
+    }
     Ok(text(
         StatusCode::OK,
         format!("{token}\nworkload {workload}\nexpires {expires}\n"),

@@ -416,6 +416,9 @@ async fn route(
 }
 
 /// One sidecar's `Ship` stream: each batch ingested (in order) and acknowledged once durable.
+/// Breaks of one batch logged and recorded one by one at most (`Ship`).
+const BREAKS_RECORDED: usize = 10;
+
 struct Ship {
     hub: Arc<Hub>,
     store: Arc<AuditStore>,
@@ -452,12 +455,29 @@ impl tonic::server::StreamingService<sigil_api::audit::Batch> for Ship {
                         m.audit_records
                             .get_or_create(&duplicate)
                             .inc_by(got.duplicates as u64);
-                        for b in &got.breaks {
-                            warn!(sidecar = %peer, "audit chain: {b}");
+                        for (i, b) in got.breaks.iter().enumerate() {
                             let kind = AuditLabels { result: b.label() };
                             m.audit_breaks.get_or_create(&kind).inc();
+                            // A batch can hold a million broken records: the first ones are
+                            // logged and recorded, the rest counted in one record.
+                            if i < BREAKS_RECORDED {
+                                warn!(sidecar = %peer, "audit chain: {b}");
+                                if let Some(own) = hub.own_audit.get() {
+                                    own.record(chain_break(
+                                        &peer,
+                                        &chain,
+                                        &b.to_string(),
+                                        b.label(),
+                                    ));
+                                }
+                            }
+                        }
+                        let more = got.breaks.len().saturating_sub(BREAKS_RECORDED);
+                        if more > 0 {
+                            warn!(sidecar = %peer, "audit chain: {more} more breaks in the same batch");
                             if let Some(own) = hub.own_audit.get() {
-                                own.record(chain_break(&peer, &chain, &b.to_string(), b.label()));
+                                let what = format!("{more} more breaks in the same batch");
+                                own.record(chain_break(&peer, &chain, &what, "more"));
                             }
                         }
                         let error = got

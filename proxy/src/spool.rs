@@ -395,7 +395,9 @@ pub struct Part {
 
 /// Up to `max` records from `cursor` on, in order, from the ranges `Spool::plan` gave; moves
 /// the cursor past them. A segment removed meanwhile (fail-open, full) is skipped: its records
-/// are the ones a `Dropped` record counts.
+/// are the ones a `Dropped` record counts. Each segment read from is synced to the disk first:
+/// a record leaves for the control plane only once a power loss cannot take it from here, so
+/// that this spool never numbers a new record with a number the control plane already holds.
 pub fn read(parts: &[Part], cursor: &mut Cursor, max: usize) -> Result<Vec<Spooled>, SpoolError> {
     use std::io::{Seek, SeekFrom};
     let mut out = Vec::new();
@@ -406,6 +408,7 @@ pub fn read(parts: &[Part], cursor: &mut Cursor, max: usize) -> Result<Vec<Spool
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(io_err(e)),
         };
+        file.sync_data().map_err(io_err)?;
         file.seek(SeekFrom::Start(part.from)).map_err(io_err)?;
         let mut bytes = vec![0; (part.to - part.from) as usize];
         file.read_exact(&mut bytes).map_err(io_err)?;
@@ -428,8 +431,9 @@ pub fn read(parts: &[Part], cursor: &mut Cursor, max: usize) -> Result<Vec<Spool
 
 /// Notes that the control plane holds every record up to `through`; done before
 /// `Spool::trim` and without the spool's lock. Not synced to the disk: after a power loss the
-/// note may be older (or gone), and the records after it are sent again, which the control
-/// plane stores once. Nothing is lost that way, and an acknowledgement costs no `fsync`.
+/// note may be older (or gone), and the records after it, which `read` synced before they
+/// were sent, are sent again with the same bytes and stored once. An acknowledgement costs no
+/// `fsync`.
 pub fn write_acked(dir: &Path, through: u64) -> Result<(), SpoolError> {
     let path = dir.join(ACKED_FILE);
     let tmp = dir.join(format!("{ACKED_FILE}.tmp"));

@@ -277,6 +277,7 @@ async fn run(config: Config) -> Result<(), StartError> {
     }
     let hub = Arc::new(Hub::new(catalog));
     if let (Some(store), Some(keep)) = (&audit, config.audit_retention) {
+        store.set_retention();
         tokio::spawn(retain(store.clone(), keep));
     }
     if let Some(store) = &audit {
