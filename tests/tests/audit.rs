@@ -58,6 +58,33 @@ impl Chain {
     }
 }
 
+/// A stand-in sidecar A shipping records by hand: its SVID (files `web.*` in `d`), the
+/// bundle it trusts the control plane with, and its chain from the first record.
+fn stand_in(d: &std::path::Path, ca: &Ca) -> (LocalIdentity, Arc<TrustBundles>, Chain) {
+    let files = write_identity(d, "web", ca, A, &[ca]);
+    let identity = LocalIdentity::from_pem(
+        &std::fs::read(&files.cert).unwrap(),
+        &std::fs::read(&files.key).unwrap(),
+        UnixTime::now(),
+        None,
+        &sigil_filters::tls::provider(),
+    )
+    .unwrap();
+    let mut bundles = TrustBundles::new();
+    bundles
+        .insert_pem(
+            &sigil_config::TrustDomain::parse("example.org").unwrap(),
+            ca.bundle_pem().as_bytes(),
+        )
+        .unwrap();
+    let chain = Chain {
+        identity: identity.clone(),
+        seq: 0,
+        head: GENESIS,
+    };
+    (identity, Arc::new(bundles), chain)
+}
+
 /// Ships `batches` on one new `Ship` stream with `identity`; the acknowledgements.
 async fn ship(
     port: u16,
@@ -109,28 +136,7 @@ fn shipped_records_are_stored_once_and_survive_a_sigkill_of_the_control_plane() 
     let ca = Ca::new("example.org");
     let cp = ControlPlane::start_in(d, &ca, CONTROL);
     let ops = write_identity(d, "ops", &ca, ALICE, &[&ca]);
-    let files = write_identity(d, "web", &ca, A, &[&ca]);
-    let identity = LocalIdentity::from_pem(
-        &std::fs::read(&files.cert).unwrap(),
-        &std::fs::read(&files.key).unwrap(),
-        UnixTime::now(),
-        None,
-        &sigil_filters::tls::provider(),
-    )
-    .unwrap();
-    let mut bundles = TrustBundles::new();
-    bundles
-        .insert_pem(
-            &sigil_config::TrustDomain::parse("example.org").unwrap(),
-            ca.bundle_pem().as_bytes(),
-        )
-        .unwrap();
-    let bundles = Arc::new(bundles);
-    let mut chain = Chain {
-        identity: identity.clone(),
-        seq: 0,
-        head: GENESIS,
-    };
+    let (identity, bundles, mut chain) = stand_in(d, &ca);
     let (first, second) = (chain.batch(100), chain.batch(50));
     let rt = tokio::runtime::Runtime::new().unwrap();
     let acks = rt.block_on(ship(
@@ -1084,28 +1090,7 @@ fn retention_removes_old_records_and_what_is_kept_verifies() {
         vec!["--audit-retention".into(), "2s".into()],
     );
     let ops = write_identity(d, "ops", &ca, ALICE, &[&ca]);
-    let files = write_identity(d, "web", &ca, A, &[&ca]);
-    let identity = LocalIdentity::from_pem(
-        &std::fs::read(&files.cert).unwrap(),
-        &std::fs::read(&files.key).unwrap(),
-        UnixTime::now(),
-        None,
-        &sigil_filters::tls::provider(),
-    )
-    .unwrap();
-    let mut bundles = TrustBundles::new();
-    bundles
-        .insert_pem(
-            &sigil_config::TrustDomain::parse("example.org").unwrap(),
-            ca.bundle_pem().as_bytes(),
-        )
-        .unwrap();
-    let bundles = Arc::new(bundles);
-    let mut chain = Chain {
-        identity: identity.clone(),
-        seq: 0,
-        head: GENESIS,
-    };
+    let (identity, bundles, mut chain) = stand_in(d, &ca);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let old = chain.batch(50);
     rt.block_on(ship(cp.sidecar_port, &identity, bundles.clone(), vec![old]));
