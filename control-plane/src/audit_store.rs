@@ -315,10 +315,37 @@ fn stored_checkpoints(
 }
 
 /// `verify` over one chunk of stored records and the checkpoints that fall in it.
+/// Whether a checkpoint's signer (its SVID's leaf, DER) chains to a root the control plane
+/// trusts or trusted; why not.
+pub type SignerCheck<'a> = &'a dyn Fn(&[u8]) -> Result<(), String>;
+
+/// The checkpoints whose signers pass `trusted` (each signer checked once), and a break for
+/// each of the others.
+fn trusted_checkpoints<'c>(
+    cps: &'c [StoredCheckpoint],
+    trusted: SignerCheck<'_>,
+    seen: &mut std::collections::HashMap<Vec<u8>, Result<(), String>>,
+) -> (Vec<&'c StoredCheckpoint>, Vec<Damage>) {
+    let (mut ok, mut damage) = (Vec::new(), Vec::new());
+    for c in cps {
+        let verdict = seen.entry(c.3.clone()).or_insert_with(|| trusted(&c.3));
+        match verdict {
+            Ok(()) => ok.push(c),
+            Err(why) => damage.push(Damage::BadSignature {
+                seq: c.0,
+                why: format!(
+                    "its SVID does not chain to a root this control plane trusts or trusted: {why}"
+                ),
+            }),
+        }
+    }
+    (ok, damage)
+}
+
 fn verify_chunk(
     sidecar: &SpiffeId,
     rows: &[(u64, Hash, Vec<u8>)],
-    cps: &[StoredCheckpoint],
+    cps: &[&StoredCheckpoint],
     start: Option<(u64, Hash)>,
     lost: &[RangeInclusive<u64>],
 ) -> Vec<Damage> {
@@ -743,15 +770,18 @@ impl AuditStore {
     }
 
     /// Checks `sidecar`'s stored records `from..=to` (all: 1..=u64::MAX) end to end, in
-    /// sequence order, against the stored checkpoints; gaps the chain's own `Dropped` records
-    /// account for are not breaks. Reads `VERIFY_CHUNK` records at a time.
+    /// sequence order, against the stored checkpoints whose signers pass `trusted` (those
+    /// that do not are breaks); gaps the chain's own `Dropped` records account for are not
+    /// breaks. Reads `VERIFY_CHUNK` records at a time.
     pub fn verify_range(
         &self,
         sidecar: &SpiffeId,
         chain: &str,
         from: u64,
         to: u64,
+        trusted: SignerCheck<'_>,
     ) -> Result<Vec<Damage>, AuditStoreError> {
+        let mut seen = std::collections::HashMap::new();
         let mut reader = self.reader.lock().expect("audit store lock");
         // One snapshot of the store throughout: records and checkpoints committed meanwhile
         // would otherwise show as a checkpoint past the last record read (a false truncation).
@@ -801,6 +831,8 @@ impl AuditStore {
                 _ => to,
             };
             let cps = stored_checkpoints(&db, id, chain, after, through)?;
+            let (cps, untrusted) = trusted_checkpoints(&cps, trusted, &mut seen);
+            damage.extend(untrusted);
             damage.extend(verify_chunk(sidecar, &rows, &cps, start, &lost));
             let Some((seq, prev, record)) = rows.last() else {
                 break;
@@ -825,6 +857,11 @@ mod tests {
     use sigil_testkit::Ca;
 
     const WEB: &str = "spiffe://example.org/ns/demo/sa/web";
+
+    /// Every signer trusted (the signer checks are `AuditStore::verify_range`'s caller's).
+    fn any_signer(_: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
     const CHAIN: &str = "0123456789abcdef0123456789abcdef";
 
     struct Sidecar {
@@ -937,8 +974,18 @@ mod tests {
             store.ingest(&id, &leaf, &second).unwrap().durable_through,
             150
         );
-        assert_eq!(store.verify_range(&id, CHAIN, 1, u64::MAX).unwrap(), []);
-        assert_eq!(store.verify_range(&id, CHAIN, 40, 120).unwrap(), []);
+        assert_eq!(
+            store
+                .verify_range(&id, CHAIN, 1, u64::MAX, &any_signer)
+                .unwrap(),
+            []
+        );
+        assert_eq!(
+            store
+                .verify_range(&id, CHAIN, 40, 120, &any_signer)
+                .unwrap(),
+            []
+        );
 
         // A fork (other bytes under a stored number) is refused and named.
         let mut forked = second.clone();
@@ -1008,7 +1055,7 @@ mod tests {
             )
             .unwrap();
         }
-        let damage = store.verify_range(&id, CHAIN, 1, 150).unwrap();
+        let damage = store.verify_range(&id, CHAIN, 1, 150, &any_signer).unwrap();
         assert!(damage.contains(&Damage::Unlinked { seq: 43 }), "{damage:?}");
         assert!(
             damage.contains(&Damage::Truncated {
@@ -1030,7 +1077,9 @@ mod tests {
         web.seq += 80;
         web.head = [9; 32];
         store.ingest(&id, &leaf, &web.batch(20)).unwrap();
-        let damage = store.verify_range(&id, CHAIN, 1, u64::MAX).unwrap();
+        let damage = store
+            .verify_range(&id, CHAIN, 1, u64::MAX, &any_signer)
+            .unwrap();
         assert_eq!(
             damage,
             [
@@ -1052,7 +1101,12 @@ mod tests {
         store.ingest(&id, &leaf, &notes).unwrap();
         store.ingest(&id, &leaf, &web.batch(100)).unwrap();
         assert_eq!(store.lost(WEB, CHAIN).unwrap(), [101..=180]);
-        assert_eq!(store.verify_range(&id, CHAIN, 1, u64::MAX).unwrap(), []);
+        assert_eq!(
+            store
+                .verify_range(&id, CHAIN, 1, u64::MAX, &any_signer)
+                .unwrap(),
+            []
+        );
         // A record deleted elsewhere is still a break, across the verifier's chunks.
         store
             .db
@@ -1067,7 +1121,12 @@ mod tests {
             },
             Damage::Unlinked { seq: 251 },
         ];
-        assert_eq!(store.verify_range(&id, CHAIN, 1, u64::MAX).unwrap(), broken);
+        assert_eq!(
+            store
+                .verify_range(&id, CHAIN, 1, u64::MAX, &any_signer)
+                .unwrap(),
+            broken
+        );
         // A Dropped record no checkpoint vouches for (appended after the last one) accounts
         // for nothing; nor does one that comes before the range it names.
         let mut unvouched = web.batch_of(vec![note(250, 1)]);
@@ -1102,18 +1161,30 @@ mod tests {
         assert_eq!(store.prune(cutoff).unwrap(), 39);
         assert_eq!(store.prune(cutoff).unwrap(), 0, "nothing more to remove");
         assert_eq!(store.pruned_through(WEB, CHAIN).unwrap(), Some(39));
-        assert_eq!(store.verify_range(&id, CHAIN, 1, u64::MAX).unwrap(), []);
+        assert_eq!(
+            store
+                .verify_range(&id, CHAIN, 1, u64::MAX, &any_signer)
+                .unwrap(),
+            []
+        );
         // A batch sent again after the cut: its removed records count as duplicates.
         let again = web.sent_again(30, 45);
         let got = store.ingest(&id, &leaf, &again).unwrap();
         assert_eq!((got.stored, got.duplicates, got.breaks), (0, 16, vec![]));
         store.ingest(&id, &leaf, &web.batch(50)).unwrap();
-        assert_eq!(store.verify_range(&id, CHAIN, 1, u64::MAX).unwrap(), []);
+        assert_eq!(
+            store
+                .verify_range(&id, CHAIN, 1, u64::MAX, &any_signer)
+                .unwrap(),
+            []
+        );
         assert_eq!(store.chains().unwrap()[0].2, 150 - 39);
         // A control plane without retention honours no cut: the missing start is a break.
         let without = AuditStore::open(&dir.join("audit.db")).unwrap();
         assert_eq!(
-            without.verify_range(&id, CHAIN, 1, u64::MAX).unwrap()[0],
+            without
+                .verify_range(&id, CHAIN, 1, u64::MAX, &any_signer)
+                .unwrap()[0],
             Damage::OutOfSequence {
                 expected: 1,
                 found: 40
@@ -1126,7 +1197,9 @@ mod tests {
             .unwrap()
             .execute("DELETE FROM audit_records WHERE seq = 60", [])
             .unwrap();
-        let damage = store.verify_range(&id, CHAIN, 1, u64::MAX).unwrap();
+        let damage = store
+            .verify_range(&id, CHAIN, 1, u64::MAX, &any_signer)
+            .unwrap();
         assert!(
             damage.contains(&Damage::OutOfSequence {
                 expected: 60,
@@ -1140,7 +1213,12 @@ mod tests {
         store.ingest(&id, &leaf_of(&web), &web.batch(30)).unwrap();
         assert_eq!(store.prune(i64::MAX).unwrap(), 29);
         store.ingest(&id, &leaf_of(&web), &web.batch(5)).unwrap();
-        assert_eq!(store.verify_range(&id, CHAIN, 1, u64::MAX).unwrap(), []);
+        assert_eq!(
+            store
+                .verify_range(&id, CHAIN, 1, u64::MAX, &any_signer)
+                .unwrap(),
+            []
+        );
         std::fs::remove_dir_all(&dir).unwrap();
         std::fs::remove_dir_all(&dir2).unwrap();
     }

@@ -36,6 +36,8 @@ const NEXT_KEY_FILE: &str = "next.key";
 const RETIRED_CERT_FILE: &str = "retired.crt";
 /// When the retired CA leaves the bundle: one RFC 3339 time.
 const RETIRED_UNTIL_FILE: &str = "retired.until";
+/// Chains of retired CAs, kept for the audit trail.
+const FORMER_DIR: &str = "former";
 
 /// Why the CA could not be made, loaded or used.
 #[derive(Debug)]
@@ -232,6 +234,23 @@ impl Upstream {
 }
 
 /// The certificates of a PEM file, at least one.
+/// The chains kept in `former/` (none if it is missing).
+fn read_former(dir: &Path) -> Result<Vec<Vec<CertificateDer<'static>>>, CaError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(CaError::Io(dir.to_path_buf(), e)),
+    };
+    let mut chains = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| CaError::Io(dir.to_path_buf(), e))?.path();
+        if path.extension().is_some_and(|e| e == "crt") {
+            chains.push(read_chain(&path)?);
+        }
+    }
+    Ok(chains)
+}
+
 fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
     let chain = CertificateDer::pem_file_iter(path)
         .map_err(|e| CaError::Invalid(path.to_path_buf(), format!("no PEM certificate: {e}")))?
@@ -514,6 +533,12 @@ impl Authority {
         &self.cert
     }
 
+    /// The certificates sent after an SVID it signs: itself and upstream intermediates, not
+    /// the root.
+    pub fn above(&self) -> &[CertificateDer<'static>] {
+        &self.above
+    }
+
     /// The root its SVIDs chain to: what trust bundles of its domain must hold.
     pub fn anchor(&self) -> &CertificateDer<'static> {
         &self.anchor
@@ -572,6 +597,8 @@ pub struct CaSet {
     pub active: Authority,
     pub next: Option<Authority>,
     pub retired: Option<Retired>,
+    /// The chains of every CA this directory retired (`former/`), kept for the audit trail.
+    pub former: Vec<Vec<CertificateDer<'static>>>,
 }
 
 impl CaSet {
@@ -628,11 +655,32 @@ impl CaSet {
         } else {
             None
         };
+        let former = read_former(&dir.join(FORMER_DIR))?;
         Ok(Self {
             active,
             next,
             retired,
+            former,
         })
+    }
+
+    /// What SVIDs of this domain, past and present, verify against: every root the directory
+    /// has held (the set's anchors and the former CAs' roots) and the intermediates between
+    /// them and the SVIDs. For the audit trail, never for a trust bundle: a former root must
+    /// not admit anyone today.
+    pub fn ever(&self) -> (Vec<CertificateDer<'static>>, Vec<CertificateDer<'static>>) {
+        let mut roots = self.anchors();
+        let mut intermediates: Vec<CertificateDer<'static>> = self.active.above().to_vec();
+        intermediates.extend(self.next.iter().flat_map(|n| n.above().iter().cloned()));
+        for chain in &self.former {
+            if let Some((root, above)) = chain.split_last() {
+                if !roots.contains(root) {
+                    roots.push(root.clone());
+                }
+                intermediates.extend(above.iter().cloned());
+            }
+        }
+        (roots, intermediates)
     }
 
     /// The CAs' own certificates (active, next) and the retired anchor: what tells one set
@@ -677,6 +725,20 @@ pub fn activate(dir: &Path, until: i64) -> Result<(), CaError> {
         sigil_testkit::pem("CERTIFICATE", root).as_bytes(),
         0o644,
     )?;
+    // Its whole chain is kept for good in `former/`: the audit trail's checkpoints signed
+    // with SVIDs it issued verify against it long after it left the bundle.
+    let former = dir.join(FORMER_DIR);
+    std::fs::create_dir_all(&former).map_err(|e| CaError::Io(former.clone(), e))?;
+    let name = ring::digest::digest(&ring::digest::SHA256, &chain[0]);
+    let name: String = name.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let pem: String = chain
+        .iter()
+        .map(|c| sigil_testkit::pem("CERTIFICATE", c))
+        .collect();
+    replace(&former.join(format!("{name}.crt")), pem.as_bytes(), 0o644)?;
     // The key first (it replaces the old one, which is gone from here on), then the
     // certificate; `CaSet::load` finishes the second move if a crash stopped between them.
     rename(&next.key, &active.key)?;
@@ -931,6 +993,13 @@ mod tests {
         );
         drop_retired(d).unwrap();
         assert_eq!(CaSet::load(d).unwrap().certs(), std::slice::from_ref(&new));
+        // Out of the bundle, but kept for the audit trail's signers.
+        let (roots, _) = CaSet::load(d).unwrap().ever();
+        assert!(
+            roots.contains(&old) && roots.contains(&new),
+            "{}",
+            roots.len()
+        );
 
         // `next.crt` copied before `next.key`: refused, nothing moved.
         let copying = rotate(d, now(), hour, None).unwrap();

@@ -45,6 +45,81 @@ pub struct Api {
     pub hub: Arc<Hub>,
     /// Sidecars' audit records (`--audit-db`), if kept here.
     pub audit: Option<Arc<crate::audit_store::AuditStore>>,
+    /// What audit checkpoints' signers must chain to: the bundle files (`--bundle-dir`) and,
+    /// read at each verification, every CA the CA directory (`--ca-dir`) holds or held.
+    pub signer_roots: SignerRoots,
+}
+
+/// Why `sigil audit verify` could not run.
+#[derive(Debug)]
+enum VerifyFailed {
+    Ca(crate::ca::CaError),
+    Bundle(sigil_filters::BundleError),
+    Store(crate::audit_store::AuditStoreError),
+}
+
+impl std::fmt::Display for VerifyFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Ca(e) => write!(f, "the CA directory, for the checkpoints' signers: {e}"),
+            Self::Bundle(e) => write!(f, "the roots for the checkpoints' signers: {e}"),
+            Self::Store(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// See `Api::signer_roots`.
+#[derive(Clone)]
+pub struct SignerRoots {
+    pub files: Arc<sigil_filters::TrustBundles>,
+    pub ca_dir: Option<std::path::PathBuf>,
+}
+
+impl SignerRoots {
+    /// The check `verify_range` puts each checkpoint signer to: a valid SVID of a trusted
+    /// domain at its own notBefore (it signed while valid, maybe long ago), against the bundle
+    /// files and every root the CA directory has held, with its intermediates.
+    fn check(&self) -> Result<impl Fn(&[u8]) -> Result<(), String>, VerifyFailed> {
+        let mut bundles = (*self.files).clone();
+        let mut intermediates = Vec::new();
+        if let Some(dir) = &self.ca_dir {
+            let set = crate::ca::CaSet::load(dir).map_err(VerifyFailed::Ca)?;
+            let (roots, above) = set.ever();
+            let mut own = sigil_filters::TrustBundles::new();
+            let td = set.active.trust_domain();
+            let mut all = bundles
+                .get(td.as_str())
+                .map_or(Vec::new(), |b| b.certs().to_vec());
+            all.extend(
+                roots
+                    .into_iter()
+                    .filter(|r| !all.contains(r))
+                    .collect::<Vec<_>>(),
+            );
+            own.insert_der(td, all).map_err(VerifyFailed::Bundle)?;
+            bundles = bundles.overlay(&own);
+            intermediates = above;
+        }
+        let algs = sigil_filters::tls::provider().signature_verification_algorithms;
+        Ok(move |leaf: &[u8]| {
+            let leaf = rustls::pki_types::CertificateDer::from(leaf);
+            let (_, cert) = x509_parser::parse_x509_certificate(&leaf)
+                .map_err(|e| format!("its certificate: {e}"))?;
+            let at = rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(
+                cert.validity().not_before.timestamp().max(0) as u64 + 1,
+            ));
+            sigil_filters::svid::verify_svid(
+                &bundles,
+                &algs,
+                &leaf,
+                &intermediates,
+                at,
+                sigil_filters::svid::Usage::Client,
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        })
+    }
 }
 
 impl Api {
@@ -531,10 +606,14 @@ async fn audit_verify(api: &Api) -> Reply {
             "this control plane keeps no audit records (see --audit-db)\n".into(),
         ));
     };
-    let report = tokio::task::spawn_blocking(move || verify_report(&store))
-        .await
-        .map_err(internal)?
-        .map_err(internal)?;
+    let roots = api.signer_roots.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        let trusted = roots.check()?;
+        verify_report(&store, &trusted).map_err(VerifyFailed::Store)
+    })
+    .await
+    .map_err(internal)?
+    .map_err(internal)?;
     let status = if report.1 {
         StatusCode::OK
     } else {
@@ -546,6 +625,7 @@ async fn audit_verify(api: &Api) -> Reply {
 /// The report of `audit_verify`, and whether every chain is whole.
 fn verify_report(
     store: &crate::audit_store::AuditStore,
+    trusted: crate::audit_store::SignerCheck<'_>,
 ) -> Result<(String, bool), crate::audit_store::AuditStoreError> {
     let mut out = String::new();
     let mut whole = true;
@@ -557,7 +637,7 @@ fn verify_report(
             out += &format!("{line} breaks=1\n  the stored sidecar ID is not a SPIFFE ID\n");
             continue;
         };
-        let damage = store.verify_range(&id, &chain, 1, u64::MAX)?;
+        let damage = store.verify_range(&id, &chain, 1, u64::MAX, trusted)?;
         let lost: u64 = store
             .lost(&sidecar, &chain)?
             .iter()

@@ -991,6 +991,45 @@ fn every_kind_of_tampering_with_the_stored_records_is_named_by_sigil_audit_verif
         );
         assert_eq!(cp.proc.terminate(Duration::from_secs(10)), Some(0));
     }
+    // History re-signed: the last checkpoint signed again, validly, by an SVID with A's ID
+    // from a CA of the tamperer's own. Its signature verifies; its signer does not chain.
+    std::fs::copy(&pristine, &db).unwrap();
+    let tamper = rusqlite::Connection::open(&db).unwrap();
+    let head: Vec<u8> = tamper
+        .query_row(
+            "SELECT head FROM audit_checkpoints WHERE sidecar = ?1 AND seq = ?2",
+            rusqlite::params![A, last],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let forged = Ca::new("example.org").svid(A);
+    let forger = LocalIdentity::from_pem(
+        forged.chain_pem().as_bytes(),
+        forged.key_pem().as_bytes(),
+        UnixTime::now(),
+        None,
+        &sigil_filters::tls::provider(),
+    )
+    .unwrap();
+    let head: Hash = head.try_into().unwrap();
+    let signature = sign_checkpoint(&forger, last as u64, &head).unwrap();
+    tamper
+        .execute(
+            "UPDATE audit_checkpoints SET signature = ?1, signer = ?2 WHERE sidecar = ?3 AND seq = ?4",
+            rusqlite::params![signature, forger.chain()[0].to_vec(), A, last],
+        )
+        .unwrap();
+    drop(tamper);
+    let cp = cp.start_again();
+    let (code, out, err) = cp.sigil(&ops, &["audit", "verify"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    let named = format!(
+        "the checkpoint at record {last} is not the sidecar's: its SVID does not chain to a root this control plane trusts or trusted"
+    );
+    assert!(
+        out.contains(&named) || err.contains(&named),
+        "{named:?} not in\n{out}{err}"
+    );
 }
 
 /// A 60-second control-plane outage under steady load: A and B serve on, their records wait

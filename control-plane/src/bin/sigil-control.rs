@@ -300,6 +300,10 @@ async fn run(config: Config) -> Result<(), StartError> {
         operators: config.operators,
         hub: hub.clone(),
         audit: audit.clone(),
+        signer_roots: operator::SignerRoots {
+            files: id.bundles.clone(),
+            ca_dir: config.ca_dir.clone(),
+        },
     });
     if let Store::Etcd(etcd) = &*api.store {
         follow_etcd(etcd, &api);
