@@ -151,7 +151,14 @@ fn count(map: &mut HashMap<(Arc<str>, Method), u64>, route: &Arc<str>, method: &
 impl Conn {
     /// The request's audit: a record of its own if it was denied (or if every request is
     /// recorded), else a count in the connection's close record.
-    fn audit(&self, method: &Method, path: &str, route: &Arc<str>, decision: &str, why: &str) {
+    fn audit(
+        &self,
+        method: &Method,
+        path: &str,
+        route: &Arc<str>,
+        decision: &str,
+        why: Option<&dyn std::fmt::Display>,
+    ) {
         let Some(audit) = &self.p.ledger.audit else {
             return;
         };
@@ -193,7 +200,10 @@ impl Conn {
             bundle_version: versions.bundles.load(Ordering::Relaxed),
             route: route.to_string(),
             method: method.to_string(),
-            detail: format!("{why}path {}", truncated(path, 1024)),
+            detail: match why {
+                Some(why) => format!("{why}; path {}", truncated(path, 1024)),
+                None => format!("path {}", truncated(path, 1024)),
+            },
             port: self.port.into(),
             conn: self.id,
             ..Record::default()
@@ -216,39 +226,28 @@ async fn handle(c: &Conn, mut req: Request<Incoming>) -> Response<ResponseBody> 
     // removed before the route's header matches see them, set again when forwarding.
     crate::http::strip_identity(req.headers_mut());
     let grpc = is_grpc(&req);
-    // What the request asked, for its audit record (taken only with the audit stream on).
-    let asked =
-        c.p.ledger
-            .audit
-            .as_ref()
-            .map(|_| (req.method().clone(), req.uri().path().to_string()));
     let (route, decision, resp) = match authorize(c, &req) {
         Err(why) => {
             limited!(info, peer = %c.peer, port = c.port, method = %req.method(), "request refused: {why}");
             let r = local_response(StatusCode::BAD_REQUEST, grpc, &why.to_string());
-            if let Some((method, path)) = &asked {
-                c.audit(
-                    method,
-                    path,
-                    &Arc::from("invalid_request"),
-                    "invalid",
-                    &format!("{why}; "),
-                );
-            }
+            let invalid = Arc::from("invalid_request");
+            c.audit(
+                req.method(),
+                req.uri().path(),
+                &invalid,
+                "invalid",
+                Some(&why),
+            );
             (Arc::from("invalid_request"), "invalid", r)
         }
         Ok((route, Verdict::Deny(why))) => {
             limited!(info, peer = %c.peer, port = c.port, method = %req.method(), path = %req.uri().path(), rule = %why, "request denied");
             let r = local_response(StatusCode::FORBIDDEN, grpc, &format!("denied by {why}"));
-            if let Some((method, path)) = &asked {
-                c.audit(method, path, &route, "deny", "");
-            }
+            c.audit(req.method(), req.uri().path(), &route, "deny", None);
             (route, "deny", r)
         }
         Ok((route, Verdict::Allow { target })) => {
-            if let Some((method, path)) = &asked {
-                c.audit(method, path, &route, "allow", "");
-            }
+            c.audit(req.method(), req.uri().path(), &route, "allow", None);
             debug!(peer = %c.peer, port = c.port, method = %req.method(), path = %req.uri().path(), "request allowed");
             let r = match forward(c, req, target, grpc).await {
                 Ok(r) => r,

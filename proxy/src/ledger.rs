@@ -153,6 +153,7 @@ impl Ledger {
         };
         let mut counters = self.opened(&labels);
         let s = &a.session;
+        let (policy, rule) = policy_of(a.rule.as_deref());
         let open = self.audit.as_ref().map(|_| Record {
             kind: AuditKind::ConnectionOpen as i32,
             direction: a.direction.label().into(),
@@ -169,8 +170,8 @@ impl Ledger {
             cipher: s.cipher.into(),
             protocol: a.protocol.into(),
             decision: "allow".into(),
-            policy: policy_of(a.rule.as_deref()).0.into(),
-            rule: policy_of(a.rule.as_deref()).1.into(),
+            policy: policy.into(),
+            rule: rule.into(),
             mode: if a.rule.is_some() { "enforce" } else { "" }.into(),
             policy_version: self.versions.policies.load(Ordering::Relaxed),
             bundle_version: self.versions.bundles.load(Ordering::Relaxed),
