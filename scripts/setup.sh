@@ -14,6 +14,7 @@ have setpriv || need+=(util-linux)        # transparent-mode tests: proxy under 
 have protoc || need+=(protobuf-compiler)  # etcd-client compiles etcd's .proto files at build time
 [ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)  # ... importing protobuf's own
 have etcd || need+=(etcd-server)          # tests: sigil-control replicas sharing an etcd store
+compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || need+=(postgresql)  # tests: replicas sharing an audit store
 if [ "${1:-}" = "--perf" ]; then
     have nginx || need+=(nginx)
     [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)

@@ -1,5 +1,6 @@
 //! The control plane's audit store (issue 16): sidecars' chained records and checkpoints,
-//! ingested in order, idempotently, and checked as they arrive. Embedded SQLite.
+//! ingested in order, idempotently, and checked as they arrive. In an embedded SQLite file,
+//! or in a PostgreSQL database that several replicas share (`audit_sql`).
 //!
 //! Ingest of a batch from sidecar X (its SPIFFE ID, from the SVID it presented):
 //! - a record already stored under (X, seq) with the same bytes is skipped (a batch sent
@@ -16,15 +17,18 @@
 //! decode): the sidecar keeps everything after that.
 
 use std::ops::RangeInclusive;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 
-use rusqlite::{params, Connection, OptionalExtension};
 use rustls::pki_types::CertificateDer;
 use sigil_api::audit::{Batch, Checkpoint as WireCheckpoint, Kind, Record};
 use sigil_api::Message;
 use sigil_config::SpiffeId;
 use sigil_filters::audit::{link, verify, Checkpoint, Damage, Entry, Hash, GENESIS};
+
+use crate::audit_sql::Arg::{Bytes, Int, Text};
+pub use crate::audit_sql::PostgresSpec;
+use crate::audit_sql::{Arg, Cell, Db, SqlError, Tx};
 
 /// A break found on ingest or by `verify_range`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,10 +116,10 @@ pub struct Ingested {
 
 pub struct AuditStore {
     /// Ingest: one writer.
-    db: Mutex<Connection>,
-    /// Queries and verification, on a connection of their own: with the write-ahead log
-    /// they read what was committed and never hold ingest up.
-    reader: Mutex<Connection>,
+    db: Mutex<Db>,
+    /// Queries and verification, on a connection of their own: they read what was committed
+    /// (SQLite's write-ahead log) and never hold ingest up.
+    reader: Mutex<Db>,
     /// Whether this control plane removes old records (`--audit-retention`): only then is a
     /// chain's cut (`audit_pruned`) honoured by `verify_range`.
     retention: std::sync::atomic::AtomicBool,
@@ -124,7 +128,7 @@ pub struct AuditStore {
 #[derive(Debug)]
 pub enum AuditStoreError {
     Dir(PathBuf, std::io::Error),
-    Db(rusqlite::Error),
+    Db(SqlError),
     /// A batch whose chain ID is not 1 to 64 hex digits.
     BadChainId(String),
     /// A stored record that no longer decodes.
@@ -155,26 +159,41 @@ impl std::fmt::Display for AuditStoreError {
 
 impl std::error::Error for AuditStoreError {}
 
-impl From<rusqlite::Error> for AuditStoreError {
-    fn from(e: rusqlite::Error) -> Self {
+impl From<SqlError> for AuditStoreError {
+    fn from(e: SqlError) -> Self {
         Self::Db(e)
     }
+}
+
+/// The cells of a row whose statement names `N` columns.
+fn cells<const N: usize>(row: Vec<Cell>) -> [Cell; N] {
+    row.try_into()
+        .unwrap_or_else(|r: Vec<Cell>| panic!("a statement of {N} columns gave {}", r.len()))
+}
+
+/// A sequence number, a count (none: 0).
+fn number(c: &Cell) -> Result<u64, AuditStoreError> {
+    Ok(c.int()?.unwrap_or(0).max(0) as u64)
+}
+
+fn seq_and_link(row: Vec<Cell>) -> Result<(u64, Hash), AuditStoreError> {
+    let [seq, link] = cells(row);
+    Ok((number(&seq)?, hash_of(&link.bytes())))
 }
 
 /// Where retention cut a chain: the last record removed and its link, from which the records
 /// kept verify. None: nothing removed.
 fn pruned_at(
-    db: &Connection,
+    db: &mut Tx<'_>,
     sidecar: &str,
     chain: &str,
 ) -> Result<Option<(u64, Hash)>, AuditStoreError> {
-    Ok(db
-        .query_row(
-            "SELECT seq, link FROM audit_pruned WHERE sidecar = ?1 AND chain = ?2",
-            params![sidecar, chain],
-            |r| Ok((r.get::<_, i64>(0)? as u64, hash_of(&bytes_at(r, 1)?))),
-        )
-        .optional()?)
+    db.row(
+        "SELECT seq, link FROM audit_pruned WHERE sidecar = ?1 AND chain = ?2",
+        &[Text(sidecar), Text(chain)],
+    )?
+    .map(seq_and_link)
+    .transpose()
 }
 
 /// Records removed per transaction by retention.
@@ -182,15 +201,6 @@ const PRUNE_CHUNK: i64 = 10_000;
 
 /// Records verified per read (small in unit tests, so that they cross chunks).
 const VERIFY_CHUNK: i64 = if cfg!(test) { 64 } else { 10_000 };
-
-/// Column `i` as bytes, whatever type it was stored with (one edited by hand may have become
-/// text): a value that is no bytes at all reads as none, and the chain names the damage.
-fn bytes_at(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Vec<u8>> {
-    Ok(r.get_ref(i)?
-        .as_bytes()
-        .map(<[u8]>::to_vec)
-        .unwrap_or_default())
-}
 
 fn hash_of(bytes: &[u8]) -> Hash {
     let mut h = GENESIS;
@@ -202,34 +212,34 @@ fn hash_of(bytes: &[u8]) -> Hash {
 
 /// The link of the stored record (sidecar, chain, seq), if there is one.
 fn stored_link(
-    db: &Connection,
+    db: &mut Tx<'_>,
     sidecar: &str,
     chain: &str,
     seq: u64,
 ) -> Result<Option<Hash>, AuditStoreError> {
-    // Cached: ingest asks this once per record.
-    let link: Option<Vec<u8>> = db
-        .prepare_cached(
-            "SELECT link FROM audit_records WHERE sidecar = ?1 AND chain = ?2 AND seq = ?3",
-        )?
-        .query_row(params![sidecar, chain, seq as i64], |r| bytes_at(r, 0))
-        .optional()?;
-    Ok(link.map(|l| hash_of(&l)))
+    let row = db.row(
+        "SELECT link FROM audit_records WHERE sidecar = ?1 AND chain = ?2 AND seq = ?3",
+        &[Text(sidecar), Text(chain), Int(seq as i64)],
+    )?;
+    Ok(row.map(|r| {
+        let [link] = cells(r);
+        hash_of(&link.bytes())
+    }))
 }
 
 /// The chain's stored head: the highest sequence number stored and its link.
 fn stored_head(
-    db: &Connection,
+    db: &mut Tx<'_>,
     sidecar: &str,
     chain: &str,
 ) -> Result<(u64, Hash), AuditStoreError> {
     let head = db
-        .query_row(
+        .row(
             "SELECT seq, link FROM audit_heads WHERE sidecar = ?1 AND chain = ?2",
-            params![sidecar, chain],
-            |r| Ok((r.get::<_, i64>(0)? as u64, hash_of(&bytes_at(r, 1)?))),
-        )
-        .optional()?;
+            &[Text(sidecar), Text(chain)],
+        )?
+        .map(seq_and_link)
+        .transpose()?;
     Ok(head.unwrap_or((0, GENESIS)))
 }
 
@@ -239,30 +249,30 @@ fn stored_head(
 /// the chain up to that checkpoint is whole), counts: a record rewritten into a `Dropped`
 /// one, or one appended after the last checkpoint, accounts for nothing.
 fn lost_ranges(
-    db: &Connection,
+    db: &mut Tx<'_>,
     sidecar: &str,
     chain: &str,
 ) -> Result<Vec<RangeInclusive<u64>>, AuditStoreError> {
-    let mut q = db.prepare(
+    let rows = db.rows(
         "SELECT seq, record FROM audit_records WHERE sidecar = ?1 AND chain = ?2 AND kind = ?3",
+        &[Text(sidecar), Text(chain), Int(Kind::Dropped as i64)],
     )?;
-    let rows = q.query_map(params![sidecar, chain, Kind::Dropped as i32], |r| {
-        Ok((r.get::<_, i64>(0)? as u64, bytes_at(r, 1)?))
-    })?;
-    let vouched_through: Option<i64> = db.query_row(
-        "SELECT MAX(seq) FROM audit_checkpoints WHERE sidecar = ?1 AND chain = ?2",
-        params![sidecar, chain],
-        |r| r.get(0),
-    )?;
-    let vouched_through = vouched_through.unwrap_or(0) as u64;
+    let vouched_through = db
+        .row(
+            "SELECT MAX(seq) FROM audit_checkpoints WHERE sidecar = ?1 AND chain = ?2",
+            &[Text(sidecar), Text(chain)],
+        )?
+        .map_or(Ok(0), |r| number(&r[0]))?;
     let mut ranges = Vec::new();
     for row in rows {
-        let (seq, bytes) = row?;
-        let r = Record::decode(&bytes[..]).map_err(|why| AuditStoreError::StoredRecord {
-            sidecar: sidecar.to_string(),
-            seq,
-            why,
-        })?;
+        let [seq, bytes] = cells(row);
+        let seq = number(&seq)?;
+        let r =
+            Record::decode(&bytes.bytes()[..]).map_err(|why| AuditStoreError::StoredRecord {
+                sidecar: sidecar.to_string(),
+                seq,
+                why,
+            })?;
         let through = r.dropped_from.saturating_add(r.dropped.saturating_sub(1));
         if r.dropped_from > 0 && r.dropped > 0 && through < seq && seq <= vouched_through {
             ranges.push((r.dropped_from, through));
@@ -283,38 +293,35 @@ type StoredCheckpoint = (u64, Hash, Vec<u8>, Vec<u8>);
 
 /// The chain's stored checkpoints with `after < seq <= through`.
 fn stored_checkpoints(
-    db: &Connection,
+    db: &mut Tx<'_>,
     sidecar: &str,
     chain: &str,
     after: u64,
     through: u64,
 ) -> Result<Vec<StoredCheckpoint>, AuditStoreError> {
-    let mut q = db.prepare(
+    db.rows(
         "SELECT seq, head, signature, signer FROM audit_checkpoints
          WHERE sidecar = ?1 AND chain = ?2 AND seq > ?3 AND seq <= ?4 ORDER BY seq",
-    )?;
-    let rows = q
-        .query_map(
-            params![
-                sidecar,
-                chain,
-                after as i64,
-                through.min(i64::MAX as u64) as i64
-            ],
-            |r| {
-                Ok((
-                    r.get::<_, i64>(0)? as u64,
-                    hash_of(&bytes_at(r, 1)?),
-                    bytes_at(r, 2)?,
-                    bytes_at(r, 3)?,
-                ))
-            },
-        )?
-        .collect::<Result<_, _>>()?;
-    Ok(rows)
+        &[
+            Text(sidecar),
+            Text(chain),
+            Int(after as i64),
+            Int(through.min(i64::MAX as u64) as i64),
+        ],
+    )?
+    .into_iter()
+    .map(|row| {
+        let [seq, head, signature, signer] = cells(row);
+        Ok((
+            number(&seq)?,
+            hash_of(&head.bytes()),
+            signature.bytes(),
+            signer.bytes(),
+        ))
+    })
+    .collect()
 }
 
-/// `verify` over one chunk of stored records and the checkpoints that fall in it.
 /// Whether a checkpoint's signer (its SVID's leaf, DER) chains to a root the control plane
 /// trusts or trusted; why not.
 pub type SignerCheck<'a> = &'a dyn Fn(&[u8]) -> Result<(), String>;
@@ -342,6 +349,7 @@ fn trusted_checkpoints<'c>(
     (ok, damage)
 }
 
+/// `verify` over one chunk of stored records and the checkpoints that fall in it.
 fn verify_chunk(
     sidecar: &SpiffeId,
     rows: &[(u64, Hash, Vec<u8>)],
@@ -375,8 +383,8 @@ fn verify_chunk(
 }
 
 /// What one batch does to the chain it is ingested into.
-struct Ingest<'a> {
-    tx: &'a Connection,
+struct Ingest<'a, 't> {
+    tx: &'a mut Tx<'t>,
     sidecar: &'a SpiffeId,
     chain: &'a str,
     head: (u64, Hash),
@@ -385,7 +393,7 @@ struct Ingest<'a> {
     out: Ingested,
 }
 
-impl Ingest<'_> {
+impl Ingest<'_, '_> {
     /// Stores record `index` of the batch (see the module); its sequence number if it is
     /// stored now or was already, None if it cannot be (undecodable, a fork).
     fn record(&mut self, index: usize, bytes: &[u8]) -> Result<Option<u64>, AuditStoreError> {
@@ -434,26 +442,25 @@ impl Ingest<'_> {
         let start = (head_seq > 0 || record.seq > 1).then_some((head_seq, head));
         let damage = verify(self.sidecar, &entry, &[], start, &[]);
         self.out.breaks.extend(damage.into_iter().map(Break::Chain));
-        self.tx
-            .prepare_cached(
-                "INSERT INTO audit_records
+        self.tx.exec(
+            "INSERT INTO audit_records
                (sidecar, chain, seq, prev, link, time, kind, peer, decision, policy, close_reason, record)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            )?
-            .execute(params![
-                id,
-                self.chain,
-                record.seq as i64,
-                &prev[..],
-                &this[..],
-                record.time_unix_nanos,
-                record.kind,
-                record.peer_id,
-                record.decision,
-                record.policy,
-                record.close_reason,
-                bytes
-            ])?;
+            &[
+                Text(id),
+                Text(self.chain),
+                Int(record.seq as i64),
+                Bytes(&prev),
+                Bytes(&this),
+                Int(record.time_unix_nanos),
+                Int(record.kind.into()),
+                Text(&record.peer_id),
+                Text(&record.decision),
+                Text(&record.policy),
+                Text(&record.close_reason),
+                Bytes(bytes),
+            ],
+        )?;
         self.out.stored += 1;
         if record.seq > head_seq {
             self.head = (record.seq, this);
@@ -498,10 +505,19 @@ impl Ingest<'_> {
             _ => {}
         }
         if damage.is_empty() {
-            self.tx.execute(
-                "INSERT OR REPLACE INTO audit_checkpoints (sidecar, chain, seq, head, signature, signer)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![id, self.chain, c.seq as i64, &c.head, &c.signature, &c.signer],
+            self.tx.exec(
+                "INSERT INTO audit_checkpoints (sidecar, chain, seq, head, signature, signer)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (sidecar, chain, seq) DO UPDATE SET head = excluded.head,
+                   signature = excluded.signature, signer = excluded.signer",
+                &[
+                    Text(id),
+                    Text(self.chain),
+                    Int(c.seq as i64),
+                    Bytes(&c.head),
+                    Bytes(&c.signature),
+                    Bytes(&c.signer),
+                ],
             )?;
         }
         self.out.breaks.extend(damage.into_iter().map(Break::Chain));
@@ -509,35 +525,28 @@ impl Ingest<'_> {
     }
 }
 
+/// Where the audit records are kept.
+#[derive(Clone, Debug)]
+pub enum AuditDb {
+    /// An SQLite file of this control plane's own.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database that several replicas share.
+    Postgres(PostgresSpec),
+}
+
 impl AuditStore {
-    pub fn open(path: &Path) -> Result<Self, AuditStoreError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| AuditStoreError::Dir(dir.to_path_buf(), e))?;
-        }
-        let db = Connection::open(path)?;
-        db.pragma_update(None, "journal_mode", "WAL")?;
-        // Durable on commit: an acknowledged record survives a crash of this process and of
-        // the machine.
-        db.pragma_update(None, "synchronous", "FULL")?;
-        db.execute_batch(
-            "CREATE TABLE IF NOT EXISTS audit_records (
-                 sidecar TEXT NOT NULL, chain TEXT NOT NULL, seq INTEGER NOT NULL, prev BLOB NOT NULL,
-                 link BLOB NOT NULL, time INTEGER NOT NULL, kind INTEGER NOT NULL,
-                 peer TEXT NOT NULL DEFAULT '', decision TEXT NOT NULL DEFAULT '',
-                 policy TEXT NOT NULL DEFAULT '', close_reason TEXT NOT NULL DEFAULT '',
-                 record BLOB NOT NULL, PRIMARY KEY (sidecar, chain, seq));
-             CREATE INDEX IF NOT EXISTS audit_records_time ON audit_records (time);
-             CREATE TABLE IF NOT EXISTS audit_checkpoints (
-                 sidecar TEXT NOT NULL, chain TEXT NOT NULL, seq INTEGER NOT NULL, head BLOB NOT NULL,
-                 signature BLOB NOT NULL, signer BLOB NOT NULL, PRIMARY KEY (sidecar, chain, seq));
-             CREATE TABLE IF NOT EXISTS audit_heads (
-                 sidecar TEXT NOT NULL, chain TEXT NOT NULL, seq INTEGER NOT NULL,
-                 link BLOB NOT NULL, PRIMARY KEY (sidecar, chain));
-             CREATE TABLE IF NOT EXISTS audit_pruned (
-                 sidecar TEXT NOT NULL, chain TEXT NOT NULL, seq INTEGER NOT NULL,
-                 link BLOB NOT NULL, PRIMARY KEY (sidecar, chain));",
-        )?;
-        let reader = Connection::open(path)?;
+    /// Opens the store (made if new), with a connection to write and one to read.
+    pub fn open(at: &AuditDb) -> Result<Self, AuditStoreError> {
+        let (db, reader) = match at {
+            AuditDb::Sqlite(path) => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)
+                        .map_err(|e| AuditStoreError::Dir(dir.to_path_buf(), e))?;
+                }
+                (Db::sqlite(path)?, Db::sqlite(path)?)
+            }
+            AuditDb::Postgres(spec) => (Db::postgres(spec)?, Db::postgres(spec)?),
+        };
         Ok(Self {
             db: Mutex::new(db),
             reader: Mutex::new(reader),
@@ -558,13 +567,15 @@ impl AuditStore {
             return Err(AuditStoreError::BadChainId(chain.to_string()));
         }
         let mut db = self.db.lock().expect("audit store lock");
-        let tx = db.transaction()?;
+        let mut tx = db.write()?;
+        let head = stored_head(&mut tx, sidecar.as_str(), chain)?;
+        let pruned = pruned_at(&mut tx, sidecar.as_str(), chain)?.map_or(0, |(seq, _)| seq);
         let mut ingest = Ingest {
-            tx: &tx,
+            tx: &mut tx,
             sidecar,
             chain,
-            head: stored_head(&tx, sidecar.as_str(), chain)?,
-            pruned: pruned_at(&tx, sidecar.as_str(), chain)?.map_or(0, |(seq, _)| seq),
+            head,
+            pruned,
             out: Ingested::default(),
         };
         // The batch is acknowledged up to its first record that could not be stored.
@@ -581,9 +592,15 @@ impl AuditStore {
         }
         let (head_seq, head) = ingest.head;
         let out = ingest.out;
-        tx.execute(
-            "INSERT OR REPLACE INTO audit_heads (sidecar, chain, seq, link) VALUES (?1, ?2, ?3, ?4)",
-            params![sidecar.as_str(), chain, head_seq as i64, &head[..]],
+        tx.exec(
+            "INSERT INTO audit_heads (sidecar, chain, seq, link) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (sidecar, chain) DO UPDATE SET seq = excluded.seq, link = excluded.link",
+            &[
+                Text(sidecar.as_str()),
+                Text(chain),
+                Int(head_seq as i64),
+                Bytes(&head),
+            ],
         )?;
         tx.commit()?;
         Ok(out)
@@ -592,54 +609,49 @@ impl AuditStore {
     /// Stored records that pass `filter`, oldest first (by arrival), with their row number
     /// (for following: `after`).
     pub fn query(&self, filter: &Filter) -> Result<Vec<(i64, String, Record)>, AuditStoreError> {
-        let db = self.reader.lock().expect("audit store lock");
         let mut sql = String::from(
             "SELECT rowid, sidecar, seq, record FROM audit_records WHERE rowid > ?1 AND time >= ?2 AND time < ?3",
         );
-        let mut args: Vec<rusqlite::types::Value> = vec![
-            filter.after.into(),
-            filter.since_nanos.into(),
-            filter.until_nanos.into(),
+        let mut args: Vec<Arg<'_>> = vec![
+            Int(filter.after),
+            Int(filter.since_nanos),
+            Int(filter.until_nanos),
         ];
         if let Some(id) = &filter.identity {
-            args.push(id.clone().into());
+            args.push(Text(id));
             let n = args.len();
             sql += &format!(" AND (sidecar = ?{n} OR peer = ?{n})");
         }
-        let mut add = |clause: &str, value: &Option<String>| {
+        for (column, value) in [
+            ("decision", &filter.decision),
+            ("policy", &filter.policy),
+            ("close_reason", &filter.close_reason),
+        ] {
             if let Some(v) = value {
-                args.push(v.clone().into());
-                sql += &clause.replace('?', &format!("?{}", args.len()));
+                args.push(Text(v));
+                sql += &format!(" AND {column} = ?{}", args.len());
             }
-        };
-        add(" AND decision = ?", &filter.decision);
-        add(" AND policy = ?", &filter.policy);
-        add(" AND close_reason = ?", &filter.close_reason);
+        }
         if let Some(kind) = filter.kind {
-            args.push((kind as i64).into());
+            args.push(Int(kind.into()));
             sql += &format!(" AND kind = ?{}", args.len());
         }
-        args.push((filter.limit as i64).into());
+        args.push(Int(filter.limit as i64));
         sql += &format!(" ORDER BY rowid LIMIT ?{}", args.len());
-        let mut q = db.prepare(&sql)?;
-        let rows = q.query_map(rusqlite::params_from_iter(args), |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)? as u64,
-                r.get::<_, Vec<u8>>(3)?,
-            ))
-        })?;
-        let mut out = Vec::new();
+        let mut reader = self.reader.lock().expect("audit store lock");
+        let rows = reader.read()?.rows(&sql, &args)?;
+        let mut out = Vec::with_capacity(rows.len());
         for row in rows {
-            let (rowid, sidecar, seq, bytes) = row?;
-            let record =
-                Record::decode(&bytes[..]).map_err(|why| AuditStoreError::StoredRecord {
+            let [rowid, sidecar, seq, bytes] = cells(row);
+            let (sidecar, seq) = (sidecar.text()?, number(&seq)?);
+            let record = Record::decode(&bytes.bytes()[..]).map_err(|why| {
+                AuditStoreError::StoredRecord {
                     sidecar: sidecar.clone(),
                     seq,
                     why,
-                })?;
-            out.push((rowid, sidecar, record));
+                }
+            })?;
+            out.push((rowid.int()?.unwrap_or(0), sidecar, record));
         }
         Ok(out)
     }
@@ -647,22 +659,23 @@ impl AuditStore {
     /// Every chain with stored records: the sidecar's SPIFFE ID, the chain, how many
     /// records, and the highest sequence number.
     pub fn chains(&self) -> Result<Vec<(String, String, u64, u64)>, AuditStoreError> {
-        let db = self.reader.lock().expect("audit store lock");
-        let mut q = db.prepare(
+        let mut reader = self.reader.lock().expect("audit store lock");
+        let rows = reader.read()?.rows(
             "SELECT sidecar, chain, COUNT(*), MAX(seq) FROM audit_records
-             GROUP BY sidecar, chain ORDER BY sidecar, chain",
+                 GROUP BY sidecar, chain ORDER BY sidecar, chain",
+            &[],
         )?;
-        let rows = q
-            .query_map([], |r| {
+        rows.into_iter()
+            .map(|row| {
+                let [sidecar, chain, count, last] = cells(row);
                 Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)? as u64,
-                    r.get::<_, i64>(3)? as u64,
+                    sidecar.text()?,
+                    chain.text()?,
+                    number(&count)?,
+                    number(&last)?,
                 ))
-            })?
-            .collect::<Result<_, _>>()?;
-        Ok(rows)
+            })
+            .collect()
     }
 
     /// The last record of the chain that retention removed, if any.
@@ -671,8 +684,9 @@ impl AuditStore {
         sidecar: &str,
         chain: &str,
     ) -> Result<Option<u64>, AuditStoreError> {
-        let db = self.reader.lock().expect("audit store lock");
-        Ok(pruned_at(&db, sidecar, chain)?.map(|(seq, _)| seq))
+        let mut reader = self.reader.lock().expect("audit store lock");
+        let at = pruned_at(&mut reader.read()?, sidecar, chain)?;
+        Ok(at.map(|(seq, _)| seq))
     }
 
     /// The ranges of `sidecar`'s chain that its `Dropped` records say were lost.
@@ -681,11 +695,9 @@ impl AuditStore {
         sidecar: &str,
         chain: &str,
     ) -> Result<Vec<RangeInclusive<u64>>, AuditStoreError> {
-        lost_ranges(
-            &self.reader.lock().expect("audit store lock"),
-            sidecar,
-            chain,
-        )
+        let mut reader = self.reader.lock().expect("audit store lock");
+        let lost = lost_ranges(&mut reader.read()?, sidecar, chain)?;
+        Ok(lost)
     }
 
     /// Says that this control plane removes old records (`prune`), so that the cuts it makes
@@ -702,68 +714,74 @@ impl AuditStore {
     /// Runs in transactions of `PRUNE_CHUNK` records, on the ingest connection. Returns how
     /// many records were removed.
     pub fn prune(&self, cutoff_nanos: i64) -> Result<u64, AuditStoreError> {
-        let chains: Vec<(String, String)> = {
-            let db = self.reader.lock().expect("audit store lock");
-            let mut q =
-                db.prepare("SELECT DISTINCT sidecar, chain FROM audit_records WHERE time < ?1")?;
-            let rows = q
-                .query_map(params![cutoff_nanos], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<_, _>>()?;
-            rows
+        let chains = {
+            let mut reader = self.reader.lock().expect("audit store lock");
+            let rows = reader.read()?.rows(
+                "SELECT DISTINCT sidecar, chain FROM audit_records WHERE time < ?1",
+                &[Int(cutoff_nanos)],
+            )?;
+            rows.into_iter()
+                .map(|row| {
+                    let [sidecar, chain] = cells(row);
+                    Ok((sidecar.text()?, chain.text()?))
+                })
+                .collect::<Result<Vec<_>, AuditStoreError>>()?
         };
         let mut removed = 0;
         for (sidecar, chain) in chains {
+            let this = [Text(&sidecar), Text(&chain)];
             loop {
                 let mut db = self.db.lock().expect("audit store lock");
-                let tx = db.transaction()?;
+                let mut tx = db.write()?;
                 // The first record kept: the oldest one at or after the cutoff, or the last.
-                let first_kept: Option<i64> = tx.query_row(
-                    "SELECT COALESCE(
-                         (SELECT MIN(seq) FROM audit_records
-                           WHERE sidecar = ?1 AND chain = ?2 AND time >= ?3),
-                         (SELECT MAX(seq) FROM audit_records WHERE sidecar = ?1 AND chain = ?2))",
-                    params![sidecar, chain, cutoff_nanos],
-                    |r| r.get(0),
-                )?;
+                let first_kept = tx
+                    .row(
+                        "SELECT COALESCE(
+                             (SELECT MIN(seq) FROM audit_records
+                               WHERE sidecar = ?1 AND chain = ?2 AND time >= ?3),
+                             (SELECT MAX(seq) FROM audit_records WHERE sidecar = ?1 AND chain = ?2))",
+                        &[this[0], this[1], Int(cutoff_nanos)],
+                    )?
+                    .map(|r| r[0].int())
+                    .transpose()?
+                    .flatten();
                 let Some(first_kept) = first_kept else {
                     break;
                 };
-                let last_gone: Option<(i64, Vec<u8>)> = tx
-                    .query_row(
+                let last_gone = match tx.row(
+                    "SELECT seq, link FROM audit_records
+                      WHERE sidecar = ?1 AND chain = ?2 AND seq < ?3
+                      ORDER BY seq LIMIT 1 OFFSET ?4",
+                    &[this[0], this[1], Int(first_kept), Int(PRUNE_CHUNK - 1)],
+                )? {
+                    Some(row) => Some(row),
+                    None => tx.row(
                         "SELECT seq, link FROM audit_records
                           WHERE sidecar = ?1 AND chain = ?2 AND seq < ?3
-                          ORDER BY seq LIMIT 1 OFFSET ?4 - 1",
-                        params![sidecar, chain, first_kept, PRUNE_CHUNK],
-                        |r| Ok((r.get(0)?, bytes_at(r, 1)?)),
-                    )
-                    .optional()?
-                    .or(tx
-                        .query_row(
-                            "SELECT seq, link FROM audit_records
-                              WHERE sidecar = ?1 AND chain = ?2 AND seq < ?3
-                              ORDER BY seq DESC LIMIT 1",
-                            params![sidecar, chain, first_kept],
-                            |r| Ok((r.get(0)?, bytes_at(r, 1)?)),
-                        )
-                        .optional()?);
-                let Some((through, link)) = last_gone else {
+                          ORDER BY seq DESC LIMIT 1",
+                        &[this[0], this[1], Int(first_kept)],
+                    )?,
+                };
+                let Some(row) = last_gone else {
                     break;
                 };
-                let n = tx.execute(
+                let [through, link] = cells(row);
+                let (through, link) = (through.int()?.unwrap_or(0), link.bytes());
+                let n = tx.exec(
                     "DELETE FROM audit_records WHERE sidecar = ?1 AND chain = ?2 AND seq <= ?3",
-                    params![sidecar, chain, through],
+                    &[this[0], this[1], Int(through)],
                 )?;
-                tx.execute(
+                tx.exec(
                     "DELETE FROM audit_checkpoints WHERE sidecar = ?1 AND chain = ?2 AND seq <= ?3",
-                    params![sidecar, chain, through],
+                    &[this[0], this[1], Int(through)],
                 )?;
-                tx.execute(
-                    "INSERT OR REPLACE INTO audit_pruned (sidecar, chain, seq, link)
-                     VALUES (?1, ?2, ?3, ?4)",
-                    params![sidecar, chain, through, link],
+                tx.exec(
+                    "INSERT INTO audit_pruned (sidecar, chain, seq, link) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (sidecar, chain) DO UPDATE SET seq = excluded.seq, link = excluded.link",
+                    &[this[0], this[1], Int(through), Bytes(&link)],
                 )?;
                 tx.commit()?;
-                removed += n as u64;
+                removed += n;
             }
         }
         Ok(removed)
@@ -785,14 +803,14 @@ impl AuditStore {
         let mut reader = self.reader.lock().expect("audit store lock");
         // One snapshot of the store throughout: records and checkpoints committed meanwhile
         // would otherwise show as a checkpoint past the last record read (a false truncation).
-        let db = reader.transaction()?;
+        let mut db = reader.read()?;
         let id = sidecar.as_str();
         let to = to.min(i64::MAX as u64);
-        let lost = lost_ranges(&db, id, chain)?;
+        let lost = lost_ranges(&mut db, id, chain)?;
         // Records removed by retention are not missing: the range starts after them. Without
         // retention, no cut is honoured (a deletion is not passed off as one).
         let pruned = if self.retention.load(std::sync::atomic::Ordering::Relaxed) {
-            pruned_at(&db, id, chain)?
+            pruned_at(&mut db, id, chain)?
         } else {
             None
         };
@@ -802,35 +820,38 @@ impl AuditStore {
         };
         let mut start = match pruned {
             Some((seq, link)) if from == seq + 1 => Some((seq, link)),
-            _ if from > 1 => stored_link(&db, id, chain, from - 1)?.map(|l| (from - 1, l)),
+            _ if from > 1 => stored_link(&mut db, id, chain, from - 1)?.map(|l| (from - 1, l)),
             _ => None,
         };
         let mut after = from.saturating_sub(1);
         let mut damage = Vec::new();
-        let mut q = db.prepare(
-            "SELECT seq, prev, record FROM audit_records
-             WHERE sidecar = ?1 AND chain = ?2 AND seq > ?3 AND seq <= ?4 ORDER BY seq LIMIT ?5",
-        )?;
         loop {
-            let rows: Vec<(u64, Hash, Vec<u8>)> = q
-                .query_map(
-                    params![id, chain, after as i64, to as i64, VERIFY_CHUNK],
-                    |r| {
-                        Ok((
-                            r.get::<_, i64>(0)? as u64,
-                            hash_of(&bytes_at(r, 1)?),
-                            bytes_at(r, 2)?,
-                        ))
-                    },
+            let rows: Vec<(u64, Hash, Vec<u8>)> = db
+                .rows(
+                    "SELECT seq, prev, record FROM audit_records
+                     WHERE sidecar = ?1 AND chain = ?2 AND seq > ?3 AND seq <= ?4
+                     ORDER BY seq LIMIT ?5",
+                    &[
+                        Text(id),
+                        Text(chain),
+                        Int(after as i64),
+                        Int(to as i64),
+                        Int(VERIFY_CHUNK),
+                    ],
                 )?
-                .collect::<Result<_, _>>()?;
+                .into_iter()
+                .map(|row| {
+                    let [seq, prev, record] = cells(row);
+                    Ok((number(&seq)?, hash_of(&prev.bytes()), record.bytes()))
+                })
+                .collect::<Result<_, AuditStoreError>>()?;
             // The last chunk takes every checkpoint up to `to`: those past the last record
             // stored vouch for a tail that is gone.
             let through = match rows.last() {
                 Some(last) if rows.len() as i64 == VERIFY_CHUNK => last.0,
                 _ => to,
             };
-            let cps = stored_checkpoints(&db, id, chain, after, through)?;
+            let cps = stored_checkpoints(&mut db, id, chain, after, through)?;
             let (cps, untrusted) = trusted_checkpoints(&cps, trusted, &mut seen);
             damage.extend(untrusted);
             damage.extend(verify_chunk(sidecar, &rows, &cps, start, &lost));
@@ -943,17 +964,59 @@ mod tests {
         }
     }
 
-    /// A fresh store in a directory of its own, and sidecar web with an SVID of a new CA.
-    fn setup(name: &str) -> (std::path::PathBuf, AuditStore, Sidecar) {
-        let dir = std::env::temp_dir().join(format!("sigil-audit-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let store = AuditStore::open(&dir.join("audit.db")).unwrap();
-        (dir, store, Sidecar::new(&Ca::new("example.org")))
+    /// Where a test's stores live: an SQLite file in a directory of its own, or a fresh
+    /// PostgreSQL server (Debian's, started here).
+    struct Place {
+        // Dropped first: the server stops before its directory goes.
+        pg: Option<sigil_e2e::PgServer>,
+        dir: sigil_e2e::TempDir,
+    }
+
+    impl Place {
+        fn open(&self) -> AuditStore {
+            let at = match &self.pg {
+                None => AuditDb::Sqlite(self.dir.path().join("audit.db")),
+                Some(pg) => AuditDb::Postgres(PostgresSpec {
+                    url: pg.url(),
+                    ca: pg.ca_file.clone(),
+                    client: Some(pg.client.clone()),
+                }),
+            };
+            AuditStore::open(&at).unwrap()
+        }
+    }
+
+    /// Each kind of store, fresh: SQLite always, and PostgreSQL where it is installed (in CI
+    /// it must be).
+    fn places(name: &str) -> Vec<Place> {
+        let sqlite = Place {
+            dir: sigil_e2e::TempDir::new(&format!("audit-{name}")),
+            pg: None,
+        };
+        let dir = sigil_e2e::TempDir::new(&format!("audit-pg-{name}"));
+        match sigil_e2e::PgServer::start(dir.path(), name) {
+            Some(pg) => vec![sqlite, Place { dir, pg: Some(pg) }],
+            None => vec![sqlite],
+        }
+    }
+
+    /// Changes the stored records behind the store's back, as someone with write access to
+    /// the database would.
+    fn tamper(store: &AuditStore, sql: &str, args: &[Arg<'_>]) {
+        let mut db = store.db.lock().unwrap();
+        let mut tx = db.write().unwrap();
+        tx.exec(sql, args).unwrap();
+        tx.commit().unwrap();
     }
 
     #[test]
     fn batches_are_stored_once_in_order_and_a_stored_range_verifies() {
-        let (dir, store, mut web) = setup("store");
+        for place in places("store") {
+            stored_once_and_verified(&place.open(), Sidecar::new(&Ca::new("example.org")));
+        }
+    }
+
+    fn stored_once_and_verified(store: &AuditStore, mut web: Sidecar) {
         let id = SpiffeId::parse(WEB).unwrap();
         let leaf = web.identity.chain()[0].to_vec();
         let first = web.batch(100);
@@ -1042,19 +1105,16 @@ mod tests {
         );
 
         // Edited in the store afterwards: `verify_range` finds it.
-        {
-            let db = store.db.lock().unwrap();
-            db.execute(
-                "UPDATE audit_records SET record = X'00' WHERE sidecar = ?1 AND seq = 42",
-                [WEB],
-            )
-            .unwrap();
-            db.execute(
-                "DELETE FROM audit_records WHERE sidecar = ?1 AND seq = 150",
-                [WEB],
-            )
-            .unwrap();
-        }
+        tamper(
+            store,
+            "UPDATE audit_records SET record = ?2 WHERE sidecar = ?1 AND seq = 42",
+            &[Text(WEB), Bytes(&[0])],
+        );
+        tamper(
+            store,
+            "DELETE FROM audit_records WHERE sidecar = ?1 AND seq = 150",
+            &[Text(WEB)],
+        );
         let damage = store.verify_range(&id, CHAIN, 1, 150, &any_signer).unwrap();
         assert!(damage.contains(&Damage::Unlinked { seq: 43 }), "{damage:?}");
         assert!(
@@ -1064,12 +1124,16 @@ mod tests {
             }),
             "{damage:?}"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn a_gap_the_sidecar_accounts_for_is_not_a_break_and_one_it_does_not_is() {
-        let (dir, store, mut web) = setup("lost");
+        for place in places("lost") {
+            accounted_gaps(&place.open(), Sidecar::new(&Ca::new("example.org")));
+        }
+    }
+
+    fn accounted_gaps(store: &AuditStore, mut web: Sidecar) {
         let id = SpiffeId::parse(WEB).unwrap();
         let leaf = web.identity.chain()[0].to_vec();
         store.ingest(&id, &leaf, &web.batch(100)).unwrap();
@@ -1108,12 +1172,7 @@ mod tests {
             []
         );
         // A record deleted elsewhere is still a break, across the verifier's chunks.
-        store
-            .db
-            .lock()
-            .unwrap()
-            .execute("DELETE FROM audit_records WHERE seq = 250", [])
-            .unwrap();
+        tamper(store, "DELETE FROM audit_records WHERE seq = 250", &[]);
         let broken = [
             Damage::OutOfSequence {
                 expected: 250,
@@ -1136,22 +1195,38 @@ mod tests {
             seq: 249,
             ..note(250, 1)
         };
-        store
-            .db
-            .lock()
-            .unwrap()
-            .execute(
-                "UPDATE audit_records SET kind = ?1, record = ?2 WHERE seq = 249",
-                rusqlite::params![Kind::Dropped as i32, early.encode_to_vec()],
-            )
-            .unwrap();
+        tamper(
+            store,
+            "UPDATE audit_records SET kind = ?1, record = ?2 WHERE seq = 249",
+            &[Int(Kind::Dropped as i64), Bytes(&early.encode_to_vec())],
+        );
         assert_eq!(store.lost(WEB, CHAIN).unwrap(), [101..=180]);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn retention_removes_the_oldest_records_and_what_is_kept_still_verifies() {
-        let (dir, store, mut web) = setup("prune");
+        for place in places("prune") {
+            pruned(&place, Sidecar::new(&Ca::new("example.org")));
+        }
+        // Everything older: the last record stays, and the chain goes on from it.
+        for place in places("prune-all") {
+            let (store, mut web) = (place.open(), Sidecar::new(&Ca::new("example.org")));
+            store.set_retention();
+            let id = SpiffeId::parse(WEB).unwrap();
+            store.ingest(&id, &leaf_of(&web), &web.batch(30)).unwrap();
+            assert_eq!(store.prune(i64::MAX).unwrap(), 29);
+            store.ingest(&id, &leaf_of(&web), &web.batch(5)).unwrap();
+            assert_eq!(
+                store
+                    .verify_range(&id, CHAIN, 1, u64::MAX, &any_signer)
+                    .unwrap(),
+                []
+            );
+        }
+    }
+
+    fn pruned(place: &Place, mut web: Sidecar) {
+        let store = place.open();
         store.set_retention();
         let id = SpiffeId::parse(WEB).unwrap();
         let leaf = web.identity.chain()[0].to_vec();
@@ -1180,7 +1255,7 @@ mod tests {
         );
         assert_eq!(store.chains().unwrap()[0].2, 150 - 39);
         // A control plane without retention honours no cut: the missing start is a break.
-        let without = AuditStore::open(&dir.join("audit.db")).unwrap();
+        let without = place.open();
         assert_eq!(
             without
                 .verify_range(&id, CHAIN, 1, u64::MAX, &any_signer)
@@ -1191,12 +1266,7 @@ mod tests {
             }
         );
         // A record deleted among those kept is still a break.
-        store
-            .db
-            .lock()
-            .unwrap()
-            .execute("DELETE FROM audit_records WHERE seq = 60", [])
-            .unwrap();
+        tamper(&store, "DELETE FROM audit_records WHERE seq = 60", &[]);
         let damage = store
             .verify_range(&id, CHAIN, 1, u64::MAX, &any_signer)
             .unwrap();
@@ -1207,20 +1277,6 @@ mod tests {
             }),
             "{damage:?}"
         );
-        // Everything older: the last record stays, and the chain goes on from it.
-        let (dir2, store, mut web) = setup("prune-all");
-        store.set_retention();
-        store.ingest(&id, &leaf_of(&web), &web.batch(30)).unwrap();
-        assert_eq!(store.prune(i64::MAX).unwrap(), 29);
-        store.ingest(&id, &leaf_of(&web), &web.batch(5)).unwrap();
-        assert_eq!(
-            store
-                .verify_range(&id, CHAIN, 1, u64::MAX, &any_signer)
-                .unwrap(),
-            []
-        );
-        std::fs::remove_dir_all(&dir).unwrap();
-        std::fs::remove_dir_all(&dir2).unwrap();
     }
 
     fn leaf_of(s: &Sidecar) -> Vec<u8> {

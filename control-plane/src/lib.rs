@@ -4,6 +4,7 @@
 //! `sidecars` serves each sidecar the snapshot of its own identity (`snapshot`), whose
 //! registry the same decision code cuts per caller.
 
+pub mod audit_sql;
 pub mod audit_store;
 pub mod ca;
 pub mod client;

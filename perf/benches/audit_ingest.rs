@@ -14,7 +14,7 @@ use rustls_pki_types::UnixTime;
 use sigil_api::audit::{Batch, Checkpoint, Kind, Record, SCHEMA};
 use sigil_api::Message;
 use sigil_config::SpiffeId;
-use sigil_control::audit_store::AuditStore;
+use sigil_control::audit_store::{AuditDb, AuditStore};
 use sigil_filters::audit::{link, new_chain_id, sign_checkpoint, Hash, GENESIS};
 use sigil_filters::LocalIdentity;
 use sigil_testkit::Ca;
@@ -77,7 +77,8 @@ impl Chain {
 fn ingest(c: &mut Criterion) {
     let dir = std::env::temp_dir().join(format!("sigil-bench-audit-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let store = AuditStore::open(&dir.join("audit.db")).expect("open the audit store");
+    let store =
+        AuditStore::open(&AuditDb::Sqlite(dir.join("audit.db"))).expect("open the audit store");
     let svid = Ca::new("example.org").svid(ID);
     let identity = LocalIdentity::from_pem(
         svid.chain_pem().as_bytes(),

@@ -1158,3 +1158,140 @@ fn retention_removes_old_records_and_what_is_kept_verifies() {
         "{line}"
     );
 }
+
+/// Two `sigil-control` replicas on one etcd, their audit records in one PostgreSQL (Debian's
+/// server, TLS only, a client certificate required): B's records, shipped to replica 2, then
+/// (after B restarts pointed at replica 1) to replica 1, form one unbroken chain that either
+/// replica verifies and serves; A's records, shipped to replica 1, are queried at replica 2.
+/// A replica given another CA for the database's certificate does not start, and says why.
+#[test]
+fn replicas_sharing_one_postgresql_ingest_and_serve_the_same_records() {
+    let dir = TempDir::new("audit-pg");
+    let d = dir.path();
+    if !require_tool("etcd", "audit on PostgreSQL") {
+        return;
+    }
+    let Some(pg) = PgServer::start(d, "audit on PostgreSQL") else {
+        return;
+    };
+    let etcd = EtcdServer::start(d);
+    let ca = Ca::new("example.org");
+    let replica = |name: &str, extra: Vec<String>| {
+        ControlPlane::start_with_args(
+            CONTROL,
+            write_identity(d, name, &ca, CONTROL, &[&ca]),
+            etcd.store_at(etcd.client_port),
+            free_port(),
+            free_port(),
+            extra,
+        )
+    };
+    let cp1 = replica("control-1", pg.audit_args());
+    let cp2 = replica("control-2", pg.audit_args());
+    let ops = write_identity(d, "ops", &ca, ALICE, &[&ca]);
+    let (fa, fb) = (
+        write_identity(d, "a", &ca, A, &[&ca]),
+        write_identity(d, "b", &ca, B, &[&ca]),
+    );
+    let (_echo, echo_port) = start_workload("b-echo", true);
+    let (b_in, a_out) = (free_port(), free_port());
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.inbound = vec![(b_in, echo_port)];
+    b.allow = vec![(echo_port, vec![A.into()])];
+    b.control_plane = Some((cp2.sidecar_port, CONTROL.into(), d.join("state-b")));
+    b.audit = Some((d.join("spool-b"), "fail-closed", 0));
+    let mut a = Sidecar::new("sidecar-a", A);
+    a.outbound = vec![(a_out, b_in, B.into())];
+    a.control_plane = Some((cp1.sidecar_port, CONTROL.into(), d.join("state-a")));
+    a.audit = Some((d.join("spool-a"), "fail-closed", 0));
+    let mut pb = b.start(d, &fb);
+    let _pa = a.start(d, &fa);
+    let calls = |n: usize| {
+        for i in 0..n {
+            assert!(
+                echo_call(a_out).is_some(),
+                "call {i} through A and B failed"
+            );
+        }
+        // The last closes are recorded as the connections wind down.
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    calls(10);
+    let b_first = all_acknowledged(&b);
+    // B again, shipping to the other replica: its chain goes on from the head stored there.
+    assert_eq!(
+        pb.terminate(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        pb.log()
+    );
+    b.control_plane = Some((cp1.sidecar_port, CONTROL.into(), d.join("state-b")));
+    let _pb = b.start(d, &fb);
+    calls(10);
+    let spooled_a = all_acknowledged(&a);
+    let spooled_b = all_acknowledged(&b);
+    assert!(spooled_b > b_first, "B recorded more after its restart");
+
+    // A change through each replica, kept in each replica's own chain.
+    for (i, cp) in [&cp1, &cp2].into_iter().enumerate() {
+        let name = format!("w{i}");
+        let yaml = workload_yaml(
+            &name,
+            &format!("spiffe://example.org/ns/demo/sa/{name}"),
+            "",
+        );
+        cp.apply(&ops, &d.join(format!("{name}.yaml")), &yaml);
+    }
+    // Either replica verifies every chain, the sidecars' and each replica's own.
+    for cp in [&cp1, &cp2] {
+        let (code, out, err) = cp.sigil(&ops, &["audit", "verify"]);
+        assert_eq!(code, Some(0), "{out}{err}");
+        for (id, spool, spooled) in [(A, "spool-a", spooled_a), (B, "spool-b", spooled_b)] {
+            let want = whole_chain(d, spool, id, spooled);
+            assert!(out.lines().any(|l| l == want), "{want:?} in:\n{out}");
+        }
+        let own = out
+            .lines()
+            .filter(|l| l.starts_with(&format!("{CONTROL} ")) && l.ends_with(" ok"))
+            .count();
+        assert_eq!(own, 2, "each replica's own chain: {out}");
+    }
+    // A's connection opens (20 calls), shipped to replica 1, queried at replica 2.
+    let (code, out, err) = cp2.sigil(
+        &ops,
+        &[
+            "audit",
+            "query",
+            "--identity",
+            A,
+            "--kind",
+            "connection_open",
+            "--json",
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    let mine = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+        .filter(|r| r["sidecar"] == A)
+        .count();
+    assert_eq!(mine, 20, "{out}");
+
+    // The database's certificate from another CA: refused at start, named.
+    let other = Ca::new("elsewhere.test");
+    let other_ca = d.join("other-ca.pem");
+    std::fs::write(&other_ca, other.bundle_pem()).unwrap();
+    let mut args = pg.audit_args();
+    args[3] = other_ca.to_str().unwrap().to_string();
+    let files = write_identity(d, "control-3", &ca, CONTROL, &[&ca]);
+    let mut cmd = ControlPlane::command(
+        CONTROL,
+        &files,
+        &etcd.store_at(etcd.client_port),
+        free_port(),
+        free_port(),
+    );
+    let (code, out) = run_status(cmd.args(&args), Duration::from_secs(30));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("certificate"), "{out}");
+}

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser};
 use sigil_config::IdPattern;
+use sigil_control::audit_store::{AuditDb, AuditStore, PostgresSpec};
 use sigil_control::ca::CaSet;
 use sigil_control::etcd::{Etcd, EtcdTls};
 use sigil_control::issuer::Issuer;
@@ -88,10 +89,20 @@ struct Cli {
     /// The CA that signs SVIDs (made with `sigil ca init`); without it no SVID is issued
     #[arg(long, value_name = "DIR")]
     ca_dir: Option<PathBuf>,
-    /// Where sidecars' audit records are kept (SQLite; DIR/audit.db with --data-dir by
-    /// default); without it, with --store, none are taken
+    /// Where sidecars' audit records are kept: an SQLite file (DIR/audit.db with --data-dir
+    /// by default), or postgresql://USER@HOST:PORT/DATABASE, shared by every replica and
+    /// reached over TLS only (--audit-pg-ca). Without it, with --store, none are taken
+    #[arg(long, value_name = "FILE|URL")]
+    audit_db: Option<String>,
+    /// The CA that PostgreSQL's server certificate must chain to (PEM)
     #[arg(long, value_name = "FILE")]
-    audit_db: Option<PathBuf>,
+    audit_pg_ca: Option<PathBuf>,
+    /// A client certificate for PostgreSQL (its `cert` authentication), with --audit-pg-key
+    #[arg(long, value_name = "FILE", requires = "audit_pg_key")]
+    audit_pg_cert: Option<PathBuf>,
+    /// The client certificate's private key
+    #[arg(long, value_name = "FILE", requires = "audit_pg_cert")]
+    audit_pg_key: Option<PathBuf>,
     /// How long audit records are kept (90d, 2160h); older ones are removed from the start
     /// of each chain. Without it, records are kept for good
     #[arg(long, value_name = "DURATION", value_parser = retention)]
@@ -134,7 +145,7 @@ struct Config {
     operator_listen: SocketAddr,
     sidecar_listen: SocketAddr,
     ca_dir: Option<PathBuf>,
-    audit_db: Option<PathBuf>,
+    audit_db: Option<AuditDb>,
     audit_retention: Option<std::time::Duration>,
 }
 
@@ -171,9 +182,23 @@ fn main() -> ExitCode {
 /// What clap's per-flag rules cannot say: which store, and how etcd is reached. Checked in
 /// this order so that the store's message comes first, naming both ways to reach etcd.
 fn check(cli: Cli) -> Result<Config, &'static str> {
-    let audit_db = cli
-        .audit_db
-        .or_else(|| cli.data_dir.as_ref().map(|d| d.join("audit.db")));
+    let audit_db = match cli.audit_db {
+        Some(url) if url.starts_with("postgresql://") || url.starts_with("postgres://") => {
+            let Some(ca) = cli.audit_pg_ca else {
+                return Err("--audit-db postgresql:// needs --audit-pg-ca: the audit store is reached over TLS only");
+            };
+            let client = cli.audit_pg_cert.zip(cli.audit_pg_key);
+            Some(AuditDb::Postgres(PostgresSpec { url, ca, client }))
+        }
+        _ if cli.audit_pg_ca.is_some() || cli.audit_pg_cert.is_some() => {
+            return Err("--audit-pg-ca, --audit-pg-cert and --audit-pg-key go with --audit-db postgresql://");
+        }
+        Some(file) => Some(AuditDb::Sqlite(file.into())),
+        None => cli
+            .data_dir
+            .as_ref()
+            .map(|d| AuditDb::Sqlite(d.join("audit.db"))),
+    };
     let store = match (cli.data_dir, cli.store) {
         (Some(d), None) => StoreSpec::Sqlite(d),
         (None, Some(e)) => {
@@ -256,9 +281,13 @@ async fn run(config: Config) -> Result<(), StartError> {
         None => None,
     };
     let store = Arc::new(open_store(config.store).await?);
-    let audit = match &config.audit_db {
-        Some(path) => Some(Arc::new(
-            sigil_control::audit_store::AuditStore::open(path).map_err(StartError::Audit)?,
+    let audit = match config.audit_db.clone() {
+        // PostgreSQL's client blocks: off the runtime's threads.
+        Some(db) => Some(Arc::new(
+            tokio::task::spawn_blocking(move || AuditStore::open(&db))
+                .await
+                .expect("opening the audit store does not panic")
+                .map_err(StartError::Audit)?,
         )),
         None => None,
     };
