@@ -37,6 +37,9 @@ pub enum Kind {
     RequestAllowed = 5,
     /// Records the sidecar had to drop (a full spool in fail-open mode): how many.
     Dropped = 6,
+    /// A dry-run rule that would have denied a connection or HTTP request which was allowed
+    /// (`mode` dry-run, `decision` deny, the dry-run rule's `policy` and `rule`).
+    WouldDeny = 7,
     /// Control plane: an SVID issued, renewed or refused.
     Issuance = 10,
     /// Control plane: a resource applied or deleted (policies, bundles, revocations).
@@ -56,6 +59,7 @@ impl Kind {
             Self::RequestDenied => "request_denied",
             Self::RequestAllowed => "request_allowed",
             Self::Dropped => "dropped",
+            Self::WouldDeny => "would_deny",
             Self::Issuance => "issuance",
             Self::Change => "change",
             Self::ChainBreak => "chain_break",
@@ -107,6 +111,7 @@ impl Kind {
 ///   uint64 conn = 33;              // the connection's number in the sidecar: joins open and close
 ///   uint64 dropped_from = 34;      // Dropped: the first sequence number lost
 ///   repeated RouteCount denied = 35; // ConnectionClose: denied requests past those recorded one by one
+///   repeated RouteCount would_deny = 36; // ConnectionClose: the same for dry-run denials
 /// }
 /// ```
 #[derive(Clone, PartialEq, Eq, prost::Message)]
@@ -181,6 +186,8 @@ pub struct Record {
     pub dropped_from: u64,
     #[prost(message, repeated, tag = "35")]
     pub denied: Vec<RouteCount>,
+    #[prost(message, repeated, tag = "36")]
+    pub would_deny: Vec<RouteCount>,
 }
 
 /// `message RouteCount { string route = 1; string method = 2; uint64 count = 3; }`

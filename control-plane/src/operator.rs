@@ -447,7 +447,7 @@ async fn audit_records(api: &Api, query: Option<&str>) -> Reply {
             "close_reason" => f.close_reason = Some(v.clone()),
             "kind" => {
                 let kind = sigil_api::audit::Kind::from_label(&v)
-                    .ok_or_else(|| bad("not a record kind (connection_open, connection_close, connection_refused, request_denied, request_allowed, dropped, ...)"))?;
+                    .ok_or_else(|| bad("not a record kind (connection_open, connection_close, connection_refused, request_denied, request_allowed, would_deny, dropped, ...)"))?;
                 f.kind = Some(kind as i32);
             }
             "since" => f.since_nanos = number(&v)?,
@@ -560,6 +560,7 @@ fn audit_json(row: i64, sidecar: &str, r: &sigil_api::audit::Record) -> String {
         "method": r.method,
         "allowed": r.allowed.iter().map(|c| serde_json::json!({"route": c.route, "method": c.method, "count": c.count})).collect::<Vec<_>>(),
         "denied": r.denied.iter().map(|c| serde_json::json!({"route": c.route, "method": c.method, "count": c.count})).collect::<Vec<_>>(),
+        "would_deny": r.would_deny.iter().map(|c| serde_json::json!({"route": c.route, "method": c.method, "count": c.count})).collect::<Vec<_>>(),
         "dropped": r.dropped,
         "dropped_from": r.dropped_from,
         "actor": r.actor,

@@ -57,10 +57,10 @@ pub async fn handle(
     load.multiplexed(peer.carries == Some(Carries::Http2));
     let index = p.policy();
     let per_request = per_request(peer.carries, index.is_http(port));
-    let rule = if per_request {
-        None
-    } else if let Some(rule) = allowed(&p, &index, client, port, &local, &peer) {
-        Some(rule)
+    let (rule, would_deny) = if per_request {
+        (None, None)
+    } else if let Some((rule, would_deny)) = allowed(&p, &index, client, port, &local, &peer) {
+        (Some(rule), would_deny)
     } else {
         // close_notify, so the peer sidecar sees a clean end rather than a truncation.
         let mut stream = stream;
@@ -102,6 +102,7 @@ pub async fn handle(
             None => "tcp",
         },
         rule,
+        would_deny,
     };
     let reason = match http {
         Some(speaks) => inbound_http::serve(p, stream, speaks, a).await,
@@ -169,8 +170,8 @@ async fn accept(
 }
 
 /// The port's connection-level rule for `peer` (a connection whose requests are not each
-/// checked): the label of the rule that allows it, or None if refused (logged and counted
-/// here). Dry-run rules that would deny are counted.
+/// checked): the label of the rule that allows it and of a dry-run rule that would deny it
+/// (counted here), or None if refused (logged and counted here).
 fn allowed(
     p: &Proxy,
     index: &PolicyIndex,
@@ -178,8 +179,9 @@ fn allowed(
     port: u16,
     local: &Arc<str>,
     peer: &Peer,
-) -> Option<Arc<str>> {
+) -> Option<(Arc<str>, Option<Arc<str>>)> {
     let verdict = index.decide_tcp(&peer.id, port, now_unix());
+    let would_deny = verdict.would_deny.map(|w| index.label(&w));
     if let Some(w) = verdict.would_deny {
         limited!(info, %client, peer = %peer.id, port, rule = %w, "dry-run: would deny connection");
         p.ledger
@@ -198,7 +200,7 @@ fn allowed(
         return None;
     }
     debug!(%client, peer = %peer.id, port, rule = %verdict.rule, "inbound allowed");
-    Some(index.label(&verdict.rule))
+    Some((index.label(&verdict.rule), would_deny))
 }
 
 /// Relays an admitted connection's bytes to 127.0.0.1:<port>. None: the workload could not

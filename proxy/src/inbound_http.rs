@@ -41,7 +41,7 @@ use crate::conns::{Direction, Kind};
 use crate::http::{
     host_header, is_grpc, local_response, serve_until_closed, status_class, tunnel, ResponseBody,
 };
-use crate::ledger::{policy_of, Admitted};
+use crate::ledger::{policy_of, Admitted, RequestTallies};
 use crate::logs::limited;
 use crate::metrics::{RequestMetrics, RuleLabels};
 use crate::proxy::{now_unix, Proxy};
@@ -118,8 +118,12 @@ where
             })
             .collect()
     };
-    let counted = (list(counts.allowed), list(counts.denied));
-    p.ledger.closed_with(&labels, Some(&guard), reason, counted);
+    let tallies = RequestTallies {
+        allowed: list(counts.allowed),
+        denied: list(counts.denied),
+        would_deny: list(counts.would_deny),
+    };
+    p.ledger.closed_with(&labels, Some(&guard), reason, tallies);
     reason
 }
 
@@ -136,6 +140,8 @@ struct Counts {
     allowed: HashMap<(Arc<str>, Method), u64>,
     /// Denied past `MAX_RECORDED`.
     denied: HashMap<(Arc<str>, Method), u64>,
+    /// Allowed but denied by a dry-run rule, past `MAX_RECORDED`.
+    would_deny: HashMap<(Arc<str>, Method), u64>,
     /// Request records written.
     recorded: u32,
 }
@@ -148,33 +154,45 @@ fn count(map: &mut HashMap<(Arc<str>, Method), u64>, route: &Arc<str>, method: &
     *map.entry(key).or_default() += 1;
 }
 
+/// What a request's audit says of it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Allowed,
+    /// Denied by a rule, or malformed.
+    Denied,
+    /// Allowed, but a dry-run rule (`route`) would have denied it.
+    WouldDeny,
+}
+
 impl Conn {
-    /// The request's audit: a record of its own if it was denied (or if every request is
-    /// recorded), else a count in the connection's close record.
+    /// The request's audit: a record of its own if it was denied or a dry-run rule would
+    /// have denied it (or if every request is recorded), else a count in the connection's
+    /// close record.
     fn audit(
         &self,
         method: &Method,
         path: &str,
         route: &Arc<str>,
-        decision: &str,
+        outcome: Outcome,
         why: Option<&dyn std::fmt::Display>,
     ) {
         let Some(audit) = &self.p.ledger.audit else {
             return;
         };
         let every = self.p.cfg.spec.audit.as_ref().map(|a| a.requests) == Some(AuditRequests::All);
-        let allow = decision == "allow";
         {
             let mut counts = self.counts.lock().expect("counts lock");
-            if allow {
+            if outcome == Outcome::Allowed {
                 count(&mut counts.allowed, route, method);
                 if !every {
                     return;
                 }
             }
             if counts.recorded >= MAX_RECORDED {
-                if !allow {
-                    count(&mut counts.denied, route, method);
+                match outcome {
+                    Outcome::Allowed => {}
+                    Outcome::Denied => count(&mut counts.denied, route, method),
+                    Outcome::WouldDeny => count(&mut counts.would_deny, route, method),
                 }
                 return;
             }
@@ -182,20 +200,21 @@ impl Conn {
         }
         let (policy, rule) = policy_of(Some(route));
         let versions = &self.p.ledger.versions;
+        let (kind, decision, mode) = match outcome {
+            Outcome::Allowed => (AuditKind::RequestAllowed, "allow", "enforce"),
+            Outcome::Denied => (AuditKind::RequestDenied, "deny", "enforce"),
+            Outcome::WouldDeny => (AuditKind::WouldDeny, "deny", "dry-run"),
+        };
         audit.record(Record {
-            kind: if allow {
-                AuditKind::RequestAllowed
-            } else {
-                AuditKind::RequestDenied
-            } as i32,
+            kind: kind as i32,
             direction: Direction::Inbound.label().into(),
             local_id: self.local.to_string(),
             peer_id: self.peer.to_string(),
             protocol: "http".into(),
-            decision: if allow { "allow" } else { "deny" }.into(),
+            decision: decision.into(),
             policy: policy.into(),
             rule: rule.into(),
-            mode: "enforce".into(),
+            mode: mode.into(),
             policy_version: versions.policies.load(Ordering::Relaxed),
             bundle_version: versions.bundles.load(Ordering::Relaxed),
             route: route.to_string(),
@@ -235,7 +254,7 @@ async fn handle(c: &Conn, mut req: Request<Incoming>) -> Response<ResponseBody> 
                 req.method(),
                 req.uri().path(),
                 &invalid,
-                "invalid",
+                Outcome::Denied,
                 Some(&why),
             );
             (Arc::from("invalid_request"), "invalid", r)
@@ -243,11 +262,23 @@ async fn handle(c: &Conn, mut req: Request<Incoming>) -> Response<ResponseBody> 
         Ok((route, Verdict::Deny(why))) => {
             limited!(info, peer = %c.peer, port = c.port, method = %req.method(), path = %req.uri().path(), rule = %why, "request denied");
             let r = local_response(StatusCode::FORBIDDEN, grpc, &format!("denied by {why}"));
-            c.audit(req.method(), req.uri().path(), &route, "deny", None);
+            c.audit(
+                req.method(),
+                req.uri().path(),
+                &route,
+                Outcome::Denied,
+                None,
+            );
             (route, "deny", r)
         }
         Ok((route, Verdict::Allow { target })) => {
-            c.audit(req.method(), req.uri().path(), &route, "allow", None);
+            c.audit(
+                req.method(),
+                req.uri().path(),
+                &route,
+                Outcome::Allowed,
+                None,
+            );
             debug!(peer = %c.peer, port = c.port, method = %req.method(), path = %req.uri().path(), "request allowed");
             let r = match forward(c, req, target, grpc).await {
                 Ok(r) => r,
@@ -310,12 +341,14 @@ fn authorize(c: &Conn, req: &Request<Incoming>) -> Result<(Arc<str>, Verdict), T
     };
     if let Some(w) = d.would_deny {
         limited!(info, peer = %c.peer, port = c.port, path = %path, rule = %w, "dry-run: would deny");
+        let rule = index.label(&w);
+        c.audit(req.method(), &path, &rule, Outcome::WouldDeny, None);
         c.p.ledger
             .metrics
             .would_deny
             .get_or_create(&RuleLabels {
                 local_id: c.local.clone(),
-                rule: index.label(&w),
+                rule,
             })
             .inc();
     }

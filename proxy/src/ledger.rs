@@ -50,6 +50,19 @@ pub struct Admitted {
     /// The rule that admitted it (`Policy/route`, as in metrics), where one decided for the
     /// whole connection (inbound TCP); HTTP is decided per request.
     pub rule: Option<Arc<str>>,
+    /// The dry-run rule that would have refused it, where one would have.
+    pub would_deny: Option<Arc<str>>,
+}
+
+/// The HTTP requests one connection counted by route and method instead of recording each,
+/// for its close record.
+#[derive(Default)]
+pub struct RequestTallies {
+    pub allowed: Vec<RouteCount>,
+    /// Denied past the requests recorded one by one.
+    pub denied: Vec<RouteCount>,
+    /// Allowed, but a dry-run rule would have denied them, past those recorded one by one.
+    pub would_deny: Vec<RouteCount>,
 }
 
 /// What an mTLS handshake established, for the registry and the connection's audit records.
@@ -183,10 +196,25 @@ impl Ledger {
             .register(a.direction, a.kind, a.peer, a.session.chain, a.port);
         counters.conn = guard.bytes.clone();
         if let (Some(audit), Some(open)) = (&self.audit, open) {
+            let would_deny = a.would_deny.as_deref().map(|label| {
+                let (policy, rule) = policy_of(Some(label));
+                Record {
+                    kind: AuditKind::WouldDeny as i32,
+                    decision: "deny".into(),
+                    policy: policy.into(),
+                    rule: rule.into(),
+                    mode: "dry-run".into(),
+                    conn: guard.id(),
+                    ..open.clone()
+                }
+            });
             audit.record(Record {
                 conn: guard.id(),
                 ..open
             });
+            if let Some(r) = would_deny {
+                audit.record(r);
+            }
         }
         (labels, counters, guard)
     }
@@ -224,17 +252,17 @@ impl Ledger {
     /// Counts the close; `guard` (the connection's registration, if it has one) gives the
     /// audit record its connection number, exact peer and duration.
     pub fn closed(&self, labels: &ConnLabels, guard: Option<&ConnGuard>, reason: CloseReason) {
-        self.closed_with(labels, guard, reason, (Vec::new(), Vec::new()))
+        self.closed_with(labels, guard, reason, RequestTallies::default())
     }
 
     /// `closed`, with the HTTP requests counted on the connection by route and method, for
-    /// its audit record: those allowed, and those denied past the ones recorded one by one.
+    /// its audit record.
     pub fn closed_with(
         &self,
         labels: &ConnLabels,
         guard: Option<&ConnGuard>,
         reason: CloseReason,
-        (allowed, denied): (Vec<RouteCount>, Vec<RouteCount>),
+        tallies: RequestTallies,
     ) {
         if let Some(audit) = &self.audit {
             let peer = guard.and_then(ConnGuard::peer);
@@ -248,8 +276,9 @@ impl Ledger {
                 duration_ms: guard.map_or(0, |g| g.opened_at.elapsed().as_millis() as u64),
                 bytes_in: guard.map_or(0, |g| g.bytes.from_peer.load(Ordering::Relaxed)),
                 bytes_out: guard.map_or(0, |g| g.bytes.to_peer.load(Ordering::Relaxed)),
-                allowed,
-                denied,
+                allowed: tallies.allowed,
+                denied: tallies.denied,
+                would_deny: tallies.would_deny,
                 ..Record::default()
             });
         }

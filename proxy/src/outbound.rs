@@ -68,6 +68,7 @@ pub async fn handle(
         port: dest.port(),
         protocol: "tcp",
         rule: None,
+        would_deny: None,
     };
     let idle = p.cfg.spec.timeouts.idle;
     let reason = p.ledger.carry(a, stream, workload, idle).await;

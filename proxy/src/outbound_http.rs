@@ -208,6 +208,7 @@ async fn via_own_connection(
         port: c.dest.port(),
         protocol: "tunnel",
         rule: None,
+        would_deny: None,
     };
     let (labels, counters, mut guard) = c.p.ledger.admit(a);
     let io = TokioIo::new(Counted::new(stream, counters));

@@ -464,6 +464,7 @@ impl Pool {
             port: dest.port(),
             protocol: "http2",
             rule: None,
+            would_deny: None,
         };
         let (labels, counters, guard) = self.ledger.admit(a);
         let io = Counted::new(stream, counters);

@@ -752,8 +752,15 @@ fn denied_requests_are_recorded_one_by_one_and_allowed_ones_counted_by_route() {
         write_identity(d, "b", &ca, B, &[&ca]),
     );
     let (_web, web_port) = start_workload("b-web", false);
+    let (_echo, echo_port) = start_workload("b-echo", true);
+    // A dry-run rule would deny A's GET /orders/4 and its TCP connections to the echo port.
     let ports = format!(
-        "    - port: {web_port}\n      protocol: http\n      routes: [{{name: orders, match: {{methods: [GET], path: {{prefix: /orders}}}}, allow: [{A}]}}]\n"
+        "    - port: {web_port}\n      protocol: http\n      routes:\n\
+         \x20       - {{name: orders, match: {{methods: [GET], path: {{prefix: /orders}}}}, allow: [{A}]}}\n\
+         \x20       - {{name: watch, match: {{path: {{prefix: /orders/4}}}}, deny: [{A}], mode: dry-run}}\n\
+         \x20   - port: {echo_port}\n      protocol: tcp\n      rules:\n\
+         \x20       - {{name: stream, allow: [{A}]}}\n\
+         \x20       - {{name: watch-stream, deny: [{A}], mode: dry-run}}\n"
     );
     cp.apply(
         &ops,
@@ -761,12 +768,13 @@ fn denied_requests_are_recorded_one_by_one_and_allowed_ones_counted_by_route() {
         &policy("b-web", "a reads orders", B, &ports),
     );
     let (b_in, a_out) = (free_port(), free_port());
+    let (b_echo_in, a_echo_out) = (free_port(), free_port());
     let mut b = Sidecar::new("sidecar-b", B);
-    b.inbound = vec![(b_in, web_port)];
+    b.inbound = vec![(b_in, web_port), (b_echo_in, echo_port)];
     b.control_plane = Some((cp.sidecar_port, CONTROL.into(), d.join("state-b")));
     b.audit = Some((d.join("spool-b"), "fail-open", 0));
     let mut a = Sidecar::new("sidecar-a", A);
-    a.outbound = vec![(a_out, b_in, B.into())];
+    a.outbound = vec![(a_out, b_in, B.into()), (a_echo_out, b_echo_in, B.into())];
     // The pooled connection to B closes soon after the last request: its close record comes.
     // One worker: one pooled connection carries every request.
     a.pool_idle = "1s";
@@ -791,6 +799,7 @@ fn denied_requests_are_recorded_one_by_one_and_allowed_ones_counted_by_route() {
         let got = sigil_testkit::http::get_close(addr, "/admin/users").map(|r| r.0);
         assert_eq!(got, Some(403));
     }
+    assert!(echo_call(a_echo_out).is_some(), "A's TCP call to B's echo");
     let query = |kind: &str| -> Vec<serde_json::Value> {
         let args = [
             "audit",
@@ -840,6 +849,49 @@ fn denied_requests_are_recorded_one_by_one_and_allowed_ones_counted_by_route() {
         query("request_allowed").is_empty(),
         "allowed requests get no record of their own by default"
     );
+    // What the dry-run rules would have denied: GET /orders/4 (allowed, served), and the TCP
+    // connection, joined to its open record by `conn`.
+    let would = query("would_deny");
+    let http: Vec<_> = would.iter().filter(|r| r["port"] == web_port).collect();
+    assert_eq!(http.len(), 1, "{would:?}");
+    let w = http[0];
+    assert_eq!(
+        (&w["policy"], &w["rule"], &w["mode"], &w["decision"]),
+        (
+            &"b-web".into(),
+            &"watch".into(),
+            &"dry-run".into(),
+            &"deny".into()
+        ),
+        "{w}"
+    );
+    assert_eq!(
+        (&w["method"], &w["detail"]),
+        (&"GET".into(), &"path /orders/4".into()),
+        "{w}"
+    );
+    let tcp: Vec<_> = would.iter().filter(|r| r["port"] == echo_port).collect();
+    assert_eq!(tcp.len(), 1, "{would:?}");
+    let opens: Vec<_> = query("connection_open")
+        .into_iter()
+        .filter(|r| r["port"] == echo_port)
+        .collect();
+    assert_eq!(opens.len(), 1, "{opens:?}");
+    assert_eq!(
+        (
+            &opens[0]["rule"],
+            &opens[0]["mode"],
+            &tcp[0]["rule"],
+            &tcp[0]["mode"]
+        ),
+        (
+            &"stream".into(),
+            &"enforce".into(),
+            &"watch-stream".into(),
+            &"dry-run".into()
+        ),
+    );
+    assert_eq!(tcp[0]["conn"], opens[0]["conn"]);
     // The policy applied is a record of the control plane's, with the operator who did it.
     let (code, out, err) = cp.sigil(&ops, &["audit", "query", "--kind", "change", "--json"]);
     assert_eq!(code, Some(0), "{err}");

@@ -189,7 +189,8 @@ struct AuditQueryArgs {
     /// normal (done), peer_closed, io_error, idle_timeout, bundle_change, policy_change, revoked, shutdown, ...
     #[arg(long, value_name = "REASON")]
     close_reason: Option<String>,
-    /// connection_open, connection_close, connection_refused, request_denied, dropped, ...
+    /// connection_open, connection_close, connection_refused, request_denied, would_deny,
+    /// dropped, ...
     #[arg(long, value_name = "KIND")]
     kind: Option<String>,
     /// From when: a duration back from now (90m, 24h) or an RFC 3339 time
