@@ -127,10 +127,12 @@ impl ToSql for Arg<'_> {
         ty: &Type,
         out: &mut bytes::BytesMut,
     ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        // Each variant only where its own type goes (`accepts` takes any of the three).
         match *self {
-            Arg::Int(i) => i.to_sql(ty, out),
-            Arg::Text(t) => t.to_sql(ty, out),
-            Arg::Bytes(b) => b.to_sql(ty, out),
+            Arg::Int(i) if <i64 as ToSql>::accepts(ty) => i.to_sql(ty, out),
+            Arg::Text(t) if <&str as ToSql>::accepts(ty) => t.to_sql(ty, out),
+            Arg::Bytes(b) if <&[u8] as ToSql>::accepts(ty) => b.to_sql(ty, out),
+            _ => Err(format!("{self:?} given for a parameter of type {ty}").into()),
         }
     }
 
@@ -200,7 +202,13 @@ impl PostgresSpec {
     fn config(
         &self,
     ) -> Result<(postgres::Config, tokio_postgres_rustls::MakeRustlsConnect), SqlError> {
-        let mut config: postgres::Config = self.url.parse().map_err(|e| {
+        // libpq's verify-ca and verify-full are what is done anyway (rustls checks the chain
+        // and the name); tokio-postgres does not know them by name.
+        let url = self
+            .url
+            .replace("sslmode=verify-full", "sslmode=require")
+            .replace("sslmode=verify-ca", "sslmode=require");
+        let mut config: postgres::Config = url.parse().map_err(|e| {
             SqlError::Config(format!(
                 "--audit-db: not a PostgreSQL URL (postgresql://user@host:port/database): {e}"
             ))
@@ -210,9 +218,19 @@ impl PostgresSpec {
                 "--audit-db: sslmode=disable: the audit store is reached over TLS only".into(),
             ));
         }
+        // A replica that stops answering mid-transaction holds every replica's writers' lock:
+        // the server ends its transaction after a minute idle, and the kernel gives up on a
+        // peer gone from the network after 30 s.
+        let options = format!(
+            "{} -c idle_in_transaction_session_timeout=60s",
+            config.get_options().unwrap_or_default()
+        );
         config
             .ssl_mode(postgres::config::SslMode::Require)
-            .connect_timeout(std::time::Duration::from_secs(5));
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .keepalives_idle(std::time::Duration::from_secs(30))
+            .tcp_user_timeout(std::time::Duration::from_secs(30))
+            .options(options.trim());
         Ok((
             config,
             tokio_postgres_rustls::MakeRustlsConnect::new(self.tls()?),
@@ -276,6 +294,17 @@ pub struct Pg {
     statements: HashMap<String, postgres::Statement>,
 }
 
+impl Drop for Pg {
+    fn drop(&mut self) {
+        // The client says goodbye through a runtime of its own, which cannot start on a
+        // thread that drives another (a store dropped in an async task): on a thread of its
+        // own, then.
+        if let Some(client) = self.client.take() {
+            std::thread::spawn(move || drop(client));
+        }
+    }
+}
+
 impl Pg {
     fn client(
         &mut self,
@@ -333,7 +362,12 @@ impl Db {
             Self::Sqlite(db) => Ok(Tx::Sqlite(db.transaction()?)),
             Self::Postgres(pg) => {
                 let (client, statements) = pg.client()?;
-                let mut tx = client.transaction()?;
+                // Read committed whatever the database's default: each statement after the
+                // lock sees what the replica that held it before committed.
+                let mut tx = client
+                    .build_transaction()
+                    .isolation_level(postgres::IsolationLevel::ReadCommitted)
+                    .start()?;
                 tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITERS_LOCK])?;
                 Ok(Tx::Postgres { tx, statements })
             }

@@ -16,6 +16,7 @@
 //! the one before its first record that could not be stored (a fork, one that does not
 //! decode): the sidecar keeps everything after that.
 
+use std::collections::HashMap;
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -29,6 +30,7 @@ use sigil_filters::audit::{link, verify, Checkpoint, Damage, Entry, Hash, GENESI
 use crate::audit_sql::Arg::{Bytes, Int, Text};
 pub use crate::audit_sql::PostgresSpec;
 use crate::audit_sql::{Arg, Cell, Db, SqlError, Tx};
+use crate::stored::Witness;
 
 /// A break found on ingest or by `verify_range`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,6 +125,9 @@ pub struct AuditStore {
     /// Whether this control plane removes old records (`--audit-retention`): only then is a
     /// chain's cut (`audit_pruned`) honoured by `verify_range`.
     retention: std::sync::atomic::AtomicBool,
+    /// The latest checkpoint stored per (sidecar, chain) since they were last taken, to be
+    /// kept outside this store (`take_witnesses`).
+    witnessed: Mutex<HashMap<(String, String), (u64, Hash)>>,
 }
 
 #[derive(Debug)]
@@ -382,6 +387,16 @@ fn verify_chunk(
     verify(sidecar, &entries, &checkpoints, start, lost)
 }
 
+/// A record's field as its query column keeps it: PostgreSQL's text takes no NUL, which a
+/// broken sidecar could send (the record's bytes, kept whole, are what the chain covers).
+fn indexed(field: &str) -> std::borrow::Cow<'_, str> {
+    if field.contains('\0') {
+        field.replace('\0', "\u{fffd}").into()
+    } else {
+        field.into()
+    }
+}
+
 /// What one batch does to the chain it is ingested into.
 struct Ingest<'a, 't> {
     tx: &'a mut Tx<'t>,
@@ -391,6 +406,8 @@ struct Ingest<'a, 't> {
     /// Where retention cut the chain: records up to it were stored and removed since.
     pruned: u64,
     out: Ingested,
+    /// The latest checkpoint of the batch that was kept.
+    checkpointed: Option<(u64, Hash)>,
 }
 
 impl Ingest<'_, '_> {
@@ -454,10 +471,10 @@ impl Ingest<'_, '_> {
                 Bytes(&this),
                 Int(record.time_unix_nanos),
                 Int(record.kind.into()),
-                Text(&record.peer_id),
-                Text(&record.decision),
-                Text(&record.policy),
-                Text(&record.close_reason),
+                Text(&indexed(&record.peer_id)),
+                Text(&indexed(&record.decision)),
+                Text(&indexed(&record.policy)),
+                Text(&indexed(&record.close_reason)),
                 Bytes(bytes),
             ],
         )?;
@@ -505,6 +522,9 @@ impl Ingest<'_, '_> {
             _ => {}
         }
         if damage.is_empty() {
+            if self.checkpointed.is_none_or(|(seq, _)| seq < c.seq) {
+                self.checkpointed = Some((c.seq, checkpoint.head));
+            }
             self.tx.exec(
                 "INSERT INTO audit_checkpoints (sidecar, chain, seq, head, signature, signer)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
@@ -551,6 +571,7 @@ impl AuditStore {
             db: Mutex::new(db),
             reader: Mutex::new(reader),
             retention: std::sync::atomic::AtomicBool::new(false),
+            witnessed: Mutex::default(),
         })
     }
 
@@ -577,6 +598,7 @@ impl AuditStore {
             head,
             pruned,
             out: Ingested::default(),
+            checkpointed: None,
         };
         // The batch is acknowledged up to its first record that could not be stored.
         let mut stopped = false;
@@ -591,6 +613,7 @@ impl AuditStore {
             ingest.checkpoint(peer_leaf, c)?;
         }
         let (head_seq, head) = ingest.head;
+        let checkpointed = ingest.checkpointed;
         let out = ingest.out;
         tx.exec(
             "INSERT INTO audit_heads (sidecar, chain, seq, link) VALUES (?1, ?2, ?3, ?4)
@@ -603,7 +626,86 @@ impl AuditStore {
             ],
         )?;
         tx.commit()?;
+        if let Some((seq, head)) = checkpointed {
+            let mut witnessed = self.witnessed.lock().expect("witness lock");
+            let w = witnessed
+                .entry((sidecar.to_string(), chain.to_string()))
+                .or_insert((seq, head));
+            if w.0 < seq {
+                *w = (seq, head);
+            }
+        }
         Ok(out)
+    }
+
+    /// The chains' latest checkpoints stored since the last call, to be kept outside this
+    /// store (in the control plane's own, beside the resources).
+    pub fn take_witnesses(&self) -> Vec<Witness> {
+        let taken = std::mem::take(&mut *self.witnessed.lock().expect("witness lock"));
+        taken
+            .into_iter()
+            .map(|((sidecar, chain), (seq, head))| Witness {
+                sidecar,
+                chain,
+                seq,
+                head,
+            })
+            .collect()
+    }
+
+    /// Witnesses taken but not kept (the control plane's store was unreachable): taken again
+    /// next time, unless a later checkpoint came meanwhile.
+    pub fn untake_witnesses(&self, witnesses: Vec<Witness>) {
+        let mut witnessed = self.witnessed.lock().expect("witness lock");
+        for w in witnesses {
+            let e = witnessed
+                .entry((w.sidecar, w.chain))
+                .or_insert((w.seq, w.head));
+            if e.0 < w.seq {
+                *e = (w.seq, w.head);
+            }
+        }
+    }
+
+    /// What the chain's records stored here say against its `witness`, the latest checkpoint
+    /// kept outside this store: None if they agree; else why not (the tail cut off together
+    /// with its checkpoints, the record it vouches for missing or changed).
+    pub fn witness_break(&self, w: &Witness) -> Result<Option<String>, AuditStoreError> {
+        let mut reader = self.reader.lock().expect("audit store lock");
+        let mut db = reader.read()?;
+        let (sidecar, chain) = (w.sidecar.as_str(), w.chain.as_str());
+        let last = db
+            .row(
+                "SELECT MAX(seq) FROM audit_records WHERE sidecar = ?1 AND chain = ?2",
+                &[Text(sidecar), Text(chain)],
+            )?
+            .map_or(Ok(0), |r| number(&r[0]))?;
+        let kept = "the checkpoint kept in the control plane's store";
+        if last < w.seq {
+            return Ok(Some(if last == 0 {
+                format!(
+                    "no record is stored, but {kept} vouches for records up to {}",
+                    w.seq
+                )
+            } else {
+                format!(
+                    "the records end at {last}, but {kept} vouches for records up to {}: the tail was cut off with its checkpoints",
+                    w.seq
+                )
+            }));
+        }
+        let retention = self.retention.load(std::sync::atomic::Ordering::Relaxed);
+        if retention && pruned_at(&mut db, sidecar, chain)?.is_some_and(|(cut, _)| cut >= w.seq) {
+            return Ok(None);
+        }
+        Ok(match stored_link(&mut db, sidecar, chain, w.seq)? {
+            Some(link) if link == w.head => None,
+            Some(_) => Some(format!("record {} differs from {kept}", w.seq)),
+            None => Some(format!(
+                "record {}, which {kept} vouches for, is missing",
+                w.seq
+            )),
+        })
     }
 
     /// Stored records that pass `filter`, oldest first (by arrival), with their row number
@@ -1276,6 +1378,92 @@ mod tests {
                 found: 61
             }),
             "{damage:?}"
+        );
+    }
+
+    #[test]
+    fn the_latest_checkpoint_kept_elsewhere_names_a_tail_cut_with_its_checkpoints() {
+        for place in places("witness") {
+            let (store, mut web) = (place.open(), Sidecar::new(&Ca::new("example.org")));
+            let id = SpiffeId::parse(WEB).unwrap();
+            store.ingest(&id, &leaf_of(&web), &web.batch(50)).unwrap();
+            store.ingest(&id, &leaf_of(&web), &web.batch(50)).unwrap();
+            let taken = store.take_witnesses();
+            assert_eq!(taken.len(), 1, "{taken:?}");
+            let w = taken[0].clone();
+            assert_eq!(
+                (w.sidecar.as_str(), w.chain.as_str(), w.seq),
+                (WEB, CHAIN, 100)
+            );
+            assert_eq!(w.head, web.head);
+            assert_eq!(Witness::parse(WEB, CHAIN, &w.value()), Some(w.clone()));
+            assert!(store.take_witnesses().is_empty(), "taken once");
+            // Not kept elsewhere: taken again.
+            store.untake_witnesses(taken);
+            assert_eq!(store.take_witnesses(), std::slice::from_ref(&w));
+            assert_eq!(store.witness_break(&w).unwrap(), None);
+
+            tamper(&store, "DELETE FROM audit_checkpoints WHERE seq > 90", &[]);
+            tamper(&store, "DELETE FROM audit_records WHERE seq > 90", &[]);
+            assert_eq!(
+                store
+                    .verify_range(&id, CHAIN, 1, u64::MAX, &any_signer)
+                    .unwrap(),
+                [],
+                "the store alone cannot tell"
+            );
+            let why = store.witness_break(&w).unwrap().expect("named");
+            assert!(why.contains("the records end at 90"), "{why}");
+            let changed = Witness {
+                seq: 50,
+                ..w.clone()
+            };
+            let why = store.witness_break(&changed).unwrap().expect("named");
+            assert!(why.contains("record 50 differs"), "{why}");
+            let gone = Witness {
+                chain: "fe".into(),
+                ..w
+            };
+            let why = store.witness_break(&gone).unwrap().expect("named");
+            assert!(why.starts_with("no record is stored"), "{why}");
+        }
+    }
+
+    /// Two replicas on one PostgreSQL ingesting the same chain at once (a sidecar that moved
+    /// while its old stream was still being served): each record stored once, none a break.
+    #[test]
+    fn two_stores_on_one_postgresql_ingesting_one_chain_at_once_store_each_record_once() {
+        let dir = sigil_e2e::TempDir::new("audit-pg-race");
+        let Some(pg) = sigil_e2e::PgServer::start(dir.path(), "two stores on one PostgreSQL")
+        else {
+            return;
+        };
+        let place = Place { pg: Some(pg), dir };
+        let (one, two) = (place.open(), place.open());
+        let mut web = Sidecar::new(&Ca::new("example.org"));
+        let id = SpiffeId::parse(WEB).unwrap();
+        let leaf = leaf_of(&web);
+        let batches: Vec<Batch> = (0..20).map(|_| web.batch(25)).collect();
+        let stored: usize = std::thread::scope(|s| {
+            let both = [&one, &two].map(|store| {
+                s.spawn(|| {
+                    let mut stored = 0;
+                    for b in &batches {
+                        let got = store.ingest(&id, &leaf, b).unwrap();
+                        assert_eq!(got.breaks, [], "{got:?}");
+                        stored += got.stored;
+                    }
+                    stored
+                })
+            });
+            both.into_iter().map(|t| t.join().unwrap()).sum()
+        });
+        assert_eq!(stored, 500);
+        assert_eq!(two.chains().unwrap()[0].2, 500);
+        assert_eq!(
+            one.verify_range(&id, CHAIN, 1, u64::MAX, &any_signer)
+                .unwrap(),
+            []
         );
     }
 

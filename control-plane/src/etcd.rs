@@ -30,7 +30,7 @@ use etcd_client::{
 use tracing::warn;
 
 use crate::stored::{
-    take, Change, IssuanceRecord, StoreError, Stored, TokenRecord, TokenUse,
+    take, Change, IssuanceRecord, StoreError, Stored, TokenRecord, TokenUse, Witness,
     ISSUANCE_RETENTION_SECS,
 };
 
@@ -317,6 +317,61 @@ impl Etcd {
             }
         }
         Ok(())
+    }
+
+    /// Keeps the latest checkpoint of each chain given (`Witness`) under
+    /// `audit-witness/<chain>/<sidecar>`, unless the value there is already a later one (put
+    /// by another replica the chain moved to): one nested transaction per witness, 40 to a
+    /// request (etcd takes 128 operations in one by default). Not leased: a chain that ended
+    /// long ago is as open to a cut tail as a live one.
+    pub async fn put_witnesses(&self, witnesses: &[Witness]) -> Result<(), StoreError> {
+        let mut client = self.client.clone();
+        for chunk in witnesses.chunks(40) {
+            let each: Vec<TxnOp> = chunk
+                .iter()
+                .map(|w| {
+                    let key = format!("{}audit-witness/{}/{}", self.prefix, w.chain, w.sidecar);
+                    let value = w.value();
+                    let put = TxnOp::put(key.as_str(), value.as_str(), None);
+                    let newer = Txn::new()
+                        .when([Compare::value(
+                            key.as_str(),
+                            CompareOp::Less,
+                            value.as_str(),
+                        )])
+                        .and_then([put.clone()]);
+                    TxnOp::txn(
+                        Txn::new()
+                            .when([Compare::version(key.as_str(), CompareOp::Equal, 0)])
+                            .and_then([put])
+                            .or_else([TxnOp::txn(newer)]),
+                    )
+                })
+                .collect();
+            client.txn(Txn::new().and_then(each)).await?;
+        }
+        Ok(())
+    }
+
+    /// Every chain's witness.
+    pub async fn witnesses(&self) -> Result<Vec<Witness>, StoreError> {
+        let base = format!("{}audit-witness/", self.prefix);
+        let r = self
+            .client
+            .clone()
+            .get(base.as_str(), Some(GetOptions::new().with_prefix()))
+            .await?;
+        r.kvs()
+            .iter()
+            .map(|kv| {
+                let key = String::from_utf8_lossy(kv.key());
+                key.strip_prefix(&base)
+                    .and_then(|rest| rest.split_once('/'))
+                    .zip(std::str::from_utf8(kv.value()).ok())
+                    .and_then(|((chain, sidecar), value)| Witness::parse(sidecar, chain, value))
+                    .ok_or_else(|| StoreError::Corrupt(key.to_string()))
+            })
+            .collect()
     }
 
     /// Issuance records from `since` (Unix seconds) on, oldest first, at most `limit`.

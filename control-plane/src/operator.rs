@@ -608,9 +608,10 @@ async fn audit_verify(api: &Api) -> Reply {
         ));
     };
     let roots = api.signer_roots.clone();
+    let witnesses = api.store.witnesses().await.map_err(internal)?;
     let report = tokio::task::spawn_blocking(move || {
         let trusted = roots.check()?;
-        verify_report(&store, &trusted).map_err(VerifyFailed::Store)
+        verify_report(&store, &trusted, &witnesses).map_err(VerifyFailed::Store)
     })
     .await
     .map_err(internal)?
@@ -623,14 +624,32 @@ async fn audit_verify(api: &Api) -> Reply {
     Ok(text(status, report.0))
 }
 
-/// The report of `audit_verify`, and whether every chain is whole.
+/// The report of `audit_verify`, and whether every chain is whole. `witnesses`: the chains'
+/// latest checkpoints as kept in the control plane's store, out of the audit store's reach.
 fn verify_report(
     store: &crate::audit_store::AuditStore,
     trusted: crate::audit_store::SignerCheck<'_>,
+    witnesses: &[crate::stored::Witness],
 ) -> Result<(String, bool), crate::audit_store::AuditStoreError> {
     let mut out = String::new();
     let mut whole = true;
-    for (sidecar, chain, count, last) in store.chains()? {
+    let chains = store.chains()?;
+    // Chains witnessed of which nothing is stored: gone whole.
+    for w in witnesses {
+        if !chains
+            .iter()
+            .any(|(s, c, ..)| *s == w.sidecar && *c == w.chain)
+        {
+            if let Some(why) = store.witness_break(w)? {
+                whole = false;
+                out += &format!(
+                    "{} chain={} records=0 breaks=1\n  {why}\n",
+                    w.sidecar, w.chain
+                );
+            }
+        }
+    }
+    for (sidecar, chain, count, last) in chains {
         let line = format!("{sidecar} chain={chain} records={count} last={last}");
         // Stored under the ID of the SVID the sidecar presented, so it parses.
         let Ok(id) = SpiffeId::parse(&sidecar) else {
@@ -638,7 +657,21 @@ fn verify_report(
             out += &format!("{line} breaks=1\n  the stored sidecar ID is not a SPIFFE ID\n");
             continue;
         };
-        let damage = store.verify_range(&id, &chain, 1, u64::MAX, trusted)?;
+        let mut damage: Vec<String> = store
+            .verify_range(&id, &chain, 1, u64::MAX, trusted)?
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let witness = witnesses
+            .iter()
+            .find(|w| w.sidecar == sidecar && w.chain == chain);
+        if let Some(why) = witness
+            .map(|w| store.witness_break(w))
+            .transpose()?
+            .flatten()
+        {
+            damage.push(why);
+        }
         let lost: u64 = store
             .lost(&sidecar, &chain)?
             .iter()

@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::stored::{
-    take, Change, IssuanceRecord, StoreError, Stored, TokenRecord, TokenUse,
+    take, Change, IssuanceRecord, StoreError, Stored, TokenRecord, TokenUse, Witness,
     ISSUANCE_RETENTION_SECS,
 };
 
@@ -51,7 +51,10 @@ impl Sqlite {
                  expires_at INTEGER NOT NULL, used_at INTEGER);
              CREATE TABLE IF NOT EXISTS issuances (
                  seq INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, record TEXT NOT NULL);
-             CREATE INDEX IF NOT EXISTS issuances_at ON issuances (at);",
+             CREATE INDEX IF NOT EXISTS issuances_at ON issuances (at);
+             CREATE TABLE IF NOT EXISTS audit_witnesses (
+                 sidecar TEXT NOT NULL, chain TEXT NOT NULL, value TEXT NOT NULL,
+                 PRIMARY KEY (sidecar, chain));",
         )?;
         let fresh = format!("sqlite-{}", crate::stored::random_hex(16));
         db.execute(
@@ -170,6 +173,45 @@ impl Sqlite {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Keeps the latest checkpoint of each chain given (`Witness`), all in one transaction.
+    pub fn put_witnesses(&self, witnesses: &[Witness]) -> Result<(), StoreError> {
+        let mut db = self.db.lock().expect("store lock");
+        let tx = db.transaction()?;
+        {
+            let mut put = tx.prepare_cached(
+                "INSERT INTO audit_witnesses (sidecar, chain, value) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (sidecar, chain) DO UPDATE SET value = excluded.value
+                 WHERE excluded.value > audit_witnesses.value",
+            )?;
+            for w in witnesses {
+                put.execute(params![w.sidecar, w.chain, w.value()])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every chain's witness.
+    pub fn witnesses(&self) -> Result<Vec<Witness>, StoreError> {
+        let db = self.db.lock().expect("store lock");
+        let mut q = db.prepare("SELECT sidecar, chain, value FROM audit_witnesses")?;
+        let rows = q.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (sidecar, chain, value) = row?;
+            out.push(Witness::parse(&sidecar, &chain, &value).ok_or_else(|| {
+                StoreError::Corrupt(format!("audit witness {sidecar} {chain}: {value}"))
+            })?);
+        }
+        Ok(out)
     }
 
     /// Issuance records from `since` (Unix seconds) on, oldest first, at most `limit`.
@@ -310,6 +352,28 @@ fn token_record(db: &Connection, hash: &str) -> Result<Option<TokenRecord>, Stor
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn audit_witnesses_are_kept_one_per_chain_the_latest_checkpoint_winning() {
+        let dir = std::env::temp_dir().join(format!("sigil-witness-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let s = Sqlite::open(&dir).unwrap();
+        let w = |chain: &str, seq: u64| Witness {
+            sidecar: "spiffe://example.org/a".into(),
+            chain: chain.into(),
+            seq,
+            head: [seq as u8; 32],
+        };
+        s.put_witnesses(&[w("01", 10), w("02", 5)]).unwrap();
+        s.put_witnesses(&[w("01", 20)]).unwrap();
+        // Late with an older one: the newer stays.
+        s.put_witnesses(&[w("01", 9)]).unwrap();
+        let mut got = s.witnesses().unwrap();
+        got.sort_by(|a, b| a.chain.cmp(&b.chain));
+        assert_eq!(got, [w("01", 20), w("02", 5)]);
+        drop(s);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn apply_reports_changes_versions_and_survives_reopening() {

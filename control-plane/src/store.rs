@@ -5,7 +5,7 @@
 
 use crate::etcd::Etcd;
 use crate::sqlite::Sqlite;
-use crate::stored::{Change, IssuanceRecord, StoreError, Stored, TokenRecord, TokenUse};
+use crate::stored::{Change, IssuanceRecord, StoreError, Stored, TokenRecord, TokenUse, Witness};
 
 pub enum Store {
     Sqlite(Sqlite),
@@ -60,6 +60,22 @@ impl Store {
         match self {
             Self::Sqlite(s) => s.append_issuances(records, now),
             Self::Etcd(e) => e.append_issuances(records, now).await,
+        }
+    }
+
+    /// Keeps the latest checkpoint of each audit chain given (`Witness`).
+    pub async fn put_witnesses(&self, witnesses: &[Witness]) -> Result<(), StoreError> {
+        match self {
+            Self::Sqlite(s) => s.put_witnesses(witnesses),
+            Self::Etcd(e) => e.put_witnesses(witnesses).await,
+        }
+    }
+
+    /// Every audit chain's witness.
+    pub async fn witnesses(&self) -> Result<Vec<Witness>, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.witnesses(),
+            Self::Etcd(e) => e.witnesses().await,
         }
     }
 

@@ -205,6 +205,47 @@ impl From<etcd_client::Error> for StoreError {
     }
 }
 
+/// The latest checkpoint of an audit chain, kept in this store beside the resources: out of
+/// the audit database's reach, so that a tail cut off there together with its checkpoints
+/// still shows (`sigil audit verify`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Witness {
+    /// The SPIFFE ID the chain's records are stored under.
+    pub sidecar: String,
+    pub chain: String,
+    pub seq: u64,
+    /// The chain's link at `seq`.
+    pub head: [u8; 32],
+}
+
+impl Witness {
+    /// `seq head-hex`, the value kept under the chain's key; `seq` in 20 digits, so that of
+    /// two values the later checkpoint's is the greater, byte by byte (the stores keep the
+    /// greater: a replica late with an older one never replaces a newer).
+    pub fn value(&self) -> String {
+        let head: String = self.head.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{:020} {head}", self.seq)
+    }
+
+    /// The witness of (`sidecar`, `chain`) from its `value`.
+    pub fn parse(sidecar: &str, chain: &str, value: &str) -> Option<Self> {
+        let (seq, hex) = value.split_once(' ')?;
+        if hex.len() != 64 || !hex.is_ascii() {
+            return None;
+        }
+        let mut head = [0u8; 32];
+        for (i, b) in head.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(Self {
+            sidecar: sidecar.to_string(),
+            chain: chain.to_string(),
+            seq: seq.parse().ok()?,
+            head,
+        })
+    }
+}
+
 /// `bytes` random bytes from the system's generator, as lowercase hex.
 pub fn random_hex(bytes: usize) -> String {
     use ring::rand::SecureRandom;

@@ -62,6 +62,9 @@ struct Conn {
     local: Arc<str>,
     port: u16,
     metrics: RequestMetrics,
+    /// Whether a connection-level rule admitted the connection (its requests are then
+    /// checked against the same rule, whose dry-run verdict its open already recorded).
+    decided: bool,
 }
 
 /// Serves one admitted connection until it ends or the registry closes it.
@@ -85,6 +88,7 @@ where
         a.local.clone(),
         a.peer_label.clone(),
     );
+    let decided = a.rule.is_some();
     let (labels, counters, mut guard) = p.ledger.admit(a);
     let conn = Arc::new(Conn {
         p: p.clone(),
@@ -96,6 +100,7 @@ where
         local,
         port,
         metrics,
+        decided,
     });
     let audited = conn.clone();
     let stream = Counted::new(stream, counters);
@@ -342,7 +347,9 @@ fn authorize(c: &Conn, req: &Request<Incoming>) -> Result<(Arc<str>, Verdict), T
     if let Some(w) = d.would_deny {
         limited!(info, peer = %c.peer, port = c.port, path = %path, rule = %w, "dry-run: would deny");
         let rule = index.label(&w);
-        c.audit(req.method(), &path, &rule, Outcome::WouldDeny, None);
+        if !c.decided {
+            c.audit(req.method(), &path, &rule, Outcome::WouldDeny, None);
+        }
         c.p.ledger
             .metrics
             .would_deny

@@ -34,6 +34,8 @@ pub struct PgServer {
     pub ca_file: PathBuf,
     /// A client certificate and key it accepts (`--audit-pg-cert`, `--audit-pg-key`).
     pub client: (PathBuf, PathBuf),
+    /// Its binaries (psql among them).
+    bin: PathBuf,
 }
 
 impl PgServer {
@@ -111,12 +113,47 @@ impl PgServer {
         }
         let proc = Proc::spawn("postgres", &mut cmd);
         wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(30));
+        // Listening comes before accepting: "the database system is starting up" meanwhile.
+        crate::poll(Duration::from_secs(30), Duration::from_millis(100), || {
+            let (ok, out) = run(
+                Command::new(bin.join("pg_isready")).args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                ]),
+                Duration::from_secs(10),
+            );
+            ok.then_some(()).ok_or(out)
+        });
         Some(Self {
             proc,
             port,
             ca_file,
             client,
+            bin,
         })
+    }
+
+    /// Runs `sql` with psql over TLS as the audit store's user; panics unless it succeeds.
+    /// Its output.
+    pub fn psql(&self, sql: &str) -> String {
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user=sigil dbname=postgres sslmode=verify-full \
+             sslrootcert={} sslcert={} sslkey={}",
+            self.port,
+            self.ca_file.display(),
+            self.client.0.display(),
+            self.client.1.display()
+        );
+        let (ok, out) = run(
+            Command::new(self.bin.join("psql"))
+                .args(["-v", "ON_ERROR_STOP=1", "-X", "-q", "-At", "-c", sql])
+                .arg(conninfo),
+            Duration::from_secs(30),
+        );
+        assert!(ok, "psql {sql}: {out}");
+        out
     }
 
     /// Its database as `--audit-db` takes it.

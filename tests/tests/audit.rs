@@ -954,7 +954,8 @@ fn denied_requests_are_recorded_one_by_one_and_allowed_ones_counted_by_route() {
 
 /// Every kind of tampering with the stored records, each on its own copy of a store that
 /// verifies, is named by `sigil audit verify` (exit 1): an edited record, a deleted one, two
-/// swapped, a tail cut off, an edit of the last checkpointed record, a forged checkpoint.
+/// swapped, a tail cut off (with or without its checkpoints), an edit of the last
+/// checkpointed record, a forged checkpoint.
 #[test]
 fn every_kind_of_tampering_with_the_stored_records_is_named_by_sigil_audit_verify() {
     let dir = TempDir::new("audit-tamper");
@@ -1013,6 +1014,19 @@ fn every_kind_of_tampering_with_the_stored_records_is_named_by_sigil_audit_verif
         (
             format!("DELETE FROM audit_records WHERE {a_rows} AND seq > {}", last - 3),
             format!("the records end at {}, but a checkpoint vouches for records up to {last}", last - 3),
+        ),
+        (
+            // The tail cut off with the checkpoints vouching for it: the latest checkpoint
+            // kept in the control plane's own store (sigil.db, not copied) still does.
+            format!(
+                "DELETE FROM audit_records WHERE {a_rows} AND seq > {cut};
+                 DELETE FROM audit_checkpoints WHERE {a_rows} AND seq > {cut};",
+                cut = last - 3
+            ),
+            format!(
+                "the records end at {}, but the checkpoint kept in the control plane's store vouches for records up to {last}",
+                last - 3
+            ),
         ),
         (
             // Made text on the way: still read as the bytes it holds.
@@ -1215,7 +1229,9 @@ fn retention_removes_old_records_and_what_is_kept_verifies() {
 /// server, TLS only, a client certificate required): B's records, shipped to replica 2, then
 /// (after B restarts pointed at replica 1) to replica 1, form one unbroken chain that either
 /// replica verifies and serves; A's records, shipped to replica 1, are queried at replica 2.
-/// A replica given another CA for the database's certificate does not start, and says why.
+/// B's tail cut off in the database with its checkpoints is named through the latest
+/// checkpoint kept in etcd. A replica given another CA for the database's certificate does
+/// not start, and says why; nor does one given a file of its own.
 #[test]
 fn replicas_sharing_one_postgresql_ingest_and_serve_the_same_records() {
     let dir = TempDir::new("audit-pg");
@@ -1329,6 +1345,24 @@ fn replicas_sharing_one_postgresql_ingest_and_serve_the_same_records() {
         .count();
     assert_eq!(mine, 20, "{out}");
 
+    // B's tail cut off in the database together with its checkpoints, as the database's own
+    // administrator could: the latest checkpoint kept in etcd names it (once a replica has
+    // kept it there, within 5 s of its arrival).
+    let cut = spooled_b as u64 - 3;
+    pg.psql(&format!(
+        "DELETE FROM audit_records WHERE sidecar = '{B}' AND seq > {cut};
+         DELETE FROM audit_checkpoints WHERE sidecar = '{B}' AND seq > {cut};"
+    ));
+    let named = format!(
+        "the records end at {cut}, but the checkpoint kept in the control plane's store vouches for records up to {spooled_b}"
+    );
+    poll(Duration::from_secs(20), Duration::from_millis(500), || {
+        let (code, out, err) = cp2.sigil(&ops, &["audit", "verify"]);
+        (code == Some(1) && (out.contains(&named) || err.contains(&named)))
+            .then_some(())
+            .ok_or_else(|| format!("{named:?} not in\n{out}{err}"))
+    });
+
     // The database's certificate from another CA: refused at start, named.
     let other = Ca::new("elsewhere.test");
     let other_ca = d.join("other-ca.pem");
@@ -1346,4 +1380,28 @@ fn replicas_sharing_one_postgresql_ingest_and_serve_the_same_records() {
     let (code, out) = run_status(cmd.args(&args), Duration::from_secs(30));
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("certificate"), "{out}");
+    // A file of its own beside replicas on etcd would split the records: refused.
+    let mut cmd = ControlPlane::command(
+        CONTROL,
+        &files,
+        &etcd.store_at(etcd.client_port),
+        free_port(),
+        free_port(),
+    );
+    let own_file = d.join("audit-3.db");
+    let (code, out) = run_status(
+        cmd.arg("--audit-db").arg(&own_file),
+        Duration::from_secs(30),
+    );
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("--audit-db must be postgresql://"), "{out}");
+    // The replicas stop cleanly, their database connections closed on the way.
+    for mut cp in [cp1, cp2] {
+        assert_eq!(
+            cp.proc.terminate(Duration::from_secs(10)),
+            Some(0),
+            "{}",
+            cp.proc.log()
+        );
+    }
 }

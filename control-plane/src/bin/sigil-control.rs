@@ -211,6 +211,12 @@ fn check(cli: Cli) -> Result<Config, &'static str> {
         }
         _ => return Err("exactly one of --data-dir and --store is required"),
     };
+    if matches!(
+        (&store, &audit_db),
+        (StoreSpec::Etcd(..), Some(AuditDb::Sqlite(_)))
+    ) {
+        return Err("with --store etcd, --audit-db must be postgresql://... shared by every replica: a file of each replica's own would split the records between them");
+    }
     let (Some(cert), Some(key), Some(bundle_dir)) = (cli.cert, cli.key, cli.bundle_dir) else {
         return Err("--cert, --key and --bundle-dir are required");
     };
@@ -337,6 +343,15 @@ async fn run(config: Config) -> Result<(), StartError> {
     if let Store::Etcd(etcd) = &*api.store {
         follow_etcd(etcd, &api);
     }
+    let witnessed = audit.clone().map(|a| (a, api.store.clone()));
+    if let Some((audit, store)) = witnessed.clone() {
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(WITNESS_EVERY).await;
+                keep_witnesses(&audit, &store).await;
+            }
+        });
+    }
     let retrying = api.clone();
     tokio::spawn(async move { retrying.hub.retry_publishes(&retrying.store).await });
     let reloading = api.clone();
@@ -416,7 +431,27 @@ async fn run(config: Config) -> Result<(), StartError> {
     if let Some(own) = own {
         own.flush(std::time::Duration::from_secs(3)).await;
     }
+    if let Some((audit, store)) = witnessed {
+        keep_witnesses(&audit, &store).await;
+    }
     Ok(())
+}
+
+/// How often the audit chains' latest checkpoints are kept in the store.
+const WITNESS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Keeps the audit chains' latest checkpoints stored since the last time in the store, out of
+/// the audit database's reach (`sigil audit verify` holds the chains against them); kept for
+/// the next time if the store cannot be reached.
+async fn keep_witnesses(audit: &AuditStore, store: &Store) {
+    let witnesses = audit.take_witnesses();
+    if witnesses.is_empty() {
+        return;
+    }
+    if let Err(e) = store.put_witnesses(&witnesses).await {
+        warn!("the audit chains' latest checkpoints not kept in the store (tried again in {WITNESS_EVERY:?}): {e}");
+        audit.untake_witnesses(witnesses);
+    }
 }
 
 /// Removes audit records older than `keep`, at start and then every quarter of `keep` (at
