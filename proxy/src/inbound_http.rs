@@ -41,12 +41,12 @@ use crate::conns::{Direction, Kind};
 use crate::http::{
     host_header, is_grpc, local_response, serve_until_closed, status_class, tunnel, ResponseBody,
 };
-use crate::ledger::{policy_of, Admitted, RequestTallies};
+use crate::ledger::{policy_of, Admitted, RequestTallies, Tunnel};
 use crate::logs::limited;
 use crate::metrics::{RequestMetrics, RuleLabels};
 use crate::proxy::{now_unix, Proxy};
 use crate::reasons::CloseReason;
-use crate::relay::Counted;
+use crate::relay::{Counted, Counters};
 use crate::workload::Unanswered;
 
 struct Conn {
@@ -285,7 +285,7 @@ async fn handle(c: &Conn, mut req: Request<Incoming>) -> Response<ResponseBody> 
                 None,
             );
             debug!(peer = %c.peer, port = c.port, method = %req.method(), path = %req.uri().path(), "request allowed");
-            let r = match forward(c, req, target, grpc).await {
+            let r = match forward(c, req, (&route, target), grpc).await {
                 Ok(r) => r,
                 Err(Unanswered::TimedOut(after)) => {
                     limited!(warn, peer = %c.peer, port = c.port, "workload did not answer within {after:?} (timeouts.request)");
@@ -377,7 +377,7 @@ fn authorize(c: &Conn, req: &Request<Incoming>) -> Result<(Arc<str>, Verdict), T
 async fn forward(
     c: &Conn,
     mut req: Request<Incoming>,
-    target: Option<String>,
+    (route, target): (&Arc<str>, Option<String>),
     grpc: bool,
 ) -> Result<Response<ResponseBody>, Unanswered> {
     let limit = c.p.cfg.spec.timeouts.request;
@@ -466,9 +466,31 @@ async fn forward(
         );
         let load = c.p.workers.hold();
         let idle = c.p.cfg.spec.timeouts.idle;
+        let p = c.p.clone();
+        let (local, peer, chain, port, route) = (
+            c.local.clone(),
+            c.peer.clone(),
+            c.chain.clone(),
+            c.port,
+            route.clone(),
+        );
+        let on_conn = c.id;
         tokio::spawn(async move {
             let _held = (load, room);
-            tunnel(down, up, &mut guard.close_rx, idle).await
+            let t = Tunnel {
+                local: &local,
+                peer: &peer,
+                chain: &chain,
+                port,
+                route: &route,
+            };
+            p.ledger.tunnel_opened(&t, &guard, on_conn);
+            let counters = Counters {
+                conn: guard.bytes.clone(),
+                ..Counters::default()
+            };
+            let reason = tunnel(down, up, &counters, &mut guard.close_rx, idle).await;
+            p.ledger.tunnel_closed(&t, &guard, reason);
         });
     }
     Ok(resp)

@@ -267,19 +267,13 @@ impl Ledger {
         if let Some(audit) = &self.audit {
             let peer = guard.and_then(ConnGuard::peer);
             audit.record(Record {
-                kind: AuditKind::ConnectionClose as i32,
                 direction: labels.direction.into(),
                 local_id: labels.local_id.to_string(),
                 peer_id: peer.map_or_else(|| labels.peer_id.to_string(), |p| p.to_string()),
-                close_reason: reason.label().into(),
-                conn: guard.map_or(0, ConnGuard::id),
-                duration_ms: guard.map_or(0, |g| g.opened_at.elapsed().as_millis() as u64),
-                bytes_in: guard.map_or(0, |g| g.bytes.from_peer.load(Ordering::Relaxed)),
-                bytes_out: guard.map_or(0, |g| g.bytes.to_peer.load(Ordering::Relaxed)),
                 allowed: tallies.allowed,
                 denied: tallies.denied,
                 would_deny: tallies.would_deny,
-                ..Record::default()
+                ..close_record(guard, reason)
             });
         }
         self.metrics.active.get_or_create(labels).dec();
@@ -297,6 +291,77 @@ impl Ledger {
 
 /// A rule label (`Policy/route`, or a reason no route decided, such as `default_deny`) as
 /// (policy, rule).
+/// A close record's own fields: the connection's number, its duration, bytes and reason.
+fn close_record(guard: Option<&ConnGuard>, reason: CloseReason) -> Record {
+    Record {
+        kind: AuditKind::ConnectionClose as i32,
+        close_reason: reason.label().into(),
+        conn: guard.map_or(0, ConnGuard::id),
+        duration_ms: guard.map_or(0, |g| g.opened_at.elapsed().as_millis() as u64),
+        bytes_in: guard.map_or(0, |g| g.bytes.from_peer.load(Ordering::Relaxed)),
+        bytes_out: guard.map_or(0, |g| g.bytes.to_peer.load(Ordering::Relaxed)),
+        ..Record::default()
+    }
+}
+
+impl Ledger {
+    /// An inbound tunnel (a WebSocket, say) upgraded on connection `on_conn` by a request
+    /// `route` allowed: its open record. Its connection was counted in the metrics, and its
+    /// close record written at the upgrade; the tunnel's own bytes and end are its own.
+    pub fn tunnel_opened(&self, t: &Tunnel<'_>, guard: &ConnGuard, on_conn: u64) {
+        let Some(audit) = &self.audit else {
+            return;
+        };
+        let (policy, rule) = policy_of(Some(t.route));
+        audit.record(Record {
+            kind: AuditKind::ConnectionOpen as i32,
+            direction: Direction::Inbound.label().into(),
+            local_id: t.local.to_string(),
+            peer_id: t.peer.to_string(),
+            peer_serial: t
+                .chain
+                .first()
+                .and_then(|leaf| serial_hex(leaf))
+                .unwrap_or_default(),
+            protocol: "tunnel".into(),
+            decision: "allow".into(),
+            route: t.route.into(),
+            policy: policy.into(),
+            rule: rule.into(),
+            mode: "enforce".into(),
+            policy_version: self.versions.policies.load(Ordering::Relaxed),
+            bundle_version: self.versions.bundles.load(Ordering::Relaxed),
+            port: t.port.into(),
+            conn: guard.id(),
+            detail: format!("upgraded on connection {on_conn}"),
+            ..Record::default()
+        });
+    }
+
+    /// The tunnel's close record: what it carried, how long, why it ended.
+    pub fn tunnel_closed(&self, t: &Tunnel<'_>, guard: &ConnGuard, reason: CloseReason) {
+        if let Some(audit) = &self.audit {
+            audit.record(Record {
+                direction: Direction::Inbound.label().into(),
+                local_id: t.local.to_string(),
+                peer_id: t.peer.to_string(),
+                protocol: "tunnel".into(),
+                ..close_record(Some(guard), reason)
+            });
+        }
+    }
+}
+
+/// An inbound tunnel, for its audit records.
+pub struct Tunnel<'a> {
+    pub local: &'a str,
+    pub peer: &'a SpiffeId,
+    pub chain: &'a [CertificateDer<'static>],
+    pub port: u16,
+    /// The route that allowed the upgrade request.
+    pub route: &'a str,
+}
+
 pub fn policy_of(label: Option<&str>) -> (&str, &str) {
     match label {
         Some(l) => l.split_once('/').unwrap_or(("", l)),

@@ -1405,3 +1405,136 @@ fn replicas_sharing_one_postgresql_ingest_and_serve_the_same_records() {
         );
     }
 }
+
+/// A WebSocket upgraded through the sidecars: on B, the tunnel gets an open record of its own
+/// (protocol `tunnel`, the route that allowed the upgrade, the connection it was upgraded on)
+/// and a close record with the bytes it carried after the upgrade.
+#[test]
+fn a_websocket_tunnel_gets_its_own_open_and_close_records_with_its_bytes() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let dir = TempDir::new("audit-ws");
+    let d = dir.path();
+    let ca = Ca::new("example.org");
+    let cp = ControlPlane::start_in(d, &ca, CONTROL);
+    let ops = write_identity(d, "ops", &ca, ALICE, &[&ca]);
+    let (fa, fb) = (
+        write_identity(d, "a", &ca, A, &[&ca]),
+        write_identity(d, "b", &ca, B, &[&ca]),
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    // The workload: echoes each text and binary message.
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let ws_port = listener.local_addr().unwrap().port();
+    rt.spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(sock).await else {
+                    return;
+                };
+                while let Some(Ok(m)) = ws.next().await {
+                    if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let ports = format!(
+        "    - port: {ws_port}\n      protocol: http\n      routes: [{{name: echo, match: {{methods: [GET], path: {{exact: /ws}}}}, allow: [{A}]}}]\n"
+    );
+    cp.apply(
+        &ops,
+        &d.join("policy.yaml"),
+        &policy("ws", "a echoes", B, &ports),
+    );
+    let (b_in, a_out) = (free_port(), free_port());
+    let mut b = Sidecar::new("sidecar-b", B);
+    b.inbound = vec![(b_in, ws_port)];
+    b.control_plane = Some((cp.sidecar_port, CONTROL.into(), d.join("state-b")));
+    b.audit = Some((d.join("spool-b"), "fail-open", 0));
+    let mut a = Sidecar::new("sidecar-a", A);
+    a.outbound = vec![(a_out, b_in, B.into())];
+    let _pb = b.start(d, &fb);
+    let pa = a.start(d, &fa);
+    let message = Message::binary(vec![7u8; 10_000]);
+    rt.block_on(async {
+        // Until B has the policy (default deny before).
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut ws = loop {
+            match tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{a_out}/ws")).await {
+                Ok((ws, _)) => break ws,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("upgrade through A: {e}\n{}", pa.log()),
+            }
+        };
+        ws.send(message.clone()).await.unwrap();
+        let echoed = loop {
+            match ws.next().await {
+                Some(Ok(m)) if m.is_binary() => break m,
+                Some(Ok(_)) => continue,
+                other => panic!("no echo: {other:?}"),
+            }
+        };
+        assert_eq!(echoed, message);
+        ws.close(None).await.unwrap();
+        while let Some(Ok(_)) = ws.next().await {}
+    });
+    let query = |kind: &str| -> Vec<serde_json::Value> {
+        let (code, out, err) = cp.sigil(
+            &ops,
+            &["audit", "query", "--identity", B, "--kind", kind, "--json"],
+        );
+        assert_eq!(code, Some(0), "{err}");
+        out.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r["local_id"] == B)
+            .collect()
+    };
+    let (open, close) = poll(Duration::from_secs(30), Duration::from_millis(300), || {
+        let opens: Vec<_> = query("connection_open")
+            .into_iter()
+            .filter(|r| r["protocol"] == "tunnel")
+            .collect();
+        let [open] = &opens[..] else {
+            return Err(format!("tunnel opens: {opens:?}"));
+        };
+        let close = query("connection_close")
+            .into_iter()
+            .find(|r| r["conn"] == open["conn"])
+            .ok_or_else(|| format!("no close for {open}"))?;
+        Ok((open.clone(), close))
+    });
+    assert_eq!(
+        (
+            &open["peer_id"],
+            &open["policy"],
+            &open["rule"],
+            &open["route"]
+        ),
+        (&A.into(), &"ws".into(), &"echo".into(), &"ws/echo".into()),
+        "{open}"
+    );
+    assert!(
+        open["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("upgraded on connection "),
+        "{open}"
+    );
+    // The message (with its frame) each way, and the closing handshake.
+    for way in ["bytes_in", "bytes_out"] {
+        let n = close[way].as_u64().unwrap();
+        assert!((10_000..11_000).contains(&n), "{way} {n}: {close}");
+    }
+    assert_eq!(close["protocol"], "tunnel", "{close}");
+}
