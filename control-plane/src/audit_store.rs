@@ -408,13 +408,92 @@ struct Ingest<'a, 't> {
     out: Ingested,
     /// The latest checkpoint of the batch that was kept.
     checkpointed: Option<(u64, Hash)>,
+    /// The links stored (before or in this batch) at the batch's sequence numbers: read in
+    /// one query, not one per record (a round trip each to PostgreSQL).
+    known: HashMap<u64, Hash>,
+    /// Records to store, written `INSERT_ROWS` to a statement.
+    pending: Vec<Row<'a>>,
 }
 
-impl Ingest<'_, '_> {
-    /// Stores record `index` of the batch (see the module); its sequence number if it is
-    /// stored now or was already, None if it cannot be (undecodable, a fork).
-    fn record(&mut self, index: usize, bytes: &[u8]) -> Result<Option<u64>, AuditStoreError> {
-        let record = match Record::decode(bytes) {
+/// A record as `audit_records` keeps it.
+struct Row<'a> {
+    seq: u64,
+    prev: Hash,
+    link: Hash,
+    record: Record,
+    bytes: &'a [u8],
+}
+
+/// Rows per INSERT: one round trip for many records; a few statement shapes only.
+const INSERT_ROWS: [usize; 3] = [100, 10, 1];
+
+/// `INSERT INTO audit_records` of `n` rows (one of `INSERT_ROWS`), made once.
+fn insert_sql(n: usize) -> &'static str {
+    static MADE: std::sync::OnceLock<[String; 3]> = std::sync::OnceLock::new();
+    let made = MADE.get_or_init(|| INSERT_ROWS.map(insert_sql_of));
+    let i = INSERT_ROWS
+        .iter()
+        .position(|&rows| rows == n)
+        .expect("one of INSERT_ROWS");
+    &made[i]
+}
+
+fn insert_sql_of(n: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO audit_records
+           (sidecar, chain, seq, prev, link, time, kind, peer, decision, policy, close_reason, record)
+         VALUES ",
+    );
+    for row in 0..n {
+        let p = row * 12;
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        let cols: Vec<String> = (1..=12).map(|c| format!("?{}", p + c)).collect();
+        sql.push_str(&cols.join(", "));
+        sql.push(')');
+    }
+    sql
+}
+
+impl<'a> Ingest<'a, '_> {
+    /// The links stored at the sequence numbers `seqs` spans.
+    fn preload(&mut self, seqs: impl Iterator<Item = u64>) -> Result<(), AuditStoreError> {
+        let (mut low, mut high) = (u64::MAX, 0);
+        for seq in seqs {
+            (low, high) = (low.min(seq), high.max(seq));
+        }
+        if low > high {
+            return Ok(());
+        }
+        let rows = self.tx.rows(
+            "SELECT seq, link FROM audit_records
+             WHERE sidecar = ?1 AND chain = ?2 AND seq >= ?3 AND seq <= ?4",
+            &[
+                Text(self.sidecar.as_str()),
+                Text(self.chain),
+                Int(low as i64),
+                Int(high as i64),
+            ],
+        )?;
+        for row in rows {
+            let (seq, link) = seq_and_link(row)?;
+            self.known.insert(seq, link);
+        }
+        Ok(())
+    }
+
+    /// Stores record `index` of the batch (see the module), decoded as `decoded`; its
+    /// sequence number if it is stored now or was already, None if it cannot be
+    /// (undecodable, a fork).
+    fn record(
+        &mut self,
+        index: usize,
+        bytes: &'a [u8],
+        decoded: Result<Record, sigil_api::DecodeError>,
+    ) -> Result<Option<u64>, AuditStoreError> {
+        let record = match decoded {
             Ok(r) if r.seq == 0 || r.seq > i64::MAX as u64 => {
                 self.out.breaks.push(Break::Undecodable {
                     index,
@@ -431,7 +510,6 @@ impl Ingest<'_, '_> {
                 return Ok(None);
             }
         };
-        let id = self.sidecar.as_str();
         if record.seq <= self.pruned {
             // Sent again after retention removed it: stored once already.
             self.out.duplicates += 1;
@@ -439,8 +517,8 @@ impl Ingest<'_, '_> {
         }
         let prev = hash_of(&record.prev);
         let this = link(record.seq, &prev, bytes);
-        match stored_link(self.tx, id, self.chain, record.seq)? {
-            Some(stored) if stored == this => {
+        match self.known.get(&record.seq) {
+            Some(stored) if *stored == this => {
                 self.out.duplicates += 1;
                 return Ok(Some(record.seq));
             }
@@ -459,30 +537,66 @@ impl Ingest<'_, '_> {
         let start = (head_seq > 0 || record.seq > 1).then_some((head_seq, head));
         let damage = verify(self.sidecar, &entry, &[], start, &[]);
         self.out.breaks.extend(damage.into_iter().map(Break::Chain));
-        self.tx.exec(
-            "INSERT INTO audit_records
-               (sidecar, chain, seq, prev, link, time, kind, peer, decision, policy, close_reason, record)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            &[
-                Text(id),
-                Text(self.chain),
-                Int(record.seq as i64),
-                Bytes(&prev),
-                Bytes(&this),
-                Int(record.time_unix_nanos),
-                Int(record.kind.into()),
-                Text(&indexed(&record.peer_id)),
-                Text(&indexed(&record.decision)),
-                Text(&indexed(&record.policy)),
-                Text(&indexed(&record.close_reason)),
-                Bytes(bytes),
-            ],
-        )?;
-        self.out.stored += 1;
-        if record.seq > head_seq {
-            self.head = (record.seq, this);
+        let seq = record.seq;
+        self.known.insert(seq, this);
+        self.pending.push(Row {
+            seq,
+            prev,
+            link: this,
+            record,
+            bytes,
+        });
+        if self.pending.len() >= INSERT_ROWS[0] {
+            self.flush()?;
         }
-        Ok(Some(record.seq))
+        self.out.stored += 1;
+        if seq > head_seq {
+            self.head = (seq, this);
+        }
+        Ok(Some(seq))
+    }
+
+    /// Writes the records waiting to be stored.
+    fn flush(&mut self) -> Result<(), AuditStoreError> {
+        let pending = std::mem::take(&mut self.pending);
+        let mut rows = &pending[..];
+        let id = self.sidecar.as_str();
+        for n in INSERT_ROWS {
+            while rows.len() >= n {
+                let (these, rest) = rows.split_at(n);
+                let columns: Vec<[std::borrow::Cow<'_, str>; 4]> = these
+                    .iter()
+                    .map(|r| {
+                        [
+                            indexed(&r.record.peer_id),
+                            indexed(&r.record.decision),
+                            indexed(&r.record.policy),
+                            indexed(&r.record.close_reason),
+                        ]
+                    })
+                    .collect();
+                let mut args = Vec::with_capacity(n * 12);
+                for (r, [peer, decision, policy, close_reason]) in these.iter().zip(&columns) {
+                    args.extend([
+                        Text(id),
+                        Text(self.chain),
+                        Int(r.seq as i64),
+                        Bytes(&r.prev),
+                        Bytes(&r.link),
+                        Int(r.record.time_unix_nanos),
+                        Int(r.record.kind.into()),
+                        Text(peer),
+                        Text(decision),
+                        Text(policy),
+                        Text(close_reason),
+                        Bytes(r.bytes),
+                    ]);
+                }
+                self.tx.exec(insert_sql(n), &args)?;
+                rows = rest;
+            }
+        }
+        Ok(())
     }
 
     /// Checks a checkpoint and keeps it if it holds: signed with the SVID this stream was
@@ -497,7 +611,10 @@ impl Ingest<'_, '_> {
             signer: &signer,
         };
         let id = self.sidecar.as_str();
-        let at = stored_link(self.tx, id, self.chain, c.seq)?;
+        let at = match self.known.get(&c.seq) {
+            Some(link) => Some(*link),
+            None => stored_link(self.tx, id, self.chain, c.seq)?,
+        };
         let mut damage = if c.signer != peer_leaf {
             vec![Damage::BadSignature {
                 seq: c.seq,
@@ -599,16 +716,25 @@ impl AuditStore {
             pruned,
             out: Ingested::default(),
             checkpointed: None,
+            known: HashMap::new(),
+            pending: Vec::new(),
         };
+        let decoded: Vec<_> = batch
+            .records
+            .iter()
+            .map(|bytes| Record::decode(&bytes[..]))
+            .collect();
+        ingest.preload(decoded.iter().flatten().map(|r| r.seq))?;
         // The batch is acknowledged up to its first record that could not be stored.
         let mut stopped = false;
-        for (index, bytes) in batch.records.iter().enumerate() {
-            match ingest.record(index, bytes)? {
+        for ((index, bytes), decoded) in batch.records.iter().enumerate().zip(decoded) {
+            match ingest.record(index, bytes, decoded)? {
                 Some(seq) if !stopped => ingest.out.durable_through = seq,
                 Some(_) => {}
                 None => stopped = true,
             }
         }
+        ingest.flush()?;
         for c in &batch.checkpoints {
             ingest.checkpoint(peer_leaf, c)?;
         }

@@ -5,7 +5,9 @@
 //! prints the rate in records per second (issue 16's goal: at least 50,000 per second).
 //!
 //! Each iteration ingests the next batch of the same sidecar's chain, so the store grows
-//! through the run as it does in service. Run: `cargo bench -p sigil-perf --bench audit_ingest`.
+//! through the run as it does in service. The same again into PostgreSQL (Debian's server,
+//! started here on loopback, TLS, as several replicas share it), where it is installed. Run:
+//! `cargo bench -p sigil-perf --bench audit_ingest`.
 
 use std::time::Duration;
 
@@ -14,7 +16,7 @@ use rustls_pki_types::UnixTime;
 use sigil_api::audit::{Batch, Checkpoint, Kind, Record, SCHEMA};
 use sigil_api::Message;
 use sigil_config::SpiffeId;
-use sigil_control::audit_store::{AuditDb, AuditStore};
+use sigil_control::audit_store::{AuditDb, AuditStore, PostgresSpec};
 use sigil_filters::audit::{link, new_chain_id, sign_checkpoint, Hash, GENESIS};
 use sigil_filters::LocalIdentity;
 use sigil_testkit::Ca;
@@ -75,10 +77,22 @@ impl Chain {
 }
 
 fn ingest(c: &mut Criterion) {
-    let dir = std::env::temp_dir().join(format!("sigil-bench-audit-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let store =
-        AuditStore::open(&AuditDb::Sqlite(dir.join("audit.db"))).expect("open the audit store");
+    let dir = sigil_e2e::TempDir::new("bench-audit");
+    let sqlite = AuditDb::Sqlite(dir.path().join("audit.db"));
+    ingest_into(c, "ingest_batch_of_1000", &sqlite);
+    let pg_dir = sigil_e2e::TempDir::new("bench-audit-pg");
+    if let Some(pg) = sigil_e2e::PgServer::start(pg_dir.path(), "audit ingest bench") {
+        let at = AuditDb::Postgres(PostgresSpec {
+            url: pg.url(),
+            ca: pg.ca_file.clone(),
+            client: Some(pg.client.clone()),
+        });
+        ingest_into(c, "ingest_batch_of_1000_postgresql", &at);
+    }
+}
+
+fn ingest_into(c: &mut Criterion, name: &str, at: &AuditDb) {
+    let store = AuditStore::open(at).expect("open the audit store");
     let svid = Ca::new("example.org").svid(ID);
     let identity = LocalIdentity::from_pem(
         svid.chain_pem().as_bytes(),
@@ -99,7 +113,7 @@ fn ingest(c: &mut Criterion) {
     let mut g = c.benchmark_group("audit");
     g.throughput(Throughput::Elements(BATCH));
     g.sample_size(20).measurement_time(Duration::from_secs(15));
-    g.bench_function("ingest_batch_of_1000", |b| {
+    g.bench_function(name, |b| {
         b.iter_batched(
             || chain.batch(),
             |batch| {
@@ -110,7 +124,6 @@ fn ingest(c: &mut Criterion) {
         )
     });
     g.finish();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn batch_last(b: &Batch) -> u64 {
