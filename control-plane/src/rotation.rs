@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::CertificateDer;
-use sigil_config::TrustDomain;
+use sigil_config::{SpiffeId, TrustDomain};
 use sigil_filters::TrustBundles;
 use tokio::sync::watch;
 use tracing::{error, info};
@@ -81,6 +81,8 @@ pub struct Rotation {
     pub verify_with: watch::Sender<Arc<TrustBundles>>,
     /// The latest expiry the active CA signed (the issuer's `issued_until`).
     pub issued_until: Arc<AtomicI64>,
+    /// The control plane's own SPIFFE ID: who changed the bundle, in its audit records.
+    pub own_id: SpiffeId,
 }
 
 /// The certificates of the CA's trust domain bundle: the CA set, then those of the bundle
@@ -272,7 +274,7 @@ async fn write_bundle(
 ) -> Result<u64, RotationError> {
     let yaml = bundle_yaml(td, certs);
     let name = resource_name(td);
-    let (_, version) = r
+    let (changes, version) = r
         .store
         .apply(&[("TrustBundle", &name, &yaml)], false)
         .await
@@ -280,6 +282,15 @@ async fn write_bundle(
             name: name.clone(),
             source,
         })?;
+    // A bundle change is the control plane's own doing: a record of its chain, as an
+    // operator's would be.
+    let what = changes.first().map_or("unchanged", |c| c.label());
+    if what != "unchanged" {
+        if let Some(own) = r.hub.own_audit.get() {
+            let subject = format!("TrustBundle/{name}");
+            own.record(crate::own_audit::change(&r.own_id, what, &subject, version));
+        }
+    }
     let version = version.max(0) as u64;
     // Pushed at once; the watch of another replica (etcd) pushes it there.
     let _ = r.hub.publish(&r.store).await;

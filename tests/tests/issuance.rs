@@ -1048,6 +1048,23 @@ fn a_ca_rotation_under_steady_traffic_fails_no_request() {
             .ok_or_else(|| format!("the old CA is still in the bundle after 90 s:\n{}", logs()))
     });
     assert!(!setup.ca_dir.join("retired.crt").exists());
+    // Each change to the bundle is a record of the control plane's own audit chain, with
+    // the control plane as the actor: the next CA in, the old one out.
+    poll(Duration::from_secs(10), Duration::from_millis(300), || {
+        let (code, out, err) = cp.sigil(
+            &setup.ops,
+            &["audit", "query", "--kind", "change", "--json"],
+        );
+        assert_eq!(code, Some(0), "{err}");
+        let bundle_changes = out
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r["actor"] == CONTROL && r["subject"] == "TrustBundle/ca-example.org")
+            .count();
+        (bundle_changes >= 2)
+            .then_some(())
+            .ok_or_else(|| format!("{bundle_changes} bundle changes recorded:\n{out}"))
+    });
     // Calls go on after the last bundle change.
     let after = std::time::Instant::now();
     std::thread::sleep(Duration::from_secs(3));

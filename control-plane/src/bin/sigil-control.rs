@@ -398,6 +398,7 @@ async fn run(config: Config) -> Result<(), StartError> {
             file_bundles: id.bundles.clone(),
             verify_with: verify_tx,
             issued_until: issued_until.clone(),
+            own_id: id.local.id().clone(),
         }));
         Arc::new(Issuer {
             cas: cas_rx,
