@@ -9,6 +9,9 @@
 //!   makes in `--burst-secs`, bounded by both): the peak RSS of each side and what the
 //!   control plane stored.
 //!
+//! `--control-nice N` runs the control plane at that nice value: in service it has machines
+//! of its own, here it shares the pair's two cores.
+//!
 //! Prints each run and the medians, and the ratio on/off. Build first:
 //! `cargo build --release -p sigil-proxy -p sigil-control -p sigil-e2e -p sigil-perf`.
 //! Traffic stays on 127.0.0.1; every process started is ended by its PID.
@@ -33,6 +36,9 @@ struct Opts {
     secs: u64,
     burst: u64,
     burst_secs: u64,
+    /// The control plane's nice value: in service it runs on machines of its own; niced
+    /// here, it takes what the pair leaves of these cores instead of competing for them.
+    control_nice: u64,
 }
 
 fn opts() -> Result<Opts, String> {
@@ -41,6 +47,7 @@ fn opts() -> Result<Opts, String> {
         secs: 5,
         burst: 100_000,
         burst_secs: 60,
+        control_nice: 0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -55,9 +62,10 @@ fn opts() -> Result<Opts, String> {
             "--secs" => o.secs = n.clamp(1, 60),
             "--burst" => o.burst = n.clamp(1_000, 1_000_000),
             "--burst-secs" => o.burst_secs = n.clamp(5, 300),
+            "--control-nice" => o.control_nice = n.clamp(0, 19),
             _ => {
                 return Err(format!(
-                    "unknown {flag}; usage: sigil-audit-ab [--runs N] [--secs S] [--burst N] [--burst-secs S]"
+                    "unknown {flag}; usage: sigil-audit-ab [--runs N] [--secs S] [--burst N] [--burst-secs S] [--control-nice 0-19]"
                 ))
             }
         }
@@ -293,6 +301,26 @@ fn measure(o: &Opts, audit: bool) -> Result<Figures, String> {
     let d = dir.path();
     let ca = Ca::new("example.org");
     let cp = ControlPlane::start_in(d, &ca, CONTROL);
+    if o.control_nice > 0 {
+        // Each thread has its nice value (those it starts later inherit it).
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", cp.proc.pid()))
+            .map_err(|e| format!("the control plane's threads: {e}"))?;
+        let tids: Vec<String> = tasks
+            .flatten()
+            .map(|t| t.file_name().to_string_lossy().into_owned())
+            .collect();
+        let niced = Command::new("renice")
+            .args(["-n", &o.control_nice.to_string(), "-p"])
+            .args(&tids)
+            .output()
+            .map_err(|e| format!("renice: {e}"))?;
+        if !niced.status.success() {
+            return Err(format!(
+                "renice: {}",
+                String::from_utf8_lossy(&niced.stderr)
+            ));
+        }
+    }
     let ops = write_identity(d, "ops", &ca, OPS, &[&ca]);
     write_identity(d, "a", &ca, A, &[&ca]);
     write_identity(d, "b", &ca, B, &[&ca]);
