@@ -55,11 +55,12 @@ pub async fn handle(
     };
     drop(handshake);
     load.multiplexed(peer.carries == Some(Carries::Http2));
-    let index = p.policy();
+    let (index, policy_version) = p.policy_and_version();
     let per_request = per_request(peer.carries, index.is_http(port));
+    let decided = (&*index, policy_version);
     let (rule, would_deny) = if per_request {
         (None, None)
-    } else if let Some((rule, would_deny)) = allowed(&p, &index, client, port, &local, &peer) {
+    } else if let Some((rule, would_deny)) = allowed(&p, decided, client, port, &local, &peer) {
         (Some(rule), would_deny)
     } else {
         // close_notify, so the peer sidecar sees a clean end rather than a truncation.
@@ -103,6 +104,7 @@ pub async fn handle(
         },
         rule,
         would_deny,
+        policy_version: Some(policy_version),
     };
     let reason = match http {
         Some(speaks) => inbound_http::serve(p, stream, speaks, a).await,
@@ -174,7 +176,7 @@ async fn accept(
 /// (counted here), or None if refused (logged and counted here).
 fn allowed(
     p: &Proxy,
-    index: &PolicyIndex,
+    (index, policy_version): (&PolicyIndex, u64),
     client: SocketAddr,
     port: u16,
     local: &Arc<str>,
@@ -196,7 +198,10 @@ fn allowed(
     if !verdict.allowed {
         limited!(info, %client, peer = %peer.id, port, rule = %verdict.rule, reason = "not_allowed", "inbound refused");
         let label = peer.label.clone();
-        p.ledger.refused(DIR, local, label, Refusal::NotAllowed);
+        let rule = index.label(&verdict.rule);
+        let by = Some((&*rule, policy_version));
+        p.ledger
+            .refused_by(DIR, local, label, Refusal::NotAllowed, by);
         return None;
     }
     debug!(%client, peer = %peer.id, port, rule = %verdict.rule, "inbound allowed");

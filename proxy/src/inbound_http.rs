@@ -180,6 +180,7 @@ impl Conn {
         route: &Arc<str>,
         outcome: Outcome,
         why: Option<&dyn std::fmt::Display>,
+        policy_version: Option<u64>,
     ) {
         let Some(audit) = &self.p.ledger.audit else {
             return;
@@ -220,7 +221,8 @@ impl Conn {
             policy: policy.into(),
             rule: rule.into(),
             mode: mode.into(),
-            policy_version: versions.policies.load(Ordering::Relaxed),
+            policy_version: policy_version
+                .unwrap_or_else(|| versions.policies.load(Ordering::Relaxed)),
             bundle_version: versions.bundles.load(Ordering::Relaxed),
             route: route.to_string(),
             method: method.to_string(),
@@ -261,10 +263,11 @@ async fn handle(c: &Conn, mut req: Request<Incoming>) -> Response<ResponseBody> 
                 &invalid,
                 Outcome::Denied,
                 Some(&why),
+                None,
             );
             (Arc::from("invalid_request"), "invalid", r)
         }
-        Ok((route, Verdict::Deny(why))) => {
+        Ok((route, Verdict::Deny(why), version)) => {
             limited!(info, peer = %c.peer, port = c.port, method = %req.method(), path = %req.uri().path(), rule = %why, "request denied");
             let r = local_response(StatusCode::FORBIDDEN, grpc, &format!("denied by {why}"));
             c.audit(
@@ -273,19 +276,21 @@ async fn handle(c: &Conn, mut req: Request<Incoming>) -> Response<ResponseBody> 
                 &route,
                 Outcome::Denied,
                 None,
+                Some(version),
             );
             (route, "deny", r)
         }
-        Ok((route, Verdict::Allow { target })) => {
+        Ok((route, Verdict::Allow { target }, version)) => {
             c.audit(
                 req.method(),
                 req.uri().path(),
                 &route,
                 Outcome::Allowed,
                 None,
+                Some(version),
             );
             debug!(peer = %c.peer, port = c.port, method = %req.method(), path = %req.uri().path(), "request allowed");
-            let r = match forward(c, req, (&route, target), grpc).await {
+            let r = match forward(c, req, (&route, version, target), grpc).await {
                 Ok(r) => r,
                 Err(Unanswered::TimedOut(after)) => {
                     limited!(warn, peer = %c.peer, port = c.port, "workload did not answer within {after:?} (timeouts.request)");
@@ -317,8 +322,12 @@ enum Verdict {
     Deny(String),
 }
 
-/// Ok((route label, verdict)). Err: the request is malformed (400).
-fn authorize(c: &Conn, req: &Request<Incoming>) -> Result<(Arc<str>, Verdict), TargetError> {
+/// What decided a request: the route's label, the verdict, and the snapshot version of the
+/// policies that made it.
+type Decided = (Arc<str>, Verdict, u64);
+
+/// Ok((route label, verdict, policy version)). Err: the request is malformed (400).
+fn authorize(c: &Conn, req: &Request<Incoming>) -> Result<Decided, TargetError> {
     let host_header = host_header(req.headers())?;
     let pq = req
         .uri()
@@ -327,7 +336,7 @@ fn authorize(c: &Conn, req: &Request<Incoming>) -> Result<(Arc<str>, Verdict), T
         .unwrap_or("");
     let (path, query) = normalize_path(pq)?;
     let host = effective_host(req.uri().authority().map(|a| a.as_str()), host_header, 80)?;
-    let index = c.p.policy();
+    let (index, version) = c.p.policy_and_version();
     let headers = req.headers();
     // HTTP reaches ports no policy declares `http` too (sniffed, or pooled from a peer
     // sidecar): there the port's connection-level rule applies to each request.
@@ -348,7 +357,15 @@ fn authorize(c: &Conn, req: &Request<Incoming>) -> Result<(Arc<str>, Verdict), T
         limited!(info, peer = %c.peer, port = c.port, path = %path, rule = %w, "dry-run: would deny");
         let rule = index.label(&w);
         if !c.decided {
-            c.audit(req.method(), &path, &rule, Outcome::WouldDeny, None);
+            let decided = Some(version);
+            c.audit(
+                req.method(),
+                &path,
+                &rule,
+                Outcome::WouldDeny,
+                None,
+                decided,
+            );
         }
         c.p.ledger
             .metrics
@@ -361,7 +378,7 @@ fn authorize(c: &Conn, req: &Request<Incoming>) -> Result<(Arc<str>, Verdict), T
     }
     let route = index.label(&d.rule);
     if !d.allowed {
-        return Ok((route, Verdict::Deny(d.rule.to_string())));
+        return Ok((route, Verdict::Deny(d.rule.to_string()), version));
     }
     // Borrowed: every byte of the path was already in its normal form.
     let target = match (path, query) {
@@ -369,7 +386,7 @@ fn authorize(c: &Conn, req: &Request<Incoming>) -> Result<(Arc<str>, Verdict), T
         (path, Some(q)) => Some(format!("{path}?{q}")),
         (path, None) => Some(path.into_owned()),
     };
-    Ok((route, Verdict::Allow { target }))
+    Ok((route, Verdict::Allow { target }, version))
 }
 
 /// Sends the request to 127.0.0.1:<port> with the normalized target (`target`, when
@@ -377,7 +394,7 @@ fn authorize(c: &Conn, req: &Request<Incoming>) -> Result<(Arc<str>, Verdict), T
 async fn forward(
     c: &Conn,
     mut req: Request<Incoming>,
-    (route, target): (&Arc<str>, Option<String>),
+    (route, policy_version, target): (&Arc<str>, u64, Option<String>),
     grpc: bool,
 ) -> Result<Response<ResponseBody>, Unanswered> {
     let limit = c.p.cfg.spec.timeouts.request;
@@ -483,6 +500,7 @@ async fn forward(
                 chain: &chain,
                 port,
                 route: &route,
+                policy_version,
             };
             p.ledger.tunnel_opened(&t, &guard, on_conn);
             let counters = Counters {

@@ -52,6 +52,9 @@ pub struct Admitted {
     pub rule: Option<Arc<str>>,
     /// The dry-run rule that would have refused it, where one would have.
     pub would_deny: Option<Arc<str>>,
+    /// The snapshot version of the policies that decided (inbound); None: no policy decided,
+    /// the version in force is recorded.
+    pub policy_version: Option<u64>,
 }
 
 /// The HTTP requests one connection counted by route and method instead of recording each,
@@ -126,6 +129,19 @@ impl Ledger {
     }
 
     pub fn refused(&self, direction: Direction, local: &Arc<str>, peer_id: Arc<str>, why: Refusal) {
+        self.refused_by(direction, local, peer_id, why, None);
+    }
+
+    /// `refused`, by the rule `rule` (its label) of the policies of snapshot version
+    /// `policy_version`, which the record names.
+    pub fn refused_by(
+        &self,
+        direction: Direction,
+        local: &Arc<str>,
+        peer_id: Arc<str>,
+        why: Refusal,
+        rule: Option<(&str, u64)>,
+    ) {
         // Refusals of peers that proved no identity (failed handshakes, limits) are counted,
         // not recorded one by one: a flood must not be able to fill the spool.
         if let Some(audit) = self
@@ -140,7 +156,11 @@ impl Ledger {
                 peer_id: peer_id.to_string(),
                 decision: "deny".into(),
                 detail: why.label().into(),
-                policy_version: self.versions.policies.load(Ordering::Relaxed),
+                policy: policy_of(rule.map(|r| r.0)).0.into(),
+                rule: policy_of(rule.map(|r| r.0)).1.into(),
+                mode: if rule.is_some() { "enforce" } else { "" }.into(),
+                policy_version: rule
+                    .map_or_else(|| self.versions.policies.load(Ordering::Relaxed), |r| r.1),
                 bundle_version: self.versions.bundles.load(Ordering::Relaxed),
                 ..Record::default()
             });
@@ -186,7 +206,9 @@ impl Ledger {
             policy: policy.into(),
             rule: rule.into(),
             mode: if a.rule.is_some() { "enforce" } else { "" }.into(),
-            policy_version: self.versions.policies.load(Ordering::Relaxed),
+            policy_version: a
+                .policy_version
+                .unwrap_or_else(|| self.versions.policies.load(Ordering::Relaxed)),
             bundle_version: self.versions.bundles.load(Ordering::Relaxed),
             port: a.port.into(),
             ..Record::default()
@@ -329,7 +351,7 @@ impl Ledger {
             policy: policy.into(),
             rule: rule.into(),
             mode: "enforce".into(),
-            policy_version: self.versions.policies.load(Ordering::Relaxed),
+            policy_version: t.policy_version,
             bundle_version: self.versions.bundles.load(Ordering::Relaxed),
             port: t.port.into(),
             conn: guard.id(),
@@ -358,8 +380,9 @@ pub struct Tunnel<'a> {
     pub peer: &'a SpiffeId,
     pub chain: &'a [CertificateDer<'static>],
     pub port: u16,
-    /// The route that allowed the upgrade request.
+    /// The route that allowed the upgrade request, and the snapshot version of its policies.
     pub route: &'a str,
+    pub policy_version: u64,
 }
 
 pub fn policy_of(label: Option<&str>) -> (&str, &str) {

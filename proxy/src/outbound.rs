@@ -69,6 +69,7 @@ pub async fn handle(
         protocol: "tcp",
         rule: None,
         would_deny: None,
+        policy_version: None,
     };
     let idle = p.cfg.spec.timeouts.idle;
     let reason = p.ledger.carry(a, stream, workload, idle).await;

@@ -209,6 +209,7 @@ async fn via_own_connection(
         protocol: "tunnel",
         rule: None,
         would_deny: None,
+        policy_version: None,
     };
     let (labels, counters, mut guard) = c.p.ledger.admit(a);
     let io = TokioIo::new(Counted::new(stream, counters));

@@ -465,6 +465,7 @@ impl Pool {
             protocol: "http2",
             rule: None,
             would_deny: None,
+            policy_version: None,
         };
         let (labels, counters, guard) = self.ledger.admit(a);
         let io = Counted::new(stream, counters);

@@ -26,7 +26,9 @@ use crate::workload::Workload;
 pub struct Proxy {
     pub cfg: ProxyConfig,
     pub tls: Arc<Current>,
-    policy: RwLock<Arc<PolicyIndex>>,
+    /// The policies in force and the control-plane snapshot version they came with (0:
+    /// files only), swapped together so that a record names the version that decided.
+    policy: RwLock<(Arc<PolicyIndex>, u64)>,
     registry: RwLock<Arc<Registry>>,
     /// Policies and revocations from files and from the control plane; the policy index,
     /// registry and revocation set are rebuilt from these whenever one changes.
@@ -123,7 +125,7 @@ impl Proxy {
             timeouts.pool_idle,
         );
         let p = Self {
-            policy: RwLock::new(Arc::new(PolicyIndex::compile([], &local))),
+            policy: RwLock::new((Arc::new(PolicyIndex::compile([], &local)), 0)),
             registry: RwLock::default(),
             sources: Mutex::new(sources),
             installing: Mutex::new(()),
@@ -146,13 +148,14 @@ impl Proxy {
     pub fn refresh_policy(&self) {
         let _installing = self.installing.lock().expect("install lock");
         let local = self.tls.get().identity.id().clone();
-        let index = {
+        let (index, version) = {
             let mut sources = self.sources.lock().expect("sources lock");
             let Sources {
                 file_policies,
                 pushed,
                 ..
             } = &mut *sources;
+            let version = pushed.as_ref().map_or(0, |s| s.version);
             let files = match file_policies.targeting(&local) {
                 Ok(files) => files,
                 Err(e) => {
@@ -160,18 +163,19 @@ impl Proxy {
                     return;
                 }
             };
-            if self.cfg.spec.control_plane.is_some() && pushed.is_none() {
+            let index = if self.cfg.spec.control_plane.is_some() && pushed.is_none() {
                 PolicyIndex::awaiting_snapshot()
             } else {
                 let pushed = pushed.iter().flat_map(|p| p.policies.iter());
                 crate::resources::compile_policies(&self.cfg, files.iter().chain(pushed), &local)
-            }
+            };
+            (index, version)
         };
         self.ledger
             .versions
             .policies
-            .store(self.pushed_version(), Ordering::Relaxed);
-        self.set_policy(index);
+            .store(version, Ordering::Relaxed);
+        self.set_policy(index, version);
     }
 
     /// Rebuilds the registry: the config's own entries first (a local override wins), then
@@ -261,11 +265,17 @@ impl Proxy {
     }
 
     pub fn policy(&self) -> Arc<PolicyIndex> {
-        self.policy.read().expect("policy lock").clone()
+        self.policy.read().expect("policy lock").0.clone()
     }
 
-    pub fn set_policy(&self, index: PolicyIndex) {
-        *self.policy.write().expect("policy lock") = Arc::new(index);
+    /// The policies in force and the snapshot version they came with, read together.
+    pub fn policy_and_version(&self) -> (Arc<PolicyIndex>, u64) {
+        let held = self.policy.read().expect("policy lock");
+        (held.0.clone(), held.1)
+    }
+
+    pub fn set_policy(&self, index: PolicyIndex, version: u64) {
+        *self.policy.write().expect("policy lock") = (Arc::new(index), version);
     }
 
     /// The SPIFFE ID expected at a mesh destination; exact address first, then host.

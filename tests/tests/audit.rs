@@ -753,14 +753,18 @@ fn denied_requests_are_recorded_one_by_one_and_allowed_ones_counted_by_route() {
     );
     let (_web, web_port) = start_workload("b-web", false);
     let (_echo, echo_port) = start_workload("b-echo", true);
-    // A dry-run rule would deny A's GET /orders/4 and its TCP connections to the echo port.
+    let (_closed, closed_port) = start_workload("b-closed", true);
+    // A dry-run rule would deny A's GET /orders/4 and its TCP connections to the echo port;
+    // a rule denies A the closed port.
     let ports = format!(
         "    - port: {web_port}\n      protocol: http\n      routes:\n\
          \x20       - {{name: orders, match: {{methods: [GET], path: {{prefix: /orders}}}}, allow: [{A}]}}\n\
          \x20       - {{name: watch, match: {{path: {{prefix: /orders/4}}}}, deny: [{A}], mode: dry-run}}\n\
          \x20   - port: {echo_port}\n      protocol: tcp\n      rules:\n\
          \x20       - {{name: stream, allow: [{A}]}}\n\
-         \x20       - {{name: watch-stream, deny: [{A}], mode: dry-run}}\n"
+         \x20       - {{name: watch-stream, deny: [{A}], mode: dry-run}}\n\
+         \x20   - port: {closed_port}\n      protocol: tcp\n      rules:\n\
+         \x20       - {{name: block, deny: [{A}]}}\n"
     );
     cp.apply(
         &ops,
@@ -769,12 +773,21 @@ fn denied_requests_are_recorded_one_by_one_and_allowed_ones_counted_by_route() {
     );
     let (b_in, a_out) = (free_port(), free_port());
     let (b_echo_in, a_echo_out) = (free_port(), free_port());
+    let (b_closed_in, a_closed_out) = (free_port(), free_port());
     let mut b = Sidecar::new("sidecar-b", B);
-    b.inbound = vec![(b_in, web_port), (b_echo_in, echo_port)];
+    b.inbound = vec![
+        (b_in, web_port),
+        (b_echo_in, echo_port),
+        (b_closed_in, closed_port),
+    ];
     b.control_plane = Some((cp.sidecar_port, CONTROL.into(), d.join("state-b")));
     b.audit = Some((d.join("spool-b"), "fail-open", 0));
     let mut a = Sidecar::new("sidecar-a", A);
-    a.outbound = vec![(a_out, b_in, B.into()), (a_echo_out, b_echo_in, B.into())];
+    a.outbound = vec![
+        (a_out, b_in, B.into()),
+        (a_echo_out, b_echo_in, B.into()),
+        (a_closed_out, b_closed_in, B.into()),
+    ];
     // The pooled connection to B closes soon after the last request: its close record comes.
     // One worker: one pooled connection carries every request.
     a.pool_idle = "1s";
@@ -800,6 +813,10 @@ fn denied_requests_are_recorded_one_by_one_and_allowed_ones_counted_by_route() {
         assert_eq!(got, Some(403));
     }
     assert!(echo_call(a_echo_out).is_some(), "A's TCP call to B's echo");
+    assert!(
+        echo_call(a_closed_out).is_none(),
+        "A's TCP call to the closed port"
+    );
     let query = |kind: &str| -> Vec<serde_json::Value> {
         let args = [
             "audit",
@@ -892,6 +909,29 @@ fn denied_requests_are_recorded_one_by_one_and_allowed_ones_counted_by_route() {
         ),
     );
     assert_eq!(tcp[0]["conn"], opens[0]["conn"]);
+    // The refusal names the rule that refused, its policy and the version that decided.
+    let refused = query("connection_refused");
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    let r = &refused[0];
+    assert_eq!(
+        (
+            &r["peer_id"],
+            &r["policy"],
+            &r["rule"],
+            &r["mode"],
+            &r["detail"]
+        ),
+        (
+            &A.into(),
+            &"b-web".into(),
+            &"block".into(),
+            &"enforce".into(),
+            &"not_allowed".into()
+        ),
+        "{r}"
+    );
+    assert_eq!(r["policy_version"], opens[0]["policy_version"], "{r}");
+    assert!(r["policy_version"].as_u64().unwrap() > 0, "{r}");
     // The policy applied is a record of the control plane's, with the operator who did it.
     let (code, out, err) = cp.sigil(&ops, &["audit", "query", "--kind", "change", "--json"]);
     assert_eq!(code, Some(0), "{err}");
