@@ -86,7 +86,7 @@ impl Dialer {
             }
         };
         debug!(%dest, peer = %expected, ?carries, "outbound mTLS established");
-        let session = Session::of(stream.get_ref().0, stream.get_ref().1);
+        let session = Session::of(stream.get_ref().0, stream.get_ref().1, tls.bundle_version);
         Some((stream, session))
     }
 }

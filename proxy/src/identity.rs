@@ -30,6 +30,9 @@ pub struct TlsState {
     pub bundles: Arc<TrustBundles>,
     pub revocations: Arc<Revocations>,
     pub server: Arc<ServerConfig>,
+    /// The control-plane snapshot version the bundles came with (0: files only): what a
+    /// handshake verified with this state names in its audit records.
+    pub bundle_version: u64,
     /// Client configs per expected peer ID and kind of traffic, built on first use.
     clients: Mutex<HashMap<SpiffeId, [Option<Arc<ClientConfig>>; 3]>>,
     provider: Arc<CryptoProvider>,
@@ -54,6 +57,7 @@ impl TlsState {
             bundles,
             revocations,
             server,
+            bundle_version: 0,
             clients: Mutex::new(HashMap::new()),
             provider,
         }
@@ -430,35 +434,44 @@ impl Current {
     pub fn set_identity(&self, identity: LocalIdentity) {
         let mut cur = self.0.write().expect("tls state lock");
         let provider = cur.provider.clone();
-        *cur = Arc::new(TlsState::new(
-            identity,
-            cur.bundles.clone(),
-            cur.revocations.clone(),
-            provider,
-        ));
+        *cur = Arc::new(TlsState {
+            bundle_version: cur.bundle_version,
+            ..TlsState::new(
+                identity,
+                cur.bundles.clone(),
+                cur.revocations.clone(),
+                provider,
+            )
+        });
     }
 
-    /// Applies new bundles, keeping the SVID.
-    pub fn set_bundles(&self, bundles: Arc<TrustBundles>) {
+    /// Applies new bundles (of snapshot `version`), keeping the SVID.
+    pub fn set_bundles(&self, bundles: Arc<TrustBundles>, version: u64) {
         let mut cur = self.0.write().expect("tls state lock");
         let provider = cur.provider.clone();
-        *cur = Arc::new(TlsState::new(
-            cur.identity.clone(),
-            bundles,
-            cur.revocations.clone(),
-            provider,
-        ));
+        *cur = Arc::new(TlsState {
+            bundle_version: version,
+            ..TlsState::new(
+                cur.identity.clone(),
+                bundles,
+                cur.revocations.clone(),
+                provider,
+            )
+        });
     }
 
     /// Applies a new set of revocations, keeping SVID and bundles.
     pub fn set_revocations(&self, revocations: Arc<Revocations>) {
         let mut cur = self.0.write().expect("tls state lock");
         let provider = cur.provider.clone();
-        *cur = Arc::new(TlsState::new(
-            cur.identity.clone(),
-            cur.bundles.clone(),
-            revocations,
-            provider,
-        ));
+        *cur = Arc::new(TlsState {
+            bundle_version: cur.bundle_version,
+            ..TlsState::new(
+                cur.identity.clone(),
+                cur.bundles.clone(),
+                revocations,
+                provider,
+            )
+        });
     }
 }

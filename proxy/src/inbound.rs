@@ -20,7 +20,7 @@ use tracing::debug;
 use crate::admission::{Handshake, Slot};
 use crate::conns::{Direction, Kind};
 use crate::inbound_http;
-use crate::ledger::{Admitted, Session};
+use crate::ledger::{Admitted, RefusedBy, Session};
 use crate::logs::limited;
 use crate::metrics::{RuleLabels, UNAUTHENTICATED_PEER};
 use crate::proxy::{now_unix, Proxy};
@@ -135,6 +135,7 @@ async fn accept(
         return None;
     }
     let acceptor = TlsAcceptor::from(tls.server.clone());
+    let bundle_version = tls.bundle_version;
     drop(tls);
     let timeout = p.cfg.spec.timeouts.handshake;
     let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
@@ -152,7 +153,7 @@ async fn accept(
         Ok(Ok(s)) => s,
     };
     // The verifier accepted the chain; take the identity from the same leaf, once.
-    let session = Session::of(stream.get_ref().0, stream.get_ref().1);
+    let session = Session::of(stream.get_ref().0, stream.get_ref().1, bundle_version);
     let Some(id) = session
         .chain
         .first()
@@ -199,7 +200,11 @@ fn allowed(
         limited!(info, %client, peer = %peer.id, port, rule = %verdict.rule, reason = "not_allowed", "inbound refused");
         let label = peer.label.clone();
         let rule = index.label(&verdict.rule);
-        let by = Some((&*rule, policy_version));
+        let by = Some(RefusedBy {
+            rule: &rule,
+            policy_version,
+            bundle_version: peer.session.bundle_version,
+        });
         p.ledger
             .refused_by(DIR, local, label, Refusal::NotAllowed, by);
         return None;

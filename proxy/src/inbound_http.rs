@@ -62,6 +62,8 @@ struct Conn {
     local: Arc<str>,
     port: u16,
     metrics: RequestMetrics,
+    /// The snapshot version of the bundles the peer was verified with.
+    bundle_version: u64,
     /// Whether a connection-level rule admitted the connection (its requests are then
     /// checked against the same rule, whose dry-run verdict its open already recorded).
     decided: bool,
@@ -89,6 +91,7 @@ where
         a.peer_label.clone(),
     );
     let decided = a.rule.is_some();
+    let bundle_version = a.session.bundle_version;
     let (labels, counters, mut guard) = p.ledger.admit(a);
     let conn = Arc::new(Conn {
         p: p.clone(),
@@ -100,6 +103,7 @@ where
         local,
         port,
         metrics,
+        bundle_version,
         decided,
     });
     let audited = conn.clone();
@@ -223,7 +227,7 @@ impl Conn {
             mode: mode.into(),
             policy_version: policy_version
                 .unwrap_or_else(|| versions.policies.load(Ordering::Relaxed)),
-            bundle_version: versions.bundles.load(Ordering::Relaxed),
+            bundle_version: self.bundle_version,
             route: route.to_string(),
             method: method.to_string(),
             detail: match why {
@@ -491,7 +495,7 @@ async fn forward(
             c.port,
             route.clone(),
         );
-        let on_conn = c.id;
+        let (on_conn, bundle_version) = (c.id, c.bundle_version);
         tokio::spawn(async move {
             let _held = (load, room);
             let t = Tunnel {
@@ -501,6 +505,7 @@ async fn forward(
                 port,
                 route: &route,
                 policy_version,
+                bundle_version,
             };
             p.ledger.tunnel_opened(&t, &guard, on_conn);
             let counters = Counters {

@@ -21,13 +21,13 @@ impl Proxy {
     /// handshakes, and closes every live connection whose peer no longer verifies.
     pub fn install_bundles(&self) {
         let _installing = self.installing.lock().expect("install lock");
-        let bundles = self.bundles();
+        let (bundles, version) = self.bundles_and_version();
         info!(trust_domains = ?bundles.domains(), "trust bundles in force");
         self.ledger
             .versions
             .bundles
-            .store(self.pushed_version(), std::sync::atomic::Ordering::Relaxed);
-        self.tls.set_bundles(bundles.clone());
+            .store(version, std::sync::atomic::Ordering::Relaxed);
+        self.tls.set_bundles(bundles.clone(), version);
         self.sources_changed.send_modify(|n| *n += 1);
         let provider = tls::provider();
         let algs = &provider.signature_verification_algorithms;

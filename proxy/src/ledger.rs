@@ -77,11 +77,14 @@ pub struct Session {
     /// As rustls names them: TLSv1_3, TLS13_AES_128_GCM_SHA256.
     pub tls_version: &'static str,
     pub cipher: &'static str,
+    /// The snapshot version of the trust bundles the peer was verified with.
+    pub bundle_version: u64,
 }
 
 impl Session {
-    pub fn of(tcp: &tokio::net::TcpStream, tls: &rustls::CommonState) -> Self {
+    pub fn of(tcp: &tokio::net::TcpStream, tls: &rustls::CommonState, bundle_version: u64) -> Self {
         Self {
+            bundle_version,
             chain: tls
                 .peer_certificates()
                 .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
@@ -132,15 +135,14 @@ impl Ledger {
         self.refused_by(direction, local, peer_id, why, None);
     }
 
-    /// `refused`, by the rule `rule` (its label) of the policies of snapshot version
-    /// `policy_version`, which the record names.
+    /// `refused`, by a rule whose record names it and the versions that decided.
     pub fn refused_by(
         &self,
         direction: Direction,
         local: &Arc<str>,
         peer_id: Arc<str>,
         why: Refusal,
-        rule: Option<(&str, u64)>,
+        by: Option<RefusedBy<'_>>,
     ) {
         // Refusals of peers that proved no identity (failed handshakes, limits) are counted,
         // not recorded one by one: a flood must not be able to fill the spool.
@@ -156,12 +158,17 @@ impl Ledger {
                 peer_id: peer_id.to_string(),
                 decision: "deny".into(),
                 detail: why.label().into(),
-                policy: policy_of(rule.map(|r| r.0)).0.into(),
-                rule: policy_of(rule.map(|r| r.0)).1.into(),
-                mode: if rule.is_some() { "enforce" } else { "" }.into(),
-                policy_version: rule
-                    .map_or_else(|| self.versions.policies.load(Ordering::Relaxed), |r| r.1),
-                bundle_version: self.versions.bundles.load(Ordering::Relaxed),
+                policy: policy_of(by.as_ref().map(|b| b.rule)).0.into(),
+                rule: policy_of(by.as_ref().map(|b| b.rule)).1.into(),
+                mode: if by.is_some() { "enforce" } else { "" }.into(),
+                policy_version: by.as_ref().map_or_else(
+                    || self.versions.policies.load(Ordering::Relaxed),
+                    |b| b.policy_version,
+                ),
+                bundle_version: by.as_ref().map_or_else(
+                    || self.versions.bundles.load(Ordering::Relaxed),
+                    |b| b.bundle_version,
+                ),
                 ..Record::default()
             });
         }
@@ -209,7 +216,7 @@ impl Ledger {
             policy_version: a
                 .policy_version
                 .unwrap_or_else(|| self.versions.policies.load(Ordering::Relaxed)),
-            bundle_version: self.versions.bundles.load(Ordering::Relaxed),
+            bundle_version: a.session.bundle_version,
             port: a.port.into(),
             ..Record::default()
         });
@@ -352,7 +359,7 @@ impl Ledger {
             rule: rule.into(),
             mode: "enforce".into(),
             policy_version: t.policy_version,
-            bundle_version: self.versions.bundles.load(Ordering::Relaxed),
+            bundle_version: t.bundle_version,
             port: t.port.into(),
             conn: guard.id(),
             detail: format!("upgraded on connection {on_conn}"),
@@ -374,6 +381,14 @@ impl Ledger {
     }
 }
 
+/// The rule that refused a connection (its label), and the snapshot versions of the
+/// policies that decided and of the bundles the peer was verified with.
+pub struct RefusedBy<'a> {
+    pub rule: &'a str,
+    pub policy_version: u64,
+    pub bundle_version: u64,
+}
+
 /// An inbound tunnel, for its audit records.
 pub struct Tunnel<'a> {
     pub local: &'a str,
@@ -383,6 +398,8 @@ pub struct Tunnel<'a> {
     /// The route that allowed the upgrade request, and the snapshot version of its policies.
     pub route: &'a str,
     pub policy_version: u64,
+    /// The snapshot version of the bundles its connection's peer was verified with.
+    pub bundle_version: u64,
 }
 
 pub fn policy_of(label: Option<&str>) -> (&str, &str) {

@@ -241,15 +241,23 @@ impl Proxy {
     /// The trust bundles in force: the bundle directory's, each domain the control plane
     /// pushed a TrustBundle for replaced by it.
     pub fn bundles(&self) -> Arc<sigil_filters::TrustBundles> {
+        self.bundles_and_version().0
+    }
+
+    /// The bundles in force and the snapshot version they came with (0: files only), read
+    /// together.
+    pub fn bundles_and_version(&self) -> (Arc<sigil_filters::TrustBundles>, u64) {
         let sources = self.sources.lock().expect("sources lock");
         let local = match &sources.api_bundles {
             Some(api) => Arc::new(sources.file_bundles.overlay(api)),
             None => sources.file_bundles.clone(),
         };
-        match sources.pushed.as_ref().and_then(|p| p.bundles.as_ref()) {
+        let version = sources.pushed.as_ref().map_or(0, |s| s.version);
+        let bundles = match sources.pushed.as_ref().and_then(|p| p.bundles.as_ref()) {
             Some(pushed) => Arc::new(local.overlay(pushed)),
             None => local,
-        }
+        };
+        (bundles, version)
     }
 
     /// Every revocation in force, from files and from the control plane.

@@ -930,8 +930,12 @@ fn denied_requests_are_recorded_one_by_one_and_allowed_ones_counted_by_route() {
         ),
         "{r}"
     );
-    assert_eq!(r["policy_version"], opens[0]["policy_version"], "{r}");
+    for version in ["policy_version", "bundle_version"] {
+        assert_eq!(r[version], opens[0][version], "{r}");
+    }
+    // The policies came with a snapshot; the bundles are B's files alone.
     assert!(r["policy_version"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["bundle_version"], 0, "{r}");
     // The policy applied is a record of the control plane's, with the operator who did it.
     let (code, out, err) = cp.sigil(&ops, &["audit", "query", "--kind", "change", "--json"]);
     assert_eq!(code, Some(0), "{err}");
