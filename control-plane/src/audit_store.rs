@@ -459,12 +459,26 @@ fn insert_sql_of(n: usize) -> String {
 
 impl<'a> Ingest<'a, '_> {
     /// The links stored at the sequence numbers `seqs` spans.
-    fn preload(&mut self, seqs: impl Iterator<Item = u64>) -> Result<(), AuditStoreError> {
-        let (mut low, mut high) = (u64::MAX, 0);
-        for seq in seqs {
-            (low, high) = (low.min(seq), high.max(seq));
-        }
+    /// (Only numbers a record may have count: one out of range is refused by `record`.) A
+    /// batch whose numbers lie far apart is looked up number by number instead, so that a
+    /// stray number cannot load the whole chain.
+    fn preload(&mut self, seqs: &[u64]) -> Result<(), AuditStoreError> {
+        let valid = || {
+            seqs.iter()
+                .copied()
+                .filter(|s| (1..=i64::MAX as u64).contains(s))
+        };
+        let (low, high) = valid().fold((u64::MAX, 0), |(l, h), s| (l.min(s), h.max(s)));
         if low > high {
+            return Ok(());
+        }
+        if high - low > 4 * seqs.len() as u64 + 64 {
+            let id = self.sidecar.as_str();
+            for seq in valid() {
+                if let Some(link) = stored_link(self.tx, id, self.chain, seq)? {
+                    self.known.insert(seq, link);
+                }
+            }
             return Ok(());
         }
         let rows = self.tx.rows(
@@ -724,7 +738,8 @@ impl AuditStore {
             .iter()
             .map(|bytes| Record::decode(&bytes[..]))
             .collect();
-        ingest.preload(decoded.iter().flatten().map(|r| r.seq))?;
+        let seqs: Vec<u64> = decoded.iter().flatten().map(|r| r.seq).collect();
+        ingest.preload(&seqs)?;
         // The batch is acknowledged up to its first record that could not be stored.
         let mut stopped = false;
         for ((index, bytes), decoded) in batch.records.iter().enumerate().zip(decoded) {
@@ -1505,6 +1520,56 @@ mod tests {
             }),
             "{damage:?}"
         );
+    }
+
+    /// Batches as a reconnecting sidecar sends them: records sent again before new ones, one
+    /// twice in a batch, 111 rows (statements of 100, 10 and 1), and a record numbered out
+    /// of range among records sent again.
+    #[test]
+    fn a_batch_mixing_records_sent_again_new_ones_and_a_bad_one_stores_each_once() {
+        for place in places("mixed") {
+            let (store, mut web) = (place.open(), Sidecar::new(&Ca::new("example.org")));
+            let id = SpiffeId::parse(WEB).unwrap();
+            let leaf = leaf_of(&web);
+            let got = store.ingest(&id, &leaf, &web.batch(111)).unwrap();
+            assert_eq!(
+                (got.stored, got.durable_through, got.breaks),
+                (111, 111, vec![])
+            );
+            let next = web.batch(39);
+            let mut mixed = web.sent_again(50, 111);
+            mixed.records.push(next.records[0].clone());
+            mixed.records.extend(next.records.iter().cloned());
+            mixed.checkpoints = next.checkpoints.clone();
+            let got = store.ingest(&id, &leaf, &mixed).unwrap();
+            assert_eq!(
+                (got.stored, got.duplicates, got.durable_through, got.breaks),
+                (39, 63, 150, vec![])
+            );
+            let mut with_bad = web.sent_again(140, 150);
+            let bad = Record {
+                seq: u64::MAX,
+                ..Record::default()
+            };
+            with_bad.records.push(bad.encode_to_vec());
+            let got = store.ingest(&id, &leaf, &with_bad).unwrap();
+            assert_eq!(
+                (got.stored, got.duplicates, got.durable_through),
+                (0, 11, 150)
+            );
+            assert!(
+                matches!(&got.breaks[..], [Break::Undecodable { index: 11, .. }]),
+                "{:?}",
+                got.breaks
+            );
+            assert_eq!(store.chains().unwrap()[0].2, 150);
+            assert_eq!(
+                store
+                    .verify_range(&id, CHAIN, 1, u64::MAX, &any_signer)
+                    .unwrap(),
+                []
+            );
+        }
     }
 
     #[test]

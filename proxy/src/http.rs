@@ -178,22 +178,22 @@ pub fn local_response(status: StatusCode, grpc: bool, reason: &str) -> Response<
 }
 
 /// Relays the two halves of an upgraded HTTP/1.1 connection (WebSocket) until either ends,
-/// the registry closes it, or nothing moves for `idle` (`timeouts.idle`), counting its bytes
-/// in `counters` (the metrics count them already, on the connection it came from).
+/// the registry closes it, or nothing moves for `idle` (`timeouts.idle`). (Its bytes are
+/// counted on the connection it came from.)
 pub async fn tunnel(
     down: hyper::upgrade::OnUpgrade,
     up: hyper::upgrade::OnUpgrade,
-    counters: &Counters,
     close_rx: &mut watch::Receiver<Option<CloseReason>>,
     idle: Duration,
 ) -> CloseReason {
     let (Ok(down), Ok(up)) = (down.await, up.await) else {
         return CloseReason::IoError;
     };
+    let uncounted = Counters::default();
     relay(
         TokioIo::new(down),
         TokioIo::new(up),
-        counters,
+        &uncounted,
         close_rx,
         idle,
     )

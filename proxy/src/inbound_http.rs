@@ -26,6 +26,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH, HOST, TRANSFER_ENCODING, UPGRADE};
 use hyper::http::uri::Parts as UriParts;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::TokioIo;
 use rustls::pki_types::CertificateDer;
 use sigil_api::audit::{Kind as AuditKind, Record, RouteCount};
 use sigil_config::proxy_config::AuditRequests;
@@ -39,14 +40,14 @@ use tracing::debug;
 
 use crate::conns::{Direction, Kind};
 use crate::http::{
-    host_header, is_grpc, local_response, serve_until_closed, status_class, tunnel, ResponseBody,
+    host_header, is_grpc, local_response, serve_until_closed, status_class, ResponseBody,
 };
 use crate::ledger::{policy_of, Admitted, RequestTallies, Tunnel};
 use crate::logs::limited;
 use crate::metrics::{RequestMetrics, RuleLabels};
 use crate::proxy::{now_unix, Proxy};
 use crate::reasons::CloseReason;
-use crate::relay::{Counted, Counters};
+use crate::relay::{relay, Counted, Counters};
 use crate::workload::Unanswered;
 
 struct Conn {
@@ -64,9 +65,10 @@ struct Conn {
     metrics: RequestMetrics,
     /// The snapshot version of the bundles the peer was verified with.
     bundle_version: u64,
-    /// Whether a connection-level rule admitted the connection (its requests are then
-    /// checked against the same rule, whose dry-run verdict its open already recorded).
-    decided: bool,
+    /// The dry-run rule and policy version whose verdict the connection's open recorded,
+    /// when a connection-level rule admitted it: its requests, checked against the same
+    /// rule, do not record it again (unless the policies changed since).
+    opened_would_deny: Option<(Arc<str>, u64)>,
 }
 
 /// Serves one admitted connection until it ends or the registry closes it.
@@ -90,7 +92,11 @@ where
         a.local.clone(),
         a.peer_label.clone(),
     );
-    let decided = a.rule.is_some();
+    let opened_would_deny = a
+        .would_deny
+        .clone()
+        .zip(a.policy_version)
+        .filter(|_| a.rule.is_some());
     let bundle_version = a.session.bundle_version;
     let (labels, counters, mut guard) = p.ledger.admit(a);
     let conn = Arc::new(Conn {
@@ -104,7 +110,7 @@ where
         port,
         metrics,
         bundle_version,
-        decided,
+        opened_would_deny,
     });
     let audited = conn.clone();
     let stream = Counted::new(stream, counters);
@@ -360,7 +366,11 @@ fn authorize(c: &Conn, req: &Request<Incoming>) -> Result<Decided, TargetError> 
     if let Some(w) = d.would_deny {
         limited!(info, peer = %c.peer, port = c.port, path = %path, rule = %w, "dry-run: would deny");
         let rule = index.label(&w);
-        if !c.decided {
+        let recorded = c
+            .opened_would_deny
+            .as_ref()
+            .is_some_and(|(r, v)| *r == rule && *v == version);
+        if !recorded {
             let decided = Some(version);
             c.audit(
                 req.method(),
@@ -498,6 +508,10 @@ async fn forward(
         let (on_conn, bundle_version) = (c.id, c.bundle_version);
         tokio::spawn(async move {
             let _held = (load, room);
+            // Recorded once both sides have switched: an upgrade that fails is no tunnel.
+            let (Ok(down), Ok(up)) = (down.await, up.await) else {
+                return;
+            };
             let t = Tunnel {
                 local: &local,
                 peer: &peer,
@@ -512,7 +526,8 @@ async fn forward(
                 conn: guard.bytes.clone(),
                 ..Counters::default()
             };
-            let reason = tunnel(down, up, &counters, &mut guard.close_rx, idle).await;
+            let (down, up) = (TokioIo::new(down), TokioIo::new(up));
+            let reason = relay(down, up, &counters, &mut guard.close_rx, idle).await;
             p.ledger.tunnel_closed(&t, &guard, reason);
         });
     }

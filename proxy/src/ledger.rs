@@ -318,8 +318,6 @@ impl Ledger {
     }
 }
 
-/// A rule label (`Policy/route`, or a reason no route decided, such as `default_deny`) as
-/// (policy, rule).
 /// A close record's own fields: the connection's number, its duration, bytes and reason.
 fn close_record(guard: Option<&ConnGuard>, reason: CloseReason) -> Record {
     Record {
@@ -402,6 +400,8 @@ pub struct Tunnel<'a> {
     pub bundle_version: u64,
 }
 
+/// A rule label (`Policy/route`, or a reason no route decided, such as `default_deny`) as
+/// (policy, rule).
 pub fn policy_of(label: Option<&str>) -> (&str, &str) {
     match label {
         Some(l) => l.split_once('/').unwrap_or(("", l)),

@@ -31,7 +31,7 @@ use crate::metrics::RequestMetrics;
 use crate::pool::{SendError, Slot};
 use crate::proxy::Proxy;
 use crate::reasons::CloseReason;
-use crate::relay::{closed, Counted, Counters};
+use crate::relay::{closed, Counted};
 
 const DIR: Direction = Direction::Outbound;
 
@@ -236,8 +236,7 @@ async fn via_own_connection(
         let reason = match reason {
             Some(reason) => reason,
             None => match upgraded_rx.await {
-                // Counted already, below the TLS (`Counted`): not twice.
-                Ok(up) => tunnel(down, up, &Counters::default(), &mut guard.close_rx, idle).await,
+                Ok(up) => tunnel(down, up, &mut guard.close_rx, idle).await,
                 Err(_) => CloseReason::Done,
             },
         };
