@@ -263,6 +263,21 @@ fn whole_chain(d: &std::path::Path, spool: &str, id: &str, spooled: f64) -> Stri
     )
 }
 
+/// A control plane in `d` with an SVID of a new CA, and the files of the operator ALICE, of
+/// A and of B, from the same CA.
+fn control_and_identities(
+    d: &std::path::Path,
+) -> (ControlPlane, IdentityFiles, IdentityFiles, IdentityFiles) {
+    let ca = Ca::new("example.org");
+    let cp = ControlPlane::start_in(d, &ca, CONTROL);
+    let ops = write_identity(d, "ops", &ca, ALICE, &[&ca]);
+    let (fa, fb) = (
+        write_identity(d, "a", &ca, A, &[&ca]),
+        write_identity(d, "b", &ca, B, &[&ca]),
+    );
+    (cp, ops, fa, fb)
+}
+
 /// A control plane, and A calling an echo workload behind B: A's audit spool with `when_full`
 /// and `max_bytes` (0: the default); B audited too (fail-open) if `b_audited`. A is not
 /// started (a test may kill and restart it).
@@ -284,13 +299,7 @@ impl Mesh {
         (when_full, max_bytes): (&'static str, u64),
         b_audited: bool,
     ) -> Self {
-        let ca = Ca::new("example.org");
-        let cp = ControlPlane::start_in(d, &ca, CONTROL);
-        let ops = write_identity(d, "ops", &ca, ALICE, &[&ca]);
-        let (fa, fb) = (
-            write_identity(d, "a", &ca, A, &[&ca]),
-            write_identity(d, "b", &ca, B, &[&ca]),
-        );
+        let (cp, ops, fa, fb) = control_and_identities(d);
         let (echo, echo_port) = start_workload("b-echo", true);
         let (b_in, a_out) = (free_port(), free_port());
         let mut b = Sidecar::new("sidecar-b", B);
@@ -744,13 +753,7 @@ fn a_full_fail_open_spool_keeps_serving_and_accounts_for_every_record_it_drops()
 fn denied_requests_are_recorded_one_by_one_and_allowed_ones_counted_by_route() {
     let dir = TempDir::new("audit-http");
     let d = dir.path();
-    let ca = Ca::new("example.org");
-    let cp = ControlPlane::start_in(d, &ca, CONTROL);
-    let ops = write_identity(d, "ops", &ca, ALICE, &[&ca]);
-    let (fa, fb) = (
-        write_identity(d, "a", &ca, A, &[&ca]),
-        write_identity(d, "b", &ca, B, &[&ca]),
-    );
+    let (cp, ops, fa, fb) = control_and_identities(d);
     let (_web, web_port) = start_workload("b-web", false);
     let (_echo, echo_port) = start_workload("b-echo", true);
     let (_closed, closed_port) = start_workload("b-closed", true);
@@ -1460,13 +1463,7 @@ fn a_websocket_tunnel_gets_its_own_open_and_close_records_with_its_bytes() {
 
     let dir = TempDir::new("audit-ws");
     let d = dir.path();
-    let ca = Ca::new("example.org");
-    let cp = ControlPlane::start_in(d, &ca, CONTROL);
-    let ops = write_identity(d, "ops", &ca, ALICE, &[&ca]);
-    let (fa, fb) = (
-        write_identity(d, "a", &ca, A, &[&ca]),
-        write_identity(d, "b", &ca, B, &[&ca]),
-    );
+    let (cp, ops, fa, fb) = control_and_identities(d);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
