@@ -31,6 +31,8 @@ pub struct Workers {
     /// The load of each worker: the connections it serves, multiplexed ones counting more
     /// (`Load`).
     live: Arc<[AtomicUsize]>,
+    /// The highest load of each worker since its last tick (`tick`).
+    high: Arc<[AtomicUsize]>,
     next: AtomicUsize,
 }
 
@@ -83,20 +85,21 @@ impl Drop for Load {
 /// not.
 const TICK: std::time::Duration = crate::http::HEADER_READ_TIMEOUT.checked_div(2).unwrap();
 
-async fn tick(live: Arc<[AtomicUsize]>, worker: usize) {
+async fn tick(live: Arc<[AtomicUsize]>, high: Arc<[AtomicUsize]>, worker: usize) {
     let mut ticks = tokio::time::interval(TICK);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut peak = 0;
     loop {
         ticks.tick().await;
         let load = live[worker].load(Ordering::Relaxed);
-        peak = peak.max(load);
+        // The highest load since the last tick, counted as connections came: a flood that
+        // comes and goes between two ticks is seen too (sampled at the ticks, it was not,
+        // and its memory stayed).
+        let peak = high[worker].swap(load, Ordering::Relaxed).max(load);
         // Once the connections a flood brought are gone, give their memory back: mimalloc
         // keeps freed pages for reuse, and 2,000 idle relayed connections left 65 MiB
         // resident after they closed; with this, 5 MiB (tests/tests/abuse.rs).
         if peak >= load + RELEASE_AFTER {
             crate::alloc::release_free_memory();
-            peak = load;
         }
     }
 }
@@ -126,8 +129,9 @@ impl Workers {
     pub fn start(n: usize) -> std::io::Result<Self> {
         let mut handles = Vec::with_capacity(n);
         let all: Arc<[AtomicUsize]> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+        let high: Arc<[AtomicUsize]> = (0..n).map(|_| AtomicUsize::new(0)).collect();
         for i in 0..n {
-            let live = all.clone();
+            let (live, high) = (all.clone(), high.clone());
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -136,11 +140,12 @@ impl Workers {
                 .name(format!("sigil-worker-{i}"))
                 .spawn(move || {
                     WORKER.with(|w| w.set(i));
-                    rt.block_on(tick(live, i));
+                    rt.block_on(tick(live, high, i));
                 })?;
         }
         Ok(Self {
             live: all,
+            high,
             handles,
             next: AtomicUsize::new(0),
         })
@@ -171,7 +176,8 @@ impl Workers {
         };
         let i = self.least_loaded();
         let weight = if multiplexed { MULTIPLEXED } else { 1 };
-        self.live[i].fetch_add(weight, Ordering::Relaxed);
+        let now = self.live[i].fetch_add(weight, Ordering::Relaxed) + weight;
+        self.high[i].fetch_max(now, Ordering::Relaxed);
         let load = Load {
             live: self.live.clone(),
             worker: i,
@@ -194,7 +200,8 @@ impl Workers {
     pub fn hold(&self) -> Option<Load> {
         let worker = current();
         let live = self.live.get(worker)?;
-        live.fetch_add(1, Ordering::Relaxed);
+        let now = live.fetch_add(1, Ordering::Relaxed) + 1;
+        self.high[worker].fetch_max(now, Ordering::Relaxed);
         Some(Load {
             live: self.live.clone(),
             worker,

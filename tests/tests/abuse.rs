@@ -386,11 +386,17 @@ fn memory_returns_near_its_baseline_after_a_flood() {
         peak.0 > baseline.0 + 4 * SLACK_KIB,
         "the flood cost little: {peak:?}"
     );
-    wait_until(
-        "RSS back within 10 MiB of the baseline",
-        Duration::from_secs(20),
-        || resources(pb.pid()).0 <= baseline.0 + SLACK_KIB,
-    );
+    poll(Duration::from_secs(20), Duration::from_millis(200), || {
+        let rss = resources(pb.pid()).0;
+        (rss <= baseline.0 + SLACK_KIB)
+            .then_some(())
+            .ok_or_else(|| {
+                format!(
+                    "RSS {rss} KiB, not back within 10 MiB of the baseline ({} KiB)",
+                    baseline.0
+                )
+            })
+    });
     show("sidecar B after they closed", pb.pid());
     drop(rt);
 }
