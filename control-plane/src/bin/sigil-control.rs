@@ -287,16 +287,7 @@ async fn run(config: Config) -> Result<(), StartError> {
         None => None,
     };
     let store = Arc::new(open_store(config.store).await?);
-    let audit = match config.audit_db.clone() {
-        // PostgreSQL's client blocks: off the runtime's threads.
-        Some(db) => Some(Arc::new(
-            tokio::task::spawn_blocking(move || AuditStore::open(&db))
-                .await
-                .expect("opening the audit store does not panic")
-                .map_err(StartError::Audit)?,
-        )),
-        None => None,
-    };
+    let audit = open_audit(config.audit_db.clone()).await?;
     let version = store.version().await?;
     let server = sigil_filters::tls::server_config(
         &id.local,
@@ -311,17 +302,8 @@ async fn run(config: Config) -> Result<(), StartError> {
         error!("stored resource not sent to any sidecar: {problem}");
     }
     let hub = Arc::new(Hub::new(catalog));
-    if let (Some(store), Some(keep)) = (&audit, config.audit_retention) {
-        store.set_retention();
-        tokio::spawn(retain(store.clone(), keep));
-    }
-    if let Some(store) = &audit {
-        let own = own_audit::start(
-            store.clone(),
-            id.local.clone(),
-            hub.metrics.own_audit_dropped.clone(),
-        );
-        let _ = hub.own_audit.set(Arc::new(own));
+    if let Some(audit) = &audit {
+        start_audit(audit, config.audit_retention, &hub, &id.local, &store);
     }
     info!(
         "{} ready; operator API on {}; sidecar API on {}; store {} at version {version}",
@@ -344,14 +326,6 @@ async fn run(config: Config) -> Result<(), StartError> {
         follow_etcd(etcd, &api);
     }
     let witnessed = audit.clone().map(|a| (a, api.store.clone()));
-    if let Some((audit, store)) = witnessed.clone() {
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(WITNESS_EVERY).await;
-                keep_witnesses(&audit, &store).await;
-            }
-        });
-    }
     let retrying = api.clone();
     tokio::spawn(async move { retrying.hub.retry_publishes(&retrying.store).await });
     let reloading = api.clone();
@@ -423,7 +397,18 @@ async fn run(config: Config) -> Result<(), StartError> {
         _ = sidecars::serve(sidecar_listener, acceptor_rx, hub, issuer, audit) => {}
         _ = shutdown() => info!("stopping"),
     }
-    if let Some(issuer) = issuing {
+    keep_records(issuing, own, witnessed).await;
+    Ok(())
+}
+
+/// At shutdown: the issuance records and the control plane's own audit records still waiting
+/// (3 s at most each), then the audit chains' latest checkpoints.
+async fn keep_records(
+    issuer: Option<Arc<Issuer>>,
+    own: Option<Arc<own_audit::OwnAudit>>,
+    witnessed: Option<(Arc<AuditStore>, Arc<Store>)>,
+) {
+    if let Some(issuer) = issuer {
         issuer
             .records
             .flush(std::time::Duration::from_secs(3))
@@ -435,7 +420,47 @@ async fn run(config: Config) -> Result<(), StartError> {
     if let Some((audit, store)) = witnessed {
         keep_witnesses(&audit, &store).await;
     }
-    Ok(())
+}
+
+/// Opens the audit store, if one is configured. PostgreSQL's client blocks: off the runtime's
+/// threads.
+async fn open_audit(db: Option<AuditDb>) -> Result<Option<Arc<AuditStore>>, StartError> {
+    let Some(db) = db else {
+        return Ok(None);
+    };
+    let store = tokio::task::spawn_blocking(move || AuditStore::open(&db))
+        .await
+        .expect("opening the audit store does not panic")
+        .map_err(StartError::Audit)?;
+    Ok(Some(Arc::new(store)))
+}
+
+/// What runs beside an audit store: retention (`keep`), the control plane's own chain, and
+/// the chains' latest checkpoints kept in `store` every `WITNESS_EVERY`.
+fn start_audit(
+    audit: &Arc<AuditStore>,
+    keep: Option<std::time::Duration>,
+    hub: &Hub,
+    local: &sigil_filters::LocalIdentity,
+    store: &Arc<Store>,
+) {
+    if let Some(keep) = keep {
+        audit.set_retention();
+        tokio::spawn(retain(audit.clone(), keep));
+    }
+    let own = own_audit::start(
+        audit.clone(),
+        local.clone(),
+        hub.metrics.own_audit_dropped.clone(),
+    );
+    let _ = hub.own_audit.set(Arc::new(own));
+    let (audit, store) = (audit.clone(), store.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(WITNESS_EVERY).await;
+            keep_witnesses(&audit, &store).await;
+        }
+    });
 }
 
 /// How often the audit chains' latest checkpoints are kept in the store.
