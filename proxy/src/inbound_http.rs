@@ -486,50 +486,61 @@ async fn forward(
     };
     if let (Some(down), StatusCode::SWITCHING_PROTOCOLS) = (downstream_upgrade, resp.status()) {
         let up = hyper::upgrade::on(&mut resp);
-        // The tunnel outlives the HTTP connection's registration: register it on its own so
-        // that a bundle change (or revocation) still finds and closes it.
-        let mut guard = c.p.ledger.conns.register(
-            Direction::Inbound,
-            Kind::Tunnel,
-            c.peer.clone(),
-            c.chain.clone(),
-            c.port,
-        );
-        let load = c.p.workers.hold();
-        let idle = c.p.cfg.spec.timeouts.idle;
-        let p = c.p.clone();
-        let (local, peer, chain, port, route) = (
-            c.local.clone(),
-            c.peer.clone(),
-            c.chain.clone(),
-            c.port,
-            route.clone(),
-        );
-        let (on_conn, bundle_version) = (c.id, c.bundle_version);
-        tokio::spawn(async move {
-            let _held = (load, room);
-            // Recorded once both sides have switched: an upgrade that fails is no tunnel.
-            let (Ok(down), Ok(up)) = (down.await, up.await) else {
-                return;
-            };
-            let t = Tunnel {
-                local: &local,
-                peer: &peer,
-                chain: &chain,
-                port,
-                route: &route,
-                policy_version,
-                bundle_version,
-            };
-            p.ledger.tunnel_opened(&t, &guard, on_conn);
-            let counters = Counters {
-                conn: guard.bytes.clone(),
-                ..Counters::default()
-            };
-            let (down, up) = (TokioIo::new(down), TokioIo::new(up));
-            let reason = relay(down, up, &counters, &mut guard.close_rx, idle).await;
-            p.ledger.tunnel_closed(&t, &guard, reason);
-        });
+        spawn_tunnel(c, (down, up), room, (route, policy_version));
     }
     Ok(resp)
+}
+
+/// The tunnel an upgrade (101) opens between the client and the workload, on a task of its
+/// own: it outlives the HTTP connection's registration, so it registers on its own, for a
+/// bundle change (or revocation) still to find and close it. It holds `room` and a load on
+/// this worker, and its audit records name the route and policy version that allowed it.
+fn spawn_tunnel(
+    c: &Conn,
+    (down, up): (hyper::upgrade::OnUpgrade, hyper::upgrade::OnUpgrade),
+    room: Option<crate::admission::Slot>,
+    (route, policy_version): (&Arc<str>, u64),
+) {
+    let mut guard = c.p.ledger.conns.register(
+        Direction::Inbound,
+        Kind::Tunnel,
+        c.peer.clone(),
+        c.chain.clone(),
+        c.port,
+    );
+    let load = c.p.workers.hold();
+    let idle = c.p.cfg.spec.timeouts.idle;
+    let p = c.p.clone();
+    let (local, peer, chain, port, route) = (
+        c.local.clone(),
+        c.peer.clone(),
+        c.chain.clone(),
+        c.port,
+        route.clone(),
+    );
+    let (on_conn, bundle_version) = (c.id, c.bundle_version);
+    tokio::spawn(async move {
+        let _held = (load, room);
+        // Recorded once both sides have switched: an upgrade that fails is no tunnel.
+        let (Ok(down), Ok(up)) = (down.await, up.await) else {
+            return;
+        };
+        let t = Tunnel {
+            local: &local,
+            peer: &peer,
+            chain: &chain,
+            port,
+            route: &route,
+            policy_version,
+            bundle_version,
+        };
+        p.ledger.tunnel_opened(&t, &guard, on_conn);
+        let counters = Counters {
+            conn: guard.bytes.clone(),
+            ..Counters::default()
+        };
+        let (down, up) = (TokioIo::new(down), TokioIo::new(up));
+        let reason = relay(down, up, &counters, &mut guard.close_rx, idle).await;
+        p.ledger.tunnel_closed(&t, &guard, reason);
+    });
 }
