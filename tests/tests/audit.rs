@@ -263,6 +263,27 @@ fn whole_chain(d: &std::path::Path, spool: &str, id: &str, spooled: f64) -> Stri
     )
 }
 
+/// B's own stored records of `kind` (`sigil audit query --json`), oldest first.
+fn b_records(cp: &ControlPlane, ops: &IdentityFiles, kind: &str) -> Vec<serde_json::Value> {
+    let args = [
+        "audit",
+        "query",
+        "--identity",
+        B,
+        "--kind",
+        kind,
+        "--json",
+        "--limit",
+        "100000",
+    ];
+    let (code, out, err) = cp.sigil(ops, &args);
+    assert_eq!(code, Some(0), "{err}");
+    out.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["local_id"] == B)
+        .collect()
+}
+
 /// A control plane in `d` with an SVID of a new CA, and the files of the operator ALICE, of
 /// A and of B, from the same CA.
 fn control_and_identities(
@@ -820,25 +841,7 @@ fn denied_requests_are_recorded_one_by_one_and_allowed_ones_counted_by_route() {
         echo_call(a_closed_out).is_none(),
         "A's TCP call to the closed port"
     );
-    let query = |kind: &str| -> Vec<serde_json::Value> {
-        let args = [
-            "audit",
-            "query",
-            "--identity",
-            B,
-            "--kind",
-            kind,
-            "--json",
-            "--limit",
-            "100000",
-        ];
-        let (code, out, err) = cp.sigil(&ops, &args);
-        assert_eq!(code, Some(0), "{err}");
-        out.lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter(|r| r["local_id"] == B)
-            .collect()
-    };
+    let query = |kind: &str| b_records(&cp, &ops, kind);
     let counted = poll(Duration::from_secs(30), Duration::from_millis(300), || {
         let counted: u64 = query("connection_close")
             .iter()
@@ -1530,17 +1533,7 @@ fn a_websocket_tunnel_gets_its_own_open_and_close_records_with_its_bytes() {
         ws.close(None).await.unwrap();
         while let Some(Ok(_)) = ws.next().await {}
     });
-    let query = |kind: &str| -> Vec<serde_json::Value> {
-        let (code, out, err) = cp.sigil(
-            &ops,
-            &["audit", "query", "--identity", B, "--kind", kind, "--json"],
-        );
-        assert_eq!(code, Some(0), "{err}");
-        out.lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter(|r| r["local_id"] == B)
-            .collect()
-    };
+    let query = |kind: &str| b_records(&cp, &ops, kind);
     let (open, close) = poll(Duration::from_secs(30), Duration::from_millis(300), || {
         let opens: Vec<_> = query("connection_open")
             .into_iter()
